@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+# Both create .venv when it is missing and install everything into it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+LAKE ?= data_lake
+# OpenMP busy-waiting makes 2-thread torch ~10x slower on these CPUs; set before torch starts.
+export OMP_WAIT_POLICY := PASSIVE
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test ui clean-lake
+
+$(BIN)/.installed: pyproject.toml scripts/install_pyradiomics.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=68" wheel
+	$(BIN)/python -m pip install -q numpy versioneer
+	bash scripts/install_pyradiomics.sh $(BIN)/python
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip check
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/hcc-assets --lake $(LAKE) demo
+	$(BIN)/hcc-assets --lake $(LAKE) sql "SELECT c.patient_id, c.hcc, c.split, s.description AS t2_series, s.echo_time_ms, v.shape, v.spacing_mm, v.orientation FROM cohort_split c JOIN scans s ON s.patient_id = c.patient_id AND s.chosen JOIN volumes v ON v.patient_id = c.patient_id AND v.kind = 'preprocessed' ORDER BY c.patient_id"
+
+test: install
+	$(BIN)/python -m pytest -q -n 2 --timeout 1200
+
+ui: install
+	$(BIN)/python -c "from hcc_assets.instance import ensure_dagster_home; ensure_dagster_home('$(LAKE)')"
+	DAGSTER_HOME=$(abspath $(LAKE))/dagster_home HCC_ASSETS_LAKE=$(abspath $(LAKE)) \
+		$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+clean-lake:
+	find $(LAKE) -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

@@ -1,0 +1,334 @@
+"""Per-patient ingest: raw_scan -> nifti_volume -> preprocessed_volume.
+
+Thin wiring: the imaging package does the work; these assets add partitions, lineage,
+content-hash data versions, feature-store rows and what a radiologist wants to see.
+Files are written by the assets themselves into the lake (no IO manager), so downstream
+assets, notebooks and SQL all read the same files.
+"""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import nibabel as nib
+import numpy as np
+import polars as pl
+
+from hcc_assets.defs.metadata import markdown_table, png_markdown
+from hcc_assets.defs.partitions import patients_partitions
+from hcc_assets.defs.patient_errors import patient_failure
+from hcc_assets.defs.resources import LakeResource
+from hcc_assets.featurestore import FeatureStore
+from hcc_assets.imaging import dicom_series, nifti, preprocess, preview
+from hcc_assets.imaging.dropzone import folder_fingerprint, read_label_manifests
+from hcc_assets.imaging.errors import IngestError
+from hcc_assets.imaging.volume_info import volume_summary
+from hcc_assets.lake import sha256_bytes
+
+RAW_SCAN_VERSION = "1"
+NIFTI_VERSION = "1"
+PREPROCESS_VERSION = "1"
+
+RAW_SCAN_FILE = "raw_scan.json"
+NIFTI_FILE = "nifti_volume.nii.gz"
+REFERENCE_MASK_FILE = "reference_mask.nii.gz"
+PREPROCESSED_FILE = "preprocessed_volume.nii.gz"
+REFERENCE_MASK_SOURCE = ("reference", "liver_spleen_mask.nii.gz")
+
+
+class RawScanConfig(dg.Config):
+    min_slices: int = 10
+    min_echo_time_ms: float = 60.0
+    min_repetition_time_ms: float = 800.0
+
+
+class PreprocessedVolumeConfig(dg.Config):
+    target_shape: list[int] = [128, 128, 64]
+    intensity: str = "zscore"
+    clip_percentiles: list[float] = [0.5, 99.5]
+    interpolation_order: int = 1
+
+    def to_domain(self) -> preprocess.PreprocessConfig:
+        return preprocess.PreprocessConfig(
+            target_shape=tuple(self.target_shape),
+            intensity=self.intensity,
+            clip_percentiles=tuple(self.clip_percentiles),
+            interpolation_order=self.interpolation_order,
+        )
+
+
+def _run_id(context: dg.AssetExecutionContext) -> str:
+    return context.run.run_id
+
+
+@dg.asset(
+    partitions_def=patients_partitions,
+    code_version=RAW_SCAN_VERSION,
+    group_name="ingest",
+    kinds={"dicom"},
+    description="Inventory of the patient's DICOM study (no PHI), the chosen T2-weighted series "
+    "and why, with checksums. Rows in feature-store tables `patients` and `scans`.",
+)
+def raw_scan(context: dg.AssetExecutionContext, config: RawScanConfig, lake: LakeResource) -> dg.MaterializeResult:
+    patient_id = context.partition_key
+    folder = lake.patient_folder(patient_id)
+    store = lake.store
+    with patient_failure(patient_id, "raw_scan", folder):
+        try:
+            inventory = dicom_series.inventory_study(folder)
+            choice = dicom_series.choose_t2_series(
+                inventory,
+                min_slices=config.min_slices,
+                min_echo_time_ms=config.min_echo_time_ms,
+                min_repetition_time_ms=config.min_repetition_time_ms,
+            )
+        except Exception:
+            # the study no longer ingests: its old rows and inventory must not linger as if valid
+            _forget_patient(lake, store, patient_id)
+            raise
+    record = {
+        "patient_id": patient_id,
+        "study": inventory.to_record(),
+        "chosen_series_key": choice.series.series_key,
+        "t2_score": choice.t2_score,
+        "choice_reason": choice.reason,
+        "candidates": choice.candidates,
+    }
+    payload = json.dumps(record, indent=2, sort_keys=True).encode()
+    digest = lake.lake.write_bytes(lake.lake.patient_file(patient_id, RAW_SCAN_FILE), payload)
+
+    version = f"raw_scan@{RAW_SCAN_VERSION}"
+    scan_rows = pl.DataFrame(
+        [
+            {
+                **_scan_columns(series.to_record()),
+                "patient_id": patient_id,
+                "chosen": series.series_key == choice.series.series_key,
+                "t2_score": next((c.get("score") for c in choice.candidates if c.get("series_key") == series.series_key), None),
+                "choice_reason": choice.reason if series.series_key == choice.series.series_key else None,
+            }
+            for series in inventory.series
+        ],
+        infer_schema_length=None,
+    )
+    source = _source_of(lake, folder.name)
+    patient_row = pl.DataFrame(
+        [{
+            "patient_id": patient_id,
+            "source": source,
+            "n_series": len(inventory.series),
+            "n_files": inventory.n_files,
+            "t2_series_key": choice.series.series_key,
+            "ingest_status": "ok",
+        }]
+    )
+    store.replace_partition("scans", patient_id, FeatureStore.with_provenance(scan_rows, version=version, run_id=_run_id(context)))
+    store.replace_partition("patients", patient_id, FeatureStore.with_provenance(patient_row, version=version, run_id=_run_id(context)))
+
+    chosen = choice.series
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(digest[:16]),
+        metadata={
+            "chosen_series": f'#{chosen.series_number} "{chosen.description}"',
+            "choice_reason": dg.MetadataValue.text(choice.reason),
+            "echo_time_ms": chosen.echo_time_ms,
+            "repetition_time_ms": chosen.repetition_time_ms,
+            "n_series": len(inventory.series),
+            "n_files": inventory.n_files,
+            "series": markdown_table(
+                [{**series.to_record(), "chosen": series.series_key == chosen.series_key} for series in inventory.series],
+                ["series_number", "description", "echo_time_ms", "repetition_time_ms", "sequence_name", "n_files", "chosen"],
+            ),
+            "study_checksum": chosen.checksum,
+            # lets the sensor skip folders already ingested from the same bytes
+            "drop_fingerprint": folder_fingerprint(folder)[0],
+        },
+    )
+
+
+def _scan_columns(series_record: dict) -> dict:
+    keep = {
+        "series_key", "series_number", "description", "modality", "echo_time_ms", "repetition_time_ms",
+        "sequence_name", "scanning_sequence", "n_files", "slice_thickness_mm", "spacing_between_slices_mm", "checksum",
+    }
+    row = {key: series_record.get(key) for key in keep}
+    row["rows_px"] = series_record.get("rows")
+    row["columns_px"] = series_record.get("columns")
+    row["pixel_spacing_mm"] = [float(v) for v in series_record.get("pixel_spacing_mm") or []]
+    orientation = series_record.get("orientation") or []
+    row["oblique"] = bool(orientation) and any(0.001 < abs(float(v)) < 0.999 for v in orientation)
+    return row
+
+
+def _source_of(lake: LakeResource, source_key: str) -> str | None:
+    for row in read_label_manifests(lake.incoming_dir):
+        if row["patient_key"] == source_key:
+            return row["source"] or None
+    return None
+
+
+def _forget_patient(lake: LakeResource, store: FeatureStore, patient_id: str) -> None:
+    for table in ("patients", "scans", "volumes"):
+        store.delete_partition(table, patient_id)
+    for name in (RAW_SCAN_FILE, NIFTI_FILE, REFERENCE_MASK_FILE, PREPROCESSED_FILE):
+        lake.lake.remove(lake.lake.patient_file(patient_id, name))
+
+
+def _volume_row(patient_id: str, kind: str, path: str, digest: str, summary: dict, has_reference: bool) -> dict:
+    return {
+        "patient_id": patient_id,
+        "kind": kind,
+        "path": path,
+        "sha256": digest,
+        "shape": summary["shape"],
+        "spacing_mm": summary["spacing_mm"],
+        "orientation": summary["orientation"],
+        "intensity_mean": summary["intensity_mean"],
+        "intensity_std": summary["intensity_std"],
+        "has_reference_mask": has_reference,
+    }
+
+
+def _replace_volume_row(store: FeatureStore, row: dict, version: str, run_id: str) -> None:
+    """volumes holds one row per (patient, kind); replace just this kind."""
+    others = store.query(
+        "SELECT * EXCLUDE (version, run_id, materialized_at), version, run_id, materialized_at "
+        "FROM volumes WHERE patient_id = ? AND kind <> ?",
+        [row["patient_id"], row["kind"]],
+    )
+    new = FeatureStore.with_provenance(pl.DataFrame([row]), version=version, run_id=run_id)
+    rows = pl.concat([others.select(new.columns).cast(new.schema), new]) if others.height else new
+    store.replace_partition("volumes", row["patient_id"], rows)
+
+
+@dg.asset(
+    partitions_def=patients_partitions,
+    deps=[raw_scan],
+    code_version=NIFTI_VERSION,
+    group_name="ingest",
+    kinds={"nifti"},
+    description="The chosen T2 series as NIfTI (RAS affine, slices ordered by position, rescale "
+    "applied, de-identified header), plus the reference liver/spleen mask when the drop has one.",
+    check_specs=[dg.AssetCheckSpec("geometry_plausible", asset="nifti_volume")],
+)
+def nifti_volume(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
+    patient_id = context.partition_key
+    folder = lake.patient_folder(patient_id)
+    data_lake = lake.lake
+    with patient_failure(patient_id, "nifti_volume", folder):
+        record = json.loads(data_lake.read_bytes(data_lake.patient_file(patient_id, RAW_SCAN_FILE)))
+        inventory = dicom_series.inventory_study(folder)
+        series = next((s for s in inventory.series if s.series_key == record["chosen_series_key"]), None)
+        if series is None or series.checksum != next(
+            s["checksum"] for s in record["study"]["series"] if s["series_key"] == record["chosen_series_key"]
+        ):
+            raise IngestError("the chosen T2 series changed since raw_scan; re-materialize raw_scan")
+        image = nifti.series_to_nifti(series)
+        reference = _load_reference_mask(folder, image)
+    path = data_lake.patient_file(patient_id, NIFTI_FILE)
+    digest = data_lake.write_nifti(path, image)
+    if reference is not None:
+        data_lake.write_nifti(data_lake.patient_file(patient_id, REFERENCE_MASK_FILE), reference)
+    else:
+        data_lake.remove(data_lake.patient_file(patient_id, REFERENCE_MASK_FILE))
+
+    summary = volume_summary(image)
+    _replace_volume_row(
+        lake.store,
+        _volume_row(patient_id, "nifti", path, digest, summary, reference is not None),
+        f"nifti_volume@{NIFTI_VERSION}",
+        _run_id(context),
+    )
+    png = preview.mid_slice_png(image, reference, title=f"{patient_id} T2 (native)")
+    plausible = summary["finite"] and all(0.2 <= s <= 12.0 for s in summary["spacing_mm"])
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(digest[:16]),
+        metadata={
+            "shape": dg.MetadataValue.json(summary["shape"]),
+            "spacing_mm": dg.MetadataValue.json(summary["spacing_mm"]),
+            "orientation": summary["orientation"],
+            "obliquity_deg": summary["obliquity_deg"],
+            "has_reference_mask": reference is not None,
+            "path": dg.MetadataValue.path(path),
+            "mid_slice": png_markdown(png, "mid axial slice"),
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="geometry_plausible",
+                passed=bool(plausible),
+                metadata={"spacing_mm": dg.MetadataValue.json(summary["spacing_mm"]), "finite": summary["finite"]},
+            )
+        ],
+    )
+
+
+def _load_reference_mask(folder, image):
+    """The drop's reference mask, verified to lie on the converted volume's voxel grid."""
+
+    source = folder.joinpath(*REFERENCE_MASK_SOURCE)
+    if not source.exists():
+        return None
+    mask = nib.load(source)
+    if mask.shape[:3] != image.shape[:3] or not np.allclose(mask.affine, image.affine, atol=1e-3):
+        raise IngestError(
+            f"reference mask grid {mask.shape[:3]} does not match the T2 volume {image.shape[:3]} (shape or affine)"
+        )
+    data = np.asarray(mask.dataobj).astype(np.uint8)
+    clean = nib.Nifti1Image(data, image.affine)
+    clean.set_qform(image.affine, code=1)
+    clean.set_sform(image.affine, code=1)
+    return clean
+
+
+@dg.asset(
+    partitions_def=patients_partitions,
+    deps=[nifti_volume],
+    code_version=PREPROCESS_VERSION,
+    group_name="ingest",
+    kinds={"nifti"},
+    description="RAS-oriented volume resampled to the model grid (default 128x128x64) with "
+    "normalized intensities; the input of segmentation and the deep model.",
+    check_specs=[dg.AssetCheckSpec("grid_and_intensity", asset="preprocessed_volume")],
+)
+def preprocessed_volume(
+    context: dg.AssetExecutionContext, config: PreprocessedVolumeConfig, lake: LakeResource
+) -> dg.MaterializeResult:
+    patient_id = context.partition_key
+    data_lake = lake.lake
+    settings = config.to_domain()
+    with patient_failure(patient_id, "preprocessed_volume"):
+        image = data_lake.read_nifti(data_lake.patient_file(patient_id, NIFTI_FILE))
+        result = preprocess.preprocess_volume(image, settings)
+    path = data_lake.patient_file(patient_id, PREPROCESSED_FILE)
+    digest = data_lake.write_nifti(path, result)
+    summary = volume_summary(result)
+    settings_hash = sha256_bytes(settings.model_dump_json().encode())[:8]
+    _replace_volume_row(
+        lake.store,
+        _volume_row(patient_id, "preprocessed", path, digest, summary, False),
+        f"preprocessed_volume@{PREPROCESS_VERSION}+{settings_hash}",
+        _run_id(context),
+    )
+    png = preview.mid_slice_png(result, title=f"{patient_id} preprocessed")
+    grid_ok = summary["shape"] == list(settings.target_shape) and summary["orientation"] == "RAS" and summary["finite"]
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(digest[:16]),
+        metadata={
+            "shape": dg.MetadataValue.json(summary["shape"]),
+            "spacing_mm": dg.MetadataValue.json(summary["spacing_mm"]),
+            "orientation": summary["orientation"],
+            "intensity_mean": summary["intensity_mean"],
+            "intensity_std": summary["intensity_std"],
+            "preprocess_config": dg.MetadataValue.json(settings.model_dump(mode="json")),
+            "path": dg.MetadataValue.path(path),
+            "mid_slice": png_markdown(png, "mid axial slice"),
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="grid_and_intensity",
+                passed=bool(grid_ok),
+                metadata={"shape": dg.MetadataValue.json(summary["shape"]), "orientation": summary["orientation"]},
+            )
+        ],
+    )

@@ -1,0 +1,53 @@
+"""The drop-zone sensor: new complete patient folders become partitions and ingest runs."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+
+from hcc_assets.defs.jobs import patient_ingest_job
+from hcc_assets.defs.partitions import patients_partitions
+from hcc_assets.defs.resources import LakeResource
+
+
+@dg.sensor(
+    job=patient_ingest_job,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Watches the drop zone. A patient folder is complete when it has a `.complete` "
+    "marker or has been quiet for `quiet_seconds`. Adds its pseudonym as a partition and requests "
+    "one ingest run per (patient, folder fingerprint): the cursor means it never asks twice.",
+)
+def incoming_scans_sensor(context: dg.SensorEvaluationContext, lake: LakeResource) -> dg.SensorResult:
+    seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+    ready = lake.ready_patients()
+    changed = {pid: fingerprint for pid, (fingerprint, _) in ready.items() if seen.get(pid) != fingerprint}
+    # A lost or reset cursor must not re-ingest what is already ingested from the same bytes.
+    to_run = {pid: fp for pid, fp in changed.items() if _ingested_fingerprint(context.instance, pid) != fp}
+    existing = set(context.instance.get_dynamic_partitions(patients_partitions.name))
+    new_partitions = sorted(pid for pid in changed if pid not in existing)
+    run_requests = [
+        dg.RunRequest(partition_key=pid, run_key=f"{pid}:{fingerprint}", tags={"hcc_assets/trigger": "drop_zone"})
+        for pid, fingerprint in sorted(to_run.items())
+    ]
+    if changed:
+        context.log.info(
+            f"{len(changed)} patient folder(s) ready or changed, {len(new_partitions)} new partition(s), "
+            f"{len(to_run)} run(s) requested"
+        )
+    return dg.SensorResult(
+        run_requests=run_requests,
+        dynamic_partitions_requests=[patients_partitions.build_add_request(new_partitions)] if new_partitions else [],
+        cursor=json.dumps({**seen, **changed}, sort_keys=True),
+    )
+
+
+def _ingested_fingerprint(instance: dg.DagsterInstance, patient_id: str) -> str | None:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("raw_scan"), asset_partitions=[patient_id]), limit=1
+    ).records
+    if not records or records[0].asset_materialization is None:
+        return None
+    value = records[0].asset_materialization.metadata.get("drop_fingerprint")
+    return value.value if value is not None else None

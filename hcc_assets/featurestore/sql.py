@@ -1,0 +1,23 @@
+"""Printing query results for the `hcc-assets sql` command."""
+
+from __future__ import annotations
+
+import polars as pl
+
+
+def format_frame(frame: pl.DataFrame, fmt: str = "table", max_rows: int = 100) -> str:
+    if fmt == "csv":
+        return frame.with_columns(_lists_as_text(frame)).write_csv().rstrip("\n")
+    if fmt == "json":
+        return frame.write_json()
+    with pl.Config(tbl_rows=max_rows, tbl_cols=-1, tbl_width_chars=200, fmt_str_lengths=60, tbl_hide_dataframe_shape=False):
+        return str(frame)
+
+
+def _lists_as_text(frame: pl.DataFrame) -> list[pl.Expr]:
+    # CSV has no list type; write lists as "a;b;c"
+    return [
+        pl.col(name).cast(pl.List(pl.String)).list.join(";").alias(name)
+        for name, dtype in frame.schema.items()
+        if isinstance(dtype, pl.List)
+    ]

@@ -1,0 +1,137 @@
+"""The DuckDB feature store.
+
+DuckDB admits one writing process at a time, and Dagster's multiprocess executor runs
+partitions in parallel processes. Every writer therefore takes an exclusive advisory lock on
+`<db>.lock` around a short connection (open, delete-then-insert in one transaction, close);
+readers take a shared lock. Waiting is milliseconds per write, and no run fails on DuckDB's
+own file lock.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+import polars as pl
+
+from hcc_assets.featurestore.schema import TABLES, create_statements
+
+
+class FeatureStoreError(Exception):
+    pass
+
+
+class FeatureStore:
+    def __init__(self, path: str | os.PathLike[str], lock_timeout_s: float = 120.0):
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.lock_timeout_s = lock_timeout_s
+
+    # -- connections -------------------------------------------------------------------
+    @contextmanager
+    def _locked(self, exclusive: bool) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a+") as lock_file:
+            mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+            deadline = time.monotonic() + self.lock_timeout_s
+            while True:
+                try:
+                    fcntl.flock(lock_file, mode | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise FeatureStoreError(
+                            f"feature store busy for {self.lock_timeout_s:.0f}s: {self.path.name}"
+                        ) from None
+                    time.sleep(0.02)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+    @contextmanager
+    def writer(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        with self._locked(exclusive=True):
+            con = duckdb.connect(str(self.path))
+            try:
+                for statement in create_statements():
+                    con.execute(statement)
+                yield con
+            finally:
+                con.close()
+
+    @contextmanager
+    def reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        if not self.path.exists():
+            with self.writer():
+                pass  # create the file and its schema so a first query sees empty tables
+        with self._locked(exclusive=False):
+            con = duckdb.connect(str(self.path), read_only=True)
+            try:
+                yield con
+            finally:
+                con.close()
+
+    # -- writes ------------------------------------------------------------------------
+    @staticmethod
+    def with_provenance(rows: pl.DataFrame, *, version: str, run_id: str) -> pl.DataFrame:
+        now = dt.datetime.now(dt.timezone.utc)
+        return rows.with_columns(
+            pl.lit(version).alias("version"),
+            pl.lit(run_id).alias("run_id"),
+            pl.lit(now).alias("materialized_at"),
+        )
+
+    def replace_partition(self, table: str, patient_id: str, rows: pl.DataFrame) -> int:
+        """Delete the patient's rows in `table` and insert `rows`, atomically."""
+        self._check_table(table)
+        if rows.height and set(rows["patient_id"].unique().to_list()) != {patient_id}:
+            raise FeatureStoreError(f"rows for {table} must all belong to patient {patient_id}")
+        with self.writer() as con:
+            con.execute("BEGIN TRANSACTION")
+            con.execute(f"DELETE FROM {table} WHERE patient_id = ?", [patient_id])
+            if rows.height:
+                con.register("incoming_rows", rows.to_arrow())
+                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming_rows")
+                con.unregister("incoming_rows")
+            con.execute("COMMIT")
+        return rows.height
+
+    def delete_partition(self, table: str, patient_id: str) -> None:
+        self._check_table(table)
+        with self.writer() as con:
+            con.execute(f"DELETE FROM {table} WHERE patient_id = ?", [patient_id])
+
+    def replace_table(self, table: str, rows: pl.DataFrame) -> int:
+        """Replace every row of a cohort-level table, atomically."""
+        self._check_table(table)
+        with self.writer() as con:
+            con.execute("BEGIN TRANSACTION")
+            con.execute(f"DELETE FROM {table}")
+            if rows.height:
+                con.register("incoming_rows", rows.to_arrow())
+                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming_rows")
+                con.unregister("incoming_rows")
+            con.execute("COMMIT")
+        return rows.height
+
+    # -- reads -------------------------------------------------------------------------
+    def query(self, sql: str, params: list | None = None) -> pl.DataFrame:
+        """Run a read-only query; the connection cannot modify the store."""
+        with self.reader() as con:
+            return con.sql(sql, params=params).pl() if params else con.sql(sql).pl()
+
+    def table(self, table: str) -> pl.DataFrame:
+        self._check_table(table)
+        return self.query(f"SELECT * FROM {table} ORDER BY patient_id")
+
+    @staticmethod
+    def _check_table(table: str) -> None:
+        if table not in TABLES:
+            raise FeatureStoreError(f"unknown feature-store table {table!r}; known: {sorted(TABLES)}")

@@ -1,0 +1,72 @@
+"""The incoming drop zone: which patient folders are complete and ready to ingest.
+
+A patient folder is complete when it holds the marker file `.complete` (written last by the
+synthetic generator, the importers and the DICOM receiver), or, for folders copied in by hand,
+when nothing in it has changed for `quiet_seconds`. The fingerprint changes whenever a file is
+added, removed or rewritten, so a re-delivered study is ingested again, and only then.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+COMPLETE_MARKER = ".complete"
+LABEL_MANIFEST_GLOB = "labels*.csv"
+
+
+@dataclass(frozen=True)
+class DropFolder:
+    source_key: str  # the folder name: may be PHI (an MRN); never log or store it
+    path: Path
+    fingerprint: str
+    complete_by: str  # "marker" or "quiet"
+
+
+def folder_fingerprint(folder: Path) -> tuple[str, float, int]:
+    digest = hashlib.sha256()
+    newest = 0.0
+    count = 0
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            stat = os.stat(os.path.join(root, name))
+            rel = os.path.relpath(os.path.join(root, name), folder)
+            digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            newest = max(newest, stat.st_mtime)
+            count += 1
+    return digest.hexdigest()[:16], newest, count
+
+
+def scan_drop_zone(incoming: Path, quiet_seconds: float = 60.0, now: float | None = None) -> list[DropFolder]:
+    """Complete patient folders under `incoming`, sorted by folder name."""
+    if not incoming.is_dir():
+        return []
+    now = time.time() if now is None else now
+    ready = []
+    for entry in sorted(incoming.iterdir()):
+        if not entry.is_dir() or entry.name.startswith("."):
+            continue
+        fingerprint, newest, count = folder_fingerprint(entry)
+        if (entry / COMPLETE_MARKER).exists():
+            ready.append(DropFolder(entry.name, entry, fingerprint, "marker"))
+        elif now - max(newest, entry.stat().st_mtime) >= quiet_seconds:
+            # an empty folder counts too: its run fails with a clear "no DICOM files" error
+            ready.append(DropFolder(entry.name, entry, fingerprint, "quiet"))
+    return ready
+
+
+def read_label_manifests(incoming: Path) -> list[dict[str, str]]:
+    """Rows of every labels*.csv in the drop zone: patient_key, hcc (0/1), source."""
+    rows: dict[str, dict[str, str]] = {}
+    for manifest in sorted(incoming.glob(LABEL_MANIFEST_GLOB)):
+        with open(manifest, newline="") as handle:
+            for row in csv.DictReader(handle):
+                key = (row.get("patient_key") or "").strip()
+                if key:
+                    rows[key] = {"patient_key": key, "hcc": str(row.get("hcc", "")).strip(), "source": (row.get("source") or "").strip()}
+    return list(rows.values())

@@ -1,0 +1,22 @@
+"""The Dagster instance home: data_lake/dagster_home with the project's dagster.yaml."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+TEMPLATE = Path(__file__).with_name("dagster.yaml")
+
+
+def ensure_dagster_home(lake_root: str | os.PathLike[str]) -> Path:
+    """Create DAGSTER_HOME under the lake (unless set) and export it for this process tree."""
+    home = Path(os.environ.get("DAGSTER_HOME") or Path(lake_root) / "dagster_home").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    target = home / "dagster.yaml"
+    if not target.exists() or target.read_bytes() != TEMPLATE.read_bytes():
+        tmp = home / ".dagster.yaml.tmp"
+        shutil.copyfile(TEMPLATE, tmp)
+        os.replace(tmp, target)
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home

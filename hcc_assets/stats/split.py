@@ -1,0 +1,27 @@
+"""Seeded, stratified train/validation split (the study's random 80:20)."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+
+def stratified_split(
+    patient_ids: list[str], labels: list[bool], validation_fraction: float = 0.2, seed: int = 0
+) -> dict[str, str]:
+    """Map each patient to "train" or "validation", stratified by label.
+
+    Patients are sorted first, so the result depends only on the set of patients and the seed,
+    not on the order they arrived in.
+    """
+    if len(patient_ids) != len(labels):
+        raise ValueError("patient_ids and labels differ in length")
+    order = np.argsort(patient_ids)
+    ids = [patient_ids[i] for i in order]
+    y = np.asarray([bool(labels[i]) for i in order])
+    n_validation = max(1, round(validation_fraction * len(ids))) if len(ids) > 1 else 0
+    if n_validation == 0:
+        return {pid: "train" for pid in ids}
+    stratify = y if min(np.bincount(y.astype(int), minlength=2)) >= 2 else None
+    train, validation = train_test_split(ids, test_size=n_validation, random_state=seed, stratify=stratify)
+    return {**{pid: "train" for pid in train}, **{pid: "validation" for pid in validation}}
