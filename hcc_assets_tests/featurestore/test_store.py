@@ -1,0 +1,93 @@
+import json
+import multiprocessing
+import subprocess
+import sys
+
+import duckdb
+import polars as pl
+import pytest
+
+from hcc_assets.featurestore import FeatureStore, FeatureStoreError
+
+
+def _rows(patient_id: str, n: int, tag: str = "a") -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "patient_id": [patient_id] * n,
+            "series_key": [f"{tag}{i}" for i in range(n)],
+            "chosen": [i == 0 for i in range(n)],
+            "checksum": ["x"] * n,
+            "pixel_spacing_mm": [[1.5, 1.5]] * n,
+        }
+    )
+
+
+def test_replace_partition_replaces_rows_never_duplicates(tmp_path):
+    store = FeatureStore(tmp_path / "fs.duckdb")
+    for _ in range(3):
+        store.replace_partition("scans", "pt-a", FeatureStore.with_provenance(_rows("pt-a", 3), version="v1", run_id="r1"))
+    store.replace_partition("scans", "pt-b", FeatureStore.with_provenance(_rows("pt-b", 2), version="v1", run_id="r2"))
+    store.replace_partition("scans", "pt-a", FeatureStore.with_provenance(_rows("pt-a", 1, "z"), version="v2", run_id="r3"))
+    counts = dict(store.query("SELECT patient_id, count(*) FROM scans GROUP BY ALL").iter_rows())
+    assert counts == {"pt-a": 1, "pt-b": 2}
+    row = store.query("SELECT * FROM scans WHERE patient_id = 'pt-a'").row(0, named=True)
+    assert (row["series_key"], row["version"], row["run_id"]) == ("z0", "v2", "r3")
+    assert row["materialized_at"] is not None
+
+
+def test_rows_of_another_patient_are_refused(tmp_path):
+    store = FeatureStore(tmp_path / "fs.duckdb")
+    with pytest.raises(FeatureStoreError, match="pt-a"):
+        store.replace_partition("scans", "pt-a", FeatureStore.with_provenance(_rows("pt-b", 1), version="v", run_id="r"))
+    with pytest.raises(FeatureStoreError, match="unknown"):
+        store.table("no_such_table")
+
+
+def test_queries_are_read_only(tmp_path):
+    store = FeatureStore(tmp_path / "fs.duckdb")
+    assert store.query("SELECT count(*) AS n FROM patients")["n"][0] == 0
+    with pytest.raises(duckdb.Error):
+        store.query("DELETE FROM patients")
+
+
+def _hammer(path: str, patient_id: str, rounds: int) -> None:
+    store = FeatureStore(path)
+    for i in range(rounds):
+        store.replace_partition(
+            "scans", patient_id, FeatureStore.with_provenance(_rows(patient_id, 3, str(i)), version="v", run_id=str(i))
+        )
+        store.query("SELECT count(*) FROM scans")
+
+
+def test_parallel_writer_processes_never_hit_the_duckdb_lock(tmp_path):
+    path = str(tmp_path / "fs.duckdb")
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_hammer, args=(path, f"pt-{i}", 15)) for i in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    assert [w.exitcode for w in workers] == [0, 0, 0, 0]
+    counts = FeatureStore(path).query("SELECT patient_id, count(*) AS n FROM scans GROUP BY ALL ORDER BY 1")
+    assert counts["n"].to_list() == [3, 3, 3, 3]
+
+
+def test_sql_command_formats(tmp_path):
+    path = tmp_path / "fs.duckdb"
+    store = FeatureStore(path)
+    store.replace_partition("scans", "pt-a", FeatureStore.with_provenance(_rows("pt-a", 2), version="v1", run_id="r1"))
+    query = "SELECT patient_id, series_key, pixel_spacing_mm FROM scans ORDER BY series_key"
+    run = lambda *extra: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "hcc_assets.cli", "sql", query, "--db", str(path), *extra],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    csv_out = run("--format", "csv").splitlines()
+    assert csv_out[0] == "patient_id,series_key,pixel_spacing_mm"
+    assert csv_out[1] == "pt-a,a0,1.5;1.5"
+    records = json.loads(run("--format", "json"))
+    assert [r["series_key"] for r in records] == ["a0", "a1"]
+    assert "pt-a" in run()
+    bad = subprocess.run(
+        [sys.executable, "-m", "hcc_assets.cli", "sql", "SELEKT 1", "--db", str(path)], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "error" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,49 @@
+import os
+import time
+
+from hcc_assets.imaging.dropzone import read_label_manifests, scan_drop_zone
+from hcc_assets.imaging.pseudonym import load_or_create_key, pseudonymize
+
+
+def _touch(path, age_s=0.0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    stamp = time.time() - age_s
+    os.utime(path, (stamp, stamp))
+
+
+def test_complete_means_marker_or_quiet(tmp_path):
+    _touch(tmp_path / "A" / "s" / "1.dcm")
+    _touch(tmp_path / "A" / ".complete")
+    _touch(tmp_path / "B" / "s" / "1.dcm")  # still being copied
+    _touch(tmp_path / "C" / "s" / "1.dcm", age_s=600)
+    os.utime(tmp_path / "C", (time.time() - 600, time.time() - 600))
+    os.utime(tmp_path / "C" / "s", (time.time() - 600, time.time() - 600))
+    ready = {f.source_key: f.complete_by for f in scan_drop_zone(tmp_path, quiet_seconds=60)}
+    assert ready == {"A": "marker", "C": "quiet"}
+
+
+def test_fingerprint_changes_when_a_file_changes(tmp_path):
+    _touch(tmp_path / "A" / "s" / "1.dcm")
+    _touch(tmp_path / "A" / ".complete")
+    before = scan_drop_zone(tmp_path)[0].fingerprint
+    assert scan_drop_zone(tmp_path)[0].fingerprint == before
+    (tmp_path / "A" / "s" / "2.dcm").write_bytes(b"yy")
+    assert scan_drop_zone(tmp_path)[0].fingerprint != before
+
+
+def test_label_manifests_merge(tmp_path):
+    (tmp_path / "labels.csv").write_text("patient_key,hcc,source\nA,1,synthetic\nB,0,synthetic\n")
+    (tmp_path / "labels_chaos.csv").write_text("patient_key,hcc,source\nC,0,CHAOS\n")
+    rows = {r["patient_key"]: (r["hcc"], r["source"]) for r in read_label_manifests(tmp_path)}
+    assert rows == {"A": ("1", "synthetic"), "B": ("0", "synthetic"), "C": ("0", "CHAOS")}
+
+
+def test_pseudonyms_are_keyed_stable_and_hide_the_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("HCC_ASSETS_PSEUDONYM_KEY", raising=False)
+    key = load_or_create_key(tmp_path / "private" / "k")
+    assert load_or_create_key(tmp_path / "private" / "k") == key
+    pid = pseudonymize("MRN12345678", key)
+    assert pid.startswith("pt-") and len(pid) == 15 and "12345678" not in pid
+    assert pseudonymize("MRN12345678", key) == pid
+    assert pseudonymize("MRN12345678", b"other") != pid
