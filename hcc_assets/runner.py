@@ -15,7 +15,10 @@ from concurrent.futures import ProcessPoolExecutor
 import dagster as dg
 
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
+EXECUTORS = {
+    "in_process": {"execution": {"config": {"in_process": {}}}},
+    "multiprocess": {"execution": {"config": {"multiprocess": {}}}},
+}
 
 
 def _defs() -> dg.Definitions:
@@ -43,13 +46,13 @@ def register_ready_patients(instance: dg.DagsterInstance) -> list[str]:
     return ready
 
 
-def _ingest_one(patient_id: str) -> tuple[str, bool, str]:
+def _ingest_one(patient_id: str, executor: str = "in_process") -> tuple[str, bool, str]:
     instance = dg.DagsterInstance.get()
     result = dg.execute_job(
         dg.reconstructable(patient_ingest_job),
         instance=instance,
         partition_key=patient_id,
-        run_config=IN_PROCESS,
+        run_config=EXECUTORS[executor],
         tags={"hcc_assets/trigger": "cli"},
         raise_on_error=False,
     )
@@ -62,21 +65,23 @@ def _ingest_one(patient_id: str) -> tuple[str, bool, str]:
     return patient_id, result.success, failure
 
 
-def materialize_patients(patient_ids: list[str], workers: int = 2) -> list[tuple[str, bool, str]]:
+def materialize_patients(
+    patient_ids: list[str], workers: int = 2, executor: str = "in_process"
+) -> list[tuple[str, bool, str]]:
     """Ingest each patient in its own run; returns (patient_id, success, first error line)."""
     os.environ.update(THREAD_ENV)  # inherited by the spawned workers before torch loads
     if workers <= 1:
-        return [_ingest_one(pid) for pid in patient_ids]
+        return [_ingest_one(pid, executor) for pid in patient_ids]
     context = multiprocessing.get_context("spawn")  # never fork a process that holds torch threads
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        return list(pool.map(_ingest_one, patient_ids))
+        return list(pool.map(_ingest_one, patient_ids, [executor] * len(patient_ids)))
 
 
 def materialize_cohort() -> bool:
     result = dg.execute_job(
         dg.reconstructable(cohort_refresh_job),
         instance=dg.DagsterInstance.get(),
-        run_config=IN_PROCESS,
+        run_config=EXECUTORS["in_process"],
         tags={"hcc_assets/trigger": "cli"},
         raise_on_error=False,
     )

@@ -74,19 +74,16 @@ def raw_scan(context: dg.AssetExecutionContext, config: RawScanConfig, lake: Lak
     patient_id = context.partition_key
     folder = lake.patient_folder(patient_id)
     store = lake.store
-    with patient_failure(patient_id, "raw_scan", folder):
-        try:
-            inventory = dicom_series.inventory_study(folder)
-            choice = dicom_series.choose_t2_series(
-                inventory,
-                min_slices=config.min_slices,
-                min_echo_time_ms=config.min_echo_time_ms,
-                min_repetition_time_ms=config.min_repetition_time_ms,
-            )
-        except Exception:
-            # the study no longer ingests: its old rows and inventory must not linger as if valid
-            _forget_patient(lake, store, patient_id)
-            raise
+    # a study that no longer ingests must not leave its old rows and files behind as if valid
+    with patient_failure(patient_id, "raw_scan", folder, cleanup=lambda: _forget(lake, patient_id, "raw_scan")):
+        fingerprint = folder_fingerprint(folder)[0]
+        inventory = dicom_series.inventory_study(folder)
+        choice = dicom_series.choose_t2_series(
+            inventory,
+            min_slices=config.min_slices,
+            min_echo_time_ms=config.min_echo_time_ms,
+            min_repetition_time_ms=config.min_repetition_time_ms,
+        )
     record = {
         "patient_id": patient_id,
         "study": inventory.to_record(),
@@ -142,7 +139,7 @@ def raw_scan(context: dg.AssetExecutionContext, config: RawScanConfig, lake: Lak
             ),
             "study_checksum": chosen.checksum,
             # lets the sensor skip folders already ingested from the same bytes
-            "drop_fingerprint": folder_fingerprint(folder)[0],
+            "drop_fingerprint": fingerprint,
         },
     )
 
@@ -168,10 +165,21 @@ def _source_of(lake: LakeResource, source_key: str) -> str | None:
     return None
 
 
-def _forget_patient(lake: LakeResource, store: FeatureStore, patient_id: str) -> None:
-    for table in ("patients", "scans", "volumes"):
-        store.delete_partition(table, patient_id)
-    for name in (RAW_SCAN_FILE, NIFTI_FILE, REFERENCE_MASK_FILE, PREPROCESSED_FILE):
+# What each step and everything after it in this group writes; removed when the step fails.
+_OUTPUTS_FROM = {
+    "raw_scan": (("patients", "scans", "volumes"), (RAW_SCAN_FILE, NIFTI_FILE, REFERENCE_MASK_FILE, PREPROCESSED_FILE)),
+    "nifti_volume": (("volumes",), (NIFTI_FILE, REFERENCE_MASK_FILE, PREPROCESSED_FILE)),
+    "preprocessed_volume": ((), (PREPROCESSED_FILE,)),
+}
+
+
+def _forget(lake: LakeResource, patient_id: str, step: str) -> None:
+    tables, files = _OUTPUTS_FROM[step]
+    for table in tables:
+        lake.store.delete_partition(table, patient_id)
+    if step == "preprocessed_volume":  # the native volume stays valid; drop only its successor
+        lake.store.delete_partition("volumes", patient_id, match={"kind": "preprocessed"})
+    for name in files:
         lake.lake.remove(lake.lake.patient_file(patient_id, name))
 
 
@@ -192,14 +200,8 @@ def _volume_row(patient_id: str, kind: str, path: str, digest: str, summary: dic
 
 def _replace_volume_row(store: FeatureStore, row: dict, version: str, run_id: str) -> None:
     """volumes holds one row per (patient, kind); replace just this kind."""
-    others = store.query(
-        "SELECT * EXCLUDE (version, run_id, materialized_at), version, run_id, materialized_at "
-        "FROM volumes WHERE patient_id = ? AND kind <> ?",
-        [row["patient_id"], row["kind"]],
-    )
-    new = FeatureStore.with_provenance(pl.DataFrame([row]), version=version, run_id=run_id)
-    rows = pl.concat([others.select(new.columns).cast(new.schema), new]) if others.height else new
-    store.replace_partition("volumes", row["patient_id"], rows)
+    rows = FeatureStore.with_provenance(pl.DataFrame([row]), version=version, run_id=run_id)
+    store.replace_partition("volumes", row["patient_id"], rows, match={"kind": row["kind"]})
 
 
 @dg.asset(
@@ -216,7 +218,7 @@ def nifti_volume(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Ma
     patient_id = context.partition_key
     folder = lake.patient_folder(patient_id)
     data_lake = lake.lake
-    with patient_failure(patient_id, "nifti_volume", folder):
+    with patient_failure(patient_id, "nifti_volume", folder, cleanup=lambda: _forget(lake, patient_id, "nifti_volume")):
         record = json.loads(data_lake.read_bytes(data_lake.patient_file(patient_id, RAW_SCAN_FILE)))
         inventory = dicom_series.inventory_study(folder)
         series = next((s for s in inventory.series if s.series_key == record["chosen_series_key"]), None)
@@ -297,7 +299,9 @@ def preprocessed_volume(
     patient_id = context.partition_key
     data_lake = lake.lake
     settings = config.to_domain()
-    with patient_failure(patient_id, "preprocessed_volume"):
+    with patient_failure(
+        patient_id, "preprocessed_volume", cleanup=lambda: _forget(lake, patient_id, "preprocessed_volume")
+    ):
         image = data_lake.read_nifti(data_lake.patient_file(patient_id, NIFTI_FILE))
         result = preprocess.preprocess_volume(image, settings)
     path = data_lake.patient_file(patient_id, PREPROCESSED_FILE)

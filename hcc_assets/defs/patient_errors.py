@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import dagster as dg
 
@@ -20,20 +20,28 @@ def scrub(text: str, folder: Path | None) -> str:
 
 
 @contextmanager
-def patient_failure(patient_id: str, step: str, folder: Path | None = None) -> Iterator[None]:
+def patient_failure(
+    patient_id: str, step: str, folder: Path | None = None, cleanup: Callable[[], None] | None = None
+) -> Iterator[None]:
+    """Re-raise any error as a Failure naming the patient and the cause, without PHI.
+
+    `cleanup` runs first: it removes this step's outputs from an earlier success, which would
+    otherwise linger and claim something that no longer holds.
+    """
     try:
         yield
-    except dg.Failure:
-        raise
-    except IngestError as error:
+    except Exception as error:
+        if cleanup is not None:
+            cleanup()
+        if isinstance(error, dg.Failure):
+            raise
+        cause = scrub(str(error), folder)
+        if isinstance(error, IngestError):
+            description = f"patient {patient_id}: {step} failed: {cause}"
+        else:  # unexpected: keep the type, drop anything identifying
+            description = f"patient {patient_id}: {step} failed unexpectedly: {type(error).__name__}: {cause}"
         raise dg.Failure(
-            description=f"patient {patient_id}: {step} failed: {scrub(str(error), folder)}",
-            metadata={"patient_id": patient_id, "cause": scrub(str(error), folder)},
-            allow_retries=False,
-        ) from None
-    except Exception as error:  # unexpected: keep the type, drop anything identifying
-        raise dg.Failure(
-            description=f"patient {patient_id}: {step} failed unexpectedly: "
-            f"{type(error).__name__}: {scrub(str(error), folder)}",
-            metadata={"patient_id": patient_id},
+            description=description,
+            metadata={"patient_id": patient_id, "cause": cause},
+            allow_retries=not isinstance(error, IngestError),
         ) from None

@@ -88,14 +88,18 @@ class FeatureStore:
             pl.lit(now).alias("materialized_at"),
         )
 
-    def replace_partition(self, table: str, patient_id: str, rows: pl.DataFrame) -> int:
-        """Delete the patient's rows in `table` and insert `rows`, atomically."""
+    def replace_partition(
+        self, table: str, patient_id: str, rows: pl.DataFrame, match: dict[str, object] | None = None
+    ) -> int:
+        """Delete the patient's rows in `table` (only those equal to `match`, when given) and
+        insert `rows`, in one transaction."""
         self._check_table(table)
         if rows.height and set(rows["patient_id"].unique().to_list()) != {patient_id}:
             raise FeatureStoreError(f"rows for {table} must all belong to patient {patient_id}")
+        where, params = self._where(patient_id, match)
         with self.writer() as con:
             con.execute("BEGIN TRANSACTION")
-            con.execute(f"DELETE FROM {table} WHERE patient_id = ?", [patient_id])
+            con.execute(f"DELETE FROM {table} WHERE {where}", params)
             if rows.height:
                 con.register("incoming_rows", rows.to_arrow())
                 con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming_rows")
@@ -103,10 +107,20 @@ class FeatureStore:
             con.execute("COMMIT")
         return rows.height
 
-    def delete_partition(self, table: str, patient_id: str) -> None:
+    def delete_partition(self, table: str, patient_id: str, match: dict[str, object] | None = None) -> None:
         self._check_table(table)
+        where, params = self._where(patient_id, match)
         with self.writer() as con:
-            con.execute(f"DELETE FROM {table} WHERE patient_id = ?", [patient_id])
+            con.execute(f"DELETE FROM {table} WHERE {where}", params)
+
+    @staticmethod
+    def _where(patient_id: str, match: dict[str, object] | None) -> tuple[str, list]:
+        match = match or {}
+        for column in match:
+            if not column.isidentifier():
+                raise FeatureStoreError(f"bad column name {column!r}")
+        clauses = ["patient_id = ?", *(f"{column} = ?" for column in match)]
+        return " AND ".join(clauses), [patient_id, *match.values()]
 
     def replace_table(self, table: str, rows: pl.DataFrame) -> int:
         """Replace every row of a cohort-level table, atomically."""

@@ -1,0 +1,31 @@
+import os
+
+# Before anything imports torch: OpenMP busy-waiting makes CPU torch ~10x slower here.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+# Small geometry keeps the suite fast; the demo uses the full 256x256 cohort.
+SMALL_COHORT = dict(patients=8, seed=11, matrix=64, slices_min=12, slices_max=16, oblique_fraction=0.5)
+
+
+@pytest.fixture(scope="session")
+def small_cohort(tmp_path_factory):
+    """A synthetic drop zone, generated once; tests copy it before changing it."""
+    from hcc_assets.imaging.synth import SynthConfig, synthesize_cohort
+
+    incoming = tmp_path_factory.mktemp("cohort") / "incoming"
+    patients = synthesize_cohort(incoming, SynthConfig(**SMALL_COHORT))
+    return incoming, patients
+
+
+@pytest.fixture
+def incoming_copy(small_cohort, tmp_path) -> tuple[Path, list]:
+    incoming, patients = small_cohort
+    target = tmp_path / "incoming"
+    shutil.copytree(incoming, target)
+    return target, patients

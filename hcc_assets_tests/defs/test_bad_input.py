@@ -1,0 +1,118 @@
+"""Each kind of bad study fails its own partition with a clear, PHI-free message."""
+
+import re
+import shutil
+
+import dagster as dg
+import pydicom
+import pytest
+
+from hcc_assets.imaging.dicom_series import inventory_study
+from hcc_assets.lake import DataLake
+from hcc_assets_tests.defs.helpers import failure_message, ingest_patient, make_lake, register_all
+
+
+def _t2_files(folder):
+    t2 = next(s for s in inventory_study(folder).series if (s.echo_time_ms or 0) > 60)
+    return sorted(t2.files, key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).SliceLocation))
+
+
+def _truncate(folder):
+    victim = _t2_files(folder)[3]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+
+
+def _non_dicom(folder):
+    (_t2_files(folder)[0].parent / "notes.txt").write_text("radiologist notes, not an image\n")
+
+
+def _no_position(folder):
+    victim = _t2_files(folder)[4]
+    ds = pydicom.dcmread(victim)
+    del ds.ImagePositionPatient
+    ds.save_as(victim)
+
+
+def _missing_middle_slice(folder):
+    files = _t2_files(folder)
+    files[len(files) // 2].unlink()
+
+
+def _no_t2(folder):
+    shutil.rmtree(_t2_files(folder)[0].parent)
+
+
+def _one_slice(folder):
+    for f in _t2_files(folder)[1:]:
+        f.unlink()
+
+
+def _mixed_series(folder):
+    t2_dir = _t2_files(folder)[0].parent
+    t1 = next(s for s in inventory_study(folder).series if (s.echo_time_ms or 99) < 10)
+    for i, f in enumerate(t1.files):
+        shutil.copy(f, t2_dir / f"mixed_{i}.dcm")
+
+
+def _empty(folder):
+    shutil.rmtree(folder)
+    folder.mkdir()
+    (folder / ".complete").touch()
+
+
+CASES = {
+    "truncated": (_truncate, r"truncat"),
+    "non_dicom": (_non_dicom, r"not (a )?DICOM"),
+    "no_position": (_no_position, r"ImagePositionPatient"),
+    "missing_slice": (_missing_middle_slice, r"missing|gap"),
+    "no_t2": (_no_t2, r"T2"),
+    "one_slice": (_one_slice, r"1 slice|slices"),
+    "mixed_series": (_mixed_series, r"mixed|more than one series|series"),
+    "empty": (_empty, r"no DICOM"),
+}
+
+
+def test_bad_inputs_fail_alone_with_clear_phi_free_errors(incoming_copy, tmp_path):
+    incoming, patients = incoming_copy
+    good = patients[0]
+    bad_keys = {}
+    for i, (name, (corrupt, _)) in enumerate(CASES.items()):
+        source = patients[1 + i % (len(patients) - 1)]
+        target = incoming / f"BADCASE{i}"
+        shutil.copytree(incoming / source.patient_key, target)
+        corrupt(target)
+        bad_keys[name] = target.name
+    lake = make_lake(tmp_path, incoming)
+    data_lake = DataLake(lake.root)
+    phi = {s for p in patients for s in p.phi} | {p.patient_key for p in patients} | set(bad_keys.values())
+    with dg.instance_for_test() as instance:
+        register_all(instance, lake)
+        for name, (_, cause) in CASES.items():
+            pid = lake.pseudonym(bad_keys[name])
+            result = ingest_patient(instance, lake, pid, raise_on_error=False)
+            assert not result.success, name
+            message = failure_message(result)
+            assert pid in message, (name, message)
+            assert re.search(cause, message, re.IGNORECASE), (name, message)
+            assert not [s for s in phi if s in message], (name, message)
+            # nothing left under an output name, no rows claiming this patient
+            assert not data_lake.exists(data_lake.patient_file(pid, "nifti_volume.nii.gz")), name
+            assert not data_lake.exists(data_lake.patient_file(pid, "preprocessed_volume.nii.gz")), name
+            assert lake.store.query("SELECT count(*) FROM volumes WHERE patient_id = ?", [pid]).item() == 0, name
+        # other patients carry on
+        assert ingest_patient(instance, lake, lake.pseudonym(good.patient_key)).success
+
+
+@pytest.mark.parametrize("name", ["truncated", "missing_slice"])
+def test_a_study_that_breaks_after_ingest_is_forgotten(incoming_copy, tmp_path, name):
+    incoming, patients = incoming_copy
+    lake = make_lake(tmp_path, incoming)
+    key = patients[2].patient_key
+    with dg.instance_for_test() as instance:
+        register_all(instance, lake)
+        pid = lake.pseudonym(key)
+        assert ingest_patient(instance, lake, pid).success
+        CASES[name][0](incoming / key)
+        assert not ingest_patient(instance, lake, pid, raise_on_error=False).success
+        assert lake.store.query("SELECT count(*) FROM volumes WHERE patient_id = ?", [pid]).item() == 0
+        assert not DataLake(lake.root).exists(DataLake(lake.root).patient_file(pid, "nifti_volume.nii.gz"))

@@ -1,0 +1,87 @@
+"""Real Dagster materializations of the per-patient and cohort assets on a synthetic cohort."""
+
+import json
+
+import dagster as dg
+import nibabel as nib
+import numpy as np
+import pytest
+
+from hcc_assets.lake import DataLake
+from hcc_assets_tests.defs.helpers import ingest_patient, make_lake, materialize_cohort, register_all
+
+
+@pytest.fixture
+def ingested(incoming_copy, tmp_path):
+    incoming, patients = incoming_copy
+    lake = make_lake(tmp_path, incoming)
+    with dg.instance_for_test() as instance:
+        pids = register_all(instance, lake)
+        results = {pid: ingest_patient(instance, lake, pid) for pid in pids}
+        yield instance, lake, pids, results, patients
+
+
+def test_every_patient_gets_volumes_rows_and_radiologist_metadata(ingested):
+    instance, lake, pids, results, patients = ingested
+    assert len(pids) == len(patients)
+    data_lake = DataLake(lake.root)
+    store = lake.store
+    for pid in pids:
+        result = results[pid]
+        assert result.success
+        raw = result.asset_materializations_for_node("raw_scan")[0]
+        assert "T2" in raw.metadata["chosen_series"].value
+        assert "TE" in raw.metadata["choice_reason"].value
+        nifti_meta = result.asset_materializations_for_node("nifti_volume")[0].metadata
+        assert nifti_meta["mid_slice"].value.startswith("![mid axial slice](data:image/png;base64,")
+        assert len(nifti_meta["shape"].value) == 3 and nifti_meta["has_reference_mask"].value is True
+        pre = nib.load(data_lake.patient_file(pid, "preprocessed_volume.nii.gz"))
+        assert pre.shape == (128, 128, 64) and "".join(nib.aff2axcodes(pre.affine)) == "RAS"
+        assert pre.get_data_dtype() == np.float32
+        native = nib.load(data_lake.patient_file(pid, "nifti_volume.nii.gz"))
+        mask = nib.load(data_lake.patient_file(pid, "reference_mask.nii.gz"))
+        assert mask.shape == native.shape and np.allclose(mask.affine, native.affine)
+        checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+        assert checks == {"geometry_plausible": True, "grid_and_intensity": True}
+        record = json.loads(data_lake.read_bytes(data_lake.patient_file(pid, "raw_scan.json")))
+        assert len(record["study"]["series"]) == 3
+
+    scans = store.query("SELECT patient_id, count(*) AS n, sum(chosen::INT) AS chosen FROM scans GROUP BY 1")
+    assert sorted(scans["patient_id"]) == pids
+    assert set(scans["n"]) == {3} and set(scans["chosen"]) == {1}
+    chosen = store.query("SELECT DISTINCT description FROM scans WHERE chosen")["description"].to_list()
+    assert all("T2" in d for d in chosen)
+    volumes = store.query("SELECT kind, count(*) AS n FROM volumes GROUP BY 1 ORDER BY 1")
+    assert volumes.rows() == [("nifti", len(pids)), ("preprocessed", len(pids))]
+    assert store.query("SELECT count(*) FROM patients").item() == len(pids)
+
+
+def test_rematerializing_replaces_rows_and_keeps_data_versions(ingested):
+    instance, lake, pids, results, _ = ingested
+    pid = pids[0]
+    before = lake.store.query("SELECT run_id FROM scans WHERE patient_id = ?", [pid])["run_id"].unique().to_list()
+    again = ingest_patient(instance, lake, pid)
+    counts = lake.store.query("SELECT count(*) AS n FROM scans WHERE patient_id = ?", [pid]).item()
+    assert counts == 3
+    after = lake.store.query("SELECT run_id FROM scans WHERE patient_id = ?", [pid])["run_id"].unique().to_list()
+    assert after == [again.run_id] and before != after
+    for asset in ("raw_scan", "nifti_volume", "preprocessed_volume"):
+        old = results[pid].asset_materializations_for_node(asset)[0].tags["dagster/data_version"]
+        new = again.asset_materializations_for_node(asset)[0].tags["dagster/data_version"]
+        assert old == new, asset
+
+
+def test_cohort_split_is_stratified_and_stored(ingested):
+    instance, lake, pids, _, patients = ingested
+    result = materialize_cohort(instance, lake)
+    assert result.success
+    split = lake.store.query("SELECT patient_id, hcc, split, seed FROM cohort_split ORDER BY patient_id")
+    assert split["patient_id"].to_list() == pids
+    truth = {lake.pseudonym(p.patient_key): p.hcc for p in patients}
+    assert dict(zip(split["patient_id"], split["hcc"])) == truth
+    validation = split.filter(split["split"] == "validation")
+    assert validation.height == round(0.2 * len(pids))
+    first = split["split"].to_list()
+    assert materialize_cohort(instance, lake).success
+    again = lake.store.query("SELECT split FROM cohort_split ORDER BY patient_id")["split"].to_list()
+    assert again == first  # seeded

@@ -1,0 +1,57 @@
+"""The one Definitions object loads, shows the lineage, and the domain stays free of Dagster."""
+
+import ast
+from pathlib import Path
+
+import dagster as dg
+
+import hcc_assets
+from hcc_assets.definitions import defs
+
+DOMAIN_PACKAGES = ["imaging", "segmentation", "radiomics", "deep", "stats", "featurestore"]
+
+
+def test_definitions_load_with_lineage_jobs_sensor_and_schedule():
+    dg.Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    key = dg.AssetKey
+    assert graph.get(key("nifti_volume")).parent_keys == {key("raw_scan")}
+    assert graph.get(key("preprocessed_volume")).parent_keys == {key("nifti_volume")}
+    assert key("preprocessed_volume") in graph.get(key("cohort")).parent_keys
+    for name in ("raw_scan", "nifti_volume", "preprocessed_volume", "cohort"):
+        node = graph.get(key(name))
+        assert node.code_version, name
+    assert graph.get(key("raw_scan")).partitions_def.name == "patients"
+    assert defs.resolve_job_def("patient_ingest") and defs.resolve_job_def("cohort_refresh")
+    assert defs.resolve_sensor_def("incoming_scans_sensor")
+    assert defs.resolve_schedule_def("cohort_refresh_schedule").cron_schedule == "0 2 * * *"
+
+
+def test_domain_packages_never_import_dagster():
+    root = Path(hcc_assets.__file__).parent
+    offenders = []
+    for package in DOMAIN_PACKAGES:
+        for source in (root / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(source.read_text())):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                offenders += [f"{source.relative_to(root)}: {n}" for n in names if n.split(".")[0].startswith("dagster")]
+    assert offenders == []
+
+
+def test_instance_yaml_uses_sqlite_and_a_gpu_pool_of_one(tmp_path, monkeypatch):
+    import yaml
+
+    from hcc_assets.instance import ensure_dagster_home
+
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    home = ensure_dagster_home(tmp_path / "lake")
+    assert home == (tmp_path / "lake" / "dagster_home").resolve()
+    settings = yaml.safe_load((home / "dagster.yaml").read_text())
+    assert "sqlite" in settings["storage"]
+    assert settings["concurrency"]["pools"]["default_limit"] == 1
+    instance = dg.DagsterInstance.from_config(str(home))
+    assert "Sqlite" in type(instance.run_storage).__name__
