@@ -1,0 +1,44 @@
+"""Deep arm of the study: MedicalNet-layout 3D ResNet, frozen-trunk training, deep embeddings.
+
+Plain PyTorch/MONAI, no Dagster: callable from a notebook as well as from the assets.
+"""
+
+from hcc_assets.deep.network import (
+    SEEDED_RANDOM_INIT,
+    CheckpointMismatchError,
+    HCCResNet,
+    build_classifier,
+    build_trunk,
+    load_medicalnet_checkpoint,
+)
+from hcc_assets.deep.train import (
+    ClassifierConfig,
+    EpochRecord,
+    TrainingResult,
+    as_volume_batch,
+    embed,
+    load_model,
+    plot_history,
+    predict_proba,
+    save_model,
+    train_classifier,
+)
+
+__all__ = [
+    "SEEDED_RANDOM_INIT",
+    "CheckpointMismatchError",
+    "ClassifierConfig",
+    "EpochRecord",
+    "HCCResNet",
+    "TrainingResult",
+    "as_volume_batch",
+    "build_classifier",
+    "build_trunk",
+    "embed",
+    "load_medicalnet_checkpoint",
+    "load_model",
+    "plot_history",
+    "predict_proba",
+    "save_model",
+    "train_classifier",
+]

@@ -1,6 +1,5 @@
 """Cohort level: labels and the seeded, stratified 80:20 split."""
 
-from __future__ import annotations
 
 import dagster as dg
 import polars as pl

@@ -6,7 +6,6 @@ Files are written by the assets themselves into the lake (no IO manager), so dow
 assets, notebooks and SQL all read the same files.
 """
 
-from __future__ import annotations
 
 import json
 

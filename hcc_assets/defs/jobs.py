@@ -1,11 +1,9 @@
 import dagster as dg
 
-from hcc_assets.defs.partitions import patients_partitions
 
 patient_ingest_job = dg.define_asset_job(
     name="patient_ingest",
     selection=dg.AssetSelection.groups("ingest"),
-    partitions_def=patients_partitions,
     description="Every per-patient asset for one patient partition.",
 )
 

@@ -1,6 +1,5 @@
 """The drop-zone sensor: new complete patient folders become partitions and ingest runs."""
 
-from __future__ import annotations
 
 import json
 

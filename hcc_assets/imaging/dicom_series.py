@@ -1,0 +1,650 @@
+"""Inventory of a patient's DICOM study and the choice of its T2-weighted series.
+
+Drop layout: `<patient>/<study>/<series>/*` (any depth works: a folder holding DICOM files is a
+series folder); `<patient>/reference/` holds NIfTI reference masks and hidden files are markers.
+Folder and file names, PatientName/ID, dates and institutions may be PHI: nothing here ever
+puts them into a message or a record. Series are named `series #<number> "<description>"` and
+files by their position in their folder.
+
+Every file is read in full once: its bytes are hashed, and its PixelData length is checked
+against Rows x Columns x BitsAllocated, because pydicom reads a cut-off file without complaint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from hcc_assets.imaging.errors import IngestError
+from hcc_assets.imaging.geometry import slice_normal
+
+REFERENCE_FOLDER = "reference"
+ORIENTATION_TOLERANCE = 1e-4  # IOP direction cosines are written as decimal strings
+SPACING_RELATIVE_TOLERANCE = 1e-4
+DUPLICATE_POSITION_MM = 0.01
+# SOP classes with no pixel data (DICOMDIR, SR, presentation states, raw data, key objects):
+# skipped wherever they appear.
+NON_IMAGE_SOP_CLASS_PREFIXES = (
+    "1.2.840.10008.1.3.10",
+    "1.2.840.10008.5.1.4.1.1.88.",
+    "1.2.840.10008.5.1.4.1.1.11.",
+    "1.2.840.10008.5.1.4.1.1.66",
+)
+# Private diffusion b-values: (group, private creator, element offset, VR). A private tag means
+# something only within its creator's block, so the creator is looked up, not assumed.
+PRIVATE_B_VALUES = (
+    (0x0019, "SIEMENS MR HEADER", 0x0C, "IS"),
+    (0x2001, "PHILIPS IMAGING DD 001", 0x03, "FL"),
+    (0x0043, "GEMS_PARM_01", 0x39, "IS"),  # first value; some GE versions add 1e9
+)
+
+
+def series_label(number: int | None, description: str) -> str:
+    return f'series #{number if number is not None else "?"} "{description}"'
+
+
+def series_key_of(series_instance_uid: str) -> str:
+    return hashlib.sha256(series_instance_uid.strip().encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """One DICOM series, described without PHI."""
+
+    series_key: str  # sha256 of SeriesInstanceUID, first 16 hex: stable, not identifying
+    series_number: int | None
+    description: str
+    modality: str
+    echo_time_ms: float | None
+    repetition_time_ms: float | None
+    sequence_name: str
+    scanning_sequence: str
+    image_type: str
+    diffusion_b_value: float | None
+    contrast_agent: bool
+    n_files: int
+    rows: int
+    columns: int
+    pixel_spacing_mm: tuple[float, float]  # DICOM order: between rows, between columns
+    slice_thickness_mm: float | None  # as written; not used for geometry
+    spacing_between_slices_mm: float | None  # as written; not used for geometry
+    slice_spacing_mm: float | None  # measured from the positions along the slice normal
+    orientation: tuple[float, ...]  # ImageOrientationPatient
+    geometry_problem: str | None  # why the slices do not form one regular stack, if they don't
+    checksum: str  # sha256 over the sorted per-file sha256 digests
+    files: tuple[Path, ...] = field(repr=False, compare=False)  # in name order; never serialized
+
+    @property
+    def label(self) -> str:
+        return series_label(self.series_number, self.description)
+
+    def to_record(self) -> dict:
+        return {
+            "series_key": self.series_key,
+            "series_number": self.series_number,
+            "description": self.description,
+            "modality": self.modality,
+            "echo_time_ms": self.echo_time_ms,
+            "repetition_time_ms": self.repetition_time_ms,
+            "sequence_name": self.sequence_name,
+            "scanning_sequence": self.scanning_sequence,
+            "image_type": self.image_type,
+            "diffusion_b_value": self.diffusion_b_value,
+            "contrast_agent": self.contrast_agent,
+            "n_files": self.n_files,
+            "rows": self.rows,
+            "columns": self.columns,
+            "pixel_spacing_mm": list(self.pixel_spacing_mm),
+            "slice_thickness_mm": self.slice_thickness_mm,
+            "spacing_between_slices_mm": self.spacing_between_slices_mm,
+            "slice_spacing_mm": self.slice_spacing_mm,
+            "orientation": list(self.orientation),
+            "geometry_problem": self.geometry_problem,
+            "checksum": self.checksum,
+        }
+
+
+@dataclass(frozen=True)
+class StudyInventory:
+    series: tuple[SeriesInfo, ...]  # sorted by series number, then key
+    n_files: int
+
+    def to_record(self) -> dict:
+        return {"n_files": self.n_files, "n_series": len(self.series), "series": [s.to_record() for s in self.series]}
+
+
+@dataclass(frozen=True)
+class SeriesChoice:
+    series: SeriesInfo
+    t2_score: float
+    reason: str
+    candidates: list[dict]  # every series: key, number, description, TE, TR, accepted, score, why
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading one file
+
+
+def read_dicom_bytes(data: bytes) -> tuple[Dataset | None, bool]:
+    """(parsed dataset or None, whether the bytes claim to be DICOM by their 'DICM' prefix)."""
+    claims_dicom = data[128:132] == b"DICM"
+    try:
+        return pydicom.dcmread(io.BytesIO(data)), True
+    except InvalidDicomError:
+        pass  # no preamble: may still be raw DICOM, checked below
+    except Exception:
+        return None, claims_dicom
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data), force=True)
+        # force=True "parses" any bytes: only trust it when the identifying UIDs came out
+        if "SOPClassUID" in dataset and "SeriesInstanceUID" in dataset:
+            if "TransferSyntaxUID" not in dataset.file_meta:  # the pixel decoder needs it
+                implicit_vr, little_endian = dataset.original_encoding
+                dataset.file_meta.TransferSyntaxUID = (
+                    pydicom.uid.ImplicitVRLittleEndian if implicit_vr
+                    else pydicom.uid.ExplicitVRLittleEndian if little_endian
+                    else pydicom.uid.ExplicitVRBigEndian
+                )
+            return dataset, True
+    except Exception:
+        pass
+    return None, claims_dicom
+
+
+def sop_class_of(dataset: Dataset) -> str:
+    meta = getattr(dataset, "file_meta", None)
+    uid = (meta.get("MediaStorageSOPClassUID") if meta is not None else None) or dataset.get("SOPClassUID") or ""
+    return str(uid)
+
+
+def is_image_object(dataset: Dataset) -> bool:
+    """False only for known non-image objects: a cut file without a SOP class is an image to check."""
+    return not sop_class_of(dataset).startswith(NON_IMAGE_SOP_CLASS_PREFIXES)
+
+
+def incompleteness(dataset: Dataset) -> str | None:
+    """Why an image file is cut short or incomplete, or None when it is whole."""
+    for keyword in ("SeriesInstanceUID", "Rows", "Columns", "BitsAllocated", "PixelData"):
+        if keyword not in dataset:
+            return f"lacks {keyword} (truncated or incomplete header)"
+    pixel_element = dataset.get_item("PixelData")
+    declared = getattr(pixel_element, "length", None)
+    raw = pixel_element.value
+    if declared is not None and declared != 0xFFFFFFFF and raw is not None and len(raw) < declared:
+        return f"PixelData is cut short ({len(raw)} of {declared} bytes)"
+    meta = getattr(dataset, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is not None and syntax.is_encapsulated:
+        return None  # compressed: the decoder checks the fragments when the pixels are read
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    samples = int(dataset.get("SamplesPerPixel", 1) or 1)
+    expected = int(dataset.Rows) * int(dataset.Columns) * samples * frames * int(dataset.BitsAllocated) // 8
+    actual = len(dataset.PixelData or b"")
+    if actual < expected:
+        return f"PixelData is cut short ({actual} bytes, Rows x Columns x BitsAllocated/8 needs {expected})"
+    return None
+
+
+def _text(dataset: Dataset, keyword: str) -> str:
+    value = dataset.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, pydicom.multival.MultiValue):
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _number(dataset: Dataset, keyword: str) -> float | None:
+    value = dataset.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        if isinstance(value, pydicom.multival.MultiValue):
+            value = value[0]
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _numbers(dataset: Dataset, keyword: str, count: int) -> tuple[float, ...] | None:
+    value = dataset.get(keyword)
+    try:
+        numbers = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return numbers if len(numbers) == count and all(np.isfinite(numbers)) else None
+
+
+def diffusion_b_value(dataset: Dataset) -> float | None:
+    """DiffusionBValue (0018,9087), else a vendor's private b-value."""
+    standard = _number(dataset, "DiffusionBValue")
+    if standard is not None:
+        return standard
+    for group, creator, offset, vr in PRIVATE_B_VALUES:
+        value = _private_value(dataset, group, creator, offset)
+        if isinstance(value, bytes):  # unknown VR (implicit files): decode by the known VR
+            if vr == "FL":
+                value = struct.unpack("<f", value[:4])[0] if len(value) >= 4 else None
+            else:
+                value = value.split(b"\\")[0].strip(b"\x00 ").decode("ascii", "ignore") or None
+        elif isinstance(value, pydicom.multival.MultiValue | list | tuple):
+            value = value[0] if len(value) else None
+        try:
+            if value is not None:
+                return float(value) % 1e9
+        except (TypeError, ValueError):
+            continue
+    return None
+
+
+def _private_value(dataset: Dataset, group: int, creator: str, offset: int):
+    for block in range(0x10, 0x100):
+        owner = dataset.get((group, block))
+        if owner is None:
+            continue
+        name = owner.value.decode("ascii", "ignore") if isinstance(owner.value, bytes) else str(owner.value)
+        if name.strip().upper() == creator:
+            element = dataset.get((group, (block << 8) | offset))
+            return None if element is None else element.value
+    return None
+
+
+class SliceGeometry(NamedTuple):
+    position: tuple[float, float, float] | None  # ImagePositionPatient, LPS mm
+    orientation: tuple[float, ...] | None  # ImageOrientationPatient
+    pixel_spacing: tuple[float, float] | None
+    rows: int
+    columns: int
+    frames: int
+
+    @classmethod
+    def of(cls, dataset: Dataset) -> SliceGeometry:
+        return cls(
+            _numbers(dataset, "ImagePositionPatient", 3),
+            _numbers(dataset, "ImageOrientationPatient", 6),
+            _numbers(dataset, "PixelSpacing", 2),
+            int(dataset.get("Rows", 0) or 0),
+            int(dataset.get("Columns", 0) or 0),
+            int(dataset.get("NumberOfFrames", 1) or 1),
+        )
+
+
+class Stack(NamedTuple):
+    order: list[int]  # indices of the input slices by ascending position along the normal
+    slice_spacing: float
+    orientation: tuple[float, ...]
+    pixel_spacing: tuple[float, float]
+    first_position: tuple[float, float, float]
+
+
+class GeometryProblem(ValueError):
+    """The slices of one series do not form a regular stack; the message names no series."""
+
+
+def stack_slices(label: str, slices: list[SliceGeometry], max_gap_ratio: float = 1.5) -> Stack:
+    """`order_slices`, with problems raised as IngestError naming the series."""
+    try:
+        return order_slices(slices, max_gap_ratio)
+    except GeometryProblem as problem:
+        raise IngestError(f"{label}: {problem}") from None
+
+
+def order_slices(slices: list[SliceGeometry], max_gap_ratio: float = 1.5) -> Stack:
+    """Check that the slices form one regular stack and order them by position.
+
+    `slices` are in file-name order, so slice i is "file i+1 of n". Spacing comes from the
+    positions projected on the normal, never from SliceThickness or SpacingBetweenSlices.
+    """
+    count = len(slices)
+
+    def file_at(index: int) -> str:
+        return f"file {index + 1} of {count}"
+
+    if count == 0:
+        raise GeometryProblem("no image files")
+    for index, item in enumerate(slices):
+        if item.frames > 1:
+            raise GeometryProblem(f"{file_at(index)} is a multi-frame (enhanced) image, which is not supported")
+        for name, value in (
+            ("ImagePositionPatient", item.position),
+            ("ImageOrientationPatient", item.orientation),
+            ("PixelSpacing", item.pixel_spacing),
+        ):
+            if value is None:
+                raise GeometryProblem(f"{file_at(index)} lacks a valid {name}")
+    first = slices[0]
+    reference_orientation = np.asarray(first.orientation)
+    if abs(np.dot(reference_orientation[:3], reference_orientation[3:])) > 1e-3 or not np.allclose(
+        np.linalg.norm(reference_orientation.reshape(2, 3), axis=1), 1.0, atol=1e-3
+    ):
+        raise GeometryProblem(f"{file_at(0)} has an ImageOrientationPatient that is not two orthonormal vectors")
+    for index, item in enumerate(slices[1:], start=1):
+        if (item.rows, item.columns) != (first.rows, first.columns):
+            raise GeometryProblem(
+                f"inconsistent Rows x Columns: {file_at(index)} is {item.rows}x{item.columns}, "
+                f"file 1 is {first.rows}x{first.columns}"
+            )
+        if not np.allclose(item.orientation, reference_orientation, atol=ORIENTATION_TOLERANCE, rtol=0):
+            raise GeometryProblem(f"inconsistent ImageOrientationPatient: {file_at(index)} differs from file 1")
+        if not np.allclose(item.pixel_spacing, first.pixel_spacing, rtol=SPACING_RELATIVE_TOLERANCE, atol=0):
+            raise GeometryProblem(
+                f"inconsistent PixelSpacing: {file_at(index)} has {_mm(item.pixel_spacing)}, "
+                f"file 1 has {_mm(first.pixel_spacing)}"
+            )
+    if count < 2:
+        return Stack([0], float("nan"), first.orientation, first.pixel_spacing, first.position)
+
+    normal = slice_normal(reference_orientation)
+    positions = np.array([item.position for item in slices])
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    steps = np.diff(along[order])
+    for step, lower, upper in zip(steps, order[:-1], order[1:]):
+        if step < DUPLICATE_POSITION_MM:
+            raise GeometryProblem(
+                f"duplicate slice position: files {min(lower, upper) + 1} and {max(lower, upper) + 1} of {count} "
+                "lie at the same position (a repeated acquisition, several echoes or a copied file)"
+            )
+    median = float(np.median(steps))
+    for rank, step in enumerate(steps):
+        if step > max_gap_ratio * median:
+            raise GeometryProblem(
+                f"missing slice: a gap of {step:.2f} mm between slices {rank + 1} and {rank + 2} of {count} "
+                f"(by position) exceeds {max_gap_ratio:g} x the median spacing {median:.2f} mm"
+            )
+        if step < median / max_gap_ratio:
+            raise GeometryProblem(
+                f"uneven slice spacing: {step:.2f} mm between slices {rank + 1} and {rank + 2} of {count} "
+                f"(by position) against a median of {median:.2f} mm (an extra or misplaced slice)"
+            )
+    # all slices must lie on one line along the normal; a shifted stack would need resampling
+    in_plane = (positions - positions[order[0]]) - np.outer(along - along[order[0]], normal)
+    shift = float(np.linalg.norm(in_plane, axis=1).max())
+    if shift > 0.1 * min(first.pixel_spacing):
+        raise GeometryProblem(f"slices are not stacked along the slice normal (in-plane shift up to {shift:.2f} mm)")
+    spacing = float((along[order[-1]] - along[order[0]]) / (count - 1))
+    return Stack([int(i) for i in order], spacing, first.orientation, first.pixel_spacing, slices[int(order[0])].position)
+
+
+def _mm(values) -> str:
+    return "x".join(f"{float(v):g}" for v in values) + " mm"
+
+
+# ---------------------------------------------------------------------------------------------
+# Inventory
+
+
+@dataclass
+class _SeriesFiles:
+    folder_index: int
+    first: Dataset  # header of the first file by name, pixels dropped
+    files: list[Path] = field(default_factory=list)
+    digests: list[str] = field(default_factory=list)
+    slices: list[SliceGeometry] = field(default_factory=list)
+
+
+def _series_folders(patient_dir: Path) -> list[tuple[Path, list[Path]]]:
+    """(folder, its non-hidden files sorted by name) for every folder under the patient."""
+    folders = []
+    for root, dirs, files in os.walk(patient_dir):
+        at_root = Path(root) == patient_dir
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (at_root and d == REFERENCE_FOLDER))
+        names = sorted(f for f in files if not f.startswith("."))
+        if names:
+            folders.append((Path(root), [Path(root) / name for name in names]))
+    return folders
+
+
+def _describe(datasets: list[Dataset]) -> str:
+    labels = sorted({series_label(_int(d.get("SeriesNumber")), _text(d, "SeriesDescription")) for d in datasets})
+    return " and ".join(labels)
+
+
+def _int(value) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def inventory_study(patient_dir: Path) -> StudyInventory:
+    """Every image series under `patient_dir`, with checksums; raises IngestError on bad files.
+
+    File-level problems (not DICOM, truncated, two series in one folder) fail the study: the
+    delivery is broken. Geometry problems are recorded per series in `geometry_problem`: a
+    scout series with three orientations must not block the study, but the T2 choice rejects
+    a series that has one.
+    """
+    patient_dir = Path(patient_dir)
+    if not patient_dir.is_dir():
+        raise IngestError("the patient folder does not exist")
+    by_uid: dict[str, _SeriesFiles] = {}
+    for folder_index, (folder, paths) in enumerate(_series_folders(patient_dir)):
+        headers: list[tuple[int, Path, Dataset, str]] = []
+        not_dicom: list[int] = []
+        incomplete: list[tuple[int, str]] = []
+        for position, path in enumerate(paths):
+            try:
+                data = path.read_bytes()
+            except OSError as error:  # the message of an OSError carries the path: drop it
+                raise IngestError(f"cannot read a file in the drop ({error.strerror or type(error).__name__})") from None
+            dataset, claims_dicom = read_dicom_bytes(data)
+            if dataset is None:
+                if claims_dicom:
+                    incomplete.append((position, "its header cannot be parsed (cut short or corrupt)"))
+                else:
+                    not_dicom.append(position)
+                continue
+            if not is_image_object(dataset):
+                continue
+            problem = incompleteness(dataset)
+            if problem:
+                incomplete.append((position, problem))
+                if "SeriesInstanceUID" not in dataset:
+                    continue
+            headers.append((position, path, dataset, hashlib.sha256(data).hexdigest()))
+        total = len(paths)
+        where = f"the folder of {_describe([h[2] for h in headers])}" if headers else "a folder with no DICOM images"
+        if not_dicom:
+            positions = ", ".join(str(p + 1) for p in not_dicom[:5]) + (", ..." if len(not_dicom) > 5 else "")
+            files, verb = ("file", "is") if len(not_dicom) == 1 else ("files", "are")
+            raise IngestError(f"{files} {positions} of {total} in {where} {verb} not DICOM")
+        if incomplete:
+            position, problem = incomplete[0]
+            more = f" (and {len(incomplete) - 1} more files)" if len(incomplete) > 1 else ""
+            raise IngestError(f"truncated DICOM file: file {position + 1} of {total} in {where}: {problem}{more}")
+        uids = {str(h[2].SeriesInstanceUID) for h in headers}
+        if len(uids) > 1:
+            raise IngestError(
+                f"one folder mixes {len(uids)} series ({_describe([h[2] for h in headers])}); "
+                "each series must have its own folder"
+            )
+        for position, path, dataset, digest in headers:
+            uid = str(dataset.SeriesInstanceUID)
+            entry = by_uid.get(uid)
+            if entry is None:
+                header = dataset.copy()
+                del header.PixelData  # keep headers only: a study can have thousands of files
+                entry = by_uid[uid] = _SeriesFiles(folder_index, header)
+            elif entry.folder_index != folder_index:
+                raise IngestError(f"{_describe([dataset])} is split across several folders")
+            entry.files.append(path)
+            entry.digests.append(digest)
+            entry.slices.append(SliceGeometry.of(dataset))
+    if not by_uid:
+        raise IngestError("no DICOM image files found in the patient folder")
+    series = sorted(
+        (_series_info(uid, entry) for uid, entry in by_uid.items()),
+        key=lambda s: (s.series_number is None, s.series_number or 0, s.series_key),
+    )
+    return StudyInventory(tuple(series), sum(s.n_files for s in series))
+
+
+def _series_info(uid: str, entry: _SeriesFiles) -> SeriesInfo:
+    header = entry.first
+    number = _int(header.get("SeriesNumber"))
+    description = _text(header, "SeriesDescription")
+    try:
+        stack = order_slices(entry.slices)
+        problem, spacing = None, (None if np.isnan(stack.slice_spacing) else round(stack.slice_spacing, 4))
+    except GeometryProblem as error:
+        problem, spacing = str(error), None
+    first = entry.slices[0]
+    return SeriesInfo(
+        series_key=series_key_of(uid),
+        series_number=number,
+        description=description,
+        modality=_text(header, "Modality"),
+        echo_time_ms=_number(header, "EchoTime"),
+        repetition_time_ms=_number(header, "RepetitionTime"),
+        sequence_name=_text(header, "SequenceName"),
+        scanning_sequence=_text(header, "ScanningSequence"),
+        image_type=_text(header, "ImageType"),
+        diffusion_b_value=diffusion_b_value(header),
+        contrast_agent=bool(_text(header, "ContrastBolusAgent")) or "ContrastBolusAgentSequence" in header,
+        n_files=len(entry.files),
+        rows=first.rows,
+        columns=first.columns,
+        pixel_spacing_mm=first.pixel_spacing or (0.0, 0.0),
+        slice_thickness_mm=_number(header, "SliceThickness"),
+        spacing_between_slices_mm=_number(header, "SpacingBetweenSlices"),
+        slice_spacing_mm=spacing,
+        orientation=first.orientation or (),
+        geometry_problem=problem,
+        checksum=hashlib.sha256("".join(sorted(entry.digests)).encode()).hexdigest(),
+        files=tuple(entry.files),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# T2 choice
+
+
+def _diffusion_hint(series: SeriesInfo) -> str | None:
+    if series.diffusion_b_value is not None and series.diffusion_b_value > 0:
+        return f"diffusion (b = {series.diffusion_b_value:g})"
+    sequence = series.sequence_name.lower()
+    if "ep_b" in sequence or "diff" in sequence:
+        return f"diffusion sequence {series.sequence_name!r}"
+    image_type = {part.strip().upper() for part in series.image_type.split("\\")}
+    if image_type & {"DIFFUSION", "ADC", "TRACEW", "TRACE", "EADC", "FA"}:
+        return f"diffusion image type {series.image_type!r}"
+    return None
+
+
+def _sequence_kind(series: SeriesInfo) -> str:
+    parts = {p.strip().upper() for p in series.scanning_sequence.split("\\")}
+    if "EP" in parts:
+        return "echo planar"
+    if "SE" in parts:
+        return "spin echo"
+    if "GR" in parts:
+        return "gradient echo"
+    return ""
+
+
+def _is_axial(series: SeriesInfo) -> bool:
+    return len(series.orientation) == 6 and abs(slice_normal(series.orientation)[2]) > 0.8
+
+
+def _t2_score(series: SeriesInfo) -> float:
+    """Higher is more like the study's T2 series; only compared among accepted candidates."""
+    te = series.echo_time_ms or 0.0
+    distance = max(0.0, 60.0 - te, te - 140.0)  # TE 60-140 ms is the classic liver T2 range
+    score = max(0.0, 1.0 - distance / 100.0)
+    score += 0.3 * (_sequence_kind(series) == "spin echo")
+    score += 0.3 * ("T2" in series.description.upper())
+    score += 0.2 * _is_axial(series)
+    score += min(series.n_files, 200) / 1000.0  # more slices break ties
+    return round(score, 4)
+
+
+def _fmt(value: float | None) -> str:
+    return "?" if value is None else f"{value:g}"
+
+
+def choose_t2_series(
+    inventory: StudyInventory,
+    min_slices: int = 10,
+    min_echo_time_ms: float = 60.0,
+    min_repetition_time_ms: float = 800.0,
+) -> SeriesChoice:
+    """The T2-weighted series, chosen by its tags (not its description), and why."""
+    candidates: list[dict] = []
+    t2_but_unusable: list[str] = []
+    for series in inventory.series:
+        weighting: list[str] = []  # reasons it is not a T2-weighted acquisition
+        if series.modality.upper() != "MR":
+            weighting.append(f"modality {series.modality or '?'}")
+        te, tr = series.echo_time_ms, series.repetition_time_ms
+        if te is None or te < min_echo_time_ms:
+            weighting.append(f"TE {_fmt(te)} ms < {min_echo_time_ms:g}")
+        if tr is None or tr < min_repetition_time_ms:
+            weighting.append(f"TR {_fmt(tr)} ms < {min_repetition_time_ms:g}")
+        if diffusion := _diffusion_hint(series):
+            weighting.append(diffusion)
+        if series.contrast_agent:
+            weighting.append("contrast agent given")
+        usability: list[str] = []  # T2-weighted, but not a usable volume
+        if series.n_files < min_slices:
+            usability.append(f"{series.n_files} slice{'s' if series.n_files != 1 else ''}, need >= {min_slices}")
+        if series.geometry_problem:
+            usability.append(series.geometry_problem)
+        why = weighting + usability
+        accepted = not why
+        if not weighting and usability:
+            t2_but_unusable.append(f"{series.label} (TE {_fmt(te)} ms, TR {_fmt(tr)} ms) is unusable: {'; '.join(usability)}")
+        candidates.append({
+            "series_key": series.series_key,
+            "series_number": series.series_number,
+            "description": series.description,
+            "echo_time_ms": te,
+            "repetition_time_ms": tr,
+            "n_files": series.n_files,
+            "accepted": accepted,
+            "score": _t2_score(series) if accepted else None,
+            "why": _acceptance(series, min_echo_time_ms, min_repetition_time_ms) if accepted else ", ".join(why),
+        })
+    accepted = [(c, s) for c, s in zip(candidates, inventory.series) if c["accepted"]]
+    if not accepted:
+        if t2_but_unusable:
+            raise IngestError("the T2-weighted " + " | ".join(t2_but_unusable))
+        found = "; ".join(
+            f'#{_fmt(c["series_number"])} "{c["description"]}" TE {_fmt(c["echo_time_ms"])} ms '
+            f'TR {_fmt(c["repetition_time_ms"])} ms ({c["why"]})'
+            for c in candidates
+        )
+        raise IngestError(
+            f"no T2-weighted series in the study (need MR, TE >= {min_echo_time_ms:g} ms, "
+            f"TR >= {min_repetition_time_ms:g} ms, no diffusion, no contrast); found: {found}"
+        )
+    best, chosen = max(accepted, key=lambda pair: pair[0]["score"])
+    others = [
+        f'#{_fmt(c["series_number"])} "{c["description"]}" '
+        + (c["why"] if not c["accepted"] else f'T2-weighted but scored {c["score"]:g} < {best["score"]:g}')
+        for c in candidates
+        if c is not best
+    ]
+    reason = f'{chosen.label}: {best["why"]}' + (f"; rejected: {'; '.join(others)}" if others else "")
+    return SeriesChoice(series=chosen, t2_score=float(best["score"]), reason=reason, candidates=candidates)
+
+
+def _acceptance(series: SeriesInfo, min_te: float, min_tr: float) -> str:
+    parts = [
+        f"TE {_fmt(series.echo_time_ms)} ms >= {min_te:g}",
+        f"TR {_fmt(series.repetition_time_ms)} ms >= {min_tr:g}",
+    ]
+    if kind := _sequence_kind(series):
+        parts.append(kind)
+    parts.append(f"{series.n_files} slices")
+    return ", ".join(parts)

@@ -1,0 +1,652 @@
+"""A deterministic synthetic liver-MRI DICOM cohort with known truth.
+
+Each patient gets one study of three MR series (T1 in-phase, T1 opposed-phase, T2 SPIR) with
+CHAOS-like geometry, realistic tags, fake PHI (on purpose, to test de-identification), a
+reference liver/spleen mask in the T2 geometry, and a row in labels.csv. All images sample one
+phantom (`phantom.py`) in LPS world millimetres, so images, mask and `phantom_labels` agree.
+
+Layout written under `out_dir` (other modules rely on it):
+    <patient_key>/study_1/series_<n>/IM_<hex>.dcm
+    <patient_key>/reference/liver_spleen_mask.nii.gz
+    <patient_key>/.complete        written last, when the patient is whole
+    labels.csv                     patient_key,hcc,source; merged with an existing file
+
+Same config, same bytes: every random draw comes from a generator seeded by (seed, patient
+index, purpose) and nothing records the time of the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import functools
+import gzip
+import hashlib
+import io
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydantic
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element, write_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from scipy import ndimage
+
+from hcc_assets.imaging import geometry
+from hcc_assets.imaging.phantom import TISSUE_TO_LABEL, Phantom, Tissue, random_phantom, rotation_matrix
+
+log = logging.getLogger(__name__)
+
+LABELS_FILE = "labels.csv"
+COMPLETE_MARKER = ".complete"
+STUDY_DIR = "study_1"
+MASK_PATH = Path("reference") / "liver_spleen_mask.nii.gz"
+MAX_STORED = 4095  # BitsStored 12
+
+
+class SynthConfig(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    patients: int = pydantic.Field(40, ge=1)
+    seed: int = pydantic.Field(0, ge=0)
+    lesion_contrast: float = pydantic.Field(1.0, ge=0.0)  # 0 = null cohort: label without signal
+    hcc_fraction: float = pydantic.Field(0.5, ge=0.0, le=1.0)
+    matrix: int = pydantic.Field(256, ge=16, le=1024)
+    slices_min: int = pydantic.Field(26, ge=2)
+    slices_max: int = pydantic.Field(50, ge=2)
+    oblique_fraction: float = pydantic.Field(0.3, ge=0.0, le=1.0)
+
+    @pydantic.model_validator(mode="after")
+    def _slice_range(self) -> SynthConfig:
+        if self.slices_max < self.slices_min:
+            raise ValueError("slices_max must be >= slices_min")
+        return self
+
+
+@dataclass(frozen=True)
+class SynthPatient:
+    patient_key: str  # the drop-folder name; MRN-like, i.e. fake PHI on purpose
+    hcc: bool
+    n_lesions: int
+    phi: tuple[str, ...]  # every fake PHI string written into this patient's files
+    t2_series_dir: Path
+
+
+# ---------------------------------------------------------------- seeds and cohort plan
+
+# Purposes of random streams. Seeds are fixed-length lists: SeedSequence pads with zeros, so
+# [s, 1] and [s, 1, 0] would otherwise collide.
+_KEYS, _HCC, _OBLIQUE = 1, 2, 3
+_ANATOMY, _LESIONS, _ACQUISITION, _IDENTITY, _TEXTURE, _NOISE = 11, 12, 13, 14, 15, 16
+
+
+def _cohort_rng(config: SynthConfig, purpose: int) -> np.random.Generator:
+    return np.random.default_rng([config.seed, 0, 0, purpose])
+
+
+def _patient_rng(seed: int, index: int, purpose: int) -> np.random.Generator:
+    return np.random.default_rng([seed, 1, index, purpose])
+
+
+@dataclass(frozen=True)
+class _Planned:
+    index: int
+    key: str
+    hcc: bool
+    oblique: bool
+
+
+def _chosen(config: SynthConfig, purpose: int, fraction: float) -> set[int]:
+    """Exactly round(patients * fraction) patient indices, seeded."""
+    order = _cohort_rng(config, purpose).permutation(config.patients)
+    return set(order[: round(config.patients * fraction)].tolist())
+
+
+@functools.lru_cache(maxsize=32)
+def _plan(config: SynthConfig) -> tuple[_Planned, ...]:
+    # Keys depend on seed and index only, so a bigger cohort extends a smaller one.
+    key_rng, keys = _cohort_rng(config, _KEYS), []
+    while len(keys) < config.patients:
+        key = f"MRN{int(key_rng.integers(0, 10**8)):08d}"
+        if key not in keys:
+            keys.append(key)
+    hcc, oblique = _chosen(config, _HCC, config.hcc_fraction), _chosen(config, _OBLIQUE, config.oblique_fraction)
+    return tuple(_Planned(i, key, i in hcc, i in oblique) for i, key in enumerate(keys))
+
+
+@functools.lru_cache(maxsize=64)
+def _phantom(seed: int, index: int, hcc: bool) -> Phantom:
+    lesion_rng = _patient_rng(seed, index, _LESIONS)
+    n_lesions = int(lesion_rng.integers(1, 4)) if hcc else 0
+    phantom = random_phantom(_patient_rng(seed, index, _ANATOMY), lesion_rng, n_lesions)
+    if hcc and not phantom.lesions:
+        raise RuntimeError(f"could not place a lesion for synthetic patient #{index}")
+    return phantom
+
+
+def patient_phantom(config: SynthConfig, patient_key: str) -> Phantom:
+    """The phantom behind a synthesized patient (anatomy does not depend on matrix or slices)."""
+    for planned in _plan(config):
+        if planned.key == patient_key:
+            return _phantom(config.seed, planned.index, planned.hcc)
+    raise KeyError("patient key is not part of this synthetic cohort")
+
+
+def phantom_labels(config: SynthConfig, patient_key: str, points_lps: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Truth at LPS world points (..., 3) in mm for a synthesized patient.
+
+    Returns (labels, lesion_ids): labels 0 background, 1 liver (lesions included), 2 spleen;
+    lesion_ids 0 outside lesions, n inside the n-th lesion.
+    """
+    return patient_phantom(config, patient_key).labels_at(points_lps)
+
+
+# ---------------------------------------------------------------- acquisition parameters
+
+
+@dataclass(frozen=True)
+class _Sequence:
+    number: int
+    description: str
+    protocol: str
+    contrast: str  # key into _SIGNAL
+    scanning_sequence: str
+    sequence_variant: str
+    sequence_name: str
+    image_type: tuple[str, ...]
+    flip_angle: float
+    echo_train: int
+
+
+_SEQUENCES = (
+    _Sequence(3, "T1_DUAL_IN_PHASE", "T1_DUAL_FFE", "t1_in", "GR", "SP", "*fl2d1",
+              ("ORIGINAL", "PRIMARY", "M_FFE", "M", "FFE"), 80.0, 1),
+    _Sequence(4, "T1_DUAL_OPP_PHASE", "T1_DUAL_FFE", "t1_opp", "GR", "SP", "*fl2d1",
+              ("ORIGINAL", "PRIMARY", "M_FFE", "M", "FFE"), 80.0, 1),
+    _Sequence(5, "T2_SPIR", "T2_SPIR_TSE", "t2", "SE", "SK", "*tse2d1_17",
+              ("ORIGINAL", "PRIMARY", "M_SE", "M", "SE"), 90.0, 17),
+)
+T2_SERIES_NUMBER = 5
+
+# Mean signal per tissue (order of phantom.Tissue); LESION rows copy LIVER, the lesion's own
+# contrast is applied on top, scaled by lesion_contrast. T2 SPIR suppresses fat.
+#          AIR SOFT  FAT LIVER SPLEEN KIDNEY BONE  CSF VESSEL LESION
+_SIGNAL = {
+    "t1_in": [0, 330, 950, 560, 470, 430, 620, 250, 700, 0],
+    "t1_opp": [0, 310, 380, 560, 460, 420, 380, 240, 680, 0],  # liver: set from fat fraction
+    "t2": [0, 210, 120, 330, 720, 800, 330, 1500, 60, 0],
+}
+# Relative amplitude of the smooth texture per tissue (lesions: the liver's, under their own).
+_TEXTURE_AMPLITUDE = np.array([0, 0.15, 0.06, 0.05, 0.05, 0.08, 0.10, 0.03, 0.10, 0.05], np.float32)
+# Internal heterogeneity of lesions at full contrast (relative to the liver signal).
+_LESION_HETEROGENEITY = {"t1_in": 0.12, "t1_opp": 0.12, "t2": 0.25}
+
+
+@dataclass(frozen=True)
+class _SeriesAcquisition:
+    sequence: _Sequence
+    echo_time: float
+    repetition_time: float
+    slope: float
+    intercept: float
+    gain: float
+    noise_sigma: float
+    first_slice: int  # T1 series cover a sub-range of the T2 slice positions
+    stop_slice: int
+    instance_numbers: tuple[int, ...]  # per spatial slice (ascending along the normal)
+    file_names: tuple[str, ...]  # per spatial slice
+
+
+@dataclass(frozen=True)
+class _Acquisition:
+    orientation: tuple[float, ...]  # ImageOrientationPatient as written
+    first_position: tuple[float, ...]  # ImagePositionPatient of the lowest slice, as written
+    pixel_spacing: float
+    slice_spacing: float
+    slice_thickness: float
+    shape_kji: tuple[int, int, int]
+    series: tuple[_SeriesAcquisition, ...]
+
+    @property
+    def affine_lps(self) -> np.ndarray:
+        spacing = [self.pixel_spacing] * 2
+        return geometry.affine_lps(self.orientation, self.first_position, spacing, self.slice_spacing)
+
+
+def _file_names(rng: np.random.Generator, n: int, taken: set[str], orders: list[np.ndarray]
+                ) -> tuple[str, ...]:
+    """Random IM_<6 hex> names whose sort order matches none of `orders` (when n allows)."""
+    while True:
+        names = [f"IM_{int(v):06x}.dcm" for v in rng.integers(0, 16**6, n)]
+        if len(set(names)) < n or taken.intersection(names):
+            continue
+        by_name = np.argsort(names)
+        if n < 3 or not any(np.array_equal(by_name, order) for order in orders):
+            taken.update(names)
+            return tuple(names)
+
+
+def _acquisition(config: SynthConfig, planned: _Planned, phantom: Phantom) -> _Acquisition:
+    rng = _patient_rng(config.seed, planned.index, _ACQUISITION)
+    n = int(rng.integers(config.slices_min, config.slices_max + 1))
+    spacing = round(float(rng.uniform(5.5, 9.0)), 2)
+    thickness = round(spacing - float(rng.choice([0.5, 1.0, 1.5])), 2)  # CHAOS-like slice gap
+    pixel = round(float(rng.uniform(1.4, 1.9)) * 256 / config.matrix, 4)  # FOV stays 360-480 mm
+    rotation = np.eye(3)
+    if planned.oblique:
+        angles = np.zeros(3)
+        axes = rng.choice(3, size=int(rng.integers(1, 3)), replace=False)
+        angles[axes] = rng.uniform(5, 20, axes.size) * rng.choice([-1, 1], axes.size)
+        rotation = rotation_matrix(angles)
+    # Values are rounded to what the DICOM tags carry; render from exactly those.
+    orientation = tuple(round(float(v), 6) + 0.0 for v in np.r_[rotation[:, 0], rotation[:, 1]])
+    center = phantom.center + np.r_[rng.uniform(-10, 10, 2), rng.uniform(-15, 15)]
+    half = np.array([(config.matrix - 1) * pixel, (config.matrix - 1) * pixel, (n - 1) * spacing]) / 2
+    normal = geometry.slice_normal(orientation)
+    frame = np.stack([np.array(orientation[:3]), np.array(orientation[3:]), normal], axis=1)
+    first = tuple(round(float(v), 4) + 0.0 for v in center - frame @ half)
+
+    t1_trim = (int(rng.integers(0, 3)), int(rng.integers(0, 3))) if n >= 8 else (0, 0)
+    tr_t1 = round(float(rng.uniform(150, 200)), 1)
+    spatial = np.arange(n)
+    interleaved = np.r_[spatial[0::2], spatial[1::2]]  # acquisition order of T2 slices
+    if rng.random() < 0.5:
+        interleaved = interleaved[::-1]
+    taken: set[str] = set()
+    series = []
+    for sequence in _SEQUENCES:
+        lo, hi = (0, n) if sequence.contrast == "t2" else (t1_trim[0], n - t1_trim[1])
+        count = hi - lo
+        if sequence.contrast == "t2":
+            acquisition_order = interleaved
+            echo, repetition = float(rng.integers(70, 101)), float(rng.integers(1500, 2001))
+        else:  # in-phase numbered head to feet, opposed-phase feet to head
+            acquisition_order = np.arange(count)[::-1] if sequence.contrast == "t1_in" else np.arange(count)
+            echo, repetition = (4.6 if sequence.contrast == "t1_in" else 2.3), tr_t1
+        instances = np.empty(count, int)
+        instances[acquisition_order] = np.arange(1, count + 1)
+        names = _file_names(rng, count, taken, [np.arange(count), np.argsort(instances)])
+        gain = float(rng.uniform(0.85, 1.15))
+        series.append(_SeriesAcquisition(
+            sequence=sequence, echo_time=echo, repetition_time=repetition,
+            slope=round(float(rng.uniform(1.5, 2.5)), 4), intercept=round(float(rng.uniform(-100, 0)), 2),
+            gain=gain, noise_sigma=gain * float(rng.uniform(9, 16)), first_slice=lo, stop_slice=hi,
+            instance_numbers=tuple(int(v) for v in instances), file_names=names))
+    return _Acquisition(orientation, first, pixel, spacing, thickness,
+                        (n, config.matrix, config.matrix), tuple(series))
+
+
+# ---------------------------------------------------------------- fake identity (PHI)
+
+_SYLLABLES = ("ZOR", "VAX", "QUI", "MEL", "THAR", "DRU", "XEN", "PAL", "KYR", "BEL", "OST", "VIR",
+              "NAK", "LUM", "FEN", "GRAV", "SYL", "MOR")
+_INSTITUTIONS = ("SAINT SYNTHETIC HOSPITAL", "PHANTOM VALLEY CLINIC", "FICTIVIA MERCY MEDICAL CENTRE")
+
+
+@dataclass(frozen=True)
+class _Identity:
+    patient_name: str
+    patient_id: str
+    birth_date: str
+    sex: str
+    other_patient_id: str
+    address: str
+    institution: str
+    referring_physician: str
+    accession: str
+    study_date: str
+    study_time: str
+
+    @property
+    def phi(self) -> tuple[str, ...]:
+        names = [part for name in (self.patient_name, self.referring_physician) for part in name.split("^")]
+        values = (self.patient_id, self.patient_name, *names, self.birth_date, self.other_patient_id,
+                  self.address, self.institution, self.referring_physician, self.accession,
+                  self.study_date, self.study_time)
+        return tuple(dict.fromkeys(values))  # a name part may repeat; keep each string once
+
+
+def _identity(config: SynthConfig, planned: _Planned) -> _Identity:
+    rng = _patient_rng(config.seed, planned.index, _IDENTITY)
+
+    def word(syllables: int) -> str:  # nonsense names: never a real word, easy to grep
+        return "".join(rng.choice(_SYLLABLES, syllables))
+
+    def day(first_year: int, last_year: int) -> str:
+        start = dt.date(first_year, 1, 1)
+        span = (dt.date(last_year, 12, 31) - start).days
+        return (start + dt.timedelta(days=int(rng.integers(0, span + 1)))).strftime("%Y%m%d")
+
+    seconds = int(rng.integers(7 * 3600, 18 * 3600))
+    return _Identity(
+        patient_name=f"{word(3)}^{word(3)}",
+        patient_id=planned.key,
+        birth_date=day(1930, 1979),
+        sex=str(rng.choice(["F", "M"])),
+        other_patient_id=f"ALT{int(rng.integers(10**7, 10**8))}",
+        address=f"{int(rng.integers(10, 999))} {word(2)} STREET, {word(2)}BURG",
+        institution=str(rng.choice(_INSTITUTIONS)),
+        referring_physician=f"{word(3)}^{word(2)}",
+        accession=f"ACC{int(rng.integers(10**6, 10**7))}",
+        study_date=day(2008, 2016),
+        # Fractional seconds: a bare HHMMSS would turn up by chance inside printed numbers.
+        study_time=f"{seconds // 3600:02d}{seconds // 60 % 60:02d}{seconds % 60:02d}.{int(rng.integers(0, 1000)):03d}",
+    )
+
+
+# ---------------------------------------------------------------- image synthesis
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="wrap")
+    return ((field - field.mean()) / field.std()).astype(np.float32)
+
+
+def _interpolation_matrix(n: int, m: int) -> np.ndarray:
+    """(n, m) linear interpolation from m samples spread evenly over n positions."""
+    matrix = np.zeros((n, m), np.float32)
+    t = np.linspace(0, m - 1, n)
+    lo = np.minimum(np.floor(t).astype(int), m - 2) if m > 1 else np.zeros(n, int)
+    w = (t - lo).astype(np.float32) if m > 1 else np.zeros(n, np.float32)
+    matrix[np.arange(n), lo] = 1 - w
+    if m > 1:
+        matrix[np.arange(n), lo + 1] += w
+    return matrix
+
+
+def _texture(rng: np.random.Generator, phantom: Phantom, affine: np.ndarray,
+             shape_kji: tuple[int, int, int]) -> np.ndarray:
+    """Smooth tissue texture (unit sd) from a random field on a 12 mm world grid.
+
+    The field is sampled in world space on a coarse in-plane subset of voxels (trilinear), then
+    spread to every voxel with two small interpolation matrix products: cheap, and smooth at
+    the ~20 mm scale that matters.
+    """
+    grid_mm, half = 12.0, np.array([300.0, 300.0, 420.0])
+    field = _smooth_noise(rng, tuple((2 * half / grid_mm).astype(int) + 1), 1.0)
+    field_origin = phantom.center - half
+    nk, nj, ni = shape_kji
+    m = [max(2, int(np.ceil((n - 1) * np.linalg.norm(affine[:3, a]) / 6.0)) + 1) for n, a in ((nj, 1), (ni, 0))]
+    mj, mi = min(m[0], nj), min(m[1], ni)
+    fj, fi = (nj - 1) / max(mj - 1, 1), (ni - 1) / max(mi - 1, 1)
+    to_field = np.stack([affine[:3, 2], fj * affine[:3, 1], fi * affine[:3, 0]], axis=1) / grid_mm
+    coarse = ndimage.affine_transform(field, to_field, offset=(affine[:3, 3] - field_origin) / grid_mm,
+                                      output_shape=(nk, mj, mi), order=1, mode="nearest")
+    spread = np.einsum("ja,kab,ib->kji", _interpolation_matrix(nj, mj), coarse,
+                       _interpolation_matrix(ni, mi), optimize=True)  # BLAS; stacked @ is not
+    return np.ascontiguousarray(spread)
+
+
+def _bias(rng: np.random.Generator, phantom: Phantom, affine: np.ndarray,
+          shape_kji: tuple[int, int, int]) -> np.ndarray:
+    """Smooth multiplicative coil shading exp(beta.d + gamma |d|^2), d = (p - c) / 200 mm.
+
+    It is separable in the grid's own orthonormal frame, so it costs three 1-D arrays.
+    """
+    center = phantom.center + rng.normal(0, 30, 3)
+    beta, gamma = rng.normal(0, 0.15, 3), float(rng.uniform(-0.2, 0.0))
+    steps = np.linalg.norm(affine[:3, :3], axis=0)
+    frame = affine[:3, :3] / steps
+    offset, slope = frame.T @ (affine[:3, 3] - center), frame.T @ beta
+    factors = []
+    for axis, n in zip((2, 1, 0), shape_kji):  # k, j, i
+        d = (offset[axis] + np.arange(n) * steps[axis]) / 200.0
+        factors.append(np.exp(slope[axis] * d + gamma * d * d).astype(np.float32))
+    return factors[0][:, None, None] * factors[1][None, :, None] * factors[2][None, None, :]
+
+
+@dataclass(frozen=True)
+class _Lesion:
+    voxels: np.ndarray  # flat indices into the T2 grid
+    field: np.ndarray  # heterogeneity at those voxels, unit sd
+    t2_ratio: float  # lesion / liver T2 signal at full contrast
+
+
+def _lesions(rng: np.random.Generator, phantom: Phantom, lesion_id: np.ndarray,
+             affine: np.ndarray) -> list[_Lesion]:
+    lesions = []
+    for number, blob in enumerate(phantom.lesions, start=1):
+        field_mm, half = 3.0, blob.radius + 6.0
+        field = _smooth_noise(rng, (int(2 * half / field_mm) + 2,) * 3, 1.0)
+        voxels = np.flatnonzero(lesion_id == number)
+        kji = np.stack(np.unravel_index(voxels, lesion_id.shape))
+        world = affine[:3, :3] @ kji[::-1] + affine[:3, 3:4]
+        at = ndimage.map_coordinates(field, (world - (blob.center - half)[:, None]) / field_mm,
+                                     order=1, mode="nearest")
+        lesions.append(_Lesion(voxels, at.astype(np.float32), float(rng.uniform(1.5, 2.0))))
+    return lesions
+
+
+def _tissue_means(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Per-patient tissue signal: each tissue jittered, liver opposed-phase from its fat."""
+    jitter = np.exp(rng.normal(0, 0.06, len(Tissue)))
+    fat_fraction = float(rng.uniform(0.05, 0.30))  # NAFLD: steatotic liver drops out of phase
+    means = {name: np.array(values, float) * jitter for name, values in _SIGNAL.items()}
+    means["t1_opp"][Tissue.LIVER] = means["t1_in"][Tissue.LIVER] * (1 - 2 * fat_fraction)
+    for values in means.values():
+        values[Tissue.LESION] = values[Tissue.LIVER]
+    return means
+
+
+def _lesion_ratio(contrast: str, means: dict[str, np.ndarray], lesion: _Lesion) -> float:
+    """Lesion / liver signal at full contrast: HCC is T1-hypo, fat-free, T2-hyper."""
+    liver_in = means["t1_in"][Tissue.LIVER]
+    target = {"t1_in": 0.8 * liver_in, "t1_opp": 0.78 * liver_in,
+              "t2": lesion.t2_ratio * means["t2"][Tissue.LIVER]}[contrast]
+    return float(target / means[contrast][Tissue.LIVER])
+
+
+def _render(series: _SeriesAcquisition, tissue: np.ndarray, structure: np.ndarray,
+            means: dict[str, np.ndarray], lesions: list[_Lesion], lesion_contrast: float,
+            rng: np.random.Generator) -> np.ndarray:
+    """Intended intensities of one series on the T2 grid (float32)."""
+    contrast = series.sequence.contrast
+    image = (means[contrast] * series.gain).astype(np.float32)[tissue]
+    image *= structure
+    flat = image.reshape(-1)
+    for lesion in lesions:
+        # Relative to the liver value at the same voxel: contrast 0 leaves the liver untouched.
+        change = _lesion_ratio(contrast, means, lesion) - 1 + _LESION_HETEROGENEITY[contrast] * lesion.field
+        flat[lesion.voxels] *= 1 + np.float32(lesion_contrast) * change
+    image += rng.standard_normal(image.shape, dtype=np.float32) * np.float32(series.noise_sigma)
+    return np.abs(image, out=image)  # magnitude image: background noise is rectified (Rician-like)
+
+
+def _stored(image: np.ndarray, series: _SeriesAcquisition) -> np.ndarray:
+    stored = np.rint((image - series.intercept) / series.slope)
+    return np.clip(stored, 0, MAX_STORED).astype("<u2")
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+def _ds(value: float, decimals: int = 4) -> str:
+    return np.format_float_positional(round(value, decimals) + 0.0, trim="-")
+
+
+def _config_digest(config: SynthConfig) -> str:
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
+
+
+def _series_template(identity: _Identity, acquisition: _Acquisition, series: _SeriesAcquisition,
+                     uids: dict[str, str], window: tuple[float, float]) -> dict[int, bytes]:
+    """Encoded data elements shared by every slice of a series, keyed by tag."""
+    sequence = series.sequence
+    template = Dataset()
+    values = dict(
+        SpecificCharacterSet="ISO_IR 100", ImageType=list(sequence.image_type),
+        SOPClassUID=MRImageStorage, StudyDate=identity.study_date, SeriesDate=identity.study_date,
+        AcquisitionDate=identity.study_date, ContentDate=identity.study_date,
+        StudyTime=identity.study_time, AccessionNumber=identity.accession, Modality="MR",
+        Manufacturer="Philips", InstitutionName=identity.institution,
+        ReferringPhysicianName=identity.referring_physician, StudyDescription="MR ABDOMEN LIVER",
+        SeriesDescription=sequence.description, ManufacturerModelName="Achieva",
+        PatientName=identity.patient_name, PatientID=identity.patient_id,
+        PatientBirthDate=identity.birth_date, PatientSex=identity.sex,
+        OtherPatientIDs=identity.other_patient_id, PatientAddress=identity.address,
+        BodyPartExamined="ABDOMEN", ScanningSequence=sequence.scanning_sequence,
+        SequenceVariant=sequence.sequence_variant, MRAcquisitionType="2D",
+        SequenceName=sequence.sequence_name, SliceThickness=_ds(acquisition.slice_thickness),
+        RepetitionTime=_ds(series.repetition_time), EchoTime=_ds(series.echo_time),
+        ImagingFrequency="63.89", MagneticFieldStrength="1.5",
+        SpacingBetweenSlices=_ds(acquisition.slice_spacing), EchoTrainLength=sequence.echo_train,
+        FlipAngle=_ds(sequence.flip_angle), ProtocolName=sequence.protocol, PatientPosition="HFS",
+        StudyInstanceUID=uids["study"], SeriesInstanceUID=uids[f"series{sequence.number}"],
+        StudyID="1", SeriesNumber=sequence.number, AcquisitionNumber=1,
+        FrameOfReferenceUID=uids["frame"], PositionReferenceIndicator="",
+        ImageOrientationPatient=[_ds(v, 6) for v in acquisition.orientation],
+        SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2",
+        Rows=acquisition.shape_kji[1], Columns=acquisition.shape_kji[2],
+        PixelSpacing=[_ds(acquisition.pixel_spacing)] * 2, BitsAllocated=16, BitsStored=12,
+        HighBit=11, PixelRepresentation=0, WindowCenter=_ds(window[0], 0),
+        WindowWidth=_ds(window[1], 0), RescaleIntercept=_ds(series.intercept, 2),
+        RescaleSlope=_ds(series.slope), RescaleType="US",
+    )
+    for keyword, value in values.items():
+        setattr(template, keyword, value)
+    return _encoded(template)
+
+
+def _encoded(dataset: Dataset) -> dict[int, bytes]:
+    """Each element of `dataset` encoded alone (Explicit VR Little Endian), keyed by tag.
+
+    Encoding the shared elements once per series and only five per slice makes writing about
+    four times faster than a dcmwrite per file; the bytes are the same.
+    """
+    encoded = {}
+    for element in dataset:
+        buffer = DicomBytesIO()
+        buffer.is_little_endian, buffer.is_implicit_VR = True, False
+        write_data_element(buffer, element)
+        encoded[element.tag] = buffer.getvalue()
+    return encoded
+
+
+def _dicom_bytes(template: dict[int, bytes], sop_uid: str, instance: int, position: np.ndarray,
+                 slice_location: float, pixels: np.ndarray) -> bytes:
+    """A Part-10 file: preamble, file meta, then the elements in ascending tag order."""
+    own = Dataset()
+    own.SOPInstanceUID = sop_uid
+    own.InstanceNumber = instance
+    own.ImagePositionPatient = [_ds(v) for v in position]
+    own.SliceLocation = _ds(slice_location)
+    own.add_new(0x7FE00010, "OW", pixels.tobytes())
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    header = DicomBytesIO()
+    header.is_little_endian, header.is_implicit_VR = True, False
+    write_file_meta_info(header, meta, enforce_standard=True)
+    elements = {**template, **_encoded(own)}
+    return b"".join([bytes(128), b"DICM", header.getvalue(), *(elements[tag] for tag in sorted(elements))])
+
+
+def _mask_bytes(labels_kji: np.ndarray, acquisition: _Acquisition) -> bytes:
+    affine = geometry.affine_ras(acquisition.orientation, acquisition.first_position,
+                                 [acquisition.pixel_spacing] * 2, acquisition.slice_spacing)
+    image = nib.Nifti1Image(np.ascontiguousarray(labels_kji.transpose(2, 1, 0)), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm")
+    return gzip.compress(image.to_bytes(), compresslevel=6, mtime=0)
+
+
+def _merge_labels(out_dir: Path, rows: dict[str, int]) -> None:
+    """labels.csv keyed by patient_key; rows given here replace existing ones; sorted by key."""
+    path = out_dir / LABELS_FILE
+    merged: dict[str, tuple[str, str]] = {}
+    if path.exists():
+        with path.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                merged[row["patient_key"]] = (row["hcc"], row.get("source") or "")
+    merged.update({key: (str(hcc), "synthetic") for key, hcc in rows.items()})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["patient_key", "hcc", "source"])
+    writer.writerows([key, *merged[key]] for key in sorted(merged))
+    _write_atomic(path, buffer.getvalue().encode())
+
+
+def _synthesize_patient(out_dir: Path, config: SynthConfig, planned: _Planned) -> SynthPatient:
+    phantom = _phantom(config.seed, planned.index, planned.hcc)
+    acquisition = _acquisition(config, planned, phantom)
+    identity = _identity(config, planned)
+    affine = acquisition.affine_lps
+    tissue, lesion_id = phantom.tissue_on_grid(affine, acquisition.shape_kji)
+
+    texture_rng = _patient_rng(config.seed, planned.index, _TEXTURE)
+    means = _tissue_means(texture_rng)
+    structure = _texture(texture_rng, phantom, affine, acquisition.shape_kji)
+    structure *= _TEXTURE_AMPLITUDE[tissue]
+    structure += 1
+    structure *= _bias(texture_rng, phantom, affine, acquisition.shape_kji)
+    lesions = _lesions(texture_rng, phantom, lesion_id, affine)
+    noise_rng = _patient_rng(config.seed, planned.index, _NOISE)
+
+    digest = _config_digest(config)
+
+    def uid(*parts: str) -> str:
+        return generate_uid(entropy_srcs=[digest, planned.key, *parts])
+
+    uids = {"study": uid("study"), "frame": uid("frame")}
+    uids.update({f"series{s.sequence.number}": uid("series", str(s.sequence.number)) for s in acquisition.series})
+
+    staging = out_dir / f".{planned.key}.partial"  # hidden from the folder sensor until whole
+    shutil.rmtree(staging, ignore_errors=True)
+    normal = geometry.slice_normal(acquisition.orientation)
+    for series in acquisition.series:
+        image = _render(series, tissue, structure, means, lesions, config.lesion_contrast, noise_rng)
+        stored = _stored(image[series.first_slice:series.stop_slice], series)
+        body = image[tissue > 0]
+        window = (float(np.percentile(body[::17], 50)), float(np.percentile(body[::17], 99)) * 1.2)
+        template = _series_template(identity, acquisition, series, uids, window)
+        series_dir = staging / STUDY_DIR / f"series_{series.sequence.number}"
+        series_dir.mkdir(parents=True)
+        for row, k in enumerate(range(series.first_slice, series.stop_slice)):
+            position = affine[:3, 3] + k * affine[:3, 2]
+            data = _dicom_bytes(template, uid(str(series.sequence.number), str(k)),
+                                series.instance_numbers[row], position, float(position @ normal),
+                                stored[row])
+            _write_atomic(series_dir / series.file_names[row], data)
+    (staging / MASK_PATH.parent).mkdir()
+    _write_atomic(staging / MASK_PATH, _mask_bytes(TISSUE_TO_LABEL[tissue], acquisition))
+
+    final = out_dir / planned.key
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    _merge_labels(out_dir, {planned.key: int(planned.hcc)})  # label is there before the marker
+    _write_atomic(final / COMPLETE_MARKER, b"")
+    return SynthPatient(patient_key=planned.key, hcc=planned.hcc, n_lesions=len(phantom.lesions),
+                        phi=identity.phi,
+                        t2_series_dir=final / STUDY_DIR / f"series_{T2_SERIES_NUMBER}")
+
+
+def synthesize_cohort(out_dir: Path, config: SynthConfig) -> list[SynthPatient]:
+    """Write the synthetic cohort under `out_dir` (see module docstring) and describe it.
+
+    A patient folder that already exists is replaced as a whole; other content of `out_dir`
+    is left alone except for labels.csv, which gains (or updates) this cohort's rows.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = _plan(config)
+    patients = []
+    for number, planned in enumerate(plan, start=1):
+        patients.append(_synthesize_patient(out_dir, config, planned))
+        log.info("synthetic patient %d/%d written (%s)", number, len(plan), "hcc" if planned.hcc else "healthy")
+    return patients

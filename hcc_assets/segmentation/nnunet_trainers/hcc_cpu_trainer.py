@@ -1,0 +1,33 @@
+"""nnU-Net trainer with a short, configurable schedule for CPU training.
+
+nnU-Net imports this file as a top-level module when it looks a trainer up by name (training
+CLI and every predictor), so it may import nnunetv2 and torch only, never hcc_assets.
+
+`hcc_assets.segmentation.train` sets the schedule on the instance. For the nnU-Net CLI
+(`nnUNet_extTrainer=<this folder> nnUNetv2_train ... -tr HccCpuTrainer`) the environment
+variables HCC_NNUNET_EPOCHS / HCC_NNUNET_ITERATIONS / HCC_NNUNET_VAL_ITERATIONS do the same.
+"""
+
+import os
+
+import torch
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+
+class HccCpuTrainer(nnUNetTrainer):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = int(os.environ.get("HCC_NNUNET_EPOCHS", 5))
+        self.num_iterations_per_epoch = int(os.environ.get("HCC_NNUNET_ITERATIONS", 40))
+        self.num_val_iterations_per_epoch = int(os.environ.get("HCC_NNUNET_VAL_ITERATIONS", 5))
+
+    def on_epoch_end(self):
+        # The progress plot costs a matplotlib figure per epoch; draw it after the last one only.
+        if self.current_epoch < self.num_epochs - 1:
+            self.logger.plot_progress_png = lambda output_folder: None  # shadows the method
+        try:
+            super().on_epoch_end()
+        finally:
+            self.logger.__dict__.pop("plot_progress_png", None)

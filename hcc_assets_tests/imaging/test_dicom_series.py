@@ -1,0 +1,411 @@
+"""Study inventory and T2 choice, on tiny hand-written DICOM studies (and the synthetic cohort).
+
+`write_series` and `make_study` are shared with test_nifti.py and test_preprocess.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from hcc_assets.imaging import geometry
+from hcc_assets.imaging.dicom_series import choose_t2_series, inventory_study
+from hcc_assets.imaging.errors import IngestError
+from hcc_assets.imaging.nifti import series_to_nifti
+
+# Fake PHI written into every fixture file and folder name: none of it may reach a message.
+PHI = ("DOE^JANE", "DOE", "JANE", "MRN4711", "19610203", "20190312", "ST EXAMPLE HOSPITAL", "ACC99123")
+PATIENT_FOLDER = "MRN4711"
+STUDY_FOLDER = "20190312 MR ABDOMEN"
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+def oblique_orientation(degrees_x: float = 15.0, degrees_z: float = 10.0) -> tuple[float, ...]:
+    ax, az = np.radians(degrees_x), np.radians(degrees_z)
+    rot_x = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    rot_z = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    rotation = rot_z @ rot_x
+    return tuple(round(float(v), 6) for v in np.r_[rotation[:, 0], rotation[:, 1]])
+
+
+def truth_volume(columns: int = 16, rows: int = 12, slices: int = 12, seed: int = 0) -> np.ndarray:
+    """Stored values [i, j, k] (geometry.py convention), distinct per voxel so order errors show."""
+    rng = np.random.default_rng(seed)
+    return rng.permutation(columns * rows * slices).reshape(columns, rows, slices).astype(np.uint16) + 10
+
+
+def write_series(
+    folder: Path,
+    stored: np.ndarray,
+    *,
+    number: int = 3,
+    description: str = "T2_SPIR",
+    echo_time: float = 85.0,
+    repetition_time: float = 1800.0,
+    orientation: tuple[float, ...] = AXIAL,
+    first_position: tuple[float, float, float] = (-100.0, -80.0, 20.0),
+    pixel_spacing: tuple[float, float] = (1.5, 1.25),
+    slice_spacing: float = 5.0,
+    rescale: tuple[float, float] = (2.0, -100.0),
+    scanning_sequence: str = "SE",
+    sequence_name: str = "*tse2d1_17",
+    series_uid: str | None = None,
+    extra: dict | None = None,
+    drop_slices: tuple[int, ...] = (),
+    per_slice: dict[int, dict] | None = None,
+    name_prefix: str = "IM",
+) -> Path:
+    """One MR series, slice k at first_position + k * spacing * normal, stored[:, :, k] == pixels.T.
+
+    File names and InstanceNumbers run against the spatial order, so sorting by either is wrong.
+    `per_slice[k]` overrides (or with value None deletes) tags of slice k.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    series_uid = series_uid or generate_uid()
+    normal = geometry.slice_normal(orientation)
+    n = stored.shape[2]
+    for k in range(n):
+        if k in drop_slices:
+            continue
+        position = np.asarray(first_position) + k * slice_spacing * normal
+        sop_uid = generate_uid()
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        values = dict(
+            SOPClassUID=MRImageStorage, SOPInstanceUID=sop_uid, StudyInstanceUID="1.2.826.0.1.3680043.8.498.1",
+            SeriesInstanceUID=series_uid, FrameOfReferenceUID="1.2.826.0.1.3680043.8.498.2",
+            PatientName=PHI[0], PatientID=PHI[3], PatientBirthDate=PHI[4], StudyDate=PHI[5], SeriesDate=PHI[5],
+            InstitutionName=PHI[6], AccessionNumber=PHI[7], Modality="MR", SeriesNumber=number,
+            SeriesDescription=description, InstanceNumber=(7 * k) % n + 1 if n % 7 else n - k,
+            EchoTime=f"{echo_time:g}", RepetitionTime=f"{repetition_time:g}", ScanningSequence=scanning_sequence,
+            SequenceName=sequence_name, ImageType=["ORIGINAL", "PRIMARY", "M", "SE"],
+            SliceThickness="3", SpacingBetweenSlices="99",  # deliberately wrong: spacing comes from positions
+            ImagePositionPatient=[f"{v:.6f}" for v in position],
+            ImageOrientationPatient=[f"{v:.6f}" for v in orientation],
+            PixelSpacing=[f"{v:g}" for v in pixel_spacing],
+            Rows=stored.shape[1], Columns=stored.shape[0], SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2",
+            BitsAllocated=16, BitsStored=16, HighBit=15, PixelRepresentation=0,
+            RescaleSlope=f"{rescale[0]:g}", RescaleIntercept=f"{rescale[1]:g}",
+        )
+        values.update(extra or {})
+        values.update((per_slice or {}).get(k, {}))
+        for keyword, value in values.items():
+            if value is not None:
+                setattr(ds, keyword, value)
+        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).astype("<u2").tobytes()
+        ds["PixelData"].VR = "OW"
+        # names descend while positions ascend; every third file has no extension
+        name = f"{name_prefix}{n - k:04d}" + ("" if k % 3 == 0 else ".dcm")
+        ds.save_as(folder / name, enforce_file_format=True)
+    return folder
+
+
+def make_study(root: Path, *, t2: dict | None = None, with_others: bool = True, slices: int = 12) -> Path:
+    """<root>/MRN4711/<date study>/<series>/..., a T1 and a DWI series next to the T2."""
+    patient = root / PATIENT_FOLDER
+    study = patient / STUDY_FOLDER
+    if with_others:
+        write_series(study / "1 T1 in phase", truth_volume(slices=slices, seed=1), number=1,
+                     description="T1_DUAL_IN_PHASE", echo_time=4.6, repetition_time=200, scanning_sequence="GR",
+                     sequence_name="*fl2d1")
+        write_series(study / "7 dwi", truth_volume(slices=slices, seed=2), number=7, description="DWI_b800",
+                     echo_time=80, repetition_time=3000, scanning_sequence="EP", sequence_name="*ep_b800t",
+                     extra={"DiffusionBValue": 800})
+    write_series(study / "3 T2 SPIR 2019-03-12", truth_volume(slices=slices), **(t2 or {}))
+    (patient / ".complete").write_bytes(b"")
+    (patient / "reference").mkdir(exist_ok=True)
+    (patient / "reference" / "liver_spleen_mask.nii.gz").write_bytes(b"not DICOM, skipped")
+    return patient
+
+
+def ingest(patient: Path, **choice):
+    """What the raw_scan and nifti_volume assets do, in one call."""
+    inventory = inventory_study(patient)
+    choice = choose_t2_series(inventory, **choice)
+    return inventory, choice, series_to_nifti(choice.series)
+
+
+def assert_no_phi(text: str, extra: tuple[str, ...] = ()) -> None:
+    upper = text.upper()
+    for secret in (*PHI, PATIENT_FOLDER, STUDY_FOLDER, "2019-03-12", "T2 SPIR 2019", *extra):
+        assert secret.upper() not in upper, f"PHI {secret!r} leaked into: {text}"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_inventory_describes_each_series_without_phi(tmp_path):
+    patient = make_study(tmp_path)
+    inventory = inventory_study(patient)
+    by_number = {s.series_number: s for s in inventory.series}
+    assert sorted(by_number) == [1, 3, 7] and inventory.n_files == 36
+    t2 = by_number[3]
+    assert len(t2.series_key) == 16 and int(t2.series_key, 16) >= 0
+    assert (t2.rows, t2.columns, t2.n_files) == (12, 16, 12)
+    assert t2.pixel_spacing_mm == (1.5, 1.25)
+    assert t2.slice_spacing_mm == pytest.approx(5.0)  # from positions, not the tags below
+    assert (t2.slice_thickness_mm, t2.spacing_between_slices_mm) == (3.0, 99.0)
+    assert by_number[7].diffusion_b_value == 800 and t2.geometry_problem is None
+    assert len(t2.files) == 12 and not any(".complete" in str(f) for f in t2.files)
+
+    record = inventory.to_record()
+    text = json.dumps(record)  # JSON-safe
+    assert "files" not in record["series"][0]
+    assert_no_phi(text)
+    assert inventory_study(patient).to_record() == record  # stable keys and checksums
+
+
+def test_checksum_changes_with_the_bytes(tmp_path):
+    patient = make_study(tmp_path, with_others=False)
+    before = inventory_study(patient).series[0]
+    path = before.files[4]
+    dataset = pydicom.dcmread(path)
+    dataset.RescaleIntercept = "-99"
+    dataset.save_as(path)
+    after = inventory_study(patient).series[0]
+    assert after.series_key == before.series_key and after.checksum != before.checksum
+
+
+def test_choice_picks_t2_by_tags_and_explains(tmp_path):
+    patient = make_study(tmp_path)
+    # a description that claims T2 does not make a T1 series T2-weighted
+    write_series(patient / STUDY_FOLDER / "9", truth_volume(seed=4), number=9, description="T2 (mislabelled)",
+                 echo_time=10, repetition_time=500)
+    write_series(patient / STUDY_FOLDER / "11", truth_volume(seed=5), number=11, description="T2_POST",
+                 extra={"ContrastBolusAgent": "GADOLINIUM"})
+    choice = choose_t2_series(inventory_study(patient))
+    assert choice.series.series_number == 3
+    assert choice.reason.startswith('series #3 "T2_SPIR": TE 85 ms >= 60, TR 1800 ms >= 800, spin echo, 12 slices')
+    assert '#1 "T1_DUAL_IN_PHASE" TE 4.6 ms < 60, TR 200 ms < 800' in choice.reason
+    assert "diffusion (b = 800)" in choice.reason and "contrast agent" in choice.reason
+    assert '#9 "T2 (mislabelled)" TE 10 ms < 60' in choice.reason
+    accepted = {c["series_number"]: c["accepted"] for c in choice.candidates}
+    assert accepted == {1: False, 3: True, 7: False, 9: False, 11: False}
+    assert choice.t2_score > 0 and all(c["score"] is None for c in choice.candidates if not c["accepted"])
+    json.dumps(choice.candidates)
+
+
+def test_diffusion_is_recognized_by_sequence_name_and_private_b_value(tmp_path):
+    patient = tmp_path / "p"
+    write_series(patient / "a", truth_volume(), number=1, sequence_name="*ep_b0_1000")
+    write_series(patient / "b", truth_volume(seed=1), number=2, sequence_name="ep2d", scanning_sequence="EP")
+    for path in (patient / "b").iterdir():  # Philips private DiffusionBFactor
+        dataset = pydicom.dcmread(path)
+        dataset.add_new((0x2001, 0x0010), "LO", "Philips Imaging DD 001")
+        dataset.add_new((0x2001, 0x1003), "FL", 600.0)
+        dataset.save_as(path)
+    with pytest.raises(IngestError) as raised:
+        choose_t2_series(inventory_study(patient))
+    message = str(raised.value)
+    assert "no T2-weighted series" in message
+    assert "diffusion sequence '*ep_b0_1000'" in message and "diffusion (b = 600)" in message
+
+
+def test_prefers_the_axial_spin_echo_t2(tmp_path):
+    patient = tmp_path / "p"
+    write_series(patient / "cor", truth_volume(), number=2, description="HASTE_COR",
+                 orientation=(1, 0, 0, 0, 0, -1), scanning_sequence="GR", echo_time=200)
+    write_series(patient / "ax", truth_volume(seed=1), number=5, description="T2_TSE_AX")
+    choice = choose_t2_series(inventory_study(patient))
+    assert choice.series.series_number == 5
+    assert '#2 "HASTE_COR" T2-weighted but scored' in choice.reason
+
+
+def test_no_t2_lists_what_was_found(tmp_path):
+    patient = tmp_path / PATIENT_FOLDER
+    write_series(patient / STUDY_FOLDER / "1", truth_volume(), number=1, description="T1_DUAL_IN_PHASE",
+                 echo_time=4.6, repetition_time=200)
+    with pytest.raises(IngestError) as raised:
+        choose_t2_series(inventory_study(patient))
+    message = str(raised.value)
+    assert 'no T2-weighted series' in message and '#1 "T1_DUAL_IN_PHASE" TE 4.6 ms TR 200 ms' in message
+    assert_no_phi(message)
+
+
+# Each broken study: (how to break it, words the message must contain). All raise IngestError.
+def _empty(root):
+    patient = root / PATIENT_FOLDER
+    (patient / STUDY_FOLDER).mkdir(parents=True)
+    (patient / ".complete").write_bytes(b"")
+    return patient
+
+
+def _non_dicom_file(root):
+    patient = make_study(root)
+    (patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12" / "notes MRN4711.txt").write_text("hello")
+    return patient
+
+
+def _cut_pixel_data(root):
+    patient = make_study(root)
+    path = sorted((patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12").iterdir())[5]
+    path.write_bytes(path.read_bytes()[:-40])
+    return patient
+
+
+def _cut_header(root):
+    patient = make_study(root)
+    path = sorted((patient / STUDY_FOLDER / "1 T1 in phase").iterdir())[2]  # any series, not only T2
+    path.write_bytes(path.read_bytes()[:300])
+    return patient
+
+
+def _cut_inside_meta(root):
+    patient = make_study(root)
+    path = sorted((patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12").iterdir())[0]
+    path.write_bytes(path.read_bytes()[:150])
+    return patient
+
+
+def _missing_position(root):
+    return make_study(root, t2={"per_slice": {4: {"ImagePositionPatient": None}}})
+
+
+def _missing_orientation(root):
+    return make_study(root, t2={"per_slice": {4: {"ImageOrientationPatient": None}}})
+
+
+def _missing_pixel_spacing(root):
+    return make_study(root, t2={"per_slice": {4: {"PixelSpacing": None}}})
+
+
+def _missing_slice(root):
+    return make_study(root, t2={"drop_slices": (6,)})
+
+
+def _duplicate_position(root):
+    return make_study(root, t2={"per_slice": {6: {"ImagePositionPatient": ["-100", "-80", "45"]}}})
+
+
+def _one_slice(root):
+    patient = make_study(root, with_others=False)
+    for path in sorted((patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12").iterdir())[1:]:
+        path.unlink()
+    return patient
+
+
+def _mixed_folder(root):
+    patient = make_study(root)
+    write_series(patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12", truth_volume(slices=3), number=4,
+                 description="T2_SPIR_REPEAT", name_prefix="REP")
+    return patient
+
+
+def _inconsistent_orientation(root):
+    return make_study(root, t2={"per_slice": {3: {"ImageOrientationPatient": ["1", "0", "0", "0", "0.9", "0.43589"]}}})
+
+
+def _inconsistent_spacing(root):
+    return make_study(root, t2={"per_slice": {3: {"PixelSpacing": ["1.5", "1.3"]}}})
+
+
+def _inconsistent_size(root):
+    patient = make_study(root)
+    path = sorted((patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12").iterdir())[2]
+    dataset = pydicom.dcmread(path)
+    dataset.Rows, dataset.Columns = 16, 12  # same byte count, other matrix
+    dataset.save_as(path)
+    return patient
+
+
+BROKEN_STUDIES = {
+    "empty": (_empty, ["no DICOM image files"]),
+    "non_dicom_file": (_non_dicom_file, ["not DICOM", 'series #3 "T2_SPIR"', "file 13 of 13"]),
+    "cut_pixel_data": (_cut_pixel_data, ["truncated", "PixelData is cut short", "of 12", 'series #3 "T2_SPIR"']),
+    "cut_header": (_cut_header, ["truncated", 'series #1 "T1_DUAL_IN_PHASE"']),
+    "cut_inside_meta": (_cut_inside_meta, ["truncated", "file 1 of 12"]),
+    "missing_position": (_missing_position, ["ImagePositionPatient", "file 8 of 12", 'series #3 "T2_SPIR"']),
+    "missing_orientation": (_missing_orientation, ["ImageOrientationPatient", 'series #3 "T2_SPIR"']),
+    "missing_pixel_spacing": (_missing_pixel_spacing, ["PixelSpacing", 'series #3 "T2_SPIR"']),
+    "missing_slice": (_missing_slice, ["missing slice", "10.00 mm", "median spacing 5.00 mm"]),
+    "duplicate_position": (_duplicate_position, ["duplicate slice position", "files 6 and 7 of 12"]),
+    "one_slice": (_one_slice, ["1 slice, need >= 10", 'series #3 "T2_SPIR"']),
+    "mixed_folder": (_mixed_folder, ["mixes 2 series", 'series #3 "T2_SPIR"', 'series #4 "T2_SPIR_REPEAT"']),
+    "inconsistent_orientation": (_inconsistent_orientation, ["inconsistent ImageOrientationPatient"]),
+    "inconsistent_spacing": (_inconsistent_spacing, ["inconsistent PixelSpacing", "1.5x1.3 mm"]),
+    "inconsistent_size": (_inconsistent_size, ["inconsistent Rows x Columns", "16x12"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_STUDIES))
+def test_broken_study_raises_a_clear_phi_free_error(tmp_path, case):
+    make, expected = BROKEN_STUDIES[case]
+    patient = make(tmp_path)
+    with pytest.raises(IngestError) as raised:
+        ingest(patient)
+    message = str(raised.value)
+    for words in expected:
+        assert words in message, f"{case}: {words!r} not in {message!r}"
+    assert_no_phi(message, extra=("notes", "IM00"))
+
+
+def test_a_broken_scout_does_not_block_the_study(tmp_path):
+    # a three-plane localizer is one series with several orientations: record it, don't fail
+    patient = make_study(tmp_path, with_others=False)
+    write_series(patient / STUDY_FOLDER / "0 loc", truth_volume(slices=3, seed=9), number=0, description="LOC",
+                 echo_time=2, repetition_time=5, per_slice={1: {"ImageOrientationPatient": ["1", "0", "0", "0", "0", "-1"]}})
+    inventory, choice, image = ingest(patient)
+    scout = next(s for s in inventory.series if s.series_number == 0)
+    assert "inconsistent ImageOrientationPatient" in scout.geometry_problem
+    assert choice.series.series_number == 3 and image.shape == (16, 12, 12)
+
+
+def test_raw_dicom_without_preamble_is_read(tmp_path):
+    patient = make_study(tmp_path, with_others=False)
+    for path in (patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12").iterdir():
+        dataset = pydicom.dcmread(path)
+        dataset.file_meta, dataset.preamble = FileMetaDataset(), None
+        dataset.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=False)
+        assert path.read_bytes()[128:132] != b"DICM"
+    inventory, choice, image = ingest(patient)
+    assert image.shape == (16, 12, 12)
+
+
+# ---------------------------------------------------------------------------------------------
+# The teammate's synthetic cohort (names contain "synth": `-k "not synth"` skips them)
+
+
+@pytest.fixture(scope="module")
+def synth_cohort(tmp_path_factory):
+    synth = pytest.importorskip("hcc_assets.imaging.synth")
+    out = tmp_path_factory.mktemp("synth")
+    config = synth.SynthConfig(patients=2, seed=7, matrix=32, slices_min=12, slices_max=14, oblique_fraction=0.5)
+    return out, synth.synthesize_cohort(out, config)
+
+
+def test_synth_cohort_inventory_and_choice(synth_cohort):
+    out, patients = synth_cohort
+    for patient in patients:
+        inventory = inventory_study(out / patient.patient_key)
+        choice = choose_t2_series(inventory)
+        assert choice.series.description == "T2_SPIR" and "TE" in choice.reason and "TR" in choice.reason
+        assert all(s.geometry_problem is None for s in inventory.series)
+        text = json.dumps(inventory.to_record()) + choice.reason + json.dumps(choice.candidates)
+        for secret in (*patient.phi, patient.patient_key, "study_1"):
+            assert secret not in text
+
+
+def test_synth_broken_series_errors_name_no_phi(synth_cohort, tmp_path):
+    out, patients = synth_cohort
+    patient = patients[0]
+    copy = tmp_path / patient.patient_key
+    shutil.copytree(out / patient.patient_key, copy)
+    t2_dir = copy / patient.t2_series_dir.relative_to(out / patient.patient_key)
+    files = sorted(t2_dir.iterdir(), key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
+    files[len(files) // 2].unlink()  # a slice missing in the middle (axial or oblique: z still orders)
+    with pytest.raises(IngestError) as raised:
+        ingest(copy)
+    message = str(raised.value)
+    assert "missing slice" in message and 'series #5 "T2_SPIR"' in message
+    for secret in (*patient.phi, patient.patient_key, "study_1", "IM_"):
+        assert secret not in message

@@ -1,0 +1,79 @@
+"""Real nnU-Net v2: raw dataset -> plans with 2d_cpu -> short training -> predictor."""
+
+import hashlib
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from hcc_assets.segmentation import (TRAINING_SUMMARY, LiverSegmenter, mask_quality,
+                                     validate_model_folder)
+from hcc_assets_tests.segmentation.conftest import TRAINING
+from hcc_assets_tests.segmentation.synthetic import synthetic_case
+
+
+def test_raw_dataset_follows_nnunet_layout(trained_model):
+    folder = trained_model.raw_dir / "Dataset501_HccLiver"
+    dataset = json.loads((folder / "dataset.json").read_text())
+    assert dataset["labels"] == {"background": 0, "liver": 1, "spleen": 2}
+    assert dataset["channel_names"] == {"0": "T2"} and dataset["numTraining"] == 6
+    assert sorted(p.name for p in (folder / "imagesTr").iterdir())[0] == "case000_0000.nii.gz"
+    assert sorted(p.name for p in (folder / "labelsTr").iterdir())[0] == "case000.nii.gz"
+
+
+def test_plans_hold_the_reduced_2d_configuration(trained_model):
+    plans = json.loads(trained_model.plans_file.read_text())
+    reduced = plans["configurations"]["2d_cpu"]
+    assert reduced["inherits_from"] == "2d" and reduced["batch_size"] == 8
+    kwargs = reduced["architecture"]["arch_kwargs"]
+    assert kwargs["features_per_stage"] == [min(16 * 2**i, 256) for i in range(kwargs["n_stages"])]
+    assert (trained_model.preprocessed_dir / "Dataset501_HccLiver" / "nnUNetPlans_2d").is_dir()
+
+
+def test_model_folder_is_nnunets_layout_with_a_summary(trained_model):
+    folder = trained_model.folder
+    assert folder.name == "HccCpuTrainer__nnUNetPlans__2d_cpu"
+    for name in ("plans.json", "dataset.json", "fold_all/checkpoint_final.pth"):
+        assert (folder / name).is_file(), name
+    assert not list(folder.glob("fold_all/validation")), "the mirrored final validation is skipped on CPU"
+    summary = json.loads((folder / TRAINING_SUMMARY).read_text())
+    assert len(summary["seconds_per_epoch"]) == TRAINING["epochs"]
+    assert summary["train_loss"][-1] < summary["train_loss"][0]
+
+
+def test_validate_model_folder_accepts_the_trained_model(trained_model):
+    info = validate_model_folder(trained_model.folder)
+    assert (info.trainer_name, info.plans_name, info.configuration) == ("HccCpuTrainer", "nnUNetPlans", "2d_cpu")
+    assert info.folds == ("all",) and info.checkpoint_name == "checkpoint_final.pth"
+    assert info.labels == {"background": 0, "liver": 1, "spleen": 2} and info.reorient_to_ras
+    checkpoint = trained_model.folder / "fold_all" / "checkpoint_final.pth"
+    assert info.checkpoint_sha256 == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def segmenter(trained_model):
+    return LiverSegmenter(trained_model.folder, device="cpu")
+
+
+@pytest.mark.parametrize("storage", [dict(), dict(lps_storage=True), dict(oblique_deg=8.0)],
+                         ids=["ras", "lps", "oblique"])
+def test_prediction_is_on_the_image_grid_and_finds_the_liver(segmenter, storage):
+    image, reference = synthetic_case(seed=100 + len(storage), **storage)  # not a training case
+    mask = segmenter.predict(image)
+    assert mask.shape == image.shape and np.array_equal(mask.affine, image.affine)
+    assert mask.get_data_dtype() == np.uint8
+    assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}
+    quality = mask_quality(mask, reference)
+    # Short training on tiny cases suffices for this contrast (see conftest.TRAINING).
+    assert quality["dice_liver"] > 0.8, quality
+    assert quality["dice_spleen"] > 0.7, quality
+
+
+def test_prediction_survives_a_save_and_load(segmenter, tmp_path):
+    image, _ = synthetic_case(seed=110)
+    mask = segmenter.predict(image)
+    nib.save(mask, tmp_path / "mask.nii.gz")
+    loaded = nib.load(tmp_path / "mask.nii.gz")
+    assert np.array_equal(np.asarray(loaded.dataobj), np.asarray(mask.dataobj))
+    assert np.allclose(loaded.affine, image.affine, atol=1e-5)
