@@ -51,9 +51,8 @@ def _ingest_one(patient_id: str, executor: str = "in_process") -> tuple[str, boo
     result = dg.execute_job(
         dg.reconstructable(patient_ingest_job),
         instance=instance,
-        partition_key=patient_id,
         run_config=EXECUTORS[executor],
-        tags={"hcc_assets/trigger": "cli"},
+        tags={"dagster/partition": patient_id, "hcc_assets/trigger": "cli"},
         raise_on_error=False,
     )
     failure = ""
