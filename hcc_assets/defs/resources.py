@@ -64,3 +64,29 @@ class LakeResource(dg.ConfigurableResource):
             pseudonymize(folder.source_key, key): (folder.fingerprint, folder.complete_by)
             for folder in scan_drop_zone(self.incoming_dir, self.quiet_seconds)
         }
+
+
+class ComputeResource(dg.ConfigurableResource):
+    """The one place that chooses where torch runs. `device`: auto | cpu | cuda:N (auto picks
+    cuda when present). Mixed precision only ever applies on a GPU."""
+
+    device: str = "auto"
+    cpu_threads: int = 2
+    mixed_precision: bool = True
+
+    def torch_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda:0" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise dg.Failure(description=f"compute device {self.device} requested but no CUDA GPU is visible")
+        return self.device
+
+    def use_amp(self) -> bool:
+        return self.mixed_precision and self.torch_device().startswith("cuda")
+
+    def configure_threads(self) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, self.cpu_threads))

@@ -7,6 +7,8 @@ patient: re-materializing a partition deletes that patient's rows and inserts th
 
 from __future__ import annotations
 
+from typing import Callable
+
 PROVENANCE = """
     version VARCHAR NOT NULL,
     run_id VARCHAR NOT NULL,
@@ -63,6 +65,87 @@ TABLES: dict[str, str] = {
         split VARCHAR NOT NULL,
         seed INTEGER NOT NULL,
         {PROVENANCE}""",
+    # -- segmentation and radiomics ----------------------------------------------------
+    "liver_masks": f"""
+        patient_id VARCHAR NOT NULL,
+        model_version VARCHAR NOT NULL,
+        path VARCHAR NOT NULL,
+        sha256 VARCHAR NOT NULL,
+        liver_voxels BIGINT,
+        liver_ml DOUBLE,
+        spleen_ml DOUBLE,
+        liver_components INTEGER,
+        largest_component_fraction DOUBLE,
+        dice_liver DOUBLE,
+        dice_spleen DOUBLE,
+        {PROVENANCE}""",
+    "radiomic_features": f"""
+        patient_id VARCHAR NOT NULL,
+        feature_set_version VARCHAR NOT NULL,
+        feature VARCHAR NOT NULL,
+        value DOUBLE,
+        {PROVENANCE}""",
+    "exclusions": f"""
+        patient_id VARCHAR NOT NULL,
+        stage VARCHAR NOT NULL,
+        reason VARCHAR NOT NULL,
+        {PROVENANCE}""",
+    # -- models (cohort level: no patient_id; `version` is the model version) -----------
+    "models": f"""
+        model_name VARCHAR NOT NULL,
+        kind VARCHAR NOT NULL,
+        path VARCHAR NOT NULL,
+        init VARCHAR,
+        params VARCHAR,
+        training_patients VARCHAR[],
+        metrics VARCHAR,
+        {PROVENANCE}""",
+    "training_history": f"""
+        model_name VARCHAR NOT NULL,
+        epoch INTEGER NOT NULL,
+        train_loss DOUBLE,
+        train_acc DOUBLE,
+        val_loss DOUBLE,
+        val_acc DOUBLE,
+        {PROVENANCE}""",
+    "predictions": f"""
+        model VARCHAR NOT NULL,
+        patient_id VARCHAR NOT NULL,
+        split VARCHAR NOT NULL,
+        probability DOUBLE NOT NULL,
+        label BOOLEAN,
+        {PROVENANCE}""",
+    "deep_embeddings": f"""
+        patient_id VARCHAR NOT NULL,
+        model_version VARCHAR NOT NULL,
+        embedding FLOAT[128] NOT NULL,
+        {PROVENANCE}""",
+}
+
+
+# table -> functions that, given a connection inside the writing transaction, return the SQL
+# statements (CREATE OR REPLACE VIEW ...) of views derived from that table.
+def _radiomics_view(con) -> list[str]:
+    """`radiomics`: one row per patient and feature set, one column per feature."""
+    features = [row[0] for row in con.execute("SELECT DISTINCT feature FROM radiomic_features ORDER BY 1").fetchall()]
+    columns = "".join(
+        f", max(value) FILTER (WHERE feature = '{name}') AS \"{name}\"" for name in features if "'" not in name
+    )
+    return [
+        "CREATE OR REPLACE VIEW radiomics AS SELECT patient_id, feature_set_version"
+        f"{columns} FROM radiomic_features GROUP BY patient_id, feature_set_version"
+    ]
+
+
+def _deep_features_view(con) -> list[str]:
+    """`deep_features`: the 128-d embedding as columns dl_000..dl_127."""
+    columns = ", ".join(f"embedding[{i + 1}] AS dl_{i:03d}" for i in range(128))
+    return [f"CREATE OR REPLACE VIEW deep_features AS SELECT patient_id, model_version, {columns} FROM deep_embeddings"]
+
+
+VIEW_BUILDERS: dict[str, list[Callable]] = {
+    "radiomic_features": [_radiomics_view],
+    "deep_embeddings": [_deep_features_view],
 }
 
 

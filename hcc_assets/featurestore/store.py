@@ -20,7 +20,7 @@ from typing import Iterator
 import duckdb
 import polars as pl
 
-from hcc_assets.featurestore.schema import TABLES, create_statements
+from hcc_assets.featurestore.schema import TABLES, VIEW_BUILDERS, create_statements
 
 
 class FeatureStoreError(Exception):
@@ -58,10 +58,15 @@ class FeatureStore:
     @contextmanager
     def writer(self) -> Iterator[duckdb.DuckDBPyConnection]:
         with self._locked(exclusive=True):
+            new_file = not self.path.exists()
             con = duckdb.connect(str(self.path))
             try:
                 for statement in create_statements():
                     con.execute(statement)
+                if new_file:  # views exist from the start, empty until their table fills
+                    for table in VIEW_BUILDERS:
+                        for view_sql in self._views_of(table, con):
+                            con.execute(view_sql)
                 yield con
             finally:
                 con.close()
@@ -88,52 +93,51 @@ class FeatureStore:
             pl.lit(now).alias("materialized_at"),
         )
 
+    def replace_where(self, table: str, match: dict[str, object], rows: pl.DataFrame) -> int:
+        """Delete the rows of `table` equal to `match` (all rows when empty) and insert `rows`,
+        in one transaction. Every write in the store goes through here."""
+        self._check_table(table)
+        where, params = self._where(match)
+        with self.writer() as con:
+            con.execute("BEGIN TRANSACTION")
+            con.execute(f"DELETE FROM {table} WHERE {where}", params)
+            if rows.height:
+                con.register("incoming_rows", rows.to_arrow())
+                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming_rows")
+                con.unregister("incoming_rows")
+            for view_sql in self._views_of(table, con):
+                con.execute(view_sql)
+            con.execute("COMMIT")
+        return rows.height
+
     def replace_partition(
         self, table: str, patient_id: str, rows: pl.DataFrame, match: dict[str, object] | None = None
     ) -> int:
-        """Delete the patient's rows in `table` (only those equal to `match`, when given) and
-        insert `rows`, in one transaction."""
-        self._check_table(table)
+        """Replace the patient's rows in `table` (only those equal to `match`, when given)."""
         if rows.height and set(rows["patient_id"].unique().to_list()) != {patient_id}:
             raise FeatureStoreError(f"rows for {table} must all belong to patient {patient_id}")
-        where, params = self._where(patient_id, match)
-        with self.writer() as con:
-            con.execute("BEGIN TRANSACTION")
-            con.execute(f"DELETE FROM {table} WHERE {where}", params)
-            if rows.height:
-                con.register("incoming_rows", rows.to_arrow())
-                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming_rows")
-                con.unregister("incoming_rows")
-            con.execute("COMMIT")
-        return rows.height
+        return self.replace_where(table, {"patient_id": patient_id, **(match or {})}, rows)
 
     def delete_partition(self, table: str, patient_id: str, match: dict[str, object] | None = None) -> None:
-        self._check_table(table)
-        where, params = self._where(patient_id, match)
-        with self.writer() as con:
-            con.execute(f"DELETE FROM {table} WHERE {where}", params)
-
-    @staticmethod
-    def _where(patient_id: str, match: dict[str, object] | None) -> tuple[str, list]:
-        match = match or {}
-        for column in match:
-            if not column.isidentifier():
-                raise FeatureStoreError(f"bad column name {column!r}")
-        clauses = ["patient_id = ?", *(f"{column} = ?" for column in match)]
-        return " AND ".join(clauses), [patient_id, *match.values()]
+        self.replace_where(table, {"patient_id": patient_id, **(match or {})}, pl.DataFrame())
 
     def replace_table(self, table: str, rows: pl.DataFrame) -> int:
         """Replace every row of a cohort-level table, atomically."""
-        self._check_table(table)
-        with self.writer() as con:
-            con.execute("BEGIN TRANSACTION")
-            con.execute(f"DELETE FROM {table}")
-            if rows.height:
-                con.register("incoming_rows", rows.to_arrow())
-                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming_rows")
-                con.unregister("incoming_rows")
-            con.execute("COMMIT")
-        return rows.height
+        return self.replace_where(table, {}, rows)
+
+    @staticmethod
+    def _where(match: dict[str, object]) -> tuple[str, list]:
+        for column in match:
+            if not column.isidentifier():
+                raise FeatureStoreError(f"bad column name {column!r}")
+        clauses = [f"{column} = ?" for column in match] or ["TRUE"]
+        return " AND ".join(clauses), list(match.values())
+
+    @staticmethod
+    def _views_of(table: str, con: duckdb.DuckDBPyConnection) -> list[str]:
+        """Views derived from `table`, rebuilt in the same transaction as its rows (wide views
+        have one column per feature, so their definition follows the data)."""
+        return [sql for builder in VIEW_BUILDERS.get(table, ()) for sql in builder(con)]
 
     # -- reads -------------------------------------------------------------------------
     def query(self, sql: str, params: list | None = None) -> pl.DataFrame:

@@ -91,3 +91,22 @@ def test_sql_command_formats(tmp_path):
         [sys.executable, "-m", "hcc_assets.cli", "sql", "SELEKT 1", "--db", str(path)], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "error" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_wide_views_follow_their_long_tables(tmp_path):
+    store = FeatureStore(tmp_path / "fs.duckdb")
+    assert store.query("SELECT count(*) FROM deep_features").item() == 0
+    for pid, base in (("pt-a", 1.0), ("pt-b", 2.0)):
+        long = pl.DataFrame(
+            {"patient_id": pid, "feature_set_version": "fs1", "feature": ["original_shape_Volume", "original_glcm_Idm"],
+             "value": [base, base * 10]}
+        )
+        store.replace_partition("radiomic_features", pid, FeatureStore.with_provenance(long, version="v", run_id="r"))
+    wide = store.query("SELECT * FROM radiomics ORDER BY patient_id")
+    assert wide.columns == ["patient_id", "feature_set_version", "original_glcm_Idm", "original_shape_Volume"]
+    assert wide["original_glcm_Idm"].to_list() == [10.0, 20.0]
+    embedding = pl.DataFrame({"patient_id": ["pt-a"], "model_version": ["m1"], "embedding": [[float(i) for i in range(128)]]},
+                             schema_overrides={"embedding": pl.Array(pl.Float32, 128)})
+    store.replace_partition("deep_embeddings", "pt-a", FeatureStore.with_provenance(embedding, version="v", run_id="r"))
+    deep = store.query("SELECT * FROM deep_features")
+    assert deep.width == 130 and deep["dl_127"].item() == 127.0

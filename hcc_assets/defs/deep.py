@@ -1,0 +1,1 @@
+"""Deep-model assets (hcc_classifier, deep_embedding)."""
