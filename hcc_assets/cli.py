@@ -58,18 +58,28 @@ def cmd_materialize(args) -> int:
     ready = runner.register_ready_patients(instance)
     start = time.perf_counter()
     results = runner.materialize_patients(ready, workers=args.workers)
-    elapsed = time.perf_counter() - start
+    _report("ingested", results, time.perf_counter() - start, args.workers)
+    if not args.cohort:
+        return 0
+    start = time.perf_counter()
+    ok = runner.materialize_cohort()
+    print(f"cohort assets (split, models): {'ok' if ok else 'FAILED'} in {time.perf_counter() - start:.1f}s")
+    if not ok:
+        return 1
+    if runner.has_assets("patient_features"):
+        ingested = [pid for pid, ok, _ in results if ok]
+        start = time.perf_counter()
+        features = runner.materialize_patients(ingested, workers=args.workers, job="patient_features")
+        _report("model-derived features for", features, time.perf_counter() - start, args.workers)
+    return 0
+
+
+def _report(what: str, results: list[tuple[str, bool, str]], elapsed: float, workers: int) -> None:
     failed = [(pid, error) for pid, ok, error in results if not ok]
-    print(f"ingested {len(results) - len(failed)}/{len(results)} patients in {elapsed:.1f}s "
-          f"({elapsed / max(len(results), 1):.2f}s per patient, {args.workers} workers)")
+    print(f"{what} {len(results) - len(failed)}/{len(results)} patients in {elapsed:.1f}s "
+          f"({elapsed / max(len(results), 1):.2f}s per patient, {workers} workers)")
     for pid, error in failed:
         print(f"  FAILED {pid}: {error}")
-    if args.cohort:
-        ok = runner.materialize_cohort()
-        print(f"cohort assets: {'ok' if ok else 'FAILED'}")
-        if not ok:
-            return 1
-    return 0
 
 
 def cmd_demo(args) -> int:

@@ -3,13 +3,19 @@
 import dagster as dg
 
 from hcc_assets.defs import cohort, deep, ingest, segmentation
-from hcc_assets.defs.jobs import cohort_job, cohort_refresh_schedule, patient_ingest_job
+from hcc_assets.defs.jobs import (
+    cohort_job,
+    cohort_refresh_schedule,
+    patient_features_job,
+    patient_ingest_job,
+    patient_pipeline_job,
+)
 from hcc_assets.defs.resources import ComputeResource, LakeResource, default_lake_root
 from hcc_assets.defs.sensors import incoming_scans_sensor
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules([ingest, cohort, segmentation, deep]),
-    jobs=[patient_ingest_job, cohort_job],
+    jobs=[patient_ingest_job, patient_features_job, patient_pipeline_job, cohort_job],
     sensors=[incoming_scans_sensor],
     schedules=[cohort_refresh_schedule],
     resources={"lake": LakeResource(root=default_lake_root()), "compute": ComputeResource()},

@@ -15,9 +15,11 @@ from concurrent.futures import ProcessPoolExecutor
 import dagster as dg
 
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+# Console logs at INFO: the full DEBUG event stream stays in the instance (and the UI).
+_QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 EXECUTORS = {
-    "in_process": {"execution": {"config": {"in_process": {}}}},
-    "multiprocess": {"execution": {"config": {"multiprocess": {}}}},
+    "in_process": {"execution": {"config": {"in_process": {}}}, **_QUIET},
+    "multiprocess": {"execution": {"config": {"multiprocess": {}}}, **_QUIET},
 }
 
 
@@ -29,6 +31,13 @@ def _defs() -> dg.Definitions:
 
 def patient_ingest_job() -> dg.JobDefinition:
     return _defs().resolve_job_def("patient_ingest")
+
+
+def patient_features_job() -> dg.JobDefinition:
+    return _defs().resolve_job_def("patient_features")
+
+
+PATIENT_JOBS = {"patient_ingest": patient_ingest_job, "patient_features": patient_features_job}
 
 
 def cohort_refresh_job() -> dg.JobDefinition:
@@ -46,10 +55,10 @@ def register_ready_patients(instance: dg.DagsterInstance) -> list[str]:
     return ready
 
 
-def _ingest_one(patient_id: str, executor: str = "in_process") -> tuple[str, bool, str]:
+def _run_patient(patient_id: str, executor: str = "in_process", job: str = "patient_ingest") -> tuple[str, bool, str]:
     instance = dg.DagsterInstance.get()
     result = dg.execute_job(
-        dg.reconstructable(patient_ingest_job),
+        dg.reconstructable(PATIENT_JOBS[job]),
         instance=instance,
         run_config=EXECUTORS[executor],
         tags={"dagster/partition": patient_id, "hcc_assets/trigger": "cli"},
@@ -65,15 +74,20 @@ def _ingest_one(patient_id: str, executor: str = "in_process") -> tuple[str, boo
 
 
 def materialize_patients(
-    patient_ids: list[str], workers: int = 2, executor: str = "in_process"
+    patient_ids: list[str], workers: int = 2, executor: str = "in_process", job: str = "patient_ingest"
 ) -> list[tuple[str, bool, str]]:
-    """Ingest each patient in its own run; returns (patient_id, success, first error line)."""
+    """Run `job` for each patient, one run per patient; returns (patient_id, success, first error line)."""
     os.environ.update(THREAD_ENV)  # inherited by the spawned workers before torch loads
+    n = len(patient_ids)
     if workers <= 1:
-        return [_ingest_one(pid, executor) for pid in patient_ids]
+        return [_run_patient(pid, executor, job) for pid in patient_ids]
     context = multiprocessing.get_context("spawn")  # never fork a process that holds torch threads
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        return list(pool.map(_ingest_one, patient_ids, [executor] * len(patient_ids)))
+        return list(pool.map(_run_patient, patient_ids, [executor] * n, [job] * n))
+
+
+def has_assets(job: str) -> bool:
+    return bool(_defs().resolve_job_def(job).asset_layer.executable_asset_keys)
 
 
 def materialize_cohort() -> bool:

@@ -1,16 +1,28 @@
 import dagster as dg
 
-
+# Per patient: ingest, then the features that need a trained model (mask, radiomics, embedding).
 patient_ingest_job = dg.define_asset_job(
     name="patient_ingest",
     selection=dg.AssetSelection.groups("ingest"),
-    description="Every per-patient asset for one patient partition.",
+    description="Ingest one patient partition: raw_scan -> nifti_volume -> preprocessed_volume.",
+)
+
+patient_features_job = dg.define_asset_job(
+    name="patient_features",
+    selection=dg.AssetSelection.groups("features"),
+    description="Model-derived features of one patient partition from the current models.",
+)
+
+patient_pipeline_job = dg.define_asset_job(
+    name="patient_pipeline",
+    selection=dg.AssetSelection.groups("ingest", "features"),
+    description="Everything per patient; what the drop-zone sensor runs for a new study.",
 )
 
 cohort_job = dg.define_asset_job(
     name="cohort_refresh",
-    selection=dg.AssetSelection.groups("cohort"),
-    description="Cohort-level assets over all ingested patients.",
+    selection=dg.AssetSelection.groups("cohort", "models"),
+    description="Cohort-level assets over all ingested patients: split and model training.",
 )
 
 cohort_refresh_schedule = dg.ScheduleDefinition(

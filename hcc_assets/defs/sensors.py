@@ -5,13 +5,13 @@ import json
 
 import dagster as dg
 
-from hcc_assets.defs.jobs import patient_ingest_job
+from hcc_assets.defs.jobs import patient_pipeline_job
 from hcc_assets.defs.partitions import patients_partitions
 from hcc_assets.defs.resources import LakeResource
 
 
 @dg.sensor(
-    job=patient_ingest_job,
+    job=patient_pipeline_job,
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Watches the drop zone. A patient folder is complete when it has a `.complete` "
