@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 LAKE ?= data_lake
+# synthetic (default) or studylike: CHAOS-layout healthy + TCGA-LIHC-layout HCC through the importers
+DEMO_SOURCE ?= synthetic
 # OpenMP busy-waiting makes 2-thread torch ~10x slower on these CPUs; set before torch starts.
 export OMP_WAIT_POLICY := PASSIVE
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
@@ -23,7 +25,7 @@ $(BIN)/.installed: pyproject.toml scripts/install_pyradiomics.sh
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/hcc-assets --lake $(LAKE) demo
+	$(BIN)/hcc-assets --lake $(LAKE) demo --source $(DEMO_SOURCE)
 	$(BIN)/hcc-assets --lake $(LAKE) sql "SELECT c.patient_id, c.hcc, c.split, s.description AS t2_series, s.echo_time_ms, v.shape, v.spacing_mm, v.orientation FROM cohort_split c JOIN scans s ON s.patient_id = c.patient_id AND s.chosen JOIN volumes v ON v.patient_id = c.patient_id AND v.kind = 'preprocessed' ORDER BY c.patient_id"
 
 test: install

@@ -13,7 +13,11 @@ from pathlib import Path
 def _lake_root(args) -> str:
     from hcc_assets.defs.resources import default_lake_root
 
-    return getattr(args, "lake", None) or default_lake_root()
+    root = getattr(args, "lake", None)
+    if root:
+        # the Definitions (here and in every worker process) read the lake root from the environment
+        os.environ["HCC_ASSETS_LAKE"] = str(Path(root).resolve())
+    return root or default_lake_root()
 
 
 def cmd_synth(args) -> int:
@@ -23,12 +27,71 @@ def cmd_synth(args) -> int:
         patients=args.patients, seed=args.seed, lesion_contrast=args.lesion_contrast, matrix=args.matrix
     )
     start = time.perf_counter()
-    patients = synthesize_cohort(Path(args.out), config)
+    layout = getattr(args, "layout", "drop") or "drop"
+    patients = synthesize_cohort(Path(args.out), config, layout=layout)
     n_hcc = sum(p.hcc for p in patients)
     print(
         f"synthesized {len(patients)} patients ({n_hcc} HCC, {len(patients) - n_hcc} healthy) "
-        f"in {time.perf_counter() - start:.1f}s -> {args.out}"
+        f"in {time.perf_counter() - start:.1f}s -> {args.out}" + (f" ({layout} layout)" if layout != "drop" else "")
     )
+    return 0
+
+
+def _print_imports(source: str, results, elapsed: float) -> int:
+    for result in results:
+        line = f"  {result.status:9s} {result.patient}"
+        if result.ok and result.message:
+            line += f": {result.message}"
+        elif not result.ok:
+            line = f"  FAILED    {result.message}"
+        print(line, file=sys.stdout if result.ok else sys.stderr)
+    failed = sum(not r.ok for r in results)
+    imported = sum(r.status == "imported" for r in results)
+    print(f"{source}: {imported} imported, {len(results) - imported - failed} unchanged, {failed} failed "
+          f"in {elapsed:.1f}s")
+    return 1 if failed else 0
+
+
+def cmd_import_chaos(args) -> int:
+    from hcc_assets.imaging.errors import IngestError
+    from hcc_assets.imaging.importers import import_chaos
+
+    start = time.perf_counter()
+    try:
+        results = import_chaos(Path(args.root), Path(args.out or Path(_lake_root(args)) / "incoming"))
+    except IngestError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return _print_imports("CHAOS", results, time.perf_counter() - start)
+
+
+def cmd_import_tcia(args) -> int:
+    from hcc_assets.imaging.errors import IngestError
+    from hcc_assets.imaging.importers import import_tcia
+
+    start = time.perf_counter()
+    try:
+        results = import_tcia(Path(args.root), Path(args.out or Path(_lake_root(args)) / "incoming"),
+                              metadata=Path(args.metadata) if args.metadata else None)
+    except IngestError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return _print_imports("TCGA-LIHC", results, time.perf_counter() - start)
+
+
+def cmd_receive(args) -> int:
+    from hcc_assets.receiver import Receiver, configure_logging
+
+    configure_logging()
+    callers = [c.strip() for c in (args.allowed_callers or "").split(",") if c.strip()]
+    if not callers:
+        print("error: name the calling AE titles allowed to send with --allowed-callers A,B "
+              "('*' accepts any caller)", file=sys.stderr)
+        return 2
+    if callers == ["*"]:
+        callers = []
+    incoming = Path(args.out or Path(_lake_root(args)) / "incoming")
+    Receiver(incoming, ae_title=args.ae_title, allowed_callers=callers, bind=args.bind, port=args.port).serve_forever()
     return 0
 
 
@@ -85,10 +148,31 @@ def _report(what: str, results: list[tuple[str, bool, str]], elapsed: float, wor
 def cmd_demo(args) -> int:
     lake = _lake_root(args)
     incoming = Path(lake) / "incoming"
-    if not (incoming / "labels.csv").exists():
-        cmd_synth(argparse.Namespace(patients=args.patients, seed=args.seed, lesion_contrast=1.0, matrix=256, out=str(incoming)))
-    status = cmd_materialize(argparse.Namespace(lake=lake, workers=args.workers, cohort=True))
-    return status
+    if not any(incoming.glob("labels*.csv")):
+        if args.source == "studylike":
+            _prepare_studylike(Path(lake), incoming, args.patients, args.seed)
+        else:
+            cmd_synth(argparse.Namespace(patients=args.patients, seed=args.seed, lesion_contrast=1.0, matrix=256,
+                                         out=str(incoming), layout="drop"))
+    return cmd_materialize(argparse.Namespace(lake=lake, workers=args.workers, cohort=True))
+
+
+def _prepare_studylike(lake: Path, incoming: Path, patients: int, seed: int) -> None:
+    """The study's mix: CHAOS-layout healthy and TCGA-LIHC-layout HCC patients, written as
+    the downloads would be and brought in through the importers (what a real user runs)."""
+    from hcc_assets.imaging.importers import import_chaos, import_tcia
+
+    sources = lake / "sources"
+    half = patients // 2
+    cmd_synth(argparse.Namespace(patients=half, seed=seed, lesion_contrast=1.0, matrix=256,
+                                 out=str(sources / "CHAOS" / "MR"), layout="chaos"))
+    cmd_synth(argparse.Namespace(patients=patients - half, seed=seed + 1, lesion_contrast=1.0, matrix=256,
+                                 out=str(sources / "TCIA"), layout="tcia"))
+    start = time.perf_counter()
+    _print_imports("CHAOS", import_chaos(sources / "CHAOS" / "MR", incoming), time.perf_counter() - start)
+    start = time.perf_counter()
+    tcia = import_tcia(sources / "TCIA" / "TCGA-LIHC", incoming, metadata=sources / "TCIA" / "metadata.csv")
+    _print_imports("TCGA-LIHC", tcia, time.perf_counter() - start)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +186,30 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True)
     synth.add_argument("--lesion-contrast", type=float, default=1.0, help="0 = labels carry no image signal")
     synth.add_argument("--matrix", type=int, default=256, help="in-plane size (smaller for quick tests)")
+    synth.add_argument("--layout", choices=["drop", "chaos", "tcia"], default="drop",
+                       help="drop zone (default), CHAOS Train_Sets/MR (all healthy) or TCIA/NBIA TCGA-LIHC (all HCC)")
     synth.set_defaults(func=cmd_synth)
+
+    importer = sub.add_parser("import", help="import a CHAOS or TCGA-LIHC download into the drop zone")
+    sources = importer.add_subparsers(dest="source", required=True)
+    chaos = sources.add_parser("chaos", help="CHAOS MR (healthy): T2SPIR DICOM and Ground PNG masks")
+    chaos.add_argument("--root", required=True, help="the CHAOS .../Train_Sets/MR folder")
+    chaos.add_argument("--out", help="drop zone (default: <lake>/incoming)")
+    chaos.set_defaults(func=cmd_import_chaos)
+    tcia = sources.add_parser("tcia", help="TCGA-LIHC (HCC) as saved by the NBIA Data Retriever")
+    tcia.add_argument("--root", required=True, help="the TCGA-LIHC folder (one folder per PatientID)")
+    tcia.add_argument("--metadata", help="NBIA metadata.csv: import exactly the series it lists")
+    tcia.add_argument("--out", help="drop zone (default: <lake>/incoming)")
+    tcia.set_defaults(func=cmd_import_tcia)
+
+    receive = sub.add_parser("receive", help="DICOM C-STORE receiver that writes studies into the drop zone")
+    receive.add_argument("--port", type=int, default=11112)
+    receive.add_argument("--ae-title", default="HCC_ASSETS")
+    receive.add_argument("--bind", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
+    receive.add_argument("--out", help="drop zone (default: <lake>/incoming)")
+    receive.add_argument("--allowed-callers", default="",
+                         help="comma-separated calling AE titles allowed to send (required; '*': any)")
+    receive.set_defaults(func=cmd_receive)
 
     sql = sub.add_parser("sql", help="run a read-only SQL query on the feature store")
     sql.add_argument("query")
@@ -120,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--patients", type=int, default=40)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--workers", type=int, default=2)
+    demo.add_argument("--source", choices=["synthetic", "studylike"], default="synthetic",
+                      help="synthetic: drop-zone cohort; studylike: CHAOS + TCGA-LIHC layouts through the importers")
     demo.set_defaults(func=cmd_demo)
     return parser
 

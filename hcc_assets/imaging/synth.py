@@ -13,11 +13,33 @@ Layout written under `out_dir` (other modules rely on it):
 
 Same config, same bytes: every random draw comes from a generator seeded by (seed, patient
 index, purpose) and nothing records the time of the run.
+
+`synthesize_cohort(..., layout=...)` writes the same phantoms in the layouts of the study's two
+public sources instead, for the importers (`hcc_assets.imaging.importers`) to read:
+
+- "chaos" (CHAOS challenge, Train_Sets/MR): all patients healthy; numeric folder ids 1, 2, ...
+      <id>/T1DUAL/DICOM_anon/{InPhase,OutPhase}/IMG-<series 4d>-<instance 5d>.dcm
+      <id>/T2SPIR/DICOM_anon/IMG-<series 4d>-<instance 5d>.dcm
+      <id>/{T1DUAL,T2SPIR}/Ground/<stem of its DICOM slice>.png
+  Ground PNGs are 8-bit grey, PNG[row, column] = the DICOM pixel_array[row, column], with the
+  CHAOS values liver 63 (lesions included), right kidney 126, left kidney 189, spleen 252. Each
+  PNG has the stem of its DICOM slice (T1DUAL: of the in-phase slice), so sorting the PNGs by
+  name gives the DICOM file order, as in CHAOS. File names follow InstanceNumber, which is not
+  the spatial order (the T2 is acquired interleaved): only positions say where a slice lies.
+- "tcia" (TCGA-LIHC as the NBIA Data Retriever saves it): all patients HCC; TCGA-style ids.
+      metadata.csv                                (NBIA columns; File Location relative to it)
+      TCGA-LIHC/<PatientID>/<MM-DD-YYYY>-<StudyDescription>-<uid5>/
+          <SeriesNumber>.000000-<SeriesDescription>-<uid5>/1-<instance 2d>.dcm
+  The study has two more series than the drop layout: a diffusion series (DiffusionBValue
+  800, TE 60-70 ms, TR > 3000 ms: TE alone cannot reject it) and a post-contrast T1
+  (ContrastBolusAgent set).
+No labels.csv and no `.complete` marker are written in those layouts: the importers add them.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
 import functools
 import gzip
@@ -26,8 +48,11 @@ import io
 import logging
 import os
 import shutil
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import nibabel as nib
 import numpy as np
@@ -48,6 +73,13 @@ COMPLETE_MARKER = ".complete"
 STUDY_DIR = "study_1"
 MASK_PATH = Path("reference") / "liver_spleen_mask.nii.gz"
 MAX_STORED = 4095  # BitsStored 12
+
+Layout = Literal["drop", "chaos", "tcia"]
+LAYOUTS: tuple[str, ...] = ("drop", "chaos", "tcia")
+# CHAOS Ground PNG grey values.
+CHAOS_LIVER, CHAOS_RIGHT_KIDNEY, CHAOS_LEFT_KIDNEY, CHAOS_SPLEEN = 63, 126, 189, 252
+TCIA_COLLECTION = "TCGA-LIHC"
+TCIA_METADATA = "metadata.csv"
 
 
 class SynthConfig(pydantic.BaseModel):
@@ -76,14 +108,17 @@ class SynthPatient:
     n_lesions: int
     phi: tuple[str, ...]  # every fake PHI string written into this patient's files
     t2_series_dir: Path
+    layout: str = "drop"
+    layout_id: str = ""  # the patient's folder name in its layout (CHAOS number, TCIA PatientID)
 
 
 # ---------------------------------------------------------------- seeds and cohort plan
 
 # Purposes of random streams. Seeds are fixed-length lists: SeedSequence pads with zeros, so
 # [s, 1] and [s, 1, 0] would otherwise collide.
-_KEYS, _HCC, _OBLIQUE = 1, 2, 3
+_KEYS, _HCC, _OBLIQUE, _TCIA_IDS = 1, 2, 3, 4
 _ANATOMY, _LESIONS, _ACQUISITION, _IDENTITY, _TEXTURE, _NOISE = 11, 12, 13, 14, 15, 16
+_EXTRA_ACQUISITION, _EXTRA_NOISE = 17, 18  # the TCIA layout's extra series (drop bytes unchanged)
 
 
 def _cohort_rng(config: SynthConfig, purpose: int) -> np.random.Generator:
@@ -130,6 +165,30 @@ def _phantom(seed: int, index: int, hcc: bool) -> Phantom:
     return phantom
 
 
+def layout_config(config: SynthConfig, layout: str) -> SynthConfig:
+    """The config a layout really uses: CHAOS patients are healthy, TCGA-LIHC patients have HCC.
+
+    Use it with `phantom_labels` / `patient_phantom` for patients of the chaos or tcia layout.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if layout == "drop":
+        return config
+    return config.model_copy(update={"hcc_fraction": 0.0 if layout == "chaos" else 1.0})
+
+
+def _tcia_ids(config: SynthConfig) -> tuple[str, ...]:
+    """TCGA-style PatientIDs (TCGA-XX-XXXX), one per patient, seeded like the keys."""
+    rng, ids = _cohort_rng(config, _TCIA_IDS), []
+    alphabet = np.array(list("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
+    while len(ids) < config.patients:
+        chars = "".join(rng.choice(alphabet, 6))
+        candidate = f"TCGA-{chars[:2]}-{chars[2:]}"
+        if candidate not in ids:
+            ids.append(candidate)
+    return tuple(ids)
+
+
 def patient_phantom(config: SynthConfig, patient_key: str) -> Phantom:
     """The phantom behind a synthesized patient (anatomy does not depend on matrix or slices)."""
     for planned in _plan(config):
@@ -174,6 +233,14 @@ _SEQUENCES = (
               ("ORIGINAL", "PRIMARY", "M_SE", "M", "SE"), 90.0, 17),
 )
 T2_SERIES_NUMBER = 5
+# Extra series of the TCIA layout: diffusion (rejected only by its b-value: TE and TR look T2)
+# and a post-contrast T1 (rejected by TE and by its contrast agent).
+_DWI = _Sequence(6, "Ax DWI b800", "DWI_SSEPI", "dwi", "EP", "SK\\SP", "*epse2d1_128",
+                 ("ORIGINAL", "PRIMARY", "M", "ND"), 90.0, 1)
+_POST = _Sequence(7, "Ax T1 3D FS POST", "T1_3D_FS_POST", "t1_post", "GR", "SS\\SP", "*fl3d1",
+                  ("ORIGINAL", "PRIMARY", "M", "ND"), 12.0, 1)
+_EXTRA_TAGS = {"dwi": {"DiffusionBValue": 800.0},
+               "t1_post": {"ContrastBolusAgent": "GADOXETATE DISODIUM", "ContrastBolusRoute": "IV"}}
 
 # Mean signal per tissue (order of phantom.Tissue); LESION rows copy LIVER, the lesion's own
 # contrast is applied on top, scaled by lesion_contrast. T2 SPIR suppresses fat.
@@ -182,11 +249,13 @@ _SIGNAL = {
     "t1_in": [0, 330, 950, 560, 470, 430, 620, 250, 700, 0],
     "t1_opp": [0, 310, 380, 560, 460, 420, 380, 240, 680, 0],  # liver: set from fat fraction
     "t2": [0, 210, 120, 330, 720, 800, 330, 1500, 60, 0],
+    "dwi": [0, 60, 20, 110, 260, 200, 40, 30, 10, 0],  # b 800: restricted diffusion stays bright
+    "t1_post": [0, 420, 300, 900, 950, 1100, 300, 150, 1500, 0],  # portal venous, fat-saturated
 }
 # Relative amplitude of the smooth texture per tissue (lesions: the liver's, under their own).
 _TEXTURE_AMPLITUDE = np.array([0, 0.15, 0.06, 0.05, 0.05, 0.08, 0.10, 0.03, 0.10, 0.05], np.float32)
 # Internal heterogeneity of lesions at full contrast (relative to the liver signal).
-_LESION_HETEROGENEITY = {"t1_in": 0.12, "t1_opp": 0.12, "t2": 0.25}
+_LESION_HETEROGENEITY = {"t1_in": 0.12, "t1_opp": 0.12, "t2": 0.25, "dwi": 0.2, "t1_post": 0.15}
 
 
 @dataclass(frozen=True)
@@ -281,6 +350,27 @@ def _acquisition(config: SynthConfig, planned: _Planned, phantom: Phantom) -> _A
             instance_numbers=tuple(int(v) for v in instances), file_names=names))
     return _Acquisition(orientation, first, pixel, spacing, thickness,
                         (n, config.matrix, config.matrix), tuple(series))
+
+
+def _extra_series(config: SynthConfig, planned: _Planned, acquisition: _Acquisition
+                  ) -> tuple[_SeriesAcquisition, ...]:
+    """The TCIA layout's DWI and post-contrast series on the T2 grid (own random stream)."""
+    rng = _patient_rng(config.seed, planned.index, _EXTRA_ACQUISITION)
+    n = acquisition.shape_kji[0]
+    series = []
+    for sequence in (_DWI, _POST):
+        if sequence is _DWI:
+            echo, repetition = float(rng.integers(60, 71)), float(rng.integers(3500, 6001))
+        else:
+            echo, repetition = round(float(rng.uniform(1.8, 2.4)), 2), round(float(rng.uniform(3.8, 4.6)), 2)
+        instances = tuple(range(n, 0, -1))  # numbered head to feet
+        gain = float(rng.uniform(0.85, 1.15))
+        series.append(_SeriesAcquisition(
+            sequence=sequence, echo_time=echo, repetition_time=repetition,
+            slope=round(float(rng.uniform(1.5, 2.5)), 4), intercept=round(float(rng.uniform(-100, 0)), 2),
+            gain=gain, noise_sigma=gain * float(rng.uniform(4, 8)), first_slice=0, stop_slice=n,
+            instance_numbers=instances, file_names=("",) * n))
+    return tuple(series)
 
 
 # ---------------------------------------------------------------- fake identity (PHI)
@@ -439,7 +529,9 @@ def _lesion_ratio(contrast: str, means: dict[str, np.ndarray], lesion: _Lesion) 
     """Lesion / liver signal at full contrast: HCC is T1-hypo, fat-free, T2-hyper."""
     liver_in = means["t1_in"][Tissue.LIVER]
     target = {"t1_in": 0.8 * liver_in, "t1_opp": 0.78 * liver_in,
-              "t2": lesion.t2_ratio * means["t2"][Tissue.LIVER]}[contrast]
+              "t2": lesion.t2_ratio * means["t2"][Tissue.LIVER],
+              "dwi": 2.0 * means["dwi"][Tissue.LIVER],  # HCC restricts diffusion
+              "t1_post": 0.7 * means["t1_post"][Tissue.LIVER]}[contrast]  # portal-venous washout
     return float(target / means[contrast][Tissue.LIVER])
 
 
@@ -482,7 +574,8 @@ def _config_digest(config: SynthConfig) -> str:
 
 
 def _series_template(identity: _Identity, acquisition: _Acquisition, series: _SeriesAcquisition,
-                     uids: dict[str, str], window: tuple[float, float]) -> dict[int, bytes]:
+                     uids: dict[str, str], window: tuple[float, float],
+                     extra: dict[str, object] | None = None) -> dict[int, bytes]:
     """Encoded data elements shared by every slice of a series, keyed by tag."""
     sequence = series.sequence
     template = Dataset()
@@ -515,6 +608,7 @@ def _series_template(identity: _Identity, acquisition: _Acquisition, series: _Se
         WindowWidth=_ds(window[1], 0), RescaleIntercept=_ds(series.intercept, 2),
         RescaleSlope=_ds(series.slope), RescaleType="US",
     )
+    values.update(extra or {})
     for keyword, value in values.items():
         setattr(template, keyword, value)
     return _encoded(template)
@@ -581,10 +675,64 @@ def _merge_labels(out_dir: Path, rows: dict[str, int]) -> None:
     _write_atomic(path, buffer.getvalue().encode())
 
 
-def _synthesize_patient(out_dir: Path, config: SynthConfig, planned: _Planned) -> SynthPatient:
+def _png_bytes(grey: np.ndarray) -> bytes:
+    """An 8-bit greyscale PNG (no timestamp, so the bytes are deterministic)."""
+    rows, columns = grey.shape
+    raw = b"".join(b"\x00" + row.tobytes() for row in np.ascontiguousarray(grey, np.uint8))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", columns, rows, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+
+
+def _chaos_ground(tissue: np.ndarray, phantom: Phantom, affine: np.ndarray) -> np.ndarray:
+    """CHAOS grey values (k, row, column) on the T2 grid; kidneys split by the body midline."""
+    grey = np.zeros(tissue.shape, np.uint8)
+    grey[(tissue == Tissue.LIVER) | (tissue == Tissue.LESION)] = CHAOS_LIVER
+    grey[tissue == Tissue.SPLEEN] = CHAOS_SPLEEN
+    kidney = np.nonzero(tissue == Tissue.KIDNEY)
+    if kidney[0].size:
+        k, j, i = kidney
+        x = affine[0, 0] * i + affine[0, 1] * j + affine[0, 2] * k + affine[0, 3]  # LPS x: + is left
+        grey[kidney] = np.where(x < phantom.center[0], CHAOS_RIGHT_KIDNEY, CHAOS_LEFT_KIDNEY)
+    return grey
+
+
+def _nbia_date(yyyymmdd: str) -> str:
+    return f"{yyyymmdd[4:6]}-{yyyymmdd[6:8]}-{yyyymmdd[:4]}"
+
+
+def _series_folder(layout: str, series: _SeriesAcquisition, uids: dict[str, str]) -> Path:
+    sequence = series.sequence
+    if layout == "drop":
+        return Path(STUDY_DIR) / f"series_{sequence.number}"
+    if layout == "chaos":
+        return {"t1_in": Path("T1DUAL/DICOM_anon/InPhase"), "t1_opp": Path("T1DUAL/DICOM_anon/OutPhase"),
+                "t2": Path("T2SPIR/DICOM_anon")}[sequence.contrast]
+    uid5 = uids[f"series{sequence.number}"][-5:]
+    return Path(f"{sequence.number}.000000-{sequence.description}-{uid5}")
+
+
+def _file_name(layout: str, series: _SeriesAcquisition, row: int) -> str:
+    instance = series.instance_numbers[row]
+    if layout == "drop":
+        return series.file_names[row]
+    if layout == "chaos":
+        return f"IMG-{series.sequence.number:04d}-{instance:05d}.dcm"
+    return f"1-{instance:02d}.dcm"
+
+
+def _synthesize_patient(out_dir: Path, config: SynthConfig, planned: _Planned, layout: str = "drop"
+                        ) -> tuple[SynthPatient, list[dict[str, str]]]:
+    """Write one patient in `layout`; returns it and (tcia) its metadata.csv rows."""
     phantom = _phantom(config.seed, planned.index, planned.hcc)
     acquisition = _acquisition(config, planned, phantom)
     identity = _identity(config, planned)
+    layout_id = {"drop": planned.key, "chaos": str(planned.index + 1)}.get(layout) or _tcia_ids(config)[planned.index]
+    if layout == "tcia":
+        identity = dataclasses.replace(identity, patient_id=layout_id)
     affine = acquisition.affine_lps
     tissue, lesion_id = phantom.tissue_on_grid(affine, acquisition.shape_kji)
 
@@ -602,51 +750,112 @@ def _synthesize_patient(out_dir: Path, config: SynthConfig, planned: _Planned) -
     def uid(*parts: str) -> str:
         return generate_uid(entropy_srcs=[digest, planned.key, *parts])
 
+    all_series = acquisition.series + (_extra_series(config, planned, acquisition) if layout == "tcia" else ())
     uids = {"study": uid("study"), "frame": uid("frame")}
-    uids.update({f"series{s.sequence.number}": uid("series", str(s.sequence.number)) for s in acquisition.series})
+    uids.update({f"series{s.sequence.number}": uid("series", str(s.sequence.number)) for s in all_series})
 
-    staging = out_dir / f".{planned.key}.partial"  # hidden from the folder sensor until whole
+    parent = out_dir / TCIA_COLLECTION if layout == "tcia" else out_dir
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = parent / f".{layout_id}.partial"  # hidden from the folder sensor until whole
     shutil.rmtree(staging, ignore_errors=True)
+    study_folder = Path(f"{_nbia_date(identity.study_date)}-MR ABDOMEN LIVER-{uids['study'][-5:]}") \
+        if layout == "tcia" else Path()
     normal = geometry.slice_normal(acquisition.orientation)
-    for series in acquisition.series:
-        image = _render(series, tissue, structure, means, lesions, config.lesion_contrast, noise_rng)
+    metadata, t2_dir, file_stems = [], Path(), {}
+    extra_noise_rng = _patient_rng(config.seed, planned.index, _EXTRA_NOISE)
+    for series in all_series:
+        rng = extra_noise_rng if series.sequence.contrast in ("dwi", "t1_post") else noise_rng
+        image = _render(series, tissue, structure, means, lesions, config.lesion_contrast, rng)
         stored = _stored(image[series.first_slice:series.stop_slice], series)
         body = image[tissue > 0]
         window = (float(np.percentile(body[::17], 50)), float(np.percentile(body[::17], 99)) * 1.2)
-        template = _series_template(identity, acquisition, series, uids, window)
-        series_dir = staging / STUDY_DIR / f"series_{series.sequence.number}"
+        template = _series_template(identity, acquisition, series, uids, window,
+                                    _EXTRA_TAGS.get(series.sequence.contrast))
+        relative = study_folder / _series_folder(layout, series, uids)
+        series_dir = staging / relative
         series_dir.mkdir(parents=True)
+        names, size = [], 0
         for row, k in enumerate(range(series.first_slice, series.stop_slice)):
             position = affine[:3, 3] + k * affine[:3, 2]
             data = _dicom_bytes(template, uid(str(series.sequence.number), str(k)),
                                 series.instance_numbers[row], position, float(position @ normal),
                                 stored[row])
-            _write_atomic(series_dir / series.file_names[row], data)
-    (staging / MASK_PATH.parent).mkdir()
-    _write_atomic(staging / MASK_PATH, _mask_bytes(TISSUE_TO_LABEL[tissue], acquisition))
+            names.append(_file_name(layout, series, row))
+            _write_atomic(series_dir / names[-1], data)
+            size += len(data)
+        file_stems[series.sequence.contrast] = [Path(name).stem for name in names]
+        if series.sequence.number == T2_SERIES_NUMBER:
+            t2_dir = relative
+        if layout == "tcia":
+            metadata.append({
+                "Series UID": uids[f"series{series.sequence.number}"], "Collection": TCIA_COLLECTION,
+                "3rd Party Analysis": "NO", "Data Description URI": "", "Subject ID": layout_id,
+                "Study UID": uids["study"], "Study Description": "MR ABDOMEN LIVER",
+                "Study Date": _nbia_date(identity.study_date).replace("-", "/"),
+                "Series Description": series.sequence.description, "Manufacturer": "Philips",
+                "Modality": "MR", "SOP Class Name": "MR Image Storage", "SOP Class UID": MRImageStorage,
+                "Number of Images": str(len(names)), "File Size": f"{size / 1e6:.2f} MB",
+                "File Location": "./" + (Path(TCIA_COLLECTION) / layout_id / relative).as_posix(),
+                "Download Timestamp": "",
+            })
+    if layout == "drop":
+        (staging / MASK_PATH.parent).mkdir()
+        _write_atomic(staging / MASK_PATH, _mask_bytes(TISSUE_TO_LABEL[tissue], acquisition))
+    elif layout == "chaos":
+        grey = _chaos_ground(tissue, phantom, affine)
+        for folder, contrast in (("T2SPIR", "t2"), ("T1DUAL", "t1_in")):
+            series = next(s for s in acquisition.series if s.sequence.contrast == contrast)
+            (staging / folder / "Ground").mkdir(parents=True)
+            for row, k in enumerate(range(series.first_slice, series.stop_slice)):
+                _write_atomic(staging / folder / "Ground" / f"{file_stems[contrast][row]}.png", _png_bytes(grey[k]))
 
-    final = out_dir / planned.key
+    final = parent / layout_id
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
-    _merge_labels(out_dir, {planned.key: int(planned.hcc)})  # label is there before the marker
-    _write_atomic(final / COMPLETE_MARKER, b"")
-    return SynthPatient(patient_key=planned.key, hcc=planned.hcc, n_lesions=len(phantom.lesions),
-                        phi=identity.phi,
-                        t2_series_dir=final / STUDY_DIR / f"series_{T2_SERIES_NUMBER}")
+    if layout == "drop":
+        _merge_labels(out_dir, {planned.key: int(planned.hcc)})  # label is there before the marker
+        _write_atomic(final / COMPLETE_MARKER, b"")
+    patient = SynthPatient(patient_key=planned.key, hcc=planned.hcc, n_lesions=len(phantom.lesions),
+                           phi=identity.phi, t2_series_dir=final / t2_dir, layout=layout, layout_id=layout_id)
+    return patient, metadata
 
 
-def synthesize_cohort(out_dir: Path, config: SynthConfig) -> list[SynthPatient]:
+def _merge_metadata(out_dir: Path, rows: list[dict[str, str]]) -> None:
+    """NBIA-style metadata.csv keyed by Series UID; rows given here replace existing ones."""
+    if not rows:
+        return
+    path = out_dir / TCIA_METADATA
+    merged: dict[str, dict[str, str]] = {}
+    if path.exists():
+        with path.open(newline="") as handle:
+            merged = {row["Series UID"]: row for row in csv.DictReader(handle)}
+    merged.update({row["Series UID"]: row for row in rows})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(sorted(merged.values(), key=lambda r: (r["File Location"], r["Series UID"])))
+    _write_atomic(path, buffer.getvalue().encode())
+
+
+def synthesize_cohort(out_dir: Path, config: SynthConfig, layout: Layout = "drop") -> list[SynthPatient]:
     """Write the synthetic cohort under `out_dir` (see module docstring) and describe it.
 
     A patient folder that already exists is replaced as a whole; other content of `out_dir`
-    is left alone except for labels.csv, which gains (or updates) this cohort's rows.
+    is left alone except for labels.csv (drop) or metadata.csv (tcia), which gain (or update)
+    this cohort's rows. The chaos and tcia layouts use `layout_config(config, layout)`: every
+    CHAOS patient is healthy and every TCGA-LIHC patient has HCC, whatever `hcc_fraction` says.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    config = layout_config(config, layout)
     plan = _plan(config)
-    patients = []
+    patients, metadata = [], []
     for number, planned in enumerate(plan, start=1):
-        patients.append(_synthesize_patient(out_dir, config, planned))
-        log.info("synthetic patient %d/%d written (%s)", number, len(plan), "hcc" if planned.hcc else "healthy")
+        patient, rows = _synthesize_patient(out_dir, config, planned, layout)
+        patients.append(patient)
+        metadata.extend(rows)
+        log.info("synthetic patient %d/%d written (%s, %s layout)", number, len(plan),
+                 "hcc" if planned.hcc else "healthy", layout)
+    _merge_metadata(out_dir, metadata)
     return patients

@@ -1,0 +1,186 @@
+"""The DICOM receiver, run as `hcc-assets receive` in a subprocess and fed by pynetdicom's SCU."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import MRImageStorage, Verification
+
+from hcc_assets.imaging.dropzone import scan_drop_zone
+from hcc_assets.imaging.synth import SynthConfig, synthesize_cohort
+
+PROJECT = Path(__file__).resolve().parents[1]
+CONFIG = SynthConfig(patients=2, seed=17, matrix=32, slices_min=5, slices_max=6)
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sent")
+    patients = synthesize_cohort(out, CONFIG)
+    return [(p, sorted((out / p.patient_key / "study_1").rglob("*.dcm"))) for p in patients]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def receiver(tmp_path: Path, incoming: Path):
+    """Start the receiver; yields (port, log path). The log is complete after the block."""
+    port, log_path = free_port(), tmp_path / "receiver.log"
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "hcc_assets.cli", "receive", "--port", str(port), "--ae-title", "HCC_ASSETS",
+             "--out", str(incoming), "--allowed-callers", "TESTSCU"],
+            cwd=PROJECT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "receiver did not start listening"
+            time.sleep(0.2)
+        yield port, log_path
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def associate(port: int, calling: str = "TESTSCU"):
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(MRImageStorage)
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", port, ae_title="HCC_ASSETS")
+
+
+def wait_for(condition, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+def assert_no_phi(log_path: Path, patients) -> None:
+    text = log_path.read_text()
+    for patient in patients:
+        for value in patient.phi:
+            assert value not in text, "the receiver logged PHI"
+
+
+def test_received_study_lands_whole_and_the_sensor_picks_it_up(studies, tmp_path):
+    import dagster as dg
+
+    from hcc_assets.defs.resources import LakeResource
+    from hcc_assets.defs.sensors import incoming_scans_sensor
+
+    patient, files = studies[0]
+    incoming = tmp_path / "incoming"
+    with receiver(tmp_path, incoming) as (port, log_path):
+        assoc = associate(port)
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        for path in files:
+            assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0
+        assoc.release()
+        folder = incoming / patient.patient_key
+        assert wait_for(lambda: (folder / ".complete").exists()), log_path.read_text()
+    received = sorted(folder.rglob("*.dcm"))
+    assert len(received) == len(files)
+    assert sorted(p.name for p in folder.glob("study_1/series_*")) == ["series_3", "series_4", "series_5"]
+    for path in received:
+        ds = pydicom.dcmread(path)
+        assert path.name == f"{ds.SOPInstanceUID}.dcm" and path.parent.name == f"series_{ds.SeriesNumber}"
+        assert path.relative_to(folder).parts[0] == "study_1"
+    assert not any((incoming / ".receiving").iterdir())
+    [ready] = scan_drop_zone(incoming)
+    assert ready.source_key == patient.patient_key and ready.complete_by == "marker"
+    assert "stored %d file(s) in 1 study(ies) of 1 patient(s)" % len(files) in log_path.read_text()
+    assert_no_phi(log_path, [patient])
+
+    lake = LakeResource(root=str(tmp_path / "lake"), incoming=str(incoming), quiet_seconds=3600)
+    with dg.instance_for_test() as instance:
+        result = incoming_scans_sensor(dg.build_sensor_context(instance=instance, resources={"lake": lake}))
+        assert [r.partition_key for r in result.run_requests] == [lake.pseudonym(patient.patient_key)]
+        assert [list(r.partition_keys) for r in result.dynamic_partitions_requests] == [
+            [lake.pseudonym(patient.patient_key)]]
+
+
+def test_unknown_caller_is_refused_and_an_aborted_association_leaves_nothing(studies, tmp_path):
+    (first, _), (second, files) = studies
+    incoming = tmp_path / "incoming"
+    with receiver(tmp_path, incoming) as (port, log_path):
+        intruder = associate(port, calling="INTRUDER")
+        assert intruder.is_rejected and not intruder.is_established
+
+        assoc = associate(port)
+        assert assoc.is_established
+        for path in files[:4]:
+            assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0
+        assert wait_for(lambda: len(list((incoming / ".receiving").rglob("*.dcm"))) == 4)
+        assoc.abort()
+        assert wait_for(lambda: "discarded 4 received file(s)" in log_path.read_text()), log_path.read_text()
+        assert not any((incoming / ".receiving").iterdir())
+        assert [p.name for p in incoming.iterdir() if not p.name.startswith(".")] == []
+        assert scan_drop_zone(incoming, quiet_seconds=0) == []
+    text = log_path.read_text()
+    assert "rejected" in text and "receiver stopped" in text
+    assert_no_phi(log_path, [first, second])
+
+
+def test_a_later_study_of_the_same_patient_becomes_study_2_and_a_resend_merges(studies, tmp_path):
+    """In-process receiver: a second delivery for a known patient goes next to the first."""
+    from pydicom.uid import generate_uid
+
+    from hcc_assets.receiver import Receiver
+
+    patient, files = studies[1]
+    incoming = tmp_path / "incoming"
+    server = Receiver(incoming, allowed_callers=["TESTSCU"], port=0)
+    server.start()
+    try:
+        def send(datasets) -> None:
+            assoc = associate(server.port)
+            assert assoc.is_established
+            for ds in datasets:
+                assert assoc.send_c_store(ds).Status == 0
+            assoc.release()
+
+        folder = incoming / patient.patient_key
+        send([pydicom.dcmread(p) for p in files[:3]])
+        assert wait_for(lambda: (folder / ".complete").exists())
+        send([pydicom.dcmread(p) for p in files])  # a resend of the whole study, merged
+        later = []
+        study, series = generate_uid(), {}
+        for path in files[:2]:
+            ds = pydicom.dcmread(path)
+            ds.StudyInstanceUID = study
+            ds.SeriesInstanceUID = series.setdefault(ds.SeriesInstanceUID, generate_uid())
+            ds.SOPInstanceUID = generate_uid()
+            later.append(ds)
+        send(later)
+        assert wait_for(lambda: len(list(folder.glob("study_2/*/*.dcm"))) == 2 and (folder / ".complete").exists())
+    finally:
+        server.stop()
+    assert len(list(folder.glob("study_1/*/*.dcm"))) == len(files)
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["study_1", "study_2"]
+    assert not any((incoming / ".receiving").iterdir())
