@@ -125,16 +125,18 @@ def cmd_materialize(args) -> int:
     if not args.cohort:
         return 0
     start = time.perf_counter()
-    ok = runner.materialize_cohort()
-    print(f"cohort assets (split, models): {'ok' if ok else 'FAILED'} in {time.perf_counter() - start:.1f}s")
-    if not ok:
-        return 1
+    cohort_ok = runner.materialize_cohort()
+    print(f"cohort assets (split, models): {'ok' if cohort_ok else 'FAILED (see the run in the UI)'} "
+          f"in {time.perf_counter() - start:.1f}s")
+    features_ok = True
     if runner.has_assets("patient_features"):
+        # per-patient features run even after a failed model: those that need it fail clearly
         ingested = [pid for pid, ok, _ in results if ok]
         start = time.perf_counter()
         features = runner.materialize_patients(ingested, workers=args.workers, job="patient_features")
         _report("model-derived features for", features, time.perf_counter() - start, args.workers)
-    return 0
+        features_ok = all(ok for _, ok, _ in features)
+    return 0 if cohort_ok and features_ok else 1
 
 
 def _report(what: str, results: list[tuple[str, bool, str]], elapsed: float, workers: int) -> None:

@@ -90,26 +90,34 @@ class _InProcessPool:
         results = [function(*args) for args in arguments]
         return types.SimpleNamespace(ready=lambda: True, get=lambda timeout=None: results)
 
+    def starmap(self, function, arguments):
+        return [function(*args) for args in arguments]
+
 
 @contextmanager
 def _in_process_pools(enabled: bool) -> Iterator[None]:
     """Swap the `multiprocessing` that nnU-Net's fingerprint extractor and preprocessor use (both
-    call `multiprocessing.get_context("spawn").Pool(n)`, nnunetv2 2.8.1) for `_InProcessPool`."""
-    if not enabled:
-        yield
-        return
+    call `multiprocessing.get_context("spawn").Pool(n)`, nnunetv2 2.8.1) for `_InProcessPool`
+    when `enabled`, and nnU-Net's file-listing fork pool always."""
     from nnunetv2.experiment_planning.dataset_fingerprint import fingerprint_extractor
     from nnunetv2.preprocessing.preprocessors import default_preprocessor
+    from nnunetv2.utilities import utils as nnunet_utils
 
+    # Always: nnunetv2.utilities.utils lists the raw images with a *fork* Pool(12). Forking a
+    # process that runs threads (Dagster's executor: log and event threads) can copy a held lock
+    # into the children and hang the pool for good; listing files needs no processes at all.
+    saved_pool = nnunet_utils.Pool
+    nnunet_utils.Pool = _InProcessPool
+    modules = (fingerprint_extractor, default_preprocessor) if enabled else ()
     context = types.SimpleNamespace(Pool=_InProcessPool)
     in_process = types.SimpleNamespace(get_context=lambda method=None: context)
-    modules = (fingerprint_extractor, default_preprocessor)
     saved = [module.multiprocessing for module in modules]
     for module in modules:
         module.multiprocessing = in_process
     try:
         yield
     finally:
+        nnunet_utils.Pool = saved_pool
         for module, original in zip(modules, saved):
             module.multiprocessing = original
 
