@@ -55,12 +55,16 @@ def register_ready_patients(instance: dg.DagsterInstance) -> list[str]:
     return ready
 
 
-def _run_patient(patient_id: str, executor: str = "in_process", job: str = "patient_ingest") -> tuple[str, bool, str]:
+def _run_patient(
+    patient_id: str, executor: str = "in_process", job: str = "patient_ingest", torch_threads: int = 1
+) -> tuple[str, bool, str]:
     instance = dg.DagsterInstance.get()
+    # N workers x one torch thread each: the cores are shared, never oversubscribed
+    threads = {"resources": {"compute": {"config": {"cpu_threads": torch_threads}}}}
     result = dg.execute_job(
         dg.reconstructable(PATIENT_JOBS[job]),
         instance=instance,
-        run_config=EXECUTORS[executor],
+        run_config={**EXECUTORS[executor], **threads},
         tags={"dagster/partition": patient_id, "hcc_assets/trigger": "cli"},
         raise_on_error=False,
     )
@@ -79,11 +83,12 @@ def materialize_patients(
     """Run `job` for each patient, one run per patient; returns (patient_id, success, first error line)."""
     os.environ.update(THREAD_ENV)  # inherited by the spawned workers before torch loads
     n = len(patient_ids)
+    threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
     if workers <= 1:
-        return [_run_patient(pid, executor, job) for pid in patient_ids]
+        return [_run_patient(pid, executor, job, threads) for pid in patient_ids]
     context = multiprocessing.get_context("spawn")  # never fork a process that holds torch threads
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        return list(pool.map(_run_patient, patient_ids, [executor] * n, [job] * n))
+        return list(pool.map(_run_patient, patient_ids, [executor] * n, [job] * n, [threads] * n))
 
 
 def has_assets(job: str) -> bool:
