@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 import time
 from dataclasses import dataclass
@@ -70,3 +71,22 @@ def read_label_manifests(incoming: Path) -> list[dict[str, str]]:
                 if key:
                     rows[key] = {"patient_key": key, "hcc": str(row.get("hcc", "")).strip(), "source": (row.get("source") or "").strip()}
     return list(rows.values())
+
+
+def merge_labels(incoming: Path, file_name: str, rows: dict[str, tuple[int, str]]) -> None:
+    """Add or replace rows (patient_key -> (hcc, source)) in the manifest `incoming/file_name`,
+    sorted by key and written atomically (temp name, then rename)."""
+    path = incoming / file_name
+    merged: dict[str, tuple[str, str]] = {}
+    if path.exists():
+        with path.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                merged[row["patient_key"]] = (row["hcc"], row.get("source") or "")
+    merged.update({key: (str(hcc), source) for key, (hcc, source) in rows.items()})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["patient_key", "hcc", "source"])
+    writer.writerows([key, *merged[key]] for key in sorted(merged))
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(buffer.getvalue().encode())
+    os.replace(temporary, path)

@@ -46,7 +46,6 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
-import io
 import logging
 import os
 import re
@@ -65,7 +64,7 @@ from hcc_assets.imaging.dicom_series import (
     inventory_study,
     order_slices,
 )
-from hcc_assets.imaging.dropzone import COMPLETE_MARKER
+from hcc_assets.imaging.dropzone import COMPLETE_MARKER, merge_labels
 from hcc_assets.imaging.errors import IngestError
 from hcc_assets.imaging.geometry import affine_ras
 from hcc_assets.imaging.nifti import make_nifti
@@ -130,22 +129,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_bytes(data)
     os.replace(temporary, path)
-
-
-def merge_labels(out: Path, file_name: str, rows: dict[str, tuple[int, str]]) -> None:
-    """Add or replace rows (key -> (hcc, source)) in the label manifest `out/file_name`."""
-    path = out / file_name
-    merged: dict[str, tuple[str, str]] = {}
-    if path.exists():
-        with path.open(newline="") as handle:
-            for row in csv.DictReader(handle):
-                merged[row["patient_key"]] = (row["hcc"], row.get("source") or "")
-    merged.update({key: (str(hcc), source) for key, (hcc, source) in rows.items()})
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["patient_key", "hcc", "source"])
-    writer.writerows([key, *merged[key]] for key in sorted(merged))
-    _write_atomic(path, buffer.getvalue().encode())
 
 
 def _publish(out: Path, key: str, patient: str, digest: str, build: Callable[[Path], str],

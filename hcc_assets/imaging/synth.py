@@ -64,6 +64,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from scipy import ndimage
 
 from hcc_assets.imaging import geometry
+from hcc_assets.imaging.dropzone import merge_labels
 from hcc_assets.imaging.phantom import TISSUE_TO_LABEL, Phantom, Tissue, random_phantom, rotation_matrix
 
 log = logging.getLogger(__name__)
@@ -659,20 +660,8 @@ def _mask_bytes(labels_kji: np.ndarray, acquisition: _Acquisition) -> bytes:
     return gzip.compress(image.to_bytes(), compresslevel=6, mtime=0)
 
 
-def _merge_labels(out_dir: Path, rows: dict[str, int]) -> None:
-    """labels.csv keyed by patient_key; rows given here replace existing ones; sorted by key."""
-    path = out_dir / LABELS_FILE
-    merged: dict[str, tuple[str, str]] = {}
-    if path.exists():
-        with path.open(newline="") as handle:
-            for row in csv.DictReader(handle):
-                merged[row["patient_key"]] = (row["hcc"], row.get("source") or "")
-    merged.update({key: (str(hcc), "synthetic") for key, hcc in rows.items()})
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["patient_key", "hcc", "source"])
-    writer.writerows([key, *merged[key]] for key in sorted(merged))
-    _write_atomic(path, buffer.getvalue().encode())
+def _merge_synthetic_labels(out_dir: Path, rows: dict[str, int]) -> None:
+    merge_labels(out_dir, LABELS_FILE, {key: (hcc, "synthetic") for key, hcc in rows.items()})
 
 
 def _png_bytes(grey: np.ndarray) -> bytes:
@@ -814,7 +803,7 @@ def _synthesize_patient(out_dir: Path, config: SynthConfig, planned: _Planned, l
         shutil.rmtree(final)
     os.replace(staging, final)
     if layout == "drop":
-        _merge_labels(out_dir, {planned.key: int(planned.hcc)})  # label is there before the marker
+        _merge_synthetic_labels(out_dir, {planned.key: int(planned.hcc)})  # label is there before the marker
         _write_atomic(final / COMPLETE_MARKER, b"")
     patient = SynthPatient(patient_key=planned.key, hcc=planned.hcc, n_lesions=len(phantom.lesions),
                            phi=identity.phi, t2_series_dir=final / t2_dir, layout=layout, layout_id=layout_id)
