@@ -27,9 +27,11 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/hcc-assets --lake $(LAKE) demo --source $(DEMO_SOURCE)
 	$(BIN)/hcc-assets --lake $(LAKE) sql "SELECT c.patient_id, c.hcc, c.split, s.description AS t2_series, s.echo_time_ms AS te_ms, v.shape AS model_grid, round(m.liver_ml) AS liver_ml, round(m.dice_liver, 3) AS dice, (SELECT count(*) FROM radiomic_features r WHERE r.patient_id = c.patient_id) AS n_radiomic, e.patient_id IS NOT NULL AS has_embedding FROM cohort_split c JOIN scans s ON s.patient_id = c.patient_id AND s.chosen JOIN volumes v ON v.patient_id = c.patient_id AND v.kind = 'preprocessed' LEFT JOIN liver_masks m ON m.patient_id = c.patient_id LEFT JOIN deep_embeddings e ON e.patient_id = c.patient_id ORDER BY c.patient_id"
+	@echo "Table 1 (validation patients; estimate [95% bootstrap CI]); report: $(LAKE)/reports/report.html"
+	$(BIN)/hcc-assets --lake $(LAKE) sql "SELECT model, scheme, n, accuracy, precision, recall, f1, roc_auc FROM table_1"
 
 test: install
-	$(BIN)/python -m pytest -q -n 2 --timeout 1200
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --timeout 1800
 
 ui: install
 	$(BIN)/python -c "from hcc_assets.instance import ensure_dagster_home; ensure_dagster_home('$(LAKE)')"

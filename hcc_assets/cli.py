@@ -135,7 +135,13 @@ def cmd_materialize(args) -> int:
         features = runner.materialize_patients(ingested, workers=args.workers, job="patient_features")
         _report("model-derived features for", features, time.perf_counter() - start, args.workers)
         features_ok = all(ok for _, ok, _ in features)
-    return 0 if cohort_ok and features_ok else 1
+    analysis_ok = True
+    if runner.has_assets("analysis_refresh"):
+        start = time.perf_counter()
+        analysis_ok = runner.materialize_cohort("analysis_refresh")
+        print(f"analysis (explainable features, LASSO models, metrics, coefficients, report): "
+              f"{'ok' if analysis_ok else 'FAILED (see the run in the UI)'} in {time.perf_counter() - start:.1f}s")
+    return 0 if cohort_ok and features_ok and analysis_ok else 1
 
 
 def _report(what: str, results: list[tuple[str, bool, str]], elapsed: float, workers: int) -> None:

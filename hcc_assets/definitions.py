@@ -2,8 +2,9 @@
 
 import dagster as dg
 
-from hcc_assets.defs import cohort, deep, ingest, segmentation
+from hcc_assets.defs import analysis, cohort, deep, ingest, segmentation
 from hcc_assets.defs.jobs import (
+    analysis_job,
     cohort_job,
     cohort_refresh_schedule,
     patient_features_job,
@@ -14,8 +15,8 @@ from hcc_assets.defs.resources import ComputeResource, LakeResource, default_lak
 from hcc_assets.defs.sensors import incoming_scans_sensor
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([ingest, cohort, segmentation, deep]),
-    jobs=[patient_ingest_job, patient_features_job, patient_pipeline_job, cohort_job],
+    assets=dg.load_assets_from_modules([ingest, cohort, segmentation, deep, analysis]),
+    jobs=[patient_ingest_job, patient_features_job, patient_pipeline_job, cohort_job, analysis_job],
     sensors=[incoming_scans_sensor],
     schedules=[cohort_refresh_schedule],
     resources={"lake": LakeResource(root=default_lake_root()), "compute": ComputeResource()},

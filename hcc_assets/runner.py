@@ -95,9 +95,16 @@ def has_assets(job: str) -> bool:
     return bool(_defs().resolve_job_def(job).asset_layer.executable_asset_keys)
 
 
-def materialize_cohort() -> bool:
+def analysis_refresh_job() -> dg.JobDefinition:
+    return _defs().resolve_job_def("analysis_refresh")
+
+
+COHORT_JOBS = {"cohort_refresh": cohort_refresh_job, "analysis_refresh": analysis_refresh_job}
+
+
+def materialize_cohort(job: str = "cohort_refresh") -> bool:
     result = dg.execute_job(
-        dg.reconstructable(cohort_refresh_job),
+        dg.reconstructable(COHORT_JOBS[job]),
         instance=dg.DagsterInstance.get(),
         run_config=EXECUTORS["in_process"],
         tags={"hcc_assets/trigger": "cli"},

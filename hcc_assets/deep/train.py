@@ -391,18 +391,22 @@ def load_model(folder: str | Path, device: str = "cpu") -> TrainingResult:
 
 def plot_history(history: Sequence[EpochRecord] | Sequence[dict], best_epoch: int | None = None) -> bytes:
     """The study's Figure 2: accuracy and loss over epochs, training and validation, as PNG bytes."""
+    import matplotlib.style
     from matplotlib.figure import Figure  # no pyplot: no global figure state, Agg renders the PNG
 
     records = [r if isinstance(r, dict) else asdict(r) for r in history]
     epochs = [r["epoch"] for r in records]
-    figure = Figure(figsize=(10, 4), dpi=100, layout="constrained")
-    for axes, metric, title in zip(figure.subplots(1, 2), ("acc", "loss"), ("Accuracy", "Loss (binary cross-entropy)")):
-        axes.plot(epochs, [r[f"train_{metric}"] for r in records], label="training")
-        axes.plot(epochs, [r[f"val_{metric}"] for r in records], label="validation")
-        if best_epoch:
-            axes.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch ({best_epoch})")
-        axes.set(title=title, xlabel="epoch")
-        axes.legend()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
+    # matplotlib's own style: nnU-Net's import sets a global seaborn style with 2.5x fonts
+    with matplotlib.style.context("default"):
+        figure = Figure(figsize=(10, 4), dpi=100, layout="constrained")
+        for axes, metric, title in zip(figure.subplots(1, 2), ("acc", "loss"),
+                                       ("Accuracy", "Loss (binary cross-entropy)")):
+            axes.plot(epochs, [r[f"train_{metric}"] for r in records], label="training")
+            axes.plot(epochs, [r[f"val_{metric}"] for r in records], label="validation")
+            if best_epoch:
+                axes.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch ({best_epoch})")
+            axes.set(title=title, xlabel="epoch")
+            axes.legend()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", metadata={"Software": None})
     return buffer.getvalue()

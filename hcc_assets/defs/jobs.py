@@ -25,6 +25,13 @@ cohort_job = dg.define_asset_job(
     description="Cohort-level assets over all ingested patients: split and model training.",
 )
 
+analysis_job = dg.define_asset_job(
+    name="analysis_refresh",
+    selection=dg.AssetSelection.groups("analysis"),
+    description="The study's analysis over every patient's features: explainable DL features, LASSO models, "
+    "metrics with bootstrap CIs, coefficients and the report.",
+)
+
 cohort_refresh_schedule = dg.ScheduleDefinition(
     job=cohort_job,
     cron_schedule="0 2 * * *",

@@ -120,6 +120,52 @@ TABLES: dict[str, str] = {
         model_version VARCHAR NOT NULL,
         embedding FLOAT[128] NOT NULL,
         {PROVENANCE}""",
+    # -- analysis (cohort level; `version` is the version of the model or selection) ---------
+    "explainable_correlations": f"""
+        dl_feature VARCHAR NOT NULL,
+        handcrafted_feature VARCHAR NOT NULL,
+        measure VARCHAR NOT NULL,
+        value DOUBLE,
+        threshold DOUBLE NOT NULL,
+        related BOOLEAN NOT NULL,
+        kept BOOLEAN NOT NULL,
+        embedding_version VARCHAR NOT NULL,
+        feature_set_version VARCHAR NOT NULL,
+        n_patients INTEGER NOT NULL,
+        {PROVENANCE}""",
+    "explainability_sweep": f"""
+        measure VARCHAR NOT NULL,
+        threshold DOUBLE NOT NULL,
+        n_kept INTEGER NOT NULL,
+        n_selected INTEGER,
+        cv_accuracy DOUBLE,
+        val_accuracy DOUBLE,
+        val_roc_auc DOUBLE,
+        {PROVENANCE}""",
+    "model_metrics": f"""
+        model VARCHAR NOT NULL,
+        scheme VARCHAR NOT NULL,
+        metric VARCHAR NOT NULL,
+        estimate DOUBLE,
+        mean DOUBLE,
+        ci_low DOUBLE,
+        ci_high DOUBLE,
+        n INTEGER NOT NULL,
+        n_resamples INTEGER,
+        n_degenerate INTEGER,
+        {PROVENANCE}""",
+    "coefficients": f"""
+        model VARCHAR NOT NULL,
+        feature VARCHAR NOT NULL,
+        beta DOUBLE,
+        std_error DOUBLE,
+        z DOUBLE,
+        p_value DOUBLE,
+        odds_change_pct DOUBLE,
+        lasso_beta DOUBLE,
+        related_handcrafted VARCHAR,
+        status VARCHAR NOT NULL,
+        {PROVENANCE}""",
 }
 
 
@@ -143,9 +189,27 @@ def _deep_features_view(con) -> list[str]:
     return [f"CREATE OR REPLACE VIEW deep_features AS SELECT patient_id, model_version, {columns} FROM deep_embeddings"]
 
 
+TABLE_1_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc")
+
+
+def _table_1_view(con) -> list[str]:
+    """`table_1`: the study's Table 1, one row per model and evaluation scheme, each metric shown
+    as 'estimate [ci_low, ci_high]' (95% CI)."""
+    cells = ", ".join(
+        f"max(printf('%.3f [%.3f, %.3f]', estimate, ci_low, ci_high)) FILTER (WHERE metric = '{m}') AS {m}"
+        for m in TABLE_1_METRICS
+    )
+    order = "CASE model WHEN 'radiomic' THEN 1 WHEN 'deep' THEN 2 WHEN 'explainable' THEN 3 ELSE 4 END"
+    return [
+        f"CREATE OR REPLACE VIEW table_1 AS SELECT model, scheme, max(n) AS n, {cells} FROM model_metrics "
+        f"GROUP BY model, scheme ORDER BY scheme, {order}"
+    ]
+
+
 VIEW_BUILDERS: dict[str, list[Callable]] = {
     "radiomic_features": [_radiomics_view],
     "deep_embeddings": [_deep_features_view],
+    "model_metrics": [_table_1_view],
 }
 
 

@@ -10,7 +10,7 @@ def format_frame(frame: pl.DataFrame, fmt: str = "table", max_rows: int = 100) -
         return frame.with_columns(_lists_as_text(frame)).write_csv().rstrip("\n")
     if fmt == "json":
         return frame.write_json()
-    with pl.Config(tbl_rows=max_rows, tbl_cols=-1, tbl_width_chars=200, fmt_str_lengths=60, tbl_hide_dataframe_shape=False):
+    with pl.Config(tbl_rows=max_rows, tbl_cols=-1, tbl_width_chars=400, fmt_str_lengths=60, tbl_hide_dataframe_shape=False):
         return str(frame)
 
 

@@ -85,10 +85,14 @@ class FeatureStore:
 
     # -- writes ------------------------------------------------------------------------
     @staticmethod
-    def with_provenance(rows: pl.DataFrame, *, version: str, run_id: str) -> pl.DataFrame:
+    def with_provenance(rows: pl.DataFrame, *, version: str | None, run_id: str) -> pl.DataFrame:
+        """Add version, run_id and materialized_at; version None keeps the rows' own `version`
+        column (tables whose rows belong to different model versions)."""
         now = dt.datetime.now(dt.timezone.utc)
+        if version is None and "version" not in rows.columns:
+            raise FeatureStoreError("rows without a version column need a version")
         return rows.with_columns(
-            pl.lit(version).alias("version"),
+            *([] if version is None else [pl.lit(version).alias("version")]),
             pl.lit(run_id).alias("run_id"),
             pl.lit(now).alias("materialized_at"),
         )

@@ -1,0 +1,675 @@
+"""The study's analysis as cohort-level assets (group `analysis`):
+
+    radiomic_features + deep_embedding + cohort -> explainable_features -> explainability_sweep
+    radiomic_features -> radiomic_model ; explainable_features -> explainable_model
+    radiomic_model + explainable_model + hcc_classifier -> model_metrics, coefficients -> report
+
+Thin wiring around `hcc_assets.stats` (filtering, association, LASSO, bootstrap, Logit refit) and
+`hcc_assets.featurestore.queries` (training matrices from SQL). Everything that is fitted is fitted
+on training patients only; validation patients are only ever predicted.
+
+Feature-store tables: `explainable_correlations`, `explainability_sweep`, `models` (rows
+'radiomic_model', 'explainable_model'), `predictions` (models 'radiomic', 'explainable'),
+`model_metrics` (view `table_1`), `coefficients`. Each model's `version` is a content hash of
+its training data, configuration and code version.
+"""
+
+
+import hashlib
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import polars as pl
+
+from hcc_assets import radiomics
+from hcc_assets.defs.cohort import cohort
+from hcc_assets.defs.deep import MODEL_NAME as CLASSIFIER_NAME
+from hcc_assets.defs.deep import PREDICTION_MODEL as DEEP_MODEL
+from hcc_assets.defs.deep import current_classifier, deep_embedding, hcc_classifier
+from hcc_assets.defs.metadata import markdown_table, png_markdown
+from hcc_assets.defs.resources import LakeResource
+from hcc_assets.defs.ingest import NIFTI_FILE
+from hcc_assets.defs.segmentation import LIVER_MASK_FILE, RADIOMICS_STAGE, liver_mask, radiomic_features
+from hcc_assets.featurestore import FeatureStore
+from hcc_assets.featurestore.queries import (
+    FeatureMatrix,
+    embedding_matrix,
+    excluded_patients,
+    latest_feature_set_version,
+    radiomics_matrix,
+)
+from hcc_assets.lake import DataLake
+
+ANALYSIS_VERSION = "1"
+GROUP = "analysis"
+RADIOMIC_MODEL, EXPLAINABLE_MODEL = "radiomic", "explainable"
+REGISTRY_NAMES = {RADIOMIC_MODEL: "radiomic_model", EXPLAINABLE_MODEL: "explainable_model"}
+MODELS_DIR = "models"
+# The study's handcrafted set: 14 shape, 18 first-order and 40 GLCM/GLRLM features.
+STUDY_PREFIXES = tuple(f"original_{name}_" for name in radiomics.STUDY_FEATURE_CLASSES)
+HOLDOUT_SCHEME = "holdout_bootstrap"
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _matrix_digest(matrix: FeatureMatrix) -> str:
+    return _digest(matrix.patient_ids, matrix.feature_names, matrix.hcc.tolist(), matrix.split.tolist(),
+                   hashlib.sha256(np.ascontiguousarray(matrix.values).tobytes()).hexdigest())
+
+
+def _fail(what: str, problem: str) -> dg.Failure:
+    return dg.Failure(description=f"{what}: {problem}", allow_retries=False)
+
+
+def _classifier_version(store: FeatureStore, what: str) -> str:
+    model = current_classifier(store)
+    if model is None:
+        raise _fail(what, "no hcc_classifier is registered; materialize the cohort_refresh job first")
+    return model["version"]
+
+
+def _feature_set(store: FeatureStore, what: str) -> str:
+    version = latest_feature_set_version(store)
+    if version is None:
+        raise _fail(what, "no radiomic features in the feature store; materialize radiomic_features first")
+    return version
+
+
+def _handcrafted(store: FeatureStore, what: str, study_features_only: bool) -> FeatureMatrix:
+    return radiomics_matrix(store, _feature_set(store, what), STUDY_PREFIXES if study_features_only else ())
+
+
+def _with_both(dl: FeatureMatrix, hc: FeatureMatrix) -> tuple[FeatureMatrix, FeatureMatrix]:
+    """The same patients, in the same order, in both matrices."""
+    common = sorted(set(dl.patient_ids) & set(hc.patient_ids))
+    return dl.subset(common), hc.subset(common)
+
+
+# -- explainable_features ----------------------------------------------------------------------
+
+
+class ExplainableFeaturesConfig(dg.Config):
+    threshold: float = 0.5  # the study's |r| >= 0.5
+    measure: str = "pearson"  # pearson | spearman | distance
+    study_features_only: bool = True  # correlate with the study's 72 handcrafted features
+
+
+def kept_dl_features(store: FeatureStore) -> tuple[list[str], str, str]:
+    """(kept DL feature names, selection version, embedding version) of the current selection."""
+    kept = store.query("SELECT DISTINCT dl_feature, version, embedding_version FROM explainable_correlations "
+                       "WHERE kept ORDER BY dl_feature")
+    if kept.height == 0:
+        any_rows = store.query("SELECT version, embedding_version FROM explainable_correlations LIMIT 1")
+        if any_rows.height == 0:
+            return [], "", ""
+        return [], any_rows["version"][0], any_rows["embedding_version"][0]
+    return kept["dl_feature"].to_list(), kept["version"][0], kept["embedding_version"][0]
+
+
+@dg.asset(
+    deps=[radiomic_features, deep_embedding, cohort, hcc_classifier],
+    code_version=ANALYSIS_VERSION,
+    group_name=GROUP,
+    kinds={"scikitlearn", "duckdb"},
+    description="Explainable DL features: the deep-embedding dimensions with |association| >= threshold "
+    "(default Pearson |r| >= 0.5) to at least one handcrafted radiomic feature, computed on training "
+    "patients only. The full correlation map is `explainable_correlations` (related = which handcrafted "
+    "features each DL feature relates to; kept = the selected DL features).",
+)
+def explainable_features(context: dg.AssetExecutionContext, config: ExplainableFeaturesConfig,
+                         lake: LakeResource) -> dg.MaterializeResult:
+    from hcc_assets.stats.association import association_long_table, select_explainable
+
+    what = "explainable_features"
+    store = lake.store
+    dl, hc = _with_both(embedding_matrix(store, _classifier_version(store, what)),
+                        _handcrafted(store, what, config.study_features_only))
+    dl_train, hc_train = dl.rows("train"), hc.rows("train")
+    if dl_train.n < 3:
+        raise _fail(what, f"{dl_train.n} training patients have both radiomic features and a deep embedding of "
+                    f"model {dl.version}; at least 3 are needed (materialize radiomic_features and deep_embedding)")
+    selection = select_explainable(dl_train.values, hc_train.values, hc.feature_names,
+                                   threshold=config.threshold, measure=config.measure)
+    version = _digest(ANALYSIS_VERSION, config.model_dump(), _matrix_digest(dl_train), _matrix_digest(hc_train))
+    table = association_long_table(selection, dl.feature_names, hc.feature_names).with_columns(
+        pl.lit(config.threshold).alias("threshold"),
+        pl.lit(dl.version).alias("embedding_version"),
+        pl.lit(hc.version).alias("feature_set_version"),
+        pl.lit(dl_train.n, dtype=pl.Int32).alias("n_patients"),
+    )
+    store.replace_table("explainable_correlations",
+                        FeatureStore.with_provenance(table, version=version, run_id=context.run.run_id))
+    kept_rows = [
+        {"dl_feature": dl.feature_names[i], "n_related": len(selection.related[i]),
+         "strongest": selection.related[i][0][0] if selection.related[i] else "",
+         "value": selection.related[i][0][1] if selection.related[i] else None}
+        for i in selection.kept
+    ]
+    context.log.info(f"{what}: {len(selection.kept)} of {len(dl.feature_names)} DL features have "
+                     f"|{config.measure}| >= {config.threshold} to a handcrafted feature ({dl_train.n} training patients)")
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
+        metadata={
+            "selection_version": version,
+            "n_kept": len(selection.kept),
+            "n_dl_features": len(dl.feature_names),
+            "n_handcrafted_features": len(hc.feature_names),
+            "n_training_patients": dl_train.n,
+            "measure": config.measure,
+            "threshold": config.threshold,
+            "embedding_version": dl.version,
+            "feature_set_version": hc.version,
+            "kept": markdown_table(kept_rows, ["dl_feature", "n_related", "strongest", "value"]),
+        },
+    )
+
+
+# -- explainability_sweep ----------------------------------------------------------------------
+
+
+class ExplainabilitySweepConfig(dg.Config):
+    thresholds: list[float] = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    measures: list[str] = ["pearson", "spearman", "distance"]
+    seed: int = 0
+    study_features_only: bool = True
+
+
+@dg.asset(
+    deps=[explainable_features],
+    code_version=ANALYSIS_VERSION,
+    group_name=GROUP,
+    kinds={"scikitlearn", "duckdb"},
+    description="Beyond the study (its future work): the explainable-feature selection swept over thresholds "
+    "and association measures (Pearson, Spearman, distance correlation), each with the downstream LASSO "
+    "model's cross-validated and validation accuracy. Table `explainability_sweep`.",
+)
+def explainability_sweep(context: dg.AssetExecutionContext, config: ExplainabilitySweepConfig,
+                         lake: LakeResource) -> dg.MaterializeResult:
+    from hcc_assets.stats.sweep import explainability_sweep as sweep
+
+    what = "explainability_sweep"
+    store = lake.store
+    dl, hc = _with_both(embedding_matrix(store, _classifier_version(store, what)),
+                        _handcrafted(store, what, config.study_features_only))
+    dl_train, hc_train, dl_val = dl.rows("train"), hc.rows("train"), dl.rows("validation")
+    if dl_train.n < 6 or dl_val.n < 1:
+        raise _fail(what, f"{dl_train.n} training / {dl_val.n} validation patients with both feature kinds")
+    started = time.perf_counter()
+    table = sweep(dl_train.values, hc_train.values, hc.feature_names, dl_train.hcc, dl_val.values, dl_val.hcc,
+                  thresholds=tuple(config.thresholds), measures=tuple(config.measures), seed=config.seed)
+    version = _digest(ANALYSIS_VERSION, config.model_dump(), _matrix_digest(dl), _matrix_digest(hc))
+    store.replace_table("explainability_sweep",
+                        FeatureStore.with_provenance(table, version=version, run_id=context.run.run_id))
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
+        metadata={
+            "settings": table.height,
+            "seconds": round(time.perf_counter() - started, 2),
+            "sweep": markdown_table(table.to_dicts(), table.columns),
+        },
+    )
+
+
+# -- LASSO models --------------------------------------------------------------------------------
+
+
+class LassoModelConfig(dg.Config):
+    """The study's LASSO: C = 1/lambda, lambda 7 log-spaced values in [1e-3, 1e3], 3-fold CV on accuracy."""
+
+    seed: int = 0
+    cv_folds: int = 3
+    n_lambdas: int = 7
+    lambda_min: float = 1e-3
+    lambda_max: float = 1e3
+    study_features_only: bool = True  # radiomic model: the study's 72 features (False: every class)
+
+    def lambdas(self) -> np.ndarray:
+        from hcc_assets.stats.filtering import lambda_grid
+
+        return lambda_grid(self.n_lambdas, self.lambda_min, self.lambda_max)
+
+
+def _upload_folder(data_lake: DataLake, local: Path, target: str) -> None:
+    for file in sorted(local.iterdir()):
+        if file.is_file():
+            data_lake.write_bytes(f"{target}/{file.name}", file.read_bytes())
+
+
+def _download_folder(data_lake: DataLake, source: str, local: Path) -> Path:
+    for entry in data_lake.fs.ls(source, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if not name.startswith("."):
+            (local / name).write_bytes(data_lake.read_bytes(entry))
+    return local
+
+
+def load_registered_lasso(lake: LakeResource, model: str):
+    """(LassoFit, registry row) of the current LASSO model `model` ('radiomic' | 'explainable')."""
+    from hcc_assets.stats.lasso import load_lasso
+
+    rows = lake.store.query("SELECT * FROM models WHERE model_name = ? ORDER BY materialized_at DESC LIMIT 1",
+                            [REGISTRY_NAMES[model]])
+    if rows.height == 0:
+        raise _fail(model, f"no {REGISTRY_NAMES[model]} is registered; materialize it first")
+    row = rows.row(0, named=True)
+    with tempfile.TemporaryDirectory() as staging:
+        return load_lasso(_download_folder(lake.lake, row["path"], Path(staging))), row
+
+
+def _fit_register_predict(context, lake: LakeResource, model: str, matrix: FeatureMatrix, config: LassoModelConfig,
+                          extra_params: dict) -> tuple[dg.MaterializeResult, object]:
+    """Fit the LASSO on the training rows of `matrix`, save and register it, and store P(HCC) for
+    every patient of `matrix` in `predictions`."""
+    from hcc_assets.stats.lasso import fit_lasso, predict_proba, save_lasso
+
+    train = matrix.rows("train")
+    if train.n < 2 * config.cv_folds or len(set(train.hcc.tolist())) < 2:
+        raise _fail(REGISTRY_NAMES[model], f"{train.n} training patients ({int(train.hcc.sum())} HCC); "
+                    f"{config.cv_folds}-fold CV needs both classes with at least {config.cv_folds} each")
+    started = time.perf_counter()
+    try:
+        fit = fit_lasso(train.values, train.hcc, matrix.feature_names, seed=config.seed, cv_folds=config.cv_folds,
+                        lambdas=config.lambdas())
+    except ValueError as error:
+        raise _fail(REGISTRY_NAMES[model], str(error)) from None
+    seconds = time.perf_counter() - started
+    version = _digest(ANALYSIS_VERSION, model, config.model_dump(), _matrix_digest(train), extra_params)
+    folder = lake.lake.path(MODELS_DIR, REGISTRY_NAMES[model], version)
+    with tempfile.TemporaryDirectory() as staging:
+        save_lasso(fit, staging)
+        _upload_folder(lake.lake, Path(staging), folder)
+
+    probabilities = predict_proba(fit, matrix.values)
+    run_id = context.run.run_id
+    lake.store.replace_where("predictions", {"model": model}, FeatureStore.with_provenance(
+        pl.DataFrame({"model": [model] * matrix.n, "patient_id": matrix.patient_ids, "split": matrix.split.tolist(),
+                      "probability": probabilities.astype(np.float64), "label": matrix.hcc.astype(bool).tolist()}),
+        version=version, run_id=run_id))
+    train_accuracy = float(np.mean((predict_proba(fit, train.values) > 0.5) == train.hcc))
+    params = {
+        "penalty": "l1", "C_grid": [float(1 / lam) for lam in fit.lambdas], "lambdas": [float(x) for x in fit.lambdas],
+        "best_lambda": float(fit.best_lambda), "best_C": float(fit.best_C), "cv_folds": config.cv_folds,
+        "seed": config.seed, "n_input_features": len(matrix.feature_names), "n_constant": int(fit.n_constant),
+        "n_quasi_constant": int(fit.n_quasi_constant), "selected": fit.selected, "code_version": ANALYSIS_VERSION,
+        **extra_params,
+    }
+    metrics = {"cv_accuracy_mean": [float(x) for x in fit.cv_accuracy_mean],
+               "cv_accuracy_sd": [float(x) for x in fit.cv_accuracy_sd], "train_accuracy": train_accuracy,
+               "fit_seconds": seconds}
+    lake.store.replace_where("models", {"model_name": REGISTRY_NAMES[model]}, FeatureStore.with_provenance(
+        pl.DataFrame([{"model_name": REGISTRY_NAMES[model], "kind": "lasso_logistic", "path": folder, "init": None,
+                       "params": json.dumps(params, sort_keys=True), "training_patients": train.patient_ids,
+                       "metrics": json.dumps(metrics, sort_keys=True)}],
+                     schema={"model_name": pl.String, "kind": pl.String, "path": pl.String, "init": pl.String,
+                             "params": pl.String, "training_patients": pl.List(pl.String), "metrics": pl.String}),
+        version=version, run_id=run_id))
+    cv_rows = [{"lambda": float(lam), "C": float(1 / lam), "cv_accuracy": float(m), "sd": float(s)}
+               for lam, m, s in zip(fit.lambdas, fit.cv_accuracy_mean, fit.cv_accuracy_sd)]
+    coefficient_rows = [{"feature": name, "beta": float(fit.coefficients[name])} for name in fit.selected]
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
+        metadata={
+            "model_version": version,
+            "path": dg.MetadataValue.path(folder),
+            "n_train": train.n,
+            "n_validation": matrix.rows("validation").n,
+            "n_input_features": len(matrix.feature_names),
+            "n_constant_dropped": int(fit.n_constant),
+            "n_quasi_constant_dropped": int(fit.n_quasi_constant),
+            "best_lambda": float(fit.best_lambda),
+            "n_selected": len(fit.selected),
+            "train_accuracy": train_accuracy,
+            "cv_grid": markdown_table(cv_rows, ["lambda", "C", "cv_accuracy", "sd"]),
+            "selected": markdown_table(coefficient_rows, ["feature", "beta"]),
+            "fit_seconds": round(seconds, 3),
+            **{k: (dg.MetadataValue.json(v) if isinstance(v, (dict, list)) else v) for k, v in extra_params.items()},
+        },
+    ), fit
+
+
+@dg.asset(
+    deps=[radiomic_features, cohort],
+    code_version=ANALYSIS_VERSION,
+    group_name=GROUP,
+    kinds={"scikitlearn", "duckdb"},
+    description="The baseline: L1 logistic regression (constant/quasi-constant filter, z-score, LASSO; "
+    "C = 1/lambda over 7 lambdas in [1e-3, 1e3], seeded 3-fold CV on accuracy) on the handcrafted "
+    "radiomic features of the training patients. Patients whose radiomics failed are excluded, with the "
+    "count and reasons in metadata and `models.params`, as in the study.",
+)
+def radiomic_model(context: dg.AssetExecutionContext, config: LassoModelConfig, lake: LakeResource
+                   ) -> dg.MaterializeResult:
+    store = lake.store
+    matrix = _handcrafted(store, "radiomic_model", config.study_features_only)
+    cohort_rows = store.query("SELECT patient_id, hcc, split FROM cohort_split")
+    excluded = excluded_patients(store, RADIOMICS_STAGE)
+    missing = sorted(set(cohort_rows["patient_id"]) - set(matrix.patient_ids) - set(excluded["patient_id"]))
+    reasons: dict[str, int] = {}
+    for reason in excluded["reason"].to_list():
+        reasons[reason] = reasons.get(reason, 0) + 1
+    if missing:
+        reasons["no radiomic features of the current feature set"] = len(missing)
+    n_excluded = excluded.height + len(missing)
+    if n_excluded:
+        context.log.warning(f"radiomic_model: {n_excluded} patient(s) excluded (radiomics failed or missing): "
+                            + "; ".join(f"{n} x {r}" for r, n in sorted(reasons.items())))
+    result, _ = _fit_register_predict(context, lake, RADIOMIC_MODEL, matrix, config, {
+        "feature_set_version": matrix.version,
+        "n_excluded": n_excluded,
+        "excluded_hcc": int(excluded["hcc"].sum()) if excluded.height else 0,
+        "exclusion_reasons": reasons,
+    })
+    return result
+
+
+@dg.asset(
+    deps=[explainable_features],
+    code_version=ANALYSIS_VERSION,
+    group_name=GROUP,
+    kinds={"scikitlearn", "duckdb"},
+    description="L1 logistic regression (same filter, scaling, grid and CV as radiomic_model) on the explainable "
+    "DL features of the training patients.",
+)
+def explainable_model(context: dg.AssetExecutionContext, config: LassoModelConfig, lake: LakeResource
+                      ) -> dg.MaterializeResult:
+    store = lake.store
+    kept, selection_version, embedding_version = kept_dl_features(store)
+    if not selection_version:
+        raise _fail("explainable_model", "explainable_features has not been materialized")
+    if not kept:
+        raise _fail("explainable_model", "no DL feature reached the association threshold to any handcrafted "
+                    "feature; lower explainable_features.threshold or see explainability_sweep")
+    matrix = embedding_matrix(store, embedding_version).columns(kept)
+    result, _ = _fit_register_predict(context, lake, EXPLAINABLE_MODEL, matrix, config, {
+        "selection_version": selection_version, "embedding_version": embedding_version, "n_explainable": len(kept),
+    })
+    return result
+
+
+# -- model_metrics -------------------------------------------------------------------------------
+
+
+class ModelMetricsConfig(dg.Config):
+    n_bootstrap: int = 1000
+    bootstrap_seed: int = 0
+    cv_splits: int = 5
+    cv_repeats: int = 5
+    cv_seed: int = 0
+    threshold: float = 0.5  # P(HCC) at or above which a patient is called HCC
+
+
+def _predictions(store: FeatureStore, model: str) -> pl.DataFrame:
+    return store.query("SELECT patient_id, split, probability, label, version FROM predictions WHERE model = ? "
+                       "ORDER BY patient_id", [model])
+
+
+def _estimate_rows(model: str, scheme: str, estimates) -> list[dict]:
+    return [{"model": model, "scheme": scheme, "metric": e.metric, "estimate": e.estimate, "mean": e.mean,
+             "ci_low": e.ci_low, "ci_high": e.ci_high, "n": e.n, "n_resamples": e.n_resamples_used,
+             "n_degenerate": e.n_degenerate} for e in estimates]
+
+
+def _lasso_fit_predict(lake_config: LassoModelConfig):
+    from hcc_assets.stats.lasso import fit_lasso, predict_proba
+
+    def fit_predict(x_train, y_train, x_test):
+        fit = fit_lasso(x_train, y_train, [f"f{i}" for i in range(x_train.shape[1])], seed=lake_config.seed,
+                        cv_folds=lake_config.cv_folds, lambdas=lake_config.lambdas())
+        return predict_proba(fit, x_test)
+    return fit_predict
+
+
+def _explainable_fit_predict(lasso: LassoModelConfig, selection: dict, n_dl: int, hc_names: list[str]):
+    """The whole explainable fit inside each fold: association selection, then filter + LASSO."""
+    from hcc_assets.stats.association import select_explainable
+    from hcc_assets.stats.filtering import AllFeaturesDroppedError
+
+    fit_predict_lasso = _lasso_fit_predict(lasso)
+
+    def fit_predict(x_train, y_train, x_test):
+        chosen = select_explainable(x_train[:, :n_dl], x_train[:, n_dl:], hc_names, threshold=selection["threshold"],
+                                    measure=selection["measure"]).kept
+        prior = np.full(len(x_test), float(np.mean(y_train)))
+        if not chosen:  # nothing explainable in this fold: the model can only predict the prior
+            return prior
+        try:
+            return fit_predict_lasso(x_train[:, chosen], y_train, x_test[:, chosen])
+        except AllFeaturesDroppedError:  # every chosen feature constant in this fold: same as none
+            return prior
+    return fit_predict
+
+
+@dg.asset(
+    deps=[radiomic_model, explainable_model, hcc_classifier],
+    code_version=ANALYSIS_VERSION,
+    group_name=GROUP,
+    kinds={"scikitlearn", "duckdb"},
+    description="Accuracy, precision, recall, F1 and ROC AUC of the radiomic, deep and explainable models on the "
+    "validation patients, with the mean and 95% percentile CI over seeded bootstrap resamples "
+    "(scheme holdout_bootstrap), and, for the LASSO models, repeated stratified k-fold CV of the whole fit "
+    "(scheme repeated_cv_<k>x<r>). Table `model_metrics`; view `table_1` is the study's Table 1.",
+)
+def model_metrics(context: dg.AssetExecutionContext, config: ModelMetricsConfig, lake: LakeResource
+                  ) -> dg.MaterializeResult:
+    from hcc_assets.stats.metrics import bootstrap_metrics, repeated_cv_metrics
+
+    store = lake.store
+    rows: list[dict] = []
+    versions: dict[str, str] = {}
+    started = time.perf_counter()
+    for model in (RADIOMIC_MODEL, DEEP_MODEL, EXPLAINABLE_MODEL):
+        predictions = _predictions(store, model)
+        validation = predictions.filter(pl.col("split") == "validation")
+        if validation.height == 0:
+            context.log.warning(f"model_metrics: no validation predictions of model {model}; skipped")
+            continue
+        versions[model] = validation["version"][0]
+        estimates = bootstrap_metrics(validation["label"].cast(pl.Int8).to_numpy(),
+                                      validation["probability"].to_numpy(), n_resamples=config.n_bootstrap,
+                                      seed=config.bootstrap_seed, threshold=config.threshold)
+        rows += [r | {"version": versions[model]} for r in _estimate_rows(model, HOLDOUT_SCHEME, estimates)]
+    context.log.info(f"model_metrics: {config.n_bootstrap} bootstrap resamples of {len(versions)} models in "
+                     f"{time.perf_counter() - started:.1f}s")
+
+    # Repeated CV of the whole LASSO fit over every patient with features (the deep model would need
+    # k x r CNN trainings: not run on CPU by default).
+    scheme = f"repeated_cv_{config.cv_splits}x{config.cv_repeats}"
+    lasso_config = _lasso_config_of(store, RADIOMIC_MODEL)
+    if config.cv_repeats > 0 and RADIOMIC_MODEL in versions:
+        hc = _handcrafted(store, "model_metrics", lasso_config.study_features_only)
+        estimates = repeated_cv_metrics(_lasso_fit_predict(lasso_config), hc.values, hc.hcc, n_splits=config.cv_splits,
+                                        n_repeats=config.cv_repeats, seed=config.cv_seed)
+        rows += [r | {"version": versions[RADIOMIC_MODEL]} for r in _estimate_rows(RADIOMIC_MODEL, scheme, estimates)]
+    if config.cv_repeats > 0 and EXPLAINABLE_MODEL in versions:
+        selection = _selection_config(store)
+        dl, hc = _with_both(embedding_matrix(store, _classifier_version(store, "model_metrics")),
+                            _handcrafted(store, "model_metrics", selection["study_features_only"]))
+        estimates = repeated_cv_metrics(
+            _explainable_fit_predict(_lasso_config_of(store, EXPLAINABLE_MODEL), selection, len(dl.feature_names),
+                                     hc.feature_names),
+            np.hstack([dl.values, hc.values]), dl.hcc, n_splits=config.cv_splits, n_repeats=config.cv_repeats,
+            seed=config.cv_seed)
+        rows += [r | {"version": versions[EXPLAINABLE_MODEL]}
+                 for r in _estimate_rows(EXPLAINABLE_MODEL, scheme, estimates)]
+    if not rows:
+        raise _fail("model_metrics", "no model has validation predictions; materialize the models first")
+
+    table = pl.DataFrame(rows, schema={"model": pl.String, "scheme": pl.String, "metric": pl.String,
+                                       "estimate": pl.Float64, "mean": pl.Float64, "ci_low": pl.Float64,
+                                       "ci_high": pl.Float64, "n": pl.Int32, "n_resamples": pl.Int32,
+                                       "n_degenerate": pl.Int32, "version": pl.String})
+    store.replace_table("model_metrics", FeatureStore.with_provenance(table, version=None, run_id=context.run.run_id))
+    table_1 = store.query("SELECT * FROM table_1")
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(_digest(table.drop("version").to_dicts(), versions)),
+        metadata={
+            "table_1": markdown_table(table_1.to_dicts(), table_1.columns),
+            "model_versions": dg.MetadataValue.json(versions),
+            "n_bootstrap": config.n_bootstrap,
+            "bootstrap_seed": config.bootstrap_seed,
+            "cv_scheme": scheme,
+            "seconds": round(time.perf_counter() - started, 2),
+        },
+    )
+
+
+def _lasso_config_of(store: FeatureStore, model: str) -> LassoModelConfig:
+    """The configuration the registered model was fitted with, so CV refits the same thing."""
+    rows = store.query("SELECT params FROM models WHERE model_name = ? ORDER BY materialized_at DESC LIMIT 1",
+                       [REGISTRY_NAMES[model]])
+    if rows.height == 0:
+        return LassoModelConfig()
+    params = json.loads(rows["params"][0])
+    lambdas = params.get("lambdas") or []
+    return LassoModelConfig(seed=params.get("seed", 0), cv_folds=params.get("cv_folds", 3),
+                            n_lambdas=len(lambdas) or 7, lambda_min=min(lambdas or [1e-3]),
+                            lambda_max=max(lambdas or [1e3]))
+
+
+def _selection_config(store: FeatureStore) -> dict:
+    rows = store.query("SELECT any_value(measure) AS measure, any_value(threshold) AS threshold, "
+                       "count(DISTINCT handcrafted_feature) AS n_hc FROM explainable_correlations")
+    measure = rows["measure"][0] or "pearson"
+    threshold = rows["threshold"][0] if rows["threshold"][0] is not None else 0.5
+    n_study = len(_study_names(store))
+    return {"measure": measure, "threshold": float(threshold),
+            "study_features_only": int(rows["n_hc"][0] or 0) <= n_study}
+
+
+def _study_names(store: FeatureStore) -> list[str]:
+    version = latest_feature_set_version(store)
+    if version is None:
+        return []
+    names = store.query("SELECT DISTINCT feature FROM radiomic_features WHERE feature_set_version = ?", [version])
+    return [n for n in names["feature"].to_list() if n.startswith(STUDY_PREFIXES)]
+
+
+# -- coefficients --------------------------------------------------------------------------------
+
+
+@dg.asset(
+    deps=[radiomic_model, explainable_model],
+    code_version=ANALYSIS_VERSION,
+    group_name=GROUP,
+    kinds={"statsmodels", "duckdb"},
+    description="For each LASSO model's selected features: beta, standard error, z and p from an unpenalized "
+    "statsmodels Logit refit on the selected standardized training features, and the change in odds per "
+    "unit, (exp(beta) - 1) x 100%. Explainable features list the handcrafted features they correlate with. "
+    "A separable or singular refit is reported as such (status), never as numbers. Table `coefficients`.",
+)
+def coefficients(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
+    from hcc_assets.stats.coefficients import logit_refit
+
+    store = lake.store
+    rows: list[dict] = []
+    messages: dict[str, str] = {}
+    related = _related_handcrafted(store)
+    for model in (RADIOMIC_MODEL, EXPLAINABLE_MODEL):
+        try:
+            fit, registry = load_registered_lasso(lake, model)
+        except dg.Failure as failure:
+            context.log.warning(f"coefficients: {failure.description}")
+            continue
+        training = set(registry["training_patients"])
+        if model == RADIOMIC_MODEL:
+            params = json.loads(registry["params"])
+            matrix = radiomics_matrix(store, params["feature_set_version"], ())
+        else:
+            params = json.loads(registry["params"])
+            matrix = embedding_matrix(store, params["embedding_version"])
+        matrix = matrix.columns(fit.feature_names).subset(sorted(training))
+        standardized, names = _standardized_selected(fit, matrix.values)
+        refit, message = logit_refit(standardized, matrix.hcc, names)
+        messages[model] = message
+        for row in refit:
+            rows.append({"model": model, "feature": row.feature, "beta": row.beta, "std_error": row.std_error,
+                         "z": row.z, "p_value": row.p_value, "odds_change_pct": row.odds_change_pct,
+                         "lasso_beta": float(fit.coefficients.get(row.feature, np.nan)),
+                         "related_handcrafted": related.get(row.feature) if model == EXPLAINABLE_MODEL else None,
+                         "status": row.status, "version": registry["version"]})
+    table = pl.DataFrame(rows, schema={"model": pl.String, "feature": pl.String, "beta": pl.Float64,
+                                       "std_error": pl.Float64, "z": pl.Float64, "p_value": pl.Float64,
+                                       "odds_change_pct": pl.Float64, "lasso_beta": pl.Float64,
+                                       "related_handcrafted": pl.String, "status": pl.String, "version": pl.String})
+    store.replace_table("coefficients", FeatureStore.with_provenance(table, version=None, run_id=context.run.run_id))
+    return dg.MaterializeResult(
+        metadata={
+            "n_rows": table.height,
+            "refit": dg.MetadataValue.json(messages),
+            "coefficients": markdown_table(table.to_dicts(), ["model", "feature", "beta", "std_error", "z", "p_value",
+                                                              "odds_change_pct", "status", "related_handcrafted"]),
+        },
+    )
+
+
+def _standardized_selected(fit, values: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """The training features as the LASSO saw them (filtered, z-scored), restricted to its selection."""
+    pipeline = fit.pipeline
+    transformed = pipeline[:-1].transform(values)
+    kept_names = list(np.asarray(fit.feature_names)[pipeline[0].kept_mask_])
+    index = [kept_names.index(name) for name in fit.selected]
+    return transformed[:, index], list(fit.selected)
+
+
+def _related_handcrafted(store: FeatureStore, limit: int = 5) -> dict[str, str]:
+    rows = store.query("SELECT dl_feature, handcrafted_feature, value FROM explainable_correlations "
+                       "WHERE related ORDER BY dl_feature, abs(value) DESC")
+    out: dict[str, list[str]] = {}
+    for row in rows.iter_rows(named=True):
+        out.setdefault(row["dl_feature"], []).append(f"{row['handcrafted_feature']} ({row['value']:+.2f})")
+    return {k: "; ".join(v[:limit]) + (f"; +{len(v) - limit} more" if len(v) > limit else "") for k, v in out.items()}
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+class ReportConfig(dg.Config):
+    folder: str = "reports"  # under the data lake root
+
+
+@dg.asset(
+    deps=[model_metrics, coefficients, explainability_sweep, liver_mask],
+    code_version=ANALYSIS_VERSION,
+    group_name=GROUP,
+    kinds={"html"},
+    description="The study's report as self-contained HTML (figures embedded; opens in a browser with no server) "
+    "and Markdown under data_lake/reports/: cohort summary, Table 1, Figure 1 (slice with mask overlay), "
+    "Figure 2 (training curves), ROC curves of the three models, coefficients and the explainability sweep.",
+)
+def report(context: dg.AssetExecutionContext, config: ReportConfig, lake: LakeResource) -> dg.MaterializeResult:
+    from hcc_assets.stats.report import build_report, gather_report_inputs
+
+    from hcc_assets.segmentation import overlay_png
+
+    data_lake = lake.lake
+
+    def case(patient_id: str):
+        return (data_lake.read_nifti(data_lake.patient_file(patient_id, NIFTI_FILE)),
+                data_lake.read_nifti(data_lake.patient_file(patient_id, LIVER_MASK_FILE)))
+
+    inputs = gather_report_inputs(lake.store, case, overlay_png)
+    rendered = build_report(inputs)
+    html_path = lake.lake.path(config.folder, "report.html")
+    md_path = lake.lake.path(config.folder, "report.md")
+    for name, png in rendered.figures.items():
+        lake.lake.write_bytes(lake.lake.path(config.folder, name), png)
+    lake.lake.write_bytes(md_path, rendered.markdown.encode())
+    lake.lake.write_bytes(html_path, rendered.html.encode())
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(hashlib.sha256(rendered.html.encode()).hexdigest()[:16]),
+        metadata={
+            "html": dg.MetadataValue.path(html_path),
+            "markdown": dg.MetadataValue.path(md_path),
+            "report": dg.MetadataValue.md(rendered.markdown_inline),
+        },
+    )
+
+
+__all__ = ["explainable_features", "explainability_sweep", "radiomic_model", "explainable_model", "model_metrics",
+           "coefficients", "report", "CLASSIFIER_NAME"]

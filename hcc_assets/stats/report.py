@@ -1,0 +1,266 @@
+"""The study's report, rendered from feature-store tables: self-contained HTML (figures as data URIs,
+so it opens in a browser with no server) and Markdown (figures as PNG files beside it).
+
+Sections: cohort summary, Table 1 (holdout metrics with bootstrap CIs; repeated CV beside them),
+Figure 1 (slice with mask overlay), Figure 2 (training curves), ROC curves, coefficients and the
+explainability sweep. Only pseudonymous patient keys ever appear.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import polars as pl
+
+MODEL_LABELS = {"radiomic": "Radiomic", "deep": "DL", "explainable": "Explainable DL"}
+TABLE_1_METRICS = (("accuracy", "Accuracy"), ("precision", "Precision"), ("recall", "Recall"), ("f1", "F1"),
+                   ("roc_auc", "ROC AUC"))
+
+
+@dataclass
+class ReportInputs:
+    cohort: pl.DataFrame  # patient_id, hcc, split, source
+    exclusions: pl.DataFrame  # patient_id, stage, reason
+    masks: pl.DataFrame  # patient_id, liver_ml, dice_liver
+    metrics: pl.DataFrame  # model_metrics
+    history: pl.DataFrame  # training_history of the classifier
+    predictions: pl.DataFrame  # predictions (validation rows)
+    coefficients: pl.DataFrame
+    sweep: pl.DataFrame
+    models: pl.DataFrame  # model_name, version, init, kind
+    figure_1: bytes | None = None
+    figure_1_caption: str = ""
+
+
+@dataclass
+class RenderedReport:
+    html: str
+    markdown: str  # figures referenced as PNG files in the same folder
+    markdown_inline: str  # figures as data URIs (asset metadata)
+    figures: dict[str, bytes] = field(default_factory=dict)
+
+
+def gather_report_inputs(store, figure_1_case: Callable[[str], tuple[object, object]] | None = None,
+                         overlay: Callable[[object, object], bytes] | None = None) -> ReportInputs:
+    """Read everything the report shows from the feature store. `figure_1_case(patient_id)` returns
+    (image, mask) NIfTI for Figure 1, drawn with `overlay`; the patient is the first validation HCC
+    patient with a mask (else any patient with one)."""
+    masks = store.query("SELECT patient_id, liver_ml, dice_liver FROM liver_masks ORDER BY patient_id")
+    cohort = store.query("SELECT patient_id, hcc, split, source FROM cohort_split ORDER BY patient_id")
+    inputs = ReportInputs(
+        cohort=cohort,
+        exclusions=store.query("SELECT patient_id, stage, reason FROM exclusions ORDER BY stage, patient_id"),
+        masks=masks,
+        metrics=store.query("SELECT * FROM model_metrics ORDER BY scheme, model, metric"),
+        history=store.query("SELECT epoch, train_loss, train_acc, val_loss, val_acc FROM training_history "
+                            "WHERE model_name = 'hcc_classifier' ORDER BY epoch"),
+        predictions=store.query("SELECT model, patient_id, probability, label FROM predictions "
+                                "WHERE split = 'validation' ORDER BY model, patient_id"),
+        coefficients=store.query("SELECT * FROM coefficients ORDER BY model, feature"),
+        sweep=store.query("SELECT measure, threshold, n_kept, n_selected, cv_accuracy, val_accuracy, val_roc_auc "
+                          "FROM explainability_sweep ORDER BY measure, threshold"),
+        models=store.query("SELECT model_name, version, kind, init FROM models ORDER BY model_name"),
+    )
+    if figure_1_case is not None and overlay is not None and masks.height:
+        with_mask = set(masks["patient_id"].to_list())
+        preferred = cohort.filter(pl.col("hcc") & (pl.col("split") == "validation"))["patient_id"].to_list()
+        candidates = [p for p in preferred if p in with_mask] or sorted(with_mask)
+        image, mask = figure_1_case(candidates[0])
+        inputs.figure_1 = overlay(image, mask)
+        inputs.figure_1_caption = (f"Figure 1: T2-weighted slice of patient {candidates[0]} with its nnU-Net mask "
+                                   "(liver red, spleen blue).")
+    return inputs
+
+
+# -- figures -------------------------------------------------------------------------------------
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": None})  # no version stamp: same bytes each run
+    return buffer.getvalue()
+
+
+def roc_figure(predictions: pl.DataFrame) -> bytes | None:
+    """ROC curves of every model on its validation patients."""
+    import matplotlib.style
+    from matplotlib.figure import Figure
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    curves = []
+    for model, label in MODEL_LABELS.items():
+        rows = predictions.filter(pl.col("model") == model)
+        y = rows["label"].cast(pl.Int8).to_numpy()
+        if rows.height == 0 or len(set(y.tolist())) < 2:
+            continue
+        p = rows["probability"].to_numpy()
+        fpr, tpr, _ = roc_curve(y, p)
+        curves.append((fpr, tpr, f"{label} (AUC {roc_auc_score(y, p):.2f}, n={rows.height})"))
+    if not curves:
+        return None
+    # matplotlib's own style: nnU-Net's import sets a global seaborn style with 2.5x fonts
+    with matplotlib.style.context("default"):
+        figure = Figure(figsize=(5.5, 5), dpi=100, layout="constrained")
+        axes = figure.subplots()
+        for fpr, tpr, label in curves:
+            axes.plot(fpr, tpr, label=label)
+        axes.plot([0, 1], [0, 1], color="grey", linestyle=":", label="chance")
+        axes.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC, validation patients",
+                 xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
+        axes.legend(loc="lower right")
+        return _png(figure)
+
+
+# -- tables --------------------------------------------------------------------------------------
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        return f"{value:.{digits}f}" if abs(value) >= 10 ** -digits or value == 0 else f"{value:.2e}"
+    return str(value)
+
+
+def table_1(metrics: pl.DataFrame, scheme: str) -> tuple[list[str], list[list[str]]]:
+    """The study's Table 1: one row per model, 'estimate (95% CI low-high)' per metric."""
+    header = ["Model"] + [label for _, label in TABLE_1_METRICS] + ["n"]
+    rows = []
+    for model, label in MODEL_LABELS.items():
+        part = metrics.filter((pl.col("scheme") == scheme) & (pl.col("model") == model))
+        if part.height == 0:
+            continue
+        cells = [label]
+        for metric, _ in TABLE_1_METRICS:
+            row = part.filter(pl.col("metric") == metric)
+            if row.height == 0:
+                cells.append("")
+                continue
+            r = row.row(0, named=True)
+            cells.append(f"{_fmt(r['estimate'])} ({_fmt(r['ci_low'])}-{_fmt(r['ci_high'])})")
+        cells.append(str(part["n"].max()))
+        rows.append(cells)
+    return header, rows
+
+
+def _frame_table(frame: pl.DataFrame, columns: list[str]) -> tuple[list[str], list[list[str]]]:
+    present = [c for c in columns if c in frame.columns]
+    return present, [[_fmt(r[c]) for c in present] for r in frame.iter_rows(named=True)]
+
+
+def _cohort_lines(inputs: ReportInputs) -> list[str]:
+    cohort = inputs.cohort
+    lines = []
+    n_hcc = int(cohort["hcc"].sum()) if cohort.height else 0
+    lines.append(f"{cohort.height} patients: {n_hcc} HCC, {cohort.height - n_hcc} healthy.")
+    for split in ("train", "validation"):
+        part = cohort.filter(pl.col("split") == split)
+        lines.append(f"{split}: {part.height} patients ({int(part['hcc'].sum()) if part.height else 0} HCC).")
+    sources = cohort.group_by("source").len().sort("source").iter_rows()
+    lines.append("Sources: " + ", ".join(f"{s or 'unknown'} {n}" for s, n in sources) + ".")
+    if inputs.masks.height:
+        dice = inputs.masks["dice_liver"].drop_nulls()
+        volume = inputs.masks["liver_ml"].drop_nulls()
+        text = f"Liver masks: {inputs.masks.height} patients, liver volume median {volume.median():.0f} mL"
+        if dice.len():
+            text += f"; Dice against reference masks mean {dice.mean():.3f} (min {dice.min():.3f}, n={dice.len()})"
+        lines.append(text + ".")
+    if inputs.exclusions.height:
+        reasons = inputs.exclusions.group_by("stage", "reason").len().sort("stage", "reason")
+        lines.append("Exclusions: " + "; ".join(f"{n} x {stage}: {reason}" for stage, reason, n in reasons.iter_rows())
+                     + ".")
+    else:
+        lines.append("Exclusions: none.")
+    for row in inputs.models.iter_rows(named=True):
+        init = f", init {row['init']}" if row["init"] else ""
+        lines.append(f"Model {row['model_name']}: version {row['version']} ({row['kind']}{init}).")
+    return lines
+
+
+# -- rendering -----------------------------------------------------------------------------------
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    if not rows:
+        return "_none_\n"
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
+    return "\n".join(out) + "\n"
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    if not rows:
+        return "<p><em>none</em></p>"
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def build_report(inputs: ReportInputs) -> RenderedReport:
+    from hcc_assets.deep.train import plot_history
+
+    figures: dict[str, tuple[bytes, str]] = {}
+    if inputs.figure_1:
+        figures["figure_1.png"] = (inputs.figure_1, inputs.figure_1_caption)
+    if inputs.history.height:
+        figures["figure_2.png"] = (plot_history(inputs.history.to_dicts()),
+                                   "Figure 2: accuracy and loss of the 3D ResNet classifier over epochs.")
+    roc = roc_figure(inputs.predictions)
+    if roc:
+        figures["roc.png"] = (roc, "ROC curves of the three models on the validation patients.")
+
+    cv_schemes = sorted(s for s in inputs.metrics["scheme"].unique().to_list() if s != "holdout_bootstrap") \
+        if inputs.metrics.height else []
+    sections: list[tuple[str, list[tuple[str, object]]]] = [
+        ("Cohort", [("lines", _cohort_lines(inputs))]),
+        ("Table 1: validation metrics (80:20 split, 95% CI from bootstrap resamples of the validation patients)",
+         [("table", table_1(inputs.metrics, "holdout_bootstrap"))]),
+    ]
+    for scheme in cv_schemes:
+        sections.append((f"Repeated stratified cross-validation of the whole fit ({scheme}; mean and 2.5-97.5 "
+                         "percentiles over folds)", [("table", table_1(inputs.metrics, scheme))]))
+    sections.append(("Figures", [("figure", name) for name in figures]))
+    sections.append(("Coefficients (unpenalized Logit refit on the selected standardized features)", [
+        ("table", _frame_table(inputs.coefficients, ["model", "feature", "beta", "std_error", "z", "p_value",
+                                                     "odds_change_pct", "status", "related_handcrafted"]))]))
+    sections.append(("Explainability sweep (threshold x association measure)", [
+        ("table", _frame_table(inputs.sweep, list(inputs.sweep.columns)))]))
+
+    title = "hcc-assets: radiomics vs deep learning for HCC detection"
+    md_files, md_inline, html_parts = [f"# {title}\n"], [f"# {title}\n"], []
+    for heading, blocks in sections:
+        md_files.append(f"\n## {heading}\n")
+        md_inline.append(f"\n## {heading}\n")
+        html_parts.append(f"<h2>{html.escape(heading)}</h2>")
+        for kind, content in blocks:
+            if kind == "lines":
+                md = "\n".join(f"- {line}" for line in content) + "\n"
+                md_files.append(md)
+                md_inline.append(md)
+                html_parts.append("<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in content) + "</ul>")
+            elif kind == "table":
+                header, rows = content
+                md_files.append(_md_table(header, rows))
+                md_inline.append(_md_table(header, rows))
+                html_parts.append(_html_table(header, rows))
+            else:
+                png, caption = figures[content]
+                uri = "data:image/png;base64," + base64.b64encode(png).decode()
+                md_files.append(f"![{caption}]({content})\n\n_{caption}_\n")
+                md_inline.append(f"![{caption}]({uri})\n\n_{caption}_\n")
+                html_parts.append(f'<figure><img src="{uri}" alt="{html.escape(caption)}">'
+                                  f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 8px;"
+             "text-align:left;font-size:14px}th{background:#eee}img{max-width:100%}figure{margin:1em 0}")
+    page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(html_parts)}</body></html>\n")
+    return RenderedReport(html=page, markdown="".join(md_files), markdown_inline="".join(md_inline),
+                          figures={name: png for name, (png, _) in figures.items()})

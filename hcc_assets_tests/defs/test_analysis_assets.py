@@ -1,0 +1,168 @@
+"""The analysis group on a cohort with clear lesion signal, after the whole graph ran for real.
+
+Every number the assets stored is recomputed here independently from the feature-store tables
+(numpy/scikit-learn/statsmodels directly, not hcc_assets.stats): correlations, the explainable
+selection, metrics, coefficients. The leakage guard (null cohort) is test_analysis_null.py.
+"""
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import statsmodels.api as sm
+from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
+
+from hcc_assets_tests.defs.study import run_study
+
+SIGNAL_SEED = 5
+SIGNAL_CONTRAST = 2.0
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    return run_study(tmp_path_factory.mktemp("study_signal"), SIGNAL_SEED, SIGNAL_CONTRAST)
+
+
+def _wide_radiomics(store, names=None) -> pl.DataFrame:
+    long = store.query("SELECT patient_id, feature, value FROM radiomic_features")
+    wide = long.pivot(on="feature", index="patient_id", values="value").sort("patient_id")
+    return wide if names is None else wide.select(["patient_id", *names])
+
+
+def _embeddings(store) -> tuple[list[str], np.ndarray]:
+    frame = store.query("SELECT patient_id, embedding FROM deep_embeddings ORDER BY patient_id")
+    return frame["patient_id"].to_list(), np.stack([np.asarray(v, dtype=float) for v in frame["embedding"]])
+
+
+def test_correlation_map_is_pearson_on_training_patients_only(study):
+    store = study.store
+    corr = store.query("SELECT * FROM explainable_correlations")
+    hc_names = sorted(corr["handcrafted_feature"].unique().to_list())
+    assert corr.height == 128 * len(hc_names)
+    assert set(corr["measure"].unique()) == {"pearson"} and set(corr["threshold"].unique()) == {0.5}
+    train = set(store.query("SELECT patient_id FROM cohort_split WHERE split = 'train'")["patient_id"])
+    pids, emb = _embeddings(store)
+    radiomics = _wide_radiomics(store, hc_names)
+    rows = [i for i, p in enumerate(pids) if p in train and p in set(radiomics["patient_id"])]
+    assert corr["n_patients"][0] == len(rows)
+    hc = radiomics.filter(pl.col("patient_id").is_in([pids[i] for i in rows])).sort("patient_id")
+    hc_values = hc.select(hc_names).to_numpy()
+    dl_values = emb[rows]
+    for row in corr.sample(200, seed=1).iter_rows(named=True):
+        a = dl_values[:, int(row["dl_feature"][3:])]
+        b = hc_values[:, hc_names.index(row["handcrafted_feature"])]
+        expected = 0.0 if a.std() == 0 or b.std() == 0 else np.corrcoef(a, b)[0, 1]
+        assert row["value"] == pytest.approx(expected, abs=1e-6)
+    # kept <=> related to at least one handcrafted feature; related <=> |r| >= threshold
+    assert (corr["related"] == (corr["value"].abs() >= 0.5)).all()
+    kept = corr.group_by("dl_feature").agg(pl.col("kept").first(), pl.col("related").any())
+    assert (kept["kept"] == kept["related"]).all()
+
+
+def test_lasso_models_are_registered_and_fit_on_training_patients(study):
+    store = study.store
+    models = {r["model_name"]: r for r in store.query("SELECT * FROM models").iter_rows(named=True)}
+    assert {"radiomic_model", "explainable_model", "hcc_classifier", "liver_segmentation_model"} <= set(models)
+    validation = set(store.query("SELECT patient_id FROM cohort_split WHERE split = 'validation'")["patient_id"])
+    for name in ("radiomic_model", "explainable_model"):
+        row = models[name]
+        params = json.loads(row["params"])
+        assert len(params["lambdas"]) == 7
+        assert min(params["lambdas"]) == pytest.approx(1e-3) and max(params["lambdas"]) == pytest.approx(1e3)
+        assert params["best_C"] == pytest.approx(1 / params["best_lambda"])
+        assert not set(row["training_patients"]) & validation
+        assert study.lake.lake.exists(row["path"])
+    kept = store.query("SELECT DISTINCT dl_feature FROM explainable_correlations WHERE kept")["dl_feature"]
+    selected = json.loads(models["explainable_model"]["params"])["selected"]
+    assert set(selected) <= set(kept)
+
+
+def test_metrics_match_an_independent_recomputation(study):
+    store = study.store
+    metrics = store.query("SELECT * FROM model_metrics WHERE scheme = 'holdout_bootstrap'")
+    assert set(metrics["model"]) == {"radiomic", "deep", "explainable"}
+    predictions = store.query("SELECT * FROM predictions WHERE split = 'validation'")
+    for model in ("radiomic", "deep", "explainable"):
+        part = predictions.filter(pl.col("model") == model)
+        y = part["label"].cast(pl.Int8).to_numpy()
+        p = part["probability"].to_numpy()
+        yhat = (p > 0.5).astype(int)  # documented: HCC when P(HCC) is above the threshold
+        expected = {"accuracy": accuracy_score(y, yhat), "precision": precision_score(y, yhat, zero_division=0),
+                    "recall": recall_score(y, yhat), "f1": f1_score(y, yhat, zero_division=0),
+                    "roc_auc": roc_auc_score(y, p)}
+        for row in metrics.filter(pl.col("model") == model).iter_rows(named=True):
+            assert row["estimate"] == pytest.approx(expected[row["metric"]], abs=1e-9), (model, row["metric"])
+            assert row["n"] == part.height
+            assert row["ci_low"] <= row["mean"] <= row["ci_high"]
+            assert row["version"] == part["version"][0]
+    cv = store.query("SELECT DISTINCT model, scheme FROM model_metrics WHERE scheme <> 'holdout_bootstrap'")
+    assert set(cv["model"]) == {"radiomic", "explainable"}
+    table_1 = store.query("SELECT * FROM table_1 WHERE scheme = 'holdout_bootstrap'")
+    assert table_1["model"].to_list() == ["radiomic", "deep", "explainable"]
+    assert all("[" in cell for cell in table_1["accuracy"])
+
+
+def test_signal_cohort_models_separate_the_classes(study):
+    auc = study.store.query("SELECT model, estimate FROM model_metrics WHERE scheme = 'holdout_bootstrap' "
+                            "AND metric = 'roc_auc'")
+    auc = dict(auc.iter_rows())
+    assert auc["radiomic"] >= 0.9, auc
+    assert auc["deep"] >= 0.9, auc
+
+
+def test_coefficients_match_an_unpenalized_statsmodels_refit(study):
+    store = study.store
+    coefficients = store.query("SELECT * FROM coefficients")
+    models = {r["model_name"]: r for r in store.query("SELECT * FROM models").iter_rows(named=True)}
+    radiomic = coefficients.filter(pl.col("model") == "radiomic")
+    selected = json.loads(models["radiomic_model"]["params"])["selected"]
+    assert sorted(radiomic["feature"]) == sorted(selected)
+    if not selected or (radiomic["status"] != "ok").any():
+        assert radiomic.filter(pl.col("status") != "ok")["beta"].is_nan().all()  # no nonsense numbers
+        return
+    train = sorted(models["radiomic_model"]["training_patients"])
+    wide = _wide_radiomics(store, selected).filter(pl.col("patient_id").is_in(train)).sort("patient_id")
+    labels = store.query("SELECT patient_id, hcc FROM cohort_split").filter(pl.col("patient_id").is_in(train))
+    y = labels.sort("patient_id")["hcc"].cast(pl.Int8).to_numpy()
+    x = wide.select(selected).to_numpy()
+    z = (x - x.mean(axis=0)) / x.std(axis=0)  # StandardScaler: population sd
+    fit = sm.Logit(y, sm.add_constant(z)).fit(disp=0)
+    for i, name in enumerate(selected):
+        row = radiomic.filter(pl.col("feature") == name).row(0, named=True)
+        assert row["beta"] == pytest.approx(fit.params[i + 1], rel=1e-4, abs=1e-6)
+        assert row["p_value"] == pytest.approx(fit.pvalues[i + 1], rel=1e-3, abs=1e-8)
+        assert row["odds_change_pct"] == pytest.approx((np.exp(fit.params[i + 1]) - 1) * 100, rel=1e-4)
+    explainable = coefficients.filter(pl.col("model") == "explainable")
+    assert explainable["related_handcrafted"].drop_nulls().len() == explainable.height
+
+
+def test_report_is_self_contained_html_and_markdown(study):
+    reports = study.root / "lake" / "reports"
+    html = (reports / "report.html").read_text()
+    markdown = (reports / "report.md").read_text()
+    assert html.startswith("<!DOCTYPE html>") and "Table 1" in html
+    assert html.count("data:image/png;base64,") >= 3  # Figure 1, Figure 2, ROC
+    for name in ("figure_1.png", "figure_2.png", "roc.png"):
+        assert (reports / name).read_bytes().startswith(b"\x89PNG")
+        assert f"]({name})" in markdown
+    assert "Explainability sweep" in markdown and "Coefficients" in markdown
+    leaked = sorted(text for text in study.phi if len(text) > 3 and (text in html or text in markdown))
+    assert not leaked, leaked
+    sweep = study.store.query("SELECT * FROM explainability_sweep")
+    assert sweep.height == 3 * 3
+
+
+def test_rematerializing_the_analysis_gives_identical_rows(study):
+    import dagster as dg
+
+    from hcc_assets_tests.defs.study import _run
+
+    before = {t: study.store.query(f"SELECT * EXCLUDE (run_id, materialized_at) FROM {t} ORDER BY ALL")
+              for t in ("explainable_correlations", "explainability_sweep", "model_metrics", "coefficients")}
+    with dg.instance_for_test() as instance:
+        result = _run(instance, study.lake, "analysis")
+        assert result.success
+    for table, frame in before.items():
+        after = study.store.query(f"SELECT * EXCLUDE (run_id, materialized_at) FROM {table} ORDER BY ALL")
+        assert after.equals(frame, null_equal=True), table

@@ -1,0 +1,24 @@
+"""The leakage guard: on a null cohort (lesion contrast 0: the labels carry no image signal) no
+model may look better than chance. Fitting the filters, the scaler or the explainable-feature
+correlations on all patients instead of the training patients would show up here."""
+
+import polars as pl
+import pytest
+
+from hcc_assets_tests.defs.study import run_study
+
+NULL_SEED = 8
+
+
+@pytest.fixture(scope="module")
+def null_study(tmp_path_factory):
+    return run_study(tmp_path_factory.mktemp("study_null"), NULL_SEED, 0.0)
+
+
+def test_every_model_accuracy_ci_contains_chance(null_study):
+    accuracy = null_study.store.query("SELECT model, scheme, estimate, ci_low, ci_high FROM model_metrics "
+                                      "WHERE metric = 'accuracy'")
+    holdout = accuracy.filter(pl.col("scheme") == "holdout_bootstrap")
+    assert set(holdout["model"]) == {"radiomic", "deep", "explainable"}
+    for row in accuracy.iter_rows(named=True):
+        assert row["ci_low"] <= 0.5 <= row["ci_high"], row
