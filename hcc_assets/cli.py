@@ -95,11 +95,12 @@ def cmd_receive(args) -> int:
 
 
 def cmd_sql(args) -> int:
-    from hcc_assets.featurestore.sql import format_frame
+    from hcc_assets.featurestore.sql import check_read_only, format_frame
     from hcc_assets.featurestore import FeatureStore
 
     db = args.db or os.path.join(_lake_root(args), "feature_store.duckdb")
     try:
+        check_read_only(args.query)
         frame = FeatureStore(db).query(args.query)
     except Exception as error:  # a bad query is the user's to fix: one clear line, no traceback
         print(f"error: {error}", file=sys.stderr)

@@ -2,7 +2,27 @@
 
 from __future__ import annotations
 
+import duckdb
 import polars as pl
+
+# Statement kinds `hcc-assets sql` runs: queries only. The connection is read-only anyway; this
+# also refuses what a read-only connection still allows (COPY ... TO, EXPORT, INSTALL, SET, ATTACH).
+READ_ONLY_KINDS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN, duckdb.StatementType.MULTI}
+
+
+class WriteRefusedError(ValueError):
+    pass
+
+
+def check_read_only(sql: str) -> None:
+    """Raise WriteRefusedError naming the statement kind unless every statement only reads."""
+    statements = duckdb.connect(":memory:").extract_statements(sql)
+    for statement in statements:
+        if statement.type not in READ_ONLY_KINDS:
+            kind = statement.type.name
+            raise WriteRefusedError(
+                f"refused: {kind} statement. `hcc-assets sql` is read-only (queries only); the feature store "
+                "is written by the Dagster assets, so re-materialize the asset instead")
 
 
 def format_frame(frame: pl.DataFrame, fmt: str = "table", max_rows: int = 100) -> str:

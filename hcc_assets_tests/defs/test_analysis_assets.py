@@ -63,7 +63,7 @@ def test_correlation_map_is_pearson_on_training_patients_only(study):
 def test_lasso_models_are_registered_and_fit_on_training_patients(study):
     store = study.store
     models = {r["model_name"]: r for r in store.query("SELECT * FROM models").iter_rows(named=True)}
-    assert {"radiomic_model", "explainable_model", "hcc_classifier", "liver_segmentation_model"} <= set(models)
+    assert {"radiomic_model", "explainable_model", "hcc_classifier", "liver_segmentation"} <= set(models)
     validation = set(store.query("SELECT patient_id FROM cohort_split WHERE split = 'validation'")["patient_id"])
     for name in ("radiomic_model", "explainable_model"):
         row = models[name]
@@ -166,3 +166,33 @@ def test_rematerializing_the_analysis_gives_identical_rows(study):
     for table, frame in before.items():
         after = study.store.query(f"SELECT * EXCLUDE (run_id, materialized_at) FROM {table} ORDER BY ALL")
         assert after.equals(frame, null_equal=True), table
+
+
+def test_patients_whose_radiomics_failed_are_excluded_from_the_radiomic_model(study):
+    """As the study did for its 6 HCC patients: out of the radiomic model, counted, with the reason.
+    (Last in the file: it changes the store.)"""
+    import dagster as dg
+
+    from hcc_assets.featurestore import FeatureStore
+    from hcc_assets_tests.defs.study import _run
+
+    store = study.store
+    victim = store.query("SELECT patient_id FROM cohort_split WHERE split = 'train' AND hcc ORDER BY 1 LIMIT 1")[0, 0]
+    store.delete_partition("radiomic_features", victim)
+    store.replace_partition("exclusions", victim, FeatureStore.with_provenance(
+        pl.DataFrame([{"patient_id": victim, "stage": "radiomics", "reason": "liver mask has 12 voxels (< 64)"}]),
+        version="test", run_id="test"), match={"stage": "radiomics"})
+    with dg.instance_for_test() as instance:
+        result = _run(instance, study.lake, "analysis")
+        assert result.success
+    materialization = result.asset_materializations_for_node("radiomic_model")[0]
+    assert materialization.metadata["n_excluded"].value == 1
+    assert materialization.metadata["excluded_hcc"].value == 1
+    row = store.query("SELECT params, training_patients FROM models WHERE model_name = 'radiomic_model'").row(0)
+    assert victim not in row[1]
+    assert json.loads(row[0])["exclusion_reasons"] == {"liver mask has 12 voxels (< 64)": 1}
+    assert store.query("SELECT count(*) FROM predictions WHERE model = 'radiomic' AND patient_id = ?",
+                       [victim])[0, 0] == 0
+    # the explainable and deep models keep the patient: only the radiomic arm needs radiomics
+    assert store.query("SELECT count(*) FROM predictions WHERE model = 'deep' AND patient_id = ?",
+                       [victim])[0, 0] == 1

@@ -110,3 +110,24 @@ def test_wide_views_follow_their_long_tables(tmp_path):
     store.replace_partition("deep_embeddings", "pt-a", FeatureStore.with_provenance(embedding, version="v", run_id="r"))
     deep = store.query("SELECT * FROM deep_features")
     assert deep.width == 130 and deep["dl_127"].item() == 127.0
+
+
+@pytest.mark.parametrize("statement", [
+    "DELETE FROM scans",
+    "CREATE TABLE x (a INT)",
+    "COPY (SELECT * FROM scans) TO '{out}'",
+    "EXPORT DATABASE '{dir}'",
+    "SELECT 1; DROP TABLE scans",
+])
+def test_sql_command_refuses_writes_with_a_clear_message(tmp_path, statement):
+    path = tmp_path / "fs.duckdb"
+    FeatureStore(path).replace_partition("scans", "pt-a", FeatureStore.with_provenance(_rows("pt-a", 2), version="v",
+                                                                                        run_id="r"))
+    out, export = tmp_path / "leak.csv", tmp_path / "export"
+    result = subprocess.run(
+        [sys.executable, "-m", "hcc_assets.cli", "sql", statement.format(out=out, dir=export), "--db", str(path)],
+        capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "read-only" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists() and not export.exists()
+    assert FeatureStore(path).query("SELECT count(*) AS n FROM scans")["n"][0] == 2
