@@ -253,7 +253,7 @@ def load_registered_lasso(lake: LakeResource, model: str):
     """(LassoFit, registry row) of the current LASSO model `model` ('radiomic' | 'explainable')."""
     from hcc_assets.stats.lasso import load_lasso
 
-    rows = lake.store.query("SELECT * FROM models WHERE model_name = ? ORDER BY materialized_at DESC LIMIT 1",
+    rows = lake.store.query("SELECT * FROM models WHERE model_name = ? AND current ORDER BY materialized_at DESC LIMIT 1",
                             [REGISTRY_NAMES[model]])
     if rows.height == 0:
         raise _fail(model, f"no {REGISTRY_NAMES[model]} is registered; materialize it first")
@@ -302,7 +302,7 @@ def _fit_register_predict(context, lake: LakeResource, model: str, matrix: Featu
     metrics = {"cv_accuracy_mean": [float(x) for x in fit.cv_accuracy_mean],
                "cv_accuracy_sd": [float(x) for x in fit.cv_accuracy_sd], "train_accuracy": train_accuracy,
                "fit_seconds": seconds}
-    lake.store.replace_where("models", {"model_name": REGISTRY_NAMES[model]}, FeatureStore.with_provenance(
+    lake.store.register_model(FeatureStore.with_provenance(
         pl.DataFrame([{"model_name": REGISTRY_NAMES[model], "kind": "lasso_logistic", "path": folder, "init": None,
                        "params": json.dumps(params, sort_keys=True), "training_patients": train.patient_ids,
                        "metrics": json.dumps(metrics, sort_keys=True)}],
@@ -521,7 +521,7 @@ def model_metrics(context: dg.AssetExecutionContext, config: ModelMetricsConfig,
 
 def _lasso_config_of(store: FeatureStore, model: str) -> LassoModelConfig:
     """The configuration the registered model was fitted with, so CV refits the same thing."""
-    rows = store.query("SELECT params FROM models WHERE model_name = ? ORDER BY materialized_at DESC LIMIT 1",
+    rows = store.query("SELECT params FROM models WHERE model_name = ? AND current ORDER BY materialized_at DESC LIMIT 1",
                        [REGISTRY_NAMES[model]])
     if rows.height == 0:
         return LassoModelConfig()

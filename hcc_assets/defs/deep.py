@@ -5,16 +5,16 @@ embeddings); these assets add versions, lineage, checks, lake files and feature-
 
 What the feature store holds (one current model, its outputs, and per-patient embeddings):
 
-- `models`: one row for model_name 'hcc_classifier', the current model (replaced on every
-  materialization; `version` is the model version). Older model folders stay in the lake under
-  data_lake/models/classifier/<version>/, so an old embedding's model_version can still be loaded.
+- `models`: one row per hcc_classifier version (`version` is the model version); the newest
+  registered one has current = true. Older rows and their folders under
+  data_lake/models/classifier/<version>/ stay, so an old embedding's model_version can still be loaded.
 - `training_history`: every epoch of the current model (replaced with the model).
 - `predictions`: model 'deep', P(HCC) of the current model for every patient in `cohort_split`
   (train and validation), replaced with the model; `version` is the model version.
 - `deep_embeddings`: one row per patient (replaced per partition), from the model that was current
   when the partition was materialized; `model_version` says which. After a retrain the partitions
   are stale in Dagster until re-materialized; SQL can spot them with
-  `model_version <> (SELECT version FROM models WHERE model_name = 'hcc_classifier')`.
+  `model_version <> (SELECT version FROM models WHERE model_name = 'hcc_classifier' AND current)`.
 
 The model version is a content hash of what determines the weights: the training configuration,
 the initialization (seeded, or the sha256 of the MedicalNet file), the device type and mixed
@@ -316,8 +316,7 @@ def hcc_classifier(
             version=version, run_id=run_id),
     )
     # the registry row last: deep_embedding follows it, so it flips only once the rest is written
-    store.replace_where(
-        "models", {"model_name": MODEL_NAME},
+    store.register_model(
         FeatureStore.with_provenance(
             pl.DataFrame(
                 [{"model_name": MODEL_NAME, "kind": MODEL_KIND, "path": folder, "init": result.init,
@@ -395,7 +394,7 @@ def _classifier(data_lake: DataLake, folder: str, version: str, device: str):
 
 def current_classifier(store: FeatureStore) -> dict | None:
     """The registry row of the current hcc_classifier (path, version, params, metrics), or None."""
-    models = store.query("SELECT path, version, params, metrics FROM models WHERE model_name = ? "
+    models = store.query("SELECT path, version, params, metrics FROM models WHERE model_name = ? AND current "
                          "ORDER BY materialized_at DESC LIMIT 1", [MODEL_NAME])
     return models.row(0, named=True) if models.height else None
 

@@ -284,8 +284,7 @@ def _register(lake: LakeResource, context, model_version: str, path: str, init: 
         schema={"model_name": pl.String, "kind": pl.String, "path": pl.String, "init": pl.String,
                 "params": pl.String, "training_patients": pl.List(pl.String), "metrics": pl.String},
     )
-    lake.store.replace_where("models", {"model_name": MODEL_NAME},
-                             FeatureStore.with_provenance(row, version=model_version, run_id=context.run.run_id))
+    lake.store.register_model(FeatureStore.with_provenance(row, version=model_version, run_id=context.run.run_id))
 
 
 # -- liver_mask ------------------------------------------------------------------------------
@@ -313,7 +312,7 @@ def _segmenter(path: str, model_version: str, device: str) -> LiverSegmenter:
 
 
 def current_model(store: FeatureStore) -> dict:
-    models = store.query("SELECT path, version, init FROM models WHERE model_name = ? "
+    models = store.query("SELECT path, version, init FROM models WHERE model_name = ? AND current "
                          "ORDER BY materialized_at DESC LIMIT 1", [MODEL_NAME])
     if models.height == 0:
         raise dg.Failure(description="no liver segmentation model is registered; materialize "

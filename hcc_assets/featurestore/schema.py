@@ -99,6 +99,7 @@ TABLES: dict[str, str] = {
         params VARCHAR,
         training_patients VARCHAR[],
         metrics VARCHAR,
+        current BOOLEAN NOT NULL DEFAULT true,
         {PROVENANCE}""",
     "training_history": f"""
         model_name VARCHAR NOT NULL,
@@ -213,5 +214,11 @@ VIEW_BUILDERS: dict[str, list[Callable]] = {
 }
 
 
+# Columns added after a table first shipped: stores written by an older version gain them.
+MIGRATIONS = [
+    "ALTER TABLE models ADD COLUMN IF NOT EXISTS current BOOLEAN DEFAULT true",
+]
+
+
 def create_statements() -> list[str]:
-    return [f"CREATE TABLE IF NOT EXISTS {name} ({columns})" for name, columns in TABLES.items()]
+    return [f"CREATE TABLE IF NOT EXISTS {name} ({columns})" for name, columns in TABLES.items()] + MIGRATIONS

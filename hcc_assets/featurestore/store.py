@@ -122,6 +122,22 @@ class FeatureStore:
             raise FeatureStoreError(f"rows for {table} must all belong to patient {patient_id}")
         return self.replace_where(table, {"patient_id": patient_id, **(match or {})}, rows)
 
+    def register_model(self, row: pl.DataFrame) -> None:
+        """Register one model version (a `models` row with provenance) as the current one of its
+        name. Older versions stay, with current = false, so they remain queryable; registering a
+        version again replaces its row."""
+        if row.height != 1:
+            raise FeatureStoreError("register_model takes exactly one row")
+        name, version = row["model_name"][0], row["version"][0]
+        with self.writer() as con:
+            con.execute("BEGIN TRANSACTION")
+            con.execute("UPDATE models SET current = false WHERE model_name = ?", [name])
+            con.execute("DELETE FROM models WHERE model_name = ? AND version = ?", [name, version])
+            con.register("incoming_rows", row.with_columns(pl.lit(True).alias("current")).to_arrow())
+            con.execute("INSERT INTO models BY NAME SELECT * FROM incoming_rows")
+            con.unregister("incoming_rows")
+            con.execute("COMMIT")
+
     def delete_partition(self, table: str, patient_id: str, match: dict[str, object] | None = None) -> None:
         self.replace_where(table, {"patient_id": patient_id, **(match or {})}, pl.DataFrame())
 

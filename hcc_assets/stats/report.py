@@ -64,7 +64,7 @@ def gather_report_inputs(store, figure_1_case: Callable[[str], tuple[object, obj
         coefficients=store.query("SELECT * FROM coefficients ORDER BY model, feature"),
         sweep=store.query("SELECT measure, threshold, n_kept, n_selected, cv_accuracy, val_accuracy, val_roc_auc "
                           "FROM explainability_sweep ORDER BY measure, threshold"),
-        models=store.query("SELECT model_name, version, kind, init FROM models ORDER BY model_name"),
+        models=store.query("SELECT model_name, version, kind, init FROM models WHERE current ORDER BY model_name"),
     )
     if figure_1_case is not None and overlay is not None and masks.height:
         with_mask = set(masks["patient_id"].to_list())

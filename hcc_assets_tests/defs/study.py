@@ -64,7 +64,9 @@ def _must(result: dg.ExecuteInProcessResult, what: str) -> None:
         raise AssertionError(f"{what} failed: {failures[:2]}")
 
 
-def run_study(root: Path, seed: int, lesion_contrast: float) -> Study:
+def run_study(root: Path, seed: int, lesion_contrast: float, null_cohort: bool = False) -> Study:
+    """`null_cohort`: the classifier may (rightly) fail its blocking beats-chance check; the run
+    goes on with its registered model, as a user would with allow_model_below_chance."""
     incoming = root / "incoming"
     patients = synthesize_cohort(incoming, SynthConfig(seed=seed, lesion_contrast=lesion_contrast, **STUDY_COHORT))
     (root / "lake" / "private").mkdir(parents=True)
@@ -75,9 +77,15 @@ def run_study(root: Path, seed: int, lesion_contrast: float) -> Study:
         instance.add_dynamic_partitions("patients", pids)
         for pid in pids:
             _must(_run(instance, lake, "ingest", pid), f"ingest {pid}")
-        _must(_run(instance, lake, "models"), "cohort and models")
+        models = _run(instance, lake, "models")
+        if null_cohort and not models.success:
+            failures = [e.step_failure_data.error.message for e in models.all_events if e.is_step_failure]
+            assert all("beats_chance_on_training" in f for f in failures), failures
+        else:
+            _must(models, "cohort and models")
+        embed = {"deep_embedding": {"config": {"allow_model_below_chance": null_cohort}}}
         for pid in pids:
-            _must(_run(instance, lake, "features", pid), f"features {pid}")
+            _must(_run(instance, lake, "features", pid, **embed), f"features {pid}")
         result = _run(instance, lake, "analysis")
         _must(result, "analysis")
     return Study(root, lake, pids, result, {text for patient in patients for text in patient.phi})

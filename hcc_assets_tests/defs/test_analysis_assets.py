@@ -62,7 +62,7 @@ def test_correlation_map_is_pearson_on_training_patients_only(study):
 
 def test_lasso_models_are_registered_and_fit_on_training_patients(study):
     store = study.store
-    models = {r["model_name"]: r for r in store.query("SELECT * FROM models").iter_rows(named=True)}
+    models = {r["model_name"]: r for r in store.query("SELECT * FROM models WHERE current").iter_rows(named=True)}
     assert {"radiomic_model", "explainable_model", "hcc_classifier", "liver_segmentation"} <= set(models)
     validation = set(store.query("SELECT patient_id FROM cohort_split WHERE split = 'validation'")["patient_id"])
     for name in ("radiomic_model", "explainable_model"):
@@ -114,7 +114,7 @@ def test_signal_cohort_models_separate_the_classes(study):
 def test_coefficients_match_an_unpenalized_statsmodels_refit(study):
     store = study.store
     coefficients = store.query("SELECT * FROM coefficients")
-    models = {r["model_name"]: r for r in store.query("SELECT * FROM models").iter_rows(named=True)}
+    models = {r["model_name"]: r for r in store.query("SELECT * FROM models WHERE current").iter_rows(named=True)}
     radiomic = coefficients.filter(pl.col("model") == "radiomic")
     selected = json.loads(models["radiomic_model"]["params"])["selected"]
     assert sorted(radiomic["feature"]) == sorted(selected)
@@ -188,7 +188,7 @@ def test_patients_whose_radiomics_failed_are_excluded_from_the_radiomic_model(st
     materialization = result.asset_materializations_for_node("radiomic_model")[0]
     assert materialization.metadata["n_excluded"].value == 1
     assert materialization.metadata["excluded_hcc"].value == 1
-    row = store.query("SELECT params, training_patients FROM models WHERE model_name = 'radiomic_model'").row(0)
+    row = store.query("SELECT params, training_patients FROM models WHERE model_name = 'radiomic_model' AND current").row(0)
     assert victim not in row[1]
     assert json.loads(row[0])["exclusion_reasons"] == {"liver mask has 12 voxels (< 64)": 1}
     assert store.query("SELECT count(*) FROM predictions WHERE model = 'radiomic' AND patient_id = ?",

@@ -12,7 +12,7 @@ NULL_SEED = 8
 
 @pytest.fixture(scope="module")
 def null_study(tmp_path_factory):
-    return run_study(tmp_path_factory.mktemp("study_null"), NULL_SEED, 0.0)
+    return run_study(tmp_path_factory.mktemp("study_null"), NULL_SEED, 0.0, null_cohort=True)
 
 
 def test_every_model_accuracy_ci_contains_chance(null_study):

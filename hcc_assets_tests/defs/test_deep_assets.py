@@ -92,7 +92,7 @@ def test_classifier_registers_model_history_predictions_and_figure(trained):
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
     assert checks == {"beats_chance_on_training": True}
 
-    models = store.query("SELECT * FROM models WHERE model_name = 'hcc_classifier'")
+    models = store.query("SELECT * FROM models WHERE model_name = 'hcc_classifier' AND current")
     assert models.height == 1
     model = models.row(0, named=True)
     version = model["version"]
@@ -138,7 +138,7 @@ def test_rematerializing_reuses_the_saved_model_and_keeps_the_data_version(train
 def test_every_patient_has_a_deterministic_embedding_in_sql(trained):
     instance, lake, pids = trained["instance"], trained["lake"], trained["pids"]
     store = lake.store
-    version = store.query("SELECT version FROM models WHERE model_name = 'hcc_classifier'").item()
+    version = store.query("SELECT version FROM models WHERE model_name = 'hcc_classifier' AND current").item()
     rows = store.query("SELECT patient_id, model_version FROM deep_embeddings ORDER BY patient_id")
     assert rows["patient_id"].to_list() == pids and set(rows["model_version"]) == {version}
     wide = store.query("SELECT * FROM deep_features ORDER BY patient_id")
@@ -185,7 +185,7 @@ def test_the_check_fails_a_classifier_that_does_not_beat_chance(trained, tmp_pat
         result = train(instance, lake, raise_on_error=False, **NO_LEARNING)
         checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
         assert checks["beats_chance_on_training"].passed is False
-        metrics = json.loads(lake.store.query("SELECT metrics FROM models WHERE model_name = 'hcc_classifier'").item())
+        metrics = json.loads(lake.store.query("SELECT metrics FROM models WHERE model_name = 'hcc_classifier' AND current").item())
         assert metrics["train_acc"] <= metrics["majority_rate"]
         assert metrics["beats_chance_on_training"] is False
         # the blocking check also keeps this model away from the embeddings

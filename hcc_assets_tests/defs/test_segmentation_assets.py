@@ -106,7 +106,7 @@ def _data_version(result, asset) -> str:
 
 def test_trained_model_is_versioned_and_registered(platform):
     store = platform.lake.store
-    models = store.query("SELECT * FROM models WHERE model_name = 'liver_segmentation'")
+    models = store.query("SELECT * FROM models WHERE model_name = 'liver_segmentation' AND current")
     assert models.height == 1
     row = models.row(0, named=True)
     assert row["kind"] == "nnunet" and row["init"] == "trained in platform (reduced CPU configuration 2d_cpu)"
@@ -130,7 +130,7 @@ def test_masks_are_on_the_native_grid_with_checks_and_dice(platform):
     store, data_lake = platform.lake.store, platform.data_lake
     masks = store.query("SELECT * FROM liver_masks ORDER BY patient_id")
     assert masks["patient_id"].to_list() == platform.pids
-    model_version = store.query("SELECT version FROM models").item()
+    model_version = store.query("SELECT version FROM models WHERE current").item()
     assert set(masks["model_version"]) == {model_version}
     for pid in platform.pids:
         result = platform.features[pid]
@@ -214,7 +214,7 @@ def test_failed_extraction_is_excluded_and_fails_the_partition(platform):
 
 def test_mode_a_registers_a_user_supplied_folder(platform):
     store = platform.lake.store
-    trained = store.query("SELECT path, version FROM models").row(0, named=True)
+    trained = store.query("SELECT path, version FROM models WHERE current").row(0, named=True)
     user_folder = Path(platform.lake.root) / "user_models" / Path(trained["path"]).name
     shutil.copytree(trained["path"], user_folder)
 
@@ -223,7 +223,7 @@ def test_mode_a_registers_a_user_supplied_folder(platform):
 
     result = train_model(platform.instance, platform.lake, model_folder=str(user_folder))
     assert result.success, failure_message(result)
-    row = store.query("SELECT * FROM models WHERE model_name = 'liver_segmentation'").row(0, named=True)
+    row = store.query("SELECT * FROM models WHERE model_name = 'liver_segmentation' AND current").row(0, named=True)
     assert row["init"] == "user-supplied" and row["path"] == str(user_folder.resolve())
     assert row["version"].startswith("user-") and row["version"] != trained["version"]
     assert _metadata(result, liver_segmentation_model)["mode"].startswith("a: user-supplied")

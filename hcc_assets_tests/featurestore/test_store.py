@@ -131,3 +131,24 @@ def test_sql_command_refuses_writes_with_a_clear_message(tmp_path, statement):
     assert "read-only" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists() and not export.exists()
     assert FeatureStore(path).query("SELECT count(*) AS n FROM scans")["n"][0] == 2
+
+
+def _model_row(name: str, version: str) -> pl.DataFrame:
+    return FeatureStore.with_provenance(pl.DataFrame(
+        [{"model_name": name, "kind": "k", "path": f"/models/{version}", "init": None, "params": "{}",
+          "training_patients": ["pt-a"], "metrics": "{}"}],
+        schema={"model_name": pl.String, "kind": pl.String, "path": pl.String, "init": pl.String,
+                "params": pl.String, "training_patients": pl.List(pl.String), "metrics": pl.String}),
+        version=version, run_id="r")
+
+
+def test_model_versions_stay_queryable_and_one_is_current(tmp_path):
+    store = FeatureStore(tmp_path / "fs.duckdb")
+    store.register_model(_model_row("hcc_classifier", "v1"))
+    store.register_model(_model_row("radiomic_model", "r1"))
+    store.register_model(_model_row("hcc_classifier", "v2"))
+    store.register_model(_model_row("hcc_classifier", "v2"))  # again: replaced, not duplicated
+    rows = store.query("SELECT model_name, version, current FROM models ORDER BY ALL").rows()
+    assert rows == [("hcc_classifier", "v1", False), ("hcc_classifier", "v2", True), ("radiomic_model", "r1", True)]
+    store.register_model(_model_row("hcc_classifier", "v1"))  # back to an old version: it becomes current
+    assert store.query("SELECT version FROM models WHERE model_name = 'hcc_classifier' AND current").item() == "v1"
