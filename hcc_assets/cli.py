@@ -120,11 +120,12 @@ def cmd_materialize(args) -> int:
     instance = dg.DagsterInstance.get()
     ready = runner.register_ready_patients(instance)
     start = time.perf_counter()
-    results = runner.materialize_patients(ready, workers=args.workers)
+    results = runner.materialize_patients(ready, workers=args.workers, progress=_progress_line("ingest"))
     _report("ingested", results, time.perf_counter() - start, args.workers)
     if not args.cohort:
         return 0
     start = time.perf_counter()
+    print("cohort assets (split, segmentation model, classifier): running; progress in the log lines", flush=True)
     cohort_ok = runner.materialize_cohort()
     print(f"cohort assets (split, models): {'ok' if cohort_ok else 'FAILED (see the run in the UI)'} "
           f"in {time.perf_counter() - start:.1f}s")
@@ -133,7 +134,8 @@ def cmd_materialize(args) -> int:
         # per-patient features run even after a failed model: those that need it fail clearly
         ingested = [pid for pid, ok, _ in results if ok]
         start = time.perf_counter()
-        features = runner.materialize_patients(ingested, workers=args.workers, job="patient_features")
+        features = runner.materialize_patients(ingested, workers=args.workers, job="patient_features",
+                                               progress=_progress_line("features"))
         _report("model-derived features for", features, time.perf_counter() - start, args.workers)
         features_ok = all(ok for _, ok, _ in features)
     analysis_ok = True
@@ -143,6 +145,16 @@ def cmd_materialize(args) -> int:
         print(f"analysis (explainable features, LASSO models, metrics, coefficients, report): "
               f"{'ok' if analysis_ok else 'FAILED (see the run in the UI)'} in {time.perf_counter() - start:.1f}s")
     return 0 if cohort_ok and features_ok and analysis_ok else 1
+
+
+def _progress_line(stage: str):
+    """One line per finished patient run: count, outcome, elapsed and a linear ETA."""
+    def show(done: int, total: int, result: tuple[str, bool, str], elapsed: float) -> None:
+        pid, ok, error = result
+        eta = elapsed / done * (total - done)
+        outcome = "ok" if ok else f"FAILED: {error}"
+        print(f"  {stage} [{done}/{total}] {pid} {outcome} ({elapsed:.0f} s elapsed, ETA {eta:.0f} s)", flush=True)
+    return show
 
 
 def _report(what: str, results: list[tuple[str, bool, str]], elapsed: float, workers: int) -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import dagster as dg
 
@@ -78,17 +80,32 @@ def _run_patient(
 
 
 def materialize_patients(
-    patient_ids: list[str], workers: int = 2, executor: str = "in_process", job: str = "patient_ingest"
+    patient_ids: list[str], workers: int = 2, executor: str = "in_process", job: str = "patient_ingest",
+    progress: Callable[[int, int, tuple[str, bool, str], float], None] | None = None,
 ) -> list[tuple[str, bool, str]]:
-    """Run `job` for each patient, one run per patient; returns (patient_id, success, first error line)."""
+    """Run `job` for each patient, one run per patient; returns (patient_id, success, first error
+    line) in input order. `progress(done, total, result, elapsed_s)` is called as each run ends."""
     os.environ.update(THREAD_ENV)  # inherited by the spawned workers before torch loads
     n = len(patient_ids)
     threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+    started = time.perf_counter()
+    results: dict[str, tuple[str, bool, str]] = {}
+
+    def finished(result: tuple[str, bool, str]) -> None:
+        results[result[0]] = result
+        if progress is not None:
+            progress(len(results), n, result, time.perf_counter() - started)
+
     if workers <= 1:
-        return [_run_patient(pid, executor, job, threads) for pid in patient_ids]
-    context = multiprocessing.get_context("spawn")  # never fork a process that holds torch threads
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        return list(pool.map(_run_patient, patient_ids, [executor] * n, [job] * n, [threads] * n))
+        for pid in patient_ids:
+            finished(_run_patient(pid, executor, job, threads))
+    else:
+        context = multiprocessing.get_context("spawn")  # never fork a process that holds torch threads
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            futures = [pool.submit(_run_patient, pid, executor, job, threads) for pid in patient_ids]
+            for future in as_completed(futures):
+                finished(future.result())
+    return [results[pid] for pid in patient_ids]
 
 
 def has_assets(job: str) -> bool:

@@ -249,7 +249,7 @@ def _train_into(version_dir: Path, settings: SegmentationTrainingConfig, cases: 
         plan_and_preprocess(settings, raw, preprocessed)
         context.log.info(f"training {settings.configuration}: {settings.epochs} x {settings.iterations_per_epoch} "
                          f"iterations on {settings.device}")
-        trained = train(settings, preprocessed, results)
+        trained = train(settings, preprocessed, results, progress=context.log.info)
         staged = work / "model"
         staged.mkdir()
         trained.rename(staged / trained.name)

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +22,14 @@ from .nnunet_env import PLANS_NAME, TRAINER_NAME, dataset_folder_name, nnunet_en
 TRAINING_SUMMARY = "hcc_training_summary.json"
 
 
-def train(config: SegmentationTrainingConfig, preprocessed_dir: Path | str, results_dir: Path | str) -> Path:
+def train(config: SegmentationTrainingConfig, preprocessed_dir: Path | str, results_dir: Path | str,
+          progress: Callable[[str], None] | None = None) -> Path:
     """Train `config.configuration` on the preprocessed dataset; return the model folder.
 
     The folder is nnU-Net's: `<results>/DatasetXXX_<name>/HccCpuTrainer__nnUNetPlans__<configuration>/`
     with plans.json, dataset.json and `fold_<fold>/checkpoint_final.pth`, plus our
     `hcc_training_summary.json` (schedule, seconds per epoch, last losses and pseudo Dice).
+    `progress` receives one line per epoch (losses, pseudo Dice, seconds, ETA).
     """
     with nnunet_environment(preprocessed=preprocessed_dir, results=results_dir,
                             nnUNet_n_proc_DA=str(config.data_augmentation_workers)):
@@ -47,6 +50,7 @@ def train(config: SegmentationTrainingConfig, preprocessed_dir: Path | str, resu
         trainer.num_iterations_per_epoch = config.iterations_per_epoch
         trainer.num_val_iterations_per_epoch = config.val_iterations_per_epoch
         trainer.initial_lr = config.initial_lr
+        trainer.progress_callback = progress
 
         started = time.perf_counter()
         trainer.run_training()

@@ -23,11 +23,26 @@ class HccCpuTrainer(nnUNetTrainer):
         self.num_iterations_per_epoch = int(os.environ.get("HCC_NNUNET_ITERATIONS", 40))
         self.num_val_iterations_per_epoch = int(os.environ.get("HCC_NNUNET_VAL_ITERATIONS", 5))
 
+    # Set by the caller (hcc_assets.segmentation.train): called with one line per epoch.
+    progress_callback = None
+
     def on_epoch_end(self):
         # The progress plot costs a matplotlib figure per epoch; draw it after the last one only.
-        if self.current_epoch < self.num_epochs - 1:
+        epoch = self.current_epoch
+        if epoch < self.num_epochs - 1:
             self.logger.plot_progress_png = lambda output_folder: None  # shadows the method
         try:
             super().on_epoch_end()
         finally:
             self.logger.__dict__.pop("plot_progress_png", None)
+        if self.progress_callback is not None:
+            self.progress_callback(self._progress_line(epoch))
+
+    def _progress_line(self, epoch: int) -> str:
+        log = self.logger.my_fantastic_logging
+        seconds = log["epoch_end_timestamps"][-1] - log["epoch_start_timestamps"][-1]
+        remaining = (self.num_epochs - epoch - 1) * seconds
+        dice = ", ".join(f"{d:.3f}" for d in log["dice_per_class_or_region"][-1])
+        return (f"nnU-Net epoch {epoch + 1}/{self.num_epochs} ({self.num_iterations_per_epoch} iterations): "
+                f"train loss {log['train_losses'][-1]:.4f}, val loss {log['val_losses'][-1]:.4f}, "
+                f"pseudo Dice [{dice}], {seconds:.1f} s, ETA {remaining:.0f} s")
