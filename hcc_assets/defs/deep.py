@@ -443,7 +443,12 @@ def deep_embedding(
                               f"{version} was trained on ({input_shape}); re-materialize preprocessed_volume")
         compute.configure_threads()
         device = compute.torch_device()
-        network = _classifier(data_lake, model["path"], version, device)
+        try:
+            network = _classifier(data_lake, model["path"], version, device)
+        except Exception as error:  # corrupt, truncated or incompatible file: say which model, not a traceback
+            raise IngestError(f"the checkpoint of the current hcc_classifier {version} is unreadable or "
+                              f"incompatible ({type(error).__name__}: {str(error)[:200]}); re-materialize "
+                              "hcc_classifier with force_retrain") from None
         vector = embed(network, volume[None], batch_size=EMBED_BATCH_SIZE, device=device)[0].astype(np.float32)
         if vector.shape != (EMBEDDING_DIM,):
             raise ValueError(f"embedding has shape {vector.shape}; the feature store holds {EMBEDDING_DIM} values")

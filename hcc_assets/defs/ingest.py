@@ -40,6 +40,9 @@ class RawScanConfig(dg.Config):
     min_slices: int = 10
     min_echo_time_ms: float = 60.0
     min_repetition_time_ms: float = 800.0
+    # Refuse a T2 series above this many voxels (rows x columns x slices) before reading its pixels:
+    # 100M float32 voxels is 400 MB; clinical T2 series are 0.5-30M.
+    max_voxels: int = 100_000_000
 
 
 class PreprocessedVolumeConfig(dg.Config):
@@ -83,6 +86,13 @@ def raw_scan(context: dg.AssetExecutionContext, config: RawScanConfig, lake: Lak
             min_echo_time_ms=config.min_echo_time_ms,
             min_repetition_time_ms=config.min_repetition_time_ms,
         )
+        chosen_series = choice.series
+        voxels = chosen_series.rows * chosen_series.columns * len(chosen_series.files)
+        if voxels > config.max_voxels:
+            raise IngestError(
+                f"the T2 series {chosen_series.label} is {chosen_series.columns} x {chosen_series.rows} x "
+                f"{len(chosen_series.files)} = {voxels:,} voxels, above the limit of {config.max_voxels:,} "
+                "(raw_scan config max_voxels); refused before reading its pixels")
     record = {
         "patient_id": patient_id,
         "study": inventory.to_record(),

@@ -37,6 +37,7 @@ from hcc_assets.defs.partitions import patients_partitions
 from hcc_assets.defs.patient_errors import patient_failure
 from hcc_assets.defs.resources import ComputeResource, LakeResource
 from hcc_assets.featurestore import FeatureStore
+from hcc_assets.imaging.errors import IngestError
 from hcc_assets.segmentation import (TRAINING_SUMMARY, LiverSegmenter, MaskQualityConfig, ModelFolderError,
                                      SegmentationTrainingConfig, build_raw_dataset, mask_quality, overlay_png,
                                      plan_and_preprocess, train, validate_model_folder)
@@ -352,7 +353,12 @@ def liver_mask(context: dg.AssetExecutionContext, config: LiverMaskConfig, lake:
     with patient_failure(patient_id, "liver_mask", cleanup=lambda: _forget_mask(lake, patient_id)):
         model = current_model(store)
         compute.configure_threads()
-        segmenter = _segmenter(model["path"], model["version"], compute.torch_device())
+        try:
+            segmenter = _segmenter(model["path"], model["version"], compute.torch_device())
+        except Exception as error:  # corrupt or incompatible model folder: say which model, not a traceback
+            raise IngestError(f"the current liver segmentation model {model['version']} cannot be loaded "
+                              f"({type(error).__name__}: {str(error)[:200]}); re-materialize "
+                              "liver_segmentation_model (force_retrain) or fix its model_folder") from None
         image = data_lake.read_nifti(data_lake.patient_file(patient_id, NIFTI_FILE))
         mask = segmenter.predict(image)
         path = data_lake.patient_file(patient_id, LIVER_MASK_FILE)

@@ -170,17 +170,85 @@ TABLES: dict[str, str] = {
 }
 
 
+# -- derived tables ------------------------------------------------------------------------
+# Kept by the store in the same transaction as every write to their source table; never
+# written directly. `radiomic_features` (long: one row per patient and feature) stays the
+# source of truth for SQL users; at 100k patients x 250 features (25M rows) a pivot of it takes
+# tens of seconds, so the training-set query reads one DOUBLE[] per patient instead
+# (docs/feature_store.md, "Layout at scale").
+DERIVED_TABLES: dict[str, str] = {
+    "radiomic_vectors": f"""
+        patient_id VARCHAR NOT NULL,
+        feature_set_version VARCHAR NOT NULL,
+        feature_names_id VARCHAR NOT NULL,
+        feature_values DOUBLE[] NOT NULL,
+        {PROVENANCE}""",
+    # feature_names_id = md5 of the sorted names joined by newlines; a patient's vector holds
+    # the values in this order (NULL where the long row's value is NULL).
+    "radiomic_feature_names": """
+        feature_names_id VARCHAR NOT NULL,
+        features VARCHAR[] NOT NULL,
+        n_features INTEGER NOT NULL""",
+}
+
+
+def _refresh_radiomic_vectors(con, scope: str) -> None:
+    """Recompute `radiomic_vectors` for the patients selected by `scope` (a predicate on
+    patient_id) from `radiomic_features`, and keep `radiomic_feature_names` to the name lists
+    in use. One row per patient and feature-set version, values ordered by feature name."""
+    con.execute(f"DELETE FROM radiomic_vectors WHERE {scope}")
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE refreshed_vectors AS
+        SELECT *, hash(features) AS names_key FROM (
+            SELECT patient_id, feature_set_version,
+                   list(feature ORDER BY feature) AS features, list(value ORDER BY feature) AS feature_values,
+                   max(version) AS version, max(run_id) AS run_id, max(materialized_at) AS materialized_at
+            FROM radiomic_features WHERE {scope} GROUP BY patient_id, feature_set_version)""")
+    # hashing every row's 250 names into an md5 string costs seconds at scale; group on the
+    # cheap 64-bit hash within this write, and spell the stored id out for the few distinct lists
+    con.execute("""
+        CREATE OR REPLACE TEMP TABLE refreshed_names AS
+        SELECT names_key, features, md5(array_to_string(features, chr(10))) AS feature_names_id
+        FROM (SELECT names_key, any_value(features) AS features FROM refreshed_vectors GROUP BY names_key)""")
+    con.execute("""
+        INSERT INTO radiomic_feature_names
+        SELECT feature_names_id, features, len(features) FROM refreshed_names
+        WHERE feature_names_id NOT IN (SELECT feature_names_id FROM radiomic_feature_names)""")
+    con.execute("""
+        INSERT INTO radiomic_vectors BY NAME
+        SELECT v.patient_id, v.feature_set_version, n.feature_names_id, v.feature_values,
+               v.version, v.run_id, v.materialized_at
+        FROM refreshed_vectors v JOIN refreshed_names n USING (names_key)""")
+    con.execute("""
+        DELETE FROM radiomic_feature_names
+        WHERE feature_names_id NOT IN (SELECT DISTINCT feature_names_id FROM radiomic_vectors)""")
+    con.execute("DROP TABLE refreshed_vectors")
+    con.execute("DROP TABLE refreshed_names")
+
+
+# source table -> functions that, given a connection inside the writing transaction and a
+# predicate on patient_id ("TRUE": every patient), bring the derived tables up to date.
+DERIVED_REFRESHERS: dict[str, list[Callable]] = {
+    "radiomic_features": [_refresh_radiomic_vectors],
+}
+
+
 # table -> functions that, given a connection inside the writing transaction, return the SQL
 # statements (CREATE OR REPLACE VIEW ...) of views derived from that table.
 def _radiomics_view(con) -> list[str]:
-    """`radiomics`: one row per patient and feature set, one column per feature."""
-    features = [row[0] for row in con.execute("SELECT DISTINCT feature FROM radiomic_features ORDER BY 1").fetchall()]
-    columns = "".join(
-        f", max(value) FILTER (WHERE feature = '{name}') AS \"{name}\"" for name in features if "'" not in name
-    )
+    """`radiomics`: one row per patient and feature set, one column per feature, read from
+    `radiomic_vectors` (each column picks its element by the row's name list)."""
+    name_lists = con.execute(
+        "SELECT feature_names_id, features FROM radiomic_feature_names ORDER BY 1").fetchall()
+    positions = {names_id: {name: i + 1 for i, name in enumerate(features)} for names_id, features in name_lists}
+    features = sorted({name for _, names in name_lists for name in names if "'" not in name and '"' not in name})
+    columns = ""
+    for name in features:
+        cases = " ".join(f"WHEN '{names_id}' THEN feature_values[{where[name]}]"
+                         for names_id, where in positions.items() if name in where)
+        columns += f", CASE feature_names_id {cases} END AS \"{name}\""
     return [
-        "CREATE OR REPLACE VIEW radiomics AS SELECT patient_id, feature_set_version"
-        f"{columns} FROM radiomic_features GROUP BY patient_id, feature_set_version"
+        f"CREATE OR REPLACE VIEW radiomics AS SELECT patient_id, feature_set_version{columns} FROM radiomic_vectors"
     ]
 
 
@@ -221,4 +289,5 @@ MIGRATIONS = [
 
 
 def create_statements() -> list[str]:
-    return [f"CREATE TABLE IF NOT EXISTS {name} ({columns})" for name, columns in TABLES.items()] + MIGRATIONS
+    tables = {**TABLES, **DERIVED_TABLES}
+    return [f"CREATE TABLE IF NOT EXISTS {name} ({columns})" for name, columns in tables.items()] + MIGRATIONS

@@ -5,6 +5,9 @@ partitions in parallel processes. Every writer therefore takes an exclusive advi
 `<db>.lock` around a short connection (open, delete-then-insert in one transaction, close);
 readers take a shared lock. Waiting is milliseconds per write, and no run fails on DuckDB's
 own file lock.
+
+Derived tables (schema.DERIVED_TABLES) are refreshed for the written patients inside the same
+transaction as the write, so a reader never sees them disagree with their source.
 """
 
 from __future__ import annotations
@@ -19,8 +22,12 @@ from typing import Iterator
 
 import duckdb
 import polars as pl
+import pyarrow as pa
 
-from hcc_assets.featurestore.schema import TABLES, VIEW_BUILDERS, create_statements
+from hcc_assets.featurestore.schema import (DERIVED_REFRESHERS, DERIVED_TABLES, TABLES, VIEW_BUILDERS,
+                                           create_statements)
+
+ALL_TABLES = (*TABLES, *DERIVED_TABLES)
 
 
 class FeatureStoreError(Exception):
@@ -61,12 +68,15 @@ class FeatureStore:
             new_file = not self.path.exists()
             con = duckdb.connect(str(self.path))
             try:
+                missing = set(ALL_TABLES) - self._tables_in(con)
                 for statement in create_statements():
                     con.execute(statement)
                 if new_file:  # views exist from the start, empty until their table fills
                     for table in VIEW_BUILDERS:
                         for view_sql in self._views_of(table, con):
                             con.execute(view_sql)
+                elif missing & set(DERIVED_TABLES):  # a store written before these tables existed
+                    self._rebuild_derived(con)
                 yield con
             finally:
                 con.close()
@@ -76,12 +86,30 @@ class FeatureStore:
         if not self.path.exists():
             with self.writer():
                 pass  # create the file and its schema so a first query sees empty tables
-        with self._locked(exclusive=False):
-            con = duckdb.connect(str(self.path), read_only=True)
-            try:
-                yield con
-            finally:
-                con.close()
+        for attempt in range(2):
+            with self._locked(exclusive=False):
+                con = duckdb.connect(str(self.path), read_only=True)
+                try:
+                    if attempt == 1 or not set(ALL_TABLES) - self._tables_in(con):
+                        yield con
+                        return
+                finally:
+                    con.close()
+            with self.writer():
+                pass  # a store from an older version: add its missing tables once, then read
+
+    @staticmethod
+    def _tables_in(con: duckdb.DuckDBPyConnection) -> set[str]:
+        return {row[0] for row in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+
+    def _rebuild_derived(self, con: duckdb.DuckDBPyConnection) -> None:
+        con.execute("BEGIN TRANSACTION")
+        for table, refreshers in DERIVED_REFRESHERS.items():
+            for refresh in refreshers:
+                refresh(con, "TRUE")
+            for view_sql in self._views_of(table, con):
+                con.execute(view_sql)
+        con.execute("COMMIT")
 
     # -- writes ------------------------------------------------------------------------
     @staticmethod
@@ -99,19 +127,49 @@ class FeatureStore:
 
     def replace_where(self, table: str, match: dict[str, object], rows: pl.DataFrame) -> int:
         """Delete the rows of `table` equal to `match` (all rows when empty) and insert `rows`,
-        in one transaction. Every write in the store goes through here."""
+        in one transaction. Every write in the store goes through here or replace_partitions."""
         self._check_table(table)
         where, params = self._where(match)
+        if "patient_id" in match:  # derived rows to refresh: the matched patient and those written
+            patients = {match["patient_id"], *(rows["patient_id"].unique().to_list() if rows.height else [])}
+        else:
+            patients = None
+        return self._replace(table, where, params, rows, patients)
+
+    def replace_partitions(self, table: str, rows: pl.DataFrame, match: dict[str, object] | None = None) -> int:
+        """Bulk form of replace_partition: replace the rows (only those equal to `match`, when
+        given) of every patient that appears in `rows`, in one transaction. For loading many
+        patients at once (backfills, benchmarks) without a transaction per patient."""
+        self._check_table(table)
+        if rows.height == 0:
+            return 0
+        if rows["patient_id"].null_count():
+            raise FeatureStoreError(f"rows for {table} need a patient_id")
+        where, params = self._where(match or {})
+        patients = rows["patient_id"].cast(pl.String).unique().to_list()
+        return self._replace(table, f"{where} AND patient_id IN (SELECT patient_id FROM written_patients)",
+                             params, rows, patients)
+
+    def _replace(self, table: str, where: str, params: list, rows: pl.DataFrame, patients: set | list | None) -> int:
+        """Delete `where`, insert `rows`, refresh what derives from `table` for `patients` (None:
+        all), rebuild its views; one transaction."""
         with self.writer() as con:
             con.execute("BEGIN TRANSACTION")
+            if patients is not None:
+                con.register("written_patients", pa.table({"patient_id": pa.array(sorted(patients), pa.string())}))
             con.execute(f"DELETE FROM {table} WHERE {where}", params)
             if rows.height:
                 con.register("incoming_rows", rows.to_arrow())
                 con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming_rows")
                 con.unregister("incoming_rows")
+            scope = "TRUE" if patients is None else "patient_id IN (SELECT patient_id FROM written_patients)"
+            for refresh in DERIVED_REFRESHERS.get(table, ()):
+                refresh(con, scope)
             for view_sql in self._views_of(table, con):
                 con.execute(view_sql)
             con.execute("COMMIT")
+            if patients is not None:
+                con.unregister("written_patients")
         return rows.height
 
     def replace_partition(

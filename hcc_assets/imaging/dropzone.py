@@ -73,6 +73,49 @@ def read_label_manifests(incoming: Path) -> list[dict[str, str]]:
     return list(rows.values())
 
 
+@dataclass(frozen=True)
+class LabelProblem:
+    patient_key: str  # the drop-folder name: callers must pseudonymize it before showing it
+    problem: str  # names the manifest and line, never the key
+
+
+def validate_labels(incoming: Path) -> tuple[dict[str, tuple[bool, str | None]], list[LabelProblem]]:
+    """Labels from every labels*.csv, and the problems that exclude a patient: a label that is
+    not 0/1, or a patient listed more than once with different labels (an identical repeat is
+    fine). Returns ({patient_key: (hcc, source)}, problems); a patient with a problem has no label."""
+    seen: dict[str, list[tuple[str, str, str]]] = {}  # key -> [(hcc, source, where)]
+    problems: list[LabelProblem] = []
+    for manifest in sorted(incoming.glob(LABEL_MANIFEST_GLOB)):
+        try:
+            with open(manifest, newline="") as handle:
+                reader = csv.DictReader(handle)
+                if not reader.fieldnames or not {"patient_key", "hcc"} <= set(reader.fieldnames):
+                    problems.append(LabelProblem("", f"{manifest.name} has no patient_key and hcc columns; ignored"))
+                    continue
+                for line, row in enumerate(reader, start=2):
+                    key = (row.get("patient_key") or "").strip()
+                    if key:
+                        seen.setdefault(key, []).append((str(row.get("hcc") or "").strip(),
+                                                         (row.get("source") or "").strip(), f"{manifest.name}:{line}"))
+        except (OSError, UnicodeDecodeError, csv.Error) as error:
+            problems.append(LabelProblem("", f"{manifest.name} cannot be read ({type(error).__name__}); ignored"))
+    labels: dict[str, tuple[bool, str | None]] = {}
+    for key, entries in seen.items():
+        bad = [(hcc, where) for hcc, _, where in entries if hcc not in ("0", "1")]
+        if bad:
+            hcc, where = bad[0]
+            shown = hcc if len(hcc) <= 12 else hcc[:12] + "..."
+            problems.append(LabelProblem(key, f"label {shown!r} at {where} is not 0 or 1"))
+            continue
+        if len({hcc for hcc, _, _ in entries}) > 1:
+            places = ", ".join(f"{hcc} at {where}" for hcc, _, where in entries)
+            problems.append(LabelProblem(key, f"listed {len(entries)} times with different labels ({places})"))
+            continue
+        hcc, source, _ = entries[-1]
+        labels[key] = (hcc == "1", source or None)
+    return labels, problems
+
+
 def merge_labels(incoming: Path, file_name: str, rows: dict[str, tuple[int, str]]) -> None:
     """Add or replace rows (patient_key -> (hcc, source)) in the manifest `incoming/file_name`,
     sorted by key and written atomically (temp name, then rename)."""

@@ -74,6 +74,9 @@ def series_to_nifti(series: SeriesInfo, *, max_gap_ratio: float = 1.5) -> nib.Ni
         # rescale may differ per slice (Philips): apply it slice by slice
         slope = float(dataset.get("RescaleSlope", 1.0) or 1.0)
         intercept = float(dataset.get("RescaleIntercept", 0.0) or 0.0)
+        if not (np.isfinite(slope) and np.isfinite(intercept)):
+            raise IngestError(f"file {index + 1} of {count} in {label} has a non-finite RescaleSlope/Intercept "
+                              f"({slope}, {intercept}): its intensities would be NaN/Inf")
         slab = volume[:, :, k]
         slab[...] = pixels.T
         if slope != 1.0 or intercept != 0.0:
@@ -81,8 +84,18 @@ def series_to_nifti(series: SeriesInfo, *, max_gap_ratio: float = 1.5) -> nib.Ni
             slab += np.float32(intercept)
         datasets[index] = None  # release the pixel data as we go
 
+    require_finite(volume, label)
     affine = affine_ras(stack.orientation, stack.first_position, stack.pixel_spacing, stack.slice_spacing)
     return make_nifti(volume, affine)
+
+
+def require_finite(volume: np.ndarray, what: str) -> None:
+    """Refuse a volume with NaN/Inf voxels (float pixel data, overflowing rescale): every model
+    downstream would silently propagate them."""
+    finite = np.isfinite(volume)
+    if not finite.all():
+        bad = int(volume.size - np.count_nonzero(finite))
+        raise IngestError(f"{what} has {bad} non-finite (NaN/Inf) voxel{'s' if bad != 1 else ''} of {volume.size}")
 
 
 def make_nifti(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:

@@ -192,3 +192,37 @@ def test_the_check_fails_a_classifier_that_does_not_beat_chance(trained, tmp_pat
         refused = embed(instance, lake, trained["pids"][0], raise_on_error=False)
         assert not refused.success
         assert "beats_chance_on_training" in failure_message(refused)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "incompatible"])
+def test_a_corrupt_or_incompatible_checkpoint_fails_the_partition_clearly(trained, tmp_path, damage):
+    import torch
+
+    # A copy of the lake, so the trained model of the other tests stays intact.
+    root = tmp_path / "lake"
+    shutil.copytree(trained["root"] / "lake", root)
+    lake = LakeResource(root=str(root), incoming=trained["lake"].incoming, quiet_seconds=3600)
+    version = lake.store.query("SELECT version FROM models WHERE model_name = 'hcc_classifier' AND current").item()
+    folder = root / "models" / "classifier" / version
+    with lake.store.writer() as con:  # the registry holds absolute paths: point it at the copy
+        con.execute("UPDATE models SET path = ? WHERE model_name = 'hcc_classifier' AND version = ?",
+                    [str(folder), version])
+    checkpoint = folder / "classifier.pt"
+    if damage == "truncated":
+        checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    else:  # a checkpoint of another format (e.g. a raw state dict someone copied in)
+        torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}}, checkpoint)
+    deep._CLASSIFIERS.clear()  # this process cached the good model; a fresh worker would not have it
+    pid = trained["pids"][0]
+    before = lake.store.query("SELECT embedding FROM deep_embeddings WHERE patient_id = ?", [pid])
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("patients", trained["pids"])
+        result = embed(instance, lake, pid, raise_on_error=False)
+    assert not result.success
+    message = failure_message(result)
+    assert f"patient {pid}" in message and version in message and "checkpoint" in message, message
+    assert "Traceback" not in message
+    # the failed partition's old row is removed rather than left claiming the broken model
+    assert before.height == 1
+    assert lake.store.query("SELECT count(*) FROM deep_embeddings WHERE patient_id = ?", [pid]).item() == 0
+    deep._CLASSIFIERS.clear()
