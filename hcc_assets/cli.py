@@ -11,12 +11,23 @@ from pathlib import Path
 
 def _lake_root(args) -> str:
     from hcc_assets.defs.resources import default_lake_root
+    from hcc_assets.lake import is_local_url
 
     root = getattr(args, "lake", None)
     if root:
         # the Definitions (here and in every worker process) read the lake root from the environment
-        os.environ["HCC_ASSETS_LAKE"] = str(Path(root).resolve())
+        os.environ["HCC_ASSETS_LAKE"] = str(Path(root).resolve()) if is_local_url(root) else root
     return root or default_lake_root()
+
+
+def _incoming(args) -> Path:
+    """--out, else the lake's drop zone ($HCC_ASSETS_INCOMING, or <lake>/incoming for a local lake)."""
+    from hcc_assets.defs.resources import default_lake_resource
+
+    if getattr(args, "out", None):
+        return Path(args.out)
+    _lake_root(args)
+    return default_lake_resource().incoming_dir
 
 
 def cmd_synth(args) -> int:
@@ -57,7 +68,7 @@ def cmd_import_chaos(args) -> int:
 
     start = time.perf_counter()
     try:
-        results = import_chaos(Path(args.root), Path(args.out or Path(_lake_root(args)) / "incoming"))
+        results = import_chaos(Path(args.root), _incoming(args))
     except IngestError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -70,7 +81,7 @@ def cmd_import_tcia(args) -> int:
 
     start = time.perf_counter()
     try:
-        results = import_tcia(Path(args.root), Path(args.out or Path(_lake_root(args)) / "incoming"),
+        results = import_tcia(Path(args.root), _incoming(args),
                               metadata=Path(args.metadata) if args.metadata else None)
     except IngestError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -89,17 +100,19 @@ def cmd_receive(args) -> int:
         return 2
     if callers == ["*"]:
         callers = []
-    incoming = Path(args.out or Path(_lake_root(args)) / "incoming")
+    incoming = _incoming(args)
     Receiver(incoming, ae_title=args.ae_title, allowed_callers=callers, bind=args.bind, port=args.port).serve_forever()
     return 0
 
 
 def cmd_sql(args) -> int:
     from hcc_assets.featurestore.sql import check_read_only, format_frame
+    from hcc_assets.defs.resources import default_lake_resource
     from hcc_assets.featurestore import FeatureStore
 
-    db = args.db or os.path.join(_lake_root(args), "feature_store.duckdb")
     try:
+        _lake_root(args)
+        db = args.db or default_lake_resource().feature_store_path
         check_read_only(args.query)
         frame = FeatureStore(db).query(args.query)
     except Exception as error:  # a bad query is the user's to fix: one clear line, no traceback
@@ -120,7 +133,9 @@ def cmd_materialize(args) -> int:
     instance = dg.DagsterInstance.get()
     ready = runner.register_ready_patients(instance)
     start = time.perf_counter()
-    results = runner.materialize_patients(ready, workers=args.workers, progress=_progress_line("ingest"))
+    # --dask-address: each run's steps go to that Dask scheduler (hcc_assets.defs.dask_jobs)
+    on_dask = {"executor": "dask", "dask_address": args.dask_address} if getattr(args, "dask_address", None) else {}
+    results = runner.materialize_patients(ready, workers=args.workers, progress=_progress_line("ingest"), **on_dask)
     _report("ingested", results, time.perf_counter() - start, args.workers)
     if not args.cohort:
         return 0
@@ -134,7 +149,7 @@ def cmd_materialize(args) -> int:
         # per-patient features run even after a failed model: those that need it fail clearly
         ingested = [pid for pid, ok, _ in results if ok]
         start = time.perf_counter()
-        features = runner.materialize_patients(ingested, workers=args.workers, job="patient_features",
+        features = runner.materialize_patients(ingested, workers=args.workers, job="patient_features", **on_dask,
                                                progress=_progress_line("features"))
         _report("model-derived features for", features, time.perf_counter() - start, args.workers)
         features_ok = all(ok for _, ok, _ in features)
@@ -166,7 +181,12 @@ def _report(what: str, results: list[tuple[str, bool, str]], elapsed: float, wor
 
 
 def cmd_demo(args) -> int:
+    from hcc_assets.lake import is_local_url
+
     lake = _lake_root(args)
+    if not is_local_url(lake):  # the demo synthesizes its drop zone and instance under the lake folder
+        print(f"error: the demo needs a local lake folder, not {lake}; see docs/scaling.md", file=sys.stderr)
+        return 2
     incoming = Path(lake) / "incoming"
     if not any(incoming.glob("labels*.csv")):
         if args.source == "studylike":
@@ -241,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     materialize = sub.add_parser("materialize", help="ingest every complete drop folder, then the cohort")
     materialize.add_argument("--workers", type=int, default=2)
     materialize.add_argument("--no-cohort", dest="cohort", action="store_false")
+    materialize.add_argument("--dask-address", help="run the per-patient steps on this Dask scheduler "
+                             "(e.g. tcp://127.0.0.1:8786; see docs/scaling.md)")
     materialize.set_defaults(func=cmd_materialize)
 
     demo = sub.add_parser("demo", help="synthesize the 40-patient cohort and materialize everything")

@@ -6,18 +6,18 @@ from hcc_assets.defs import analysis, cohort, deep, ingest, segmentation
 from hcc_assets.defs.jobs import (
     analysis_job,
     cohort_job,
-    cohort_refresh_schedule,
     patient_features_job,
     patient_ingest_job,
     patient_pipeline_job,
 )
-from hcc_assets.defs.resources import ComputeResource, LakeResource, default_lake_root
+from hcc_assets.defs.refresh import analysis_refresh_sensor, cohort_refresh_schedule, refresh_features_sensor
+from hcc_assets.defs.resources import ComputeResource, default_lake_resource
 from hcc_assets.defs.sensors import incoming_scans_sensor
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules([ingest, cohort, segmentation, deep, analysis]),
     jobs=[patient_ingest_job, patient_features_job, patient_pipeline_job, cohort_job, analysis_job],
-    sensors=[incoming_scans_sensor],
+    sensors=[incoming_scans_sensor, refresh_features_sensor, analysis_refresh_sensor],
     schedules=[cohort_refresh_schedule],
-    resources={"lake": LakeResource(root=default_lake_root()), "compute": ComputeResource()},
+    resources={"lake": default_lake_resource(), "compute": ComputeResource()},
 )

@@ -4,30 +4,58 @@ The root is an fsspec URL or a local folder, so the same code runs on a local di
 object storage. Writes go to a temporary name and are renamed into place, so a crash never
 leaves a half-written file under a real name. data_lake/incoming/ (the drop zone) is read-only
 to the platform and is addressed separately (see `incoming`).
+
+On a local root, `path()` gives plain local paths; on any other filesystem (s3://, gs://,
+memory://) it gives full URLs, so a path stored in the feature store says where it lives. Code that
+needs a local file (nnU-Net, torch, DuckDB) stages one in a temporary folder (`download_tree`,
+`upload_tree`) and never assumes the lake is a local folder; only `local_path` does, and it refuses
+a remote lake.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import gzip
 import hashlib
 import os
+import re
 import uuid
 from pathlib import Path
 
 import fsspec
+import fsspec.core
+import fsspec.utils
 import nibabel as nib
 
 PATIENTS = "patients"
+# A write holds its temporary file for seconds; one this old was left by a writer that died.
+STALE_TEMP_SECONDS = 600.0
+TEMP_NAME = re.compile(r"\.tmp-[0-9a-f]{32}-.+")
+
+
+def is_local_url(url: str | os.PathLike[str]) -> bool:
+    """True for a plain path or a file:// URL; False for s3://, gs://, memory:// and the like."""
+    return fsspec.utils.get_protocol(str(url)) in ("file", "local")
+
+
+def local_path_of(url: str | os.PathLike[str]) -> Path:
+    """The local path of a plain path or file:// URL."""
+    if not is_local_url(url):
+        raise ValueError(f"{url} is not on the local filesystem")
+    return Path(fsspec.core.strip_protocol(str(url)))
 
 
 class DataLake:
     def __init__(self, root: str | os.PathLike[str]):
         self.root = str(root)
         self.fs, self.root_path = fsspec.core.url_to_fs(self.root)
-        self.is_local = self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
+        self.is_local = bool({"file", "local"} & set(protocols))
 
     def path(self, *parts: str) -> str:
-        return "/".join([self.root_path.rstrip("/"), *parts])
+        """A path under the root: a local path for a local lake, a full URL otherwise."""
+        joined = "/".join([self.root_path.rstrip("/"), *parts])
+        return joined if self.is_local else self.fs.unstrip_protocol(joined)
 
     def local_path(self, *parts: str) -> Path:
         """A local filesystem path; only for libraries that need one (DuckDB, nnU-Net)."""
@@ -42,6 +70,7 @@ class DataLake:
         """Atomically write `data` to `path`; returns its sha256."""
         parent = path.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
+        self.remove_stale_temps(parent)
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[1]}"
         try:
             self.fs.pipe_file(tmp, data)
@@ -50,6 +79,26 @@ class DataLake:
             if self.fs.exists(tmp):
                 self.fs.rm(tmp)
         return hashlib.sha256(data).hexdigest()
+
+    def remove_stale_temps(self, folder: str, older_than_s: float = STALE_TEMP_SECONDS) -> list[str]:
+        """Remove temporary files of write_bytes in `folder` older than `older_than_s` (left by
+        a crashed writer); returns their paths. Filesystems without modification times keep them."""
+        removed = []
+        now = dt.datetime.now(dt.timezone.utc)
+        for entry in self.fs.ls(folder, detail=True):
+            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            if entry.get("type") != "file" or not TEMP_NAME.fullmatch(name):
+                continue
+            try:
+                modified = self.fs.modified(entry["name"])
+                if modified.tzinfo is None:  # some filesystems report naive UTC
+                    modified = modified.replace(tzinfo=dt.timezone.utc)
+                if (now - modified).total_seconds() > older_than_s:
+                    self.fs.rm(entry["name"])
+                    removed.append(entry["name"])
+            except (NotImplementedError, FileNotFoundError):  # no mtime here, or another writer removed it
+                continue
+        return removed
 
     def read_bytes(self, path: str) -> bytes:
         return self.fs.cat_file(path)
@@ -60,6 +109,28 @@ class DataLake:
     def remove(self, path: str) -> None:
         if self.fs.exists(path):
             self.fs.rm(path)
+
+    def upload_tree(self, local: str | os.PathLike[str], target: str, last: tuple[str, ...] = ()) -> None:
+        """Copy a local folder to `target` in the lake, file by file (each written atomically);
+        files whose name ends with one of `last` go last, so a reader that requires them never
+        sees a half-copied folder as complete."""
+        files = sorted(p for p in Path(local).rglob("*") if p.is_file())
+        files.sort(key=lambda p: p.name.endswith(last) if last else False)
+        for file in files:
+            self.write_bytes(f"{target.rstrip('/')}/{file.relative_to(local).as_posix()}", file.read_bytes())
+
+    def download_tree(self, source: str, local: str | os.PathLike[str]) -> Path:
+        """Copy the folder `source` of the lake into the local folder `local`; returns `local`."""
+        local = Path(local)
+        prefix = fsspec.core.strip_protocol(source).rstrip("/") + "/"
+        for entry in self.fs.find(source):
+            relative = entry[len(prefix):] if entry.startswith(prefix) else entry.rsplit("/", 1)[-1]
+            if relative.rsplit("/", 1)[-1].startswith(".tmp-"):  # a write cut short, never a real file
+                continue
+            target = local / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.fs.cat_file(entry))
+        return local
 
     def write_nifti(self, path: str, image: nib.Nifti1Image) -> str:
         return self.write_bytes(path, nifti_bytes(image))

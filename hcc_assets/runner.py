@@ -4,6 +4,9 @@ Each patient is one Dagster run of the `patient_ingest` job (the same run the se
 request), recorded in the instance, so the UI shows its lineage, metadata and logs. Runs go
 to a small pool of worker processes; each runs its steps in-process and uses one torch/BLAS
 thread, so N workers use N cores without oversubscription.
+
+`executor="dask"` sends each run's steps to an existing Dask cluster (`dask_address`) through the
+same jobs defined with dagster-dask's executor (hcc_assets.defs.dask_jobs).
 """
 
 from __future__ import annotations
@@ -57,16 +60,33 @@ def register_ready_patients(instance: dg.DagsterInstance) -> list[str]:
     return ready
 
 
+def _dask_job(job: str):
+    from hcc_assets.defs import dask_jobs
+
+    return {"patient_ingest": dask_jobs.patient_ingest_dask_job,
+            "patient_features": dask_jobs.patient_features_dask_job,
+            "patient_pipeline": dask_jobs.patient_pipeline_dask_job}[job]
+
+
 def _run_patient(
-    patient_id: str, executor: str = "in_process", job: str = "patient_ingest", torch_threads: int = 1
+    patient_id: str, executor: str = "in_process", job: str = "patient_ingest", torch_threads: int = 1,
+    dask_address: str = "",
 ) -> tuple[str, bool, str]:
     instance = dg.DagsterInstance.get()
     # N workers x one torch thread each: the cores are shared, never oversubscribed
     threads = {"resources": {"compute": {"config": {"cpu_threads": torch_threads}}}}
+    if executor == "dask":
+        from hcc_assets.defs.dask_jobs import cluster_run_config
+
+        if not dask_address:
+            raise ValueError("executor 'dask' needs dask_address (the scheduler, e.g. tcp://127.0.0.1:8786)")
+        target, execution = _dask_job(job), {**cluster_run_config(dask_address), **_QUIET}
+    else:
+        target, execution = PATIENT_JOBS[job], EXECUTORS[executor]
     result = dg.execute_job(
-        dg.reconstructable(PATIENT_JOBS[job]),
+        dg.reconstructable(target),
         instance=instance,
-        run_config={**EXECUTORS[executor], **threads},
+        run_config={**execution, **threads},
         tags={"dagster/partition": patient_id, "hcc_assets/trigger": "cli"},
         raise_on_error=False,
     )
@@ -81,10 +101,11 @@ def _run_patient(
 
 def materialize_patients(
     patient_ids: list[str], workers: int = 2, executor: str = "in_process", job: str = "patient_ingest",
-    progress: Callable[[int, int, tuple[str, bool, str], float], None] | None = None,
+    progress: Callable[[int, int, tuple[str, bool, str], float], None] | None = None, dask_address: str = "",
 ) -> list[tuple[str, bool, str]]:
     """Run `job` for each patient, one run per patient; returns (patient_id, success, first error
-    line) in input order. `progress(done, total, result, elapsed_s)` is called as each run ends."""
+    line) in input order. `progress(done, total, result, elapsed_s)` is called as each run ends.
+    executor: in_process | multiprocess | dask (steps on the Dask scheduler at `dask_address`)."""
     os.environ.update(THREAD_ENV)  # inherited by the spawned workers before torch loads
     n = len(patient_ids)
     threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
@@ -98,11 +119,11 @@ def materialize_patients(
 
     if workers <= 1:
         for pid in patient_ids:
-            finished(_run_patient(pid, executor, job, threads))
+            finished(_run_patient(pid, executor, job, threads, dask_address))
     else:
         context = multiprocessing.get_context("spawn")  # never fork a process that holds torch threads
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            futures = [pool.submit(_run_patient, pid, executor, job, threads) for pid in patient_ids]
+            futures = [pool.submit(_run_patient, pid, executor, job, threads, dask_address) for pid in patient_ids]
             for future in as_completed(futures):
                 finished(future.result())
     return [results[pid] for pid in patient_ids]

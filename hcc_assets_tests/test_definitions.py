@@ -23,8 +23,13 @@ def test_definitions_load_with_lineage_jobs_sensor_and_schedule():
         assert node.code_version, name
     assert graph.get(key("raw_scan")).partitions_def.name == "patients"
     assert defs.resolve_job_def("patient_ingest") and defs.resolve_job_def("cohort_refresh")
-    assert defs.resolve_sensor_def("incoming_scans_sensor")
-    assert defs.resolve_schedule_def("cohort_refresh_schedule").cron_schedule == "0 2 * * *"
+    for sensor in ("incoming_scans_sensor", "refresh_features_sensor", "analysis_refresh_sensor"):
+        assert defs.resolve_sensor_def(sensor).default_status == dg.DefaultSensorStatus.RUNNING
+    assert defs.resolve_sensor_def("incoming_scans_sensor").minimum_interval_seconds <= 10
+    assert defs.resolve_schedule_def("cohort_refresh_schedule").cron_schedule == "0 2 * * 0"  # weekly
+    # per-patient runs from the sensor (no run config of their own) run their steps in one process
+    partition_config = defs.resolve_job_def("patient_pipeline").partitioned_config
+    assert "in_process" in partition_config.get_run_config_for_partition_key("any")["execution"]["config"]
 
 
 def test_domain_packages_never_import_dagster():
@@ -53,5 +58,6 @@ def test_instance_yaml_uses_sqlite_and_a_gpu_pool_of_one(tmp_path, monkeypatch):
     settings = yaml.safe_load((home / "dagster.yaml").read_text())
     assert "sqlite" in settings["storage"]
     assert settings["concurrency"]["pools"]["default_limit"] == 1
+    assert settings["run_queue"]["dequeue_interval_seconds"] <= 2  # a new scan's run leaves the queue promptly
     instance = dg.DagsterInstance.from_config(str(home))
     assert "Sqlite" in type(instance.run_storage).__name__

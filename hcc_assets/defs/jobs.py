@@ -1,24 +1,43 @@
+import os
+from pathlib import Path
+
 import dagster as dg
+import yaml
 
 # Per-patient runs execute their steps in the run's own process: one start-up (importing dagster,
 # torch, nnU-Net, pyradiomics: ~5-10 s on 2 cores) per run instead of one per step, which is most
 # of a new scan's latency. Parallelism comes from several runs at once (`concurrency.runs` in
-# dagster.yaml). This is only the default: run config `execution: {config: {multiprocess: {}}}`
-# still selects the multiprocess executor (the CLI's `--executor multiprocess` does).
+# dagster.yaml).
 IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
+# A deployment's run config for per-patient runs (ops/resources sections, YAML), e.g. another
+# preprocessing grid: `ops: {preprocessed_volume: {config: {target_shape: [96, 96, 48]}}}`.
+PATIENT_RUN_CONFIG_ENV = "HCC_ASSETS_PATIENT_RUN_CONFIG"
+
+
+def patient_run_config() -> dict:
+    """The run config of a per-patient run that brings none of its own (sensor run requests, the
+    UI's partition launch): the in-process executor, plus the file at $HCC_ASSETS_PATIENT_RUN_CONFIG
+    when set (read when the definitions load; its own `execution` section wins). A run that brings
+    its own run config replaces all of this (the CLI's runner picks its executor itself)."""
+    path = os.environ.get(PATIENT_RUN_CONFIG_ENV, "").strip()
+    extra = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"{PATIENT_RUN_CONFIG_ENV}={path}: expected a mapping of run config, got {type(extra).__name__}")
+    return {**IN_PROCESS, **extra}
+
 
 # Per patient: ingest, then the features that need a trained model (mask, radiomics, embedding).
 patient_ingest_job = dg.define_asset_job(
     name="patient_ingest",
     selection=dg.AssetSelection.groups("ingest"),
-    config=IN_PROCESS,
+    config=patient_run_config(),
     description="Ingest one patient partition: raw_scan -> nifti_volume -> preprocessed_volume.",
 )
 
 patient_features_job = dg.define_asset_job(
     name="patient_features",
     selection=dg.AssetSelection.groups("features"),
-    config=IN_PROCESS,
+    config=patient_run_config(),
     description="Model-derived features of one patient partition from the current models; what the "
     "refresh chain runs for every patient whose mask or embedding is not from the current model.",
 )
@@ -26,7 +45,7 @@ patient_features_job = dg.define_asset_job(
 patient_pipeline_job = dg.define_asset_job(
     name="patient_pipeline",
     selection=dg.AssetSelection.groups("ingest", "features"),
-    config=IN_PROCESS,
+    config=patient_run_config(),
     description="Everything per patient; what the drop-zone sensor runs for a new study.",
 )
 

@@ -26,7 +26,7 @@ import dagster as dg
 from hcc_assets.defs.cohort import cohort
 from hcc_assets.defs.deep import deep_embedding, hcc_classifier
 from hcc_assets.defs.jobs import analysis_job, cohort_job, patient_features_job, patient_pipeline_job
-from hcc_assets.defs.resources import LakeResource
+from hcc_assets.defs.resources import LakeResource, env_seconds
 from hcc_assets.defs.segmentation import liver_mask, radiomic_features
 from hcc_assets.featurestore.freshness import SEGMENTATION, analysis_inputs, current_version, stale_features
 
@@ -40,13 +40,6 @@ TRIGGER_TAG = "hcc_assets/trigger"
 IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
              dg.DagsterRunStatus.STARTED]
 PER_PATIENT_JOBS = (patient_features_job.name, patient_pipeline_job.name)
-
-
-def env_seconds(name: str, default: int) -> int:
-    value = int(os.environ.get(name, default))
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1 second, got {value}")
-    return value
 
 
 def refresh_cron() -> str:
@@ -121,7 +114,7 @@ def feature_refresh_requests(lake: LakeResource) -> list[dg.RunRequest]:
             run_key=f"{pid}:clf={stale.classifier_version}:seg={stale.segmentation_version}",
             asset_selection=[a.key for a in assets],
             asset_check_keys=[key for a in assets for key in a.check_keys],
-            tags={TRIGGER_TAG: "refresh"},
+            tags={TRIGGER_TAG: "refresh", "dagster/priority": "-1"},  # new scans (priority 1) go first
         ))
     return requests
 

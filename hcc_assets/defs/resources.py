@@ -9,8 +9,8 @@ import dagster as dg
 
 from hcc_assets.featurestore import FeatureStore
 from hcc_assets.imaging.dropzone import scan_drop_zone
-from hcc_assets.imaging.pseudonym import load_or_create_key, pseudonymize
-from hcc_assets.lake import DataLake
+from hcc_assets.imaging.pseudonym import load_or_create_key, load_or_create_key_on, pseudonymize
+from hcc_assets.lake import DataLake, is_local_url, local_path_of
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,9 +19,22 @@ def default_lake_root() -> str:
     return os.environ.get("HCC_ASSETS_LAKE", str(PROJECT_ROOT / "data_lake"))
 
 
+def env_seconds(name: str, default: int) -> int:
+    """A whole number of seconds from the environment (read when the definitions load)."""
+    value = int(os.environ.get(name, default))
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1 second, got {value}")
+    return value
+
+
 class LakeResource(dg.ConfigurableResource):
     """Where data lives: the lake root (local folder or fsspec URL), the drop zone and the
-    feature store. `incoming` defaults to <root>/incoming; it is read-only to the platform."""
+    feature store. `incoming` defaults to <root>/incoming; it is read-only to the platform.
+
+    The lake root may be remote (s3://bucket/hcc, gs://..., memory://...); the drop zone and the
+    DuckDB feature store are local files (DuckDB and the DICOM readers need them), so with a remote
+    root `incoming` and `feature_store` must be set to local (or mounted) paths: there is no
+    default for them under a remote root. See docs/scaling.md."""
 
     root: str
     incoming: str = ""
@@ -34,15 +47,40 @@ class LakeResource(dg.ConfigurableResource):
 
     @property
     def incoming_dir(self) -> Path:
-        return Path(self.incoming or os.path.join(self.root, "incoming"))
+        """The drop zone: a local or mounted folder (the sensor and the DICOM readers walk it)."""
+        if self.incoming:
+            if not is_local_url(self.incoming):
+                raise ValueError(f"LakeResource.incoming {self.incoming!r} must be a local or mounted folder")
+            return local_path_of(self.incoming)
+        if not is_local_url(self.root):
+            raise ValueError(f"the data lake root {self.root!r} is not a local folder: set LakeResource.incoming "
+                             "($HCC_ASSETS_INCOMING) to the local or mounted drop-zone folder")
+        return local_path_of(self.root) / "incoming"
+
+    @property
+    def feature_store_path(self) -> Path:
+        """The DuckDB file: `feature_store`, else <root>/feature_store.duckdb for a local root only."""
+        if self.feature_store:
+            if not is_local_url(self.feature_store):
+                raise ValueError(f"LakeResource.feature_store {self.feature_store!r} must be a local file path: "
+                                 "DuckDB writes a local file")
+            return local_path_of(self.feature_store)
+        if not is_local_url(self.root):
+            raise ValueError(f"the data lake root {self.root!r} is not a local folder and the DuckDB feature store "
+                             "is a local file: set LakeResource.feature_store ($HCC_ASSETS_FEATURE_STORE) to a "
+                             "local path (e.g. /var/lib/hcc-assets/feature_store.duckdb)")
+        return local_path_of(self.root) / "feature_store.duckdb"
 
     @property
     def store(self) -> FeatureStore:
-        return FeatureStore(self.feature_store or os.path.join(self.root, "feature_store.duckdb"))
+        return FeatureStore(self.feature_store_path)
 
     def pseudonym_key(self) -> bytes:
         # The key sits beside the lake, never inside an output folder.
-        return load_or_create_key(Path(self.root) / "private" / "pseudonym.key")
+        if is_local_url(self.root):
+            return load_or_create_key(local_path_of(self.root) / "private" / "pseudonym.key")
+        lake = self.lake  # object storage: one key object, created exclusively (or $HCC_ASSETS_PSEUDONYM_KEY)
+        return load_or_create_key_on(lake.fs, lake.path("private", "pseudonym.key"))
 
     def pseudonym(self, source_key: str) -> str:
         return pseudonymize(source_key, self.pseudonym_key())
@@ -64,6 +102,13 @@ class LakeResource(dg.ConfigurableResource):
             pseudonymize(folder.source_key, key): (folder.fingerprint, folder.complete_by)
             for folder in scan_drop_zone(self.incoming_dir, self.quiet_seconds)
         }
+
+
+def default_lake_resource() -> LakeResource:
+    """The lake as the environment sets it (read when the definitions load): $HCC_ASSETS_LAKE (root),
+    $HCC_ASSETS_INCOMING and $HCC_ASSETS_FEATURE_STORE (both required when the root is remote)."""
+    return LakeResource(root=default_lake_root(), incoming=os.environ.get("HCC_ASSETS_INCOMING", ""),
+                        feature_store=os.environ.get("HCC_ASSETS_FEATURE_STORE", ""))
 
 
 class ComputeResource(dg.ConfigurableResource):

@@ -20,6 +20,7 @@ import hashlib
 import importlib
 import json
 import shutil
+import tempfile
 import time
 import uuid
 from importlib.metadata import version as package_version
@@ -38,6 +39,7 @@ from hcc_assets.defs.patient_errors import patient_failure
 from hcc_assets.defs.resources import ComputeResource, LakeResource
 from hcc_assets.featurestore import FeatureStore
 from hcc_assets.imaging.errors import IngestError
+from hcc_assets.lake import DataLake, is_local_url
 from hcc_assets.segmentation import (TRAINING_SUMMARY, LiverSegmenter, MaskQualityConfig, ModelFolderError,
                                      SegmentationTrainingConfig, build_raw_dataset, mask_quality, overlay_png,
                                      plan_and_preprocess, train, validate_model_folder)
@@ -170,18 +172,33 @@ def _train_model(context, config: LiverSegmentationModelConfig, lake: LakeResour
         "cases": [[pid, digests[pid]] for pid in cases],
     }
     model_version = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-    version_dir = data_lake.local_path(*MODELS_DIR, model_version)  # nnU-Net needs a local folder
+    lake_dir = data_lake.path(*MODELS_DIR, model_version)
 
     started = time.perf_counter()
-    reused = version_dir.is_dir() and not config.force_retrain and _valid_model_in(version_dir) is not None
-    if not reused:
-        _train_into(version_dir, settings, cases, data_lake, identity, context)
-    model_folder = _valid_model_in(version_dir)
-    if model_folder is None:
-        raise dg.Failure(description=f"liver_segmentation_model: no valid model folder in {version_dir}")
-    info = validate_model_folder(model_folder)
+    with tempfile.TemporaryDirectory(prefix="hcc-nnunet-") as staging:
+        # nnU-Net needs a local folder: the version folder itself in a local lake; with a remote lake a
+        # staged copy (downloaded when the lake has this version), uploaded after training.
+        if data_lake.is_local:
+            version_dir = data_lake.local_path(*MODELS_DIR, model_version)
+        else:
+            version_dir = Path(staging) / model_version
+            if not config.force_retrain and data_lake.exists(lake_dir):
+                data_lake.download_tree(lake_dir, version_dir)
+        reused = version_dir.is_dir() and not config.force_retrain and _valid_model_in(version_dir) is not None
+        if not reused:
+            _train_into(version_dir, settings, cases, data_lake, identity, context)
+        model_folder = _valid_model_in(version_dir)
+        if model_folder is None:
+            raise dg.Failure(description=f"liver_segmentation_model: no valid model folder in {lake_dir}")
+        info = validate_model_folder(model_folder)
+        summary = json.loads((model_folder / TRAINING_SUMMARY).read_text())
+        if data_lake.is_local:
+            model_path = str(model_folder)
+        else:
+            model_path = f"{lake_dir}/{model_folder.name}"
+            if not reused:  # checkpoints last: a folder without one is not a valid model
+                data_lake.upload_tree(model_folder, model_path, last=(".pth",))
     seconds = time.perf_counter() - started
-    summary = json.loads((model_folder / TRAINING_SUMMARY).read_text())
 
     metrics = {
         "training_seconds": summary["training_seconds"],
@@ -191,7 +208,7 @@ def _train_model(context, config: LiverSegmentationModelConfig, lake: LakeResour
     }
     params = {"mode": "trained", **identity["training"], "trainer": info.trainer_name,
               "checkpoint_sha256": info.checkpoint_sha256, "held_out_patients": sorted(held_out)}
-    _register(lake, context, model_version, str(model_folder),
+    _register(lake, context, model_version, model_path,
               f"trained in platform (reduced CPU configuration {settings.configuration})", params, cases, metrics)
     epochs = [
         {"epoch": i, "train_loss": t, "val_loss": v, "pseudo_dice": d, "seconds": s}
@@ -203,7 +220,7 @@ def _train_model(context, config: LiverSegmentationModelConfig, lake: LakeResour
         metadata={
             "mode": "b: trained in platform" + (" (existing folder of this version reused)" if reused else ""),
             "model_version": model_version,
-            "path": dg.MetadataValue.path(str(model_folder)),
+            "path": dg.MetadataValue.path(model_path),
             "configuration": settings.configuration,
             "device": device,
             "training_cases": len(cases),
@@ -300,16 +317,30 @@ class LiverMaskConfig(dg.Config):
 
 
 # One predictor per (model folder, version, device) per process: partitions run in one worker
-# (in-process executor, or several partitions per step process) load the network once.
-_SEGMENTERS: dict[tuple[str, str, str], LiverSegmenter] = {}
+# (in-process executor, or several partitions per step process) load the network once. A model
+# folder in a remote lake is staged in a temporary folder that lives as long as its predictor.
+_SEGMENTERS: dict[tuple[str, str, str], tuple[LiverSegmenter, tempfile.TemporaryDirectory | None]] = {}
 
 
 def _segmenter(path: str, model_version: str, device: str) -> LiverSegmenter:
     key = (path, model_version, device)
     if key not in _SEGMENTERS:
-        _SEGMENTERS.clear()  # a new model replaces the old one; don't hold both in memory
-        _SEGMENTERS[key] = LiverSegmenter(path, device=device)
-    return _SEGMENTERS[key]
+        for _, old_staging in _SEGMENTERS.values():  # a new model replaces the old one
+            if old_staging is not None:
+                old_staging.cleanup()
+        _SEGMENTERS.clear()
+        staging = None
+        folder = path
+        if not is_local_url(path):  # nnU-Net loads a local folder: copy the lake's down
+            staging = tempfile.TemporaryDirectory(prefix="hcc-nnunet-")
+            folder = str(DataLake(path).download_tree(path, Path(staging.name) / path.rstrip("/").rsplit("/", 1)[-1]))
+        try:
+            _SEGMENTERS[key] = (LiverSegmenter(folder, device=device), staging)
+        except BaseException:
+            if staging is not None:
+                staging.cleanup()
+            raise
+    return _SEGMENTERS[key][0]
 
 
 def current_model(store: FeatureStore) -> dict:

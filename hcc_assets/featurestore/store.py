@@ -68,6 +68,12 @@ class FeatureStore:
             new_file = not self.path.exists()
             con = duckdb.connect(str(self.path))
             try:
+                # writes run unattended (Dagster steps, bulk loads): no progress bar on their stdout.
+                # Cosmetic only: DuckDB once refused it as a "global option" in a daemon-run step.
+                try:
+                    con.execute("SET enable_progress_bar = false")
+                except duckdb.Error:
+                    pass
                 missing = set(ALL_TABLES) - self._tables_in(con)
                 for statement in create_statements():
                     con.execute(statement)
@@ -131,7 +137,8 @@ class FeatureStore:
         self._check_table(table)
         where, params = self._where(match)
         if "patient_id" in match:  # derived rows to refresh: the matched patient and those written
-            patients = {match["patient_id"], *(rows["patient_id"].unique().to_list() if rows.height else [])}
+            written = rows["patient_id"].unique().to_list() if "patient_id" in rows.columns else []
+            patients = {match["patient_id"], *written}
         else:
             patients = None
         return self._replace(table, where, params, rows, patients)

@@ -353,18 +353,25 @@ def _sphere_directions(n: int) -> np.ndarray:
 # default scan (26 slices of 5.5 mm, centred within 15 mm of it) sees them. Scans must not be
 # planned around lesions: that would put label signal into a null cohort.
 LESION_Z_BAND = 50.0
+# Drawn lesion radius (mm): 3-7 cm across, the size of the resected tumours of TCGA-LIHC (the
+# study's HCC source) rather than of surveillance-detected early HCC. Lesions 1-3.5 cm across
+# (the former 5-17.5 mm) are 0.004-0.1% of a 128x128x64 volume: invisible to the deep arm's
+# globally pooled features (benchmarks/classifier_separation.py). A lesion that does not fit
+# shrinks, down to MIN_LESION_RADIUS.
+LESION_RADIUS = (15.0, 35.0)
+MIN_LESION_RADIUS = 5.0
 
 
 def _place_lesions(anatomy: Phantom, lobe: Blob, rng: np.random.Generator, count: int,
                    z_center: float) -> tuple[Blob, ...]:
-    """Lesions 10-35 mm across whose bounding sphere lies in liver and clear of each other."""
+    """Lesions (see LESION_RADIUS) whose bounding sphere lies in liver and clear of each other."""
     probe = np.concatenate([_sphere_directions(160), 0.6 * _sphere_directions(40), np.zeros((1, 3))])
     placed: list[Blob] = []
     for _ in range(count):
-        radius = rng.uniform(5.0, 17.5)
+        radius = rng.uniform(*LESION_RADIUS)
         for attempt in range(400):
             if attempt and attempt % 100 == 0:
-                radius = max(5.0, radius * 0.8)  # crowded or small liver: try smaller
+                radius = max(MIN_LESION_RADIUS, radius * 0.8)  # crowded or small liver: try smaller
             direction = rng.normal(size=3)
             offset = direction / np.linalg.norm(direction) * rng.uniform(0, 0.8) ** (1 / 3)
             center = lobe.center + lobe.axes @ (offset * lobe.semi_axes)

@@ -45,3 +45,30 @@ def load_or_create_key(key_file: Path, env_var: str = "HCC_ASSETS_PSEUDONYM_KEY"
             return text.encode("utf-8")
         time.sleep(0.01)
     raise RuntimeError("pseudonymization key file is empty")
+
+
+def load_or_create_key_on(fs, path: str, env_var: str = "HCC_ASSETS_PSEUDONYM_KEY") -> bytes:
+    """The same key for a lake on an fsspec filesystem (object storage): `env_var` when set, else
+    the key object at `path`, created once with an exclusive write ("xb") where the filesystem
+    supports one; where it does not, say how to provide the key instead of risking two keys."""
+    from_env = os.environ.get(env_var)
+    if from_env:
+        return from_env.encode("utf-8")
+    if not fs.exists(path):
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        try:
+            with fs.open(path, "xb") as handle:  # S3: a conditional put (If-None-Match), s3fs >= 2024.12
+                handle.write(secrets.token_hex(32).encode("utf-8"))
+        except Exception as error:  # another process won the race (FileExistsError, PreconditionFailed), or no "xb"
+            fs.invalidate_cache(path)
+            if not fs.exists(path):
+                raise RuntimeError(
+                    f"cannot create the pseudonymization key {path} exclusively on this filesystem "
+                    f"({type(error).__name__}: {error}); set {env_var} (e.g. from a secret) or write the key "
+                    "there once") from None
+    for _ in range(50):
+        text = fs.cat_file(path).decode("utf-8").strip()
+        if text:
+            return text.encode("utf-8")
+        time.sleep(0.01)
+    raise RuntimeError("pseudonymization key file is empty")

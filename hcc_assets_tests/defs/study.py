@@ -88,4 +88,4 @@ def run_study(root: Path, seed: int, lesion_contrast: float, null_cohort: bool =
             _must(_run(instance, lake, "features", pid, **embed), f"features {pid}")
         result = _run(instance, lake, "analysis")
         _must(result, "analysis")
-    return Study(root, lake, pids, result, {text for patient in patients for text in patient.phi})
+    return Study(root, lake, pids, result, {text for patient in patients for text in (*patient.phi, patient.patient_key)})

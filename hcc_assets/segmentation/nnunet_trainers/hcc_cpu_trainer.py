@@ -39,7 +39,8 @@ class HccCpuTrainer(nnUNetTrainer):
             self.progress_callback(self._progress_line(epoch))
 
     def _progress_line(self, epoch: int) -> str:
-        log = self.logger.my_fantastic_logging
+        # nnU-Net 2.8 wraps its LocalLogger in a MetaLogger (`local_logger`); older versions did not
+        log = getattr(self.logger, "local_logger", self.logger).my_fantastic_logging
         seconds = log["epoch_end_timestamps"][-1] - log["epoch_start_timestamps"][-1]
         remaining = (self.num_epochs - epoch - 1) * seconds
         dice = ", ".join(f"{d:.3f}" for d in log["dice_per_class_or_region"][-1])

@@ -1,0 +1,323 @@
+"""The hands-off flow, shared by test_hands_off.py and benchmarks/new_scan_latency.py:
+
+1. `prepare_lake`: a data lake whose cohort is ingested and whose models are trained and registered
+   (in this process, through the real assets, recorded in the lake's own DAGSTER_HOME), so the
+   daemon sees those patients as done and the models as current;
+2. `Daemon`: the real Dagster daemon (`dagster-daemon run` or `dagster dev`) on workspace.yaml in
+   its own process group, with DAGSTER_HOME and HCC_ASSETS_LAKE pointing at that lake;
+3. `drop_patient`: a patient folder moved into incoming/ the way importers do it (staged under a
+   hidden name, `.complete` inside, renamed into place), so the sensor never sees half a study;
+4. `wait_for_rows` and `latency_breakdown`: when the patient's rows reach the feature store, and
+   where the time went (sensor tick, queue, run start, steps), from the instance's event log.
+
+Run config of the sensor's runs: they bring none of their own, so they get the per-patient jobs'
+default, the in-process executor plus the deployment file $HCC_ASSETS_PATIENT_RUN_CONFIG
+(hcc_assets.defs.jobs.patient_run_config). `prepare_lake` writes that file into the lake
+(`patient_config`) and ingests the cohort with the same ops config, so the prepared patients and the
+dropped one lie on the grid the classifier was trained on (deep_embedding refuses any other).
+The test uses a 32x32x16 grid and lets deep_embedding use a classifier below chance: a
+classifier trained in seconds on 6 patients does not reliably beat chance on its best-validation-
+loss epoch (2 validation patients), and the gate has its own tests (test_deep_assets); here only the
+flow matters. The benchmark keeps the default 128x128x64 grid and the default depth 50.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dagster as dg
+import yaml
+from dagster import DagsterEventType
+
+ROOT = Path(__file__).resolve().parents[2]
+PSEUDONYM_KEY = "hands-off-test"
+# see test_segmentation_assets: native-spacing 2d_cpu, brief (the small phantom has ~6 mm pixels)
+SEGMENTATION_TRAINING = {"epochs": 12, "iterations_per_epoch": 25, "val_iterations_per_epoch": 2,
+                         "initial_lr": 0.02, "spacing": [], "seed": 7}
+CLASSIFIER_TRAINING = {"depth": 10, "lr": 0.05, "min_epochs": 5, "max_epochs": 5, "patience": 5,
+                       "batch_size": 4, "seed": 0}
+# the test's per-patient run config: see the module docstring
+TEST_PATIENT_CONFIG = {"ops": {"preprocessed_volume": {"config": {"target_shape": [32, 32, 16]}},
+                               "deep_embedding": {"config": {"allow_model_below_chance": True}}}}
+PATIENT_CONFIG_FILE = "patient_run_config.yaml"
+FEATURE_TABLES = ("liver_masks", "radiomic_features", "deep_embeddings")
+
+
+@dataclass
+class PreparedLake:
+    root: Path  # the lake: incoming/, feature_store.duckdb, models/, private/
+    home: Path  # DAGSTER_HOME
+    patients: list[str]
+    versions: dict[str, str]  # model name -> current version
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def lake(self):
+        from hcc_assets.defs.resources import LakeResource
+
+        return LakeResource(root=str(self.root), quiet_seconds=60)
+
+    def instance(self) -> dg.DagsterInstance:
+        return dg.DagsterInstance.from_config(str(self.home))
+
+    @classmethod
+    def reopen(cls, lake_root: Path) -> PreparedLake:
+        """A lake prepared earlier (by prepare_lake), e.g. to measure again without retraining."""
+        from hcc_assets.defs.resources import LakeResource
+        from hcc_assets.featurestore.freshness import CLASSIFIER, SEGMENTATION, current_version
+        from hcc_assets.instance import ensure_dagster_home
+
+        lake_root = Path(lake_root)
+        store = LakeResource(root=str(lake_root)).store
+        patients = store.query("SELECT DISTINCT patient_id FROM volumes ORDER BY 1")["patient_id"].to_list()
+        versions = {name: current_version(store, name) for name in (SEGMENTATION, CLASSIFIER)}
+        return cls(lake_root, ensure_dagster_home(lake_root), patients, versions)
+
+
+def _must(result, what: str) -> None:
+    if not result.success:
+        errors = [e.step_failure_data.error.message.strip() for e in result.all_events
+                  if e.is_step_failure and e.step_failure_data.error]
+        raise AssertionError(f"{what} failed: {errors[:2]}")
+
+
+def prepare_lake(lake_root: Path, cohort_source: Path, patient_config: dict | None = None,
+                 segmentation: dict | None = None, classifier: dict | None = None, threads: int = 2) -> PreparedLake:
+    """Copy the cohort into <lake>/incoming, ingest it with the per-patient run config, split it and train
+    both models with cheap training configs, recorded in the instance at $DAGSTER_HOME (set by
+    ensure_dagster_home to <lake>/dagster_home when unset; the instance config reads it from the
+    environment, so it stays exported: callers that care restore it). `patient_config` (run config
+    of per-patient runs) goes to <lake>/patient_run_config.yaml for the daemon and is used here for
+    the cohort's ingest. The classifier may fail its beats-chance check (it is registered anyway)."""
+    from hcc_assets.defs.resources import ComputeResource, LakeResource
+    from hcc_assets.featurestore.freshness import CLASSIFIER, SEGMENTATION, current_version
+    from hcc_assets.instance import ensure_dagster_home
+
+    lake_root = Path(lake_root)
+    home = ensure_dagster_home(lake_root)
+    (lake_root / "private").mkdir(parents=True, exist_ok=True)
+    (lake_root / "private" / "pseudonym.key").write_text(PSEUDONYM_KEY)
+    shutil.copytree(cohort_source, lake_root / "incoming")
+    lake = LakeResource(root=str(lake_root), quiet_seconds=60)
+    resources = {"lake": lake, "compute": ComputeResource(device="cpu", cpu_threads=threads)}
+    assets = dg.load_assets_from_modules([importlib.import_module(f"hcc_assets.defs.{name}") for name in
+                                          ("ingest", "cohort", "segmentation", "deep", "analysis")])
+    seconds: dict[str, float] = {}
+
+    patient_config = patient_config or {}
+    (lake_root / PATIENT_CONFIG_FILE).write_text(yaml.safe_dump(patient_config))
+
+    def materialize(selection, what, partition_key=None, config=None, tolerate_check=None):
+        started = time.perf_counter()
+        ops = {name: value for name, value in (config or {}).items() if name in selection}
+        result = dg.materialize(assets, selection=selection, partition_key=partition_key, instance=instance,
+                                resources=resources, run_config={"ops": ops}, raise_on_error=False)
+        failures = [e.step_failure_data.error.message for e in result.all_events
+                    if e.is_step_failure and e.step_failure_data.error]
+        if not (tolerate_check and failures and all(tolerate_check in f for f in failures)):
+            _must(result, what)
+        seconds[what.split(" ")[0]] = seconds.get(what.split(" ")[0], 0.0) + time.perf_counter() - started
+
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        patients = sorted(lake.ready_patients())
+        instance.add_dynamic_partitions("patients", patients)
+        for pid in patients:  # the run config the sensor's runs will use: same grid
+            materialize(["raw_scan", "nifti_volume", "preprocessed_volume"], f"ingest {pid}", pid,
+                        config=patient_config.get("ops"))
+        materialize(["cohort"], "cohort")
+        materialize(["liver_segmentation_model"], "segmentation model",
+                    config={"liver_segmentation_model": {"config": segmentation or SEGMENTATION_TRAINING}})
+        materialize(["hcc_classifier"], "classifier",
+                    config={"hcc_classifier": {"config": classifier or CLASSIFIER_TRAINING}},
+                    tolerate_check="beats_chance_on_training")
+    versions = {name: current_version(lake.store, name) for name in (SEGMENTATION, CLASSIFIER)}
+    return PreparedLake(lake_root, home, patients, versions, seconds)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Daemon:
+    """The real daemon on workspace.yaml, in its own process group (code server and run workers
+    included), killed as a group on exit. mode: "daemon" (`dagster-daemon run`) or "dev"
+    (`dagster dev`: webserver + daemon, what `make ui` runs)."""
+
+    def __init__(self, prepared: PreparedLake, log_path: Path, mode: str = "daemon", sensor_interval_s: int = 1):
+        self.prepared, self.log_path, self.mode = prepared, Path(log_path), mode
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("HCC_ASSETS_")}  # this lake only
+        self.env = {**inherited, "DAGSTER_HOME": str(prepared.home), "HCC_ASSETS_LAKE": str(prepared.root),
+                    "OMP_WAIT_POLICY": "PASSIVE", "HCC_ASSETS_SENSOR_INTERVAL_S": str(sensor_interval_s),
+                    "HCC_ASSETS_PATIENT_RUN_CONFIG": str(prepared.root / PATIENT_CONFIG_FILE)}
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> Daemon:
+        bin_dir = Path(sys.executable).parent
+        if self.mode == "dev":
+            command = [str(bin_dir / "dagster"), "dev", "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1",
+                       "-p", str(_free_port())]
+        else:
+            command = [str(bin_dir / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")]
+        self._log = open(self.log_path, "w")
+        self.started_at = time.time()
+        self.process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.process.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # stragglers of the group (run workers) after the leader exited
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._log.close()
+        self.process = None
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+
+    def check_alive(self) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"the daemon exited with {self.process.returncode}:\n{self.log_tail()}")
+
+
+def sensor_ticks(instance: dg.DagsterInstance, name: str, limit: int = 100) -> list:
+    from dagster._core.scheduler.instigation import InstigatorType
+
+    for state in instance.all_instigator_state(instigator_type=InstigatorType.SENSOR):
+        if state.instigator_name == name:
+            return list(instance.get_ticks(state.instigator_origin_id, state.selector_id, limit=limit))
+    return []
+
+
+def wait_for_sensor(instance: dg.DagsterInstance, daemon: Daemon, name: str = "incoming_scans_sensor",
+                    timeout_s: float = 180.0) -> float:
+    """Block until the sensor has finished a tick of this daemon (the daemon and its code server are up)."""
+    since = daemon.started_at
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        daemon.check_alive()
+        ticks = [t for t in sensor_ticks(instance, name, limit=5) if t.end_timestamp and t.timestamp >= since]
+        if ticks:
+            return time.time()
+        time.sleep(0.5)
+    raise AssertionError(f"sensor {name} did not tick within {timeout_s:.0f} s:\n{daemon.log_tail()}")
+
+
+def drop_patient(source: Path, incoming: Path) -> float:
+    """Stage a copy under a hidden name, then rename it into the drop zone (atomic); returns when."""
+    staging = incoming / f".staging-{source.name}"
+    shutil.copytree(source, staging)
+    if not (staging / ".complete").exists():
+        (staging / ".complete").touch()
+    os.rename(staging, incoming / source.name)
+    return time.time()
+
+
+def rows_present(store, patient_id: str) -> dict[str, int]:
+    return {table: store.query(f"SELECT count(*) FROM {table} WHERE patient_id = ?", [patient_id]).item()
+            for table in FEATURE_TABLES}
+
+
+def wait_for_rows(prepared: PreparedLake, instance: dg.DagsterInstance, daemon: Daemon, patient_id: str,
+                  timeout_s: float = 240.0, poll_s: float = 0.25) -> float:
+    """Seconds-since-epoch when the patient has rows in every FEATURE_TABLE; fails fast (with the
+    step errors) when the patient's run fails."""
+    store = prepared.lake.store
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        daemon.check_alive()
+        if all(rows_present(store, patient_id).values()):
+            return time.time()
+        for run in instance.get_runs(dg.RunsFilter(tags={"dagster/partition": patient_id})):
+            if run.status == dg.DagsterRunStatus.FAILURE:
+                raise AssertionError(f"run {run.run_id} ({run.job_name}) failed: {run_errors(instance, run.run_id)}")
+        time.sleep(poll_s)
+    runs = [(r.job_name, r.status.value) for r in instance.get_runs(dg.RunsFilter(tags={"dagster/partition": patient_id}))]
+    raise AssertionError(f"no rows for {patient_id} after {timeout_s:.0f} s (rows {rows_present(store, patient_id)}, "
+                         f"runs {runs}):\n{daemon.log_tail()}")
+
+
+def run_errors(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    errors = []
+    for entry in instance.all_logs(run_id):
+        event = entry.dagster_event
+        if event is not None and event.is_step_failure and event.step_failure_data.error:
+            errors.append(f"{event.step_key}: {event.step_failure_data.error.message.strip()[:500]}")
+        elif event is not None and event.event_type_value == "RUN_FAILURE":
+            errors.append(entry.message[:500])
+    return errors
+
+
+def latency_breakdown(instance: dg.DagsterInstance, patient_id: str, dropped: float, rows: float) -> list[tuple[str, float]]:
+    """(stage, seconds) from the drop to the rows, from the sensor's tick and the run's event log."""
+    runs = instance.get_run_records(dg.RunsFilter(tags={"dagster/partition": patient_id}))
+    if not runs:
+        return [("drop -> rows", rows - dropped)]
+    record = runs[-1]  # the first run for this patient
+    run_id = record.dagster_run.run_id
+    tick = next((t for t in sensor_ticks(instance, "incoming_scans_sensor", limit=1000) if run_id in t.run_ids), None)
+    events: dict[DagsterEventType, float] = {}
+    steps: list[tuple[str, float, float]] = []
+    starts: dict[str, float] = {}
+    for entry in instance.all_logs(run_id):
+        event = entry.dagster_event
+        if event is None:
+            continue
+        events.setdefault(event.event_type, entry.timestamp)
+        if event.event_type == DagsterEventType.STEP_START:
+            starts[event.step_key] = entry.timestamp
+        elif event.event_type in (DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE) and event.step_key in starts:
+            steps.append((event.step_key, starts[event.step_key], entry.timestamp))
+    created = record.create_timestamp.timestamp()
+    marks: list[tuple[str, float]] = []
+    if tick is not None:
+        marks.append(("drop -> sensor tick that saw it (sensor interval)", tick.timestamp - dropped))
+        marks.append(("tick -> run created (sensor evaluation, partition, run)", created - tick.timestamp))
+    else:
+        marks.append(("drop -> run created", created - dropped))
+    dequeued = events.get(DagsterEventType.RUN_DEQUEUED, created)
+    marks.append(("run created -> dequeued (run queue)", dequeued - created))
+    launched = events.get(DagsterEventType.RUN_STARTING, dequeued)
+    marks.append(("dequeued -> launched (code server asked to start the run)", launched - dequeued))
+    started = events.get(DagsterEventType.RUN_START, launched)
+    marks.append(("launched -> run worker started (process spawn, imports of the definitions)", started - launched))
+    previous = started
+    for index, (key, begin, end) in enumerate(sorted(steps, key=lambda s: s[1])):
+        if begin - previous > 0.05:
+            marks.append(("  run set-up before the first step" if index == 0 else "  (between steps)", begin - previous))
+        marks.append((f"  step {key}", end - begin))
+        previous = end
+    marks.append(("last step's end -> rows seen (poll; < 0: rows were in before the step's end event)", rows - previous))
+    return marks
+
+
+def format_breakdown(marks: list[tuple[str, float]], total: float) -> str:
+    lines = [f"{seconds:7.2f} s  {stage}" for stage, seconds in marks]
+    lines.append(f"{total:7.2f} s  TOTAL drop -> rows in liver_masks, radiomic_features, deep_embeddings")
+    return "\n".join(lines)
