@@ -30,7 +30,7 @@ from hcc_assets.defs.cohort import cohort
 from hcc_assets.defs.deep import MODEL_NAME as CLASSIFIER_NAME
 from hcc_assets.defs.deep import PREDICTION_MODEL as DEEP_MODEL
 from hcc_assets.defs.deep import current_classifier, deep_embedding, hcc_classifier
-from hcc_assets.defs.metadata import markdown_table, png_markdown
+from hcc_assets.defs.metadata import markdown_table
 from hcc_assets.defs.resources import LakeResource
 from hcc_assets.defs.ingest import NIFTI_FILE
 from hcc_assets.defs.segmentation import LIVER_MASK_FILE, RADIOMICS_STAGE, liver_mask, radiomic_features
@@ -91,6 +91,12 @@ def _with_both(dl: FeatureMatrix, hc: FeatureMatrix) -> tuple[FeatureMatrix, Fea
     return dl.subset(common), hc.subset(common)
 
 
+def _paired_features(store: FeatureStore, what: str, study_features_only: bool) -> tuple[FeatureMatrix, FeatureMatrix]:
+    """Embeddings of the current classifier and handcrafted features of the same patients."""
+    return _with_both(embedding_matrix(store, _classifier_version(store, what)),
+                      _handcrafted(store, what, study_features_only))
+
+
 # -- explainable_features ----------------------------------------------------------------------
 
 
@@ -128,8 +134,7 @@ def explainable_features(context: dg.AssetExecutionContext, config: ExplainableF
 
     what = "explainable_features"
     store = lake.store
-    dl, hc = _with_both(embedding_matrix(store, _classifier_version(store, what)),
-                        _handcrafted(store, what, config.study_features_only))
+    dl, hc = _paired_features(store, what, config.study_features_only)
     dl_train, hc_train = dl.rows("train"), hc.rows("train")
     if dl_train.n < 3:
         raise _fail(what, f"{dl_train.n} training patients have both radiomic features and a deep embedding of "
@@ -195,8 +200,7 @@ def explainability_sweep(context: dg.AssetExecutionContext, config: Explainabili
 
     what = "explainability_sweep"
     store = lake.store
-    dl, hc = _with_both(embedding_matrix(store, _classifier_version(store, what)),
-                        _handcrafted(store, what, config.study_features_only))
+    dl, hc = _paired_features(store, what, config.study_features_only)
     dl_train, hc_train, dl_val = dl.rows("train"), hc.rows("train"), dl.rows("validation")
     if dl_train.n < 6 or dl_val.n < 1:
         raise _fail(what, f"{dl_train.n} training / {dl_val.n} validation patients with both feature kinds")
@@ -488,8 +492,7 @@ def model_metrics(context: dg.AssetExecutionContext, config: ModelMetricsConfig,
         rows += [r | {"version": versions[RADIOMIC_MODEL]} for r in _estimate_rows(RADIOMIC_MODEL, scheme, estimates)]
     if config.cv_repeats > 0 and EXPLAINABLE_MODEL in versions:
         selection = _selection_config(store)
-        dl, hc = _with_both(embedding_matrix(store, _classifier_version(store, "model_metrics")),
-                            _handcrafted(store, "model_metrics", selection["study_features_only"]))
+        dl, hc = _paired_features(store, "model_metrics", selection["study_features_only"])
         estimates = repeated_cv_metrics(
             _explainable_fit_predict(_lasso_config_of(store, EXPLAINABLE_MODEL), selection, len(dl.feature_names),
                                      hc.feature_names),

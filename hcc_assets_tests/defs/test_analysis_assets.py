@@ -94,7 +94,7 @@ def test_metrics_match_an_independent_recomputation(study):
         for row in metrics.filter(pl.col("model") == model).iter_rows(named=True):
             assert row["estimate"] == pytest.approx(expected[row["metric"]], abs=1e-9), (model, row["metric"])
             assert row["n"] == part.height
-            assert row["ci_low"] <= row["mean"] <= row["ci_high"]
+            assert row["ci_low"] - 1e-9 <= row["mean"] <= row["ci_high"] + 1e-9  # percentiles: float rounding
             assert row["version"] == part["version"][0]
     cv = store.query("SELECT DISTINCT model, scheme FROM model_metrics WHERE scheme <> 'holdout_bootstrap'")
     assert set(cv["model"]) == {"radiomic", "explainable"}
