@@ -177,12 +177,14 @@ def train_classifier(
     config: ClassifierConfig | None = None,
     device: str | None = None,
     checkpoint: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> TrainingResult:
     """Train layer4 + head with SGD and BCE-with-logits; at least `min_epochs`, then stop after
     `patience` epochs without validation-loss improvement; return the best-validation-loss weights.
 
     `device` overrides `config.device`; `checkpoint` (a local MedicalNet file) overrides
-    `config.medicalnet_checkpoint`. Bit-reproducible for a given seed on CPU with the same thread
+    `config.medicalnet_checkpoint`. `progress` receives one line after the trunk cache and one per
+    epoch (losses, accuracies, seconds, best epoch, ETA). Bit-reproducible for a given seed on CPU with the same thread
     count; on CUDA cuDNN may choose nondeterministic kernels, so expect tiny differences there.
     """
     config = config or ClassifierConfig()
@@ -214,6 +216,8 @@ def train_classifier(
         train_inputs, val_inputs = x_train, x_val
         logits_of = model
     cache_seconds = _synchronized_clock(device_) - started
+    if progress is not None and config.use_trunk_cache:
+        progress(f"trunk cache: conv1..layer3 of {len(x_train) + len(x_val)} volumes in {cache_seconds:.1f} s")
 
     def batch_of(inputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return inputs[index.to(inputs.device)].to(device_, non_blocking=True)
@@ -260,6 +264,8 @@ def train_classifier(
         )
         if val_loss < best_loss:
             best_loss, best_epoch, best_state = val_loss, epoch, model.trainable_state()
+        if progress is not None:
+            progress(_epoch_line(history, config, best_epoch))
         if epoch >= config.min_epochs and epoch - best_epoch >= config.patience:
             stopped_early = epoch < config.max_epochs
             break
@@ -285,6 +291,19 @@ def train_classifier(
         ),
         device=str(device_),
     )
+
+
+def _epoch_line(history: list[EpochRecord], config: ClassifierConfig, best_epoch: int) -> str:
+    """One progress line. The run ends between the next possible early stop and max_epochs, so the
+    ETA is that range at the mean epoch time so far."""
+    record = history[-1]
+    seconds = sum(r.train_seconds + r.val_seconds for r in history) / len(history)
+    earliest = min(config.max_epochs, max(config.min_epochs, best_epoch + config.patience))
+    eta_low, eta_high = (max(0, earliest - record.epoch) * seconds, (config.max_epochs - record.epoch) * seconds)
+    eta = f"{eta_low:.0f} s" if eta_low == eta_high else f"{eta_low:.0f}-{eta_high:.0f} s"
+    return (f"epoch {record.epoch}/{config.max_epochs}: train loss {record.train_loss:.4f} acc {record.train_acc:.2f}, "
+            f"val loss {record.val_loss:.4f} acc {record.val_acc:.2f}, best epoch {best_epoch}, "
+            f"{record.train_seconds + record.val_seconds:.1f} s, ETA {eta}")
 
 
 # ---------------------------------------------------------------------------------------------

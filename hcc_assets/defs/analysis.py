@@ -449,6 +449,10 @@ def _explainable_fit_predict(lasso: LassoModelConfig, selection: dict, n_dl: int
     return fit_predict
 
 
+def _progress_logger(context: dg.AssetExecutionContext, prefix: str):
+    return lambda line: context.log.info(f"{prefix}: {line}")
+
+
 @dg.asset(
     deps=[radiomic_model, explainable_model, hcc_classifier],
     code_version=ANALYSIS_VERSION,
@@ -488,7 +492,8 @@ def model_metrics(context: dg.AssetExecutionContext, config: ModelMetricsConfig,
     if config.cv_repeats > 0 and RADIOMIC_MODEL in versions:
         hc = _handcrafted(store, "model_metrics", lasso_config.study_features_only)
         estimates = repeated_cv_metrics(_lasso_fit_predict(lasso_config), hc.values, hc.hcc, n_splits=config.cv_splits,
-                                        n_repeats=config.cv_repeats, seed=config.cv_seed)
+                                        n_repeats=config.cv_repeats, seed=config.cv_seed,
+                                        progress=_progress_logger(context, f"model_metrics {RADIOMIC_MODEL} {scheme}"))
         rows += [r | {"version": versions[RADIOMIC_MODEL]} for r in _estimate_rows(RADIOMIC_MODEL, scheme, estimates)]
     if config.cv_repeats > 0 and EXPLAINABLE_MODEL in versions:
         selection = _selection_config(store)
@@ -497,7 +502,7 @@ def model_metrics(context: dg.AssetExecutionContext, config: ModelMetricsConfig,
             _explainable_fit_predict(_lasso_config_of(store, EXPLAINABLE_MODEL), selection, len(dl.feature_names),
                                      hc.feature_names),
             np.hstack([dl.values, hc.values]), dl.hcc, n_splits=config.cv_splits, n_repeats=config.cv_repeats,
-            seed=config.cv_seed)
+            seed=config.cv_seed, progress=_progress_logger(context, f"model_metrics {EXPLAINABLE_MODEL} {scheme}"))
         rows += [r | {"version": versions[EXPLAINABLE_MODEL]}
                  for r in _estimate_rows(EXPLAINABLE_MODEL, scheme, estimates)]
     if not rows:

@@ -255,7 +255,7 @@ def hcc_classifier(
             result = train_classifier(
                 [volumes[r["patient_id"]] for r in train], [r["hcc"] for r in train],
                 [volumes[r["patient_id"]] for r in validation], [r["hcc"] for r in validation],
-                settings, device=device,
+                settings, device=device, progress=lambda line: context.log.info(f"hcc_classifier {version}: {line}"),
             )
         except CheckpointMismatchError as error:
             raise dg.Failure(description=f"hcc_classifier: {error}", allow_retries=False) from None

@@ -13,6 +13,7 @@ Conventions (all documented here once):
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -168,6 +169,7 @@ def repeated_cv_metrics(
     seed: int = 0,
     alpha: float = 0.05,
     threshold: float = 0.5,
+    progress: Callable[[str], None] | None = None,
 ) -> list[MetricEstimate]:
     """Repeated stratified k-fold estimate of every metric, one value per test fold.
 
@@ -180,6 +182,7 @@ def repeated_cv_metrics(
     value. When the minority class has fewer than ``n_splits`` members, ``n_splits`` is lowered
     to that count (logged); fewer than 2 raises ValueError. Folds whose test part holds a single
     class count in ``n_degenerate`` and give NaN roc_auc (impossible while stratification holds).
+    ``progress`` receives a line after each repeat (folds done, seconds, ETA).
     """
     matrix = np.asarray(X, dtype=float)
     labels = np.asarray(y)
@@ -196,7 +199,8 @@ def repeated_cv_metrics(
     folds = RepeatedStratifiedKFold(n_splits=n_splits, n_repeats=n_repeats, random_state=seed)
     fold_values: dict[str, list[float]] = {metric: [] for metric in METRICS}
     n_degenerate = 0
-    for train, test in folds.split(matrix, labels):
+    started, total = time.perf_counter(), n_splits * n_repeats
+    for done, (train, test) in enumerate(folds.split(matrix, labels), start=1):
         probabilities = np.asarray(fit_predict(matrix[train], labels[train], matrix[test]), dtype=float).ravel()
         if probabilities.shape != test.shape:
             raise ValueError(f"fit_predict returned {probabilities.shape[0]} probabilities for {test.size} test rows")
@@ -204,6 +208,10 @@ def repeated_cv_metrics(
             n_degenerate += 1
         for metric, value in classification_metrics(labels[test], probabilities, threshold).items():
             fold_values[metric].append(value)
+        if progress is not None and done % n_splits == 0:
+            elapsed = time.perf_counter() - started
+            progress(f"repeat {done // n_splits}/{n_repeats} ({done}/{total} folds) in {elapsed:.1f} s, "
+                     f"ETA {elapsed / done * (total - done):.0f} s")
     estimates = []
     for metric in METRICS:
         values = np.asarray(fold_values[metric])

@@ -88,9 +88,14 @@ def test_early_stopping_restores_the_best_weights(train_cohort, val_cohort):
     # Inverted validation labels: the better it fits training data the worse validation gets.
     volumes, labels = val_cohort
     config = ClassifierConfig(**{**TINY, "max_epochs": 30})
-    result = train_classifier(*train_cohort, volumes, 1 - labels, config)
+    lines: list[str] = []
+    result = train_classifier(*train_cohort, volumes, 1 - labels, config, progress=lines.append)
 
     assert result.stopped_early
+    # progress: the trunk cache, then one line per epoch with its losses and an ETA range
+    assert lines[0].startswith("trunk cache:") and len(lines) == 1 + len(result.history)
+    assert lines[1].startswith(f"epoch 1/{config.max_epochs}: train loss ") and "ETA " in lines[1]
+    assert f"val loss {result.history[-1].val_loss:.4f}" in lines[-1]
     assert len(result.history) == max(config.min_epochs, result.best_epoch + config.patience) < config.max_epochs
     best = min(result.history, key=lambda r: r.val_loss)
     assert result.best_epoch == best.epoch == result.best_record.epoch

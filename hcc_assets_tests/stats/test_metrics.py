@@ -141,8 +141,11 @@ def test_repeated_cv_keeps_folds_apart_and_summarises_fold_values():
         seen_tests.append(X_test[:, 1].copy())
         return np.clip(X_test[:, 0], 0, 1)
 
-    estimates = by_metric(repeated_cv_metrics(fit_predict, X, y, n_splits=5, n_repeats=3, seed=0))
+    lines: list[str] = []
+    estimates = by_metric(repeated_cv_metrics(fit_predict, X, y, n_splits=5, n_repeats=3, seed=0,
+                                              progress=lines.append))
     assert len(seen_tests) == 15
+    assert [line.split(" in ")[0] for line in lines] == [f"repeat {r}/3 ({5 * r}/15 folds)" for r in (1, 2, 3)]
     for repeat in range(3):  # every patient is tested once per repeat
         assert sorted(np.concatenate(seen_tests[5 * repeat : 5 * repeat + 5])) == list(range(30))
     accuracy = estimates["accuracy"]
