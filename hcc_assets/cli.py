@@ -131,7 +131,10 @@ def cmd_materialize(args) -> int:
     from hcc_assets import runner
 
     instance = dg.DagsterInstance.get()
-    ready = runner.register_ready_patients(instance)
+    unreadable: dict[str, str] = {}
+    ready = runner.register_ready_patients(instance, skipped=unreadable)
+    for pid, reason in sorted(unreadable.items()):
+        print(f"patient {pid}: {reason}; skipped", flush=True)
     start = time.perf_counter()
     # --dask-address: each run's steps go to that Dask scheduler (hcc_assets.defs.dask_jobs)
     on_dask = {"executor": "dask", "dask_address": args.dask_address} if getattr(args, "dask_address", None) else {}

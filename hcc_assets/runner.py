@@ -49,10 +49,11 @@ def cohort_refresh_job() -> dg.JobDefinition:
     return _defs().resolve_job_def("cohort_refresh")
 
 
-def register_ready_patients(instance: dg.DagsterInstance) -> list[str]:
-    """Add every complete drop folder's pseudonym as a partition; returns all ready pseudonyms."""
+def register_ready_patients(instance: dg.DagsterInstance, skipped: dict[str, str] | None = None) -> list[str]:
+    """Add every complete drop folder's pseudonym as a partition; returns all ready pseudonyms.
+    Unreadable folders go into `skipped` (pseudonym -> reason) when it is given."""
     lake = _defs().resources["lake"]
-    ready = sorted(lake.ready_patients())
+    ready = sorted(lake.ready_patients(skipped=skipped))
     existing = set(instance.get_dynamic_partitions("patients"))
     new = [pid for pid in ready if pid not in existing]
     if new:

@@ -8,7 +8,7 @@ from pathlib import Path
 import dagster as dg
 
 from hcc_assets.featurestore import FeatureStore
-from hcc_assets.imaging.dropzone import scan_drop_zone
+from hcc_assets.imaging.dropzone import SkippedFolder, scan_drop_zone
 from hcc_assets.imaging.pseudonym import load_or_create_key, load_or_create_key_on, pseudonymize
 from hcc_assets.lake import DataLake, is_local_url, local_path_of
 
@@ -95,13 +95,18 @@ class LakeResource(dg.ConfigurableResource):
                     return entry
         raise dg.Failure(description=f"patient {patient_id}: no folder for this patient in the drop zone")
 
-    def ready_patients(self) -> dict[str, tuple[str, str]]:
-        """pseudonym -> (fingerprint, how completeness was decided) for complete drop folders."""
+    def ready_patients(self, skipped: dict[str, str] | None = None) -> dict[str, tuple[str, str]]:
+        """pseudonym -> (fingerprint, how completeness was decided) for complete drop folders;
+        unreadable folders go into `skipped` (pseudonym -> reason) when it is given."""
         key = self.pseudonym_key()
-        return {
+        unreadable: list[SkippedFolder] = []
+        ready = {
             pseudonymize(folder.source_key, key): (folder.fingerprint, folder.complete_by)
-            for folder in scan_drop_zone(self.incoming_dir, self.quiet_seconds)
+            for folder in scan_drop_zone(self.incoming_dir, self.quiet_seconds, skipped=unreadable)
         }
+        if skipped is not None:
+            skipped.update({pseudonymize(folder.source_key, key): folder.reason for folder in unreadable})
+        return ready
 
 
 def default_lake_resource() -> LakeResource:

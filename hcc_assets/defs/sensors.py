@@ -33,7 +33,10 @@ NEW_SCAN_PRIORITY = "1"
 )
 def incoming_scans_sensor(context: dg.SensorEvaluationContext, lake: LakeResource) -> dg.SensorResult:
     seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
-    ready = lake.ready_patients()
+    unreadable: dict[str, str] = {}
+    ready = lake.ready_patients(skipped=unreadable)
+    for pid, reason in sorted(unreadable.items()):
+        context.log.warning(f"patient {pid}: {reason}")
     changed = {pid: fingerprint for pid, (fingerprint, _) in ready.items() if seen.get(pid) != fingerprint}
     # A lost or reset cursor must not re-ingest what is already ingested from the same bytes.
     to_run = {pid: fp for pid, fp in changed.items() if _ingested_fingerprint(context.instance, pid) != fp}

@@ -4,6 +4,8 @@ A patient folder is complete when it holds the marker file `.complete` (written 
 synthetic generator, the importers and the DICOM receiver), or, for folders copied in by hand,
 when nothing in it has changed for `quiet_seconds`. The fingerprint changes whenever a file is
 added, removed or rewritten, so a re-delivered study is ingested again, and only then.
+A folder (or any folder inside it) that cannot be listed is not ready: ingesting what can be seen
+would ingest a partial study. It is reported as skipped and picked up once it is readable.
 """
 
 from __future__ import annotations
@@ -28,11 +30,23 @@ class DropFolder:
     complete_by: str  # "marker" or "quiet"
 
 
+@dataclass(frozen=True)
+class SkippedFolder:
+    source_key: str  # may be PHI: callers pseudonymize it before showing it
+    reason: str  # never holds the path (it contains the folder name)
+
+
+def _raise(error: OSError) -> None:
+    raise error
+
+
 def folder_fingerprint(folder: Path) -> tuple[str, float, int]:
+    """(digest of relative names, sizes and mtimes; newest mtime; file count). Raises OSError when
+    any folder inside cannot be listed (os.walk would silently leave it out)."""
     digest = hashlib.sha256()
     newest = 0.0
     count = 0
-    for root, dirs, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder, onerror=_raise):
         dirs.sort()
         for name in sorted(files):
             stat = os.stat(os.path.join(root, name))
@@ -43,8 +57,11 @@ def folder_fingerprint(folder: Path) -> tuple[str, float, int]:
     return digest.hexdigest()[:16], newest, count
 
 
-def scan_drop_zone(incoming: Path, quiet_seconds: float = 60.0, now: float | None = None) -> list[DropFolder]:
-    """Complete patient folders under `incoming`, sorted by folder name."""
+def scan_drop_zone(
+    incoming: Path, quiet_seconds: float = 60.0, now: float | None = None, skipped: list[SkippedFolder] | None = None
+) -> list[DropFolder]:
+    """Complete patient folders under `incoming`, sorted by folder name. Folders that cannot be
+    read are left out and, when `skipped` is given, appended to it with the reason."""
     if not incoming.is_dir():
         return []
     now = time.time() if now is None else now
@@ -52,12 +69,18 @@ def scan_drop_zone(incoming: Path, quiet_seconds: float = 60.0, now: float | Non
     for entry in sorted(incoming.iterdir()):
         if not entry.is_dir() or entry.name.startswith("."):
             continue
-        fingerprint, newest, count = folder_fingerprint(entry)
-        if (entry / COMPLETE_MARKER).exists():
-            ready.append(DropFolder(entry.name, entry, fingerprint, "marker"))
-        elif now - max(newest, entry.stat().st_mtime) >= quiet_seconds:
-            # an empty folder counts too: its run fails with a clear "no DICOM files" error
-            ready.append(DropFolder(entry.name, entry, fingerprint, "quiet"))
+        try:
+            fingerprint, newest, count = folder_fingerprint(entry)
+            if (entry / COMPLETE_MARKER).exists():
+                ready.append(DropFolder(entry.name, entry, fingerprint, "marker"))
+            elif now - max(newest, entry.stat().st_mtime) >= quiet_seconds:
+                # an empty folder counts too: its run fails with a clear "no DICOM files" error
+                ready.append(DropFolder(entry.name, entry, fingerprint, "quiet"))
+        except OSError as error:
+            if skipped is not None:
+                what = error.strerror or type(error).__name__
+                skipped.append(SkippedFolder(entry.name, f"drop folder cannot be read ({what}); "
+                                                         "waiting until it is readable"))
     return ready
 
 
