@@ -122,6 +122,29 @@ def cmd_sql(args) -> int:
     return 0
 
 
+def cmd_export_parquet(args) -> int:
+    from hcc_assets.defs.resources import default_lake_resource
+    from hcc_assets.featurestore import FeatureStore
+    from hcc_assets.featurestore.parquet import EXPORT_FOLDER, MANIFEST_NAME, export_parquet
+
+    start = time.perf_counter()
+    try:
+        _lake_root(args)
+        resource = default_lake_resource()
+        lake = resource.lake
+        store = FeatureStore(args.db) if args.db else resource.store
+        tables = [t.strip() for t in args.tables.split(",") if t.strip()] if args.tables else None
+        exported = export_parquet(store, lake, tables=tables)
+    except Exception as error:  # a bad table name or an unreachable lake: one clear line, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for name, info in exported.items():
+        print(f"  {name:26s} {info['rows']:>10d} rows  {info['bytes']:>11d} bytes  {info['path']}")
+    print(f"exported {len(exported)} tables ({sum(i['rows'] for i in exported.values())} rows) in "
+          f"{time.perf_counter() - start:.1f}s; manifest {lake.path(EXPORT_FOLDER, MANIFEST_NAME)}")
+    return 0
+
+
 def cmd_materialize(args) -> int:
     from hcc_assets.instance import ensure_dagster_home
 
@@ -160,7 +183,7 @@ def cmd_materialize(args) -> int:
     if runner.has_assets("analysis_refresh"):
         start = time.perf_counter()
         analysis_ok = runner.materialize_cohort("analysis_refresh")
-        print(f"analysis (explainable features, LASSO models, metrics, coefficients, report): "
+        print(f"analysis (explainable features, LASSO models, metrics, coefficients, report, Parquet export): "
               f"{'ok' if analysis_ok else 'FAILED (see the run in the UI)'} in {time.perf_counter() - start:.1f}s")
     return 0 if cohort_ok and features_ok and analysis_ok else 1
 
@@ -260,6 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--db", help="feature store file (default: <lake>/feature_store.duckdb)")
     sql.add_argument("--max-rows", type=int, default=100)
     sql.set_defaults(func=cmd_sql)
+
+    export = sub.add_parser("export-parquet", help="write the feature store as Parquet into the data lake "
+                            "(<lake>/feature_store_parquet/<table>.parquet and _manifest.json)")
+    export.add_argument("--tables", help="comma-separated tables or views (default: every table and the views "
+                        "radiomics, deep_features, table_1)")
+    export.add_argument("--db", help="feature store file (default: $HCC_ASSETS_FEATURE_STORE or "
+                        "<lake>/feature_store.duckdb)")
+    export.set_defaults(func=cmd_export_parquet)
 
     materialize = sub.add_parser("materialize", help="ingest every complete drop folder, then the cohort")
     materialize.add_argument("--workers", type=int, default=2)

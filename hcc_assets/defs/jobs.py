@@ -57,7 +57,7 @@ cohort_job = dg.define_asset_job(
 
 analysis_job = dg.define_asset_job(
     name="analysis_refresh",
-    selection=dg.AssetSelection.groups("analysis"),
+    selection=dg.AssetSelection.groups("analysis", "export"),
     description="The study's analysis over every patient's features: explainable DL features, LASSO models, "
-    "metrics with bootstrap CIs, coefficients and the report.",
+    "metrics with bootstrap CIs, coefficients and the report; then the feature store's Parquet export.",
 )
