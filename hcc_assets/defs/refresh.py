@@ -25,9 +25,12 @@ import dagster as dg
 
 from hcc_assets.defs.cohort import cohort
 from hcc_assets.defs.deep import deep_embedding, hcc_classifier
-from hcc_assets.defs.jobs import analysis_job, cohort_job, patient_features_job, patient_pipeline_job
+from hcc_assets.defs import analysis as analysis_assets
+from hcc_assets.defs import export as export_assets
+from hcc_assets.defs.jobs import (analysis_job, cohort_job, cohort_run_config, patient_features_job,
+                                  patient_pipeline_job, patient_run_config)
 from hcc_assets.defs.resources import LakeResource, env_seconds
-from hcc_assets.defs.segmentation import liver_mask, radiomic_features
+from hcc_assets.defs.segmentation import liver_mask, liver_segmentation_model, radiomic_features
 from hcc_assets.featurestore.freshness import SEGMENTATION, analysis_inputs, current_version, stale_features
 
 REFRESH_CRON_ENV = "HCC_ASSETS_REFRESH_CRON"
@@ -40,6 +43,8 @@ TRIGGER_TAG = "hcc_assets/trigger"
 IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
              dg.DagsterRunStatus.STARTED]
 PER_PATIENT_JOBS = (patient_features_job.name, patient_pipeline_job.name)
+ANALYSIS_GROUPS = ("analysis", "export")  # analysis_job's selection
+ANALYSIS_MODULES = [analysis_assets, export_assets]
 
 
 def refresh_cron() -> str:
@@ -69,14 +74,22 @@ def cohort_refresh_schedule(context: dg.ScheduleEvaluationContext, lake: LakeRes
     return refresh_request(lake, retrain_segmentation())
 
 
+def _names(assets) -> list[str]:
+    return [key.to_user_string() for a in assets for key in a.keys]
+
+
 def refresh_request(lake: LakeResource, retrain_segmentation_model: bool) -> dg.RunRequest:
+    """The deployment's cohort run config ($HCC_ASSETS_COHORT_RUN_CONFIG) rides along, limited to
+    the assets this run executes."""
     tags = {TRIGGER_TAG: "schedule"}
     if retrain_segmentation_model or current_version(lake.store, SEGMENTATION) is None:
-        return dg.RunRequest(tags=tags)  # the whole job, segmentation model included
-    keys = [cohort.key, hcc_classifier.key]
+        # the whole job, segmentation model included
+        return dg.RunRequest(tags=tags, run_config=cohort_run_config(_names([cohort, liver_segmentation_model,
+                                                                             hcc_classifier])))
     return dg.RunRequest(
-        asset_selection=keys,
+        asset_selection=[cohort.key, hcc_classifier.key],
         asset_check_keys=[*cohort.check_keys, *hcc_classifier.check_keys],
+        run_config=cohort_run_config(_names([cohort, hcc_classifier])),
         tags={**tags, "hcc_assets/segmentation": "reused"},
     )
 
@@ -114,6 +127,8 @@ def feature_refresh_requests(lake: LakeResource) -> list[dg.RunRequest]:
             run_key=f"{pid}:clf={stale.classifier_version}:seg={stale.segmentation_version}",
             asset_selection=[a.key for a in assets],
             asset_check_keys=[key for a in assets for key in a.check_keys],
+            # the per-patient deployment config, only for the assets this run executes
+            run_config=patient_run_config(_names(assets)),
             tags={TRIGGER_TAG: "refresh", "dagster/priority": "-1"},  # new scans (priority 1) go first
         ))
     return requests
@@ -145,9 +160,17 @@ def analysis_refresh_sensor(context: dg.SensorEvaluationContext, lake: LakeResou
         return dg.SensorResult(skip_reason=f"the last analysis_refresh run is newer than its inputs ({inputs.state})",
                                cursor=inputs.state)
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(run_key=f"analysis:{inputs.state}", tags={TRIGGER_TAG: "features_current"})],
+        run_requests=[dg.RunRequest(run_key=f"analysis:{inputs.state}", tags={TRIGGER_TAG: "features_current"},
+                                    run_config=cohort_run_config(_analysis_asset_names()))],
         cursor=inputs.state,
     )
+
+
+def _analysis_asset_names() -> list[str]:
+    """The assets of analysis_refresh's groups (a module also holds the upstream assets it imports)."""
+    groups = set(ANALYSIS_GROUPS)
+    return sorted({key.to_user_string() for a in dg.load_assets_from_modules(ANALYSIS_MODULES)
+                   for key, group in a.group_names_by_key.items() if group in groups})
 
 
 def _runs_in_flight(instance: dg.DagsterInstance, lake: LakeResource) -> int:

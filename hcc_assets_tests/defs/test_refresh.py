@@ -240,3 +240,45 @@ def test_refresh_cron_comes_from_the_environment(monkeypatch):
     assert refresh_cron() == "0 2 * * 0"
     monkeypatch.setenv("HCC_ASSETS_REFRESH_CRON", "30 3 * * *")
     assert refresh_cron() == "30 3 * * *"
+
+
+def test_deployment_run_config_reaches_each_run_limited_to_its_assets(instance, lake, monkeypatch, tmp_path):
+    """Dagster refuses run config for an op a run does not execute, so one deployment file per level
+    (patients, cohort) must be cut down to each run's assets, subsets included."""
+    import yaml
+
+    from hcc_assets.defs.jobs import patient_run_config
+
+    patient_file, cohort_file = tmp_path / "patient.yaml", tmp_path / "cohort.yaml"
+    patient_file.write_text(yaml.safe_dump({"ops": {
+        "preprocessed_volume": {"config": {"target_shape": [32, 32, 16]}},
+        "deep_embedding": {"config": {"allow_model_below_chance": True}},
+        "liver_mask": {"config": {"min_dice_liver": 0.5}}}}))
+    cohort_file.write_text(yaml.safe_dump({"ops": {
+        "hcc_classifier": {"config": {"medicalnet_checkpoint": "/models/resnet_50_23dataset.pth"}},
+        "liver_segmentation_model": {"config": {"epochs": 3}},
+        "model_metrics": {"config": {"n_bootstrap": 200}}}}))
+    monkeypatch.setenv("HCC_ASSETS_PATIENT_RUN_CONFIG", str(patient_file))
+    monkeypatch.setenv("HCC_ASSETS_COHORT_RUN_CONFIG", str(cohort_file))
+
+    assert set(patient_run_config(["liver_mask", "radiomic_features", "deep_embedding"])["ops"]) == \
+        {"liver_mask", "deep_embedding"}
+    assert patient_run_config(["deep_embedding"])["execution"] == {"config": {"in_process": {}}}
+
+    register(lake.store, CLASSIFIER, "clf-2")  # only embeddings are stale
+    requests = features_tick(instance, lake)
+    assert requests and all(r.run_config["ops"] == {"deep_embedding": {"config": {"allow_model_below_chance": True}}}
+                            for r in requests)
+
+    monkeypatch.delenv("HCC_ASSETS_REFRESH_SEGMENTATION", raising=False)
+    scheduled = _schedule_request(instance, lake)  # segmentation model reused: no config for it
+    assert scheduled.run_config["ops"] == {
+        "hcc_classifier": {"config": {"medicalnet_checkpoint": "/models/resnet_50_23dataset.pth"}}}
+    monkeypatch.setenv("HCC_ASSETS_REFRESH_SEGMENTATION", "1")
+    assert set(_schedule_request(instance, lake).run_config["ops"]) == {"hcc_classifier", "liver_segmentation_model"}
+
+    for pid in [*COHORT, NEW]:
+        embed(lake.store, pid, "clf-2")
+    analysis = analysis_tick(instance, lake, None)
+    assert analysis.run_requests, analysis.skip_reason
+    assert analysis.run_requests[0].run_config["ops"] == {"model_metrics": {"config": {"n_bootstrap": 200}}}
