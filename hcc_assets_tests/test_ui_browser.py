@@ -228,6 +228,8 @@ def test_ui_in_browser_materializes_one_patient(ui_lake):
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
             context = browser.new_context(viewport={"width": 1600, "height": 1000})
             context.set_default_timeout(UI_MS)
+            # expect() has its own 5 s default: too short for a page that loads partition counts on a busy CPU
+            expect.set_options(timeout=UI_MS)
             # the first visit offers a "Join the Dagster community" dialog: mark it seen
             context.add_init_script("window.localStorage.setItem('communityNux', '1')")
             page = context.new_page()

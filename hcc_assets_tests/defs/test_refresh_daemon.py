@@ -87,7 +87,8 @@ def test_schedule_retrains_then_sensors_reembed_and_analyse(small_cohort, tmp_pa
     assert store.query("SELECT DISTINCT model_version FROM deep_embeddings").rows() == [(first,)]
     (prepared.root / "cohort_run_config.yaml").write_text(yaml.safe_dump(COHORT_RUN_CONFIG))
 
-    fire_at = (dt.datetime.now(dt.UTC) + dt.timedelta(minutes=2)).replace(second=0, microsecond=0)
+    # 90-150 s ahead: the daemon (and its scheduler) must be up before then, or the tick is missed
+    fire_at = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=150)).replace(second=0, microsecond=0)
     daemon = Daemon(prepared, tmp_path / "daemon.log")
     daemon.env.update({"HCC_ASSETS_REFRESH_CRON": f"{fire_at.minute} {fire_at.hour} * * *",
                        "HCC_ASSETS_REFRESH_SENSOR_INTERVAL_S": "1",
