@@ -84,12 +84,20 @@ def scan_drop_zone(
     return ready
 
 
+def _manifest_reader(handle) -> csv.DictReader:
+    """Rows keyed by lower-case, stripped column names (`Patient_Key, HCC` from a spreadsheet is fine)."""
+    reader = csv.DictReader(handle)
+    if reader.fieldnames:
+        reader.fieldnames = [name.strip().lower() for name in reader.fieldnames]
+    return reader
+
+
 def read_label_manifests(incoming: Path) -> list[dict[str, str]]:
     """Rows of every labels*.csv in the drop zone: patient_key, hcc (0/1), source."""
     rows: dict[str, dict[str, str]] = {}
     for manifest in sorted(incoming.glob(LABEL_MANIFEST_GLOB)):
-        with open(manifest, newline="") as handle:
-            for row in csv.DictReader(handle):
+        with open(manifest, newline="", encoding="utf-8-sig") as handle:  # Excel writes a BOM
+            for row in _manifest_reader(handle):
                 key = (row.get("patient_key") or "").strip()
                 if key:
                     rows[key] = {"patient_key": key, "hcc": str(row.get("hcc", "")).strip(), "source": (row.get("source") or "").strip()}
@@ -110,8 +118,8 @@ def validate_labels(incoming: Path) -> tuple[dict[str, tuple[bool, str | None]],
     problems: list[LabelProblem] = []
     for manifest in sorted(incoming.glob(LABEL_MANIFEST_GLOB)):
         try:
-            with open(manifest, newline="") as handle:
-                reader = csv.DictReader(handle)
+            with open(manifest, newline="", encoding="utf-8-sig") as handle:  # Excel writes a BOM
+                reader = _manifest_reader(handle)
                 if not reader.fieldnames or not {"patient_key", "hcc"} <= set(reader.fieldnames):
                     problems.append(LabelProblem("", f"{manifest.name} has no patient_key and hcc columns; ignored"))
                     continue

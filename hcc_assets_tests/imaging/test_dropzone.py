@@ -47,3 +47,24 @@ def test_pseudonyms_are_keyed_stable_and_hide_the_key(tmp_path, monkeypatch):
     assert pid.startswith("pt-") and len(pid) == 15 and "12345678" not in pid
     assert pseudonymize("MRN12345678", key) == pid
     assert pseudonymize("MRN12345678", b"other") != pid
+
+
+def test_a_spreadsheet_exported_manifest_reads_like_a_plain_one(tmp_path):
+    from hcc_assets.imaging.dropzone import validate_labels
+
+    # Excel: a UTF-8 byte-order mark, CRLF line ends, capitalised headers with spaces after the commas
+    (tmp_path / "labels_excel.csv").write_bytes("\ufeffPatient_Key, HCC, Source\r\nA,1,TCGA\r\nB, 0 ,CHAOS\r\n".encode())
+    labels, problems = validate_labels(tmp_path)
+    assert problems == []
+    assert labels == {"A": (True, "TCGA"), "B": (False, "CHAOS")}
+    assert {r["patient_key"]: r["hcc"] for r in read_label_manifests(tmp_path)} == {"A": "1", "B": "0"}
+
+
+def test_a_symlink_loop_and_odd_names_do_not_upset_the_scan(tmp_path):
+    folder = tmp_path / "Müller, Hans (1)"
+    _touch(folder / "study_1" / "series_3" / "IM_1.dcm")
+    _touch(folder / "study_1" / "series_3" / "odd\nname.dcm")
+    _touch(folder / ".complete")
+    os.symlink("..", folder / "study_1" / "loop")  # not followed: no endless walk
+    ready = scan_drop_zone(tmp_path, quiet_seconds=60)
+    assert [(f.source_key, f.complete_by) for f in ready] == [("Müller, Hans (1)", "marker")]
