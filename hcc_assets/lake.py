@@ -20,6 +20,7 @@ import hashlib
 import os
 import re
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import fsspec
@@ -66,19 +67,28 @@ class DataLake:
     def patient_file(self, patient_id: str, name: str) -> str:
         return self.path(PATIENTS, patient_id, name)
 
-    def write_bytes(self, path: str, data: bytes) -> str:
-        """Atomically write `data` to `path`; returns its sha256."""
-        parent = path.rsplit("/", 1)[0]
+    def _write_atomically(self, path: str, write: Callable[[str], None]) -> None:
+        """`write(temporary path)` beside `path`, then a rename: readers never see half a file."""
+        parent, name = path.rsplit("/", 1)
         self.fs.makedirs(parent, exist_ok=True)
         self.remove_stale_temps(parent)
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[1]}"
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
         try:
-            self.fs.pipe_file(tmp, data)
+            write(tmp)
             self.fs.mv(tmp, path)
         finally:
             if self.fs.exists(tmp):
                 self.fs.rm(tmp)
+
+    def write_bytes(self, path: str, data: bytes) -> str:
+        """Atomically write `data` to `path`; returns its sha256."""
+        self._write_atomically(path, lambda tmp: self.fs.pipe_file(tmp, data))
         return hashlib.sha256(data).hexdigest()
+
+    def put_file(self, local: str | os.PathLike[str], path: str) -> str:
+        """Atomically copy the local file `local` to `path`, streamed; returns its sha256."""
+        self._write_atomically(path, lambda tmp: self.fs.put_file(str(local), tmp))
+        return sha256_file(local)
 
     def remove_stale_temps(self, folder: str, older_than_s: float = STALE_TEMP_SECONDS) -> list[str]:
         """Remove temporary files of write_bytes in `folder` older than `older_than_s` (left by
@@ -117,7 +127,7 @@ class DataLake:
         files = sorted(p for p in Path(local).rglob("*") if p.is_file())
         files.sort(key=lambda p: p.name.endswith(last) if last else False)
         for file in files:
-            self.write_bytes(f"{target.rstrip('/')}/{file.relative_to(local).as_posix()}", file.read_bytes())
+            self.put_file(file, f"{target.rstrip('/')}/{file.relative_to(local).as_posix()}")
 
     def download_tree(self, source: str, local: str | os.PathLike[str]) -> Path:
         """Copy the folder `source` of the lake into the local folder `local`; returns `local`."""
@@ -147,6 +157,14 @@ def nifti_bytes(image: nib.Nifti1Image) -> bytes:
 def nifti_from_bytes(data: bytes) -> nib.Nifti1Image:
     raw = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
     return nib.Nifti1Image.from_bytes(raw)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def sha256_bytes(data: bytes) -> str:

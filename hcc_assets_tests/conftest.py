@@ -29,3 +29,17 @@ def incoming_copy(small_cohort, tmp_path) -> tuple[Path, list]:
     target = tmp_path / "incoming"
     shutil.copytree(incoming, target)
     return target, patients
+
+
+@pytest.fixture
+def memory_root():
+    """A fresh root on fsspec's in-process memory filesystem (a non-local data lake), removed after."""
+    import uuid
+
+    import fsspec
+
+    root = f"memory://hcc-test-{uuid.uuid4().hex[:8]}"
+    yield root
+    fs = fsspec.filesystem("memory")
+    if fs.exists(root):
+        fs.rm(root, recursive=True)

@@ -4,6 +4,20 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
+from hcc_assets.defs import analysis, cohort, deep, export, ingest, segmentation
+
+ASSET_MODULES = [ingest, cohort, segmentation, deep, analysis, export]
+ANALYSIS_GROUPS = ("analysis", "export")  # what analysis_refresh runs
+# asset name -> group, for cutting run config down to the assets a run executes
+_GROUP_OF = {key.to_user_string(): group for a in dg.load_assets_from_modules(ASSET_MODULES)
+             for key, group in a.group_names_by_key.items()}
+
+
+def asset_names_in_groups(*groups: str) -> tuple[str, ...]:
+    """The assets an asset job on `groups` executes."""
+    return tuple(sorted(name for name, group in _GROUP_OF.items() if group in groups))
+
+
 # Per-patient runs execute their steps in the run's own process: one start-up (importing dagster,
 # torch, nnU-Net, pyradiomics: ~5-10 s on 2 cores) per run instead of one per step, which is most
 # of a new scan's latency. Parallelism comes from several runs at once (`concurrency.runs` in
@@ -16,10 +30,8 @@ PATIENT_RUN_CONFIG_ENV = "HCC_ASSETS_PATIENT_RUN_CONFIG"
 # analysis_refresh), e.g. `ops: {hcc_classifier: {config: {medicalnet_checkpoint: /models/r50.pth}}}`.
 COHORT_RUN_CONFIG_ENV = "HCC_ASSETS_COHORT_RUN_CONFIG"
 
-# The assets of the per-patient groups, by name: Dagster refuses run config for an op that a run
-# does not execute, so each job (and each subset run) gets only its own assets' sections.
-INGEST_ASSETS = ("raw_scan", "nifti_volume", "preprocessed_volume")
-FEATURE_ASSETS = ("liver_mask", "radiomic_features", "deep_embedding")
+# Dagster refuses run config for an op that a run does not execute, so each job (and each subset
+# run) gets only its own assets' sections of a run-config file.
 
 
 def _run_config_file(env: str) -> dict:
@@ -57,14 +69,14 @@ def cohort_run_config(asset_names=None) -> dict:
 patient_ingest_job = dg.define_asset_job(
     name="patient_ingest",
     selection=dg.AssetSelection.groups("ingest"),
-    config=patient_run_config(INGEST_ASSETS),
+    config=patient_run_config(asset_names_in_groups("ingest")),
     description="Ingest one patient partition: raw_scan -> nifti_volume -> preprocessed_volume.",
 )
 
 patient_features_job = dg.define_asset_job(
     name="patient_features",
     selection=dg.AssetSelection.groups("features"),
-    config=patient_run_config(FEATURE_ASSETS),
+    config=patient_run_config(asset_names_in_groups("features")),
     description="Model-derived features of one patient partition from the current models; what the "
     "refresh chain runs for every patient whose mask or embedding is not from the current model.",
 )
@@ -72,7 +84,7 @@ patient_features_job = dg.define_asset_job(
 patient_pipeline_job = dg.define_asset_job(
     name="patient_pipeline",
     selection=dg.AssetSelection.groups("ingest", "features"),
-    config=patient_run_config(INGEST_ASSETS + FEATURE_ASSETS),
+    config=patient_run_config(asset_names_in_groups("ingest", "features")),
     description="Everything per patient; what the drop-zone sensor runs for a new study.",
 )
 
@@ -84,7 +96,7 @@ cohort_job = dg.define_asset_job(
 
 analysis_job = dg.define_asset_job(
     name="analysis_refresh",
-    selection=dg.AssetSelection.groups("analysis", "export"),
+    selection=dg.AssetSelection.groups(*ANALYSIS_GROUPS),
     description="The study's analysis over every patient's features: explainable DL features, LASSO models, "
     "metrics with bootstrap CIs, coefficients and the report; then the feature store's Parquet export.",
 )

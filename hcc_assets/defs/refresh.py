@@ -25,10 +25,8 @@ import dagster as dg
 
 from hcc_assets.defs.cohort import cohort
 from hcc_assets.defs.deep import deep_embedding, hcc_classifier
-from hcc_assets.defs import analysis as analysis_assets
-from hcc_assets.defs import export as export_assets
-from hcc_assets.defs.jobs import (analysis_job, cohort_job, cohort_run_config, patient_features_job,
-                                  patient_pipeline_job, patient_run_config)
+from hcc_assets.defs.jobs import (ANALYSIS_GROUPS, analysis_job, asset_names_in_groups, cohort_job,
+                                  cohort_run_config, patient_features_job, patient_pipeline_job, patient_run_config)
 from hcc_assets.defs.resources import LakeResource, env_seconds
 from hcc_assets.defs.segmentation import liver_mask, liver_segmentation_model, radiomic_features
 from hcc_assets.featurestore.freshness import SEGMENTATION, analysis_inputs, current_version, stale_features
@@ -43,8 +41,6 @@ TRIGGER_TAG = "hcc_assets/trigger"
 IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
              dg.DagsterRunStatus.STARTED]
 PER_PATIENT_JOBS = (patient_features_job.name, patient_pipeline_job.name)
-ANALYSIS_GROUPS = ("analysis", "export")  # analysis_job's selection
-ANALYSIS_MODULES = [analysis_assets, export_assets]
 
 
 def refresh_cron() -> str:
@@ -161,16 +157,9 @@ def analysis_refresh_sensor(context: dg.SensorEvaluationContext, lake: LakeResou
                                cursor=inputs.state)
     return dg.SensorResult(
         run_requests=[dg.RunRequest(run_key=f"analysis:{inputs.state}", tags={TRIGGER_TAG: "features_current"},
-                                    run_config=cohort_run_config(_analysis_asset_names()))],
+                                    run_config=cohort_run_config(asset_names_in_groups(*ANALYSIS_GROUPS)))],
         cursor=inputs.state,
     )
-
-
-def _analysis_asset_names() -> list[str]:
-    """The assets of analysis_refresh's groups (a module also holds the upstream assets it imports)."""
-    groups = set(ANALYSIS_GROUPS)
-    return sorted({key.to_user_string() for a in dg.load_assets_from_modules(ANALYSIS_MODULES)
-                   for key, group in a.group_names_by_key.items() if group in groups})
 
 
 def _runs_in_flight(instance: dg.DagsterInstance, lake: LakeResource) -> int:

@@ -13,8 +13,8 @@ with httpfs (docs/scaling.md). How a snapshot is taken:
    other column>) TO '<local temp>' (FORMAT parquet)` for every table: all files come from the same
    state of the store, and the same store gives byte-identical files (same DuckDB version).
 3. The old `_manifest.json` is removed (no manifest: an export is under way), each file is
-   uploaded through the lake's fsspec filesystem to a temporary name and moved into place (as
-   `DataLake.write_bytes` does), then the new manifest is written.
+   uploaded through the lake's fsspec filesystem to a temporary name and moved into place
+   (`DataLake.put_file`), then the new manifest is written.
 
 A reader that needs several tables from one snapshot reads the manifest, the files, then the
 manifest again: same `exported_at` (and the files' sha256 as listed) means one snapshot. Exporting
@@ -32,7 +32,6 @@ import hashlib
 import json
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 
 import duckdb
@@ -103,9 +102,9 @@ def export_parquet(store: FeatureStore, lake: DataLake, tables: list[str] | tupl
         exported: dict[str, dict] = {}
         for name, (local, rows, columns, kind) in staged.items():
             path = lake.path(folder, local.name)
-            _upload(lake, local, path)
+            sha256 = lake.put_file(local, path)
             exported[name] = {
-                "path": path, "file": local.name, "kind": kind, "rows": rows, "sha256": _sha256_file(local),
+                "path": path, "file": local.name, "kind": kind, "rows": rows, "sha256": sha256,
                 "bytes": local.stat().st_size, "order_by": list(_order_keys(name, columns)),
                 "columns": [{"name": c, "type": t} for c, t in columns], "exported_at": exported_at,
             }
@@ -188,30 +187,6 @@ def _snapshot(store: FeatureStore, names: list[str], staging: Path, explicit: bo
 def _order_keys(name: str, columns: list[tuple[str, str]]) -> tuple[str, ...]:
     keys = tuple(k for k in ORDER_KEYS.get(name, ()) if k in {c for c, _ in columns})
     return keys + tuple(c for c, _ in columns if c not in keys)
-
-
-def _upload(lake: DataLake, local: Path, path: str) -> None:
-    """Copy a local file to `path` in the lake under a temporary name, then move it into place
-    (the temporary names of DataLake.write_bytes, so its stale-temp cleanup applies), streamed
-    rather than read into memory."""
-    parent, name = path.rsplit("/", 1)
-    lake.fs.makedirs(parent, exist_ok=True)
-    lake.remove_stale_temps(parent)
-    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
-    try:
-        lake.fs.put_file(str(local), tmp)
-        lake.fs.mv(tmp, path)
-    finally:
-        if lake.fs.exists(tmp):
-            lake.fs.rm(tmp)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _quote(identifier: str) -> str:

@@ -11,7 +11,6 @@ import hashlib
 import json
 import shutil
 import tempfile
-import uuid
 
 import dagster as dg
 import fsspec
@@ -29,15 +28,6 @@ from hcc_assets_tests.defs.helpers import PATIENT_ASSETS, failure_message
 TINY_TRAINING = {"epochs": 3, "iterations_per_epoch": 8, "val_iterations_per_epoch": 1, "initial_lr": 0.02,
                  "spacing": [], "seed": 7, "max_training_cases": 2, "hold_out_validation_split": False}
 ALL_ASSETS = [*PATIENT_ASSETS, cohort, liver_segmentation_model, liver_mask, radiomic_features]
-
-
-@pytest.fixture
-def memory_root():
-    root = f"memory://hcc-test-{uuid.uuid4().hex[:8]}"
-    yield root
-    fs = fsspec.filesystem("memory")
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
 
 
 def test_remote_root_needs_local_feature_store_and_drop_zone(memory_root):

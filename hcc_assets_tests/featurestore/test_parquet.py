@@ -5,7 +5,6 @@ DuckDB's read_parquet in a connection that never opens the store, and compared w
 import hashlib
 import json
 import tempfile
-import uuid
 
 import dagster as dg
 import duckdb
@@ -109,15 +108,6 @@ def _no_temps(fs, folder: str) -> list[str]:
 @pytest.fixture
 def store(tmp_path) -> FeatureStore:
     return _filled_store(tmp_path / "store" / "feature_store.duckdb")
-
-
-@pytest.fixture
-def memory_root():
-    root = f"memory://hcc-parquet-{uuid.uuid4().hex[:8]}"
-    yield root
-    fs = fsspec.filesystem("memory")
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
 
 
 def test_export_to_a_file_lake_is_the_store_sorted_with_a_manifest(store, tmp_path):
