@@ -1,5 +1,6 @@
-"""Run by test_permissions.py as an unprivileged user (root reads everything): scan the drop zone,
-evaluate the sensor and ingest every ready patient; print one JSON object."""
+"""Run by test_permissions.py in a process that file permissions bind (as root: without the
+capabilities that bypass them): scan the drop zone, evaluate the sensor and ingest every ready
+patient; print one JSON object."""
 
 import json
 import sys

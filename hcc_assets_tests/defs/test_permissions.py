@@ -1,22 +1,19 @@
-"""Permission denial for real: the drop zone is read by an unprivileged user (`nobody` through
-setpriv when the tests run as root), with one patient folder and one DICOM file of another
-patient made unreadable. The unreadable folder is skipped (not half-ingested) and named by
+"""Permission denial for real: the drop zone is read by a process that file permissions apply to
+(as root, setpriv drops the capabilities that bypass them, CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH),
+with one patient folder and one DICOM file of another patient made unreadable. The unreadable folder is skipped (not half-ingested) and named by
 pseudonym only; the unreadable file fails its own partition; everyone else is ingested."""
 
 import json
 import os
 import shutil
-import stat
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from hcc_assets_tests.defs.helpers import make_lake
 
-NOBODY = 65534
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -26,7 +23,9 @@ def _unprivileged(args: list[str]) -> list[str]:
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         pytest.skip("running as root without setpriv: cannot drop privileges")
-    return [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--", *args]
+    # still uid 0 (so the checkout stays readable wherever it is), but mode bits now bind it too
+    dropped = "-dac_override,-dac_read_search"
+    return [setpriv, f"--bounding-set={dropped}", f"--inh-caps={dropped}", "--", *args]
 
 
 def _run(args: list[str], home: Path) -> subprocess.CompletedProcess:
@@ -36,42 +35,24 @@ def _run(args: list[str], home: Path) -> subprocess.CompletedProcess:
     return subprocess.run(_unprivileged(args), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.fixture
-def shared_tmp():
-    # pytest's tmp_path lives under a 0700 root-only folder; the unprivileged user needs its own.
-    folder = Path(tempfile.mkdtemp(prefix="hcc-permissions-"))
-    folder.chmod(0o755)
-    yield folder
-    for path in folder.rglob("*"):  # make everything removable again
-        if not path.is_symlink():
-            path.chmod(stat.S_IRWXU)
-    shutil.rmtree(folder)
-
-
-def test_unreadable_folder_and_file_are_scoped_to_their_patient(small_cohort, shared_tmp):
+def test_unreadable_folder_and_file_are_scoped_to_their_patient(small_cohort, tmp_path):
     source, patients = small_cohort
-    incoming = shared_tmp / "incoming"
+    incoming = tmp_path / "incoming"
     shutil.copytree(source, incoming)
     hidden, partly, others = patients[0].patient_key, patients[1].patient_key, patients[2:4]
     for path in list(incoming.rglob("*")):  # keep only 4 patients: quicker
         if path.is_dir() and path.parent == incoming and path.name not in {hidden, partly, *(p.patient_key for p in others)}:
             shutil.rmtree(path)
-    if os.geteuid() == 0:
-        for path in [shared_tmp, *shared_tmp.rglob("*")]:
-            os.chown(path, NOBODY, NOBODY)
-    probe = _run([sys.executable, "-c", "import hcc_assets, dagster"], shared_tmp)
-    if probe.returncode != 0:
-        pytest.skip(f"the unprivileged user cannot import the package from {REPO}: {probe.stderr[-300:]}")
     (incoming / hidden).chmod(0)
     unreadable_file = next((incoming / partly).rglob("*.dcm"))
     unreadable_file.chmod(0)
 
-    done = _run([sys.executable, "-m", "hcc_assets_tests.defs.permission_probe", str(shared_tmp), str(incoming)],
-                shared_tmp)
+    done = _run([sys.executable, "-m", "hcc_assets_tests.defs.permission_probe", str(tmp_path), str(incoming)],
+                tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
 
-    lake = make_lake(shared_tmp, incoming)  # same root: same pseudonym key
+    lake = make_lake(tmp_path, incoming)  # same root: same pseudonym key
     hidden_pid, partly_pid = lake.pseudonym(hidden), lake.pseudonym(partly)
     other_pids = sorted(lake.pseudonym(p.patient_key) for p in others)
     assert report["skipped"] == {hidden_pid: "drop folder cannot be read (Permission denied); waiting until it is readable"}
