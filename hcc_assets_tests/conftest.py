@@ -5,6 +5,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import shutil  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -43,3 +44,32 @@ def memory_root():
     fs = fsspec.filesystem("memory")
     if fs.exists(root):
         fs.rm(root, recursive=True)
+
+
+# Free disk where the tests write, reported at the end: a run that fails for lack of disk says so.
+_free_disk_gib: dict[str, float] = {}
+LOW_DISK_GIB = 1.0
+
+
+def _free_gib() -> float:
+    return shutil.disk_usage(tempfile.gettempdir()).free / 2**30
+
+
+def pytest_sessionstart(session):
+    _free_disk_gib["start"] = _free_disk_gib["lowest"] = _free_gib()
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and "lowest" in _free_disk_gib:
+        _free_disk_gib["lowest"] = min(_free_disk_gib["lowest"], _free_gib())
+
+
+def pytest_terminal_summary(terminalreporter):
+    if "start" not in _free_disk_gib:
+        return
+    start, lowest = _free_disk_gib["start"], _free_disk_gib["lowest"]
+    terminalreporter.write_line(f"free disk at {tempfile.gettempdir()}: {start:.1f} GiB at the start, "
+                                f"{lowest:.1f} GiB at the lowest (sampled after each test)")
+    if lowest < LOW_DISK_GIB:
+        terminalreporter.write_line(f"WARNING: under {LOW_DISK_GIB:.0f} GiB of free disk: failures above may be "
+                                    "writes that ran out of space", red=True)

@@ -14,6 +14,7 @@ import statsmodels.api as sm
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 
 from hcc_assets_tests.defs.study import run_study
+from hcc_assets_tests.scratch import module_scratch
 
 SIGNAL_SEED = 5
 SIGNAL_CONTRAST = 2.0
@@ -21,7 +22,8 @@ SIGNAL_CONTRAST = 2.0
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    return run_study(tmp_path_factory.mktemp("study_signal"), SIGNAL_SEED, SIGNAL_CONTRAST)
+    with module_scratch(tmp_path_factory, "study_signal") as root:
+        yield run_study(root, SIGNAL_SEED, SIGNAL_CONTRAST)
 
 
 def _wide_radiomics(store, names=None) -> pl.DataFrame:

@@ -6,13 +6,15 @@ import polars as pl
 import pytest
 
 from hcc_assets_tests.defs.study import run_study
+from hcc_assets_tests.scratch import module_scratch
 
 NULL_SEED = 8
 
 
 @pytest.fixture(scope="module")
 def null_study(tmp_path_factory):
-    return run_study(tmp_path_factory.mktemp("study_null"), NULL_SEED, 0.0, null_cohort=True)
+    with module_scratch(tmp_path_factory, "study_null") as root:
+        yield run_study(root, NULL_SEED, 0.0, null_cohort=True)
 
 
 def test_every_model_accuracy_ci_contains_chance(null_study):

@@ -17,6 +17,7 @@ from hcc_assets.defs.resources import ComputeResource, LakeResource
 from hcc_assets.imaging.synth import SynthConfig, synthesize_cohort
 from hcc_assets_tests.conftest import SMALL_COHORT
 from hcc_assets_tests.defs.helpers import PATIENT_ASSETS, failure_message
+from hcc_assets_tests.scratch import module_scratch
 
 SHAPE = [32, 32, 16]
 INGEST_CONFIG = {"ops": {"preprocessed_volume": {"config": {"target_shape": SHAPE}}}}
@@ -59,13 +60,12 @@ def data_version(result, asset) -> str:
 def trained(small_cohort, tmp_path_factory):
     """Ingest 8 patients, split, a deep_embedding attempt before any classifier, train, embed all."""
     source, _ = small_cohort
-    root = tmp_path_factory.mktemp("deep")
-    incoming = root / "incoming"
-    shutil.copytree(source, incoming)
-    (root / "lake" / "private").mkdir(parents=True)
-    (root / "lake" / "private" / "pseudonym.key").write_text(PSEUDONYM_KEY)
-    lake = LakeResource(root=str(root / "lake"), incoming=str(incoming), quiet_seconds=3600)
-    with dg.instance_for_test() as instance:
+    with module_scratch(tmp_path_factory, "deep") as root, dg.instance_for_test() as instance:
+        incoming = root / "incoming"
+        shutil.copytree(source, incoming)
+        (root / "lake" / "private").mkdir(parents=True)
+        (root / "lake" / "private" / "pseudonym.key").write_text(PSEUDONYM_KEY)
+        lake = LakeResource(root=str(root / "lake"), incoming=str(incoming), quiet_seconds=3600)
         pids = sorted(lake.ready_patients())
         instance.add_dynamic_partitions("patients", pids)
         for pid in pids:

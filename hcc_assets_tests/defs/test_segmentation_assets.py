@@ -26,6 +26,7 @@ from hcc_assets.lake import DataLake
 from hcc_assets.radiomics import FEATURE_COUNTS, feature_set_version
 from hcc_assets_tests.defs.helpers import (failure_message, ingest_patient, make_lake, materialize_cohort,
                                            register_all)
+from hcc_assets_tests.scratch import module_scratch
 
 # Native-spacing 2d_cpu (the 64-matrix phantom has ~6-7 mm pixels: the default 3.2 mm would upsample
 # it). With pixels coarser than the slice gap nnU-Net slices the 2d network sagittally (16x64), a
@@ -75,11 +76,10 @@ def patient_features(instance, lake, pid, selection=(liver_mask, radiomic_featur
 @pytest.fixture(scope="module")
 def platform(small_cohort, tmp_path_factory):
     source, _ = small_cohort
-    root = tmp_path_factory.mktemp("segmentation_assets")
-    incoming = root / "incoming"
-    shutil.copytree(source, incoming)
-    lake = make_lake(root, incoming)
-    with dg.instance_for_test() as instance:
+    with module_scratch(tmp_path_factory, "segmentation_assets") as root, dg.instance_for_test() as instance:
+        incoming = root / "incoming"
+        shutil.copytree(source, incoming)
+        lake = make_lake(root, incoming)
         pids = register_all(instance, lake)
         for pid in pids:
             ingest_patient(instance, lake, pid)
