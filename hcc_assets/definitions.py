@@ -3,7 +3,7 @@
 import dagster as dg
 
 from hcc_assets.defs.jobs import (
-    ASSET_MODULES,
+    ALL_ASSETS,
     analysis_job,
     cohort_job,
     patient_features_job,
@@ -15,7 +15,7 @@ from hcc_assets.defs.resources import ComputeResource, default_lake_resource
 from hcc_assets.defs.sensors import incoming_scans_sensor
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules(ASSET_MODULES),
+    assets=ALL_ASSETS,
     jobs=[patient_ingest_job, patient_features_job, patient_pipeline_job, cohort_job, analysis_job],
     sensors=[incoming_scans_sensor, refresh_features_sensor, analysis_refresh_sensor],
     schedules=[cohort_refresh_schedule],

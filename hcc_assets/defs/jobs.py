@@ -6,11 +6,11 @@ import yaml
 
 from hcc_assets.defs import analysis, cohort, deep, export, ingest, segmentation
 
-ASSET_MODULES = [ingest, cohort, segmentation, deep, analysis, export]
+ALL_ASSETS = dg.load_assets_from_modules([ingest, cohort, segmentation, deep, analysis, export])  # once: definitions.py uses these
+COHORT_GROUPS = ("cohort", "models")  # what cohort_refresh runs
 ANALYSIS_GROUPS = ("analysis", "export")  # what analysis_refresh runs
 # asset name -> group, for cutting run config down to the assets a run executes
-_GROUP_OF = {key.to_user_string(): group for a in dg.load_assets_from_modules(ASSET_MODULES)
-             for key, group in a.group_names_by_key.items()}
+_GROUP_OF = {key.to_user_string(): group for a in ALL_ASSETS for key, group in a.group_names_by_key.items()}
 
 
 def asset_names_in_groups(*groups: str) -> tuple[str, ...]:
@@ -90,7 +90,7 @@ patient_pipeline_job = dg.define_asset_job(
 
 cohort_job = dg.define_asset_job(
     name="cohort_refresh",
-    selection=dg.AssetSelection.groups("cohort", "models"),
+    selection=dg.AssetSelection.groups(*COHORT_GROUPS),
     description="Cohort-level assets over all ingested patients: split and model training.",
 )
 

@@ -25,10 +25,10 @@ import dagster as dg
 
 from hcc_assets.defs.cohort import cohort
 from hcc_assets.defs.deep import deep_embedding, hcc_classifier
-from hcc_assets.defs.jobs import (ANALYSIS_GROUPS, analysis_job, asset_names_in_groups, cohort_job,
+from hcc_assets.defs.jobs import (ANALYSIS_GROUPS, COHORT_GROUPS, analysis_job, asset_names_in_groups, cohort_job,
                                   cohort_run_config, patient_features_job, patient_pipeline_job, patient_run_config)
 from hcc_assets.defs.resources import LakeResource, env_seconds
-from hcc_assets.defs.segmentation import liver_mask, liver_segmentation_model, radiomic_features
+from hcc_assets.defs.segmentation import liver_mask, radiomic_features
 from hcc_assets.featurestore.freshness import SEGMENTATION, analysis_inputs, current_version, stale_features
 
 REFRESH_CRON_ENV = "HCC_ASSETS_REFRESH_CRON"
@@ -80,8 +80,7 @@ def refresh_request(lake: LakeResource, retrain_segmentation_model: bool) -> dg.
     tags = {TRIGGER_TAG: "schedule"}
     if retrain_segmentation_model or current_version(lake.store, SEGMENTATION) is None:
         # the whole job, segmentation model included
-        return dg.RunRequest(tags=tags, run_config=cohort_run_config(_names([cohort, liver_segmentation_model,
-                                                                             hcc_classifier])))
+        return dg.RunRequest(tags=tags, run_config=cohort_run_config(asset_names_in_groups(*COHORT_GROUPS)))
     return dg.RunRequest(
         asset_selection=[cohort.key, hcc_classifier.key],
         asset_check_keys=[*cohort.check_keys, *hcc_classifier.check_keys],

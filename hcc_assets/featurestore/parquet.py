@@ -36,6 +36,7 @@ from pathlib import Path
 
 import duckdb
 
+from hcc_assets.featurestore.queries import sql_string
 from hcc_assets.featurestore.schema import DERIVED_TABLES, TABLES, create_statements
 from hcc_assets.featurestore.store import FeatureStore, FeatureStoreError
 from hcc_assets.lake import DataLake
@@ -175,7 +176,7 @@ def _snapshot(store: FeatureStore, names: list[str], staging: Path, explicit: bo
             order = ", ".join(_quote(c) for c in _order_keys(name, columns))
             target = staging / f"{name}.parquet"
             rows = con.execute(
-                f"COPY (SELECT * FROM {_quote(name)} ORDER BY {order}) TO {_literal(str(target))} "
+                f"COPY (SELECT * FROM {_quote(name)} ORDER BY {order}) TO {sql_string(str(target))} "
                 "(FORMAT parquet, COMPRESSION zstd)").fetchone()[0]
             kind = "view" if present[name] == "view" else "derived" if name in DERIVED_TABLES else "table"
             staged[name] = (target, int(rows), columns, kind)
@@ -191,7 +192,3 @@ def _order_keys(name: str, columns: list[tuple[str, str]]) -> tuple[str, ...]:
 
 def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
-
-
-def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"

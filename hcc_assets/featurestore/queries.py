@@ -74,7 +74,7 @@ def radiomics_matrix(store: FeatureStore, feature_set_version: str, prefixes: tu
         con.execute("SET threads = 1")
         vectors = con.sql(
             "SELECT patient_id, feature_names_id, feature_values FROM radiomic_vectors "
-            f"WHERE feature_set_version = {_sql_string(feature_set_version)}").to_arrow_table()
+            f"WHERE feature_set_version = {sql_string(feature_set_version)}").to_arrow_table()
         labels = con.sql("SELECT patient_id, hcc, split FROM cohort_split").pl()
         name_lists = dict(con.execute(
             "SELECT feature_names_id, features FROM radiomic_feature_names WHERE feature_names_id IN "
@@ -100,7 +100,8 @@ def radiomics_matrix(store: FeatureStore, feature_set_version: str, prefixes: tu
                          feature_set_version)
 
 
-def _sql_string(value: str) -> str:
+def sql_string(value: str) -> str:
+    """`value` as an SQL string literal."""
     return "'" + value.replace("'", "''") + "'"
 
 
