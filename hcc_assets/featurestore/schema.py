@@ -1,8 +1,14 @@
-"""Feature-store tables. docs/feature_store.md documents every column; keep the two in step.
+"""Feature-store tables and views. docs/feature_store.md documents every column; keep the two in step.
 
 Every row carries patient_id (a pseudonym), a version (the code/config version of what wrote
 it), run_id (the Dagster run) and materialized_at (UTC). Per-patient tables are replaced per
-patient: re-materializing a partition deletes that patient's rows and inserts the new ones.
+patient: re-materializing a partition deletes that patient's rows and inserts the new ones in a
+new DuckLake snapshot, so the old rows stay readable by time travel. The history tables
+(HISTORY_KEYS) keep the rows of every model version side by side; their `current_*` views show
+the rows of the current models only.
+
+DuckLake has no fixed-size ARRAY type and takes only literal column defaults, hence FLOAT[] for
+embeddings and no defaults.
 """
 
 from __future__ import annotations
@@ -99,7 +105,9 @@ TABLES: dict[str, str] = {
         params VARCHAR,
         training_patients VARCHAR[],
         metrics VARCHAR,
-        current BOOLEAN NOT NULL DEFAULT true,
+        current BOOLEAN NOT NULL,
+        data_snapshot BIGINT,
+        training_set VARCHAR,
         {PROVENANCE}""",
     "training_history": f"""
         model_name VARCHAR NOT NULL,
@@ -119,7 +127,7 @@ TABLES: dict[str, str] = {
     "deep_embeddings": f"""
         patient_id VARCHAR NOT NULL,
         model_version VARCHAR NOT NULL,
-        embedding FLOAT[128] NOT NULL,
+        embedding FLOAT[] NOT NULL,
         {PROVENANCE}""",
     # -- analysis (cohort level; `version` is the version of the model or selection) ---------
     "explainable_correlations": f"""
@@ -167,6 +175,20 @@ TABLES: dict[str, str] = {
         related_handcrafted VARCHAR,
         status VARCHAR NOT NULL,
         {PROVENANCE}""",
+    # -- bookkeeping: one row per partition being written (see store.py: why claims) --------
+    "write_claims": """
+        table_name VARCHAR NOT NULL,
+        partition_key VARCHAR NOT NULL,
+        claimed_at TIMESTAMPTZ NOT NULL""",
+}
+
+# History tables: rows of every model version are kept; a write replaces only the rows of the
+# (key columns..., version) it writes.
+HISTORY_KEYS: dict[str, list[str]] = {
+    "predictions": ["model", "version"],
+    "training_history": ["model_name", "version"],
+    "model_metrics": ["model", "version"],
+    "coefficients": ["model", "version"],
 }
 
 
@@ -233,9 +255,9 @@ DERIVED_REFRESHERS: dict[str, list[Callable]] = {
 }
 
 
-# table -> functions that, given a connection inside the writing transaction, return the SQL
-# statements (CREATE OR REPLACE VIEW ...) of views derived from that table.
-def _radiomics_view(con) -> list[str]:
+# table -> functions that, given a connection inside the writing transaction, return the
+# (view name, SELECT) of views whose definition follows that table's data.
+def _radiomics_view(con) -> list[tuple[str, str]]:
     """`radiomics`: one row per patient and feature set, one column per feature, read from
     `radiomic_vectors` (each column picks its element by the row's name list)."""
     name_lists = con.execute(
@@ -247,47 +269,36 @@ def _radiomics_view(con) -> list[str]:
         cases = " ".join(f"WHEN '{names_id}' THEN feature_values[{where[name]}]"
                          for names_id, where in positions.items() if name in where)
         columns += f", CASE feature_names_id {cases} END AS \"{name}\""
-    return [
-        f"CREATE OR REPLACE VIEW radiomics AS SELECT patient_id, feature_set_version{columns} FROM radiomic_vectors"
-    ]
-
-
-def _deep_features_view(con) -> list[str]:
-    """`deep_features`: the 128-d embedding as columns dl_000..dl_127."""
-    columns = ", ".join(f"embedding[{i + 1}] AS dl_{i:03d}" for i in range(128))
-    return [f"CREATE OR REPLACE VIEW deep_features AS SELECT patient_id, model_version, {columns} FROM deep_embeddings"]
-
-
-TABLE_1_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc")
-
-
-def _table_1_view(con) -> list[str]:
-    """`table_1`: the study's Table 1, one row per model and evaluation scheme, each metric shown
-    as 'estimate [ci_low, ci_high]' (95% CI)."""
-    cells = ", ".join(
-        f"max(printf('%.3f [%.3f, %.3f]', estimate, ci_low, ci_high)) FILTER (WHERE metric = '{m}') AS {m}"
-        for m in TABLE_1_METRICS
-    )
-    order = "CASE model WHEN 'radiomic' THEN 1 WHEN 'deep' THEN 2 WHEN 'explainable' THEN 3 ELSE 4 END"
-    return [
-        f"CREATE OR REPLACE VIEW table_1 AS SELECT model, scheme, max(n) AS n, {cells} FROM model_metrics "
-        f"GROUP BY model, scheme ORDER BY scheme, {order}"
-    ]
+    return [("radiomics", f"SELECT patient_id, feature_set_version{columns} FROM radiomic_vectors")]
 
 
 VIEW_BUILDERS: dict[str, list[Callable]] = {
     "radiomic_features": [_radiomics_view],
-    "deep_embeddings": [_deep_features_view],
-    "model_metrics": [_table_1_view],
 }
 
+TABLE_1_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc")
 
-# Columns added after a table first shipped: stores written by an older version gain them.
-MIGRATIONS = [
-    "ALTER TABLE models ADD COLUMN IF NOT EXISTS current BOOLEAN DEFAULT true",
-]
+
+def static_view_statements() -> list[tuple[str, str]]:
+    """(name, CREATE VIEW) of the views whose definition never changes."""
+    dl_columns = ", ".join(f"embedding[{i + 1}] AS dl_{i:03d}" for i in range(128))
+    cells = ", ".join(
+        f"max(printf('%.3f [%.3f, %.3f]', estimate, ci_low, ci_high)) FILTER (WHERE metric = '{m}') AS {m}"
+        for m in TABLE_1_METRICS)
+    order = "CASE model WHEN 'radiomic' THEN 1 WHEN 'deep' THEN 2 WHEN 'explainable' THEN 3 ELSE 4 END"
+    current = "version IN (SELECT version FROM models WHERE current)"
+    views = {
+        # the 128-d embedding as columns dl_000..dl_127
+        "deep_features": f"SELECT patient_id, model_version, {dl_columns} FROM deep_embeddings",
+        "current_models": "SELECT * FROM models WHERE current",
+        **{f"current_{table}": f"SELECT * FROM {table} WHERE {current}" for table in HISTORY_KEYS},
+        # the study's Table 1 for the current models: 'estimate [ci_low, ci_high]' (95% CI)
+        "table_1": f"SELECT model, scheme, max(n) AS n, {cells} FROM current_model_metrics "
+                   f"GROUP BY model, scheme ORDER BY scheme, {order}",
+    }
+    return [(name, f"CREATE VIEW {name} AS {select}") for name, select in views.items()]
 
 
 def create_statements() -> list[str]:
     tables = {**TABLES, **DERIVED_TABLES}
-    return [f"CREATE TABLE IF NOT EXISTS {name} ({columns})" for name, columns in tables.items()] + MIGRATIONS
+    return [f"CREATE TABLE IF NOT EXISTS {name} ({columns})" for name, columns in tables.items()]

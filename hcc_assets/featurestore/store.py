@@ -1,121 +1,227 @@
-"""The DuckDB feature store.
+"""The feature store: a DuckLake (catalog + Parquet data files) that many processes write at once.
 
-DuckDB admits one writing process at a time, and Dagster's multiprocess executor runs
-partitions in parallel processes. Every writer therefore takes an exclusive advisory lock on
-`<db>.lock` around a short connection (open, delete-then-insert in one transaction, close);
-readers take a shared lock. Waiting is milliseconds per write, and no run fails on DuckDB's
-own file lock.
+Concurrency comes from DuckLake's own transactions, not from locks of ours. Every write is one
+transaction (delete the partition's rows, insert the new ones, refresh what derives from them);
+when it collides with another writer's commit (a DuckLake "Transaction conflict", or SQLite's
+"database is locked" on the one-machine catalog) the whole transaction is run again from a fresh
+connection, with a bounded, jittered back-off, and fails with a FeatureStoreError after that.
 
-Derived tables (schema.DERIVED_TABLES) are refreshed for the written patients inside the same
-transaction as the write, so a reader never sees them disagree with their source.
+Two first writes of the same partition would not collide by themselves (each only inserts), so
+every write also replaces that partition's row in `write_claims`: two writers of one partition then
+both delete the same claim row, DuckLake refuses the second commit, and its retry deletes the
+first one's rows before inserting its own. Never two sets of rows for a partition.
+
+Nothing is forgotten: every commit is a snapshot. `at(snapshot=...)` or `at(time=...)` gives a
+read-only store as it was then (DuckLake time travel), and each registered model records the
+snapshot it was trained on (`models.data_snapshot`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import os
+import random
 import time
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TypeVar
 
 import duckdb
 import polars as pl
 import pyarrow as pa
 
-from hcc_assets.featurestore.schema import (DERIVED_REFRESHERS, DERIVED_TABLES, TABLES, VIEW_BUILDERS,
-                                           create_statements)
+from hcc_assets.featurestore.catalog import CatalogError, StoreLocation, current_alias
+from hcc_assets.featurestore.schema import (DERIVED_REFRESHERS, DERIVED_TABLES, HISTORY_KEYS, TABLES,
+                                           VIEW_BUILDERS, create_statements, static_view_statements)
 
 ALL_TABLES = (*TABLES, *DERIVED_TABLES)
+T = TypeVar("T")
+
+# Messages of errors that mean "another transaction committed first: run yours again".
+RETRYABLE = ("conflict", "database is locked", "database table is locked", "could not serialize",
+             "deadlock detected", "busy")
 
 
 class FeatureStoreError(Exception):
     pass
 
 
+def _retryable(error: Exception) -> bool:
+    text = str(error).lower()
+    return any(marker in text for marker in RETRYABLE)
+
+
 class FeatureStore:
-    def __init__(self, path: str | os.PathLike[str], lock_timeout_s: float = 120.0):
-        self.path = Path(path)
-        self.lock_path = self.path.with_name(self.path.name + ".lock")
-        self.lock_timeout_s = lock_timeout_s
+    """The DuckLake feature store named by a catalog (SQLite file path or `postgres:...`) and a
+    data path (defaults beside a SQLite catalog). `snapshot`/`snapshot_time` make a read-only view
+    of the store as it was at that snapshot or time."""
+
+    _ready: set[str] = set()  # catalogs whose schema this process has checked
+
+    def __init__(self, catalog: str | os.PathLike[str], data_path: str | os.PathLike[str] | None = None, *,
+                 snapshot: int | None = None, snapshot_time: str | None = None,
+                 write_timeout_s: float = 120.0, max_attempts: int = 200):
+        try:
+            self.location = StoreLocation.parse(catalog, data_path)
+        except CatalogError as error:
+            raise FeatureStoreError(str(error)) from None
+        self.snapshot = snapshot
+        self.snapshot_time = snapshot_time
+        self.write_timeout_s = write_timeout_s
+        self.max_attempts = max_attempts
+        self.retries = 0  # write attempts run again after a conflict (for benchmarks and tests)
+
+    def __repr__(self) -> str:
+        at = f" @{self.snapshot}" if self.snapshot is not None else f" @{self.snapshot_time}" if self.snapshot_time else ""
+        return f"FeatureStore({self.location.describe()}{at})"
+
+    @property
+    def pinned(self) -> bool:
+        return self.snapshot is not None or self.snapshot_time is not None
+
+    def at(self, snapshot: int | None = None, time: str | dt.datetime | None = None) -> FeatureStore:
+        """This store as it was at `snapshot` (an id) or `time` (the last snapshot at or before
+        it): read-only."""
+        if (snapshot is None) == (time is None):
+            raise FeatureStoreError("give exactly one of snapshot or time")
+        if isinstance(time, dt.datetime):
+            time = (time if time.tzinfo else time.replace(tzinfo=dt.timezone.utc)).isoformat()
+        return FeatureStore(self.location.catalog, self.location.data_path, snapshot=snapshot, snapshot_time=time,
+                            write_timeout_s=self.write_timeout_s, max_attempts=self.max_attempts)
 
     # -- connections -------------------------------------------------------------------
-    @contextmanager
-    def _locked(self, exclusive: bool) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_path, "a+") as lock_file:
-            mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-            deadline = time.monotonic() + self.lock_timeout_s
-            while True:
-                try:
-                    fcntl.flock(lock_file, mode | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise FeatureStoreError(
-                            f"feature store busy for {self.lock_timeout_s:.0f}s: {self.path.name}"
-                        ) from None
-                    time.sleep(0.02)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock_file, fcntl.LOCK_UN)
+    def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        try:
+            return self.location.connect(read_only=read_only, snapshot_version=self.snapshot,
+                                         snapshot_time=self.snapshot_time)
+        except CatalogError as error:
+            raise FeatureStoreError(str(error)) from None
+        except duckdb.Error as error:
+            raise FeatureStoreError(f"feature store {self.location.describe()}: {error}") from None
 
-    @contextmanager
-    def writer(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        with self._locked(exclusive=True):
-            new_file = not self.path.exists()
-            con = duckdb.connect(str(self.path))
+    def ensure_schema(self) -> None:
+        """Create the catalog (atomically, for SQLite) and every table and view, once per process."""
+        key = repr(self.location)
+        if key in FeatureStore._ready:
+            return
+        sqlite_path = self.location.sqlite_path
+        if sqlite_path is not None and not (sqlite_path.exists() and sqlite_path.stat().st_size):
+            self._create_sqlite_catalog(sqlite_path)
+        con = self._connect(read_only=True)
+        try:
+            missing = set(ALL_TABLES) - self._tables_in(con)
+        finally:
+            con.close()
+        if missing:
+            self.transaction(self._create_schema, what="create the schema")
+        FeatureStore._ready.add(key)
+
+    def _create_sqlite_catalog(self, path: Path) -> None:
+        """Build a new SQLite catalog under a temporary name and link it into place, so processes
+        that start together on an empty lake never see (or race on) a half-made catalog."""
+        self.location.prepare()
+        temp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+        building = StoreLocation(f"sqlite:{temp}", self.location.data_path)
+        try:
+            con = building.connect(alias="building")
             try:
-                # writes run unattended (Dagster steps, bulk loads): no progress bar on their stdout.
-                # Cosmetic only: DuckDB once refused it as a "global option" in a daemon-run step.
-                try:
-                    con.execute("SET enable_progress_bar = false")
-                except duckdb.Error:
-                    pass
-                missing = set(ALL_TABLES) - self._tables_in(con)
-                for statement in create_statements():
-                    con.execute(statement)
-                if new_file:  # views exist from the start, empty until their table fills
-                    for table in VIEW_BUILDERS:
-                        for view_sql in self._views_of(table, con):
-                            con.execute(view_sql)
-                elif missing & set(DERIVED_TABLES):  # a store written before these tables existed
-                    self._rebuild_derived(con)
-                yield con
+                con.execute("BEGIN TRANSACTION")
+                self._create_schema(con)
+                con.execute("COMMIT")
             finally:
                 con.close()
+            try:
+                os.link(temp, path)  # fails if another process linked its catalog first: use that one
+            except FileExistsError:
+                pass
+        finally:
+            for leftover in (temp, Path(f"{temp}-wal"), Path(f"{temp}-shm"), Path(f"{temp}-journal")):
+                leftover.unlink(missing_ok=True)
 
-    @contextmanager
-    def reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        if not self.path.exists():
-            with self.writer():
-                pass  # create the file and its schema so a first query sees empty tables
-        for attempt in range(2):
-            with self._locked(exclusive=False):
-                con = duckdb.connect(str(self.path), read_only=True)
-                try:
-                    if attempt == 1 or not set(ALL_TABLES) - self._tables_in(con):
-                        yield con
-                        return
-                finally:
-                    con.close()
-            with self.writer():
-                pass  # a store from an older version: add its missing tables once, then read
+    @staticmethod
+    def _create_schema(con: duckdb.DuckDBPyConnection) -> None:
+        for statement in create_statements():
+            con.execute(statement)
+        existing = FeatureStore._views_in(con)
+        for name, statement in static_view_statements():
+            if name not in existing:
+                con.execute(statement)
+        for table in VIEW_BUILDERS:
+            FeatureStore._refresh_views(table, con)
 
     @staticmethod
     def _tables_in(con: duckdb.DuckDBPyConnection) -> set[str]:
-        return {row[0] for row in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+        return {row[0] for row in con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = ?", [current_alias(con)]).fetchall()}
 
-    def _rebuild_derived(self, con: duckdb.DuckDBPyConnection) -> None:
-        con.execute("BEGIN TRANSACTION")
-        for table, refreshers in DERIVED_REFRESHERS.items():
-            for refresh in refreshers:
-                refresh(con, "TRUE")
-            for view_sql in self._views_of(table, con):
-                con.execute(view_sql)
-        con.execute("COMMIT")
+    @staticmethod
+    def _views_in(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
+        return {row[0]: row[1] for row in con.execute(
+            "SELECT view_name, sql FROM duckdb_views() WHERE database_name = ? AND NOT internal",
+            [current_alias(con)]).fetchall()}
+
+    @contextmanager
+    def reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only connection (at the pinned snapshot, if any). Writers are never blocked."""
+        if not self.pinned:
+            self.ensure_schema()
+        con = self._connect(read_only=True)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    @contextmanager
+    def writer(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """One write transaction, committed when the block ends; not retried (use `transaction`
+        for writes that may meet other writers)."""
+        self._check_writable()
+        self.ensure_schema()
+        con = self._connect(read_only=False)
+        try:
+            con.execute("BEGIN TRANSACTION")
+            yield con
+            con.execute("COMMIT")
+        finally:
+            con.close()
+
+    def transaction(self, body: Callable[[duckdb.DuckDBPyConnection], T], what: str = "write") -> T:
+        """Run `body(con)` in one transaction and commit; on a conflict with another writer run it
+        again on a fresh connection (jittered back-off, bounded by max_attempts and write_timeout_s)."""
+        self._check_writable()
+        deadline = time.monotonic() + self.write_timeout_s
+        attempt = 0
+        while True:
+            attempt += 1
+            con = self._connect(read_only=False)
+            try:
+                con.execute("BEGIN TRANSACTION")
+                result = body(con)
+                con.execute("COMMIT")
+                return result
+            except duckdb.Error as error:
+                try:
+                    con.execute("ROLLBACK")
+                except duckdb.Error:
+                    pass
+                if not _retryable(error):
+                    raise FeatureStoreError(f"feature store {self.location.describe()}: {what} failed: "
+                                            f"{str(error).splitlines()[0]}") from None
+                if attempt >= self.max_attempts or time.monotonic() > deadline:
+                    raise FeatureStoreError(
+                        f"feature store {self.location.describe()}: {what} still conflicted with other writers "
+                        f"after {attempt} attempts in {self.write_timeout_s:.0f} s; last: {str(error).splitlines()[0]}"
+                    ) from None
+                self.retries += 1
+                time.sleep(min(1.0, 0.01 * 1.5 ** min(attempt, 12)) * (0.5 + random.random()))
+            finally:
+                con.close()
+
+    def _check_writable(self) -> None:
+        if self.pinned:
+            raise FeatureStoreError(f"{self!r} is a read-only view of a past snapshot")
 
     # -- writes ------------------------------------------------------------------------
     @staticmethod
@@ -133,15 +239,18 @@ class FeatureStore:
 
     def replace_where(self, table: str, match: dict[str, object], rows: pl.DataFrame) -> int:
         """Delete the rows of `table` equal to `match` (all rows when empty) and insert `rows`,
-        in one transaction. Every write in the store goes through here or replace_partitions."""
+        in one transaction. Every write in the store goes through here, replace_partitions or
+        replace_versions."""
         self._check_table(table)
         where, params = self._where(match)
         if "patient_id" in match:  # derived rows to refresh: the matched patient and those written
             written = rows["patient_id"].unique().to_list() if "patient_id" in rows.columns else []
             patients = {match["patient_id"], *written}
+            claims = sorted(f"{p}|{self._claim_suffix(match)}" for p in patients)
         else:
             patients = None
-        return self._replace(table, where, params, rows, patients)
+            claims = [self._claim_suffix(match) or "*"]
+        return self._replace(table, where, params, rows, patients, claims)
 
     def replace_partitions(self, table: str, rows: pl.DataFrame, match: dict[str, object] | None = None) -> int:
         """Bulk form of replace_partition: replace the rows (only those equal to `match`, when
@@ -153,31 +262,100 @@ class FeatureStore:
         if rows["patient_id"].null_count():
             raise FeatureStoreError(f"rows for {table} need a patient_id")
         where, params = self._where(match or {})
-        patients = rows["patient_id"].cast(pl.String).unique().to_list()
+        patients = rows["patient_id"].cast(pl.String).unique().sort().to_list()
+        suffix = self._claim_suffix(match or {})
         return self._replace(table, f"{where} AND patient_id IN (SELECT patient_id FROM written_patients)",
-                             params, rows, patients)
+                             params, rows, patients, [f"{p}|{suffix}" for p in patients])
 
-    def _replace(self, table: str, where: str, params: list, rows: pl.DataFrame, patients: set | list | None) -> int:
-        """Delete `where`, insert `rows`, refresh what derives from `table` for `patients` (None:
-        all), rebuild its views; one transaction."""
-        with self.writer() as con:
-            con.execute("BEGIN TRANSACTION")
-            if patients is not None:
-                con.register("written_patients", pa.table({"patient_id": pa.array(sorted(patients), pa.string())}))
+    def replace_versions(self, table: str, rows: pl.DataFrame) -> int:
+        """Replace the rows of the (key, version) pairs in `rows` and keep every other version: the
+        history tables (predictions, training_history, model_metrics, coefficients) hold every
+        model version, so two retrains can be compared in one query."""
+        self._check_table(table)
+        keys = HISTORY_KEYS[table]
+        pairs = rows.select(keys).unique().sort(keys)
+        where = " OR ".join("(" + " AND ".join(f"{k} = ?" for k in keys) + ")" for _ in range(pairs.height)) or "FALSE"
+        params = [value for row in pairs.iter_rows() for value in row]
+        claims = ["|".join(str(v) for v in row) for row in pairs.iter_rows()] or ["*"]
+        return self._replace(table, where, params, rows, None, claims)
+
+    @staticmethod
+    def _claim_suffix(match: dict[str, object]) -> str:
+        return ",".join(f"{k}={v}" for k, v in sorted(match.items()) if k != "patient_id")
+
+    def _replace(self, table: str, where: str, params: list, rows: pl.DataFrame, patients, claims: list[str]) -> int:
+        """Claim the partitions, delete `where`, insert `rows`, refresh what derives from `table`
+        for `patients` (None: all), rebuild its views; one transaction, retried on conflict."""
+        self.ensure_schema()
+        incoming = rows.to_arrow() if rows.height else None
+        claim_rows = pa.table({"table_name": pa.array([table] * len(claims), pa.string()),
+                               "partition_key": pa.array(claims, pa.string())})
+        self._ensure_claims(claim_rows)
+        written = (pa.table({"patient_id": pa.array(sorted(patients), pa.string())})
+                   if patients is not None else None)
+
+        def body(con: duckdb.DuckDBPyConnection) -> int:
+            con.register("claimed", claim_rows)
+            con.execute("DELETE FROM write_claims WHERE (table_name, partition_key) IN "
+                        "(SELECT table_name, partition_key FROM claimed)")
+            con.execute("INSERT INTO write_claims SELECT table_name, partition_key, ? FROM claimed",
+                        [dt.datetime.now(dt.timezone.utc)])
+            if written is not None:
+                con.register("written_patients", written)
             con.execute(f"DELETE FROM {table} WHERE {where}", params)
-            if rows.height:
-                con.register("incoming_rows", rows.to_arrow())
+            if incoming is not None:
+                con.register("incoming_rows", incoming)
                 con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming_rows")
-                con.unregister("incoming_rows")
-            scope = "TRUE" if patients is None else "patient_id IN (SELECT patient_id FROM written_patients)"
+            scope = "TRUE" if written is None else "patient_id IN (SELECT patient_id FROM written_patients)"
             for refresh in DERIVED_REFRESHERS.get(table, ()):
                 refresh(con, scope)
-            for view_sql in self._views_of(table, con):
-                con.execute(view_sql)
-            con.execute("COMMIT")
-            if patients is not None:
-                con.unregister("written_patients")
-        return rows.height
+            self._refresh_views(table, con)
+            return rows.height
+
+        return self.transaction(body, what=f"write {table}")
+
+    def _ensure_claims(self, claim_rows: pa.Table) -> None:
+        """Make sure each claim row exists before the write that replaces it (a separate commit,
+        only when one is missing): the writes then conflict on it instead of both inserting."""
+        def body(con: duckdb.DuckDBPyConnection) -> None:
+            con.register("claimed", claim_rows)
+            con.execute("INSERT INTO write_claims SELECT c.table_name, c.partition_key, ? FROM claimed c "
+                        "WHERE (c.table_name, c.partition_key) NOT IN (SELECT table_name, partition_key FROM write_claims)",
+                        [dt.datetime.now(dt.timezone.utc)])
+
+        self.transaction(body, what="claim partitions")
+
+    def register_model(self, row: pl.DataFrame, data_snapshot: int | None = None) -> int:
+        """Register one model version (a `models` row with provenance) as the current one of its
+        name, recording `data_snapshot`, the snapshot its training data was read at (default: the
+        store's snapshot now). Older versions stay, with current = false; registering a version
+        again replaces its row. Returns the snapshot recorded."""
+        if row.height != 1:
+            raise FeatureStoreError("register_model takes exactly one row")
+        name, version = row["model_name"][0], row["version"][0]
+        snapshot = self.current_snapshot() if data_snapshot is None else int(data_snapshot)
+        incoming = row.with_columns(pl.lit(True).alias("current"),
+                                    pl.lit(snapshot, dtype=pl.Int64).alias("data_snapshot")).to_arrow()
+        claim_rows = pa.table({"table_name": ["models"], "partition_key": [name]})
+        self.ensure_schema()
+        self._ensure_claims(claim_rows)
+
+        def body(con: duckdb.DuckDBPyConnection) -> None:
+            con.register("claimed", claim_rows)
+            con.execute("DELETE FROM write_claims WHERE (table_name, partition_key) IN "
+                        "(SELECT table_name, partition_key FROM claimed)")
+            con.execute("INSERT INTO write_claims SELECT table_name, partition_key, ? FROM claimed",
+                        [dt.datetime.now(dt.timezone.utc)])
+            con.execute("UPDATE models SET current = false WHERE model_name = ? AND current", [name])
+            con.execute("DELETE FROM models WHERE model_name = ? AND version = ?", [name, version])
+            con.register("incoming_rows", incoming)
+            con.execute("INSERT INTO models BY NAME SELECT * FROM incoming_rows")
+
+        self.transaction(body, what=f"register {name} {version}")
+        return snapshot
+
+    def delete_partition(self, table: str, patient_id: str, match: dict[str, object] | None = None) -> None:
+        self.replace_where(table, {"patient_id": patient_id, **(match or {})}, pl.DataFrame())
 
     def replace_partition(
         self, table: str, patient_id: str, rows: pl.DataFrame, match: dict[str, object] | None = None
@@ -186,25 +364,6 @@ class FeatureStore:
         if rows.height and set(rows["patient_id"].unique().to_list()) != {patient_id}:
             raise FeatureStoreError(f"rows for {table} must all belong to patient {patient_id}")
         return self.replace_where(table, {"patient_id": patient_id, **(match or {})}, rows)
-
-    def register_model(self, row: pl.DataFrame) -> None:
-        """Register one model version (a `models` row with provenance) as the current one of its
-        name. Older versions stay, with current = false, so they remain queryable; registering a
-        version again replaces its row."""
-        if row.height != 1:
-            raise FeatureStoreError("register_model takes exactly one row")
-        name, version = row["model_name"][0], row["version"][0]
-        with self.writer() as con:
-            con.execute("BEGIN TRANSACTION")
-            con.execute("UPDATE models SET current = false WHERE model_name = ?", [name])
-            con.execute("DELETE FROM models WHERE model_name = ? AND version = ?", [name, version])
-            con.register("incoming_rows", row.with_columns(pl.lit(True).alias("current")).to_arrow())
-            con.execute("INSERT INTO models BY NAME SELECT * FROM incoming_rows")
-            con.unregister("incoming_rows")
-            con.execute("COMMIT")
-
-    def delete_partition(self, table: str, patient_id: str, match: dict[str, object] | None = None) -> None:
-        self.replace_where(table, {"patient_id": patient_id, **(match or {})}, pl.DataFrame())
 
     def replace_table(self, table: str, rows: pl.DataFrame) -> int:
         """Replace every row of a cohort-level table, atomically."""
@@ -219,10 +378,19 @@ class FeatureStore:
         return " AND ".join(clauses), list(match.values())
 
     @staticmethod
-    def _views_of(table: str, con: duckdb.DuckDBPyConnection) -> list[str]:
-        """Views derived from `table`, rebuilt in the same transaction as its rows (wide views
-        have one column per feature, so their definition follows the data)."""
-        return [sql for builder in VIEW_BUILDERS.get(table, ()) for sql in builder(con)]
+    def _refresh_views(table: str, con: duckdb.DuckDBPyConnection) -> None:
+        """Rebuild the views derived from `table` whose definition follows the data (wide views
+        have one column per feature), only when the definition changes: replacing a view is a
+        schema change that every concurrent writer would conflict with."""
+        builders = VIEW_BUILDERS.get(table, ())
+        if not builders:
+            return
+        existing = FeatureStore._views_in(con)
+        for builder in builders:
+            for name, select in builder(con):
+                wanted = f"CREATE VIEW {name} AS {select}"
+                if existing.get(name, "").rstrip().rstrip(";") != wanted:
+                    con.execute(f"CREATE OR REPLACE VIEW {name} AS {select}")
 
     # -- reads -------------------------------------------------------------------------
     def query(self, sql: str, params: list | None = None) -> pl.DataFrame:
@@ -233,6 +401,23 @@ class FeatureStore:
     def table(self, table: str) -> pl.DataFrame:
         self._check_table(table)
         return self.query(f"SELECT * FROM {table} ORDER BY patient_id")
+
+    def current_snapshot(self) -> int:
+        """The id of the store's newest snapshot (of the pinned one, for a view of the past)."""
+        if self.snapshot is not None:
+            return self.snapshot
+        with self.reader() as con:
+            alias = current_alias(con)
+            if self.snapshot_time is not None:
+                return int(con.execute(f"SELECT max(snapshot_id) FROM ducklake_snapshots('{alias}') "
+                                       "WHERE snapshot_time <= ?::TIMESTAMPTZ", [self.snapshot_time]).fetchone()[0])
+            return int(con.execute(f"SELECT id FROM ducklake_current_snapshot('{alias}')").fetchone()[0])
+
+    def snapshots(self) -> pl.DataFrame:
+        """Every snapshot kept: id, time, what changed."""
+        with self.reader() as con:
+            return con.sql(f"SELECT snapshot_id, snapshot_time, changes FROM ducklake_snapshots('{current_alias(con)}') "
+                           "ORDER BY 1").pl()
 
     @staticmethod
     def _check_table(table: str) -> None:

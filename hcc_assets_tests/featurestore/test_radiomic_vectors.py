@@ -61,7 +61,7 @@ def _mixed_store(path) -> FeatureStore:
 @pytest.fixture(scope="module")
 def mixed_store(tmp_path_factory) -> FeatureStore:
     """Read-only tests share one."""
-    return _mixed_store(tmp_path_factory.mktemp("mixed") / "fs.duckdb")
+    return _mixed_store(tmp_path_factory.mktemp("mixed") / "fs.sqlite")
 
 
 @pytest.mark.parametrize("version, prefixes", [
@@ -84,7 +84,7 @@ def test_radiomics_matrix_equals_the_pivot_of_the_long_rows(mixed_store, version
 
 
 def test_vectors_follow_rewrites_deletes_and_bulk_writes(tmp_path):
-    store = _mixed_store(tmp_path / "fs.duckdb")
+    store = _mixed_store(tmp_path / "fs.sqlite")
     store.replace_partition("radiomic_features", "pt-01", _long("pt-01", {name: 7.0 for name in NAMES}))
     store.delete_partition("radiomic_features", "pt-02")
     bulk = pl.concat([_long(pid, {name: float(i) for name in NAMES}) for i, pid in enumerate(["pt-03", "pt-30"])])
@@ -119,13 +119,13 @@ def test_helpers_read_versions_and_names_from_the_vectors(mixed_store):
 
 
 def test_derived_tables_cannot_be_written_directly(tmp_path):
-    store = FeatureStore(tmp_path / "fs.duckdb")
+    store = FeatureStore(tmp_path / "fs.sqlite")
     with pytest.raises(FeatureStoreError, match="unknown"):
         store.replace_where("radiomic_vectors", {}, pl.DataFrame())
 
 
 def test_a_store_from_before_the_vectors_is_upgraded_on_first_read(tmp_path):
-    path = tmp_path / "fs.duckdb"
+    path = tmp_path / "fs.sqlite"
     store = FeatureStore(path)
     for pid, base in (("pt-a", 1.0), ("pt-b", 2.0)):
         store.replace_partition("radiomic_features", pid, _long(pid, {name: base for name in NAMES}))

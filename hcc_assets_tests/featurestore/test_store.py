@@ -23,7 +23,7 @@ def _rows(patient_id: str, n: int, tag: str = "a") -> pl.DataFrame:
 
 
 def test_replace_partition_replaces_rows_never_duplicates(tmp_path):
-    store = FeatureStore(tmp_path / "fs.duckdb")
+    store = FeatureStore(tmp_path / "fs.sqlite")
     for _ in range(3):
         store.replace_partition("scans", "pt-a", FeatureStore.with_provenance(_rows("pt-a", 3), version="v1", run_id="r1"))
     store.replace_partition("scans", "pt-b", FeatureStore.with_provenance(_rows("pt-b", 2), version="v1", run_id="r2"))
@@ -36,7 +36,7 @@ def test_replace_partition_replaces_rows_never_duplicates(tmp_path):
 
 
 def test_rows_of_another_patient_are_refused(tmp_path):
-    store = FeatureStore(tmp_path / "fs.duckdb")
+    store = FeatureStore(tmp_path / "fs.sqlite")
     with pytest.raises(FeatureStoreError, match="pt-a"):
         store.replace_partition("scans", "pt-a", FeatureStore.with_provenance(_rows("pt-b", 1), version="v", run_id="r"))
     with pytest.raises(FeatureStoreError, match="unknown"):
@@ -44,7 +44,7 @@ def test_rows_of_another_patient_are_refused(tmp_path):
 
 
 def test_queries_are_read_only(tmp_path):
-    store = FeatureStore(tmp_path / "fs.duckdb")
+    store = FeatureStore(tmp_path / "fs.sqlite")
     assert store.query("SELECT count(*) AS n FROM patients")["n"][0] == 0
     with pytest.raises(duckdb.Error):
         store.query("DELETE FROM patients")
@@ -60,7 +60,7 @@ def _hammer(path: str, patient_id: str, rounds: int) -> None:
 
 
 def test_parallel_writer_processes_never_hit_the_duckdb_lock(tmp_path):
-    path = str(tmp_path / "fs.duckdb")
+    path = str(tmp_path / "fs.sqlite")
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=_hammer, args=(path, f"pt-{i}", 15)) for i in range(4)]
     for worker in workers:
@@ -73,7 +73,7 @@ def test_parallel_writer_processes_never_hit_the_duckdb_lock(tmp_path):
 
 
 def test_sql_command_formats(tmp_path):
-    path = tmp_path / "fs.duckdb"
+    path = tmp_path / "fs.sqlite"
     store = FeatureStore(path)
     store.replace_partition("scans", "pt-a", FeatureStore.with_provenance(_rows("pt-a", 2), version="v1", run_id="r1"))
     query = "SELECT patient_id, series_key, pixel_spacing_mm FROM scans ORDER BY series_key"
@@ -94,7 +94,7 @@ def test_sql_command_formats(tmp_path):
 
 
 def test_wide_views_follow_their_long_tables(tmp_path):
-    store = FeatureStore(tmp_path / "fs.duckdb")
+    store = FeatureStore(tmp_path / "fs.sqlite")
     assert store.query("SELECT count(*) FROM deep_features").item() == 0
     for pid, base in (("pt-a", 1.0), ("pt-b", 2.0)):
         long = pl.DataFrame(
@@ -120,7 +120,7 @@ def test_wide_views_follow_their_long_tables(tmp_path):
     "SELECT 1; DROP TABLE scans",
 ])
 def test_sql_command_refuses_writes_with_a_clear_message(tmp_path, statement):
-    path = tmp_path / "fs.duckdb"
+    path = tmp_path / "fs.sqlite"
     FeatureStore(path).replace_partition("scans", "pt-a", FeatureStore.with_provenance(_rows("pt-a", 2), version="v",
                                                                                         run_id="r"))
     out, export = tmp_path / "leak.csv", tmp_path / "export"
@@ -143,7 +143,7 @@ def _model_row(name: str, version: str) -> pl.DataFrame:
 
 
 def test_model_versions_stay_queryable_and_one_is_current(tmp_path):
-    store = FeatureStore(tmp_path / "fs.duckdb")
+    store = FeatureStore(tmp_path / "fs.sqlite")
     store.register_model(_model_row("hcc_classifier", "v1"))
     store.register_model(_model_row("radiomic_model", "r1"))
     store.register_model(_model_row("hcc_classifier", "v2"))

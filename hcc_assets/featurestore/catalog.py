@@ -1,0 +1,255 @@
+"""Where the DuckLake feature store lives, and how a DuckDB connection attaches it.
+
+A DuckLake is a catalog database plus Parquet data files. Two settings name them:
+
+- the catalog (`HCC_ASSETS_FEATURE_STORE`): a local file path, which makes a SQLite catalog (one
+  machine; the default is `<lake>/feature_store.sqlite`), or `postgres:<libpq settings>` such as
+  `postgres:dbname=hcc host=db.example.org user=hcc` (many machines);
+- the data path (`HCC_ASSETS_FEATURE_STORE_DATA`): a folder or object-store URL for the Parquet
+  files (default `<lake>/feature_store/` beside a local SQLite catalog; required with Postgres).
+
+DuckDB 1.4.4 is pinned because its `ducklake`, `sqlite_scanner` and `postgres_scanner`
+extensions come from PyPI (duckdb-ext-*) and load from site-packages: nothing is downloaded at
+run time. The SQLite catalog runs in WAL mode so that readers never block a committing writer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sqlite3
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+CATALOG_SETTING = "HCC_ASSETS_FEATURE_STORE"
+DATA_PATH_SETTING = "HCC_ASSETS_FEATURE_STORE_DATA"
+ALIAS = "fs"  # the name the store is attached under; every connection runs `USE fs`
+POSTGRES_PREFIXES = ("postgres:", "postgresql:")
+DUCKDB_MAGIC = b"DUCK"  # bytes 8..12 of a DuckDB database file
+
+
+class CatalogError(Exception):
+    """The catalog cannot be reached or is not a DuckLake catalog; says which setting to fix."""
+
+
+def extension_directory() -> str:
+    """site-packages/duckdb_ext/extensions, where the duckdb-ext-* wheels put their binaries."""
+    import duckdb_ext
+
+    return str(Path(list(duckdb_ext.__path__)[0]) / "extensions")
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+@dataclass(frozen=True)
+class StoreLocation:
+    """The catalog and the data path of one DuckLake feature store."""
+
+    catalog: str  # "sqlite:<absolute path>" or "postgres:<libpq settings>"
+    data_path: str | None  # None: the one recorded in the catalog when it was created
+
+    @classmethod
+    def parse(cls, catalog: str | os.PathLike[str], data_path: str | os.PathLike[str] | None = None) -> StoreLocation:
+        text = str(catalog).strip()
+        if text.startswith("ducklake:"):
+            text = text[len("ducklake:"):]
+        if text.startswith(POSTGRES_PREFIXES):
+            return cls("postgres:" + text.split(":", 1)[1].strip(), str(data_path) if data_path else None)
+        if text.startswith("sqlite:"):
+            text = text[len("sqlite:"):]
+        if "://" in text and not text.startswith("file://"):
+            raise CatalogError(f"{CATALOG_SETTING}={redact(text)!r}: the catalog is a local SQLite file path or "
+                               "postgres:<libpq settings>; object storage holds the data files "
+                               f"({DATA_PATH_SETTING}), not the catalog")
+        path = Path(text.removeprefix("file://")).absolute()
+        data = str(data_path) if data_path else str(path.parent / (path.stem + "/"))
+        return cls(f"sqlite:{path}", data)
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.catalog.startswith("postgres:")
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        return None if self.is_postgres else Path(self.catalog[len("sqlite:"):])
+
+    def describe(self) -> str:
+        """The catalog without secrets, for messages."""
+        return redact(self.catalog)
+
+    def attach_sql(self, *, read_only: bool = False, snapshot_version: int | None = None,
+                   snapshot_time: str | None = None, alias: str = ALIAS) -> str:
+        options = []
+        if self.data_path:
+            data = self.data_path if self.data_path.endswith("/") else self.data_path + "/"
+            # the data path given by the settings wins over the one recorded at creation, so a lake
+            # folder copied or mounted elsewhere still finds its files
+            options += [f"DATA_PATH {_quote(data)}", "OVERRIDE_DATA_PATH true"]
+        if read_only or snapshot_version is not None or snapshot_time is not None:
+            options.append("READ_ONLY")
+        if snapshot_version is not None:
+            options.append(f"SNAPSHOT_VERSION {int(snapshot_version)}")
+        if snapshot_time is not None:
+            options.append(f"SNAPSHOT_TIME {_quote(snapshot_time)}")
+        return f"ATTACH {_quote('ducklake:' + self.catalog)} AS {alias} ({', '.join(options)})"
+
+    def prepare(self) -> None:
+        """Make a local catalog's folders, refuse an old single-file DuckDB store in its place, and
+        keep an existing SQLite catalog in WAL mode (a persistent setting of the file)."""
+        path = self.sqlite_path
+        if path is None:
+            return
+        if path.exists() and _is_duckdb_file(path):
+            raise CatalogError(f"{path.name} is a single-file DuckDB feature store, not a DuckLake catalog; "
+                               f"migrate it with `hcc-assets migrate-store --from {path.name}`")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if self.data_path and "://" not in self.data_path:
+            Path(self.data_path).mkdir(parents=True, exist_ok=True)
+        if path.exists() and path.stat().st_size:
+            set_wal_mode(path)
+
+    def connect(self, *, read_only: bool = False, snapshot_version: int | None = None,
+                snapshot_time: str | None = None, alias: str | None = None) -> duckdb.DuckDBPyConnection:
+        """A connection with the store attached and in use (`USE <alias>`).
+
+        Without `alias`: a cursor on this process's shared DuckDB instance, where the store is
+        attached once (loading the extensions costs 0.15 s, attaching 0.01 s). With `alias`: a new
+        DuckDB instance of its own (the `sql` command: the store is attached READ_ONLY as `fs`)."""
+        self.prepare()
+        if alias is None:
+            return _engine().cursor(self, read_only, snapshot_version, snapshot_time)
+        con = _new_database(self.is_postgres)
+        try:
+            self._attach(con, alias, read_only, snapshot_version, snapshot_time)
+            con.execute(f"USE {alias}")
+        except BaseException:
+            con.close()
+            raise
+        return con
+
+    def _attach(self, con: duckdb.DuckDBPyConnection, alias: str, read_only: bool, snapshot_version: int | None,
+                snapshot_time: str | None) -> None:
+        created = not self.is_postgres and not (self.sqlite_path.exists() and self.sqlite_path.stat().st_size)
+        try:
+            con.execute(self.attach_sql(read_only=read_only, snapshot_version=snapshot_version,
+                                        snapshot_time=snapshot_time, alias=alias))
+        except duckdb.Error as error:
+            raise CatalogError(self._unreachable(error)) from None
+        if created:
+            set_wal_mode(self.sqlite_path)
+
+    def _unreachable(self, error: Exception) -> str:
+        detail = redact(str(error).splitlines()[-1] if str(error).strip() else type(error).__name__)
+        return (f"feature store catalog {self.describe()} cannot be opened (setting {CATALOG_SETTING}"
+                f"{'' if self.data_path is None else f', data path {DATA_PATH_SETTING}={redact(self.data_path)}'}): "
+                f"{detail}")
+
+
+def redact(text: str) -> str:
+    """`text` with any password=... value hidden."""
+    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", text, flags=re.IGNORECASE)
+
+
+def set_wal_mode(path: Path) -> None:
+    """WAL journal for a SQLite catalog: readers keep reading while a writer commits. Only for
+    local disks (WAL needs shared memory between the processes); past one machine use Postgres."""
+    con = sqlite3.connect(str(path), timeout=30)
+    try:
+        if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            con.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.OperationalError:
+        pass  # another process holds it right now; the next connection sets it
+    finally:
+        con.close()
+
+
+def _is_duckdb_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(12)[8:12] == DUCKDB_MAGIC
+    except OSError:
+        return False
+
+
+def _new_database(postgres: bool) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with the DuckLake extensions loaded from site-packages (never downloaded)."""
+    con = duckdb.connect(config={"extension_directory": extension_directory(),
+                                 "autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    con.execute("SET enable_progress_bar = false")
+    con.execute("LOAD ducklake")
+    con.execute("LOAD sqlite_scanner")
+    if postgres:
+        con.execute("LOAD postgres_scanner")
+    return con
+
+
+class _Engine:
+    """This process's DuckDB instance: extensions loaded once, each store attached once under an
+    alias of its own (`fs_<digest>`), the least recently used detached beyond MAX_ATTACHED."""
+
+    MAX_ATTACHED = 8
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.database = _new_database(postgres=False)
+        self.postgres_loaded = False
+        self.attached: OrderedDict[str, StoreLocation] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def cursor(self, location: StoreLocation, read_only: bool, snapshot_version: int | None,
+               snapshot_time: str | None) -> duckdb.DuckDBPyConnection:
+        key = repr((location, read_only, snapshot_version, snapshot_time))
+        alias = "fs_" + hashlib.sha1(key.encode()).hexdigest()[:12]
+        with self.lock:
+            if alias not in self.attached:
+                self._detach_vanished()
+                if location.is_postgres and not self.postgres_loaded:
+                    self.database.execute("LOAD postgres_scanner")
+                    self.postgres_loaded = True
+                location._attach(self.database, alias, read_only, snapshot_version, snapshot_time)
+                self.attached[alias] = location
+                while len(self.attached) > self.MAX_ATTACHED:
+                    self._detach(next(iter(self.attached)))
+            self.attached.move_to_end(alias)
+            cursor = self.database.cursor()
+        cursor.execute(f"USE {alias}")
+        return cursor
+
+    def _detach(self, alias: str) -> None:
+        self.attached.pop(alias, None)
+        try:
+            self.database.execute(f"DETACH {alias}")
+        except duckdb.Error:
+            pass  # still in use by an open transaction: it goes with the process
+
+    def _detach_vanished(self) -> None:
+        """Detach SQLite catalogs whose file is gone (a deleted temporary lake): DuckDB would
+        otherwise fail every later statement that touches the attached databases."""
+        for alias, location in list(self.attached.items()):
+            path = location.sqlite_path
+            if path is not None and not path.exists():
+                self._detach(alias)
+
+
+_ENGINE: _Engine | None = None
+_ENGINE_LOCK = threading.Lock()
+
+
+def _engine() -> _Engine:
+    global _ENGINE
+    with _ENGINE_LOCK:
+        if _ENGINE is None or _ENGINE.pid != os.getpid():  # a forked child needs a DuckDB of its own
+            _ENGINE = _Engine()
+        return _ENGINE
+
+
+def current_alias(con: duckdb.DuckDBPyConnection) -> str:
+    """The alias a connection from StoreLocation.connect has in use."""
+    return con.execute("SELECT current_database()").fetchone()[0]
