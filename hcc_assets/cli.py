@@ -105,16 +105,28 @@ def cmd_receive(args) -> int:
     return 0
 
 
-def cmd_sql(args) -> int:
-    from hcc_assets.featurestore.sql import check_read_only, format_frame
+def _store(args):
+    """The feature store the settings name, or --catalog/--data, at --snapshot/--as-of if given."""
     from hcc_assets.defs.resources import default_lake_resource
     from hcc_assets.featurestore import FeatureStore
 
+    _lake_root(args)
+    resource = default_lake_resource()
+    store = FeatureStore(args.catalog or resource.feature_store_catalog,
+                         args.data or resource.feature_store_data or None)
+    if getattr(args, "snapshot", None) is not None or getattr(args, "as_of", None):
+        store = store.at(snapshot=args.snapshot, time=args.as_of)
+    return store
+
+
+def cmd_sql(args) -> int:
+    from hcc_assets.featurestore.catalog import ALIAS
+    from hcc_assets.featurestore.sql import check_read_only, format_frame
+
     try:
-        _lake_root(args)
-        db = args.db or default_lake_resource().feature_store_path
+        store = _store(args)
         check_read_only(args.query)
-        frame = FeatureStore(db).query(args.query)
+        frame = store.query(args.query, alias=ALIAS)
     except Exception as error:  # a bad query is the user's to fix: one clear line, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -122,26 +134,34 @@ def cmd_sql(args) -> int:
     return 0
 
 
-def cmd_export_parquet(args) -> int:
-    from hcc_assets.defs.resources import default_lake_resource
-    from hcc_assets.featurestore import FeatureStore
-    from hcc_assets.featurestore.parquet import EXPORT_FOLDER, MANIFEST_NAME, export_parquet
+def cmd_training_set(args) -> int:
+    from hcc_assets.featurestore.registry import training_set, write_frame
 
-    start = time.perf_counter()
     try:
-        _lake_root(args)
-        resource = default_lake_resource()
-        lake = resource.lake
-        store = FeatureStore(args.db) if args.db else resource.store
-        tables = [t.strip() for t in args.tables.split(",") if t.strip()] if args.tables else None
-        exported = export_parquet(store, lake, tables=tables)
-    except Exception as error:  # a bad table name or an unreachable lake: one clear line, no traceback
+        frame = training_set(_store(args), args.model, model_name=args.model_name)
+        if args.out:
+            write_frame(frame, args.out)
+            print(f"{frame.height} patients x {frame.width - 3} features of model {args.model} -> {args.out}")
+        else:
+            sys.stdout.write(frame.write_csv())
+    except Exception as error:  # an unknown version or an expired snapshot: one clear line
         print(f"error: {error}", file=sys.stderr)
         return 2
-    for name, info in exported.items():
-        print(f"  {name:26s} {info['rows']:>10d} rows  {info['bytes']:>11d} bytes  {info['path']}")
-    print(f"exported {len(exported)} tables ({sum(i['rows'] for i in exported.values())} rows) in "
-          f"{time.perf_counter() - start:.1f}s; manifest {lake.path(EXPORT_FOLDER, MANIFEST_NAME)}")
+    return 0
+
+
+def cmd_migrate_store(args) -> int:
+    from hcc_assets.featurestore.migrate import migrate_duckdb_file
+
+    try:
+        counts = migrate_duckdb_file(Path(args.source), _store(args))
+    except Exception as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for table, n in counts.items():
+        print(f"  {table:26s} {n:>10d} rows")
+    print(f"migrated {sum(counts.values())} rows of {len(counts)} tables into the DuckLake feature store; "
+          f"{args.source} is left as it was (remove it when satisfied)")
     return 0
 
 
@@ -183,7 +203,7 @@ def cmd_materialize(args) -> int:
     if runner.has_assets("analysis_refresh"):
         start = time.perf_counter()
         analysis_ok = runner.materialize_cohort("analysis_refresh")
-        print(f"analysis (explainable features, LASSO models, metrics, coefficients, report, Parquet export): "
+        print(f"analysis (explainable features, LASSO models, metrics, coefficients, report): "
               f"{'ok' if analysis_ok else 'FAILED (see the run in the UI)'} in {time.perf_counter() - start:.1f}s")
     return 0 if cohort_ok and features_ok and analysis_ok else 1
 
@@ -283,20 +303,36 @@ def build_parser() -> argparse.ArgumentParser:
                          help="comma-separated calling AE titles allowed to send (required; '*': any)")
     receive.set_defaults(func=cmd_receive)
 
-    sql = sub.add_parser("sql", help="run a read-only SQL query on the feature store")
+    def store_options(command, time_travel: bool = True) -> None:
+        command.add_argument("--catalog", "--db", dest="catalog",
+                             help="DuckLake catalog: a SQLite file or postgres:<libpq settings> "
+                             "(default: $HCC_ASSETS_FEATURE_STORE or <lake>/feature_store.sqlite)")
+        command.add_argument("--data", help="the store's data path (default: $HCC_ASSETS_FEATURE_STORE_DATA or "
+                             "the one recorded in the catalog)")
+        if time_travel:
+            command.add_argument("--snapshot", type=int, help="read the store as it was at this snapshot id")
+            command.add_argument("--as-of", help="read the store as it was at this time (e.g. '2026-11-30 12:00:00+00')")
+
+    sql = sub.add_parser("sql", help="run a read-only SQL query on the feature store (attached as `fs`)")
     sql.add_argument("query")
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    sql.add_argument("--db", help="feature store file (default: <lake>/feature_store.duckdb)")
     sql.add_argument("--max-rows", type=int, default=100)
+    store_options(sql)
     sql.set_defaults(func=cmd_sql)
 
-    export = sub.add_parser("export-parquet", help="write the feature store as Parquet into the data lake "
-                            "(<lake>/feature_store_parquet/<table>.parquet and _manifest.json)")
-    export.add_argument("--tables", help="comma-separated tables or views (default: every table and the views "
-                        "radiomics, deep_features, table_1)")
-    export.add_argument("--db", help="feature store file (default: $HCC_ASSETS_FEATURE_STORE or "
-                        "<lake>/feature_store.duckdb)")
-    export.set_defaults(func=cmd_export_parquet)
+    training = sub.add_parser("training-set", help="the exact matrix a registered model was trained on "
+                              "(patients, features, labels), read at the snapshot the model recorded")
+    training.add_argument("--model", required=True, help="model version (models.version)")
+    training.add_argument("--model-name", help="model name, when a version string is shared")
+    training.add_argument("--out", help="write CSV (.csv) or Parquet (.parquet) here instead of CSV to stdout")
+    store_options(training, time_travel=False)
+    training.set_defaults(func=cmd_training_set)
+
+    migrate = sub.add_parser("migrate-store", help="copy an old single-file feature_store.duckdb into the "
+                             "DuckLake feature store")
+    migrate.add_argument("--from", dest="source", required=True, help="the old feature_store.duckdb")
+    store_options(migrate, time_travel=False)
+    migrate.set_defaults(func=cmd_migrate_store)
 
     materialize = sub.add_parser("materialize", help="ingest every complete drop folder, then the cohort")
     materialize.add_argument("--workers", type=int, default=2)

@@ -34,7 +34,7 @@ from hcc_assets.defs.metadata import markdown_table
 from hcc_assets.defs.resources import LakeResource
 from hcc_assets.defs.ingest import NIFTI_FILE
 from hcc_assets.defs.segmentation import LIVER_MASK_FILE, RADIOMICS_STAGE, liver_mask, radiomic_features
-from hcc_assets.featurestore import FeatureStore
+from hcc_assets.featurestore import FeatureStore, reads, registry
 from hcc_assets.featurestore.queries import (
     FeatureMatrix,
     embedding_matrix,
@@ -108,14 +108,7 @@ class ExplainableFeaturesConfig(dg.Config):
 
 def kept_dl_features(store: FeatureStore) -> tuple[list[str], str, str]:
     """(kept DL feature names, selection version, embedding version) of the current selection."""
-    kept = store.query("SELECT DISTINCT dl_feature, version, embedding_version FROM explainable_correlations "
-                       "WHERE kept ORDER BY dl_feature")
-    if kept.height == 0:
-        any_rows = store.query("SELECT version, embedding_version FROM explainable_correlations LIMIT 1")
-        if any_rows.height == 0:
-            return [], "", ""
-        return [], any_rows["version"][0], any_rows["embedding_version"][0]
-    return kept["dl_feature"].to_list(), kept["version"][0], kept["embedding_version"][0]
+    return reads.explainable_selection(store)
 
 
 @dg.asset(
@@ -257,19 +250,18 @@ def load_registered_lasso(lake: LakeResource, model: str):
     """(LassoFit, registry row) of the current LASSO model `model` ('radiomic' | 'explainable')."""
     from hcc_assets.stats.lasso import load_lasso
 
-    rows = lake.store.query("SELECT * FROM models WHERE model_name = ? AND current ORDER BY materialized_at DESC LIMIT 1",
-                            [REGISTRY_NAMES[model]])
-    if rows.height == 0:
+    row = registry.current_model(lake.store, REGISTRY_NAMES[model])
+    if row is None:
         raise _fail(model, f"no {REGISTRY_NAMES[model]} is registered; materialize it first")
-    row = rows.row(0, named=True)
     with tempfile.TemporaryDirectory() as staging:
         return load_lasso(_download_folder(lake.lake, row["path"], Path(staging))), row
 
 
 def _fit_register_predict(context, lake: LakeResource, model: str, matrix: FeatureMatrix, config: LassoModelConfig,
-                          extra_params: dict) -> tuple[dg.MaterializeResult, object]:
-    """Fit the LASSO on the training rows of `matrix`, save and register it, and store P(HCC) for
-    every patient of `matrix` in `predictions`."""
+                          extra_params: dict, data_snapshot: int) -> tuple[dg.MaterializeResult, object]:
+    """Fit the LASSO on the training rows of `matrix` (read at `data_snapshot`), save and register
+    it with that snapshot and what it read, and store P(HCC) for every patient of `matrix` in
+    `predictions` (beside earlier versions' rows)."""
     from hcc_assets.stats.lasso import fit_lasso, predict_proba, save_lasso
 
     train = matrix.rows("train")
@@ -291,7 +283,7 @@ def _fit_register_predict(context, lake: LakeResource, model: str, matrix: Featu
 
     probabilities = predict_proba(fit, matrix.values)
     run_id = context.run.run_id
-    lake.store.replace_where("predictions", {"model": model}, FeatureStore.with_provenance(
+    lake.store.replace_versions("predictions", FeatureStore.with_provenance(
         pl.DataFrame({"model": [model] * matrix.n, "patient_id": matrix.patient_ids, "split": matrix.split.tolist(),
                       "probability": probabilities.astype(np.float64), "label": matrix.hcc.astype(bool).tolist()}),
         version=version, run_id=run_id))
@@ -306,13 +298,11 @@ def _fit_register_predict(context, lake: LakeResource, model: str, matrix: Featu
     metrics = {"cv_accuracy_mean": [float(x) for x in fit.cv_accuracy_mean],
                "cv_accuracy_sd": [float(x) for x in fit.cv_accuracy_sd], "train_accuracy": train_accuracy,
                "fit_seconds": seconds}
-    lake.store.register_model(FeatureStore.with_provenance(
-        pl.DataFrame([{"model_name": REGISTRY_NAMES[model], "kind": "lasso_logistic", "path": folder, "init": None,
-                       "params": json.dumps(params, sort_keys=True), "training_patients": train.patient_ids,
-                       "metrics": json.dumps(metrics, sort_keys=True)}],
-                     schema={"model_name": pl.String, "kind": pl.String, "path": pl.String, "init": pl.String,
-                             "params": pl.String, "training_patients": pl.List(pl.String), "metrics": pl.String}),
-        version=version, run_id=run_id))
+    kind = registry.RADIOMICS if model == RADIOMIC_MODEL else registry.EMBEDDINGS
+    lake.store.register_model(registry.model_row(
+        REGISTRY_NAMES[model], "lasso_logistic", folder, init=None, params=params, metrics=metrics,
+        training_patients=train.patient_ids, training_set=registry.matrix_spec(kind, train), version=version,
+        run_id=run_id), data_snapshot=data_snapshot)
     cv_rows = [{"lambda": float(lam), "C": float(1 / lam), "cv_accuracy": float(m), "sd": float(s)}
                for lam, m, s in zip(fit.lambdas, fit.cv_accuracy_mean, fit.cv_accuracy_sd)]
     coefficient_rows = [{"feature": name, "beta": float(fit.coefficients[name])} for name in fit.selected]
@@ -349,9 +339,10 @@ def _fit_register_predict(context, lake: LakeResource, model: str, matrix: Featu
 )
 def radiomic_model(context: dg.AssetExecutionContext, config: LassoModelConfig, lake: LakeResource
                    ) -> dg.MaterializeResult:
-    store = lake.store
+    snapshot = lake.store.current_snapshot()
+    store = lake.store.at(snapshot=snapshot)  # every read from one snapshot, recorded with the model
     matrix = _handcrafted(store, "radiomic_model", config.study_features_only)
-    cohort_rows = store.query("SELECT patient_id, hcc, split FROM cohort_split")
+    cohort_rows = reads.cohort_split(store)
     excluded = excluded_patients(store, RADIOMICS_STAGE)
     missing = sorted(set(cohort_rows["patient_id"]) - set(matrix.patient_ids) - set(excluded["patient_id"]))
     reasons: dict[str, int] = {}
@@ -368,7 +359,7 @@ def radiomic_model(context: dg.AssetExecutionContext, config: LassoModelConfig, 
         "n_excluded": n_excluded,
         "excluded_hcc": int(excluded["hcc"].sum()) if excluded.height else 0,
         "exclusion_reasons": reasons,
-    })
+    }, snapshot)
     return result
 
 
@@ -382,7 +373,8 @@ def radiomic_model(context: dg.AssetExecutionContext, config: LassoModelConfig, 
 )
 def explainable_model(context: dg.AssetExecutionContext, config: LassoModelConfig, lake: LakeResource
                       ) -> dg.MaterializeResult:
-    store = lake.store
+    snapshot = lake.store.current_snapshot()
+    store = lake.store.at(snapshot=snapshot)  # every read from one snapshot, recorded with the model
     kept, selection_version, embedding_version = kept_dl_features(store)
     if not selection_version:
         raise _fail("explainable_model", "explainable_features has not been materialized")
@@ -392,7 +384,7 @@ def explainable_model(context: dg.AssetExecutionContext, config: LassoModelConfi
     matrix = embedding_matrix(store, embedding_version).columns(kept)
     result, _ = _fit_register_predict(context, lake, EXPLAINABLE_MODEL, matrix, config, {
         "selection_version": selection_version, "embedding_version": embedding_version, "n_explainable": len(kept),
-    })
+    }, snapshot)
     return result
 
 
@@ -409,8 +401,7 @@ class ModelMetricsConfig(dg.Config):
 
 
 def _predictions(store: FeatureStore, model: str) -> pl.DataFrame:
-    return store.query("SELECT patient_id, split, probability, label, version FROM predictions WHERE model = ? "
-                       "ORDER BY patient_id", [model])
+    return reads.current_predictions(store, model)
 
 
 def _estimate_rows(model: str, scheme: str, estimates) -> list[dict]:
@@ -512,8 +503,8 @@ def model_metrics(context: dg.AssetExecutionContext, config: ModelMetricsConfig,
                                        "estimate": pl.Float64, "mean": pl.Float64, "ci_low": pl.Float64,
                                        "ci_high": pl.Float64, "n": pl.Int32, "n_resamples": pl.Int32,
                                        "n_degenerate": pl.Int32, "version": pl.String})
-    store.replace_table("model_metrics", FeatureStore.with_provenance(table, version=None, run_id=context.run.run_id))
-    table_1 = store.query("SELECT * FROM table_1")
+    store.replace_versions("model_metrics", FeatureStore.with_provenance(table, version=None, run_id=context.run.run_id))
+    table_1 = reads.table_1(store)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(_digest(table.drop("version").to_dicts(), versions)),
         metadata={
@@ -529,11 +520,10 @@ def model_metrics(context: dg.AssetExecutionContext, config: ModelMetricsConfig,
 
 def _lasso_config_of(store: FeatureStore, model: str) -> LassoModelConfig:
     """The configuration the registered model was fitted with, so CV refits the same thing."""
-    rows = store.query("SELECT params FROM models WHERE model_name = ? AND current ORDER BY materialized_at DESC LIMIT 1",
-                       [REGISTRY_NAMES[model]])
-    if rows.height == 0:
+    row = registry.current_model(store, REGISTRY_NAMES[model])
+    if row is None:
         return LassoModelConfig()
-    params = json.loads(rows["params"][0])
+    params = json.loads(row["params"])
     lambdas = params.get("lambdas") or []
     return LassoModelConfig(seed=params.get("seed", 0), cv_folds=params.get("cv_folds", 3),
                             n_lambdas=len(lambdas) or 7, lambda_min=min(lambdas or [1e-3]),
@@ -541,21 +531,17 @@ def _lasso_config_of(store: FeatureStore, model: str) -> LassoModelConfig:
 
 
 def _selection_config(store: FeatureStore) -> dict:
-    rows = store.query("SELECT any_value(measure) AS measure, any_value(threshold) AS threshold, "
-                       "count(DISTINCT handcrafted_feature) AS n_hc FROM explainable_correlations")
-    measure = rows["measure"][0] or "pearson"
-    threshold = rows["threshold"][0] if rows["threshold"][0] is not None else 0.5
+    measure, threshold, n_handcrafted = reads.selection_settings(store)
     n_study = len(_study_names(store))
-    return {"measure": measure, "threshold": float(threshold),
-            "study_features_only": int(rows["n_hc"][0] or 0) <= n_study}
+    return {"measure": measure or "pearson", "threshold": float(threshold if threshold is not None else 0.5),
+            "study_features_only": n_handcrafted <= n_study}
 
 
 def _study_names(store: FeatureStore) -> list[str]:
     version = latest_feature_set_version(store)
     if version is None:
         return []
-    names = store.query("SELECT DISTINCT feature FROM radiomic_features WHERE feature_set_version = ?", [version])
-    return [n for n in names["feature"].to_list() if n.startswith(STUDY_PREFIXES)]
+    return [n for n in reads.radiomic_feature_names(store, version) if n.startswith(STUDY_PREFIXES)]
 
 
 # -- coefficients --------------------------------------------------------------------------------
@@ -605,7 +591,7 @@ def coefficients(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Ma
                                        "std_error": pl.Float64, "z": pl.Float64, "p_value": pl.Float64,
                                        "odds_change_pct": pl.Float64, "lasso_beta": pl.Float64,
                                        "related_handcrafted": pl.String, "status": pl.String, "version": pl.String})
-    store.replace_table("coefficients", FeatureStore.with_provenance(table, version=None, run_id=context.run.run_id))
+    store.replace_versions("coefficients", FeatureStore.with_provenance(table, version=None, run_id=context.run.run_id))
     return dg.MaterializeResult(
         metadata={
             "n_rows": table.height,
@@ -626,8 +612,7 @@ def _standardized_selected(fit, values: np.ndarray) -> tuple[np.ndarray, list[st
 
 
 def _related_handcrafted(store: FeatureStore, limit: int = 5) -> dict[str, str]:
-    rows = store.query("SELECT dl_feature, handcrafted_feature, value FROM explainable_correlations "
-                       "WHERE related ORDER BY dl_feature, abs(value) DESC")
+    rows = reads.related_handcrafted(store)
     out: dict[str, list[str]] = {}
     for row in rows.iter_rows(named=True):
         out.setdefault(row["dl_feature"], []).append(f"{row['handcrafted_feature']} ({row['value']:+.2f})")
@@ -661,7 +646,7 @@ def report(context: dg.AssetExecutionContext, config: ReportConfig, lake: LakeRe
         return (data_lake.read_nifti(data_lake.patient_file(patient_id, NIFTI_FILE)),
                 data_lake.read_nifti(data_lake.patient_file(patient_id, LIVER_MASK_FILE)))
 
-    inputs = gather_report_inputs(lake.store, case, overlay_png)
+    inputs = gather_report_inputs(reads.report_tables(lake.store), case, overlay_png)
     rendered = build_report(inputs)
     html_path = lake.lake.path(config.folder, "report.html")
     md_path = lake.lake.path(config.folder, "report.md")

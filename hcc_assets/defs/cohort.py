@@ -7,7 +7,7 @@ import polars as pl
 from hcc_assets.defs.ingest import preprocessed_volume
 from hcc_assets.defs.metadata import markdown_table
 from hcc_assets.defs.resources import LakeResource
-from hcc_assets.featurestore import FeatureStore
+from hcc_assets.featurestore import FeatureStore, reads
 from hcc_assets.imaging.dropzone import validate_labels
 from hcc_assets.stats.split import stratified_split
 
@@ -36,7 +36,7 @@ class CohortConfig(dg.Config):
 def cohort(context: dg.AssetExecutionContext, config: CohortConfig, lake: LakeResource) -> dg.MaterializeResult:
     store = lake.store
     run_id = context.run.run_id
-    ingested = set(store.query("SELECT patient_id FROM volumes WHERE kind = 'preprocessed'")["patient_id"].to_list())
+    ingested = reads.ingested_patients(store)
     by_key, problems = validate_labels(lake.incoming_dir)
     labels = {lake.pseudonym(key): value for key, value in by_key.items()}
     # messages name pseudonyms only: a drop-folder name can be a record number

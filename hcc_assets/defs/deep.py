@@ -44,7 +44,7 @@ from hcc_assets.defs.metadata import markdown_table, png_markdown
 from hcc_assets.defs.partitions import patients_partitions
 from hcc_assets.defs.patient_errors import patient_failure
 from hcc_assets.defs.resources import ComputeResource, LakeResource
-from hcc_assets.featurestore import FeatureStore
+from hcc_assets.featurestore import FeatureStore, reads, registry
 from hcc_assets.imaging.errors import IngestError
 from hcc_assets.lake import DataLake, nifti_from_bytes, sha256_bytes
 
@@ -205,7 +205,8 @@ def hcc_classifier(
     compute.configure_threads()
     device, amp = compute.torch_device(), compute.use_amp()
 
-    split = store.query("SELECT patient_id, hcc, split FROM cohort_split ORDER BY patient_id")
+    snapshot = store.current_snapshot()  # the cohort as of this snapshot, recorded with the model
+    split = reads.cohort_split(store.at(snapshot=snapshot))
     if split.height == 0:
         raise dg.Failure(description="hcc_classifier: cohort_split is empty; materialize cohort first",
                          allow_retries=False)
@@ -295,16 +296,16 @@ def hcc_classifier(
     }
 
     run_id = context.run.run_id
-    store.replace_where(
-        "training_history", {"model_name": MODEL_NAME},
+    store.replace_versions(
+        "training_history",
         FeatureStore.with_provenance(
             pl.DataFrame([{k: v for k, v in h.items() if k != "seconds"} | {"model_name": MODEL_NAME} for h in history],
                          schema={"epoch": pl.Int32, "train_loss": pl.Float64, "train_acc": pl.Float64,
                                  "val_loss": pl.Float64, "val_acc": pl.Float64, "model_name": pl.String}),
             version=version, run_id=run_id),
     )
-    store.replace_where(
-        "predictions", {"model": PREDICTION_MODEL},
+    store.replace_versions(
+        "predictions",
         FeatureStore.with_provenance(
             pl.DataFrame({
                 "model": [PREDICTION_MODEL] * len(rows),
@@ -316,17 +317,10 @@ def hcc_classifier(
             version=version, run_id=run_id),
     )
     # the registry row last: deep_embedding follows it, so it flips only once the rest is written
-    store.register_model(
-        FeatureStore.with_provenance(
-            pl.DataFrame(
-                [{"model_name": MODEL_NAME, "kind": MODEL_KIND, "path": folder, "init": result.init,
-                  "params": json.dumps(params, sort_keys=True), "training_patients": [r["patient_id"] for r in train],
-                  "metrics": json.dumps(metrics, sort_keys=True)}],
-                schema={"model_name": pl.String, "kind": pl.String, "path": pl.String, "init": pl.String,
-                        "params": pl.String, "training_patients": pl.List(pl.String), "metrics": pl.String},
-            ),
-            version=version, run_id=run_id),
-    )
+    train_ids = [r["patient_id"] for r in train]
+    store.register_model(registry.model_row(
+        MODEL_NAME, MODEL_KIND, folder, init=result.init, params=params, metrics=metrics, training_patients=train_ids,
+        training_set=registry.volumes_spec(train_ids), version=version, run_id=run_id), data_snapshot=snapshot)
 
     final = result.final_metrics
     return dg.MaterializeResult(
@@ -394,9 +388,7 @@ def _classifier(data_lake: DataLake, folder: str, version: str, device: str):
 
 def current_classifier(store: FeatureStore) -> dict | None:
     """The registry row of the current hcc_classifier (path, version, params, metrics), or None."""
-    models = store.query("SELECT path, version, params, metrics FROM models WHERE model_name = ? AND current "
-                         "ORDER BY materialized_at DESC LIMIT 1", [MODEL_NAME])
-    return models.row(0, named=True) if models.height else None
+    return registry.current_model(store, MODEL_NAME)
 
 
 @dg.asset(

@@ -4,11 +4,11 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from hcc_assets.defs import analysis, cohort, deep, export, ingest, segmentation
+from hcc_assets.defs import analysis, cohort, deep, ingest, maintenance, segmentation
 
-ALL_ASSETS = dg.load_assets_from_modules([ingest, cohort, segmentation, deep, analysis, export])  # once: definitions.py uses these
+ALL_ASSETS = dg.load_assets_from_modules([ingest, cohort, segmentation, deep, analysis, maintenance])  # once: definitions.py uses these
 COHORT_GROUPS = ("cohort", "models")  # what cohort_refresh runs
-ANALYSIS_GROUPS = ("analysis", "export")  # what analysis_refresh runs
+ANALYSIS_GROUPS = ("analysis",)  # what analysis_refresh runs
 # asset name -> group, for cutting run config down to the assets a run executes
 _GROUP_OF = {key.to_user_string(): group for a in ALL_ASSETS for key, group in a.group_names_by_key.items()}
 
@@ -98,5 +98,5 @@ analysis_job = dg.define_asset_job(
     name="analysis_refresh",
     selection=dg.AssetSelection.groups(*ANALYSIS_GROUPS),
     description="The study's analysis over every patient's features: explainable DL features, LASSO models, "
-    "metrics with bootstrap CIs, coefficients and the report; then the feature store's Parquet export.",
+    "metrics with bootstrap CIs, coefficients and the report.",
 )

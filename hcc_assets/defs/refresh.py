@@ -29,6 +29,7 @@ from hcc_assets.defs.jobs import (ANALYSIS_GROUPS, COHORT_GROUPS, analysis_job, 
                                   cohort_run_config, patient_features_job, patient_pipeline_job, patient_run_config)
 from hcc_assets.defs.resources import LakeResource, env_seconds
 from hcc_assets.defs.segmentation import liver_mask, radiomic_features
+from hcc_assets.featurestore import reads
 from hcc_assets.featurestore.freshness import SEGMENTATION, analysis_inputs, current_version, stale_features
 
 REFRESH_CRON_ENV = "HCC_ASSETS_REFRESH_CRON"
@@ -163,7 +164,7 @@ def analysis_refresh_sensor(context: dg.SensorEvaluationContext, lake: LakeResou
 
 def _runs_in_flight(instance: dg.DagsterInstance, lake: LakeResource) -> int:
     cohort_refresh = instance.get_runs_count(dg.RunsFilter(job_name=cohort_job.name, statuses=IN_FLIGHT))
-    cohort_ids = set(lake.store.query("SELECT patient_id FROM cohort_split")["patient_id"].to_list())
+    cohort_ids = reads.cohort_patients(lake.store)
     per_patient = 0
     for job in PER_PATIENT_JOBS:
         for run in instance.get_runs(dg.RunsFilter(job_name=job, statuses=IN_FLIGHT)):

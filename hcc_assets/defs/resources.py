@@ -31,14 +31,17 @@ class LakeResource(dg.ConfigurableResource):
     """Where data lives: the lake root (local folder or fsspec URL), the drop zone and the
     feature store. `incoming` defaults to <root>/incoming; it is read-only to the platform.
 
-    The lake root may be remote (s3://bucket/hcc, gs://..., memory://...); the drop zone and the
-    DuckDB feature store are local files (DuckDB and the DICOM readers need them), so with a remote
-    root `incoming` and `feature_store` must be set to local (or mounted) paths: there is no
-    default for them under a remote root. See docs/scaling.md."""
+    The feature store is a DuckLake: `feature_store` is its catalog (a SQLite file path, default
+    <root>/feature_store.sqlite, or `postgres:dbname=... host=...`) and `feature_store_data` the
+    folder or object-store URL of its Parquet files (default <root>/feature_store/). The lake root
+    may be remote (s3://bucket/hcc, gs://..., memory://...); the drop zone is a local or mounted
+    folder (the DICOM readers walk it), so with a remote root `incoming` and `feature_store` must be
+    set: there is no default for them under a remote root. See docs/scaling.md."""
 
     root: str
     incoming: str = ""
     feature_store: str = ""
+    feature_store_data: str = ""
     quiet_seconds: float = 60.0
 
     @property
@@ -58,22 +61,20 @@ class LakeResource(dg.ConfigurableResource):
         return local_path_of(self.root) / "incoming"
 
     @property
-    def feature_store_path(self) -> Path:
-        """The DuckDB file: `feature_store`, else <root>/feature_store.duckdb for a local root only."""
+    def feature_store_catalog(self) -> str:
+        """The DuckLake catalog: `feature_store`, else <root>/feature_store.sqlite for a local root."""
         if self.feature_store:
-            if not is_local_url(self.feature_store):
-                raise ValueError(f"LakeResource.feature_store {self.feature_store!r} must be a local file path: "
-                                 "DuckDB writes a local file")
-            return local_path_of(self.feature_store)
+            return self.feature_store
         if not is_local_url(self.root):
-            raise ValueError(f"the data lake root {self.root!r} is not a local folder and the DuckDB feature store "
-                             "is a local file: set LakeResource.feature_store ($HCC_ASSETS_FEATURE_STORE) to a "
-                             "local path (e.g. /var/lib/hcc-assets/feature_store.duckdb)")
-        return local_path_of(self.root) / "feature_store.duckdb"
+            raise ValueError(f"the data lake root {self.root!r} is not a local folder: set LakeResource.feature_store "
+                             "($HCC_ASSETS_FEATURE_STORE) to the DuckLake catalog, e.g. "
+                             "postgres:dbname=hcc host=db.example.org user=hcc, and feature_store_data "
+                             "($HCC_ASSETS_FEATURE_STORE_DATA) to where its Parquet files go")
+        return str(local_path_of(self.root) / "feature_store.sqlite")
 
     @property
     def store(self) -> FeatureStore:
-        return FeatureStore(self.feature_store_path)
+        return FeatureStore(self.feature_store_catalog, self.feature_store_data or None)
 
     def pseudonym_key(self) -> bytes:
         # The key sits beside the lake, never inside an output folder.
@@ -111,9 +112,11 @@ class LakeResource(dg.ConfigurableResource):
 
 def default_lake_resource() -> LakeResource:
     """The lake as the environment sets it (read when the definitions load): $HCC_ASSETS_LAKE (root),
-    $HCC_ASSETS_INCOMING and $HCC_ASSETS_FEATURE_STORE (both required when the root is remote)."""
+    $HCC_ASSETS_INCOMING and $HCC_ASSETS_FEATURE_STORE (both required when the root is remote),
+    $HCC_ASSETS_FEATURE_STORE_DATA (the feature store's data path)."""
     return LakeResource(root=default_lake_root(), incoming=os.environ.get("HCC_ASSETS_INCOMING", ""),
-                        feature_store=os.environ.get("HCC_ASSETS_FEATURE_STORE", ""))
+                        feature_store=os.environ.get("HCC_ASSETS_FEATURE_STORE", ""),
+                        feature_store_data=os.environ.get("HCC_ASSETS_FEATURE_STORE_DATA", ""))
 
 
 class ComputeResource(dg.ConfigurableResource):

@@ -37,7 +37,7 @@ from hcc_assets.defs.metadata import markdown_table, png_markdown
 from hcc_assets.defs.partitions import patients_partitions
 from hcc_assets.defs.patient_errors import patient_failure
 from hcc_assets.defs.resources import ComputeResource, LakeResource
-from hcc_assets.featurestore import FeatureStore
+from hcc_assets.featurestore import FeatureStore, reads, registry
 from hcc_assets.imaging.errors import IngestError
 from hcc_assets.lake import DataLake, is_local_url
 from hcc_assets.segmentation import (TRAINING_SUMMARY, LiverSegmenter, MaskQualityConfig, ModelFolderError,
@@ -153,12 +153,10 @@ def _train_model(context, config: LiverSegmentationModelConfig, lake: LakeResour
     compute.configure_threads()
     settings = config.training_config(device, compute.cpu_threads if device == "cpu" else None)
 
-    volumes = store.query("SELECT patient_id, path, sha256 FROM volumes WHERE kind = 'nifti' AND has_reference_mask "
-                          "ORDER BY patient_id")
+    volumes = reads.reference_mask_volumes(store)
     held_out: set[str] = set()
     if config.hold_out_validation_split:
-        split = store.query("SELECT patient_id FROM cohort_split WHERE split = 'validation'")
-        held_out = set(split["patient_id"].to_list())
+        held_out = reads.validation_patients(store)
     cases = select_training_cases(volumes["patient_id"].to_list(), held_out, config.max_training_cases)
     if len(cases) < 2:
         raise dg.Failure(description=f"liver_segmentation_model: {len(cases)} patient(s) with a reference mask "
@@ -295,14 +293,9 @@ def _local_file(data_lake, pid: str, name: str, staging: Path) -> Path:
 
 def _register(lake: LakeResource, context, model_version: str, path: str, init: str, params: dict,
               patients: list[str], metrics: dict) -> None:
-    row = pl.DataFrame(
-        [{"model_name": MODEL_NAME, "kind": "nnunet", "path": path, "init": init,
-          "params": json.dumps(params, sort_keys=True), "training_patients": patients,
-          "metrics": json.dumps(metrics, sort_keys=True)}],
-        schema={"model_name": pl.String, "kind": pl.String, "path": pl.String, "init": pl.String,
-                "params": pl.String, "training_patients": pl.List(pl.String), "metrics": pl.String},
-    )
-    lake.store.register_model(FeatureStore.with_provenance(row, version=model_version, run_id=context.run.run_id))
+    lake.store.register_model(registry.model_row(
+        MODEL_NAME, "nnunet", path, init=init, params=params, metrics=metrics, training_patients=patients,
+        training_set=None, version=model_version, run_id=context.run.run_id))
 
 
 # -- liver_mask ------------------------------------------------------------------------------
@@ -344,12 +337,11 @@ def _segmenter(path: str, model_version: str, device: str) -> LiverSegmenter:
 
 
 def current_model(store: FeatureStore) -> dict:
-    models = store.query("SELECT path, version, init FROM models WHERE model_name = ? AND current "
-                         "ORDER BY materialized_at DESC LIMIT 1", [MODEL_NAME])
-    if models.height == 0:
+    row = registry.current_model(store, MODEL_NAME)
+    if row is None:
         raise dg.Failure(description="no liver segmentation model is registered; materialize "
                          "liver_segmentation_model first", allow_retries=False)
-    return models.row(0, named=True)
+    return row
 
 
 def _forget_mask(lake: LakeResource, patient_id: str) -> None:

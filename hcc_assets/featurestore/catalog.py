@@ -200,7 +200,7 @@ class _Engine:
         self.pid = os.getpid()
         self.database = _new_database(postgres=False)
         self.postgres_loaded = False
-        self.attached: OrderedDict[str, StoreLocation] = OrderedDict()
+        self.attached: OrderedDict[str, tuple[StoreLocation, tuple | None]] = OrderedDict()
         self.lock = threading.Lock()
 
     def cursor(self, location: StoreLocation, read_only: bool, snapshot_version: int | None,
@@ -208,13 +208,15 @@ class _Engine:
         key = repr((location, read_only, snapshot_version, snapshot_time))
         alias = "fs_" + hashlib.sha1(key.encode()).hexdigest()[:12]
         with self.lock:
+            if alias in self.attached and self.attached[alias][1] != _identity(location):
+                self._detach(alias)  # its catalog file was removed or replaced since it was attached
             if alias not in self.attached:
                 self._detach_vanished()
                 if location.is_postgres and not self.postgres_loaded:
                     self.database.execute("LOAD postgres_scanner")
                     self.postgres_loaded = True
                 location._attach(self.database, alias, read_only, snapshot_version, snapshot_time)
-                self.attached[alias] = location
+                self.attached[alias] = (location, _identity(location))
                 while len(self.attached) > self.MAX_ATTACHED:
                     self._detach(next(iter(self.attached)))
             self.attached.move_to_end(alias)
@@ -232,10 +234,21 @@ class _Engine:
     def _detach_vanished(self) -> None:
         """Detach SQLite catalogs whose file is gone (a deleted temporary lake): DuckDB would
         otherwise fail every later statement that touches the attached databases."""
-        for alias, location in list(self.attached.items()):
-            path = location.sqlite_path
-            if path is not None and not path.exists():
+        for alias, (location, identity) in list(self.attached.items()):
+            if _identity(location) != identity:
                 self._detach(alias)
+
+
+def _identity(location: StoreLocation) -> tuple | None:
+    """(device, inode) of a SQLite catalog file, None when absent or for Postgres."""
+    path = location.sqlite_path
+    if path is None:
+        return None
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino)
 
 
 _ENGINE: _Engine | None = None
@@ -248,6 +261,19 @@ def _engine() -> _Engine:
         if _ENGINE is None or _ENGINE.pid != os.getpid():  # a forked child needs a DuckDB of its own
             _ENGINE = _Engine()
         return _ENGINE
+
+
+def reset_engine() -> None:
+    """Drop this process's DuckDB instance: after an INTERNAL error DuckDB refuses every further
+    statement on it, so the next connection starts a new one."""
+    global _ENGINE
+    with _ENGINE_LOCK:
+        engine, _ENGINE = _ENGINE, None
+    if engine is not None:
+        try:
+            engine.database.close()
+        except duckdb.Error:
+            pass
 
 
 def current_alias(con: duckdb.DuckDBPyConnection) -> str:

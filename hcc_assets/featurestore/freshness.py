@@ -11,16 +11,11 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from hcc_assets.featurestore.registry import current_version
 from hcc_assets.featurestore.store import FeatureStore
 
 CLASSIFIER = "hcc_classifier"
 SEGMENTATION = "liver_segmentation"
-
-
-def current_version(store: FeatureStore, model_name: str) -> str | None:
-    frame = store.query("SELECT version FROM models WHERE model_name = ? AND current "
-                        "ORDER BY materialized_at DESC LIMIT 1", [model_name])
-    return frame["version"][0] if frame.height else None
 
 
 @dataclass(frozen=True)

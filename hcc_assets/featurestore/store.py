@@ -32,7 +32,7 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
-from hcc_assets.featurestore.catalog import CatalogError, StoreLocation, current_alias
+from hcc_assets.featurestore.catalog import CatalogError, StoreLocation, current_alias, reset_engine
 from hcc_assets.featurestore.schema import (DERIVED_REFRESHERS, DERIVED_TABLES, HISTORY_KEYS, TABLES,
                                            VIEW_BUILDERS, create_statements, static_view_statements)
 
@@ -50,7 +50,19 @@ class FeatureStoreError(Exception):
 
 def _retryable(error: Exception) -> bool:
     text = str(error).lower()
-    return any(marker in text for marker in RETRYABLE)
+    return _internal(error) or any(marker in text for marker in RETRYABLE)
+
+
+def _view_body(sql: str) -> str:
+    """A stored view's query without its `CREATE VIEW <name> AS` head."""
+    head, _, body = sql.partition(" AS ")
+    return body.strip().rstrip(";") if head.startswith("CREATE") else ""
+
+
+def _internal(error: Exception) -> bool:
+    """DuckDB's INTERNAL errors: DuckLake 0.3 raises one now and then when two transactions
+    first write to an empty table at once; the instance is unusable afterwards, the retry is not."""
+    return isinstance(error, duckdb.InternalException) or str(error).startswith("INTERNAL Error")
 
 
 class FeatureStore:
@@ -92,10 +104,10 @@ class FeatureStore:
                             write_timeout_s=self.write_timeout_s, max_attempts=self.max_attempts)
 
     # -- connections -------------------------------------------------------------------
-    def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+    def _connect(self, read_only: bool, alias: str | None = None) -> duckdb.DuckDBPyConnection:
         try:
             return self.location.connect(read_only=read_only, snapshot_version=self.snapshot,
-                                         snapshot_time=self.snapshot_time)
+                                         snapshot_time=self.snapshot_time, alias=alias)
         except CatalogError as error:
             raise FeatureStoreError(str(error)) from None
         except duckdb.Error as error:
@@ -163,11 +175,13 @@ class FeatureStore:
             [current_alias(con)]).fetchall()}
 
     @contextmanager
-    def reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A read-only connection (at the pinned snapshot, if any). Writers are never blocked."""
+    def reader(self, alias: str | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only connection (at the pinned snapshot, if any). Writers are never blocked.
+        `alias`: a DuckDB instance of its own with the store attached under that name (the `sql`
+        command's `fs`, so that `ducklake_snapshots('fs')` works there as documented)."""
         if not self.pinned:
             self.ensure_schema()
-        con = self._connect(read_only=True)
+        con = self._connect(read_only=True, alias=alias)
         try:
             yield con
         finally:
@@ -206,6 +220,9 @@ class FeatureStore:
                     con.execute("ROLLBACK")
                 except duckdb.Error:
                     pass
+                if _internal(error):
+                    con.close()
+                    reset_engine()
                 if not _retryable(error):
                     raise FeatureStoreError(f"feature store {self.location.describe()}: {what} failed: "
                                             f"{str(error).splitlines()[0]}") from None
@@ -388,14 +405,19 @@ class FeatureStore:
         existing = FeatureStore._views_in(con)
         for builder in builders:
             for name, select in builder(con):
-                wanted = f"CREATE VIEW {name} AS {select}"
-                if existing.get(name, "").rstrip().rstrip(";") != wanted:
+                # DuckDB stores a view's SQL re-rendered: render the wanted one the same way (as a
+                # temporary view) to compare like with like
+                con.execute(f"CREATE OR REPLACE TEMP VIEW wanted_{name} AS {select}")
+                wanted = con.execute("SELECT sql FROM duckdb_views() WHERE database_name = 'temp' AND view_name = ?",
+                                     [f"wanted_{name}"]).fetchone()[0]
+                con.execute(f"DROP VIEW temp.wanted_{name}")
+                if _view_body(existing.get(name, "")) != _view_body(wanted):
                     con.execute(f"CREATE OR REPLACE VIEW {name} AS {select}")
 
     # -- reads -------------------------------------------------------------------------
-    def query(self, sql: str, params: list | None = None) -> pl.DataFrame:
+    def query(self, sql: str, params: list | None = None, alias: str | None = None) -> pl.DataFrame:
         """Run a read-only query; the connection cannot modify the store."""
-        with self.reader() as con:
+        with self.reader(alias) as con:
             return con.sql(sql, params=params).pl() if params else con.sql(sql).pl()
 
     def table(self, table: str) -> pl.DataFrame:

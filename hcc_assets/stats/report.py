@@ -33,6 +33,7 @@ class ReportInputs:
     coefficients: pl.DataFrame
     sweep: pl.DataFrame
     models: pl.DataFrame  # model_name, version, init, kind
+    comparison: pl.DataFrame | None = None  # model, metric, current_version, current, previous_version, previous
     figure_1: bytes | None = None
     figure_1_caption: str = ""
 
@@ -45,27 +46,16 @@ class RenderedReport:
     figures: dict[str, bytes] = field(default_factory=dict)
 
 
-def gather_report_inputs(store, figure_1_case: Callable[[str], tuple[object, object]] | None = None,
+def gather_report_inputs(tables: dict[str, pl.DataFrame],
+                         figure_1_case: Callable[[str], tuple[object, object]] | None = None,
                          overlay: Callable[[object, object], bytes] | None = None) -> ReportInputs:
-    """Read everything the report shows from the feature store. `figure_1_case(patient_id)` returns
-    (image, mask) NIfTI for Figure 1, drawn with `overlay`; the patient is the first validation HCC
-    patient with a mask (else any patient with one)."""
-    masks = store.query("SELECT patient_id, liver_ml, dice_liver FROM liver_masks ORDER BY patient_id")
-    cohort = store.query("SELECT patient_id, hcc, split, source FROM cohort_split ORDER BY patient_id")
-    inputs = ReportInputs(
-        cohort=cohort,
-        exclusions=store.query("SELECT patient_id, stage, reason FROM exclusions ORDER BY stage, patient_id"),
-        masks=masks,
-        metrics=store.query("SELECT * FROM model_metrics ORDER BY scheme, model, metric"),
-        history=store.query("SELECT epoch, train_loss, train_acc, val_loss, val_acc FROM training_history "
-                            "WHERE model_name = 'hcc_classifier' ORDER BY epoch"),
-        predictions=store.query("SELECT model, patient_id, probability, label FROM predictions "
-                                "WHERE split = 'validation' ORDER BY model, patient_id"),
-        coefficients=store.query("SELECT * FROM coefficients ORDER BY model, feature"),
-        sweep=store.query("SELECT measure, threshold, n_kept, n_selected, cv_accuracy, val_accuracy, val_roc_auc "
-                          "FROM explainability_sweep ORDER BY measure, threshold"),
-        models=store.query("SELECT model_name, version, kind, init FROM models WHERE current ORDER BY model_name"),
-    )
+    """The report's inputs from the feature-store tables (`featurestore.reads.report_tables`).
+    `figure_1_case(patient_id)` returns (image, mask) NIfTI for Figure 1, drawn with `overlay`; the
+    patient is the first validation HCC patient with a mask (else any patient with one)."""
+    masks, cohort = tables["masks"], tables["cohort"]
+    inputs = ReportInputs(**{name: tables[name] for name in (
+        "cohort", "exclusions", "masks", "metrics", "history", "predictions", "coefficients", "sweep", "models")},
+        comparison=tables.get("comparison"))
     if figure_1_case is not None and overlay is not None and masks.height:
         with_mask = set(masks["patient_id"].to_list())
         preferred = cohort.filter(pl.col("hcc") & (pl.col("split") == "validation"))["patient_id"].to_list()
@@ -226,6 +216,10 @@ def build_report(inputs: ReportInputs) -> RenderedReport:
     for scheme in cv_schemes:
         sections.append((f"Repeated stratified cross-validation of the whole fit ({scheme}; mean and 2.5-97.5 "
                          "percentiles over folds)", [("table", table_1(inputs.metrics, scheme))]))
+    if inputs.comparison is not None and inputs.comparison.height and inputs.comparison["previous_version"].drop_nulls().len():
+        sections.append(("Current models beside their previous versions (validation estimates)", [
+            ("table", _frame_table(inputs.comparison, ["model", "metric", "current_version", "current",
+                                                       "previous_version", "previous"]))]))
     sections.append(("Figures", [("figure", name) for name in figures]))
     sections.append(("Coefficients (unpenalized Logit refit on the selected standardized features)", [
         ("table", _frame_table(inputs.coefficients, ["model", "feature", "beta", "std_error", "z", "p_value",

@@ -5,8 +5,8 @@ half transaction in the feature store, and its re-run must give exactly the rows
 clean run. The fault is injected only in the child process that gets killed, around a call of
 ours: `file_rename` stops inside fsspec's rename of nifti_volume's temp file into place (the new
 file fully written under its temp name); `store_transaction` stops inside the feature-store
-transaction that replaces the patient's `volumes` row (after DELETE and INSERT, before COMMIT,
-holding the store's write lock). The parent waits until the child is there, then kills it.
+transaction that replaces the patient's `volumes` row (after DELETE and INSERT, before COMMIT
+of the DuckLake transaction). The parent waits until the child is there, then kills it.
 """
 
 from __future__ import annotations
@@ -52,14 +52,14 @@ def _run_until_killed(lake_root: str, incoming: str, patient_id: str, kill_point
     else:
         from hcc_assets.featurestore.store import FeatureStore
 
-        views_of = FeatureStore._views_of
+        refresh_views = FeatureStore._refresh_views
 
         def views_or_hang(table, con):
             if table == "volumes":
                 hang_here()
-            return views_of(table, con)
+            return refresh_views(table, con)
 
-        FeatureStore._views_of = staticmethod(views_or_hang)
+        FeatureStore._refresh_views = staticmethod(views_or_hang)
 
     from hcc_assets.defs.resources import LakeResource
 
@@ -134,7 +134,8 @@ def test_a_run_killed_while_writing_leaves_whole_outputs_and_its_rerun_is_exact(
         assert child.exitcode == -signal.SIGKILL
 
         # what the crash left: the new volume fully written under a temp name, never under its own
-        # (file_rename); an uncommitted transaction that DuckDB drops (store_transaction)
+        # (file_rename); an uncommitted DuckLake transaction: its Parquet file may exist, but no
+        # snapshot refers to it, so no reader sees its rows (store_transaction)
         assert [t.name.endswith(NIFTI_FILE) for t in temps] == ([True] if kill_point == "file_rename" else [])
         _assert_outputs_whole(lake_root)
         assert _same_rows(_rows(store, pid), clean_rows)

@@ -46,7 +46,7 @@ def test_dask_executor_matches_multiprocess(small_cohort, tmp_path, monkeypatch)
     source, _ = small_cohort
     lake_root, incoming = tmp_path / "lake", tmp_path / "incoming"
     shutil.copytree(source, incoming)
-    store_file = lake_root / "feature_store.duckdb"
+    store_file = lake_root / "feature_store.sqlite"
     # what the Definitions in every spawned process (runner workers, Dask workers) read
     monkeypatch.setenv("HCC_ASSETS_LAKE", str(lake_root))
     monkeypatch.setenv("HCC_ASSETS_INCOMING", str(incoming))
@@ -72,8 +72,9 @@ def test_dask_executor_matches_multiprocess(small_cohort, tmp_path, monkeypatch)
 
     # 2. wipe the outputs (keep the pseudonym key), then the same runs on a Dask cluster
     shutil.rmtree(lake_root / "patients")
-    for path in lake_root.glob("feature_store.duckdb*"):
+    for path in lake_root.glob("feature_store.sqlite*"):
         path.unlink()
+    shutil.rmtree(lake_root / "feature_store")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                                   worker_dashboard_address=None) as cluster, distributed.Client(cluster) as client:
         worker_pids = set(client.run(os.getpid).values())

@@ -1,6 +1,6 @@
-"""Four patients materialized at once, each in its own run, all writing the same DuckDB file,
-twice in a row (the second round replaces rows while the other runs write): no run may fail on
-DuckDB's lock, and each round leaves exactly one set of rows per patient."""
+"""Four patients materialized at once, each in its own run, all writing the same DuckLake feature
+store, twice in a row (the second round replaces rows while the other runs write): no run may
+fail (conflicting commits are retried), and each round leaves exactly one set of rows per patient."""
 
 import json
 import os
@@ -32,7 +32,7 @@ def test_parallel_multiprocess_runs_share_the_feature_store(incoming_copy, tmp_p
         from hcc_assets.featurestore import FeatureStore
         instance = dg.DagsterInstance.get()
         pids = runner.register_ready_patients(instance)[:4]
-        store = FeatureStore(Path({str(lake_root)!r}) / "feature_store.duckdb")
+        store = FeatureStore(Path({str(lake_root)!r}) / "feature_store.sqlite")
         ok = True
         for executor in ("multiprocess", "in_process"):
             results = runner.materialize_patients(pids, workers=4, executor=executor)
@@ -55,6 +55,6 @@ def test_parallel_multiprocess_runs_share_the_feature_store(incoming_copy, tmp_p
     assert "lock" not in run.stdout.lower()
     from hcc_assets.featurestore import FeatureStore
 
-    store = FeatureStore(lake_root / "feature_store.duckdb")
+    store = FeatureStore(lake_root / "feature_store.sqlite")
     assert store.query("SELECT count(DISTINCT patient_id) FROM volumes WHERE kind = 'preprocessed'").item() == 4
     assert store.query("SELECT count(DISTINCT (patient_id, series_key)) FROM scans").item() == 12

@@ -16,6 +16,8 @@ import dagster as dg
 import fsspec
 import pytest
 
+from hcc_assets.featurestore import FeatureStoreError
+
 from hcc_assets.defs import segmentation
 from hcc_assets.defs.cohort import cohort
 from hcc_assets.defs.ingest import NIFTI_FILE, PREPROCESSED_FILE, RAW_SCAN_FILE, REFERENCE_MASK_FILE
@@ -36,8 +38,8 @@ def test_remote_root_needs_local_feature_store_and_drop_zone(memory_root):
         lake.store
     with pytest.raises(ValueError, match="set LakeResource.incoming"):
         lake.incoming_dir
-    with pytest.raises(ValueError, match="must be a local file path"):
-        LakeResource(root=memory_root, feature_store=f"{memory_root}/fs.duckdb").store
+    with pytest.raises(FeatureStoreError, match="local SQLite file path or postgres"):
+        LakeResource(root=memory_root, feature_store=f"{memory_root}/fs.sqlite").store
     assert DataLake(memory_root).patient_file("pt-x", NIFTI_FILE) == \
         f"memory:///{memory_root.removeprefix('memory://')}/patients/pt-x/{NIFTI_FILE}"
 
@@ -46,7 +48,7 @@ def test_patient_chain_and_segmentation_on_a_memory_lake(small_cohort, tmp_path,
     source, _ = small_cohort
     incoming = tmp_path / "incoming"
     shutil.copytree(source, incoming)
-    store_file = tmp_path / "store" / "feature_store.duckdb"
+    store_file = tmp_path / "store" / "feature_store.sqlite"
     work = tmp_path / "cwd"  # a local folder named after the URL ("memory:/...") would appear here
     work.mkdir()
     monkeypatch.chdir(work)
@@ -111,5 +113,7 @@ def test_patient_chain_and_segmentation_on_a_memory_lake(small_cohort, tmp_path,
         assert not any(work.iterdir()), list(work.iterdir())
         leftovers = [p.name for p in staging.iterdir() if not p.name.startswith("torchinductor")]  # torch's cache
         assert not leftovers, leftovers
-        assert {p.name for p in store_file.parent.iterdir()} <= {store_file.name, store_file.name + ".lock",
-                                                                  store_file.name + ".wal"}
+        # the DuckLake catalog (SQLite, WAL) and its Parquet files beside it
+        assert {p.name for p in store_file.parent.iterdir()} <= {store_file.name, store_file.name + "-wal",
+                                                                  store_file.name + "-shm", "feature_store"}
+        assert list((store_file.parent / "feature_store").rglob("*.parquet"))

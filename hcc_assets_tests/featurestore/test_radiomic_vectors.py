@@ -1,7 +1,6 @@
 """radiomic_vectors (one DOUBLE[] per patient and feature set) must always say what the long
 table `radiomic_features` says: the training-set query reads the vectors, SQL users the long rows."""
 
-import duckdb
 import numpy as np
 import polars as pl
 import pytest
@@ -124,21 +123,3 @@ def test_derived_tables_cannot_be_written_directly(tmp_path):
         store.replace_where("radiomic_vectors", {}, pl.DataFrame())
 
 
-def test_a_store_from_before_the_vectors_is_upgraded_on_first_read(tmp_path):
-    path = tmp_path / "fs.sqlite"
-    store = FeatureStore(path)
-    for pid, base in (("pt-a", 1.0), ("pt-b", 2.0)):
-        store.replace_partition("radiomic_features", pid, _long(pid, {name: base for name in NAMES}))
-    store.replace_table("cohort_split", FeatureStore.with_provenance(
-        pl.DataFrame({"patient_id": ["pt-a", "pt-b"], "hcc": [True, False], "split": "train", "seed": 0}),
-        version="c", run_id="r"))
-    con = duckdb.connect(str(path))  # what an older version of the store left behind
-    con.execute("DROP VIEW radiomics")
-    con.execute("DROP TABLE radiomic_vectors")
-    con.execute("DROP TABLE radiomic_feature_names")
-    con.close()
-
-    matrix = radiomics_matrix(FeatureStore(path), "fs1")
-    assert matrix.patient_ids == ["pt-a", "pt-b"] and matrix.values.tolist() == [[1.0] * 4, [2.0] * 4]
-    assert store.query("SELECT original_shape_Volume FROM radiomics ORDER BY 1")["original_shape_Volume"].to_list() \
-        == [1.0, 2.0]
