@@ -73,3 +73,18 @@ def pytest_terminal_summary(terminalreporter):
     if lowest < LOW_DISK_GIB:
         terminalreporter.write_line(f"WARNING: under {LOW_DISK_GIB:.0f} GiB of free disk: failures above may be "
                                     "writes that ran out of space", red=True)
+
+
+@pytest.fixture
+def postgres():
+    """A real PostgreSQL server on 127.0.0.1 in a temporary folder (hcc_assets_tests/postgres_server.py).
+    Skipped where the server binaries are missing, unless $HCC_ASSETS_REQUIRE_POSTGRES is set (CI)."""
+    from hcc_assets_tests.postgres_server import REQUIRE_ENV, postgres_bindir, remove, start_postgres
+
+    if postgres_bindir() is None:
+        if os.environ.get(REQUIRE_ENV):
+            pytest.fail(f"{REQUIRE_ENV} is set but the PostgreSQL server (Debian package postgresql) is missing")
+        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
+    server = start_postgres()
+    yield server
+    remove(server)

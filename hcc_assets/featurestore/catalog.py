@@ -146,7 +146,8 @@ class StoreLocation:
             set_wal_mode(self.sqlite_path)
 
     def _unreachable(self, error: Exception) -> str:
-        detail = redact(str(error).splitlines()[-1] if str(error).strip() else type(error).__name__)
+        lines = [line.strip() for line in str(error).splitlines() if line.strip() and line.strip() != "^"]
+        detail = redact(" ".join(lines)[:600] if lines else type(error).__name__)
         return (f"feature store catalog {self.describe()} cannot be opened (setting {CATALOG_SETTING}"
                 f"{'' if self.data_path is None else f', data path {DATA_PATH_SETTING}={redact(self.data_path)}'}): "
                 f"{detail}")
@@ -191,8 +192,9 @@ def _new_database(postgres: bool) -> duckdb.DuckDBPyConnection:
 
 
 class _Engine:
-    """This process's DuckDB instance: extensions loaded once, each store attached once under an
-    alias of its own (`fs_<digest>`), the least recently used detached beyond MAX_ATTACHED."""
+    """This process's DuckDB instance: extensions loaded once, the store in use attached once per
+    mode (read-write, read-only, each past snapshot) under an alias of its own (`fs_<digest>`),
+    the least recently used detached beyond MAX_ATTACHED."""
 
     MAX_ATTACHED = 8
 
@@ -208,15 +210,15 @@ class _Engine:
         key = repr((location, read_only, snapshot_version, snapshot_time))
         alias = "fs_" + hashlib.sha1(key.encode()).hexdigest()[:12]
         with self.lock:
-            if alias in self.attached and self.attached[alias][1] != _identity(location):
+            if alias in self.attached and self.attached[alias][1] != catalog_identity(location):
                 self._detach(alias)  # its catalog file was removed or replaced since it was attached
             if alias not in self.attached:
-                self._detach_vanished()
+                self._detach_others(location)
                 if location.is_postgres and not self.postgres_loaded:
                     self.database.execute("LOAD postgres_scanner")
                     self.postgres_loaded = True
                 location._attach(self.database, alias, read_only, snapshot_version, snapshot_time)
-                self.attached[alias] = (location, _identity(location))
+                self.attached[alias] = (location, catalog_identity(location))
                 while len(self.attached) > self.MAX_ATTACHED:
                     self._detach(next(iter(self.attached)))
             self.attached.move_to_end(alias)
@@ -231,15 +233,16 @@ class _Engine:
         except duckdb.Error:
             pass  # still in use by an open transaction: it goes with the process
 
-    def _detach_vanished(self) -> None:
-        """Detach SQLite catalogs whose file is gone (a deleted temporary lake): DuckDB would
-        otherwise fail every later statement that touches the attached databases."""
-        for alias, (location, identity) in list(self.attached.items()):
-            if _identity(location) != identity:
+    def _detach_others(self, location: StoreLocation) -> None:
+        """Detach every other store (and this one's stale attachments): DuckDB's catalog functions
+        visit every attached database, so one whose file is gone or whose server is down would
+        fail the statements of all the others. A process works with one store at a time."""
+        for alias, (attached, identity) in list(self.attached.items()):
+            if attached != location or catalog_identity(attached) != identity:
                 self._detach(alias)
 
 
-def _identity(location: StoreLocation) -> tuple | None:
+def catalog_identity(location: StoreLocation) -> tuple | None:
     """(device, inode) of a SQLite catalog file, None when absent or for Postgres."""
     path = location.sqlite_path
     if path is None:

@@ -32,7 +32,8 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
-from hcc_assets.featurestore.catalog import CatalogError, StoreLocation, current_alias, reset_engine
+from hcc_assets.featurestore.catalog import (CatalogError, StoreLocation, catalog_identity, current_alias,
+                                            reset_engine)
 from hcc_assets.featurestore.schema import (DERIVED_REFRESHERS, DERIVED_TABLES, HISTORY_KEYS, TABLES,
                                            VIEW_BUILDERS, create_statements, static_view_statements)
 
@@ -70,7 +71,7 @@ class FeatureStore:
     data path (defaults beside a SQLite catalog). `snapshot`/`snapshot_time` make a read-only view
     of the store as it was at that snapshot or time."""
 
-    _ready: set[str] = set()  # catalogs whose schema this process has checked
+    _ready: set[str] = set()  # catalogs (and, for SQLite, which file) whose schema this process has checked
 
     def __init__(self, catalog: str | os.PathLike[str], data_path: str | os.PathLike[str] | None = None, *,
                  snapshot: int | None = None, snapshot_time: str | None = None,
@@ -115,20 +116,22 @@ class FeatureStore:
 
     def ensure_schema(self) -> None:
         """Create the catalog (atomically, for SQLite) and every table and view, once per process."""
-        key = repr(self.location)
-        if key in FeatureStore._ready:
+        if repr((self.location, catalog_identity(self.location))) in FeatureStore._ready:
             return
         sqlite_path = self.location.sqlite_path
         if sqlite_path is not None and not (sqlite_path.exists() and sqlite_path.stat().st_size):
             self._create_sqlite_catalog(sqlite_path)
-        con = self._connect(read_only=True)
-        try:
-            missing = set(ALL_TABLES) - self._tables_in(con)
-        finally:
-            con.close()
-        if missing:
-            self.transaction(self._create_schema, what="create the schema")
-        FeatureStore._ready.add(key)
+        for attempt in range(1, 21):
+            try:
+                self.transaction(self._create_missing, what="create the schema")
+                break
+            except FeatureStoreError as error:
+                # processes that start together on a new Postgres catalog race to create DuckLake's
+                # own tables: the losers see them exist and try again
+                if attempt == 20 or not any(m in str(error).lower() for m in ("already exists", "duplicate key")):
+                    raise
+                time.sleep(0.1 * attempt * (0.5 + random.random()))
+        FeatureStore._ready.add(repr((self.location, catalog_identity(self.location))))
 
     def _create_sqlite_catalog(self, path: Path) -> None:
         """Build a new SQLite catalog under a temporary name and link it into place, so processes
@@ -151,6 +154,11 @@ class FeatureStore:
         finally:
             for leftover in (temp, Path(f"{temp}-wal"), Path(f"{temp}-shm"), Path(f"{temp}-journal")):
                 leftover.unlink(missing_ok=True)
+
+    @staticmethod
+    def _create_missing(con: duckdb.DuckDBPyConnection) -> None:
+        if set(ALL_TABLES) - FeatureStore._tables_in(con):
+            FeatureStore._create_schema(con)
 
     @staticmethod
     def _create_schema(con: duckdb.DuckDBPyConnection) -> None:
