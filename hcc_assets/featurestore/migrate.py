@@ -30,6 +30,7 @@ def migrate_duckdb_file(source: Path, store: FeatureStore) -> dict[str, int]:
             frames[table] = old.execute(f"SELECT * FROM {table}").fetch_arrow_table()
     finally:
         old.close()
+    store.refuse_legacy = False  # `source` is usually the very file that makes a new catalog refuse
     if store.query("SELECT (SELECT count(*) FROM patients) + (SELECT count(*) FROM models) AS n").item():
         raise FeatureStoreError("the DuckLake feature store already holds rows; migrate into an empty one")
 

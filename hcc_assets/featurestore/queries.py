@@ -66,12 +66,20 @@ def radiomics_matrix(store: FeatureStore, feature_set_version: str, prefixes: tu
     Reads `radiomic_vectors` (one DOUBLE[] per patient), not the long table: at 100k patients x
     250 features this takes a fraction of a second where pivoting 25M long rows takes tens."""
     with store.reader() as con:
-        # the version inlined, not a parameter: DuckDB then filters inside the scan instead of
-        # copying every vector through a filter (measured 1.5x); no join in SQL either, since
-        # DuckDB builds its hash table on the vectors side and copies them once more. One thread:
-        # the result is then one Arrow chunk, reshaped without a copy; with two, the chunks cost
-        # a 200 MB copy (and its page faults), more than the second thread saves
-        con.execute("SET threads = 1")
+        return radiomics_matrix_on(con, feature_set_version, prefixes)
+
+
+def radiomics_matrix_on(con, feature_set_version: str, prefixes: tuple[str, ...] = ()) -> FeatureMatrix:
+    """radiomics_matrix on an open connection whose default catalog holds the store's tables (the
+    benchmark runs it on a single-file DuckDB copy too)."""
+    # the version inlined, not a parameter: DuckDB then filters inside the scan instead of
+    # copying every vector through a filter (measured 1.5x); no join in SQL either, since
+    # DuckDB builds its hash table on the vectors side and copies them once more. One thread:
+    # the result is then one Arrow chunk, reshaped without a copy; with two, the chunks cost
+    # a 200 MB copy (and its page faults), more than the second thread saves
+    threads = con.execute("SELECT current_setting('threads')").fetchone()[0]
+    con.execute("SET threads = 1")
+    try:
         vectors = con.sql(
             "SELECT patient_id, feature_names_id, feature_values FROM radiomic_vectors "
             f"WHERE feature_set_version = {sql_string(feature_set_version)}").to_arrow_table()
@@ -80,6 +88,8 @@ def radiomics_matrix(store: FeatureStore, feature_set_version: str, prefixes: tu
             "SELECT feature_names_id, features FROM radiomic_feature_names WHERE feature_names_id IN "
             "(SELECT DISTINCT feature_names_id FROM radiomic_vectors WHERE feature_set_version = ?)",
             [feature_set_version]).fetchall())
+    finally:
+        con.execute(f"SET threads = {int(threads)}")  # the connection may be shared (one DuckDB per process)
     # the columns: every stored name (matching `prefixes`) of this version; a patient whose name
     # list lacks one, or whose value is NULL, has no complete vector and is left out
     names = sorted({name for listed in name_lists.values() for name in listed

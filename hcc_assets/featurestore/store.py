@@ -38,6 +38,7 @@ from hcc_assets.featurestore.schema import (DERIVED_REFRESHERS, DERIVED_TABLES, 
                                            VIEW_BUILDERS, create_statements, static_view_statements)
 
 ALL_TABLES = (*TABLES, *DERIVED_TABLES)
+LEGACY_FILE = "feature_store.duckdb"  # the single-file store of earlier versions
 T = TypeVar("T")
 
 # Messages of errors that mean "another transaction committed first: run yours again".
@@ -85,6 +86,7 @@ class FeatureStore:
         self.write_timeout_s = write_timeout_s
         self.max_attempts = max_attempts
         self.retries = 0  # write attempts run again after a conflict (for benchmarks and tests)
+        self.refuse_legacy = True  # refuse to start a new catalog beside an unmigrated feature_store.duckdb
 
     def __repr__(self) -> str:
         at = f" @{self.snapshot}" if self.snapshot is not None else f" @{self.snapshot_time}" if self.snapshot_time else ""
@@ -136,6 +138,12 @@ class FeatureStore:
     def _create_sqlite_catalog(self, path: Path) -> None:
         """Build a new SQLite catalog under a temporary name and link it into place, so processes
         that start together on an empty lake never see (or race on) a half-made catalog."""
+        legacy = path.with_name(LEGACY_FILE)
+        if self.refuse_legacy and legacy.is_file():
+            raise FeatureStoreError(
+                f"found {LEGACY_FILE}, a single-file feature store from before DuckLake, beside the new catalog "
+                f"{path.name}: migrate it with `hcc-assets migrate-store --from {legacy}` (or move it away to "
+                "start an empty store)")
         self.location.prepare()
         temp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
         building = StoreLocation(f"sqlite:{temp}", self.location.data_path)

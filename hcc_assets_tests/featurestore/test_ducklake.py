@@ -248,10 +248,16 @@ def test_an_old_single_file_store_is_refused_and_migrates(tmp_path):
     con.execute("INSERT INTO radiomic_features VALUES ('pt-a', 'fs1', 'original_shape_Volume', 5.0, 'v', 'r', now())")
     con.close()
     with pytest.raises(FeatureStoreError, match="migrate-store"):
-        FeatureStore(old).query("SELECT 1")
-    run = subprocess.run([sys.executable, "-m", "hcc_assets.cli", "migrate-store", "--from", str(old),
-                          "--catalog", str(tmp_path / "feature_store.sqlite")], capture_output=True, text=True)
+        FeatureStore(old).query("SELECT 1")  # named as the catalog
+    from hcc_assets.defs.resources import LakeResource
+
+    lake = LakeResource(root=str(tmp_path))
+    with pytest.raises(FeatureStoreError, match="migrate-store --from"):
+        lake.store.query("SELECT 1")  # found in the lake beside the new default catalog
+    assert not (tmp_path / "feature_store.sqlite").exists()
+    run = subprocess.run([sys.executable, "-m", "hcc_assets.cli", "--lake", str(tmp_path), "migrate-store",
+                          "--from", str(old)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    store = FeatureStore(tmp_path / "feature_store.sqlite")
+    store = lake.store
     assert store.query("SELECT patient_id, series_key FROM scans").rows() == [("pt-a", "s0")]
     assert store.query("SELECT original_shape_Volume FROM radiomics").item() == 5.0  # derived rows rebuilt
