@@ -88,3 +88,25 @@ def postgres():
     server = start_postgres()
     yield server
     remove(server)
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch):
+    """An S3-compatible server on 127.0.0.1 (moto's, a real HTTP server speaking the S3 API) with a
+    bucket `lake`; the standard AWS variables point at it. Yields (bucket URL, boto3 client)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    settings = {"AWS_ACCESS_KEY_ID": "hcc-test", "AWS_SECRET_ACCESS_KEY": "hcc-test-secret",
+                "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3", endpoint_url=settings["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                          aws_access_key_id=settings["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=settings["AWS_SECRET_ACCESS_KEY"])
+    client.create_bucket(Bucket="lake")
+    yield "s3://lake", client
+    server.stop()

@@ -31,6 +31,7 @@ DATA_PATH_SETTING = "HCC_ASSETS_FEATURE_STORE_DATA"
 ALIAS = "fs"  # the name the store is attached under; every connection runs `USE fs`
 POSTGRES_PREFIXES = ("postgres:", "postgresql:")
 DUCKDB_MAGIC = b"DUCK"  # bytes 8..12 of a DuckDB database file
+OBJECT_STORE_PREFIXES = ("s3://", "s3a://", "r2://", "gcs://", "gs://")
 
 
 class CatalogError(Exception):
@@ -75,6 +76,11 @@ class StoreLocation:
     @property
     def is_postgres(self) -> bool:
         return self.catalog.startswith("postgres:")
+
+    @property
+    def on_object_store(self) -> bool:
+        """Data files on S3 (or an S3-compatible server): DuckDB writes them through httpfs."""
+        return bool(self.data_path) and self.data_path.startswith(OBJECT_STORE_PREFIXES)
 
     @property
     def sqlite_path(self) -> Path | None:
@@ -125,8 +131,9 @@ class StoreLocation:
         self.prepare()
         if alias is None:
             return _engine().cursor(self, read_only, snapshot_version, snapshot_time)
-        con = _new_database(self.is_postgres)
+        con = _new_database()
         try:
+            _load_for(con, self)
             self._attach(con, alias, read_only, snapshot_version, snapshot_time)
             con.execute(f"USE {alias}")
         except BaseException:
@@ -179,16 +186,44 @@ def _is_duckdb_file(path: Path) -> bool:
         return False
 
 
-def _new_database(postgres: bool) -> duckdb.DuckDBPyConnection:
+def _new_database() -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the DuckLake extensions loaded from site-packages (never downloaded)."""
     con = duckdb.connect(config={"extension_directory": extension_directory(),
                                  "autoinstall_known_extensions": False, "autoload_known_extensions": False})
     con.execute("SET enable_progress_bar = false")
     con.execute("LOAD ducklake")
     con.execute("LOAD sqlite_scanner")
-    if postgres:
-        con.execute("LOAD postgres_scanner")
     return con
+
+
+def _load_for(con: duckdb.DuckDBPyConnection, location: StoreLocation) -> None:
+    """What `location` needs beyond DuckLake and SQLite: the Postgres scanner for a Postgres catalog,
+    httpfs and an S3 secret for data files on object storage (LOAD is a no-op when loaded)."""
+    if location.is_postgres:
+        con.execute("LOAD postgres_scanner")
+    if location.on_object_store:
+        con.execute("LOAD httpfs")
+        secret = s3_secret_sql()
+        if secret:
+            con.execute(secret)
+
+
+def s3_secret_sql() -> str | None:
+    """A DuckDB S3 secret from the standard AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    AWS_SESSION_TOKEN, AWS_REGION or AWS_DEFAULT_REGION, and AWS_ENDPOINT_URL for an S3-compatible
+    server); None without a key (DuckDB then tries anonymous access)."""
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if not key or not secret:
+        return None
+    options = [f"KEY_ID {_quote(key)}", f"SECRET {_quote(secret)}",
+               f"REGION {_quote(os.environ.get('AWS_REGION') or os.environ.get('AWS_DEFAULT_REGION') or 'us-east-1')}"]
+    if os.environ.get("AWS_SESSION_TOKEN"):
+        options.append(f"SESSION_TOKEN {_quote(os.environ['AWS_SESSION_TOKEN'])}")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL", "").strip()
+    if endpoint:
+        scheme, _, host = endpoint.rstrip("/").rpartition("://")
+        options += [f"ENDPOINT {_quote(host)}", "URL_STYLE 'path'", f"USE_SSL {'false' if scheme == 'http' else 'true'}"]
+    return f"CREATE OR REPLACE SECRET hcc_assets_s3 (TYPE s3, {', '.join(options)})"
 
 
 class _Engine:
@@ -200,8 +235,7 @@ class _Engine:
 
     def __init__(self) -> None:
         self.pid = os.getpid()
-        self.database = _new_database(postgres=False)
-        self.postgres_loaded = False
+        self.database = _new_database()
         self.attached: OrderedDict[str, tuple[StoreLocation, tuple | None]] = OrderedDict()
         self.lock = threading.Lock()
 
@@ -214,9 +248,7 @@ class _Engine:
                 self._detach(alias)  # its catalog file was removed or replaced since it was attached
             if alias not in self.attached:
                 self._detach_others(location)
-                if location.is_postgres and not self.postgres_loaded:
-                    self.database.execute("LOAD postgres_scanner")
-                    self.postgres_loaded = True
+                _load_for(self.database, location)
                 location._attach(self.database, alias, read_only, snapshot_version, snapshot_time)
                 self.attached[alias] = (location, catalog_identity(location))
                 while len(self.attached) > self.MAX_ATTACHED:
