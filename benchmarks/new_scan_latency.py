@@ -47,7 +47,7 @@ def main() -> int:
     for name in [n for n in os.environ if n.startswith("HCC_ASSETS_")] + ["DAGSTER_HOME"]:
         os.environ.pop(name, None)  # this lake's own settings, key and dagster_home only
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="hcc-latency-"))
-    reuse = bool(args.keep and args.reuse and (root / "lake" / "feature_store.duckdb").exists())
+    reuse = bool(args.keep and args.reuse and (root / "lake" / "feature_store.sqlite").exists())
     if args.keep and root.exists() and not reuse:
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)

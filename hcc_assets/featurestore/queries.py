@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from hcc_assets.featurestore.store import FeatureStore
 
@@ -84,10 +85,11 @@ def radiomics_matrix_on(con, feature_set_version: str, prefixes: tuple[str, ...]
             "SELECT patient_id, feature_names_id, feature_values FROM radiomic_vectors "
             f"WHERE feature_set_version = {sql_string(feature_set_version)}").to_arrow_table()
         labels = con.sql("SELECT patient_id, hcc, split FROM cohort_split").pl()
+        # the name lists these vectors use, from the result (a second scan of the vectors cost 0.03 s)
+        used = pc.unique(vectors["feature_names_id"]).to_pylist()
         name_lists = dict(con.execute(
-            "SELECT feature_names_id, features FROM radiomic_feature_names WHERE feature_names_id IN "
-            "(SELECT DISTINCT feature_names_id FROM radiomic_vectors WHERE feature_set_version = ?)",
-            [feature_set_version]).fetchall())
+            "SELECT feature_names_id, features FROM radiomic_feature_names WHERE list_contains(?, feature_names_id)",
+            [used]).fetchall())
     finally:
         con.execute(f"SET threads = {int(threads)}")  # the connection may be shared (one DuckDB per process)
     # the columns: every stored name (matching `prefixes`) of this version; a patient whose name

@@ -34,7 +34,7 @@ import pyarrow as pa
 
 from hcc_assets.featurestore.catalog import (CatalogError, StoreLocation, catalog_identity, current_alias,
                                             reset_engine)
-from hcc_assets.featurestore.schema import (DERIVED_REFRESHERS, DERIVED_TABLES, HISTORY_KEYS, TABLES,
+from hcc_assets.featurestore.schema import (DERIVED_REFRESHERS, DERIVED_TABLES, HISTORY_KEYS, TABLE_OPTIONS, TABLES,
                                            VIEW_BUILDERS, create_statements, static_view_statements)
 
 ALL_TABLES = (*TABLES, *DERIVED_TABLES)
@@ -125,7 +125,8 @@ class FeatureStore:
             self._create_sqlite_catalog(sqlite_path)
         for attempt in range(1, 21):
             try:
-                self.transaction(self._create_missing, what="create the schema")
+                if self.transaction(self._create_missing, what="create the schema"):
+                    self.transaction(self._set_table_options, what="set table options")
                 break
             except FeatureStoreError as error:
                 # processes that start together on a new Postgres catalog race to create DuckLake's
@@ -153,6 +154,7 @@ class FeatureStore:
                 con.execute("BEGIN TRANSACTION")
                 self._create_schema(con)
                 con.execute("COMMIT")
+                self._set_table_options(con)
             finally:
                 con.close()
             try:
@@ -164,9 +166,19 @@ class FeatureStore:
                 leftover.unlink(missing_ok=True)
 
     @staticmethod
-    def _create_missing(con: duckdb.DuckDBPyConnection) -> None:
+    def _create_missing(con: duckdb.DuckDBPyConnection) -> bool:
         if set(ALL_TABLES) - FeatureStore._tables_in(con):
             FeatureStore._create_schema(con)
+            return True
+        return False
+
+    @staticmethod
+    def _set_table_options(con: duckdb.DuckDBPyConnection) -> None:
+        """DuckLake options per table; set after the tables' own commit (DuckLake refuses options
+        on a table created in the same transaction)."""
+        for table, option, value in TABLE_OPTIONS:
+            con.execute(f"CALL ducklake_set_option('{current_alias(con)}', '{option}', '{value}', "
+                        f"table_name => '{table}')")
 
     @staticmethod
     def _create_schema(con: duckdb.DuckDBPyConnection) -> None:

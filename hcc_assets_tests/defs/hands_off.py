@@ -54,7 +54,7 @@ FEATURE_TABLES = ("liver_masks", "radiomic_features", "deep_embeddings")
 
 @dataclass
 class PreparedLake:
-    root: Path  # the lake: incoming/, feature_store.duckdb, models/, private/
+    root: Path  # the lake: incoming/, feature_store.sqlite + feature_store/, models/, private/
     home: Path  # DAGSTER_HOME
     patients: list[str]
     versions: dict[str, str]  # model name -> current version
