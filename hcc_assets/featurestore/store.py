@@ -340,11 +340,7 @@ class FeatureStore:
                    if patients is not None else None)
 
         def body(con: duckdb.DuckDBPyConnection) -> int:
-            con.register("claimed", claim_rows)
-            con.execute("DELETE FROM write_claims WHERE (table_name, partition_key) IN "
-                        "(SELECT table_name, partition_key FROM claimed)")
-            con.execute("INSERT INTO write_claims SELECT table_name, partition_key, ? FROM claimed",
-                        [dt.datetime.now(dt.timezone.utc)])
+            self._replace_claims(con, claim_rows)
             if written is not None:
                 con.register("written_patients", written)
             con.execute(f"DELETE FROM {table} WHERE {where}", params)
@@ -358,6 +354,16 @@ class FeatureStore:
             return rows.height
 
         return self.transaction(body, what=f"write {table}")
+
+    @staticmethod
+    def _replace_claims(con: duckdb.DuckDBPyConnection, claim_rows: pa.Table) -> None:
+        """Inside a write: delete and re-insert the partitions' claim rows, so that a concurrent
+        write of the same partitions conflicts with this one (see the module docstring)."""
+        con.register("claimed", claim_rows)
+        con.execute("DELETE FROM write_claims WHERE (table_name, partition_key) IN "
+                    "(SELECT table_name, partition_key FROM claimed)")
+        con.execute("INSERT INTO write_claims SELECT table_name, partition_key, ? FROM claimed",
+                    [dt.datetime.now(dt.timezone.utc)])
 
     def _ensure_claims(self, claim_rows: pa.Table) -> None:
         """Make sure each claim row exists before the write that replaces it (a separate commit,
@@ -386,11 +392,7 @@ class FeatureStore:
         self._ensure_claims(claim_rows)
 
         def body(con: duckdb.DuckDBPyConnection) -> None:
-            con.register("claimed", claim_rows)
-            con.execute("DELETE FROM write_claims WHERE (table_name, partition_key) IN "
-                        "(SELECT table_name, partition_key FROM claimed)")
-            con.execute("INSERT INTO write_claims SELECT table_name, partition_key, ? FROM claimed",
-                        [dt.datetime.now(dt.timezone.utc)])
+            self._replace_claims(con, claim_rows)
             con.execute("UPDATE models SET current = false WHERE model_name = ? AND current", [name])
             con.execute("DELETE FROM models WHERE model_name = ? AND version = ?", [name, version])
             con.register("incoming_rows", incoming)

@@ -279,3 +279,30 @@ def test_the_data_files_can_live_on_an_s3_server(tmp_path, s3_bucket):
     assert report.data_files_after < report.data_files_before
     assert store.query("SELECT original_shape_Volume FROM radiomics ORDER BY patient_id")["original_shape_Volume"] \
         .to_list() == [6.0, 3.0]
+
+
+def test_a_conflicting_commit_is_retried_and_the_retries_are_bounded(tmp_path):
+    catalog = tmp_path / "fs.sqlite"
+    store = FeatureStore(catalog)
+    store.replace_partition("scans", "pt-a", _scans("pt-a", 1, "first"))
+    other = FeatureStore(catalog)
+
+    def write_meeting_another_writer(attempts: list):
+        def body(con):
+            attempts.append(1)
+            con.execute("DELETE FROM scans WHERE patient_id = 'pt-a'")
+            con.register("rows", _scans("pt-a", 2, f"mine-{len(attempts)}").to_arrow())
+            con.execute("INSERT INTO scans BY NAME SELECT * FROM rows")
+            if len(attempts) == 1:  # another writer commits the same rows while this transaction is open
+                other.replace_partition("scans", "pt-a", _scans("pt-a", 3, "other"))
+        return body
+
+    attempts: list = []
+    store.transaction(write_meeting_another_writer(attempts))
+    assert len(attempts) == 2 and store.retries == 1  # the conflict was retried, on fresh data
+    assert store.query("SELECT run_id, count(*) FROM scans GROUP BY 1").rows() == [("mine-2", 2)]
+
+    bounded = FeatureStore(catalog, max_attempts=1)
+    with pytest.raises(FeatureStoreError, match="conflicted with other writers after 1 attempts"):
+        bounded.transaction(write_meeting_another_writer([]))
+    assert store.query("SELECT run_id, count(*) FROM scans GROUP BY 1").rows() == [("other", 3)]
