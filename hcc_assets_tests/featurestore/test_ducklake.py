@@ -306,3 +306,32 @@ def test_a_conflicting_commit_is_retried_and_the_retries_are_bounded(tmp_path):
     with pytest.raises(FeatureStoreError, match="conflicted with other writers after 1 attempts"):
         bounded.transaction(write_meeting_another_writer([]))
     assert store.query("SELECT run_id, count(*) FROM scans GROUP BY 1").rows() == [("other", 3)]
+
+
+def _keep_writing(catalog: str, stop: str) -> None:
+    store = FeatureStore(catalog)
+    i = 0
+    while not Path(stop).exists():
+        store.replace_partition("scans", f"pt-{i % 3}", _scans(f"pt-{i % 3}", 2, f"w{i}"))
+        i += 1
+
+
+def test_the_sql_command_reads_while_writers_commit(tmp_path):
+    catalog = str(tmp_path / "fs.sqlite")
+    FeatureStore(catalog).replace_partition("scans", "pt-0", _scans("pt-0", 2, "w"))
+    stop = tmp_path / "stop"
+    writer = multiprocessing.get_context("spawn").Process(target=_keep_writing, args=(catalog, str(stop)))
+    writer.start()
+    try:
+        before = FeatureStore(catalog).current_snapshot()
+        for _ in range(3):
+            out = subprocess.run([sys.executable, "-m", "hcc_assets.cli", "sql",
+                                  "SELECT count(*) % 2 AS odd FROM scans", "--catalog", catalog, "--format", "csv"],
+                                 capture_output=True, text=True, timeout=120)
+            assert out.returncode == 0, out.stderr
+            assert out.stdout.splitlines() == ["odd", "0"]  # whole patients only: 2 rows each
+        assert FeatureStore(catalog).current_snapshot() > before  # the writer did commit meanwhile
+    finally:
+        stop.touch()
+        writer.join(60)
+    assert writer.exitcode == 0
