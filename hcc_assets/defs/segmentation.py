@@ -148,7 +148,8 @@ def _register_user_model(context, config: LiverSegmentationModelConfig, lake: La
 
 def _train_model(context, config: LiverSegmentationModelConfig, lake: LakeResource,
                  compute: ComputeResource) -> dg.MaterializeResult:
-    store, data_lake = lake.store, lake.lake
+    data_lake, snapshot = lake.lake, lake.store.current_snapshot()
+    store = lake.store.at(snapshot=snapshot)  # every read from one snapshot, recorded with the model
     device = compute.torch_device()
     compute.configure_threads()
     settings = config.training_config(device, compute.cpu_threads if device == "cpu" else None)
@@ -207,7 +208,8 @@ def _train_model(context, config: LiverSegmentationModelConfig, lake: LakeResour
     params = {"mode": "trained", **identity["training"], "trainer": info.trainer_name,
               "checkpoint_sha256": info.checkpoint_sha256, "held_out_patients": sorted(held_out)}
     _register(lake, context, model_version, model_path,
-              f"trained in platform (reduced CPU configuration {settings.configuration})", params, cases, metrics)
+              f"trained in platform (reduced CPU configuration {settings.configuration})", params, cases, metrics,
+              training_set=registry.reference_masks_spec(cases), data_snapshot=snapshot)
     epochs = [
         {"epoch": i, "train_loss": t, "val_loss": v, "pseudo_dice": d, "seconds": s}
         for i, (t, v, d, s) in enumerate(zip(summary["train_loss"], summary["val_loss"],
@@ -292,10 +294,11 @@ def _local_file(data_lake, pid: str, name: str, staging: Path) -> Path:
 
 
 def _register(lake: LakeResource, context, model_version: str, path: str, init: str, params: dict,
-              patients: list[str], metrics: dict) -> None:
+              patients: list[str], metrics: dict, training_set: dict | None = None,
+              data_snapshot: int | None = None) -> None:
     lake.store.register_model(registry.model_row(
         MODEL_NAME, "nnunet", path, init=init, params=params, metrics=metrics, training_patients=patients,
-        training_set=None, version=model_version, run_id=context.run.run_id))
+        training_set=training_set, version=model_version, run_id=context.run.run_id), data_snapshot=data_snapshot)
 
 
 # -- liver_mask ------------------------------------------------------------------------------

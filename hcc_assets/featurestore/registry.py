@@ -21,6 +21,7 @@ from hcc_assets.featurestore.store import FeatureStore, FeatureStoreError
 RADIOMICS = "radiomics"
 EMBEDDINGS = "embeddings"
 VOLUMES = "volumes"
+REFERENCE_MASKS = "reference_masks"
 
 
 def model_row(name: str, kind: str, path: str, *, init: str | None, params: dict, metrics: dict,
@@ -44,6 +45,11 @@ def matrix_spec(kind: str, matrix: FeatureMatrix) -> dict:
 def volumes_spec(patients: list[str]) -> dict:
     """What a model trained on preprocessed volumes read: those patients' volume rows and labels."""
     return {"kind": VOLUMES, "version": None, "features": ["path", "sha256"], "patients": sorted(patients)}
+
+
+def reference_masks_spec(patients: list[str]) -> dict:
+    """What a segmentation model trained on native volumes with reference masks read."""
+    return {"kind": REFERENCE_MASKS, "version": None, "features": ["path", "sha256"], "patients": sorted(patients)}
 
 
 def current_model(store: FeatureStore, model_name: str) -> dict | None:
@@ -87,7 +93,8 @@ def training_set(store: FeatureStore, version: str, model_name: str | None = Non
     hcc, split, then one column per feature (for a volume model: the volume's path and sha256)."""
     row = find_model(store, version, model_name)
     if row["data_snapshot"] is None or not row["training_set"]:
-        raise FeatureStoreError(f"{row['model_name']} {version} was registered without its training snapshot")
+        raise FeatureStoreError(f"{row['model_name']} {version} was registered without a record of its training "
+                                "set (a model from before DuckLake, or a user-supplied one)")
     spec = json.loads(row["training_set"])
     then = store.at(snapshot=int(row["data_snapshot"]))
     try:
@@ -106,11 +113,12 @@ def training_set(store: FeatureStore, version: str, model_name: str | None = Non
 
 def _read_spec(store: FeatureStore, spec: dict) -> pl.DataFrame:
     patients = spec["patients"]
-    if spec["kind"] == VOLUMES:
+    if spec["kind"] in (VOLUMES, REFERENCE_MASKS):
+        # a segmentation case need not be labelled: its hcc and split may be NULL
+        kind = "preprocessed" if spec["kind"] == VOLUMES else "nifti"
         return store.query(
-            "SELECT c.patient_id, c.hcc, c.split, v.path, v.sha256 FROM cohort_split c JOIN volumes v "
-            "USING (patient_id) WHERE v.kind = 'preprocessed' AND list_contains(?, c.patient_id) ORDER BY 1",
-            [patients])
+            "SELECT v.patient_id, c.hcc, c.split, v.path, v.sha256 FROM volumes v LEFT JOIN cohort_split c "
+            "USING (patient_id) WHERE v.kind = ? AND list_contains(?, v.patient_id) ORDER BY 1", [kind, patients])
     if spec["kind"] == RADIOMICS:
         matrix = radiomics_matrix(store, spec["version"])
     elif spec["kind"] == EMBEDDINGS:

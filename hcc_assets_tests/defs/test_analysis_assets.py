@@ -195,14 +195,14 @@ def test_each_model_reads_back_the_training_set_it_was_fitted_on(study):
     from hcc_assets.featurestore.registry import training_set
 
     store = study.store
-    for name in ("radiomic_model", "explainable_model", "hcc_classifier"):
+    for name in ("radiomic_model", "explainable_model", "hcc_classifier", "liver_segmentation"):
         row = store.query("SELECT version, training_patients, params, data_snapshot FROM models "
                           "WHERE model_name = ? AND current", [name]).row(0, named=True)
         assert row["data_snapshot"] is not None
         frame = training_set(store, row["version"])
         assert frame["patient_id"].to_list() == sorted(row["training_patients"])
         assert (frame["split"] == "train").all()
-        if name == "hcc_classifier":
+        if name in ("hcc_classifier", "liver_segmentation"):  # volumes: their files and hashes
             assert frame.columns == ["patient_id", "hcc", "split", "path", "sha256"]
         else:
             assert frame.width - 3 == json.loads(row["params"])["n_input_features"]
