@@ -9,8 +9,8 @@ dask costs every run process about a second.
 Which cluster: run config `execution: {config: {cluster: {existing: {address: tcp://host:8786}}}}`
 (`cluster_run_config`), or `cluster: {local: {n_workers: 2, threads_per_worker: 1}}` for a
 cluster that lives as long as the run. Every worker must reach the data lake (a shared folder or
-object storage) and the DuckDB feature store file, so a Dask cluster spans one machine's processes
-here (see docs/scaling.md).
+object storage) and the feature store: with its DuckLake catalog on Postgres and its data files on
+a shared path, workers may be on other machines (see docs/scaling.md).
 
 Why not dagster-dask's `dask_executor` as it ships (0.29.27): (1) it names each task
 `<job>.<step>`, so two runs of one job on one cluster share task keys and the second run silently
