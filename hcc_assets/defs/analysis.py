@@ -29,7 +29,7 @@ from hcc_assets import radiomics
 from hcc_assets.defs.cohort import cohort
 from hcc_assets.defs.deep import MODEL_NAME as CLASSIFIER_NAME
 from hcc_assets.defs.deep import PREDICTION_MODEL as DEEP_MODEL
-from hcc_assets.defs.deep import current_classifier, deep_embedding, hcc_classifier
+from hcc_assets.defs.deep import deep_embedding, hcc_classifier
 from hcc_assets.defs.metadata import markdown_table
 from hcc_assets.defs.resources import LakeResource
 from hcc_assets.defs.ingest import NIFTI_FILE
@@ -68,7 +68,7 @@ def _fail(what: str, problem: str) -> dg.Failure:
 
 
 def _classifier_version(store: FeatureStore, what: str) -> str:
-    model = current_classifier(store)
+    model = registry.current_model(store, CLASSIFIER_NAME)
     if model is None:
         raise _fail(what, "no hcc_classifier is registered; materialize the cohort_refresh job first")
     return model["version"]
@@ -104,11 +104,6 @@ class ExplainableFeaturesConfig(dg.Config):
     threshold: float = 0.5  # the study's |r| >= 0.5
     measure: str = "pearson"  # pearson | spearman | distance
     study_features_only: bool = True  # correlate with the study's 72 handcrafted features
-
-
-def kept_dl_features(store: FeatureStore) -> tuple[list[str], str, str]:
-    """(kept DL feature names, selection version, embedding version) of the current selection."""
-    return reads.explainable_selection(store)
 
 
 @dg.asset(
@@ -375,7 +370,7 @@ def explainable_model(context: dg.AssetExecutionContext, config: LassoModelConfi
                       ) -> dg.MaterializeResult:
     snapshot = lake.store.current_snapshot()
     store = lake.store.at(snapshot=snapshot)  # every read from one snapshot, recorded with the model
-    kept, selection_version, embedding_version = kept_dl_features(store)
+    kept, selection_version, embedding_version = reads.explainable_selection(store)
     if not selection_version:
         raise _fail("explainable_model", "explainable_features has not been materialized")
     if not kept:

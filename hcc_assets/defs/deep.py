@@ -386,11 +386,6 @@ def _classifier(data_lake: DataLake, folder: str, version: str, device: str):
     return _CLASSIFIERS[key]
 
 
-def current_classifier(store: FeatureStore) -> dict | None:
-    """The registry row of the current hcc_classifier (path, version, params, metrics), or None."""
-    return registry.current_model(store, MODEL_NAME)
-
-
 @dg.asset(
     partitions_def=patients_partitions,
     deps=[preprocessed_volume, hcc_classifier],
@@ -409,7 +404,7 @@ def deep_embedding(
 
     patient_id = context.partition_key
     store, data_lake = lake.store, lake.lake
-    model = current_classifier(store)
+    model = registry.current_model(store, MODEL_NAME)
     if model is None:
         raise dg.Failure(
             description=f"patient {patient_id}: deep_embedding needs a trained classifier, and none is "

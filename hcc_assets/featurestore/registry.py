@@ -81,13 +81,6 @@ def find_model(store: FeatureStore, version: str, model_name: str | None = None)
     return rows.row(0, named=True)
 
 
-def previous_version(store: FeatureStore, model_name: str) -> str | None:
-    """The version registered before the current one of `model_name` (by registration time)."""
-    rows = store.query("SELECT version FROM models WHERE model_name = ? AND NOT current "
-                       "ORDER BY materialized_at DESC LIMIT 1", [model_name])
-    return rows["version"][0] if rows.height else None
-
-
 def training_set(store: FeatureStore, version: str, model_name: str | None = None) -> pl.DataFrame:
     """The matrix model `version` was trained on, read at the snapshot it recorded: patient_id,
     hcc, split, then one column per feature (for a volume model: the volume's path and sha256)."""

@@ -145,7 +145,6 @@ class FeatureStore:
                 f"found {LEGACY_FILE}, a single-file feature store from before DuckLake, beside the new catalog "
                 f"{path.name}: migrate it with `hcc-assets migrate-store --from {legacy}` (or move it away to "
                 "start an empty store)")
-        self.location.prepare()
         temp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
         building = StoreLocation(f"sqlite:{temp}", self.location.data_path)
         try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
-import json
 import os
 import time
 
