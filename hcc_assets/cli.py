@@ -185,27 +185,186 @@ def cmd_materialize(args) -> int:
     _report("ingested", results, time.perf_counter() - start, args.workers)
     if not args.cohort:
         return 0
+    ingested = [pid for pid, ok, _ in results if ok]
     start = time.perf_counter()
     print("cohort assets (split, segmentation model, classifier): running; progress in the log lines", flush=True)
     cohort_ok = runner.materialize_cohort()
-    print(f"cohort assets (split, models): {'ok' if cohort_ok else 'FAILED (see the run in the UI)'} "
-          f"in {time.perf_counter() - start:.1f}s")
+    classifier = _classifier_state()
+    refused = classifier["refused"]
+    print(f"cohort assets (split, models): {'ok' if cohort_ok else 'FAILED (see the run in the UI)' if not refused else 'done'}"
+          f" in {time.perf_counter() - start:.1f}s")
+    if refused:  # a quality gate said no: a result to report, not a crash
+        print(f"hcc_classifier retrain {refused} REFUSED: {classifier['why']}; "
+              + (f"version {classifier['current']} stays in use" if classifier["current"] else
+                 "no usable classifier: no deep embeddings, no deep or explainable predictions"), flush=True)
+    usable = classifier["current"] is not None
     features_ok = True
     if runner.has_assets("patient_features"):
         # per-patient features run even after a failed model: those that need it fail clearly
-        ingested = [pid for pid, ok, _ in results if ok]
+        assets = None if usable else tuple(a for a in runner.asset_names("patient_features") if a != "deep_embedding")
         start = time.perf_counter()
         features = runner.materialize_patients(ingested, workers=args.workers, job="patient_features", **on_dask,
-                                               progress=_progress_line("features"))
+                                               progress=_progress_line("features"), assets=assets)
         _report("model-derived features for", features, time.perf_counter() - start, args.workers)
         features_ok = all(ok for _, ok, _ in features)
     analysis_ok = True
     if runner.has_assets("analysis_refresh"):
         start = time.perf_counter()
-        analysis_ok = runner.materialize_cohort("analysis_refresh")
+        deep_only = {"explainable_features", "explainability_sweep", "explainable_model"}
+        analysis = None if usable else [a for a in runner.asset_names("analysis_refresh") if a not in deep_only]
+        analysis_ok = runner.materialize_cohort("analysis_refresh", assets=analysis)
         print(f"analysis (explainable features, LASSO models, metrics, coefficients, report): "
-              f"{'ok' if analysis_ok else 'FAILED (see the run in the UI)'} in {time.perf_counter() - start:.1f}s")
-    return 0 if cohort_ok and features_ok and analysis_ok else 1
+              f"{'ok' if analysis_ok else 'FAILED (see the run in the UI)'} in {time.perf_counter() - start:.1f}s"
+              + ("" if usable else " (explainable arm skipped: no usable classifier)"))
+    predictions_ok = True
+    if runner.has_assets("patient_predictions"):
+        start = time.perf_counter()
+        predicted = runner.materialize_patients(ingested, workers=args.workers, job="patient_predictions", **on_dask,
+                                                progress=_progress_line("predictions"))
+        _report("predictions for", predicted, time.perf_counter() - start, args.workers)
+        predictions_ok = all(ok for _, ok, _ in predicted)
+        _print_prediction_summary()
+    return 0 if (cohort_ok or refused) and features_ok and analysis_ok and predictions_ok else 1
+
+
+def _classifier_state() -> dict:
+    """The current hcc_classifier version, and the newest retrain refused after it (with why)."""
+    import json
+
+    from hcc_assets.defs.resources import default_lake_resource
+    from hcc_assets.featurestore import reads, registry
+
+    store = default_lake_resource().store
+    current = registry.current_model(store, "hcc_classifier")
+    latest = reads.latest_noncurrent_model(store, "hcc_classifier")
+    refused, why = None, ""
+    if latest and (current is None or latest["materialized_at"] > current["materialized_at"]):
+        metrics = json.loads(latest["metrics"] or "{}")
+        if metrics.get("beats_chance_on_training") is False:
+            refused = latest["version"]
+            why = (f"training accuracy {metrics.get('train_acc', float('nan')):.3f} is not above the majority-class "
+                   f"rate {metrics.get('majority_rate', float('nan')):.3f} (beats_chance_on_training)")
+    return {"current": current["version"] if current else None, "refused": refused, "why": why}
+
+
+def _print_prediction_summary() -> None:
+    from hcc_assets.defs.resources import default_lake_resource
+    from hcc_assets.featurestore import reads
+
+    frame = reads.patient_predictions(default_lake_resource().store)
+    if frame.height == 0:
+        return
+    for model in ("deep", "radiomic", "explainable"):
+        rows = frame.filter(frame["model"] == model)
+        made = rows.filter(rows["status"] == "predicted")
+        reasons = sorted(set(rows.filter(rows["status"] != "predicted")["reason"].to_list()))
+        line = f"  {model:11s} P(HCC) for {made.height}/{rows.height} patients"
+        if made.height:
+            line += f", version {', '.join(sorted(set(made['model_version'].to_list())))}"
+        if reasons:
+            line += f"; unavailable: {reasons[0]}" + (f" (+{len(reasons) - 1} other reasons)" if len(reasons) > 1 else "")
+        print(line)
+
+
+def cmd_status(args) -> int:
+    """Per patient: current, stale or failed, and why (pseudonyms only)."""
+    from hcc_assets.instance import ensure_dagster_home
+
+    ensure_dagster_home(_lake_root(args))
+    import dagster as dg
+
+    from hcc_assets.featurestore import reads
+    from hcc_assets.steps.status import format_states, patient_states
+
+    try:
+        store = _store(args)
+        frame = reads.patient_status(store)
+    except Exception as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    failures = _last_failures(dg.DagsterInstance.get(), frame["patient_id"].to_list())
+    states = patient_states(frame, failures)
+    if args.patient:
+        states = [s for s in states if s.patient_id in set(args.patient)]
+    print(format_states(states))
+    classifier = _classifier_state()
+    if classifier["current"] is None:
+        print("no usable hcc_classifier: " + (f"retrain {classifier['refused']} refused, {classifier['why']}"
+                                              if classifier["refused"] else "none trained yet"))
+    elif classifier["refused"]:
+        print(f"hcc_classifier {classifier['current']} in use; retrain {classifier['refused']} refused: {classifier['why']}")
+    return 0
+
+
+def _last_failures(instance, patients: list[str]) -> dict[str, str]:
+    """patient -> first error line of its newest run, where that run failed."""
+    import dagster as dg
+
+    failures = {}
+    for pid in patients:
+        records = instance.get_run_records(dg.RunsFilter(tags={"dagster/partition": pid}), limit=1)
+        if not records or records[0].dagster_run.status != dg.DagsterRunStatus.FAILURE:
+            continue
+        run_id = records[0].dagster_run.run_id
+        for record in instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.STEP_FAILURE).records:
+            error = record.event_log_entry.dagster_event.step_failure_data.error
+            failures[pid] = error.message.strip().splitlines()[0] if error else "step failed"
+            break
+        else:
+            failures[pid] = "run failed"
+    return failures
+
+
+def cmd_predict(args) -> int:
+    """Publish one study folder into the drop zone, run its pipeline through Dagster, print P(HCC)."""
+    import shutil
+
+    from hcc_assets.instance import ensure_dagster_home
+
+    ensure_dagster_home(_lake_root(args))
+    import dagster as dg
+
+    from hcc_assets import runner
+    from hcc_assets.defs.resources import default_lake_resource
+    from hcc_assets.featurestore import reads
+    from hcc_assets.imaging.dropzone import COMPLETE_MARKER
+
+    source = Path(args.folder).resolve()
+    if not source.is_dir():
+        print(f"error: {args.folder} is not a folder", file=sys.stderr)
+        return 2
+    lake = default_lake_resource()
+    incoming = lake.incoming_dir.resolve()
+    pid = lake.pseudonym(source.name)
+    if source.parent != incoming:
+        target = incoming / source.name
+        if target.exists():
+            print(f"error: the drop zone already holds a study folder of this name (patient {pid}); "
+                  "predict that one with its path in the drop zone, or rename the folder", file=sys.stderr)
+            return 2
+        staging = incoming / f".{pid}.partial"  # hidden until complete: the sensor never sees half a study
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(source, staging)
+        (staging / COMPLETE_MARKER).touch()
+        staging.rename(target)
+    instance = dg.DagsterInstance.get()
+    if pid not in instance.get_dynamic_partitions("patients"):
+        instance.add_dynamic_partitions("patients", [pid])
+    started = time.perf_counter()
+    [(_, ok, error)] = runner.materialize_patients([pid], workers=1, job="patient_pipeline")
+    print(f"patient {pid}: patient_pipeline {'ok' if ok else 'FAILED: ' + error} in {time.perf_counter() - started:.1f}s")
+    predictions = reads.patient_predictions(lake.store, pid)
+    if predictions.height == 0:
+        print(f"patient {pid}: no prediction was made (see `hcc-assets status --patient {pid}`)")
+        return 1
+    for row in predictions.iter_rows(named=True):
+        if row["status"] == "predicted":
+            call = "HCC" if row["decision"] else "no HCC"
+            print(f"  {row['model']:11s} P(HCC) = {row['probability']:.3f} -> {call} at {row['threshold']:g} "
+                  f"({row['model_name']} {row['model_version']})" + (f"; {row['reason']}" if row["reason"] else ""))
+        else:
+            print(f"  {row['model']:11s} unavailable: {row['reason']}")
+    return 0 if ok else 1
 
 
 def _progress_line(stage: str):
@@ -267,15 +426,27 @@ def _prepare_studylike(lake: Path, incoming: Path, patients: int, seed: int, les
     _print_imports("TCGA-LIHC", tcia, time.perf_counter() - start)
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: {'not set' if action.default is None else '%(default)s'})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hcc-assets", description=__doc__)
+    parser = argparse.ArgumentParser(prog="hcc-assets", description=__doc__, formatter_class=_HelpWithDefaults)
     parser.add_argument("--lake", help="data lake root (default: $HCC_ASSETS_LAKE or ./data_lake)")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: add_parser(*a, formatter_class=_HelpWithDefaults, **k)  # type: ignore[method-assign]
 
     synth = sub.add_parser("synth", help="write a synthetic DICOM cohort with known truth")
-    synth.add_argument("--patients", type=int, default=40)
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--out", required=True)
+    synth.add_argument("--patients", type=int, default=40, help="number of patients")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (same seed, same cohort)")
+    synth.add_argument("--out", required=True, help="folder to write the cohort into")
     synth.add_argument("--lesion-contrast", type=float, default=1.0, help="0 = labels carry no image signal")
     synth.add_argument("--matrix", type=int, default=256, help="in-plane size (smaller for quick tests)")
     synth.add_argument("--layout", choices=["drop", "chaos", "tcia"], default="drop",
@@ -284,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     importer = sub.add_parser("import", help="import a CHAOS or TCGA-LIHC download into the drop zone")
     sources = importer.add_subparsers(dest="source", required=True)
+    add_source = sources.add_parser
+    sources.add_parser = lambda *a, **k: add_source(*a, formatter_class=_HelpWithDefaults, **k)  # type: ignore[method-assign]
     chaos = sources.add_parser("chaos", help="CHAOS MR (healthy): T2SPIR DICOM and Ground PNG masks")
     chaos.add_argument("--root", required=True, help="the CHAOS .../Train_Sets/MR folder")
     chaos.add_argument("--out", help="drop zone (default: <lake>/incoming)")
@@ -295,8 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     tcia.set_defaults(func=cmd_import_tcia)
 
     receive = sub.add_parser("receive", help="DICOM C-STORE receiver that writes studies into the drop zone")
-    receive.add_argument("--port", type=int, default=11112)
-    receive.add_argument("--ae-title", default="HCC_ASSETS")
+    receive.add_argument("--port", type=int, default=11112, help="TCP port to listen on")
+    receive.add_argument("--ae-title", default="HCC_ASSETS", help="this receiver's AE title")
     receive.add_argument("--bind", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
     receive.add_argument("--out", help="drop zone (default: <lake>/incoming)")
     receive.add_argument("--allowed-callers", default="",
@@ -310,13 +483,15 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--data", help="the store's data path (default: $HCC_ASSETS_FEATURE_STORE_DATA or "
                              "the one recorded in the catalog)")
         if time_travel:
-            command.add_argument("--snapshot", type=int, help="read the store as it was at this snapshot id")
-            command.add_argument("--as-of", help="read the store as it was at this time (e.g. '2026-11-30 12:00:00+00')")
+            command.add_argument("--snapshot", type=int, help="read the store as it was at this snapshot id "
+                                 "(default: the newest)")
+            command.add_argument("--as-of", help="read the store as it was at this time, e.g. '2026-11-30 12:00:00+00' "
+                                 "(default: now)")
 
     sql = sub.add_parser("sql", help="run a read-only SQL query on the feature store (attached as `fs`)")
-    sql.add_argument("query")
-    sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    sql.add_argument("--max-rows", type=int, default=100)
+    sql.add_argument("query", help="one read-only SQL statement")
+    sql.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
+    sql.add_argument("--max-rows", type=int, default=100, help="rows shown in table format")
     store_options(sql)
     sql.set_defaults(func=cmd_sql)
 
@@ -335,16 +510,28 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.set_defaults(func=cmd_migrate_store)
 
     materialize = sub.add_parser("materialize", help="ingest every complete drop folder, then the cohort")
-    materialize.add_argument("--workers", type=int, default=2)
-    materialize.add_argument("--no-cohort", dest="cohort", action="store_false")
+    materialize.add_argument("--workers", type=int, default=2, help="patient runs at once (one core each)")
+    materialize.add_argument("--no-cohort", dest="cohort", action="store_false",
+                             help="ingest only: no cohort models, features, analysis or predictions")
     materialize.add_argument("--dask-address", help="run the per-patient steps on this Dask scheduler "
                              "(e.g. tcp://127.0.0.1:8786; see docs/scaling.md)")
     materialize.set_defaults(func=cmd_materialize)
 
+    status = sub.add_parser("status", help="per patient (pseudonyms): what is current, stale or failed, and why")
+    status.add_argument("--patient", action="append", help="only this patient (repeatable; default: all)")
+    store_options(status, time_travel=False)
+    status.set_defaults(func=cmd_status)
+
+    predict = sub.add_parser("predict", help="ingest one study folder through Dagster (a run recorded in the "
+                             "instance) and print its P(HCC) from every current model")
+    predict.add_argument("folder", help="the patient's study folder (DICOM files, any layout); copied into the "
+                         "drop zone unless it is already there")
+    predict.set_defaults(func=cmd_predict)
+
     demo = sub.add_parser("demo", help="synthesize the 40-patient cohort and materialize everything")
-    demo.add_argument("--patients", type=int, default=40)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--workers", type=int, default=2)
+    demo.add_argument("--patients", type=int, default=40, help="patients in the synthetic cohort")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic cohort")
+    demo.add_argument("--workers", type=int, default=2, help="patient runs at once (one core each)")
     demo.add_argument("--lesion-contrast", type=float, default=DEMO_LESION_CONTRAST,
                       help="lesion signal of the synthetic cohort: 1 = T2 lesion/liver 1.5-2x (subtle), "
                       f"{DEMO_LESION_CONTRAST:g} = 2-3x (default: a randomly initialized ResNet50 finds it; "

@@ -29,6 +29,7 @@ import fsspec.utils
 import nibabel as nib
 
 PATIENTS = "patients"
+FIGURES = "figures"  # PNG figures: patients/<pseudonym>/figures/ and, cohort-level, <root>/figures/
 # A write holds its temporary file for seconds; one this old was left by a writer that died.
 STALE_TEMP_SECONDS = 600.0
 TEMP_NAME = re.compile(r"\.tmp-[0-9a-f]{32}-.+")
@@ -66,6 +67,15 @@ class DataLake:
 
     def patient_file(self, patient_id: str, name: str) -> str:
         return self.path(PATIENTS, patient_id, name)
+
+    def patient_figure(self, patient_id: str, asset: str, name: str) -> str:
+        """A figure of one patient's asset: patients/<pseudonym>/figures/<asset>_<name>.png."""
+        return self.patient_file(patient_id, f"{FIGURES}/{asset}_{name}.png")
+
+    def cohort_figure(self, asset: str, version: str, name: str) -> str:
+        """A figure of one version of a cohort-level asset: figures/<asset>/<version>/<name>.png
+        (a new version never overwrites the figure an older materialization links to)."""
+        return self.path(FIGURES, asset, version, f"{name}.png")
 
     def _write_atomically(self, path: str, write: Callable[[str], None]) -> None:
         """`write(temporary path)` beside `path`, then a rename: readers never see half a file."""

@@ -42,7 +42,16 @@ def patient_features_job() -> dg.JobDefinition:
     return _defs().resolve_job_def("patient_features")
 
 
-PATIENT_JOBS = {"patient_ingest": patient_ingest_job, "patient_features": patient_features_job}
+def patient_predictions_job() -> dg.JobDefinition:
+    return _defs().resolve_job_def("patient_predictions")
+
+
+def patient_pipeline_job() -> dg.JobDefinition:
+    return _defs().resolve_job_def("patient_pipeline")
+
+
+PATIENT_JOBS = {"patient_ingest": patient_ingest_job, "patient_features": patient_features_job,
+                "patient_predictions": patient_predictions_job, "patient_pipeline": patient_pipeline_job}
 
 
 def cohort_refresh_job() -> dg.JobDefinition:
@@ -71,7 +80,7 @@ def _dask_job(job: str):
 
 def _run_patient(
     patient_id: str, executor: str = "in_process", job: str = "patient_ingest", torch_threads: int = 1,
-    dask_address: str = "",
+    dask_address: str = "", assets: tuple[str, ...] | None = None,
 ) -> tuple[str, bool, str]:
     instance = dg.DagsterInstance.get()
     # N workers x one torch thread each: the cores are shared, never oversubscribed
@@ -89,6 +98,7 @@ def _run_patient(
         instance=instance,
         run_config={**execution, **threads},
         tags={"dagster/partition": patient_id, "hcc_assets/trigger": "cli"},
+        asset_selection=[dg.AssetKey(name) for name in assets] if assets else None,
         raise_on_error=False,
     )
     failure = ""
@@ -103,10 +113,12 @@ def _run_patient(
 def materialize_patients(
     patient_ids: list[str], workers: int = 2, executor: str = "in_process", job: str = "patient_ingest",
     progress: Callable[[int, int, tuple[str, bool, str], float], None] | None = None, dask_address: str = "",
+    assets: tuple[str, ...] | None = None,
 ) -> list[tuple[str, bool, str]]:
     """Run `job` for each patient, one run per patient; returns (patient_id, success, first error
     line) in input order. `progress(done, total, result, elapsed_s)` is called as each run ends.
-    executor: in_process | multiprocess | dask (steps on the Dask scheduler at `dask_address`)."""
+    executor: in_process | multiprocess | dask (steps on the Dask scheduler at `dask_address`).
+    `assets`: only these assets of the job (default: all)."""
     os.environ.update(THREAD_ENV)  # inherited by the spawned workers before torch loads
     n = len(patient_ids)
     threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
@@ -120,11 +132,12 @@ def materialize_patients(
 
     if workers <= 1:
         for pid in patient_ids:
-            finished(_run_patient(pid, executor, job, threads, dask_address))
+            finished(_run_patient(pid, executor, job, threads, dask_address, assets))
     else:
         context = multiprocessing.get_context("spawn")  # never fork a process that holds torch threads
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            futures = [pool.submit(_run_patient, pid, executor, job, threads, dask_address) for pid in patient_ids]
+            futures = [pool.submit(_run_patient, pid, executor, job, threads, dask_address, assets)
+                       for pid in patient_ids]
             for future in as_completed(futures):
                 finished(future.result())
     return [results[pid] for pid in patient_ids]
@@ -141,12 +154,18 @@ def analysis_refresh_job() -> dg.JobDefinition:
 COHORT_JOBS = {"cohort_refresh": cohort_refresh_job, "analysis_refresh": analysis_refresh_job}
 
 
-def materialize_cohort(job: str = "cohort_refresh") -> bool:
+def asset_names(job: str) -> list[str]:
+    return sorted(key.to_user_string() for key in _defs().resolve_job_def(job).asset_layer.executable_asset_keys)
+
+
+def materialize_cohort(job: str = "cohort_refresh", assets: list[str] | None = None) -> bool:
+    """Run a cohort-level job (only `assets` of it, when given) in this process; True on success."""
     result = dg.execute_job(
         dg.reconstructable(COHORT_JOBS[job]),
         instance=dg.DagsterInstance.get(),
         run_config=EXECUTORS["in_process"],
         tags={"hcc_assets/trigger": "cli"},
+        asset_selection=[dg.AssetKey(name) for name in assets] if assets else None,
         raise_on_error=False,
     )
     return result.success

@@ -8,7 +8,7 @@ import dagster as dg
 import hcc_assets
 from hcc_assets.definitions import defs
 
-DOMAIN_PACKAGES = ["imaging", "segmentation", "radiomics", "deep", "stats", "featurestore"]
+DOMAIN_PACKAGES = ["imaging", "segmentation", "radiomics", "deep", "stats", "featurestore", "steps"]
 
 
 def test_definitions_load_with_lineage_jobs_sensor_and_schedule():
@@ -23,13 +23,24 @@ def test_definitions_load_with_lineage_jobs_sensor_and_schedule():
         assert node.code_version, name
     assert graph.get(key("raw_scan")).partitions_def.name == "patients"
     assert defs.resolve_job_def("patient_ingest") and defs.resolve_job_def("cohort_refresh")
-    for sensor in ("incoming_scans_sensor", "refresh_features_sensor", "analysis_refresh_sensor"):
+    for sensor in ("incoming_scans_sensor", "hcc_automation"):
         assert defs.resolve_sensor_def(sensor).default_status == dg.DefaultSensorStatus.RUNNING
     assert defs.resolve_sensor_def("incoming_scans_sensor").minimum_interval_seconds <= 10
-    assert defs.resolve_schedule_def("cohort_refresh_schedule").cron_schedule == "0 2 * * 0"  # weekly
-    # per-patient runs from the sensor (no run config of their own) run their steps in one process
-    partition_config = defs.resolve_job_def("patient_pipeline").partitioned_config
-    assert "in_process" in partition_config.get_run_config_for_partition_key("any")["execution"]["config"]
+    # refreshes are declarative automation: the weekly cron on the models, reactions downstream
+    assert "0 2 * * 0" in graph.get(key("hcc_classifier")).automation_condition.get_label()  # weekly
+    for name in ("liver_mask", "radiomic_features", "deep_embedding", "hcc_prediction", "explainable_features",
+                 "model_metrics", "report"):
+        assert graph.get(key(name)).automation_condition is not None, name
+    for name in ("raw_scan", "nifti_volume", "preprocessed_volume"):  # new scans: the drop-zone sensor's
+        assert graph.get(key(name)).automation_condition is None, name
+    assert graph.get(key("hcc_prediction")).partitions_def.name == "patients"
+    assert {"deep_embedding", "radiomic_features", "radiomic_model", "explainable_model", "hcc_classifier"} <= \
+        {k.to_user_string() for k in graph.get(key("hcc_prediction")).parent_keys}
+    # every run without run config of its own (sensor, automation, UI) runs its steps in one process
+    job = defs.resolve_job_def("patient_pipeline")
+    assert key("hcc_prediction") in job.asset_layer.executable_asset_keys
+    assert job.executor_def.name == "in_process_first"
+    assert defs.resolve_implicit_global_asset_job_def().executor_def.name == "in_process_first"
 
 
 def test_domain_packages_never_import_dagster():

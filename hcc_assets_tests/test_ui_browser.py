@@ -3,9 +3,9 @@
 The webserver is started as `make ui` starts it (`dagster dev -w workspace.yaml -h <host from the
 Makefile>`, on a free port) on a temporary lake holding two synthetic patients. The test then does
 what a researcher does: looks at the lineage, materializes one patient's ingest assets by clicking,
-waits for the run and reads the mid-slice image in the asset's metadata. Screenshots of every step
-go to $HCC_ASSETS_TEST_ARTIFACTS (default hcc_assets_tests/artifacts/ui/, git-ignored), with the
-webserver log and the timings.
+waits for the run and finds the mid-slice figure in the asset's metadata: the path of the PNG in
+the lake and its inline thumbnail. Screenshots of every step go to $HCC_ASSETS_TEST_ARTIFACTS
+(default hcc_assets_tests/artifacts/ui/, git-ignored), with the webserver log and the timings.
 
 Chromium comes from Debian (`apt-get install chromium`; .ci/run installs it when missing); never
 from `playwright install`. Without it the test is skipped on a developer machine, and fails where
@@ -326,18 +326,25 @@ def test_ui_in_browser_materializes_one_patient(ui_lake):
                 )
                 expect(status).to_have_text("Success")
 
-                # 4. the partition's page: materialized, with the mid-slice PNG in its metadata
+                # 4. the partition's page: materialized; the mid-slice figure is a file in the lake,
+                # and the metadata shows its path and an inline thumbnail (no full PNG in the event log)
                 page.goto(f"{base}/assets/preprocessed_volume?view=partitions&partition={key}")
                 expect(page.get_by_text("Materialized", exact=True).first).to_be_visible()
-                row = page.get_by_role("row").filter(has=page.get_by_text("mid_slice", exact=True))
+                figure = lake / "patients" / key / "figures" / "preprocessed_volume_mid_slice.png"
+                assert figure.read_bytes().startswith(b"\x89PNG"), figure
+                path_row = page.get_by_role("row").filter(has=page.get_by_text("mid_slice", exact=True))
+                expect(path_row.get_by_text(str(figure), exact=True)).to_be_visible()
+                row = page.get_by_role("row").filter(has=page.get_by_text("mid_slice_thumbnail", exact=True))
                 expect(row.get_by_text("[Show Markdown]")).to_be_visible()
+                row.scroll_into_view_if_needed()
                 shot("07_partition_metadata")
                 row.get_by_text("[Show Markdown]").click()
-                image = page.get_by_role("dialog").locator('img[src^="data:image/png;base64,"]')
+                image = page.get_by_role("dialog").locator('img[src^="data:image/"]')
                 expect(image).to_be_visible()
                 expect(image).to_have_attribute("alt", "mid axial slice")
                 width, height = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
-                assert width >= 64 and height >= 64, (width, height)  # decoded, not a broken image
+                assert 64 <= max(width, height) <= 480, (width, height)  # decoded, not a broken image; a thumbnail
+                assert len(image.get_attribute("src")) <= 16 * 1024
                 shot("08_mid_slice")
                 lap("asset_page")
             except BaseException:

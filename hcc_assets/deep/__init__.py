@@ -20,6 +20,7 @@ from hcc_assets.deep.train import (
     load_model,
     plot_history,
     predict_proba,
+    probability_from_embedding,
     save_model,
     train_classifier,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "load_model",
     "plot_history",
     "predict_proba",
+    "probability_from_embedding",
     "save_model",
     "train_classifier",
 ]

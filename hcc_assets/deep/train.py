@@ -334,6 +334,17 @@ def predict_proba(model: HCCResNet, volumes: VolumesLike, batch_size: int = 8, d
     return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
 
 
+def probability_from_embedding(model: HCCResNet, embedding: np.ndarray) -> np.ndarray:
+    """P(HCC) from stored deep embeddings, (N, 128) -> (N,): the output layer applied to the 128-unit
+    layer's activations, which is all the network does after that layer, so the prediction and the
+    embedding come from one forward pass."""
+    values = np.asarray(embedding, dtype=np.float32).reshape(-1, model.output.in_features)
+    weight = model.output.weight.detach().float().cpu().numpy()  # (1, 128); the model stays where it is
+    bias = model.output.bias.detach().float().cpu().numpy()
+    logits = (values @ weight.T + bias)[:, 0]
+    return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+
+
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 

@@ -10,8 +10,9 @@ on training patients only; validation patients are only ever predicted.
 
 Feature-store tables: `explainable_correlations`, `explainability_sweep`, `models` (rows
 'radiomic_model', 'explainable_model'), `predictions` (models 'radiomic', 'explainable'),
-`model_metrics` (view `table_1`), `coefficients`. Each model's `version` is a content hash of
-its training data, configuration and code version.
+`model_metrics` (view `table_1`), `model_comparisons`, `confusion_matrices`, `calibration`,
+`coefficients`. Each model's `version` is a content hash of its training data, configuration and
+code version.
 """
 
 
@@ -30,10 +31,13 @@ from hcc_assets.defs.cohort import cohort
 from hcc_assets.defs.deep import MODEL_NAME as CLASSIFIER_NAME
 from hcc_assets.defs.deep import PREDICTION_MODEL as DEEP_MODEL
 from hcc_assets.defs.deep import deep_embedding, hcc_classifier
-from hcc_assets.defs.metadata import markdown_table
+from hcc_assets.defs.metadata import figure_metadata, markdown_table
+from hcc_assets.defs.automation import analyse_when_settled, follow_analysis
+from hcc_assets.defs.deployment import deployed
 from hcc_assets.defs.resources import LakeResource
 from hcc_assets.defs.ingest import NIFTI_FILE
-from hcc_assets.defs.segmentation import LIVER_MASK_FILE, RADIOMICS_STAGE, liver_mask, radiomic_features
+from hcc_assets.defs.segmentation import (LIVER_MASK_FILE, RADIOMICS_STAGE, liver_mask, liver_segmentation_model,
+                                          radiomic_features)
 from hcc_assets.featurestore import FeatureStore, reads, registry
 from hcc_assets.featurestore.queries import (
     FeatureMatrix,
@@ -107,16 +111,17 @@ class ExplainableFeaturesConfig(dg.Config):
 
 
 @dg.asset(
-    deps=[radiomic_features, deep_embedding, cohort, hcc_classifier],
+    deps=[radiomic_features, deep_embedding, cohort, hcc_classifier, liver_segmentation_model],
     code_version=ANALYSIS_VERSION,
     group_name=GROUP,
+    automation_condition=analyse_when_settled(),
     kinds={"scikitlearn", "duckdb"},
     description="Explainable DL features: the deep-embedding dimensions with |association| >= threshold "
     "(default Pearson |r| >= 0.5) to at least one handcrafted radiomic feature, computed on training "
     "patients only. The full correlation map is `explainable_correlations` (related = which handcrafted "
     "features each DL feature relates to; kept = the selected DL features).",
 )
-def explainable_features(context: dg.AssetExecutionContext, config: ExplainableFeaturesConfig,
+def explainable_features(context: dg.AssetExecutionContext, config: deployed(ExplainableFeaturesConfig, "explainable_features"),
                          lake: LakeResource) -> dg.MaterializeResult:
     from hcc_assets.stats.association import association_long_table, select_explainable
 
@@ -177,12 +182,13 @@ class ExplainabilitySweepConfig(dg.Config):
     deps=[explainable_features],
     code_version=ANALYSIS_VERSION,
     group_name=GROUP,
+    automation_condition=follow_analysis(),
     kinds={"scikitlearn", "duckdb"},
     description="Beyond the study (its future work): the explainable-feature selection swept over thresholds "
     "and association measures (Pearson, Spearman, distance correlation), each with the downstream LASSO "
     "model's cross-validated and validation accuracy. Table `explainability_sweep`.",
 )
-def explainability_sweep(context: dg.AssetExecutionContext, config: ExplainabilitySweepConfig,
+def explainability_sweep(context: dg.AssetExecutionContext, config: deployed(ExplainabilitySweepConfig, "explainability_sweep"),
                          lake: LakeResource) -> dg.MaterializeResult:
     from hcc_assets.stats.sweep import explainability_sweep as sweep
 
@@ -323,16 +329,17 @@ def _fit_register_predict(context, lake: LakeResource, model: str, matrix: Featu
 
 
 @dg.asset(
-    deps=[radiomic_features, cohort],
+    deps=[radiomic_features, cohort, liver_segmentation_model],
     code_version=ANALYSIS_VERSION,
     group_name=GROUP,
+    automation_condition=analyse_when_settled(),
     kinds={"scikitlearn", "duckdb"},
     description="The baseline: L1 logistic regression (constant/quasi-constant filter, z-score, LASSO; "
     "C = 1/lambda over 7 lambdas in [1e-3, 1e3], seeded 3-fold CV on accuracy) on the handcrafted "
     "radiomic features of the training patients. Patients whose radiomics failed are excluded, with the "
     "count and reasons in metadata and `models.params`, as in the study.",
 )
-def radiomic_model(context: dg.AssetExecutionContext, config: LassoModelConfig, lake: LakeResource
+def radiomic_model(context: dg.AssetExecutionContext, config: deployed(LassoModelConfig, "radiomic_model"), lake: LakeResource
                    ) -> dg.MaterializeResult:
     snapshot = lake.store.current_snapshot()
     store = lake.store.at(snapshot=snapshot)  # every read from one snapshot, recorded with the model
@@ -362,11 +369,12 @@ def radiomic_model(context: dg.AssetExecutionContext, config: LassoModelConfig, 
     deps=[explainable_features],
     code_version=ANALYSIS_VERSION,
     group_name=GROUP,
+    automation_condition=follow_analysis(),
     kinds={"scikitlearn", "duckdb"},
     description="L1 logistic regression (same filter, scaling, grid and CV as radiomic_model) on the explainable "
     "DL features of the training patients.",
 )
-def explainable_model(context: dg.AssetExecutionContext, config: LassoModelConfig, lake: LakeResource
+def explainable_model(context: dg.AssetExecutionContext, config: deployed(LassoModelConfig, "explainable_model"), lake: LakeResource
                       ) -> dg.MaterializeResult:
     snapshot = lake.store.current_snapshot()
     store = lake.store.at(snapshot=snapshot)  # every read from one snapshot, recorded with the model
@@ -392,11 +400,80 @@ class ModelMetricsConfig(dg.Config):
     cv_splits: int = 5
     cv_repeats: int = 5
     cv_seed: int = 0
-    threshold: float = 0.5  # P(HCC) at or above which a patient is called HCC
+    threshold: float = 0.5  # P(HCC) above which a patient is called HCC
+    calibration_bins: int = 10  # equal-width bins of P(HCC) for the calibration table and plot
 
 
 def _predictions(store: FeatureStore, model: str) -> pl.DataFrame:
     return reads.current_predictions(store, model)
+
+
+COMPARISON_SCHEMA = {"model_a": pl.String, "model_b": pl.String, "version_a": pl.String, "version_b": pl.String,
+                     "n": pl.Int32, "n_positive": pl.Int32, "auc_a": pl.Float64, "auc_b": pl.Float64,
+                     "auc_difference": pl.Float64, "bootstrap_mean": pl.Float64, "ci_low": pl.Float64,
+                     "ci_high": pl.Float64, "n_resamples": pl.Int32, "n_degenerate": pl.Int32, "seed": pl.Int32,
+                     "delong_se": pl.Float64, "delong_z": pl.Float64, "delong_p": pl.Float64,
+                     "delong_ci_low": pl.Float64, "delong_ci_high": pl.Float64, "version": pl.String}
+CONFUSION_SCHEMA = {"model": pl.String, "threshold": pl.Float64, "n": pl.Int32, "tp": pl.Int32, "fp": pl.Int32,
+                    "tn": pl.Int32, "fn": pl.Int32, "version": pl.String}
+CALIBRATION_SCHEMA = {"model": pl.String, "n_bins": pl.Int32, "bin": pl.Int32, "bin_low": pl.Float64,
+                      "bin_high": pl.Float64, "n": pl.Int32, "mean_predicted": pl.Float64,
+                      "observed_rate": pl.Float64, "brier_score": pl.Float64, "version": pl.String}
+
+
+def _threshold_rows(model: str, version: str, y: np.ndarray, p: np.ndarray, config: ModelMetricsConfig
+                    ) -> tuple[dict, list[dict]]:
+    """(confusion-matrix row, calibration rows) of one model's validation predictions."""
+    from hcc_assets.stats.calibration import brier_score, calibration_bins
+    from hcc_assets.stats.metrics import confusion_matrix
+
+    counts = confusion_matrix(y, p, config.threshold)
+    confusion = {"model": model, "threshold": counts.threshold, "n": counts.n, "tp": counts.tp, "fp": counts.fp,
+                 "tn": counts.tn, "fn": counts.fn, "version": version}
+    brier = brier_score(y, p)
+    calibration = [{"model": model, "n_bins": config.calibration_bins, "bin": b.bin, "bin_low": b.low,
+                    "bin_high": b.high, "n": b.n, "mean_predicted": b.mean_predicted,
+                    "observed_rate": b.observed_rate, "brier_score": brier, "version": version}
+                   for b in calibration_bins(y, p, config.calibration_bins)]
+    return confusion, calibration
+
+
+def _paired_comparisons(validation: dict[str, pl.DataFrame], config: ModelMetricsConfig
+                        ) -> tuple[list[dict], list[str]]:
+    """DeLong's test and the paired bootstrap of the AUC difference for each pair of models, on
+    the validation patients both models scored (sorted by patient id, so the bootstrap draws are
+    reproducible). Returns (rows, why pairs were skipped)."""
+    from itertools import combinations
+
+    from hcc_assets.stats.comparison import delong_test, paired_bootstrap_auc_difference
+
+    rows, skipped = [], []
+    for model_a, model_b in combinations(list(validation), 2):
+        both = validation[model_a].select(
+            "patient_id", pl.col("label").alias("label_a"), pl.col("probability").alias("p_a"),
+        ).join(validation[model_b].select("patient_id", pl.col("label").alias("label_b"),
+                                          pl.col("probability").alias("p_b")), on="patient_id").sort("patient_id")
+        if (both["label_a"] != both["label_b"]).any():
+            raise _fail("model_metrics", f"{model_a} and {model_b} predictions disagree on the label of "
+                        f"{int((both['label_a'] != both['label_b']).sum())} validation patient(s)")
+        y = both["label_a"].cast(pl.Int8).to_numpy()
+        n_positive = int(y.sum())
+        if n_positive < 2 or both.height - n_positive < 2:
+            skipped.append(f"{model_a} vs {model_b}: {both.height} common validation patients, {n_positive} HCC "
+                           "(a paired AUC comparison needs at least 2 of each class)")
+            continue
+        p_a, p_b = both["p_a"].to_numpy(), both["p_b"].to_numpy()
+        delong = delong_test(y, p_a, p_b)
+        boot = paired_bootstrap_auc_difference(y, p_a, p_b, n_resamples=config.n_bootstrap, seed=config.bootstrap_seed)
+        version_a, version_b = validation[model_a]["version"][0], validation[model_b]["version"][0]
+        rows.append({"model_a": model_a, "model_b": model_b, "version_a": version_a, "version_b": version_b,
+                     "n": both.height, "n_positive": n_positive, "auc_a": delong.auc_a, "auc_b": delong.auc_b,
+                     "auc_difference": delong.difference, "bootstrap_mean": boot.mean, "ci_low": boot.ci_low,
+                     "ci_high": boot.ci_high, "n_resamples": boot.n_resamples_used, "n_degenerate": boot.n_degenerate,
+                     "seed": config.bootstrap_seed, "delong_se": delong.se, "delong_z": delong.z,
+                     "delong_p": delong.p_value, "delong_ci_low": delong.ci_low, "delong_ci_high": delong.ci_high,
+                     "version": f"{version_a}|{version_b}"})
+    return rows, skipped
 
 
 def _estimate_rows(model: str, scheme: str, estimates) -> list[dict]:
@@ -443,19 +520,26 @@ def _progress_logger(context: dg.AssetExecutionContext, prefix: str):
     deps=[radiomic_model, explainable_model, hcc_classifier],
     code_version=ANALYSIS_VERSION,
     group_name=GROUP,
+    automation_condition=follow_analysis(),
     kinds={"scikitlearn", "duckdb"},
-    description="Accuracy, precision, recall, F1 and ROC AUC of the radiomic, deep and explainable models on the "
-    "validation patients, with the mean and 95% percentile CI over seeded bootstrap resamples "
-    "(scheme holdout_bootstrap), and, for the LASSO models, repeated stratified k-fold CV of the whole fit "
-    "(scheme repeated_cv_<k>x<r>). Table `model_metrics`; view `table_1` is the study's Table 1.",
+    description="Accuracy, precision, recall, F1, ROC AUC, specificity and NPV of the radiomic, deep and "
+    "explainable models on the validation patients, with the mean and 95% percentile CI over seeded bootstrap "
+    "resamples (scheme holdout_bootstrap), and, for the LASSO models, repeated stratified k-fold CV of the whole fit "
+    "(scheme repeated_cv_<k>x<r>). Table `model_metrics`; view `table_1` is the study's Table 1. Beside it: "
+    "`model_comparisons` (each pair of models on the validation patients both scored: AUC difference with a "
+    "paired-bootstrap 95% CI and DeLong's test), `confusion_matrices` (at the threshold) and `calibration` "
+    "(binned predicted vs observed HCC rate, Brier score).",
 )
-def model_metrics(context: dg.AssetExecutionContext, config: ModelMetricsConfig, lake: LakeResource
+def model_metrics(context: dg.AssetExecutionContext, config: deployed(ModelMetricsConfig, "model_metrics"), lake: LakeResource
                   ) -> dg.MaterializeResult:
     from hcc_assets.stats.metrics import bootstrap_metrics, repeated_cv_metrics
 
     store = lake.store
     rows: list[dict] = []
     versions: dict[str, str] = {}
+    validations: dict[str, pl.DataFrame] = {}
+    confusion_rows: list[dict] = []
+    calibration_rows: list[dict] = []
     started = time.perf_counter()
     for model in (RADIOMIC_MODEL, DEEP_MODEL, EXPLAINABLE_MODEL):
         predictions = _predictions(store, model)
@@ -464,12 +548,19 @@ def model_metrics(context: dg.AssetExecutionContext, config: ModelMetricsConfig,
             context.log.warning(f"model_metrics: no validation predictions of model {model}; skipped")
             continue
         versions[model] = validation["version"][0]
-        estimates = bootstrap_metrics(validation["label"].cast(pl.Int8).to_numpy(),
-                                      validation["probability"].to_numpy(), n_resamples=config.n_bootstrap,
-                                      seed=config.bootstrap_seed, threshold=config.threshold)
+        validations[model] = validation
+        y, p = validation["label"].cast(pl.Int8).to_numpy(), validation["probability"].to_numpy()
+        estimates = bootstrap_metrics(y, p, n_resamples=config.n_bootstrap, seed=config.bootstrap_seed,
+                                      threshold=config.threshold)
         rows += [r | {"version": versions[model]} for r in _estimate_rows(model, HOLDOUT_SCHEME, estimates)]
-    context.log.info(f"model_metrics: {config.n_bootstrap} bootstrap resamples of {len(versions)} models in "
-                     f"{time.perf_counter() - started:.1f}s")
+        confusion, calibration = _threshold_rows(model, versions[model], y, p, config)
+        confusion_rows.append(confusion)
+        calibration_rows += calibration
+    comparison_rows, skipped = _paired_comparisons(validations, config)
+    for reason in skipped:
+        context.log.warning(f"model_metrics: paired comparison skipped, {reason}")
+    context.log.info(f"model_metrics: {config.n_bootstrap} bootstrap resamples of {len(versions)} models and "
+                     f"{len(comparison_rows)} paired comparisons in {time.perf_counter() - started:.1f}s")
 
     # Repeated CV of the whole LASSO fit over every patient with features (the deep model would need
     # k x r CNN trainings: not run on CPU by default).
@@ -498,12 +589,25 @@ def model_metrics(context: dg.AssetExecutionContext, config: ModelMetricsConfig,
                                        "estimate": pl.Float64, "mean": pl.Float64, "ci_low": pl.Float64,
                                        "ci_high": pl.Float64, "n": pl.Int32, "n_resamples": pl.Int32,
                                        "n_degenerate": pl.Int32, "version": pl.String})
-    store.replace_versions("model_metrics", FeatureStore.with_provenance(table, version=None, run_id=context.run.run_id))
+    comparisons = pl.DataFrame(comparison_rows, schema=COMPARISON_SCHEMA)
+    confusions = pl.DataFrame(confusion_rows, schema=CONFUSION_SCHEMA)
+    calibrations = pl.DataFrame(calibration_rows, schema=CALIBRATION_SCHEMA)
+    run_id = context.run.run_id
+    for name, frame in (("model_comparisons", comparisons), ("confusion_matrices", confusions),
+                        ("calibration", calibrations), ("model_metrics", table)):
+        if frame.height:
+            store.replace_versions(name, FeatureStore.with_provenance(frame, version=None, run_id=run_id))
     table_1 = reads.table_1(store)
     return dg.MaterializeResult(
-        data_version=dg.DataVersion(_digest(table.drop("version").to_dicts(), versions)),
+        data_version=dg.DataVersion(_digest(table.drop("version").to_dicts(), versions, comparison_rows,
+                                            confusion_rows, calibration_rows)),
         metadata={
             "table_1": markdown_table(table_1.to_dicts(), table_1.columns),
+            "paired_comparisons": markdown_table(comparison_rows, [
+                "model_a", "model_b", "n", "auc_a", "auc_b", "auc_difference", "ci_low", "ci_high", "delong_z",
+                "delong_p", "n_degenerate"]),
+            "confusion_matrices": markdown_table(confusion_rows, ["model", "threshold", "n", "tp", "fp", "tn", "fn"]),
+            "brier_scores": dg.MetadataValue.json({r["model"]: r["brier_score"] for r in calibration_rows}),
             "model_versions": dg.MetadataValue.json(versions),
             "n_bootstrap": config.n_bootstrap,
             "bootstrap_seed": config.bootstrap_seed,
@@ -546,6 +650,7 @@ def _study_names(store: FeatureStore) -> list[str]:
     deps=[radiomic_model, explainable_model],
     code_version=ANALYSIS_VERSION,
     group_name=GROUP,
+    automation_condition=follow_analysis(),
     kinds={"statsmodels", "duckdb"},
     description="For each LASSO model's selected features: beta, standard error, z and p from an unpenalized "
     "statsmodels Logit refit on the selected standardized training features, and the change in odds per "
@@ -625,12 +730,14 @@ class ReportConfig(dg.Config):
     deps=[model_metrics, coefficients, explainability_sweep, liver_mask],
     code_version=ANALYSIS_VERSION,
     group_name=GROUP,
+    automation_condition=follow_analysis(),
     kinds={"html"},
     description="The study's report as self-contained HTML (figures embedded; opens in a browser with no server) "
     "and Markdown under data_lake/reports/: cohort summary, Table 1, Figure 1 (slice with mask overlay), "
-    "Figure 2 (training curves), ROC curves of the three models, coefficients and the explainability sweep.",
+    "Figure 2 (training curves), ROC curves of the three models, the paired model comparison (AUC difference, "
+    "DeLong), confusion matrices, the calibration plot, coefficients and the explainability sweep.",
 )
-def report(context: dg.AssetExecutionContext, config: ReportConfig, lake: LakeResource) -> dg.MaterializeResult:
+def report(context: dg.AssetExecutionContext, config: deployed(ReportConfig, "report"), lake: LakeResource) -> dg.MaterializeResult:
     from hcc_assets.stats.report import build_report, gather_report_inputs
 
     from hcc_assets.segmentation import overlay_png
@@ -645,16 +752,22 @@ def report(context: dg.AssetExecutionContext, config: ReportConfig, lake: LakeRe
     rendered = build_report(inputs)
     html_path = lake.lake.path(config.folder, "report.html")
     md_path = lake.lake.path(config.folder, "report.md")
+    report_version = hashlib.sha256(rendered.html.encode()).hexdigest()[:16]
+    figures: dict[str, dg.MetadataValue] = {}  # each figure's file of this version; thumbnails are in `report`
     for name, png in rendered.figures.items():
-        lake.lake.write_bytes(lake.lake.path(config.folder, name), png)
+        lake.lake.write_bytes(lake.lake.path(config.folder, name), png)  # beside report.md, which links them
+        stem = name.removesuffix(".png")
+        figures.update(figure_metadata(data_lake, stem, data_lake.cohort_figure("report", report_version, stem), png,
+                                       stem, thumbnail=False))
     lake.lake.write_bytes(md_path, rendered.markdown.encode())
     lake.lake.write_bytes(html_path, rendered.html.encode())
     return dg.MaterializeResult(
-        data_version=dg.DataVersion(hashlib.sha256(rendered.html.encode()).hexdigest()[:16]),
+        data_version=dg.DataVersion(report_version),
         metadata={
             "html": dg.MetadataValue.path(html_path),
             "markdown": dg.MetadataValue.path(md_path),
             "report": dg.MetadataValue.md(rendered.markdown_inline),
+            **figures,
         },
     )
 

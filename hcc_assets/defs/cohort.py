@@ -1,11 +1,15 @@
 """Cohort level: labels and the seeded, stratified 80:20 split."""
 
+import hashlib
+import json
 
 import dagster as dg
 import polars as pl
 
 from hcc_assets.defs.ingest import preprocessed_volume
 from hcc_assets.defs.metadata import markdown_table
+from hcc_assets.defs.automation import on_refresh_cron
+from hcc_assets.defs.deployment import deployed
 from hcc_assets.defs.resources import LakeResource
 from hcc_assets.featurestore import FeatureStore, reads
 from hcc_assets.imaging.dropzone import validate_labels
@@ -24,6 +28,7 @@ class CohortConfig(dg.Config):
     deps=[preprocessed_volume],
     code_version=COHORT_VERSION,
     group_name="cohort",
+    automation_condition=on_refresh_cron(),
     kinds={"duckdb"},
     description="Labels (HCC yes/no, source) of every ingested patient and the study's seeded, "
     "stratified 80:20 train/validation split; feature-store table `cohort_split`. A patient whose "
@@ -33,7 +38,7 @@ class CohortConfig(dg.Config):
                  dg.AssetCheckSpec("labels_valid", asset="cohort",
                                    description="every labelled patient has one 0/1 label and was ingested")],
 )
-def cohort(context: dg.AssetExecutionContext, config: CohortConfig, lake: LakeResource) -> dg.MaterializeResult:
+def cohort(context: dg.AssetExecutionContext, config: deployed(CohortConfig, "cohort"), lake: LakeResource) -> dg.MaterializeResult:
     store = lake.store
     run_id = context.run.run_id
     ingested = reads.ingested_patients(store)
@@ -72,7 +77,10 @@ def cohort(context: dg.AssetExecutionContext, config: CohortConfig, lake: LakeRe
     label_report = [{"patient_id": pid, "problem": problem} for pid, problem in problem_rows] + \
         [{"patient_id": pid, "problem": "labelled, but no ingested volume (unknown patient, or ingest failed)"}
          for pid in unknown]
+    # the split's content: a re-materialization that changes nothing does not retrain anything downstream
+    content = hashlib.sha256(json.dumps(rows.to_dicts(), sort_keys=True).encode()).hexdigest()[:16]
     return dg.MaterializeResult(
+        data_version=dg.DataVersion(content),
         metadata={
             "n_patients": len(included),
             "ingested_without_label": len(unlabelled),

@@ -23,8 +23,10 @@ and this asset's code version. Materializing again with nothing changed reuses t
 (`force_retrain` trains anew), so the data version stays and nothing downstream goes stale.
 
 The blocking check `beats_chance_on_training` stops downstream assets of the same run when the
-model's training accuracy is not above the majority-class rate. The model is still registered (to
-be inspected), and `deep_embedding` refuses to embed with it (`allow_model_below_chance` overrides).
+model's training accuracy is not above the majority-class rate. Such a retrain is refused: it is
+registered with current = false (to be inspected), and the previous current version, if any, stays
+in use for embeddings and predictions (`accept_below_chance` registers it as current anyway, for
+experiments; `deep_embedding` then still refuses it unless `allow_model_below_chance`).
 """
 
 
@@ -40,9 +42,11 @@ import polars as pl
 
 from hcc_assets.defs.cohort import cohort
 from hcc_assets.defs.ingest import PREPROCESSED_FILE, preprocessed_volume
-from hcc_assets.defs.metadata import markdown_table, png_markdown
+from hcc_assets.defs.metadata import figure_metadata, markdown_table
 from hcc_assets.defs.partitions import patients_partitions
 from hcc_assets.defs.patient_errors import patient_failure
+from hcc_assets.defs.automation import on_refresh_cron, refresh_patient_feature
+from hcc_assets.defs.deployment import deployed
 from hcc_assets.defs.resources import ComputeResource, LakeResource
 from hcc_assets.featurestore import FeatureStore, reads, registry
 from hcc_assets.imaging.errors import IngestError
@@ -79,6 +83,9 @@ class HccClassifierConfig(dg.Config):
     medicalnet_checkpoint: str = ""
     use_trunk_cache: bool = True
     force_retrain: bool = False  # train even when a saved model of this version exists
+    # Register a model that fails beats_chance_on_training as the current one anyway (experiments,
+    # tiny test cohorts); by default such a retrain is refused and the previous version stays current.
+    accept_below_chance: bool = False
 
     def to_domain(self, device: str, amp: bool):
         from hcc_assets.deep import ClassifierConfig
@@ -179,6 +186,7 @@ def _majority_rate(labels: list[bool]) -> float:
     deps=[preprocessed_volume, cohort],
     code_version=CLASSIFIER_VERSION,
     group_name="models",
+    automation_condition=on_refresh_cron(),
     kinds={"pytorch"},
     pool="gpu",
     description="The study's deep arm: a 3D ResNet (MedicalNet layout, depth 50 by default) with a new "
@@ -196,7 +204,7 @@ def _majority_rate(labels: list[bool]) -> float:
     ],
 )
 def hcc_classifier(
-    context: dg.AssetExecutionContext, config: HccClassifierConfig, lake: LakeResource, compute: ComputeResource
+    context: dg.AssetExecutionContext, config: deployed(HccClassifierConfig, "hcc_classifier"), lake: LakeResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
     from hcc_assets.deep import CheckpointMismatchError, plot_history, predict_proba, train_classifier
 
@@ -318,15 +326,26 @@ def hcc_classifier(
     )
     # the registry row last: deep_embedding follows it, so it flips only once the rest is written
     train_ids = [r["patient_id"] for r in train]
+    accepted = bool(beats_chance) or config.accept_below_chance
     store.register_model(registry.model_row(
         MODEL_NAME, MODEL_KIND, folder, init=result.init, params=params, metrics=metrics, training_patients=train_ids,
-        training_set=registry.volumes_spec(train_ids), version=version, run_id=run_id), data_snapshot=snapshot)
+        training_set=registry.volumes_spec(train_ids), version=version, run_id=run_id), data_snapshot=snapshot,
+        current=accepted)
+    in_use = version if accepted else registry.current_version(store, MODEL_NAME)
+    if not accepted:
+        context.log.warning(
+            f"hcc_classifier {version} refused: training accuracy {train_acc:.3f} is not above the majority-class "
+            f"rate {majority:.3f}; " + (f"version {in_use} stays current" if in_use else
+                                        "no usable classifier: no deep embeddings or deep predictions until a "
+                                        "retrain passes"))
 
     final = result.final_metrics
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),
         metadata={
             "model_version": version,
+            "accepted": accepted,
+            "current_version": in_use or "none (no usable classifier)",
             "reused_saved_model": reused,
             "path": dg.MetadataValue.path(folder),
             "device": device,
@@ -347,8 +366,9 @@ def hcc_classifier(
             "majority_rate": majority,
             "timings_s": dg.MetadataValue.json({k: round(float(v), 3) for k, v in timings.items()}),
             "history": markdown_table(history, ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"]),
-            "figure_2": png_markdown(plot_history(result.history, result.best_epoch),
-                                     "Figure 2: accuracy and loss over epochs"),
+            **figure_metadata(data_lake, "figure_2", data_lake.cohort_figure("hcc_classifier", version, "figure_2"),
+                              plot_history(result.history, result.best_epoch),
+                              "Figure 2: accuracy and loss over epochs"),
             "params": dg.MetadataValue.json(params),
         },
         check_results=[
@@ -357,9 +377,11 @@ def hcc_classifier(
                 passed=bool(beats_chance),
                 severity=dg.AssetCheckSeverity.ERROR,
                 description=None if beats_chance else
-                f"training accuracy {train_acc:.3f} is not above the majority-class rate {majority:.3f}",
+                f"training accuracy {train_acc:.3f} is not above the majority-class rate {majority:.3f}; "
+                + ("registered as current anyway (accept_below_chance)" if accepted else
+                   f"retrain refused, current version: {in_use or 'none'}"),
                 metadata={"train_acc": train_acc, "majority_rate": majority, "n_train": len(train),
-                          "model_version": version},
+                          "model_version": version, "current_version": in_use or "none"},
             )
         ],
     )
@@ -391,6 +413,7 @@ def _classifier(data_lake: DataLake, folder: str, version: str, device: str):
     deps=[preprocessed_volume, hcc_classifier],
     code_version=DEEP_EMBEDDING_VERSION,
     group_name="features",
+    automation_condition=refresh_patient_feature(),
     kinds={"pytorch", "duckdb"},
     description="The patient's deep embedding: the 128 activations of the classifier's new layer, from "
     "the current hcc_classifier version (no retraining for new patients). Row in `deep_embeddings` "
@@ -398,7 +421,7 @@ def _classifier(data_lake: DataLake, folder: str, version: str, device: str):
     check_specs=[dg.AssetCheckSpec("embedding_finite", asset="deep_embedding")],
 )
 def deep_embedding(
-    context: dg.AssetExecutionContext, config: DeepEmbeddingConfig, lake: LakeResource, compute: ComputeResource
+    context: dg.AssetExecutionContext, config: deployed(DeepEmbeddingConfig, "deep_embedding"), lake: LakeResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
     from hcc_assets.deep import embed
 
@@ -407,8 +430,9 @@ def deep_embedding(
     model = registry.current_model(store, MODEL_NAME)
     if model is None:
         raise dg.Failure(
-            description=f"patient {patient_id}: deep_embedding needs a trained classifier, and none is "
-            "registered; materialize hcc_classifier (job cohort_refresh) first",
+            description=f"patient {patient_id}: deep_embedding needs a usable hcc_classifier, and none is "
+            "current (never trained, or every retrain was refused by beats_chance_on_training); materialize "
+            "hcc_classifier (job cohort_refresh)",
             metadata={"patient_id": patient_id}, allow_retries=False,
         )
     version = model["version"]

@@ -14,9 +14,10 @@ import nibabel as nib
 import numpy as np
 import polars as pl
 
-from hcc_assets.defs.metadata import markdown_table, png_markdown
+from hcc_assets.defs.metadata import figure_metadata, markdown_table
 from hcc_assets.defs.partitions import patients_partitions
 from hcc_assets.defs.patient_errors import patient_failure
+from hcc_assets.defs.deployment import deployed
 from hcc_assets.defs.resources import LakeResource
 from hcc_assets.featurestore import FeatureStore
 from hcc_assets.imaging import dicom_series, nifti, preprocess, preview
@@ -72,7 +73,7 @@ def _run_id(context: dg.AssetExecutionContext) -> str:
     description="Inventory of the patient's DICOM study (no PHI), the chosen T2-weighted series "
     "and why, with checksums. Rows in feature-store tables `patients` and `scans`.",
 )
-def raw_scan(context: dg.AssetExecutionContext, config: RawScanConfig, lake: LakeResource) -> dg.MaterializeResult:
+def raw_scan(context: dg.AssetExecutionContext, config: deployed(RawScanConfig, "raw_scan"), lake: LakeResource) -> dg.MaterializeResult:
     patient_id = context.partition_key
     folder = lake.patient_folder(patient_id)
     store = lake.store
@@ -180,6 +181,12 @@ _OUTPUTS_FROM = {
     "nifti_volume": (("volumes",), (NIFTI_FILE, REFERENCE_MASK_FILE, PREPROCESSED_FILE)),
     "preprocessed_volume": ((), (PREPROCESSED_FILE,)),
 }
+# the figures (patients/<id>/figures/<asset>_<name>.png) of those steps: (asset, name)
+_FIGURES_FROM = {
+    "raw_scan": (("nifti_volume", "mid_slice"), ("preprocessed_volume", "mid_slice")),
+    "nifti_volume": (("nifti_volume", "mid_slice"), ("preprocessed_volume", "mid_slice")),
+    "preprocessed_volume": (("preprocessed_volume", "mid_slice"),),
+}
 
 
 def _forget(lake: LakeResource, patient_id: str, step: str) -> None:
@@ -190,6 +197,8 @@ def _forget(lake: LakeResource, patient_id: str, step: str) -> None:
         lake.store.delete_partition("volumes", patient_id, match={"kind": "preprocessed"})
     for name in files:
         lake.lake.remove(lake.lake.patient_file(patient_id, name))
+    for asset, name in _FIGURES_FROM[step]:
+        lake.lake.remove(lake.lake.patient_figure(patient_id, asset, name))
 
 
 def _volume_row(patient_id: str, kind: str, path: str, digest: str, summary: dict, has_reference: bool) -> dict:
@@ -262,7 +271,8 @@ def nifti_volume(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Ma
             "obliquity_deg": summary["obliquity_deg"],
             "has_reference_mask": reference is not None,
             "path": dg.MetadataValue.path(path),
-            "mid_slice": png_markdown(png, "mid axial slice"),
+            **figure_metadata(data_lake, "mid_slice", data_lake.patient_figure(patient_id, "nifti_volume", "mid_slice"),
+                              png, "mid axial slice"),
         },
         check_results=[
             dg.AssetCheckResult(
@@ -303,7 +313,7 @@ def _load_reference_mask(folder, image):
     check_specs=[dg.AssetCheckSpec("grid_and_intensity", asset="preprocessed_volume")],
 )
 def preprocessed_volume(
-    context: dg.AssetExecutionContext, config: PreprocessedVolumeConfig, lake: LakeResource
+    context: dg.AssetExecutionContext, config: deployed(PreprocessedVolumeConfig, "preprocessed_volume"), lake: LakeResource
 ) -> dg.MaterializeResult:
     patient_id = context.partition_key
     data_lake = lake.lake
@@ -335,7 +345,9 @@ def preprocessed_volume(
             "intensity_std": summary["intensity_std"],
             "preprocess_config": dg.MetadataValue.json(settings.model_dump(mode="json")),
             "path": dg.MetadataValue.path(path),
-            "mid_slice": png_markdown(png, "mid axial slice"),
+            **figure_metadata(data_lake, "mid_slice",
+                              data_lake.patient_figure(patient_id, "preprocessed_volume", "mid_slice"),
+                              png, "mid axial slice"),
         },
         check_results=[
             dg.AssetCheckResult(

@@ -10,6 +10,7 @@ import os
 
 import dagster as dg
 
+from hcc_assets.defs.deployment import deployed
 from hcc_assets.defs.resources import LakeResource
 from hcc_assets.featurestore.maintenance import RetentionPolicy, maintain
 
@@ -38,7 +39,8 @@ class FeatureStoreMaintenanceConfig(dg.Config):
     "is kept), expires snapshots past the retention window except those a registered model was trained on, "
     "and deletes data files no kept snapshot reads.",
 )
-def feature_store_maintenance(context: dg.AssetExecutionContext, config: FeatureStoreMaintenanceConfig,
+def feature_store_maintenance(context: dg.AssetExecutionContext,
+                              config: deployed(FeatureStoreMaintenanceConfig, "feature_store_maintenance"),
                               lake: LakeResource) -> dg.MaterializeResult:
     keep_days = None if config.keep_all_snapshots else (config.keep_days if config.keep_days is not None
                                                         else _default_keep_days())

@@ -33,9 +33,11 @@ import polars as pl
 from hcc_assets import radiomics
 from hcc_assets.defs.cohort import cohort
 from hcc_assets.defs.ingest import NIFTI_FILE, REFERENCE_MASK_FILE, nifti_volume
-from hcc_assets.defs.metadata import markdown_table, png_markdown
+from hcc_assets.defs.metadata import figure_metadata, markdown_table
 from hcc_assets.defs.partitions import patients_partitions
 from hcc_assets.defs.patient_errors import patient_failure
+from hcc_assets.defs.automation import refresh_patient_feature, segmentation_retrain
+from hcc_assets.defs.deployment import deployed
 from hcc_assets.defs.resources import ComputeResource, LakeResource
 from hcc_assets.featurestore import FeatureStore, reads, registry
 from hcc_assets.imaging.errors import IngestError
@@ -107,6 +109,7 @@ def select_training_cases(candidates: list[str], held_out: set[str], max_cases: 
     deps=[nifti_volume, cohort],
     code_version=SEGMENTATION_MODEL_VERSION,
     group_name="models",
+    automation_condition=segmentation_retrain(),
     kinds={"pytorch", "nnunet"},
     pool="gpu",
     description="The nnU-Net v2 liver/spleen segmentation model. Mode (a): a user-supplied trained "
@@ -115,7 +118,7 @@ def select_training_cases(candidates: list[str], held_out: set[str], max_cases: 
     "configuration `2d_cpu`, into data_lake/models/segmentation/<version>/. Row in `models`.",
 )
 def liver_segmentation_model(
-    context: dg.AssetExecutionContext, config: LiverSegmentationModelConfig, lake: LakeResource,
+    context: dg.AssetExecutionContext, config: deployed(LiverSegmentationModelConfig, "liver_segmentation_model"), lake: LakeResource,
     compute: ComputeResource,
 ) -> dg.MaterializeResult:
     if config.model_folder:
@@ -350,6 +353,7 @@ def current_model(store: FeatureStore) -> dict:
 def _forget_mask(lake: LakeResource, patient_id: str) -> None:
     lake.store.delete_partition("liver_masks", patient_id)
     lake.lake.remove(lake.lake.patient_file(patient_id, LIVER_MASK_FILE))
+    lake.lake.remove(lake.lake.patient_figure(patient_id, "liver_mask", "figure_1"))
 
 
 @dg.asset(
@@ -357,21 +361,27 @@ def _forget_mask(lake: LakeResource, patient_id: str) -> None:
     deps=[nifti_volume, liver_segmentation_model],
     code_version=LIVER_MASK_VERSION,
     group_name="features",
+    automation_condition=refresh_patient_feature(),
     kinds={"nifti", "nnunet"},
     description="Liver (1) and spleen (2) mask predicted by the current liver_segmentation_model on the "
     "native-resolution T2 volume, saved on exactly its grid (affine and shape verified); quality numbers and "
     "Dice against the reference mask in `liver_masks`; Figure 1 (mid-liver slice with overlay) in metadata.",
     check_specs=[
-        dg.AssetCheckSpec("mask_not_empty", asset="liver_mask", description="the mask has liver voxels"),
-        dg.AssetCheckSpec("liver_volume_plausible", asset="liver_mask",
+        # Blocking: an empty or implausibly sized liver would give radiomic features (and a radiomic
+        # prediction) of something that is not a liver. The patient's radiomics are dropped and the
+        # reason recorded in `exclusions`; its deep prediction does not use the mask and still comes.
+        dg.AssetCheckSpec("mask_not_empty", asset="liver_mask", blocking=True, description="the mask has liver voxels"),
+        dg.AssetCheckSpec("liver_volume_plausible", asset="liver_mask", blocking=True,
                           description="liver volume within the configured mL range (default 500-4000 mL)"),
+        # Warnings only: a fragmented mask still measures the liver, and a good model can disagree
+        # with a poor reference mask, so neither may stop the patient's radiomics.
         dg.AssetCheckSpec("single_main_component", asset="liver_mask",
                           description="the largest connected liver component holds >= 90% of liver voxels"),
         dg.AssetCheckSpec("dice_vs_reference", asset="liver_mask",
-                          description="liver Dice >= 0.9 against the reference mask, where one exists"),
+                          description="liver Dice >= 0.9 against the reference mask, where one exists (warning)"),
     ],
 )
-def liver_mask(context: dg.AssetExecutionContext, config: LiverMaskConfig, lake: LakeResource,
+def liver_mask(context: dg.AssetExecutionContext, config: deployed(LiverMaskConfig, "liver_mask"), lake: LakeResource,
                compute: ComputeResource) -> dg.MaterializeResult:
     patient_id = context.partition_key
     data_lake, store = lake.lake, lake.store
@@ -411,6 +421,11 @@ def liver_mask(context: dg.AssetExecutionContext, config: LiverMaskConfig, lake:
         rows, version=f"liver_mask@{LIVER_MASK_VERSION}", run_id=context.run.run_id))
 
     volume_range = [config.liver_volume_ml_min, config.liver_volume_ml_max]
+    implausible = _mask_problem(quality, volume_range)
+    if implausible:  # radiomics of this mask must not exist, nor older ones that no longer match it
+        context.log.warning(f"patient {patient_id}: liver mask implausible ({implausible}); radiomics excluded")
+        _forget_features(lake, patient_id)
+        _exclude(lake, patient_id, f"liver mask implausible: {implausible}", context.run.run_id)
     fraction = quality["liver_largest_component_fraction"]
     if reference is None:
         dice_check = dg.AssetCheckResult(check_name="dice_vs_reference", passed=True,
@@ -418,6 +433,7 @@ def liver_mask(context: dg.AssetExecutionContext, config: LiverMaskConfig, lake:
     else:
         dice_check = dg.AssetCheckResult(
             check_name="dice_vs_reference", passed=quality["dice_liver"] >= config.min_dice_liver,
+            severity=dg.AssetCheckSeverity.WARN,
             metadata={"dice_liver": quality["dice_liver"], "dice_spleen": quality["dice_spleen"],
                       "threshold": config.min_dice_liver})
     return dg.MaterializeResult(
@@ -434,7 +450,8 @@ def liver_mask(context: dg.AssetExecutionContext, config: LiverMaskConfig, lake:
             "shape": dg.MetadataValue.json(list(image.shape)),
             "path": dg.MetadataValue.path(path),
             "seconds": round(seconds, 2),
-            "figure_1": png_markdown(overlay_png(image, stored), "mid-liver slice, liver red, spleen blue"),
+            **figure_metadata(data_lake, "figure_1", data_lake.patient_figure(patient_id, "liver_mask", "figure_1"),
+                              overlay_png(image, stored), "mid-liver slice, liver red, spleen blue"),
         },
         check_results=[
             dg.AssetCheckResult(check_name="mask_not_empty", passed=quality["liver_voxels"] > 0,
@@ -444,12 +461,22 @@ def liver_mask(context: dg.AssetExecutionContext, config: LiverMaskConfig, lake:
                                           "range_ml": dg.MetadataValue.json(volume_range)}),
             dg.AssetCheckResult(check_name="single_main_component",
                                 passed=fraction >= config.min_largest_component_fraction,
+                                severity=dg.AssetCheckSeverity.WARN,
                                 metadata={"largest_component_fraction": fraction,
                                           "components": quality["liver_components"],
                                           "threshold": config.min_largest_component_fraction}),
             dice_check,
         ],
     )
+
+
+def _mask_problem(quality: dict, range_ml: list[float]) -> str | None:
+    """Why a mask must not feed radiomics (what the blocking checks say), or None."""
+    if quality["liver_voxels"] <= 0:
+        return "the mask has no liver voxels"
+    if not quality["liver_volume_plausible"]:
+        return f"liver volume {quality['liver_volume_ml']:.0f} mL outside {range_ml[0]:.0f}-{range_ml[1]:.0f} mL"
+    return None
 
 
 # -- radiomic_features -----------------------------------------------------------------------
@@ -470,6 +497,7 @@ def _exclude(lake: LakeResource, patient_id: str, reason: str, run_id: str) -> N
     deps=[liver_mask, nifti_volume],
     code_version=RADIOMIC_FEATURES_VERSION,
     group_name="features",
+    automation_condition=refresh_patient_feature(),
     kinds={"pyradiomics", "duckdb"},
     description="pyradiomics features (shape, firstorder, glcm, glrlm, glszm, gldm, ngtdm; shipped params.yaml) "
     "of the liver label of `liver_mask` on the native-resolution T2 NIfTI, as the study used raw images "

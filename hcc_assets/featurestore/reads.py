@@ -77,6 +77,75 @@ def related_handcrafted(store: FeatureStore) -> pl.DataFrame:
                        "WHERE related ORDER BY dl_feature, abs(value) DESC")
 
 
+# -- one patient's inputs for hcc_prediction, labelled or not (no join to cohort_split) ----------
+
+
+def patient_embedding(store: FeatureStore, patient_id: str) -> tuple[str, list[float]] | None:
+    """(classifier version that made it, the 128 values) of the patient's deep embedding."""
+    rows = store.query("SELECT model_version, embedding FROM deep_embeddings WHERE patient_id = ?", [patient_id])
+    return (rows["model_version"][0], list(rows["embedding"][0])) if rows.height else None
+
+
+def patient_radiomics(store: FeatureStore, patient_id: str, feature_set_version: str) -> dict[str, float | None]:
+    """feature -> value of the patient's radiomic features of `feature_set_version`."""
+    rows = store.query("SELECT feature, value FROM radiomic_features WHERE patient_id = ? AND feature_set_version = ?",
+                       [patient_id, feature_set_version])
+    return dict(zip(rows["feature"].to_list(), rows["value"].to_list()))
+
+
+def exclusion_reason(store: FeatureStore, patient_id: str, stage: str) -> str | None:
+    rows = store.query("SELECT reason FROM exclusions WHERE patient_id = ? AND stage = ?", [patient_id, stage])
+    return rows["reason"][0] if rows.height else None
+
+
+def latest_noncurrent_model(store: FeatureStore, model_name: str) -> dict | None:
+    """The newest `models` row of `model_name` that is not current (e.g. a refused retrain)."""
+    rows = store.query("SELECT * FROM models WHERE model_name = ? AND NOT current ORDER BY materialized_at DESC "
+                       "LIMIT 1", [model_name])
+    return rows.row(0, named=True) if rows.height else None
+
+
+def patient_predictions(store: FeatureStore, patient_id: str | None = None) -> pl.DataFrame:
+    """The newest prediction of each model per patient (view current_hcc_predictions)."""
+    where, params = ("WHERE patient_id = ?", [patient_id]) if patient_id else ("", [])
+    return store.query("SELECT patient_id, model, model_name, model_version, status, probability, threshold, decision, "
+                       f"input_version, reason, materialized_at FROM current_hcc_predictions {where} "
+                       "ORDER BY patient_id, CASE model WHEN 'deep' THEN 1 WHEN 'radiomic' THEN 2 ELSE 3 END", params)
+
+
+def patient_status(store: FeatureStore) -> pl.DataFrame:
+    """One row per patient seen by ingest: its volumes, mask, radiomics, embedding and newest
+    predictions, each with the model version that made it beside the current one, so a caller
+    can say what is current, stale or missing and why."""
+    return store.query("""
+        WITH current AS (SELECT model_name, version FROM models WHERE current),
+        preds AS (
+            SELECT patient_id,
+                   string_agg(model || '=' || CASE WHEN status = 'predicted' THEN printf('%.3f', probability)
+                              ELSE 'n/a' END, ' ' ORDER BY model) AS predictions,
+                   string_agg(CASE WHEN status <> 'predicted' THEN model || ': ' || reason END, '; '
+                              ORDER BY model) AS prediction_gaps,
+                   list(model || '@' || coalesce(model_version, '-') ORDER BY model) AS prediction_models
+            FROM current_hcc_predictions GROUP BY patient_id)
+        SELECT p.patient_id, p.ingest_status, c.split, c.hcc,
+               v.patient_id IS NOT NULL AS preprocessed,
+               m.model_version AS mask_model, (SELECT version FROM current WHERE model_name = 'liver_segmentation')
+                   AS current_mask_model,
+               (SELECT count(*) FROM radiomic_features r WHERE r.patient_id = p.patient_id) AS n_radiomic,
+               x.reason AS radiomics_excluded,
+               e.model_version AS embedding_model, (SELECT version FROM current WHERE model_name = 'hcc_classifier')
+                   AS current_classifier,
+               preds.predictions, preds.prediction_gaps, preds.prediction_models
+        FROM patients p
+        LEFT JOIN cohort_split c USING (patient_id)
+        LEFT JOIN volumes v ON v.patient_id = p.patient_id AND v.kind = 'preprocessed'
+        LEFT JOIN liver_masks m ON m.patient_id = p.patient_id
+        LEFT JOIN exclusions x ON x.patient_id = p.patient_id AND x.stage = 'radiomics'
+        LEFT JOIN deep_embeddings e ON e.patient_id = p.patient_id
+        LEFT JOIN preds ON preds.patient_id = p.patient_id
+        ORDER BY p.patient_id""")
+
+
 def model_comparison(store: FeatureStore, scheme: str = "holdout_bootstrap") -> pl.DataFrame:
     """Each model's metrics from its current version beside its previous version (the one
     registered before it), where there is one: model, metric, current_version, current,
@@ -98,6 +167,11 @@ def model_comparison(store: FeatureStore, scheme: str = "holdout_bootstrap") -> 
         ORDER BY m.model, m.metric""", [scheme])
 
 
+# the paired comparisons in the study's model order (radiomic, deep, explainable)
+_MODEL_RANK = "CASE {0} WHEN 'radiomic' THEN 1 WHEN 'deep' THEN 2 WHEN 'explainable' THEN 3 ELSE 4 END, {0}"
+_PAIR_ORDER = f"{_MODEL_RANK.format('model_a')}, {_MODEL_RANK.format('model_b')}"
+
+
 def report_tables(store: FeatureStore) -> dict[str, pl.DataFrame]:
     """Everything the report shows, from the current models."""
     return {
@@ -114,4 +188,8 @@ def report_tables(store: FeatureStore) -> dict[str, pl.DataFrame]:
                              "FROM explainability_sweep ORDER BY measure, threshold"),
         "models": store.query("SELECT model_name, version, kind, init FROM models WHERE current ORDER BY model_name"),
         "comparison": model_comparison(store),
+        "model_comparisons": store.query(f"SELECT * FROM current_model_comparisons ORDER BY {_PAIR_ORDER}"),
+        "confusion_matrices": store.query("SELECT * FROM current_confusion_matrices ORDER BY model"),
+        "calibration": store.query("SELECT * FROM current_calibration ORDER BY model, bin"),
     }
+

@@ -129,6 +129,22 @@ TABLES: dict[str, str] = {
         model_version VARCHAR NOT NULL,
         embedding FLOAT[] NOT NULL,
         {PROVENANCE}""",
+    # -- per-patient P(HCC) from every current model, labelled or not (hcc_prediction) --------
+    # One row per patient, model and model version; status 'predicted' or 'unavailable' (then
+    # probability, decision and model_version may be NULL and `reason` says why).
+    "hcc_predictions": f"""
+        patient_id VARCHAR NOT NULL,
+        model VARCHAR NOT NULL,
+        model_name VARCHAR NOT NULL,
+        model_version VARCHAR,
+        status VARCHAR NOT NULL,
+        probability DOUBLE,
+        threshold DOUBLE NOT NULL,
+        decision BOOLEAN,
+        input_kind VARCHAR NOT NULL,
+        input_version VARCHAR,
+        reason VARCHAR,
+        {PROVENANCE}""",
     # -- analysis (cohort level; `version` is the version of the model or selection) ---------
     "explainable_correlations": f"""
         dl_feature VARCHAR NOT NULL,
@@ -163,6 +179,51 @@ TABLES: dict[str, str] = {
         n_resamples INTEGER,
         n_degenerate INTEGER,
         {PROVENANCE}""",
+    # paired comparison of two models on the validation patients both scored; `version` is
+    # '<version_a>|<version_b>'; difference = auc_a - auc_b
+    "model_comparisons": f"""
+        model_a VARCHAR NOT NULL,
+        model_b VARCHAR NOT NULL,
+        version_a VARCHAR NOT NULL,
+        version_b VARCHAR NOT NULL,
+        n INTEGER NOT NULL,
+        n_positive INTEGER NOT NULL,
+        auc_a DOUBLE,
+        auc_b DOUBLE,
+        auc_difference DOUBLE,
+        bootstrap_mean DOUBLE,
+        ci_low DOUBLE,
+        ci_high DOUBLE,
+        n_resamples INTEGER,
+        n_degenerate INTEGER,
+        seed INTEGER,
+        delong_se DOUBLE,
+        delong_z DOUBLE,
+        delong_p DOUBLE,
+        delong_ci_low DOUBLE,
+        delong_ci_high DOUBLE,
+        {PROVENANCE}""",
+    "confusion_matrices": f"""
+        model VARCHAR NOT NULL,
+        threshold DOUBLE NOT NULL,
+        n INTEGER NOT NULL,
+        tp INTEGER NOT NULL,
+        fp INTEGER NOT NULL,
+        tn INTEGER NOT NULL,
+        fn INTEGER NOT NULL,
+        {PROVENANCE}""",
+    # one row per non-empty bin of predicted P(HCC); brier_score is the model's, on every row
+    "calibration": f"""
+        model VARCHAR NOT NULL,
+        n_bins INTEGER NOT NULL,
+        bin INTEGER NOT NULL,
+        bin_low DOUBLE NOT NULL,
+        bin_high DOUBLE NOT NULL,
+        n INTEGER NOT NULL,
+        mean_predicted DOUBLE,
+        observed_rate DOUBLE,
+        brier_score DOUBLE,
+        {PROVENANCE}""",
     "coefficients": f"""
         model VARCHAR NOT NULL,
         feature VARCHAR NOT NULL,
@@ -188,7 +249,16 @@ HISTORY_KEYS: dict[str, list[str]] = {
     "predictions": ["model", "version"],
     "training_history": ["model_name", "version"],
     "model_metrics": ["model", "version"],
+    "model_comparisons": ["model_a", "version_a", "model_b", "version_b"],
+    "confusion_matrices": ["model", "version"],
+    "calibration": ["model", "version"],
     "coefficients": ["model", "version"],
+}
+
+# Per-patient history tables: a patient's write replaces only its rows of the same key values
+# (NULL matches NULL) and keeps the rows of other model versions.
+PATIENT_HISTORY_KEYS: dict[str, list[str]] = {
+    "hcc_predictions": ["model", "model_version"],
 }
 
 
@@ -284,7 +354,7 @@ VIEW_BUILDERS: dict[str, list[Callable]] = {
     "radiomic_features": [_radiomics_view],
 }
 
-TABLE_1_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc")
+TABLE_1_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "specificity", "npv")
 
 
 def static_view_statements() -> list[tuple[str, str]]:
@@ -300,6 +370,15 @@ def static_view_statements() -> list[tuple[str, str]]:
         "deep_features": f"SELECT patient_id, model_version, {dl_columns} FROM deep_embeddings",
         "current_models": "SELECT * FROM models WHERE current",
         **{f"current_{table}": f"SELECT * FROM {table} WHERE {current}" for table in HISTORY_KEYS},
+        # (replaces the entry above) a comparison is current when both its models are
+        "current_model_comparisons": "SELECT * FROM model_comparisons WHERE "
+                                     + " AND ".join(f"{side} IN (SELECT version FROM models WHERE current)"
+                                                    for side in ("version_a", "version_b")),
+        # each patient's newest prediction per model: what the models current at its last
+        # hcc_prediction run said (or why they could not)
+        "current_hcc_predictions": "SELECT * EXCLUDE (rank) FROM (SELECT *, row_number() OVER (PARTITION BY "
+                                   "patient_id, model ORDER BY materialized_at DESC) AS rank FROM hcc_predictions) "
+                                   "WHERE rank = 1",
         # the study's Table 1 for the current models: 'estimate [ci_low, ci_high]' (95% CI)
         "table_1": f"SELECT model, scheme, max(n) AS n, {cells} FROM current_model_metrics "
                    f"GROUP BY model, scheme ORDER BY scheme, {order}",

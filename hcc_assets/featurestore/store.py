@@ -34,7 +34,8 @@ import pyarrow as pa
 
 from hcc_assets.featurestore.catalog import (CatalogError, StoreLocation, catalog_identity, current_alias,
                                             reset_engine)
-from hcc_assets.featurestore.schema import (DERIVED_REFRESHERS, DERIVED_TABLES, HISTORY_KEYS, TABLE_OPTIONS, TABLES,
+from hcc_assets.featurestore.schema import (DERIVED_REFRESHERS, DERIVED_TABLES, HISTORY_KEYS, PATIENT_HISTORY_KEYS,
+                                        TABLE_OPTIONS, TABLES,
                                            VIEW_BUILDERS, create_statements, static_view_statements)
 
 ALL_TABLES = (*TABLES, *DERIVED_TABLES)
@@ -187,6 +188,8 @@ class FeatureStore:
         for name, statement in static_view_statements():
             if name not in existing:
                 con.execute(statement)
+            else:  # a store made by an older version (this runs when it lacks a table): bring it up to date
+                FeatureStore._replace_view_if_changed(con, existing, name, statement.split(" AS ", 1)[1])
         for table in VIEW_BUILDERS:
             FeatureStore._refresh_views(table, con)
 
@@ -323,6 +326,20 @@ class FeatureStore:
         claims = ["|".join(str(v) for v in row) for row in pairs.iter_rows()] or ["*"]
         return self._replace(table, where, params, rows, None, claims)
 
+    def replace_patient_versions(self, table: str, patient_id: str, rows: pl.DataFrame) -> int:
+        """Replace the patient's rows with the key values in `rows` (PATIENT_HISTORY_KEYS; NULL
+        matches NULL) and keep its rows of every other key: e.g. a patient's prediction by a new
+        model version goes beside the one by the previous version."""
+        self._check_table(table)
+        if rows.height == 0 or set(rows["patient_id"].unique().to_list()) != {patient_id}:
+            raise FeatureStoreError(f"rows for {table} must be given and all belong to patient {patient_id}")
+        keys = PATIENT_HISTORY_KEYS[table]
+        pairs = rows.select(keys).unique().sort(keys, nulls_last=True)
+        match = " OR ".join("(" + " AND ".join(f"{k} IS NOT DISTINCT FROM ?" for k in keys) + ")"
+                            for _ in range(pairs.height))
+        params = [patient_id] + [value for row in pairs.iter_rows() for value in row]
+        return self._replace(table, f"patient_id = ? AND ({match})", params, rows, {patient_id}, [f"{patient_id}|"])
+
     @staticmethod
     def _claim_suffix(match: dict[str, object]) -> str:
         return ",".join(f"{k}={v}" for k, v in sorted(match.items()) if k != "patient_id")
@@ -375,16 +392,17 @@ class FeatureStore:
 
         self.transaction(body, what="claim partitions")
 
-    def register_model(self, row: pl.DataFrame, data_snapshot: int | None = None) -> int:
+    def register_model(self, row: pl.DataFrame, data_snapshot: int | None = None, current: bool = True) -> int:
         """Register one model version (a `models` row with provenance) as the current one of its
         name, recording `data_snapshot`, the snapshot its training data was read at (default: the
         store's snapshot now). Older versions stay, with current = false; registering a version
-        again replaces its row. Returns the snapshot recorded."""
+        again replaces its row. `current=False` records a refused version (e.g. a failed quality
+        gate) for the audit trail and leaves the current one as it was. Returns the snapshot recorded."""
         if row.height != 1:
             raise FeatureStoreError("register_model takes exactly one row")
         name, version = row["model_name"][0], row["version"][0]
         snapshot = self.current_snapshot() if data_snapshot is None else int(data_snapshot)
-        incoming = row.with_columns(pl.lit(True).alias("current"),
+        incoming = row.with_columns(pl.lit(current).alias("current"),
                                     pl.lit(snapshot, dtype=pl.Int64).alias("data_snapshot")).to_arrow()
         claim_rows = pa.table({"table_name": ["models"], "partition_key": [name]})
         self.ensure_schema()
@@ -392,7 +410,8 @@ class FeatureStore:
 
         def body(con: duckdb.DuckDBPyConnection) -> None:
             self._replace_claims(con, claim_rows)
-            con.execute("UPDATE models SET current = false WHERE model_name = ? AND current", [name])
+            if current:
+                con.execute("UPDATE models SET current = false WHERE model_name = ? AND current", [name])
             con.execute("DELETE FROM models WHERE model_name = ? AND version = ?", [name, version])
             con.register("incoming_rows", incoming)
             con.execute("INSERT INTO models BY NAME SELECT * FROM incoming_rows")
@@ -434,14 +453,19 @@ class FeatureStore:
         existing = FeatureStore._views_in(con)
         for builder in builders:
             for name, select in builder(con):
-                # DuckDB stores a view's SQL re-rendered: render the wanted one the same way (as a
-                # temporary view) to compare like with like
-                con.execute(f"CREATE OR REPLACE TEMP VIEW wanted_{name} AS {select}")
-                wanted = con.execute("SELECT sql FROM duckdb_views() WHERE database_name = 'temp' AND view_name = ?",
-                                     [f"wanted_{name}"]).fetchone()[0]
-                con.execute(f"DROP VIEW temp.wanted_{name}")
-                if _view_body(existing.get(name, "")) != _view_body(wanted):
-                    con.execute(f"CREATE OR REPLACE VIEW {name} AS {select}")
+                FeatureStore._replace_view_if_changed(con, existing, name, select)
+
+    @staticmethod
+    def _replace_view_if_changed(con: duckdb.DuckDBPyConnection, existing: dict[str, str], name: str,
+                                 select: str) -> None:
+        # DuckDB stores a view's SQL re-rendered: render the wanted one the same way (as a
+        # temporary view) to compare like with like
+        con.execute(f"CREATE OR REPLACE TEMP VIEW wanted_{name} AS {select}")
+        wanted = con.execute("SELECT sql FROM duckdb_views() WHERE database_name = 'temp' AND view_name = ?",
+                             [f"wanted_{name}"]).fetchone()[0]
+        con.execute(f"DROP VIEW temp.wanted_{name}")
+        if _view_body(existing.get(name, "")) != _view_body(wanted):
+            con.execute(f"CREATE OR REPLACE VIEW {name} AS {select}")
 
     # -- reads -------------------------------------------------------------------------
     def query(self, sql: str, params: list | None = None, alias: str | None = None) -> pl.DataFrame:

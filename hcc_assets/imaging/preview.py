@@ -1,11 +1,16 @@
-"""PNG previews for asset metadata: the middle axial slice, with an optional mask overlay.
+"""Figure previews: the middle axial slice (with an optional mask overlay) as PNG, and small
+thumbnails of any PNG figure for inline display.
 
 Displayed radiologically: the patient's right on the viewer's left, anterior at the top.
 Uses the Agg canvas directly (no pyplot), so it is safe in worker processes and threads.
+
+The full figures are files in the data lake; what asset metadata (Dagster's event log, one copy
+per event) carries inline is at most a `thumbnail_data_uri` of THUMBNAIL_MAX_BYTES.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 
 import nibabel as nib
@@ -15,6 +20,10 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from hcc_assets.imaging.preprocess import resample_mask_like
+
+# the largest inline thumbnail (the whole data URI, base64 included) an event-log entry may carry
+THUMBNAIL_MAX_BYTES = 16 * 1024
+THUMBNAIL_BOX = (480, 240)  # largest width, height in pixels; aspect kept
 
 # label 1 liver, 2 spleen, anything higher shares the last colour
 MASK_COLOURS = ListedColormap(["#ff7f0e", "#1f77b4", "#2ca02c"])
@@ -59,3 +68,47 @@ def mid_slice_png(image: nib.Nifti1Image, mask: nib.Nifti1Image | None = None, t
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", facecolor="black")
     return buffer.getvalue()
+
+
+def thumbnail(png: bytes, max_bytes: int = THUMBNAIL_MAX_BYTES, box: tuple[int, int] = THUMBNAIL_BOX
+              ) -> tuple[str, bytes]:
+    """A downscaled copy of the image `png` as (MIME type, bytes) whose data URI
+    (`thumbnail_data_uri`) is at most `max_bytes` long: within `box`, as a 64-colour PNG or a JPEG,
+    whichever is smaller (JPEG, ~5-8 KB, for the slices, overlays and training curves here); shrunk
+    further until it fits. Same input, same bytes."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as opened:
+        image = opened.convert("RGBA") if "A" in opened.getbands() or opened.mode == "P" else opened.convert("RGB")
+    if image.mode == "RGBA":  # figures are opaque; any transparency goes on white
+        background = Image.new("RGB", image.size, "white")
+        background.paste(image, mask=image.getchannel("A"))
+        image = background
+    width, height = box
+    while True:
+        small = image.copy()
+        small.thumbnail((max(width, 1), max(height, 1)), Image.Resampling.LANCZOS)
+        candidates = []
+        buffer = io.BytesIO()
+        small.quantize(colors=64, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
+            buffer, format="PNG", optimize=True)
+        candidates.append(("image/png", buffer.getvalue()))
+        buffer = io.BytesIO()
+        small.save(buffer, format="JPEG", quality=75, optimize=True)
+        candidates.append(("image/jpeg", buffer.getvalue()))
+        mime, data = min(candidates, key=lambda candidate: len(candidate[1]))
+        if _data_uri_length(mime, data) <= max_bytes:
+            return mime, data
+        if width <= 16 or height <= 16:
+            raise ValueError(f"no thumbnail of this image fits in {max_bytes} bytes")
+        width, height = int(width * 0.8), int(height * 0.8)
+
+
+def thumbnail_data_uri(png: bytes, max_bytes: int = THUMBNAIL_MAX_BYTES, box: tuple[int, int] = THUMBNAIL_BOX) -> str:
+    """`thumbnail(png)` as a `data:` URI of at most `max_bytes` characters."""
+    mime, data = thumbnail(png, max_bytes, box)
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def _data_uri_length(mime: str, data: bytes) -> int:
+    return len(f"data:{mime};base64,") + 4 * -(-len(data) // 3)

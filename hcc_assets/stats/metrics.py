@@ -4,8 +4,10 @@ Conventions (all documented here once):
 
 - A patient is predicted HCC when its probability is strictly above ``threshold``; this is what
   ``LogisticRegression.predict`` does at 0.5, so validation accuracy and CV accuracy agree.
-- ``zero_division=0``: precision with no predicted positives, recall with no actual positives and
-  F1 with neither true positives nor errors are 0.0 (sklearn's ``zero_division=0``).
+- ``zero_division=0``: precision with no predicted positives, recall with no actual positives,
+  specificity with no actual negatives, NPV (negative predictive value) with no predicted
+  negatives and F1 with neither true positives nor errors are 0.0 (sklearn's ``zero_division=0``).
+- specificity = TN / (TN + FP), NPV = TN / (TN + FN) (recall is the sensitivity, precision the PPV).
 - ROC AUC is the Mann-Whitney probability that an HCC patient scores above a healthy one, ties
   counting one half; it is NaN when ``y_true`` holds a single class.
 """
@@ -23,7 +25,7 @@ from sklearn.model_selection import RepeatedStratifiedKFold
 
 log = logging.getLogger(__name__)
 
-METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc")
+METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "specificity", "npv")
 
 
 @dataclass
@@ -67,6 +69,21 @@ def _safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
         return np.where(denominator > 0, numerator / np.maximum(denominator, 1), 0.0)
 
 
+def auc_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """ROC AUC of each row of (resamples x patients) boolean ``labels`` and ``scores``; NaN for a
+    row with a single class. Mann-Whitney: the sum of the positives' average ranks minus its
+    minimum, over the number of (positive, negative) pairs, so ties count one half."""
+    ranks = rankdata(scores, axis=1)
+    n_positive = labels.sum(axis=1)
+    n_negative = labels.shape[1] - n_positive
+    positive_rank_sum = np.where(labels, ranks, 0.0).sum(axis=1)
+    pairs = n_positive * n_negative
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(
+            pairs > 0, (positive_rank_sum - n_positive * (n_positive + 1) / 2) / np.maximum(pairs, 1), np.nan
+        )
+
+
 def _metric_rows(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
     """Every metric for each row of (resamples x patients) ``labels``/``scores``, vectorised."""
     predicted = scores > threshold
@@ -75,28 +92,45 @@ def _metric_rows(labels: np.ndarray, scores: np.ndarray, threshold: float) -> di
     false_negative = (labels & ~predicted).sum(axis=1)
     true_negative = (~labels & ~predicted).sum(axis=1)
     n = labels.shape[1]
-    # Mann-Whitney: sum of the positives' average ranks minus its minimum, over the pair count
-    ranks = rankdata(scores, axis=1)
-    n_positive = labels.sum(axis=1)
-    n_negative = n - n_positive
-    positive_rank_sum = np.where(labels, ranks, 0.0).sum(axis=1)
-    pairs = n_positive * n_negative
-    with np.errstate(divide="ignore", invalid="ignore"):
-        auc = np.where(
-            pairs > 0, (positive_rank_sum - n_positive * (n_positive + 1) / 2) / np.maximum(pairs, 1), np.nan
-        )
     return {
         "accuracy": (true_positive + true_negative) / n,
         "precision": _safe_ratio(true_positive, true_positive + false_positive),
         "recall": _safe_ratio(true_positive, true_positive + false_negative),
         # 2TP / (2TP + FP + FN) equals the harmonic mean of precision and recall, and is 0 when TP = 0
         "f1": _safe_ratio(2 * true_positive, 2 * true_positive + false_positive + false_negative),
-        "roc_auc": auc,
+        "roc_auc": auc_rows(labels, scores),
+        "specificity": _safe_ratio(true_negative, true_negative + false_positive),
+        "npv": _safe_ratio(true_negative, true_negative + false_negative),
     }
 
 
+@dataclass
+class ConfusionMatrix:
+    """Counts at ``threshold`` (HCC = positive; predicted HCC when the probability is above it)."""
+
+    threshold: float
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+
+    @property
+    def n(self) -> int:
+        return self.tp + self.fp + self.tn + self.fn
+
+
+def confusion_matrix(y_true, probability, threshold: float = 0.5) -> ConfusionMatrix:
+    """True/false positives and negatives of one set of patients at ``threshold``."""
+    labels, scores = _validated(y_true, probability)
+    predicted = scores > threshold
+    return ConfusionMatrix(threshold=float(threshold), tp=int((labels & predicted).sum()),
+                           fp=int((~labels & predicted).sum()), tn=int((~labels & ~predicted).sum()),
+                           fn=int((labels & ~predicted).sum()))
+
+
 def classification_metrics(y_true, probability, threshold: float = 0.5) -> dict[str, float]:
-    """Accuracy, precision, recall, F1 (HCC = positive) and ROC AUC on one set of patients."""
+    """Accuracy, precision, recall, F1 (HCC = positive), ROC AUC, specificity and NPV on one set of
+    patients."""
     labels, scores = _validated(y_true, probability)
     rows = _metric_rows(labels[None, :], scores[None, :], threshold)
     return {metric: float(rows[metric][0]) for metric in METRICS}

@@ -2,8 +2,10 @@
 so it opens in a browser with no server) and Markdown (figures as PNG files beside it).
 
 Sections: cohort summary, Table 1 (holdout metrics with bootstrap CIs; repeated CV beside them),
-Figure 1 (slice with mask overlay), Figure 2 (training curves), ROC curves, coefficients and the
-explainability sweep. Only pseudonymous patient keys ever appear.
+the paired comparison of the models on the same validation patients (AUC difference with a paired
+bootstrap CI and DeLong's test), confusion matrices, Figure 1 (slice with mask overlay), Figure 2
+(training curves), ROC curves, the calibration plot, coefficients and the explainability sweep.
+Only pseudonymous patient keys ever appear.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import polars as pl
 
 MODEL_LABELS = {"radiomic": "Radiomic", "deep": "DL", "explainable": "Explainable DL"}
 TABLE_1_METRICS = (("accuracy", "Accuracy"), ("precision", "Precision"), ("recall", "Recall"), ("f1", "F1"),
-                   ("roc_auc", "ROC AUC"))
+                   ("roc_auc", "ROC AUC"), ("specificity", "Specificity"), ("npv", "NPV"))
 
 
 @dataclass
@@ -34,6 +36,9 @@ class ReportInputs:
     sweep: pl.DataFrame
     models: pl.DataFrame  # model_name, version, init, kind
     comparison: pl.DataFrame | None = None  # model, metric, current_version, current, previous_version, previous
+    model_comparisons: pl.DataFrame | None = None  # current_model_comparisons (paired AUC comparisons)
+    confusion_matrices: pl.DataFrame | None = None  # current_confusion_matrices
+    calibration: pl.DataFrame | None = None  # current_calibration (one row per non-empty bin)
     figure_1: bytes | None = None
     figure_1_caption: str = ""
 
@@ -42,7 +47,7 @@ class ReportInputs:
 class RenderedReport:
     html: str
     markdown: str  # figures referenced as PNG files in the same folder
-    markdown_inline: str  # figures as data URIs (asset metadata)
+    markdown_inline: str  # for asset metadata: figures as thumbnails (data URIs of <= 16 KB each), not full PNGs
     figures: dict[str, bytes] = field(default_factory=dict)
 
 
@@ -55,7 +60,8 @@ def gather_report_inputs(tables: dict[str, pl.DataFrame],
     masks, cohort = tables["masks"], tables["cohort"]
     inputs = ReportInputs(**{name: tables[name] for name in (
         "cohort", "exclusions", "masks", "metrics", "history", "predictions", "coefficients", "sweep", "models")},
-        comparison=tables.get("comparison"))
+        comparison=tables.get("comparison"), model_comparisons=tables.get("model_comparisons"),
+        confusion_matrices=tables.get("confusion_matrices"), calibration=tables.get("calibration"))
     if figure_1_case is not None and overlay is not None and masks.height:
         with_mask = set(masks["patient_id"].to_list())
         preferred = cohort.filter(pl.col("hcc") & (pl.col("split") == "validation"))["patient_id"].to_list()
@@ -106,6 +112,34 @@ def roc_figure(predictions: pl.DataFrame) -> bytes | None:
         return _png(figure)
 
 
+def calibration_figure(calibration: pl.DataFrame | None) -> bytes | None:
+    """Reliability diagram: each model's observed HCC rate against its mean predicted P(HCC) per
+    bin (rows of `calibration`: model, bin, n, mean_predicted, observed_rate, brier_score), marker
+    area following the bin's patient count, Brier score in the legend; None without rows."""
+    import matplotlib.style
+    from matplotlib.figure import Figure
+
+    if calibration is None or calibration.height == 0:
+        return None
+    with matplotlib.style.context("default"):
+        figure = Figure(figsize=(5.5, 5), dpi=100, layout="constrained")
+        axes = figure.subplots()
+        axes.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")
+        for model, label in MODEL_LABELS.items():
+            rows = calibration.filter(pl.col("model") == model).sort("bin")
+            if rows.height == 0:
+                continue
+            sizes = [20 + 180 * n / max(rows["n"].max(), 1) for n in rows["n"].to_list()]
+            line = axes.plot(rows["mean_predicted"].to_list(), rows["observed_rate"].to_list(), marker="",
+                             label=f"{label} (Brier {_fmt(rows['brier_score'][0])}, n={int(rows['n'].sum())})")[0]
+            axes.scatter(rows["mean_predicted"].to_list(), rows["observed_rate"].to_list(), s=sizes,
+                         color=line.get_color(), alpha=0.7)
+        axes.set(xlabel="mean predicted P(HCC) in bin", ylabel="observed fraction with HCC",
+                 title="Calibration, validation patients", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
+        axes.legend(loc="upper left")
+        return _png(figure)
+
+
 # -- tables --------------------------------------------------------------------------------------
 
 
@@ -137,6 +171,45 @@ def table_1(metrics: pl.DataFrame, scheme: str) -> tuple[list[str], list[list[st
             cells.append(f"{_fmt(r['estimate'])} ({_fmt(r['ci_low'])}-{_fmt(r['ci_high'])})")
         cells.append(str(part["n"].max()))
         rows.append(cells)
+    return header, rows
+
+
+def _interval(low, high) -> str:
+    return f"{_fmt(low)} to {_fmt(high)}"
+
+
+def paired_comparison_table(comparisons: pl.DataFrame | None) -> tuple[list[str], list[list[str]]]:
+    """One row per pair of models: AUCs on the patients both scored, the difference A - B with its
+    paired-bootstrap and DeLong 95% intervals, and DeLong's z and two-sided p."""
+    header = ["Model A", "Model B", "n (HCC)", "AUC A", "AUC B", "AUC A - B", "Bootstrap 95% CI",
+              "DeLong 95% CI", "DeLong z", "DeLong p", "Resamples (skipped)"]
+    rows = []
+    for r in (comparisons.iter_rows(named=True) if comparisons is not None else ()):
+        rows.append([MODEL_LABELS.get(r["model_a"], r["model_a"]), MODEL_LABELS.get(r["model_b"], r["model_b"]),
+                     f"{r['n']} ({r['n_positive']})", _fmt(r["auc_a"]), _fmt(r["auc_b"]), _fmt(r["auc_difference"]),
+                     _interval(r["ci_low"], r["ci_high"]), _interval(r["delong_ci_low"], r["delong_ci_high"]),
+                     _fmt(r["delong_z"]), _fmt(r["delong_p"]), f"{_fmt(r['n_resamples'])} ({_fmt(r['n_degenerate'])})"])
+    return header, rows
+
+
+def _count_ratio(numerator: int, denominator: int) -> str:
+    return f"{_fmt(numerator / denominator) if denominator else 'n/a'} ({numerator}/{denominator})"
+
+
+def confusion_table(confusion: pl.DataFrame | None, calibration: pl.DataFrame | None = None
+                    ) -> tuple[list[str], list[list[str]]]:
+    """One row per model: the confusion matrix at its threshold, sensitivity, specificity, PPV and
+    NPV as fractions of the counts, and the Brier score (from `calibration`)."""
+    header = ["Model", "Threshold", "n", "TP", "FP", "TN", "FN", "Sensitivity", "Specificity", "PPV", "NPV", "Brier"]
+    brier = {}
+    if calibration is not None and calibration.height:
+        brier = {m: b for m, b in calibration.group_by("model").agg(pl.col("brier_score").first()).iter_rows()}
+    rows = []
+    for r in (confusion.iter_rows(named=True) if confusion is not None else ()):
+        tp, fp, tn, fn = r["tp"], r["fp"], r["tn"], r["fn"]
+        rows.append([MODEL_LABELS.get(r["model"], r["model"]), _fmt(r["threshold"], 2), str(r["n"]), str(tp), str(fp),
+                     str(tn), str(fn), _count_ratio(tp, tp + fn), _count_ratio(tn, tn + fp), _count_ratio(tp, tp + fp),
+                     _count_ratio(tn, tn + fn), _fmt(brier.get(r["model"]))])
     return header, rows
 
 
@@ -195,6 +268,7 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 
 def build_report(inputs: ReportInputs) -> RenderedReport:
     from hcc_assets.deep.train import plot_history
+    from hcc_assets.imaging.preview import thumbnail_data_uri
 
     figures: dict[str, tuple[bytes, str]] = {}
     if inputs.figure_1:
@@ -205,6 +279,12 @@ def build_report(inputs: ReportInputs) -> RenderedReport:
     roc = roc_figure(inputs.predictions)
     if roc:
         figures["roc.png"] = (roc, "ROC curves of the three models on the validation patients.")
+    calibration = calibration_figure(inputs.calibration)
+    if calibration:
+        width = _fmt(1 / inputs.calibration["n_bins"][0], 2)
+        figures["calibration.png"] = (calibration, "Calibration of the three models on the validation patients: "
+                                      f"observed HCC fraction against mean predicted P(HCC) per bin of width {width} "
+                                      "(marker area: patients in the bin).")
 
     cv_schemes = sorted(s for s in inputs.metrics["scheme"].unique().to_list() if s != "holdout_bootstrap") \
         if inputs.metrics.height else []
@@ -220,6 +300,13 @@ def build_report(inputs: ReportInputs) -> RenderedReport:
         sections.append(("Current models beside their previous versions (validation estimates)", [
             ("table", _frame_table(inputs.comparison, ["model", "metric", "current_version", "current",
                                                        "previous_version", "previous"]))]))
+    if inputs.model_comparisons is not None and inputs.model_comparisons.height:
+        sections.append(("Paired comparison of the models on the same validation patients (AUC difference A - B; "
+                         "95% CI from paired bootstrap resamples and from DeLong's test)", [
+                             ("table", paired_comparison_table(inputs.model_comparisons))]))
+    if inputs.confusion_matrices is not None and inputs.confusion_matrices.height:
+        sections.append(("Confusion matrices on the validation patients (HCC when P(HCC) is above the threshold)", [
+            ("table", confusion_table(inputs.confusion_matrices, inputs.calibration))]))
     sections.append(("Figures", [("figure", name) for name in figures]))
     sections.append(("Coefficients (unpenalized Logit refit on the selected standardized features)", [
         ("table", _frame_table(inputs.coefficients, ["model", "feature", "beta", "std_error", "z", "p_value",
@@ -248,7 +335,7 @@ def build_report(inputs: ReportInputs) -> RenderedReport:
                 png, caption = figures[content]
                 uri = "data:image/png;base64," + base64.b64encode(png).decode()
                 md_files.append(f"![{caption}]({content})\n\n_{caption}_\n")
-                md_inline.append(f"![{caption}]({uri})\n\n_{caption}_\n")
+                md_inline.append(f"![{caption}]({thumbnail_data_uri(png)})\n\n_{caption}_\n")
                 html_parts.append(f'<figure><img src="{uri}" alt="{html.escape(caption)}">'
                                   f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"

@@ -44,12 +44,13 @@ PSEUDONYM_KEY = "hands-off-test"
 SEGMENTATION_TRAINING = {"epochs": 12, "iterations_per_epoch": 25, "val_iterations_per_epoch": 2,
                          "initial_lr": 0.02, "spacing": [], "seed": 7}
 CLASSIFIER_TRAINING = {"depth": 10, "lr": 0.05, "min_epochs": 5, "max_epochs": 5, "patience": 5,
-                       "batch_size": 4, "seed": 0}
+                       "batch_size": 4, "seed": 0, "accept_below_chance": True}
+CLASSIFIER, SEGMENTATION = "hcc_classifier", "liver_segmentation"  # registry names
 # the test's per-patient run config: see the module docstring
 TEST_PATIENT_CONFIG = {"ops": {"preprocessed_volume": {"config": {"target_shape": [32, 32, 16]}},
                                "deep_embedding": {"config": {"allow_model_below_chance": True}}}}
 PATIENT_CONFIG_FILE = "patient_run_config.yaml"
-FEATURE_TABLES = ("liver_masks", "radiomic_features", "deep_embeddings")
+FEATURE_TABLES = ("liver_masks", "radiomic_features", "deep_embeddings", "hcc_predictions")
 
 
 @dataclass
@@ -73,7 +74,7 @@ class PreparedLake:
     def reopen(cls, lake_root: Path) -> PreparedLake:
         """A lake prepared earlier (by prepare_lake), e.g. to measure again without retraining."""
         from hcc_assets.defs.resources import LakeResource
-        from hcc_assets.featurestore.freshness import CLASSIFIER, SEGMENTATION, current_version
+        from hcc_assets.featurestore.registry import current_version
         from hcc_assets.instance import ensure_dagster_home
 
         lake_root = Path(lake_root)
@@ -97,9 +98,10 @@ def prepare_lake(lake_root: Path, cohort_source: Path, patient_config: dict | No
     ensure_dagster_home to <lake>/dagster_home when unset; the instance config reads it from the
     environment, so it stays exported: callers that care restore it). `patient_config` (run config
     of per-patient runs) goes to <lake>/patient_run_config.yaml for the daemon and is used here for
-    the cohort's ingest. The classifier may fail its beats-chance check (it is registered anyway)."""
+    the cohort's ingest. The classifier may fail its beats-chance check (it is registered as current
+    anyway: accept_below_chance)."""
     from hcc_assets.defs.resources import ComputeResource, LakeResource
-    from hcc_assets.featurestore.freshness import CLASSIFIER, SEGMENTATION, current_version
+    from hcc_assets.featurestore.registry import current_version
     from hcc_assets.instance import ensure_dagster_home
 
     lake_root = Path(lake_root)
@@ -319,5 +321,5 @@ def latency_breakdown(instance: dg.DagsterInstance, patient_id: str, dropped: fl
 
 def format_breakdown(marks: list[tuple[str, float]], total: float) -> str:
     lines = [f"{seconds:7.2f} s  {stage}" for stage, seconds in marks]
-    lines.append(f"{total:7.2f} s  TOTAL drop -> rows in liver_masks, radiomic_features, deep_embeddings")
+    lines.append(f"{total:7.2f} s  TOTAL drop -> rows in {', '.join(FEATURE_TABLES)}")
     return "\n".join(lines)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import re
 from pathlib import Path
 
 import dagster as dg
@@ -40,3 +43,24 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str:
         if event.is_step_failure:
             return event.step_failure_data.error.message
     return ""
+
+
+def check_figure(metadata: dict, key: str, data_lake, path: str, alt: str) -> bytes:
+    """A figure linked from asset metadata (hcc_assets.defs.metadata.figure_metadata): `key` is the
+    path of the full PNG in the lake, `key`_thumbnail Markdown with a smaller inline image of at most
+    16 KB. `metadata` holds MetadataValues or their values. Returns the PNG."""
+    from PIL import Image
+
+    def value(name):
+        return getattr(metadata[name], "value", metadata[name])
+
+    assert value(key) == path, (value(key), path)
+    png = data_lake.read_bytes(path)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    thumbnail = value(key + "_thumbnail")
+    assert len(thumbnail.encode()) <= 16 * 1024, len(thumbnail.encode())
+    found = re.fullmatch(rf"!\[{re.escape(alt)}\]\(data:image/(png|jpeg);base64,([A-Za-z0-9+/=]+)\)", thumbnail)
+    assert found, thumbnail[:120]
+    with Image.open(io.BytesIO(base64.b64decode(found.group(2)))) as small, Image.open(io.BytesIO(png)) as full:
+        assert small.format.lower() == found.group(1) and 32 <= max(small.size) <= max(full.size)
+    return png

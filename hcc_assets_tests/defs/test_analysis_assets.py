@@ -6,12 +6,17 @@ selection, metrics, coefficients. The leakage guard (null cohort) is test_analys
 """
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 import statsmodels.api as sm
-from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
+from scipy.stats import norm
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import (accuracy_score, brier_score_loss, confusion_matrix, f1_score, precision_score,
+                             recall_score, roc_auc_score)
 
 from hcc_assets_tests.defs.study import run_study
 from hcc_assets_tests.scratch import module_scratch
@@ -92,7 +97,9 @@ def test_metrics_match_an_independent_recomputation(study):
         yhat = (p > 0.5).astype(int)  # documented: HCC when P(HCC) is above the threshold
         expected = {"accuracy": accuracy_score(y, yhat), "precision": precision_score(y, yhat, zero_division=0),
                     "recall": recall_score(y, yhat), "f1": f1_score(y, yhat, zero_division=0),
-                    "roc_auc": roc_auc_score(y, p)}
+                    "roc_auc": roc_auc_score(y, p),
+                    "specificity": recall_score(y, yhat, pos_label=0, zero_division=0),
+                    "npv": precision_score(y, yhat, pos_label=0, zero_division=0)}
         for row in metrics.filter(pl.col("model") == model).iter_rows(named=True):
             assert row["estimate"] == pytest.approx(expected[row["metric"]], abs=1e-9), (model, row["metric"])
             assert row["n"] == part.height
@@ -105,6 +112,72 @@ def test_metrics_match_an_independent_recomputation(study):
     table_1 = store.query("SELECT * FROM table_1 WHERE scheme = 'holdout_bootstrap'")
     assert table_1["model"].to_list() == ["radiomic", "deep", "explainable"]
     assert all("[" in cell for cell in table_1["accuracy"])
+    assert all("[" in cell for cell in table_1["specificity"]) and all("[" in cell for cell in table_1["npv"])
+
+
+def _delong_by_pairs(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray) -> tuple[float, float]:
+    """(AUC difference, its DeLong standard error) from the m x n matrix of pairwise comparisons."""
+    components = []
+    for p in (p_a, p_b):
+        psi = (p[y == 1][:, None] > p[y == 0][None, :]) + 0.5 * (p[y == 1][:, None] == p[y == 0][None, :])
+        components.append((psi.mean(axis=1), psi.mean(axis=0)))
+    m, n = int(y.sum()), int((1 - y).sum())
+    difference = components[0][0].mean() - components[1][0].mean()
+    variance = (np.var(components[0][0] - components[1][0], ddof=1) / m
+                + np.var(components[0][1] - components[1][1], ddof=1) / n)
+    return difference, float(np.sqrt(variance))
+
+
+def test_paired_comparisons_match_an_independent_recomputation(study):
+    store = study.store
+    comparisons = store.query("SELECT * FROM current_model_comparisons")
+    assert {(r["model_a"], r["model_b"]) for r in comparisons.iter_rows(named=True)} == {
+        ("radiomic", "deep"), ("radiomic", "explainable"), ("deep", "explainable")}
+    predictions = store.query("SELECT * FROM current_predictions WHERE split = 'validation'")
+    for row in comparisons.iter_rows(named=True):
+        a = predictions.filter(pl.col("model") == row["model_a"])
+        b = predictions.filter(pl.col("model") == row["model_b"])
+        both = a.join(b, on="patient_id", suffix="_b").sort("patient_id")
+        assert row["n"] == both.height and row["version_a"] == a["version"][0] and row["version_b"] == b["version"][0]
+        y = both["label"].cast(pl.Int8).to_numpy()
+        p_a, p_b = both["probability"].to_numpy(), both["probability_b"].to_numpy()
+        assert row["n_positive"] == int(y.sum())
+        assert row["auc_a"] == pytest.approx(roc_auc_score(y, p_a), abs=1e-12)
+        assert row["auc_b"] == pytest.approx(roc_auc_score(y, p_b), abs=1e-12)
+        difference, se = _delong_by_pairs(y, p_a, p_b)
+        assert row["auc_difference"] == pytest.approx(difference, abs=1e-12)
+        assert row["delong_se"] == pytest.approx(se, rel=1e-9, abs=1e-15)
+        if se > 0:
+            assert row["delong_p"] == pytest.approx(2 * norm.sf(abs(difference / se)), rel=1e-9)
+        # the paired bootstrap: the documented draws over the common patients sorted by id, single-class skipped
+        draws = np.random.default_rng(row["seed"]).integers(0, both.height, size=(1000, both.height))
+        diffs = [roc_auc_score(y[i], p_a[i]) - roc_auc_score(y[i], p_b[i]) for i in draws if 0 < y[i].sum() < len(i)]
+        assert row["n_resamples"] == len(diffs) and row["n_degenerate"] == 1000 - len(diffs)
+        assert row["ci_low"] == pytest.approx(np.percentile(diffs, 2.5), abs=1e-12)
+        assert row["ci_high"] == pytest.approx(np.percentile(diffs, 97.5), abs=1e-12)
+        assert row["bootstrap_mean"] == pytest.approx(np.mean(diffs), abs=1e-12)
+
+
+def test_confusion_matrices_and_calibration_match_sklearn(study):
+    store = study.store
+    predictions = store.query("SELECT * FROM current_predictions WHERE split = 'validation'")
+    confusion = store.query("SELECT * FROM current_confusion_matrices")
+    calibration = store.query("SELECT * FROM current_calibration ORDER BY model, bin")
+    assert set(confusion["model"]) == set(calibration["model"]) == {"radiomic", "deep", "explainable"}
+    for model in ("radiomic", "deep", "explainable"):
+        part = predictions.filter(pl.col("model") == model)
+        y = part["label"].cast(pl.Int8).to_numpy()
+        p = part["probability"].to_numpy()
+        tn, fp, fn, tp = confusion_matrix(y, (p > 0.5).astype(int), labels=[0, 1]).ravel()
+        row = confusion.filter(pl.col("model") == model).row(0, named=True)
+        assert (row["tp"], row["fp"], row["tn"], row["fn"], row["n"]) == (tp, fp, tn, fn, part.height)
+        assert row["version"] == part["version"][0] and row["threshold"] == 0.5
+        bins = calibration.filter(pl.col("model") == model)
+        observed, predicted = calibration_curve(y, p, n_bins=10, strategy="uniform")
+        assert bins["observed_rate"].to_list() == pytest.approx(observed.tolist())
+        assert bins["mean_predicted"].to_list() == pytest.approx(predicted.tolist())
+        assert bins["n"].sum() == part.height
+        assert bins["brier_score"].to_list() == pytest.approx([brier_score_loss(y, p)] * bins.height)
 
 
 def test_signal_cohort_models_separate_the_classes(study):
@@ -146,11 +219,22 @@ def test_report_is_self_contained_html_and_markdown(study):
     html = (reports / "report.html").read_text()
     markdown = (reports / "report.md").read_text()
     assert html.startswith("<!DOCTYPE html>") and "Table 1" in html
-    assert html.count("data:image/png;base64,") >= 3  # Figure 1, Figure 2, ROC
-    for name in ("figure_1.png", "figure_2.png", "roc.png"):
+    assert html.count("data:image/png;base64,") >= 4  # Figure 1, Figure 2, ROC, calibration
+    for name in ("figure_1.png", "figure_2.png", "roc.png", "calibration.png"):
         assert (reports / name).read_bytes().startswith(b"\x89PNG")
         assert f"]({name})" in markdown
+    # the asset's metadata: each figure's file of this report version, and thumbnails (not the PNGs) inline
+    materialization = study.analysis.asset_materializations_for_node("report")[0]
+    meta, version = materialization.metadata, materialization.tags["dagster/data_version"]
+    for stem in ("figure_1", "figure_2", "roc"):
+        path = meta[stem].value
+        assert path == str(study.root / "lake" / "figures" / "report" / version / f"{stem}.png")
+        assert Path(path).read_bytes() == (reports / f"{stem}.png").read_bytes()
+    thumbnails = re.findall(r"\(data:image/(?:png|jpeg);base64,[A-Za-z0-9+/=]+\)", meta["report"].value)
+    assert len(thumbnails) >= 3 and all(len(t) <= 16 * 1024 for t in thumbnails)
     assert "Explainability sweep" in markdown and "Coefficients" in markdown
+    assert "Paired comparison of the models" in markdown and "DeLong p" in markdown
+    assert "Confusion matrices" in markdown and "| Specificity | NPV |" in markdown
     leaked = sorted(text for text in study.phi if len(text) > 3 and (text in html or text in markdown))
     assert not leaked, leaked
     sweep = study.store.query("SELECT * FROM explainability_sweep")
@@ -182,7 +266,8 @@ def test_rematerializing_the_analysis_gives_identical_rows(study):
     from hcc_assets_tests.defs.study import _run
 
     before = {t: study.store.query(f"SELECT * EXCLUDE (run_id, materialized_at) FROM {t} ORDER BY ALL")
-              for t in ("explainable_correlations", "explainability_sweep", "model_metrics", "coefficients")}
+              for t in ("explainable_correlations", "explainability_sweep", "model_metrics", "model_comparisons",
+                        "confusion_matrices", "calibration", "coefficients")}
     with dg.instance_for_test() as instance:
         result = _run(instance, study.lake, "analysis")
         assert result.success

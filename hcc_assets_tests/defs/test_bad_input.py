@@ -112,7 +112,11 @@ def test_a_study_that_breaks_after_ingest_is_forgotten(incoming_copy, tmp_path, 
         register_all(instance, lake)
         pid = lake.pseudonym(key)
         assert ingest_patient(instance, lake, pid).success
+        data_lake = DataLake(lake.root)
+        figures = [data_lake.patient_figure(pid, asset, "mid_slice") for asset in ("nifti_volume", "preprocessed_volume")]
+        assert all(data_lake.exists(figure) for figure in figures)
         CASES[name][0](incoming / key)
         assert not ingest_patient(instance, lake, pid, raise_on_error=False).success
         assert lake.store.query("SELECT count(*) FROM volumes WHERE patient_id = ?", [pid]).item() == 0
-        assert not DataLake(lake.root).exists(DataLake(lake.root).patient_file(pid, "nifti_volume.nii.gz"))
+        assert not data_lake.exists(data_lake.patient_file(pid, "nifti_volume.nii.gz"))
+        assert not any(data_lake.exists(figure) for figure in figures)  # no preview of a volume that is gone

@@ -16,7 +16,7 @@ from hcc_assets.defs.cohort import cohort
 from hcc_assets.defs.resources import ComputeResource, LakeResource
 from hcc_assets.imaging.synth import SynthConfig, synthesize_cohort
 from hcc_assets_tests.conftest import SMALL_COHORT
-from hcc_assets_tests.defs.helpers import PATIENT_ASSETS, failure_message
+from hcc_assets_tests.defs.helpers import PATIENT_ASSETS, check_figure, failure_message
 from hcc_assets_tests.scratch import module_scratch
 
 SHAPE = [32, 32, 16]
@@ -120,7 +120,11 @@ def test_classifier_registers_model_history_predictions_and_figure(trained):
     assert predictions["probability"].is_between(0, 1).all() and set(predictions["version"]) == {version}
 
     meta = result.asset_materializations_for_node("hcc_classifier")[0].metadata
-    assert meta["figure_2"].value.startswith("![Figure 2: accuracy and loss over epochs](data:image/png;base64,")
+    # Figure 2 is a lake file of this model version; metadata links it and carries only a thumbnail
+    data_lake = lake.lake
+    figure = data_lake.cohort_figure("hcc_classifier", version, "figure_2")
+    assert figure.endswith(f"figures/hcc_classifier/{version}/figure_2.png")
+    check_figure(meta, "figure_2", data_lake, figure, "Figure 2: accuracy and loss over epochs")
     assert meta["history"].value.count("\n") == TRAIN["max_epochs"] + 1
     assert meta["init"].value.startswith("seeded-random") and meta["device"].value == "cpu"
     for key in ("best_epoch", "stopped_early", "train_accuracy", "validation_accuracy", "timings_s"):
@@ -175,20 +179,41 @@ def test_a_new_patient_gets_an_embedding_without_retraining(trained):
     assert store.query("SELECT count(*) FROM deep_features").item() == len(pids) + 1
 
 
-def test_the_check_fails_a_classifier_that_does_not_beat_chance(trained, tmp_path):
+def test_a_retrain_below_chance_is_refused_and_the_previous_version_stays_in_use(trained, tmp_path):
     # A copy of the lake, so the trained model of the other tests stays current.
     root = tmp_path / "lake"
     shutil.copytree(trained["root"] / "lake", root)
     lake = LakeResource(root=str(root), incoming=trained["lake"].incoming, quiet_seconds=3600)
+    previous = lake.store.query("SELECT version FROM models WHERE model_name = 'hcc_classifier' AND current").item()
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("patients", trained["pids"])
         result = train(instance, lake, raise_on_error=False, **NO_LEARNING)
         checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
         assert checks["beats_chance_on_training"].passed is False
-        metrics = json.loads(lake.store.query("SELECT metrics FROM models WHERE model_name = 'hcc_classifier' AND current").item())
-        assert metrics["train_acc"] <= metrics["majority_rate"]
-        assert metrics["beats_chance_on_training"] is False
-        # the blocking check also keeps this model away from the embeddings
+        assert f"retrain refused, current version: {previous}" in checks["beats_chance_on_training"].description
+        rows = lake.store.query("SELECT version, current, metrics FROM models WHERE model_name = 'hcc_classifier' "
+                                "ORDER BY materialized_at")
+        (kept, kept_current, _), (refused, refused_current, refused_metrics) = rows.rows()
+        metrics = json.loads(refused_metrics)
+        assert metrics["train_acc"] <= metrics["majority_rate"] and metrics["beats_chance_on_training"] is False
+        # the refused version is kept for inspection; the previous one stays current and in use
+        assert (kept, kept_current, refused_current) == (previous, True, False) and refused != previous
+        assert embed(instance, lake, trained["pids"][0]).success
+        made_with = lake.store.query("SELECT model_version FROM deep_embeddings WHERE patient_id = ?",
+                                     [trained["pids"][0]]).item()
+        assert made_with == previous
+
+
+def test_a_classifier_below_chance_accepted_on_purpose_still_needs_a_second_yes(trained, tmp_path):
+    root = tmp_path / "lake"
+    shutil.copytree(trained["root"] / "lake", root)
+    lake = LakeResource(root=str(root), incoming=trained["lake"].incoming, quiet_seconds=3600)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("patients", trained["pids"])
+        train(instance, lake, raise_on_error=False, **{**NO_LEARNING, "accept_below_chance": True})
+        metrics = json.loads(lake.store.query("SELECT metrics FROM models WHERE model_name = 'hcc_classifier' "
+                                              "AND current").item())
+        assert metrics["beats_chance_on_training"] is False  # registered as current, as asked
         refused = embed(instance, lake, trained["pids"][0], raise_on_error=False)
         assert not refused.success
         assert "beats_chance_on_training" in failure_message(refused)

@@ -17,14 +17,13 @@ import time
 import dagster as dg
 import pytest
 
-from hcc_assets.featurestore.freshness import CLASSIFIER, SEGMENTATION
 from hcc_assets.imaging.synth import SynthConfig, synthesize_cohort
 from hcc_assets_tests.conftest import SMALL_COHORT
-from hcc_assets_tests.defs.hands_off import (TEST_PATIENT_CONFIG, Daemon, drop_patient, format_breakdown, latency_breakdown,
+from hcc_assets_tests.defs.hands_off import (CLASSIFIER, SEGMENTATION, TEST_PATIENT_CONFIG, Daemon, drop_patient, format_breakdown, latency_breakdown,
                                              prepare_lake, wait_for_rows, wait_for_sensor)
 
 PATIENT_ASSETS = ["raw_scan", "nifti_volume", "preprocessed_volume", "liver_mask", "radiomic_features",
-                  "deep_embedding"]
+                  "deep_embedding", "hcc_prediction"]
 TERMINAL = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 
 
@@ -75,6 +74,17 @@ def test_a_dropped_scan_becomes_features_with_the_current_models(small_cohort, t
         prepared.versions[CLASSIFIER]
     assert store.query("SELECT count(*) FROM radiomic_features WHERE patient_id = ?", [pid]).item() > 50
     assert store.query("SELECT count(*) FROM volumes WHERE patient_id = ?", [pid]).item() == 2  # nifti + preprocessed
+    # its P(HCC) from the current classifier, unlabelled as it is; the LASSO models are not trained
+    # in this lake, and the rows say so
+    predictions = {r["model"]: r for r in store.query(
+        "SELECT * FROM current_hcc_predictions WHERE patient_id = ?", [pid]).iter_rows(named=True)}
+    assert set(predictions) == {"deep", "radiomic", "explainable"}
+    deep = predictions["deep"]
+    assert deep["status"] == "predicted" and deep["model_version"] == prepared.versions[CLASSIFIER]
+    assert 0.0 <= deep["probability"] <= 1.0 and deep["decision"] == (deep["probability"] >= 0.5)
+    assert predictions["radiomic"]["status"] == "unavailable"
+    assert "radiomic_model" in predictions["radiomic"]["reason"]
+    assert store.query("SELECT count(*) FROM cohort_split WHERE patient_id = ?", [pid]).item() == 0
     # the deployment's run config reached the sensor's run: the volume is on its grid
     shape = store.query("SELECT shape FROM volumes WHERE patient_id = ? AND kind = 'preprocessed'", [pid]).item()
     assert list(shape) == [32, 32, 16]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hcc_assets.lake import DataLake
-from hcc_assets_tests.defs.helpers import ingest_patient, make_lake, materialize_cohort, register_all
+from hcc_assets_tests.defs.helpers import check_figure, ingest_patient, make_lake, materialize_cohort, register_all
 
 
 @pytest.fixture
@@ -33,7 +33,12 @@ def test_every_patient_gets_volumes_rows_and_radiologist_metadata(ingested):
         assert "T2" in raw.metadata["chosen_series"].value
         assert "TE" in raw.metadata["choice_reason"].value
         nifti_meta = result.asset_materializations_for_node("nifti_volume")[0].metadata
-        assert nifti_meta["mid_slice"].value.startswith("![mid axial slice](data:image/png;base64,")
+        # figures are lake files under the patient's pseudonym; metadata has their path and a thumbnail
+        for asset in ("nifti_volume", "preprocessed_volume"):
+            meta = result.asset_materializations_for_node(asset)[0].metadata
+            path = data_lake.patient_figure(pid, asset, "mid_slice")
+            assert path.endswith(f"patients/{pid}/figures/{asset}_mid_slice.png")
+            check_figure(meta, "mid_slice", data_lake, path, "mid axial slice")
         assert len(nifti_meta["shape"].value) == 3 and nifti_meta["has_reference_mask"].value is True
         pre = nib.load(data_lake.patient_file(pid, "preprocessed_volume.nii.gz"))
         assert pre.shape == (128, 128, 64) and "".join(nib.aff2axcodes(pre.affine)) == "RAS"

@@ -1,13 +1,13 @@
-"""The scheduled refresh chain under the real Dagster daemon, end to end:
+"""The refresh under the real Dagster daemon, end to end, by declarative automation alone:
 
-    cron fires cohort_refresh_schedule -> cohort_refresh retrains hcc_classifier (a new version,
-    from the deployment's cohort run config) -> refresh_features_sensor re-embeds every patient
-    with it (segmentation model kept: masks untouched) -> analysis_refresh_sensor runs the
-    analysis once every embedding is current.
+    the refresh cron ticks -> cohort + hcc_classifier retrain in one run (a new version, from the
+    deployment's cohort settings) -> every patient's deep_embedding and hcc_prediction again, one
+    run per patient (segmentation model kept: masks untouched) -> the analysis once, when those
+    have settled -> every patient's prediction again from the refitted explainable model.
 
 The lake is prepared in this process (cohort ingested, both models trained, every patient's
-features made with classifier v1); the daemon then runs everything else on its own. The cron is set
-to the minute after next so the schedule fires exactly once during the test.
+features and predictions made with classifier v1); the daemon then runs everything else on its own.
+The cron is set to the minute after next so that it ticks exactly once during the test.
 """
 
 from __future__ import annotations
@@ -22,31 +22,33 @@ import pytest
 import yaml
 
 from hcc_assets.defs.resources import ComputeResource
-from hcc_assets.featurestore.freshness import CLASSIFIER, SEGMENTATION
-from hcc_assets_tests.defs.hands_off import (CLASSIFIER_TRAINING, TEST_PATIENT_CONFIG, Daemon, prepare_lake,
-                                             run_errors, wait_for_sensor)
+from hcc_assets_tests.defs.hands_off import (CLASSIFIER, CLASSIFIER_TRAINING, SEGMENTATION, TEST_PATIENT_CONFIG, Daemon,
+                                             prepare_lake, run_errors, wait_for_sensor)
 
 # The retrain differs from the prepared classifier: a new version. It must pass the blocking
 # beats-chance check on training data with the weights of its best validation-loss epoch, and with
 # 2 validation patients that epoch is often the first; this seed's is epoch 18 (train accuracy 1.0)
 # on this cohort and split (seeds 1 and 3 pick epochs 1-2 and fail the check, stopping the chain).
 RETRAIN = {**CLASSIFIER_TRAINING, "seed": 2, "lr": 0.05, "batch_size": 6, "min_epochs": 30, "max_epochs": 30,
-           "patience": 30}
-COHORT_RUN_CONFIG = {"ops": {
+           "patience": 30, "accept_below_chance": False}
+COHORT_SETTINGS = {"ops": {
     "hcc_classifier": {"config": RETRAIN},
     "explainability_sweep": {"config": {"thresholds": [0.5], "measures": ["pearson"]}},
     "model_metrics": {"config": {"n_bootstrap": 200, "cv_repeats": 0}},  # 8 patients: no nested CV
 }}
 TERMINAL = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
+ANALYSIS = {"explainable_features", "explainability_sweep", "explainable_model", "model_metrics", "coefficients",
+            "report"}
 
 
-def _features_with_the_first_classifier(prepared) -> None:
+def _features_and_predictions_with_the_first_classifier(prepared) -> None:
     assets = dg.load_assets_from_modules([importlib.import_module(f"hcc_assets.defs.{name}") for name in
-                                          ("ingest", "cohort", "segmentation", "deep")])
+                                          ("ingest", "cohort", "segmentation", "deep", "analysis", "predictions")])
     resources = {"lake": prepared.lake, "compute": ComputeResource(device="cpu", cpu_threads=2)}
     with prepared.instance() as instance:
         for pid in prepared.patients:
-            result = dg.materialize(assets, selection=["liver_mask", "radiomic_features", "deep_embedding"],
+            result = dg.materialize(assets, selection=["liver_mask", "radiomic_features", "deep_embedding",
+                                                       "hcc_prediction"],
                                     partition_key=pid, instance=instance, resources=resources,
                                     run_config={"ops": {"deep_embedding": TEST_PATIENT_CONFIG["ops"]["deep_embedding"]}},
                                     raise_on_error=False)
@@ -67,85 +69,116 @@ def _wait(what: str, daemon: Daemon, instance: dg.DagsterInstance, condition, ti
         if value:
             return value
         time.sleep(1)
-    runs = [(r.job_name, r.status.value, r.tags.get("dagster/partition")) for r in instance.get_runs()]
+    runs = [(sorted(k.to_user_string() for k in r.asset_selection or []), r.status.value,
+             r.tags.get("dagster/partition")) for r in instance.get_runs()]
     raise AssertionError(f"no {what} after {timeout_s:.0f} s; runs {runs}\n{daemon.log_tail()}")
 
 
+def _assets(run: dg.DagsterRun) -> set[str]:
+    return {key.to_user_string() for key in run.asset_selection or []}
+
+
+def _daemon_runs(instance, daemon) -> list[dg.DagsterRun]:
+    since = dt.datetime.fromtimestamp(daemon.started_at, dt.UTC)
+    return list(reversed(instance.get_runs(dg.RunsFilter(created_after=since))))  # oldest first
+
+
 @pytest.mark.slow
-def test_schedule_retrains_then_sensors_reembed_and_analyse(small_cohort, tmp_path, monkeypatch):
+def test_cron_retrains_then_automation_refreshes_patients_and_analyses_once(small_cohort, tmp_path, monkeypatch):
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     for name in [n for n in os.environ if n.startswith("HCC_ASSETS_")]:
         monkeypatch.delenv(name)
     source, _ = small_cohort
     prepared = prepare_lake(tmp_path / "lake", source, patient_config=TEST_PATIENT_CONFIG)
-    _features_with_the_first_classifier(prepared)
+    _features_and_predictions_with_the_first_classifier(prepared)
     store = prepared.lake.store
     first = prepared.versions[CLASSIFIER]
     masks_before = store.query("SELECT patient_id, run_id FROM liver_masks ORDER BY 1").rows()
     assert store.query("SELECT DISTINCT model_version FROM deep_embeddings").rows() == [(first,)]
-    (prepared.root / "cohort_run_config.yaml").write_text(yaml.safe_dump(COHORT_RUN_CONFIG))
+    (prepared.root / "cohort_settings.yaml").write_text(yaml.safe_dump(COHORT_SETTINGS))
 
-    # 90-150 s ahead: the daemon (and its scheduler) must be up before then, or the tick is missed
+    # 90-150 s ahead: the daemon (and its automation sensor) must be up before then
     fire_at = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=150)).replace(second=0, microsecond=0)
     daemon = Daemon(prepared, tmp_path / "daemon.log")
     daemon.env.update({"HCC_ASSETS_REFRESH_CRON": f"{fire_at.minute} {fire_at.hour} * * *",
-                       "HCC_ASSETS_REFRESH_SENSOR_INTERVAL_S": "1",
-                       "HCC_ASSETS_COHORT_RUN_CONFIG": str(prepared.root / "cohort_run_config.yaml")})
+                       "HCC_ASSETS_AUTOMATION_INTERVAL_S": "5",
+                       "HCC_ASSETS_COHORT_RUN_CONFIG": str(prepared.root / "cohort_settings.yaml")})
     with daemon:
         with prepared.instance() as instance:
-            wait_for_sensor(instance, daemon)
+            wait_for_sensor(instance, daemon, name="hcc_automation")
 
-            def cohort_refresh_done():
-                runs = instance.get_runs(dg.RunsFilter(job_name="cohort_refresh"))
+            def retrained():
+                runs = [r for r in _daemon_runs(instance, daemon) if "hcc_classifier" in _assets(r)]
                 return runs if runs and all(r.status in TERMINAL for r in runs) else None
 
-            refresh_runs = _wait("scheduled cohort_refresh run", daemon, instance, cohort_refresh_done,
-                                 timeout_s=(fire_at - dt.datetime.now(dt.UTC)).total_seconds() + 240)
+            _wait("cron retrain", daemon, instance, retrained,
+                  timeout_s=(fire_at - dt.datetime.now(dt.UTC)).total_seconds() + 300)
             new = store.query("SELECT version FROM models WHERE model_name = ? AND current", [CLASSIFIER]).item()
 
-            def all_reembedded():
-                versions = store.query("SELECT model_version, count(*) FROM deep_embeddings GROUP BY 1").rows()
-                return versions == [(new, len(prepared.patients))]
+            def settled():
+                explainable = store.query("SELECT version FROM models WHERE model_name = 'explainable_model' AND current")
+                if new == first or explainable.height == 0:
+                    return None
+                predictions = store.query("SELECT patient_id, model, model_version FROM current_hcc_predictions")
+                done = {(r["model"], r["model_version"]) for r in predictions.iter_rows(named=True)}
+                runs = _daemon_runs(instance, daemon)
+                idle = runs and all(r.status in TERMINAL for r in runs)
+                wanted = {("deep", new), ("explainable", explainable.item())}
+                complete = wanted <= done and predictions.filter(predictions["model_version"] == new).height == \
+                    len(prepared.patients)
+                return idle and complete and done
 
-            _wait("re-embedded patients", daemon, instance, all_reembedded, timeout_s=300)
+            _wait("every patient refreshed and predicted by the refitted models", daemon, instance, settled,
+                  timeout_s=900)
+            time.sleep(12)  # two more automation ticks: nothing else may be requested
+            runs = _daemon_runs(instance, daemon)
+            evaluations = instance.schedule_storage.get_auto_materialize_asset_evaluations(
+                key=dg.AssetKey("deep_embedding"), limit=100)
 
-            retrained_at = instance.get_run_record_by_id(refresh_runs[0].run_id).end_time
-
-            def analysis_done():
-                records = instance.get_run_records(dg.RunsFilter(job_name="analysis_refresh"))
-                after = [r for r in records if r.create_timestamp.timestamp() > retrained_at]
-                done = after and all(r.dagster_run.status in TERMINAL for r in records)
-                return [r.dagster_run for r in records] if done else None
-
-            analysis_runs = _wait("analysis_refresh run", daemon, instance, analysis_done, timeout_s=300)
-            time.sleep(3)  # a second, unwanted analysis request would show up within the sensor interval
-            analysis_runs = instance.get_runs(dg.RunsFilter(job_name="analysis_refresh"))
-            refresh_feature_runs = instance.get_runs(dg.RunsFilter(job_name="patient_features"))
-
-    # one scheduled retrain, made with the deployment's cohort run config: a new current version
-    assert [(r.status, r.tags.get("hcc_assets/trigger")) for r in refresh_runs] == \
-        [(dg.DagsterRunStatus.SUCCESS, "schedule")]
-    assert refresh_runs[0].tags["dagster/schedule_name"] == "cohort_refresh_schedule"
-    assert refresh_runs[0].run_config["ops"]["hcc_classifier"]["config"]["seed"] == RETRAIN["seed"]
+    # one cron run: cohort and classifier together, from the automation sensor, with the
+    # deployment's settings as the config defaults
+    cron_runs = [r for r in runs if "hcc_classifier" in _assets(r)]
+    assert [(_assets(r), r.status, r.tags.get("hcc_assets/trigger")) for r in cron_runs] == \
+        [({"cohort", "hcc_classifier"}, dg.DagsterRunStatus.SUCCESS, "automation")]
     assert new != first
+    params = store.query("SELECT params FROM models WHERE version = ?", [new]).item()
+    assert '"seed": 2' in params and '"batch_size": 6' in params
     registry = dict(store.query("SELECT version, current FROM models WHERE model_name = ?", [CLASSIFIER]).rows())
     assert registry == {first: False, new: True}  # the old version stays queryable
-    # one re-embedding run per patient, triggered by the sensor, embeddings only (masks kept)
-    assert sorted(r.tags["dagster/partition"] for r in refresh_feature_runs) == sorted(prepared.patients)
-    assert all(r.tags["hcc_assets/trigger"] == "refresh" and r.status == dg.DagsterRunStatus.SUCCESS
-               for r in refresh_feature_runs)
+    # one re-embedding run per patient, embedding and prediction together; masks untouched
+    embed_runs = [r for r in runs if "deep_embedding" in _assets(r)]
+    assert sorted(r.tags["dagster/partition"] for r in embed_runs) == sorted(prepared.patients)
+    assert all(_assets(r) == {"deep_embedding", "hcc_prediction"} and r.status == dg.DagsterRunStatus.SUCCESS
+               for r in embed_runs)
+    assert store.query("SELECT DISTINCT model_version FROM deep_embeddings").rows() == [(new,)]
     assert store.query("SELECT patient_id, run_id FROM liver_masks ORDER BY 1").rows() == masks_before
     assert store.query("SELECT count(*) FROM models WHERE model_name = ? AND current", [SEGMENTATION]).item() == 1
-    # one analysis per state: on the prepared features when the daemon came up (every embedding was
-    # current), then one on the new embeddings
-    assert [(r.status, r.tags.get("hcc_assets/trigger")) for r in analysis_runs] == \
-        [(dg.DagsterRunStatus.SUCCESS, "features_current")] * 2
-    assert all(r.run_config["ops"]["model_metrics"]["config"]["n_bootstrap"] == 200 for r in analysis_runs)
-    # the deep predictions of both versions are kept; the current view shows the new one
-    deep = store.query("SELECT DISTINCT version FROM current_predictions WHERE model = 'deep'").rows()
-    assert deep == [(new,)]
+    # the analysis once, after every refresh had finished, in one run
+    analysis_runs = [r for r in runs if ANALYSIS & _assets(r)]
+    assert [(_assets(r), r.status) for r in analysis_runs] == [(ANALYSIS, dg.DagsterRunStatus.SUCCESS)]
+    analysis_created = _created_at(prepared, analysis_runs[0].run_id)
+    assert all(_ended_at(prepared, r.run_id) <= analysis_created for r in embed_runs)
+    assert store.query("SELECT DISTINCT n_resamples FROM current_model_metrics WHERE scheme = 'holdout_bootstrap' "
+                       "AND model = 'deep'").rows() == [(200,)]
+    # then the predictions again (the explainable model changed), once per patient, and nothing else
+    predict_runs = [r for r in runs if _assets(r) == {"hcc_prediction"}]
+    assert sorted(r.tags["dagster/partition"] for r in predict_runs) == sorted(prepared.patients)
+    assert len(runs) == 1 + 2 * len(prepared.patients) + 1
+    # every patient's P(HCC) from both classifier versions is kept; the current view shows the new one
+    versions = store.query("SELECT patient_id, count(DISTINCT model_version) AS n FROM hcc_predictions "
+                           "WHERE model = 'deep' GROUP BY 1")
+    assert versions["n"].to_list() == [2] * len(prepared.patients)
     assert set(store.query("SELECT DISTINCT version FROM predictions WHERE model = 'deep'")["version"]) == {first, new}
-    both = store.query("SELECT DISTINCT version FROM model_metrics WHERE model = 'deep'")["version"]
-    assert set(both) == {first, new}  # two retrains, side by side in one table
     assert (prepared.root / "reports" / "report.html").exists()
-    assert "previous versions" in (prepared.root / "reports" / "report.md").read_text()
+    # the automation's evaluations are recorded (the UI's Automation tab): why each ran or not
+    assert any(e.get_evaluation_with_run_ids().evaluation.num_requested for e in evaluations)
+
+
+def _created_at(prepared, run_id: str) -> float:
+    with prepared.instance() as instance:
+        return instance.get_run_record_by_id(run_id).create_timestamp.timestamp()
+
+
+def _ended_at(prepared, run_id: str) -> float:
+    with prepared.instance() as instance:
+        return instance.get_run_record_by_id(run_id).end_time

@@ -24,8 +24,8 @@ from hcc_assets.defs.segmentation import (LIVER_MASK_FILE, MODELS_DIR, liver_mas
                                           radiomic_features)
 from hcc_assets.lake import DataLake
 from hcc_assets.radiomics import FEATURE_COUNTS, feature_set_version
-from hcc_assets_tests.defs.helpers import (failure_message, ingest_patient, make_lake, materialize_cohort,
-                                           register_all)
+from hcc_assets_tests.defs.helpers import (check_figure, failure_message, ingest_patient, make_lake,
+                                           materialize_cohort, register_all)
 from hcc_assets_tests.scratch import module_scratch
 
 # Native-spacing 2d_cpu (the 64-matrix phantom has ~6-7 mm pixels: the default 3.2 mm would upsample
@@ -146,7 +146,8 @@ def test_masks_are_on_the_native_grid_with_checks_and_dice(platform):
                                "dice_vs_reference", "features_finite"}
         assert checks["mask_not_empty"].passed and checks["features_finite"].passed
         meta = _metadata(result, liver_mask)
-        assert meta["figure_1"].startswith("![mid-liver slice")
+        check_figure(meta, "figure_1", data_lake, data_lake.patient_figure(pid, "liver_mask", "figure_1"),
+                     "mid-liver slice, liver red, spleen blue")
         assert meta["dice_liver"] == masks.filter(patient_id=pid)["dice_liver"].item()
 
     assert masks["dice_liver"].is_not_null().all() and masks["dice_spleen"].is_not_null().all()

@@ -3,8 +3,10 @@ import math
 import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
+from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
-from hcc_assets.stats.metrics import METRICS, bootstrap_metrics, classification_metrics, repeated_cv_metrics
+from hcc_assets.stats.metrics import (METRICS, bootstrap_metrics, classification_metrics, confusion_matrix,
+                                      repeated_cv_metrics)
 
 
 def by_metric(estimates):
@@ -26,6 +28,29 @@ def test_metrics_match_hand_arithmetic():
     assert metrics["recall"] == pytest.approx(2 / 3)
     assert metrics["f1"] == pytest.approx(4 / 6)
     assert metrics["roc_auc"] == pytest.approx(5 / 6)
+    # specificity = TN / (TN + FP) = 1 / 2; NPV = TN / (TN + FN) = 1 / 2
+    assert metrics["specificity"] == pytest.approx(1 / 2)
+    assert metrics["npv"] == pytest.approx(1 / 2)
+    counts = confusion_matrix(y, p)
+    assert (counts.tp, counts.fp, counts.tn, counts.fn, counts.n, counts.threshold) == (2, 1, 1, 1, 5, 0.5)
+
+
+def test_specificity_and_npv_by_hand():
+    y = [0, 0, 0, 0, 1, 1, 1]
+    p = [0.1, 0.2, 0.3, 0.7, 0.4, 0.8, 0.9]
+    # predicted (p > 0.5): [0, 0, 0, 1, 0, 1, 1]: TN = 3, FP = 1, FN = 1 (0.4), TP = 2
+    metrics = classification_metrics(y, p)
+    assert metrics["specificity"] == pytest.approx(3 / 4)
+    assert metrics["npv"] == pytest.approx(3 / 4)
+    counts = confusion_matrix(y, p)
+    assert (counts.tp, counts.fp, counts.tn, counts.fn) == (2, 1, 3, 1)
+    # at 0.35 the 0.4 patient turns positive: TN = 3, FP = 1, FN = 0 -> NPV = 3 / 3
+    low = classification_metrics(y, p, threshold=0.35)
+    assert low["specificity"] == pytest.approx(3 / 4) and low["npv"] == 1.0
+    assert confusion_matrix(y, p, threshold=0.35).fn == 0
+    # zero_division=0: no actual negatives -> specificity 0; no predicted negatives -> NPV 0
+    assert classification_metrics([1, 1], [0.2, 0.9])["specificity"] == 0.0
+    assert classification_metrics([1, 0], [0.7, 0.9])["npv"] == 0.0
 
 
 def test_ties_and_threshold_boundary():
@@ -70,6 +95,12 @@ def test_metrics_agree_with_sklearn_on_random_inputs():
         assert metrics["recall"] == pytest.approx(recall_score(y, predicted, zero_division=0))
         assert metrics["f1"] == pytest.approx(f1_score(y, predicted, zero_division=0))
         assert metrics["roc_auc"] == pytest.approx(roc_auc_score(y, p))
+        # specificity is the negatives' recall, NPV the negatives' precision
+        assert metrics["specificity"] == pytest.approx(recall_score(y, predicted, pos_label=0, zero_division=0))
+        assert metrics["npv"] == pytest.approx(precision_score(y, predicted, pos_label=0, zero_division=0))
+        tn, fp, fn, tp = sk_confusion_matrix(y, predicted, labels=[0, 1]).ravel()
+        counts = confusion_matrix(y, p)
+        assert (counts.tp, counts.fp, counts.tn, counts.fn) == (tp, fp, tn, fn)
 
 
 def test_bad_inputs_raise():
@@ -95,6 +126,13 @@ def test_bootstrap_follows_the_documented_draws():
     assert estimates["roc_auc"].mean == pytest.approx(np.mean(auc))
     assert estimates["accuracy"].estimate == pytest.approx(accuracy_score(y, (p > 0.5).astype(int)))
     assert estimates["accuracy"].n == 20
+    specificity = [recall_score(y[i], (p[i] > 0.5).astype(int), pos_label=0, zero_division=0) for i in draws]
+    npv = [precision_score(y[i], (p[i] > 0.5).astype(int), pos_label=0, zero_division=0) for i in draws]
+    assert estimates["specificity"].mean == pytest.approx(np.mean(specificity))
+    assert estimates["specificity"].ci_low == pytest.approx(np.percentile(specificity, 2.5))
+    assert estimates["npv"].mean == pytest.approx(np.mean(npv))
+    assert estimates["npv"].ci_high == pytest.approx(np.percentile(npv, 97.5))
+    assert estimates["npv"].n_resamples_used == 200
 
 
 def test_bootstrap_is_reproducible_per_seed():

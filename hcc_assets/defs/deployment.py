@@ -1,0 +1,63 @@
+"""A deployment's settings for asset config, as the defaults of the assets' config classes.
+
+    HCC_ASSETS_PATIENT_RUN_CONFIG  YAML for per-patient assets, e.g.
+        ops: {preprocessed_volume: {config: {target_shape: [96, 96, 48]}}}
+    HCC_ASSETS_COHORT_RUN_CONFIG   YAML for cohort-level assets, e.g.
+        ops: {hcc_classifier: {config: {medicalnet_checkpoint: /models/r50.pth}}}
+
+Both are read when the definitions load (a code-location reload applies an edit). Their values
+replace the defaults of each asset's config class rather than being attached to run requests,
+because runs that declarative automation launches carry no run config of their own: this way every
+run gets them, whoever launches it (drop-zone sensor, automation, schedule, CLI, the UI's
+launchpad, which shows them as the defaults). A run's own config still wins.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from pathlib import Path
+
+import pydantic
+import yaml
+
+PATIENT_RUN_CONFIG_ENV = "HCC_ASSETS_PATIENT_RUN_CONFIG"
+COHORT_RUN_CONFIG_ENV = "HCC_ASSETS_COHORT_RUN_CONFIG"
+# `execution` sections of older files are ignored: every run executes in process (definitions.py).
+_IGNORED_SECTIONS = {"execution"}
+
+
+def _read(env: str) -> dict:
+    path = os.environ.get(env, "").strip()
+    if not path:
+        return {}
+    settings = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(settings, dict):
+        raise ValueError(f"{env}={path}: expected a mapping with an `ops` section, got {type(settings).__name__}")
+    unknown = set(settings) - {"ops"} - _IGNORED_SECTIONS
+    if unknown:
+        raise ValueError(f"{env}={path}: only `ops: {{<asset>: {{config: {{...}}}}}}` is read; "
+                         f"remove {', '.join(sorted(unknown))}")
+    return settings.get("ops") or {}
+
+
+@cache
+def _op_settings() -> dict[str, dict]:
+    merged: dict[str, dict] = {}
+    for env in (PATIENT_RUN_CONFIG_ENV, COHORT_RUN_CONFIG_ENV):
+        for asset, section in _read(env).items():
+            merged.setdefault(asset, {}).update((section or {}).get("config") or {})
+    return merged
+
+
+def deployed(config_class: type, asset: str) -> type:
+    """`config_class` with the deployment's values for `asset` as its defaults (itself when none)."""
+    values = _op_settings().get(asset)
+    if not values:
+        return config_class
+    unknown = set(values) - set(config_class.model_fields)
+    if unknown:
+        raise ValueError(f"deployment config for {asset}: unknown field(s) {', '.join(sorted(unknown))}; "
+                         f"{config_class.__name__} has {', '.join(sorted(config_class.model_fields))}")
+    fields = {name: (config_class.model_fields[name].annotation, value) for name, value in values.items()}
+    return pydantic.create_model(config_class.__name__, __base__=config_class, **fields)

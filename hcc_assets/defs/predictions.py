@@ -1,0 +1,103 @@
+"""hcc_prediction: every ingested patient's P(HCC) from each current model (group `predictions`).
+
+Thin wiring around hcc_assets.steps.prediction; the models are loaded once per process and
+version. Rows go to `hcc_predictions` beside those of earlier model versions; the view
+`current_hcc_predictions` holds each patient's newest.
+"""
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+import dagster as dg
+
+from hcc_assets.defs.analysis import explainable_model, radiomic_model
+from hcc_assets.defs.automation import refresh_prediction
+from hcc_assets.defs.deep import _classifier, deep_embedding, hcc_classifier
+from hcc_assets.defs.deployment import deployed
+from hcc_assets.defs.ingest import preprocessed_volume
+from hcc_assets.defs.metadata import markdown_table
+from hcc_assets.defs.partitions import patients_partitions
+from hcc_assets.defs.patient_errors import patient_failure
+from hcc_assets.defs.resources import ComputeResource, LakeResource
+from hcc_assets.defs.segmentation import radiomic_features
+from hcc_assets.featurestore import FeatureStore, registry
+from hcc_assets.steps.prediction import MODEL_NAMES, predict_patient
+
+HCC_PREDICTION_VERSION = "1"
+GROUP = "predictions"
+
+# (registry name, version) -> (LassoFit, registry row); one entry per name
+_LASSO_FITS: dict[str, tuple[str, tuple[object, dict]]] = {}
+
+
+class HccPredictionConfig(dg.Config):
+    threshold: float = 0.5  # P(HCC) at or above which the patient is called HCC (the study's threshold)
+
+
+def _lasso_loader(lake: LakeResource):
+    from hcc_assets.defs.analysis import _download_folder
+    from hcc_assets.stats.lasso import load_lasso
+
+    def load(name: str) -> tuple[object, dict]:
+        row = registry.current_model(lake.store, name)
+        cached = _LASSO_FITS.get(name)
+        if cached is None or cached[0] != row["version"]:
+            with tempfile.TemporaryDirectory() as staging:
+                fit = load_lasso(_download_folder(lake.lake, row["path"], Path(staging)))
+            _LASSO_FITS[name] = (row["version"], (fit, row))
+        return _LASSO_FITS[name][1]
+    return load
+
+
+def _classifier_loader(lake: LakeResource, device: str):
+    def load(version: str):
+        row = registry.find_model(lake.store, version, MODEL_NAMES["deep"])
+        return _classifier(lake.lake, row["path"], version, device)  # shared with deep_embedding's cache
+    return load
+
+
+@dg.asset(
+    partitions_def=patients_partitions,
+    deps=[preprocessed_volume, deep_embedding, radiomic_features, hcc_classifier, radiomic_model, explainable_model],
+    code_version=HCC_PREDICTION_VERSION,
+    group_name=GROUP,
+    kinds={"duckdb"},
+    automation_condition=refresh_prediction(preprocessed_volume.key),
+    description="The patient's P(HCC) from each current model: the deep classifier (its output layer on the "
+    "patient's embedding), the radiomic LASSO and the explainable LASSO, with the decision at the threshold, "
+    "the model versions and the input versions; a model that cannot predict this patient gives a row with the "
+    "reason. Labelled or not: never used for training or evaluation. Table `hcc_predictions` (every version "
+    "kept), view `current_hcc_predictions`.",
+)
+def hcc_prediction(context: dg.AssetExecutionContext, config: deployed(HccPredictionConfig, "hcc_prediction"),
+                   lake: LakeResource, compute: ComputeResource) -> dg.MaterializeResult:
+    patient_id = context.partition_key
+    with patient_failure(patient_id, "hcc_prediction"):
+        compute.configure_threads()
+        prediction = predict_patient(lake.store, patient_id, config.threshold,
+                                     _classifier_loader(lake, compute.torch_device()),
+                                     _lasso_loader(lake))
+    rows = prediction.rows()
+    lake.store.replace_patient_versions("hcc_predictions", patient_id, FeatureStore.with_provenance(
+        rows, version=f"hcc_prediction@{HCC_PREDICTION_VERSION}", run_id=context.run.run_id))
+    by_model = prediction.by_model()
+    table = [{"model": m.model, "version": m.model_version or "", "P(HCC)": m.probability,
+              "HCC at threshold": "" if m.probability is None else ("yes" if m.probability >= config.threshold else "no"),
+              "note": m.reason or ""} for m in prediction.models]
+    content = rows.select("model", "model_version", "probability", "reason").to_dicts()
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]),
+        metadata={
+            "predictions": markdown_table(table, ["model", "version", "P(HCC)", "HCC at threshold", "note"]),
+            **{f"p_hcc_{name}": (m.probability if m.probability is not None else "unavailable")
+               for name, m in by_model.items()},
+            "threshold": config.threshold,
+            "n_predicted": sum(m.probability is not None for m in prediction.models),
+            "unavailable": dg.MetadataValue.json({m.model: m.reason for m in prediction.models
+                                                  if m.probability is None}),
+            "model_versions": dg.MetadataValue.json({name: m.model_version for name, m in by_model.items()}),
+        },
+    )
+

@@ -1,0 +1,162 @@
+"""P(HCC) for one patient from every current model: the deep classifier, the radiomic LASSO and
+the explainable LASSO. Labelled or not: nothing here reads `cohort_split`, so a patient outside the
+cohort is predicted exactly like one inside it, and never trained on or evaluated on.
+
+A model that cannot predict the patient gives a row with status 'unavailable' and the reason
+(no usable model, radiomics excluded, the embedding is from another classifier version, ...),
+so every patient has one row per model after every run and a reader can tell "not yet" from "no".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from hcc_assets.featurestore import FeatureStore, reads, registry
+
+DEEP, RADIOMIC, EXPLAINABLE = "deep", "radiomic", "explainable"
+# prediction model -> registry name of the model that makes it
+MODEL_NAMES = {DEEP: "hcc_classifier", RADIOMIC: "radiomic_model", EXPLAINABLE: "explainable_model"}
+INPUT_KINDS = {DEEP: "deep_embedding", RADIOMIC: "radiomic_features", EXPLAINABLE: "deep_embedding"}
+PREDICTED, UNAVAILABLE = "predicted", "unavailable"
+RADIOMICS_STAGE = "radiomics"
+ROW_SCHEMA = {"patient_id": pl.String, "model": pl.String, "model_name": pl.String, "model_version": pl.String,
+              "status": pl.String, "probability": pl.Float64, "threshold": pl.Float64, "decision": pl.Boolean,
+              "input_kind": pl.String, "input_version": pl.String, "reason": pl.String}
+
+
+@dataclass(frozen=True)
+class ModelPrediction:
+    model: str
+    model_version: str | None
+    probability: float | None
+    input_version: str | None
+    reason: str | None  # why unavailable; or a note on a prediction (e.g. a refresh pending)
+
+    @property
+    def status(self) -> str:
+        return PREDICTED if self.probability is not None else UNAVAILABLE
+
+
+@dataclass(frozen=True)
+class PatientPrediction:
+    patient_id: str
+    threshold: float
+    models: list[ModelPrediction]
+
+    def rows(self) -> pl.DataFrame:
+        """The `hcc_predictions` rows (without provenance)."""
+        return pl.DataFrame([{
+            "patient_id": self.patient_id, "model": m.model, "model_name": MODEL_NAMES[m.model],
+            "model_version": m.model_version, "status": m.status, "probability": m.probability,
+            "threshold": self.threshold,
+            "decision": None if m.probability is None else bool(m.probability >= self.threshold),
+            "input_kind": INPUT_KINDS[m.model], "input_version": m.input_version, "reason": m.reason,
+        } for m in self.models], schema=ROW_SCHEMA)
+
+    def by_model(self) -> dict[str, ModelPrediction]:
+        return {m.model: m for m in self.models}
+
+
+# loaders, injected so the orchestration layer can cache loaded models per process:
+#   classifier(version) -> a network with `output` (hcc_assets.deep.HCCResNet)
+#   lasso(registry name) -> (LassoFit, registry row) of the current model
+ClassifierLoader = Callable[[str], object]
+LassoLoader = Callable[[str], tuple[object, dict]]
+
+
+def predict_patient(store: FeatureStore, patient_id: str, threshold: float, load_classifier: ClassifierLoader,
+                    load_lasso: LassoLoader) -> PatientPrediction:
+    """One PatientPrediction with a row per model, from the models current in `store`."""
+    return PatientPrediction(patient_id, threshold, [
+        _deep(store, patient_id, load_classifier),
+        _radiomic(store, patient_id, load_lasso),
+        _explainable(store, patient_id, load_lasso),
+    ])
+
+
+def _unavailable(model: str, reason: str, version: str | None = None, input_version: str | None = None):
+    return ModelPrediction(model, version, None, input_version, reason)
+
+
+def _no_usable_classifier(store: FeatureStore) -> str:
+    refused = reads.latest_noncurrent_model(store, MODEL_NAMES[DEEP])
+    if refused and json.loads(refused["metrics"] or "{}").get("beats_chance_on_training") is False:
+        return (f"no usable hcc_classifier: the retrain {refused['version']} was refused "
+                "(beats_chance_on_training failed) and no earlier version passed")
+    return "no usable hcc_classifier: none is registered yet"
+
+
+def _deep(store: FeatureStore, patient_id: str, load_classifier: ClassifierLoader) -> ModelPrediction:
+    from hcc_assets.deep import probability_from_embedding
+
+    current = registry.current_version(store, MODEL_NAMES[DEEP])
+    embedding = reads.patient_embedding(store, patient_id)
+    if current is None:
+        return _unavailable(DEEP, _no_usable_classifier(store))
+    if embedding is None:
+        return _unavailable(DEEP, "no deep embedding (deep_embedding failed or has not run)")
+    version, values = embedding
+    # the classifier that made the embedding: the same forward pass, even while a refresh is pending
+    probability = float(probability_from_embedding(load_classifier(version), np.asarray(values))[0])
+    note = None if version == current else f"made by {version}; hcc_classifier {current} is current (refresh pending)"
+    return ModelPrediction(DEEP, version, probability, version, note)
+
+
+def _lasso_on(store: FeatureStore, model: str, load_lasso: LassoLoader) -> tuple[object, dict, dict] | str:
+    """(fit, registry row, training-set spec) of the current LASSO `model`, or why there is none."""
+    name = MODEL_NAMES[model]
+    if registry.current_version(store, name) is None:
+        return f"no {name} is registered yet (materialize the analysis)"
+    fit, row = load_lasso(name)
+    return fit, row, json.loads(row["training_set"] or "{}")
+
+
+def _radiomic(store: FeatureStore, patient_id: str, load_lasso: LassoLoader) -> ModelPrediction:
+    found = _lasso_on(store, RADIOMIC, load_lasso)
+    if isinstance(found, str):
+        return _unavailable(RADIOMIC, found)
+    fit, row, spec = found
+    feature_set, names = spec.get("version"), spec.get("features") or []
+    values = reads.patient_radiomics(store, patient_id, feature_set)
+    if not values:
+        excluded = reads.exclusion_reason(store, patient_id, RADIOMICS_STAGE)
+        reason = (f"radiomics excluded: {excluded}" if excluded else
+                  f"no radiomic features of feature set {feature_set} (liver_mask or radiomic_features missing)")
+        return _unavailable(RADIOMIC, reason, row["version"], feature_set)
+    missing = [n for n in names if values.get(n) is None or not np.isfinite(values[n])]
+    if missing:
+        return _unavailable(RADIOMIC, f"{len(missing)} of the model's {len(names)} features missing or not finite "
+                            f"(first: {missing[0]})", row["version"], feature_set)
+    from hcc_assets.stats.lasso import predict_proba
+
+    probability = float(predict_proba(fit, np.array([[values[n] for n in names]]))[0])
+    return ModelPrediction(RADIOMIC, row["version"], probability, feature_set, None)
+
+
+def _explainable(store: FeatureStore, patient_id: str, load_lasso: LassoLoader) -> ModelPrediction:
+    from hcc_assets.featurestore.queries import DL_FEATURE_NAMES
+
+    found = _lasso_on(store, EXPLAINABLE, load_lasso)
+    if isinstance(found, str):
+        return _unavailable(EXPLAINABLE, found)
+    fit, row, spec = found
+    fitted_on, names = spec.get("version"), spec.get("features") or []
+    embedding = reads.patient_embedding(store, patient_id)
+    if embedding is None:
+        return _unavailable(EXPLAINABLE, "no deep embedding (deep_embedding failed or has not run)", row["version"],
+                            fitted_on)
+    version, values = embedding
+    if version != fitted_on:
+        return _unavailable(EXPLAINABLE, f"explainable_model {row['version']} was fitted on embeddings of "
+                            f"hcc_classifier {fitted_on}; this patient's embedding is from {version} "
+                            "(the analysis refits it)", row["version"], version)
+    index = {name: i for i, name in enumerate(DL_FEATURE_NAMES)}
+    from hcc_assets.stats.lasso import predict_proba
+
+    probability = float(predict_proba(fit, np.array([[values[index[n]] for n in names]]))[0])
+    return ModelPrediction(EXPLAINABLE, row["version"], probability, version, None)

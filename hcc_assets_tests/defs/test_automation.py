@@ -1,0 +1,190 @@
+"""The automation conditions (hcc_assets.defs.automation) against an instance's event log, tick by
+tick, with Dagster's own evaluator (dg.evaluate_automation_conditions): what each evaluation
+requests after new model versions, a refused retrain, a new patient and the refresh cron. No run
+executes here; the real daemon runs the same conditions in test_refresh_daemon.py."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import dagster as dg
+import pytest
+
+from hcc_assets.definitions import defs
+
+KEY = dg.AssetKey
+PER_PATIENT = ["raw_scan", "nifti_volume", "preprocessed_volume", "liver_mask", "radiomic_features", "deep_embedding",
+               "hcc_prediction"]
+COHORT_LEVEL = ["cohort", "liver_segmentation_model", "hcc_classifier", "explainable_features",
+                "explainability_sweep", "radiomic_model", "explainable_model", "model_metrics", "coefficients", "report"]
+BLOCKING_CHECKS = [("cohort", "both_classes_in_both_splits"), ("hcc_classifier", "beats_chance_on_training")]
+MASK_CHECKS = ["mask_not_empty", "liver_volume_plausible"]  # blocking
+ANALYSIS = {"explainable_features", "explainability_sweep", "radiomic_model", "explainable_model", "model_metrics",
+            "coefficients", "report"}
+
+
+def _materialize(instance, name: str, version: str, partition: str | None = None) -> None:
+    instance.report_runless_asset_event(dg.AssetMaterialization(
+        asset_key=name, partition=partition, tags={"dagster/data_version": version}))
+
+
+def _check(instance, asset: str, check: str, passed: bool, partition: str | None = None) -> None:
+    instance.report_runless_asset_event(dg.AssetCheckEvaluation(asset_key=KEY(asset), check_name=check, passed=passed,
+                                                                partition=partition))
+
+
+class Ticks:
+    """Successive evaluations sharing one cursor, as the automation sensor's ticks do."""
+
+    def __init__(self, instance):
+        self.instance, self.cursor = instance, None
+
+    def __call__(self, when: dt.datetime | None = None) -> dict[str, set]:
+        result = dg.evaluate_automation_conditions(defs=defs, instance=self.instance, cursor=self.cursor,
+                                                   evaluation_time=when)
+        self.cursor = result.cursor
+        requested = {}
+        for name in PER_PATIENT + COHORT_LEVEL:
+            partitions = result.get_requested_partitions(KEY(name))
+            if partitions:
+                requested[name] = set(partitions)
+        return requested
+
+
+@pytest.fixture
+def settled():
+    """Two patients, p1 fully processed, p2 whose ingest failed (no preprocessed volume); every
+    cohort-level asset materialized; the first evaluation done."""
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("patients", ["p1", "p2"])
+        for name in PER_PATIENT:
+            _materialize(instance, name, "v1", "p1")
+        _materialize(instance, "raw_scan", "v1", "p2")
+        for name in COHORT_LEVEL:
+            _materialize(instance, name, "v1")
+        for asset, check in BLOCKING_CHECKS:
+            _check(instance, asset, check, True)
+        for check in MASK_CHECKS:
+            _check(instance, "liver_mask", check, True, "p1")
+        ticks = Ticks(instance)
+        assert ticks() == {}  # nothing on the first evaluation: it only records the state
+        yield instance, ticks
+
+
+def test_a_new_classifier_refreshes_patients_then_the_analysis_once_they_settle(settled):
+    instance, tick = settled
+    _materialize(instance, "hcc_classifier", "v2")
+    _check(instance, "hcc_classifier", "beats_chance_on_training", True)
+    # every patient with a volume gets its embedding and prediction again, in one run per patient;
+    # the patient without a volume is left alone; the analysis does not start in this evaluation
+    # (the refreshes it requests are not running yet)
+    assert tick() == {"deep_embedding": {"p1"}, "hcc_prediction": {"p1"}}
+    _materialize(instance, "deep_embedding", "v2", "p1")
+    _materialize(instance, "hcc_prediction", "v2", "p1")
+    # settled: the whole analysis, in one evaluation (one run)
+    assert tick() == {name: {None} for name in ANALYSIS - {"radiomic_model"}}
+    for name in ANALYSIS - {"radiomic_model"}:
+        _materialize(instance, name, "v2")
+    assert tick() == {"hcc_prediction": {"p1"}}  # the refitted explainable model predicts again
+    _materialize(instance, "hcc_prediction", "v3", "p1")
+    assert tick() == {}
+
+
+def test_a_retrain_that_keeps_its_version_or_is_refused_changes_nothing(settled):
+    instance, tick = settled
+    _materialize(instance, "hcc_classifier", "v1")  # reused saved model: same data version
+    assert tick() == {}
+    _materialize(instance, "hcc_classifier", "v9")  # a new version whose blocking check failed
+    _check(instance, "hcc_classifier", "beats_chance_on_training", False)
+    requested = tick()
+    assert "deep_embedding" not in requested and not ANALYSIS & set(requested)
+    # hcc_prediction does re-run: it says which (still current) version made each prediction
+    assert requested == {"hcc_prediction": {"p1"}}
+
+
+def test_a_new_segmentation_model_redoes_masks_and_radiomics_in_one_run(settled):
+    instance, tick = settled
+    _materialize(instance, "liver_segmentation_model", "v2")
+    assert tick() == {"liver_mask": {"p1"}, "radiomic_features": {"p1"}, "hcc_prediction": {"p1"}}
+    for name in ("liver_mask", "radiomic_features", "hcc_prediction"):
+        _materialize(instance, name, "v2", "p1")
+    assert set(tick()) == {"radiomic_model", "explainable_features", "explainability_sweep", "explainable_model",
+                           "model_metrics", "coefficients", "report"}
+
+
+def test_a_new_patient_whose_pipeline_stopped_before_its_prediction_is_predicted(settled):
+    instance, tick = settled
+    instance.add_dynamic_partitions("patients", ["p3"])
+    assert tick() == {}  # no volume yet: the drop-zone sensor's run is still ingesting it
+    for name in ("raw_scan", "nifti_volume", "preprocessed_volume", "liver_mask", "deep_embedding"):
+        _materialize(instance, name, "v1", "p3")  # radiomics failed, so the run skipped the prediction
+    # (runless events look like updates from outside a pipeline run, so the mask's inputs also read as
+    # changed here; in a real pipeline run they are ignored: executed_with_root_target)
+    assert tick()["hcc_prediction"] == {"p3"}
+    _materialize(instance, "hcc_prediction", "v1", "p3")
+    assert "hcc_prediction" not in tick()
+
+
+def test_the_refresh_cron_retrains_cohort_and_classifier_not_a_trained_segmentation_model():
+    sunday_2am = dt.datetime(2026, 11, 29, 2, 0, tzinfo=dt.timezone.utc)
+    with dg.instance_for_test() as instance:
+        for name in COHORT_LEVEL:
+            _materialize(instance, name, "v1")
+        tick = Ticks(instance)
+        assert tick(sunday_2am - dt.timedelta(minutes=5)) == {}
+        assert tick(sunday_2am - dt.timedelta(minutes=1)) == {}
+        assert tick(sunday_2am + dt.timedelta(minutes=1)) == {"cohort": {None}, "hcc_classifier": {None}}
+        assert tick(sunday_2am + dt.timedelta(minutes=2)) == {}  # once per tick
+
+
+def test_the_refresh_cron_trains_a_segmentation_model_that_was_never_trained():
+    sunday_2am = dt.datetime(2026, 11, 29, 2, 0, tzinfo=dt.timezone.utc)
+    with dg.instance_for_test() as instance:
+        tick = Ticks(instance)
+        assert tick(sunday_2am - dt.timedelta(minutes=1)) == {}
+        assert tick(sunday_2am + dt.timedelta(minutes=1)) == {
+            "cohort": {None}, "hcc_classifier": {None}, "liver_segmentation_model": {None}}
+
+
+def test_deployment_settings_become_the_asset_config_defaults(monkeypatch, tmp_path):
+    """Runs launched by automation carry no run config: the deployment files set the defaults that
+    every run (and the UI's launchpad) starts from; a run's own config still wins."""
+    import yaml
+
+    from hcc_assets.defs import deployment
+    from hcc_assets.defs.deep import HccClassifierConfig
+    from hcc_assets.defs.ingest import PreprocessedVolumeConfig
+
+    patient_file, cohort_file = tmp_path / "patient.yaml", tmp_path / "cohort.yaml"
+    patient_file.write_text(yaml.safe_dump({"ops": {"preprocessed_volume": {"config": {"target_shape": [32, 32, 16]}}},
+                                            "execution": {"config": {"in_process": {}}}}))
+    cohort_file.write_text(yaml.safe_dump({"ops": {"hcc_classifier": {"config": {"seed": 2, "depth": 10}}}}))
+    monkeypatch.setenv(deployment.PATIENT_RUN_CONFIG_ENV, str(patient_file))
+    monkeypatch.setenv(deployment.COHORT_RUN_CONFIG_ENV, str(cohort_file))
+    deployment._op_settings.cache_clear()
+    try:
+        classifier = deployment.deployed(HccClassifierConfig, "hcc_classifier")
+        assert (classifier().seed, classifier().depth, classifier().lr) == (2, 10, HccClassifierConfig().lr)
+        assert classifier(seed=5).seed == 5  # a run's own config wins
+        assert list(deployment.deployed(PreprocessedVolumeConfig, "preprocessed_volume")().target_shape) == [32, 32, 16]
+        assert deployment.deployed(HccClassifierConfig, "deep_embedding") is HccClassifierConfig  # nothing set
+
+        cohort_file.write_text(yaml.safe_dump({"ops": {"hcc_classifier": {"config": {"sead": 2}}}}))
+        deployment._op_settings.cache_clear()
+        with pytest.raises(ValueError, match="unknown field.*sead"):
+            deployment.deployed(HccClassifierConfig, "hcc_classifier")
+        cohort_file.write_text(yaml.safe_dump({"resources": {}}))
+        deployment._op_settings.cache_clear()
+        with pytest.raises(ValueError, match="only `ops"):
+            deployment.deployed(HccClassifierConfig, "hcc_classifier")
+    finally:
+        deployment._op_settings.cache_clear()
+
+
+def test_refresh_cron_comes_from_the_environment(monkeypatch):
+    from hcc_assets.defs.automation import refresh_cron
+
+    monkeypatch.delenv("HCC_ASSETS_REFRESH_CRON", raising=False)
+    assert refresh_cron() == "0 2 * * 0"
+    monkeypatch.setenv("HCC_ASSETS_REFRESH_CRON", "30 3 * * *")
+    assert refresh_cron() == "30 3 * * *"

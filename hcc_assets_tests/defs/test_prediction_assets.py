@@ -1,0 +1,177 @@
+"""hcc_prediction through real Dagster runs on a small lake (8 labelled patients, nnU-Net and a
+depth-10 classifier trained briefly, the radiomic LASSO fitted): every ingested patient gets P(HCC)
+from each current model, labelled or not; gaps carry their reason; a retrain adds rows and keeps
+the old ones; a refused retrain changes nothing. The probabilities are checked against the
+models' own predictions (the `predictions` table, written by the forward pass over the volume and
+by the LASSO fit), not recomputed with the code under test."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+
+import dagster as dg
+import numpy as np
+import polars as pl
+import pytest
+
+from hcc_assets.defs.resources import ComputeResource
+from hcc_assets.featurestore import FeatureStore, registry
+from hcc_assets.imaging.synth import SynthConfig, synthesize_cohort
+from hcc_assets.steps.prediction import predict_patient
+from hcc_assets_tests.conftest import SMALL_COHORT
+from hcc_assets_tests.defs.hands_off import CLASSIFIER_TRAINING, TEST_PATIENT_CONFIG, prepare_lake
+from hcc_assets_tests.scratch import module_scratch
+
+ASSETS = dg.load_assets_from_modules([importlib.import_module(f"hcc_assets.defs.{name}") for name in
+                                      ("ingest", "cohort", "segmentation", "deep", "analysis", "predictions")])
+# 8 patients: 2-fold CV for the LASSO (3-fold needs 3 of each class among the 6 training patients)
+LASSO = {"config": {"cv_folds": 2}}
+EMBED = TEST_PATIENT_CONFIG["ops"]["deep_embedding"]
+IMPLAUSIBLE = {"config": {"liver_volume_ml_min": 1e6, "liver_volume_ml_max": 2e6}}  # no liver is this big
+
+
+def _materialize(lake, instance, selection, partition_key=None, ops=None, ok=True):
+    result = dg.materialize(ASSETS, selection=selection, partition_key=partition_key, instance=instance,
+                            resources={"lake": lake, "compute": ComputeResource(device="cpu", cpu_threads=2)},
+                            run_config={"ops": {k: v for k, v in (ops or {}).items() if k in selection}},
+                            raise_on_error=False)
+    if ok:
+        assert result.success, [e.step_failure_data.error.message for e in result.all_events if e.is_step_failure]
+    return result
+
+
+@pytest.fixture(scope="module")
+def predicted(small_cohort, tmp_path_factory):
+    """The lake after: every patient's features, radiomic_model, then hcc_prediction for all,
+    including one unlabelled patient and one whose mask the blocking checks refuse."""
+    source, _ = small_cohort
+    with module_scratch(tmp_path_factory, "predictions") as root, pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DAGSTER_HOME", str(root / "dagster_home"))
+        for name in [n for n in os.environ if n.startswith("HCC_ASSETS_")]:
+            patch.delenv(name)
+        prepared = prepare_lake(root / "lake", source, patient_config=TEST_PATIENT_CONFIG)
+        new = synthesize_cohort(root / "new", SynthConfig(**{**SMALL_COHORT, "patients": 1, "seed": 99}))[0]
+        shutil.copytree(root / "new" / new.patient_key, prepared.root / "incoming" / new.patient_key)
+        lake = prepared.lake
+        unlabelled = lake.pseudonym(new.patient_key)
+        bad_mask = prepared.patients[0]
+        with prepared.instance() as instance:
+            instance.add_dynamic_partitions("patients", [unlabelled])
+            _materialize(lake, instance, ["raw_scan", "nifti_volume", "preprocessed_volume"], unlabelled,
+                         TEST_PATIENT_CONFIG["ops"])
+            for pid in [*prepared.patients, unlabelled]:
+                _materialize(lake, instance, ["liver_mask", "radiomic_features", "deep_embedding"], pid,
+                             {"deep_embedding": EMBED})
+            _materialize(lake, instance, ["radiomic_model"], ops={"radiomic_model": LASSO})
+            refused_mask = _materialize(lake, instance, ["liver_mask", "radiomic_features"], bad_mask,
+                                        {"liver_mask": IMPLAUSIBLE}, ok=False)
+            for pid in [*prepared.patients, unlabelled]:
+                _materialize(lake, instance, ["hcc_prediction"], pid)
+            yield dict(prepared=prepared, lake=lake, instance=instance, unlabelled=unlabelled, bad_mask=bad_mask,
+                       refused_mask=refused_mask, root=root)
+
+
+def _current(store: FeatureStore) -> pl.DataFrame:
+    return store.query("SELECT * FROM current_hcc_predictions ORDER BY patient_id, model")
+
+
+def test_every_patient_gets_a_row_per_model_with_the_models_own_probabilities(predicted):
+    store, prepared = predicted["lake"].store, predicted["prepared"]
+    current = _current(store)
+    everyone = sorted([*prepared.patients, predicted["unlabelled"]])
+    assert sorted(set(current["patient_id"])) == everyone
+    assert current.group_by("patient_id").len()["len"].to_list() == [3] * len(everyone)
+    deep = current.filter(pl.col("model") == "deep")
+    classifier = registry.current_version(store, "hcc_classifier")
+    assert set(deep["status"]) == {"predicted"} and set(deep["model_version"]) == {classifier}
+    # the classifier's forward pass over each volume (written when it was trained) gives the same P(HCC)
+    own = store.query("SELECT patient_id, probability FROM predictions WHERE model = 'deep' AND version = ?",
+                      [classifier])
+    joined = deep.join(own, on="patient_id", suffix="_own")
+    assert joined.height == len(prepared.patients)
+    np.testing.assert_allclose(joined["probability"], joined["probability_own"], atol=1e-5)
+    radiomic = current.filter((pl.col("model") == "radiomic") & (pl.col("status") == "predicted"))
+    lasso = registry.current_version(store, "radiomic_model")
+    own = store.query("SELECT patient_id, probability FROM predictions WHERE model = 'radiomic' AND version = ?", [lasso])
+    joined = radiomic.join(own, on="patient_id", suffix="_own")
+    assert joined.height >= len(prepared.patients) - 1  # all but the patient whose mask was refused
+    np.testing.assert_allclose(joined["probability"], joined["probability_own"], atol=1e-9)
+    decided = current.filter(pl.col("status") == "predicted")
+    assert (decided["decision"] == (decided["probability"] >= decided["threshold"])).all()
+    explainable = current.filter(pl.col("model") == "explainable")
+    assert set(explainable["status"]) == {"unavailable"}
+    assert set(explainable["reason"]) == {"no explainable_model is registered yet (materialize the analysis)"}
+
+
+def test_an_unlabelled_patient_is_predicted_never_trained_on_or_evaluated(predicted):
+    store, pid = predicted["lake"].store, predicted["unlabelled"]
+    rows = {r["model"]: r for r in _current(store).filter(pl.col("patient_id") == pid).iter_rows(named=True)}
+    assert rows["deep"]["status"] == rows["radiomic"]["status"] == "predicted"
+    assert 0.0 <= rows["deep"]["probability"] <= 1.0
+    assert store.query("SELECT count(*) FROM cohort_split WHERE patient_id = ?", [pid]).item() == 0
+    for model in store.query("SELECT training_patients, training_set FROM models").iter_rows(named=True):
+        assert pid not in model["training_patients"]
+        assert pid not in json.loads(model["training_set"] or "{}").get("patients", [])
+    assert store.query("SELECT count(*) FROM predictions WHERE patient_id = ?", [pid]).item() == 0  # evaluation
+
+
+def test_an_implausible_mask_blocks_radiomics_but_not_the_deep_prediction(predicted):
+    store, pid, result = predicted["lake"].store, predicted["bad_mask"], predicted["refused_mask"]
+    checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+    assert checks["liver_volume_plausible"] is False
+    assert not [e for e in result.all_events if e.event_type_value == "ASSET_MATERIALIZATION"
+                and e.asset_key == dg.AssetKey("radiomic_features")]  # the blocking check stopped it
+    assert store.query("SELECT count(*) FROM radiomic_features WHERE patient_id = ?", [pid]).item() == 0
+    rows = {r["model"]: r for r in _current(store).filter(pl.col("patient_id") == pid).iter_rows(named=True)}
+    assert rows["deep"]["status"] == "predicted"
+    assert rows["radiomic"]["status"] == "unavailable"
+    assert rows["radiomic"]["reason"].startswith("radiomics excluded: liver mask implausible: liver volume")
+
+
+def test_a_retrain_refreshes_predictions_and_keeps_the_old_ones_a_refused_one_changes_nothing(predicted):
+    lake, instance, prepared = predicted["lake"], predicted["instance"], predicted["prepared"]
+    store = lake.store
+    first = registry.current_version(store, "hcc_classifier")
+    pid = predicted["unlabelled"]
+    retrain = {**CLASSIFIER_TRAINING, "seed": 5}
+    _materialize(lake, instance, ["hcc_classifier"], ops={"hcc_classifier": {"config": retrain}}, ok=False)
+    second = registry.current_version(store, "hcc_classifier")
+    assert second != first
+    # before its embedding is refreshed, the patient's prediction says which version made it
+    _materialize(lake, instance, ["hcc_prediction"], pid)
+    deep = _current(store).filter((pl.col("patient_id") == pid) & (pl.col("model") == "deep")).row(0, named=True)
+    assert deep["model_version"] == first and f"hcc_classifier {second} is current" in deep["reason"]
+    _materialize(lake, instance, ["deep_embedding", "hcc_prediction"], pid, {"deep_embedding": EMBED})
+    versions = store.query("SELECT model_version FROM hcc_predictions WHERE patient_id = ? AND model = 'deep' "
+                           "ORDER BY materialized_at", [pid])["model_version"].to_list()
+    assert set(versions) == {first, second}  # the old prediction is kept beside the new one
+    deep = _current(store).filter((pl.col("patient_id") == pid) & (pl.col("model") == "deep")).row(0, named=True)
+    assert deep["model_version"] == second and deep["reason"] is None
+
+    no_learning = dict(depth=10, lr=1e-12, momentum=0.0, min_epochs=1, max_epochs=1, patience=1, batch_size=4, seed=0)
+    refused = _materialize(lake, instance, ["hcc_classifier"], ops={"hcc_classifier": {"config": no_learning}}, ok=False)
+    assert {c.check_name: c.passed for c in refused.get_asset_check_evaluations()} == {"beats_chance_on_training": False}
+    assert registry.current_version(store, "hcc_classifier") == second
+    _materialize(lake, instance, ["hcc_prediction"], pid)
+    deep = _current(store).filter((pl.col("patient_id") == pid) & (pl.col("model") == "deep")).row(0, named=True)
+    assert deep["model_version"] == second
+
+
+def test_with_no_usable_classifier_the_prediction_says_why(tmp_path):
+    """Only a refused classifier in the registry: every model's row is 'unavailable' with its reason."""
+    store = FeatureStore(tmp_path / "fs.sqlite")
+    refused = registry.model_row("hcc_classifier", "resnet3d", "nowhere", init=None, params={},
+                                 metrics={"beats_chance_on_training": False}, training_patients=[], training_set=None,
+                                 version="refused1", run_id="r")
+    store.register_model(refused, current=False)
+    result = predict_patient(store, "pt-x", 0.5, load_classifier=lambda v: pytest.fail("nothing to load"),
+                             load_lasso=lambda name: pytest.fail("nothing to load"))
+    rows = {m.model: m for m in result.models}
+    assert all(m.probability is None for m in rows.values())
+    assert rows["deep"].reason == ("no usable hcc_classifier: the retrain refused1 was refused "
+                                   "(beats_chance_on_training failed) and no earlier version passed")
+    assert "no radiomic_model is registered yet" in rows["radiomic"].reason
+    assert result.rows()["status"].to_list() == ["unavailable"] * 3
