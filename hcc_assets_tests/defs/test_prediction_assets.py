@@ -132,7 +132,7 @@ def test_an_implausible_mask_blocks_radiomics_but_not_the_deep_prediction(predic
 
 
 def test_a_retrain_refreshes_predictions_and_keeps_the_old_ones_a_refused_one_changes_nothing(predicted):
-    lake, instance, prepared = predicted["lake"], predicted["instance"], predicted["prepared"]
+    lake, instance = predicted["lake"], predicted["instance"]
     store = lake.store
     first = registry.current_version(store, "hcc_classifier")
     pid = predicted["unlabelled"]
@@ -175,3 +175,57 @@ def test_with_no_usable_classifier_the_prediction_says_why(tmp_path):
                                    "(beats_chance_on_training failed) and no earlier version passed")
     assert "no radiomic_model is registered yet" in rows["radiomic"].reason
     assert result.rows()["status"].to_list() == ["unavailable"] * 3
+
+
+def test_predict_command_runs_one_folder_through_dagster_and_prints_its_predictions(predicted):
+    """`hcc-assets predict <folder>`, as a user runs it (its own process, the lake's settings)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    prepared, root = predicted["prepared"], predicted["root"]
+    new = synthesize_cohort(root / "walk_in", SynthConfig(**{**SMALL_COHORT, "patients": 1, "seed": 123}))[0]
+    folder = root / "walk_in" / new.patient_key
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("HCC_ASSETS_")},
+           "DAGSTER_HOME": str(prepared.home), "HCC_ASSETS_LAKE": str(prepared.root), "OMP_WAIT_POLICY": "PASSIVE",
+           "HCC_ASSETS_PATIENT_RUN_CONFIG": str(prepared.root / "patient_run_config.yaml")}
+    command = [str(Path(sys.executable).parent / "hcc-assets"), "predict", str(folder)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    pid = predicted["lake"].pseudonym(new.patient_key)
+    assert f"patient {pid}: patient_pipeline ok" in done.stdout
+    deep_line = next(line for line in done.stdout.splitlines() if line.strip().startswith("deep"))
+    assert "P(HCC) = " in deep_line and "hcc_classifier" in deep_line
+    assert new.patient_key not in done.stdout  # pseudonyms only
+    with prepared.instance() as instance:
+        runs = instance.get_runs(dg.RunsFilter(tags={"dagster/partition": pid}))
+        assert [(r.job_name, r.status) for r in runs] == [("patient_pipeline", dg.DagsterRunStatus.SUCCESS)]
+    rows = predicted["lake"].store.query("SELECT model, status FROM current_hcc_predictions WHERE patient_id = ?", [pid])
+    assert dict(rows.rows())["deep"] == "predicted"
+    assert (prepared.root / "incoming" / new.patient_key / ".complete").exists()
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "already holds a study folder of this name" in again.stderr
+
+
+def test_status_command_says_per_patient_what_is_current_stale_or_failed(predicted):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    prepared = predicted["prepared"]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("HCC_ASSETS_")},
+           "DAGSTER_HOME": str(prepared.home), "HCC_ASSETS_LAKE": str(prepared.root), "OMP_WAIT_POLICY": "PASSIVE"}
+    done = subprocess.run([str(Path(sys.executable).parent / "hcc-assets"), "status"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    by_patient = {line.split()[0]: line for line in lines if line.startswith("pt-")}
+    assert set(prepared.patients) | {predicted["unlabelled"]} <= set(by_patient)
+    assert by_patient[predicted["unlabelled"]].split()[1] == "unlabelled"
+    bad = lines.index(by_patient[predicted["bad_mask"]])
+    assert by_patient[predicted["bad_mask"]].split()[2] == "failed"
+    assert "radiomics excluded: liver mask implausible" in lines[bad + 1]
+    # the retrain above left most embeddings on the old classifier: stale, and why
+    stale = [line for line in by_patient.values() if line.split()[2] == "stale"]
+    assert stale and any("embedding from classifier" in line for line in lines)
+    assert lines[-1].startswith(f"{len(by_patient)} patients: ")

@@ -158,8 +158,8 @@ def test_cron_retrains_then_automation_refreshes_patients_and_analyses_once(smal
     assert [(_assets(r), r.status) for r in analysis_runs] == [(ANALYSIS, dg.DagsterRunStatus.SUCCESS)]
     analysis_created = _created_at(prepared, analysis_runs[0].run_id)
     assert all(_ended_at(prepared, r.run_id) <= analysis_created for r in embed_runs)
-    assert store.query("SELECT DISTINCT n_resamples FROM current_model_metrics WHERE scheme = 'holdout_bootstrap' "
-                       "AND model = 'deep'").rows() == [(200,)]
+    assert store.query("SELECT n_resamples FROM current_model_metrics WHERE scheme = 'holdout_bootstrap' "
+                       "AND model = 'deep' AND metric = 'accuracy'").rows() == [(200,)]  # the deployment's setting
     # then the predictions again (the explainable model changed), once per patient, and nothing else
     predict_runs = [r for r in runs if _assets(r) == {"hcc_prediction"}]
     assert sorted(r.tags["dagster/partition"] for r in predict_runs) == sorted(prepared.patients)
@@ -171,7 +171,9 @@ def test_cron_retrains_then_automation_refreshes_patients_and_analyses_once(smal
     assert set(store.query("SELECT DISTINCT version FROM predictions WHERE model = 'deep'")["version"]) == {first, new}
     assert (prepared.root / "reports" / "report.html").exists()
     # the automation's evaluations are recorded (the UI's Automation tab): why each ran or not
-    assert any(e.get_evaluation_with_run_ids().evaluation.num_requested for e in evaluations)
+    recorded = [e.get_evaluation_with_run_ids() for e in evaluations]
+    assert {e.evaluation.condition_snapshot.label for e in recorded} == {"refresh when an input changes"}
+    assert sum(len(e.run_ids) for e in recorded) == 1  # the one evaluation that requested the refresh
 
 
 def _created_at(prepared, run_id: str) -> float:
