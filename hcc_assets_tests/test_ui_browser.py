@@ -35,7 +35,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu"]
 ARTIFACTS = Path(os.environ.get("HCC_ASSETS_TEST_ARTIFACTS") or ROOT / "hcc_assets_tests" / "artifacts" / "ui")
 LOCATION = "hcc_assets.definitions"  # workspace.yaml's module, Dagster's default location name
 INGEST = ["raw_scan", "nifti_volume", "preprocessed_volume"]
-GROUPS = ["ingest", "cohort", "models", "features", "analysis", "maintenance"]
+GROUPS = ["ingest", "cohort", "models", "features", "predictions", "analysis", "maintenance"]
 STARTUP_S = 180  # `dagster dev` on 2 busy cores: 15-60 s
 RUN_S = 240  # one patient's ingest run: about 40 s here, queue and step subprocesses included
 UI_MS = 60_000  # Playwright waits (the UI polls GraphQL every few seconds)
@@ -122,6 +122,17 @@ def _graphql(base: str, query: str, variables: dict | None = None) -> dict:
     return payload["data"]
 
 
+def _runs(base: str, tag: str, value: str) -> list[dict]:
+    query = ("query ($filter: RunsFilter) { runsOrError(filter: $filter) { ... on Runs { results { runId status "
+             "tags { key value } } } } }")
+    return _graphql(base, query, {"filter": {"tags": [{"key": tag, "value": value}]}})["runsOrError"]["results"]
+
+
+def _run_status(base: str, run_id: str) -> str:
+    query = "query ($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"
+    return _graphql(base, query, {"id": run_id})["runOrError"]["status"]
+
+
 def _log_tail(path: Path, n: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
 
@@ -199,6 +210,7 @@ def test_ui_in_browser_materializes_one_patient(ui_lake):
         "HCC_ASSETS_LAKE": str(lake),
         "OMP_WAIT_POLICY": "PASSIVE",
         "PYTHONUNBUFFERED": "1",
+        "HCC_ASSETS_AUTOMATION_INTERVAL_S": "5",  # the automation's own run below comes within seconds
     }
     dagster = Path(sys.executable).with_name("dagster")
     with open(log_path, "wb") as log:
@@ -346,7 +358,33 @@ def test_ui_in_browser_materializes_one_patient(ui_lake):
                 assert 64 <= max(width, height) <= 480, (width, height)  # decoded, not a broken image; a thumbnail
                 assert len(image.get_attribute("src")) <= 16 * 1024
                 shot("08_mid_slice")
+                page.keyboard.press("Escape")
                 lap("asset_page")
+
+                # 5. declarative automation: the new volume makes hcc_prediction due for this patient;
+                # with no model trained in this lake, its page says so, and the Automation tab says why
+                deadline = time.time() + RUN_S
+                while not (predicted := _runs(base, "hcc_assets/trigger", "automation")):
+                    assert time.time() < deadline, f"no automation run after {RUN_S} s:\n{_log_tail(log_path)}"
+                    time.sleep(2)
+                while (status := _run_status(base, predicted[0]["runId"])) not in TERMINAL:
+                    assert time.time() < deadline, f"automation run not done after {RUN_S} s"
+                    time.sleep(2)
+                assert status == "SUCCESS", _log_tail(log_path)
+                assert {t["key"]: t["value"] for t in predicted[0]["tags"]}["dagster/partition"] == key
+                page.goto(f"{base}/assets/hcc_prediction?view=partitions&partition={key}")
+                expect(page.get_by_text("Materialized", exact=True).first).to_be_visible()
+                row = page.get_by_role("row").filter(has=page.get_by_text("p_hcc_deep", exact=True))
+                expect(row.get_by_text("unavailable", exact=True)).to_be_visible()
+                row = page.get_by_role("row").filter(has=page.get_by_text("predictions", exact=True))
+                row.get_by_text("[Show Markdown]").click()
+                expect(page.get_by_role("dialog").get_by_text("no usable hcc_classifier", exact=False).first).to_be_visible()
+                shot("09_prediction_page")
+                page.keyboard.press("Escape")
+                page.goto(f"{base}/assets/hcc_prediction?view=automation")
+                expect(page.get_by_text("predict when a model or an input changes").first).to_be_visible()
+                shot("10_automation_tab")
+                lap("prediction_page")
             except BaseException:
                 page.screenshot(path=str(ARTIFACTS / "failure.png"))
                 (ARTIFACTS / "failure.html").write_text(page.content())
@@ -354,11 +392,11 @@ def test_ui_in_browser_materializes_one_patient(ui_lake):
             finally:
                 browser.close()
 
-        # the browser's run is the only one: no sensor or schedule launched anything behind its back
+        # the browser's run and the automation's prediction: nothing else ran behind their backs
         runs = _graphql(
             base, "{ runsOrError { ... on Runs { results { runId jobName status tags { key value } } } } }"
         )["runsOrError"]["results"]
-        assert [r["runId"] for r in runs] == [run_id], runs
+        assert sorted(r["runId"] for r in runs) == sorted([run_id, predicted[0]["runId"]]), runs
     finally:
         _stop(server)
         lap("shutdown")

@@ -41,7 +41,7 @@ def _lasso_loader(lake: LakeResource):
     from hcc_assets.stats.lasso import load_lasso
 
     def load(name: str) -> tuple[object, dict]:
-        row = registry.current_model(lake.store, name)
+        row = registry.current_model(lake.store, name)  # the registry row travels with the fit
         cached = _LASSO_FITS.get(name)
         if cached is None or cached[0] != row["version"]:
             with tempfile.TemporaryDirectory() as staging:

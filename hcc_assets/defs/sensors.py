@@ -17,7 +17,7 @@ from hcc_assets.defs.resources import LakeResource, env_seconds
 INTERVAL_ENV = "HCC_ASSETS_SENSOR_INTERVAL_S"
 DEFAULT_INTERVAL_S = 1
 # The run queue starts higher priorities first: a new scan does not wait behind a refresh's
-# re-embedding runs (refresh.py gives those -1).
+# re-embedding runs (the automation sensor gives those -1: automation.py).
 NEW_SCAN_PRIORITY = "1"
 
 

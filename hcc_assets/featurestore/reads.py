@@ -98,6 +98,11 @@ def exclusion_reason(store: FeatureStore, patient_id: str, stage: str) -> str | 
     return rows["reason"][0] if rows.height else None
 
 
+def current_versions(store: FeatureStore) -> dict[str, str]:
+    """model name -> its current version, for every registered model."""
+    return dict(store.query("SELECT model_name, version FROM models WHERE current").rows())
+
+
 def latest_noncurrent_model(store: FeatureStore, model_name: str) -> dict | None:
     """The newest `models` row of `model_name` that is not current (e.g. a refused retrain)."""
     rows = store.query("SELECT * FROM models WHERE model_name = ? AND NOT current ORDER BY materialized_at DESC "

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from hcc_assets.featurestore import FeatureStore, reads, registry
+from hcc_assets.featurestore import FeatureStore, reads
 
 DEEP, RADIOMIC, EXPLAINABLE = "deep", "radiomic", "explainable"
 # prediction model -> registry name of the model that makes it
@@ -72,10 +72,12 @@ LassoLoader = Callable[[str], tuple[object, dict]]
 def predict_patient(store: FeatureStore, patient_id: str, threshold: float, load_classifier: ClassifierLoader,
                     load_lasso: LassoLoader) -> PatientPrediction:
     """One PatientPrediction with a row per model, from the models current in `store`."""
+    current = reads.current_versions(store)  # one query for all models: this is on a new scan's path
+    embedding = reads.patient_embedding(store, patient_id)
     return PatientPrediction(patient_id, threshold, [
-        _deep(store, patient_id, load_classifier),
-        _radiomic(store, patient_id, load_lasso),
-        _explainable(store, patient_id, load_lasso),
+        _deep(store, current, embedding, load_classifier),
+        _radiomic(store, patient_id, current, load_lasso),
+        _explainable(current, embedding, load_lasso),
     ])
 
 
@@ -91,11 +93,11 @@ def _no_usable_classifier(store: FeatureStore) -> str:
     return "no usable hcc_classifier: none is registered yet"
 
 
-def _deep(store: FeatureStore, patient_id: str, load_classifier: ClassifierLoader) -> ModelPrediction:
+def _deep(store: FeatureStore, versions: dict[str, str], embedding, load_classifier: ClassifierLoader
+          ) -> ModelPrediction:
     from hcc_assets.deep import probability_from_embedding
 
-    current = registry.current_version(store, MODEL_NAMES[DEEP])
-    embedding = reads.patient_embedding(store, patient_id)
+    current = versions.get(MODEL_NAMES[DEEP])
     if current is None:
         return _unavailable(DEEP, _no_usable_classifier(store))
     if embedding is None:
@@ -107,17 +109,18 @@ def _deep(store: FeatureStore, patient_id: str, load_classifier: ClassifierLoade
     return ModelPrediction(DEEP, version, probability, version, note)
 
 
-def _lasso_on(store: FeatureStore, model: str, load_lasso: LassoLoader) -> tuple[object, dict, dict] | str:
+def _lasso_on(versions: dict[str, str], model: str, load_lasso: LassoLoader) -> tuple[object, dict, dict] | str:
     """(fit, registry row, training-set spec) of the current LASSO `model`, or why there is none."""
     name = MODEL_NAMES[model]
-    if registry.current_version(store, name) is None:
+    if versions.get(name) is None:
         return f"no {name} is registered yet (materialize the analysis)"
     fit, row = load_lasso(name)
     return fit, row, json.loads(row["training_set"] or "{}")
 
 
-def _radiomic(store: FeatureStore, patient_id: str, load_lasso: LassoLoader) -> ModelPrediction:
-    found = _lasso_on(store, RADIOMIC, load_lasso)
+def _radiomic(store: FeatureStore, patient_id: str, versions: dict[str, str], load_lasso: LassoLoader
+              ) -> ModelPrediction:
+    found = _lasso_on(versions, RADIOMIC, load_lasso)
     if isinstance(found, str):
         return _unavailable(RADIOMIC, found)
     fit, row, spec = found
@@ -138,15 +141,14 @@ def _radiomic(store: FeatureStore, patient_id: str, load_lasso: LassoLoader) -> 
     return ModelPrediction(RADIOMIC, row["version"], probability, feature_set, None)
 
 
-def _explainable(store: FeatureStore, patient_id: str, load_lasso: LassoLoader) -> ModelPrediction:
+def _explainable(versions: dict[str, str], embedding, load_lasso: LassoLoader) -> ModelPrediction:
     from hcc_assets.featurestore.queries import DL_FEATURE_NAMES
 
-    found = _lasso_on(store, EXPLAINABLE, load_lasso)
+    found = _lasso_on(versions, EXPLAINABLE, load_lasso)
     if isinstance(found, str):
         return _unavailable(EXPLAINABLE, found)
     fit, row, spec = found
     fitted_on, names = spec.get("version"), spec.get("features") or []
-    embedding = reads.patient_embedding(store, patient_id)
     if embedding is None:
         return _unavailable(EXPLAINABLE, "no deep embedding (deep_embedding failed or has not run)", row["version"],
                             fitted_on)
