@@ -377,13 +377,16 @@ def test_ui_in_browser_materializes_one_patient(ui_lake):
                 row = page.get_by_role("row").filter(has=page.get_by_text("p_hcc_deep", exact=True))
                 expect(row.get_by_text("unavailable", exact=True)).to_be_visible()
                 row = page.get_by_role("row").filter(has=page.get_by_text("predictions", exact=True))
-                row.get_by_text("[Show Markdown]").click()
-                expect(page.get_by_role("dialog").get_by_text("no usable hcc_classifier", exact=False).first).to_be_visible()
+                expect(row.get_by_text("no usable hcc_classifier: none is registered yet").first).to_be_visible()
                 shot("09_prediction_page")
-                page.keyboard.press("Escape")
                 page.goto(f"{base}/assets/hcc_prediction?view=automation")
-                expect(page.get_by_text("predict when a model or an input changes").first).to_be_visible()
+                requested = page.get_by_role("row").filter(has=page.get_by_text("1 requested", exact=True)).first
+                expect(requested).to_be_visible()
+                expect(page.get_by_text("Not requested", exact=True).first).to_be_visible()
                 shot("10_automation_tab")
+                requested.get_by_role("link").first.click()  # that evaluation: the condition tree, and why
+                expect(page.get_by_text("predict when a model or an input changes").first).to_be_visible()
+                shot("11_automation_evaluation")
                 lap("prediction_page")
             except BaseException:
                 page.screenshot(path=str(ARTIFACTS / "failure.png"))

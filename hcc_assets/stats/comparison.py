@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import norm, rankdata
 
-from hcc_assets.stats.metrics import _validated, auc_rows
+from hcc_assets.stats.metrics import _validated, auc_rows, bootstrap_draws
 
 
 @dataclass
@@ -149,18 +149,10 @@ def paired_bootstrap_auc_difference(y_true, probability_a, probability_b, n_resa
     ``n_degenerate`` counts them. When none is usable, mean and interval are NaN."""
     labels, scores_a = _validated(y_true, probability_a)
     _, scores_b = _validated(y_true, probability_b)
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     n = labels.size
     observed = auc_rows(labels[None, :], np.vstack([scores_a, scores_b]))  # both rows share the labels
-    rng = np.random.default_rng(seed)
     differences = []
-    chunk = max(1, 2_000_000 // n)  # as bootstrap_metrics: the same chunks draw the same stream
-    for start in range(0, n_resamples, chunk):
-        size = min(chunk, n_resamples - start)
-        indices = rng.integers(0, n, size=(size, n))
+    for indices in bootstrap_draws(n, n_resamples, seed, alpha):  # bootstrap_metrics' draws
         resampled = labels[indices]
         differences.append(auc_rows(resampled, scores_a[indices]) - auc_rows(resampled, scores_b[indices]))
     values = np.concatenate(differences)

@@ -155,6 +155,20 @@ def _summarise(metric: str, estimate: float, values: np.ndarray, n: int, n_degen
     )
 
 
+def bootstrap_draws(n: int, n_resamples: int, seed: int, alpha: float = 0.05):
+    """Resampled patient indices, (chunk, n) at a time, from ``np.random.default_rng(seed)``: the
+    one stream every bootstrap here draws, so metrics and paired comparisons with the same seed
+    and ``n`` resample the same patients. Chunks bound memory for large validation sets."""
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 2_000_000 // n)
+    for start in range(0, n_resamples, chunk):
+        yield rng.integers(0, n, size=(min(chunk, n_resamples - start), n))
+
+
 def bootstrap_metrics(
     y_true, probability, n_resamples: int = 1000, seed: int = 0, alpha: float = 0.05, threshold: float = 0.5
 ) -> list[MetricEstimate]:
@@ -169,21 +183,12 @@ def bootstrap_metrics(
     usable, mean and interval are NaN. The interval is the (alpha/2, 1 - alpha/2) percentiles.
     """
     labels, scores = _validated(y_true, probability)
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     n = labels.size
     point = classification_metrics(labels, scores, threshold)
-    rng = np.random.default_rng(seed)
     estimates = []
     values: dict[str, list[np.ndarray]] = {metric: [] for metric in METRICS}
     n_degenerate = 0
-    # chunks bound memory (resamples x patients) for large validation sets
-    chunk = max(1, 2_000_000 // n)
-    for start in range(0, n_resamples, chunk):
-        size = min(chunk, n_resamples - start)
-        indices = rng.integers(0, n, size=(size, n))
+    for indices in bootstrap_draws(n, n_resamples, seed, alpha):
         resampled_labels = labels[indices]
         n_positive = resampled_labels.sum(axis=1)
         n_degenerate += int(((n_positive == 0) | (n_positive == n)).sum())
