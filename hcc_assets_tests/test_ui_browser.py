@@ -384,7 +384,7 @@ def test_ui_in_browser_materializes_one_patient(ui_lake):
                 expect(requested).to_be_visible()
                 expect(page.get_by_text("Not requested", exact=True).first).to_be_visible()
                 shot("10_automation_tab")
-                requested.get_by_role("link").first.click()  # that evaluation: the condition tree, and why
+                requested.get_by_role("button").first.click()  # that evaluation: the condition tree, and why
                 expect(page.get_by_text("predict when a model or an input changes").first).to_be_visible()
                 shot("11_automation_evaluation")
                 lap("prediction_page")
