@@ -33,7 +33,7 @@ _LASSO_FITS: dict[str, tuple[str, tuple[object, dict]]] = {}
 
 
 class HccPredictionConfig(dg.Config):
-    threshold: float = 0.5  # P(HCC) at or above which the patient is called HCC (the study's threshold)
+    threshold: float = 0.5  # P(HCC) above which the patient is called HCC (the study's threshold, as in the metrics)
 
 
 def _lasso_loader(lake: LakeResource):
@@ -84,7 +84,7 @@ def hcc_prediction(context: dg.AssetExecutionContext, config: deployed(HccPredic
         rows, version=f"hcc_prediction@{HCC_PREDICTION_VERSION}", run_id=context.run.run_id))
     by_model = prediction.by_model()
     table = [{"model": m.model, "version": m.model_version or "", "P(HCC)": m.probability,
-              "HCC at threshold": "" if m.probability is None else ("yes" if m.probability >= config.threshold else "no"),
+              "HCC at threshold": "" if m.probability is None else ("yes" if m.probability > config.threshold else "no"),
               "note": m.reason or ""} for m in prediction.models]
     content = rows.select("model", "model_version", "probability", "reason").to_dicts()
     return dg.MaterializeResult(

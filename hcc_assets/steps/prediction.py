@@ -54,7 +54,8 @@ class PatientPrediction:
             "patient_id": self.patient_id, "model": m.model, "model_name": MODEL_NAMES[m.model],
             "model_version": m.model_version, "status": m.status, "probability": m.probability,
             "threshold": self.threshold,
-            "decision": None if m.probability is None else bool(m.probability >= self.threshold),
+            # strictly above, as the metrics count it (hcc_assets.stats.metrics)
+            "decision": None if m.probability is None else bool(m.probability > self.threshold),
             "input_kind": INPUT_KINDS[m.model], "input_version": m.input_version, "reason": m.reason,
         } for m in self.models], schema=ROW_SCHEMA)
 

@@ -81,7 +81,7 @@ def test_a_dropped_scan_becomes_features_with_the_current_models(small_cohort, t
     assert set(predictions) == {"deep", "radiomic", "explainable"}
     deep = predictions["deep"]
     assert deep["status"] == "predicted" and deep["model_version"] == prepared.versions[CLASSIFIER]
-    assert 0.0 <= deep["probability"] <= 1.0 and deep["decision"] == (deep["probability"] >= 0.5)
+    assert 0.0 <= deep["probability"] <= 1.0 and deep["decision"] == (deep["probability"] > 0.5)
     assert predictions["radiomic"]["status"] == "unavailable"
     assert "radiomic_model" in predictions["radiomic"]["reason"]
     assert store.query("SELECT count(*) FROM cohort_split WHERE patient_id = ?", [pid]).item() == 0

@@ -100,7 +100,7 @@ def test_every_patient_gets_a_row_per_model_with_the_models_own_probabilities(pr
     assert joined.height >= len(prepared.patients) - 1  # all but the patient whose mask was refused
     np.testing.assert_allclose(joined["probability"], joined["probability_own"], atol=1e-9)
     decided = current.filter(pl.col("status") == "predicted")
-    assert (decided["decision"] == (decided["probability"] >= decided["threshold"])).all()
+    assert (decided["decision"] == (decided["probability"] > decided["threshold"])).all()
     explainable = current.filter(pl.col("model") == "explainable")
     assert set(explainable["status"]) == {"unavailable"}
     assert set(explainable["reason"]) == {"no explainable_model is registered yet (materialize the analysis)"}
