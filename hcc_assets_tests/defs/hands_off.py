@@ -160,8 +160,9 @@ class Daemon:
         self.prepared, self.log_path, self.mode = prepared, Path(log_path), mode
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("HCC_ASSETS_")}  # this lake only
         self.env = {**inherited, "DAGSTER_HOME": str(prepared.home), "HCC_ASSETS_LAKE": str(prepared.root),
-                    "OMP_WAIT_POLICY": "PASSIVE", "HCC_ASSETS_SENSOR_INTERVAL_S": str(sensor_interval_s),
-                    "HCC_ASSETS_PATIENT_RUN_CONFIG": str(prepared.root / PATIENT_CONFIG_FILE)}
+                    "OMP_WAIT_POLICY": "PASSIVE", "HCC_ASSETS_SENSOR_INTERVAL_S": str(sensor_interval_s)}
+        if (prepared.root / PATIENT_CONFIG_FILE).exists():  # a lake made by prepare_lake (not `make demo`'s)
+            self.env["HCC_ASSETS_PATIENT_RUN_CONFIG"] = str(prepared.root / PATIENT_CONFIG_FILE)
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> Daemon:
