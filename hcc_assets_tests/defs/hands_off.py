@@ -253,10 +253,13 @@ def wait_for_rows(prepared: PreparedLake, instance: dg.DagsterInstance, daemon: 
     step errors) when the patient's run fails."""
     store = prepared.lake.store
     deadline = time.time() + timeout_s
+    last = FEATURE_TABLES[-1]  # written last by the run: one cheap query per poll, not one per table
     while time.time() < deadline:
         daemon.check_alive()
-        if all(rows_present(store, patient_id).values()):
-            return time.time()
+        if store.query(f"SELECT count(*) FROM {last} WHERE patient_id = ?", [patient_id]).item():
+            seen = time.time()
+            if all(rows_present(store, patient_id).values()):
+                return seen
         for run in instance.get_runs(dg.RunsFilter(tags={"dagster/partition": patient_id})):
             if run.status == dg.DagsterRunStatus.FAILURE:
                 raise AssertionError(f"run {run.run_id} ({run.job_name}) failed: {run_errors(instance, run.run_id)}")
