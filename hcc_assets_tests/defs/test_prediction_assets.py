@@ -228,4 +228,6 @@ def test_status_command_says_per_patient_what_is_current_stale_or_failed(predict
     # the retrain above left most embeddings on the old classifier: stale, and why
     stale = [line for line in by_patient.values() if line.split()[2] == "stale"]
     assert stale and any("embedding from classifier" in line for line in lines)
-    assert lines[-1].startswith(f"{len(by_patient)} patients: ")
+    assert f"{len(by_patient)} patients: " in lines[-2]
+    # the refused retrain of the test above: the version in use and why the other was refused
+    assert lines[-1].endswith("(beats_chance_on_training)") and "in use; retrain" in lines[-1]
