@@ -145,6 +145,8 @@ def _radiomic(store: FeatureStore, patient_id: str, versions: dict[str, str], lo
 def _explainable(versions: dict[str, str], embedding, load_lasso: LassoLoader) -> ModelPrediction:
     from hcc_assets.featurestore.queries import DL_FEATURE_NAMES
 
+    if versions.get(MODEL_NAMES[DEEP]) is None and versions.get(MODEL_NAMES[EXPLAINABLE]) is None:
+        return _unavailable(EXPLAINABLE, "no usable hcc_classifier, so no deep features to select explainable ones from")
     found = _lasso_on(versions, EXPLAINABLE, load_lasso)
     if isinstance(found, str):
         return _unavailable(EXPLAINABLE, found)

@@ -174,6 +174,7 @@ def test_with_no_usable_classifier_the_prediction_says_why(tmp_path):
     assert rows["deep"].reason == ("no usable hcc_classifier: the retrain refused1 was refused "
                                    "(beats_chance_on_training failed) and no earlier version passed")
     assert "no radiomic_model is registered yet" in rows["radiomic"].reason
+    assert rows["explainable"].reason.startswith("no usable hcc_classifier")
     assert result.rows()["status"].to_list() == ["unavailable"] * 3
 
 
