@@ -28,7 +28,7 @@ from hcc_assets.steps.prediction import MODEL_NAMES, predict_patient
 HCC_PREDICTION_VERSION = "1"
 GROUP = "predictions"
 
-# (registry name, version) -> (LassoFit, registry row); one entry per name
+# registry name -> (version, (LassoFit, registry row)): the current fit of each LASSO, reloaded when it changes
 _LASSO_FITS: dict[str, tuple[str, tuple[object, dict]]] = {}
 
 
