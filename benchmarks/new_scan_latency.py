@@ -74,7 +74,7 @@ def main() -> int:
     print(f"lake ready in {time.perf_counter() - started:.0f} s: {len(prepared.patients)} patients, models "
           f"{prepared.versions}, steps {({k: round(v, 1) for k, v in prepared.seconds.items()})}", flush=True)
     incoming = prepared.root / "incoming"
-    for staging in incoming.glob(".staging-*"):  # left by an interrupted earlier run
+    for staging in incoming.glob(".drop-*.partial"):  # left by an interrupted earlier run
         shutil.rmtree(staging)
     seed = 4242 + sum(1 for p in incoming.iterdir() if p.is_dir())  # new patients on every run, also with --reuse
     shutil.rmtree(root / "new", ignore_errors=True)

@@ -232,19 +232,17 @@ def _classifier_state() -> dict:
     import json
 
     from hcc_assets.defs.resources import default_lake_resource
-    from hcc_assets.featurestore import reads, registry
+    from hcc_assets.featurestore import registry
 
     store = default_lake_resource().store
-    current = registry.current_model(store, "hcc_classifier")
-    latest = reads.latest_noncurrent_model(store, "hcc_classifier")
-    refused, why = None, ""
-    if latest and (current is None or latest["materialized_at"] > current["materialized_at"]):
-        metrics = json.loads(latest["metrics"] or "{}")
-        if metrics.get("beats_chance_on_training") is False:
-            refused = latest["version"]
-            why = (f"training accuracy {metrics.get('train_acc', float('nan')):.3f} is not above the majority-class "
-                   f"rate {metrics.get('majority_rate', float('nan')):.3f} (beats_chance_on_training)")
-    return {"current": current["version"] if current else None, "refused": refused, "why": why}
+    current = registry.current_version(store, "hcc_classifier")
+    refused = registry.refused_retrain(store, "hcc_classifier")
+    why = ""
+    if refused:
+        metrics = json.loads(refused["metrics"] or "{}")
+        why = (f"training accuracy {metrics.get('train_acc', float('nan')):.3f} is not above the majority-class "
+               f"rate {metrics.get('majority_rate', float('nan')):.3f} (beats_chance_on_training)")
+    return {"current": current, "refused": refused["version"] if refused else None, "why": why}
 
 
 def _print_prediction_summary() -> None:
@@ -317,8 +315,6 @@ def _last_failures(instance, patients: list[str]) -> dict[str, str]:
 
 def cmd_predict(args) -> int:
     """Publish one study folder into the drop zone, run its pipeline through Dagster, print P(HCC)."""
-    import shutil
-
     from hcc_assets.instance import ensure_dagster_home
 
     ensure_dagster_home(_lake_root(args))
@@ -327,7 +323,7 @@ def cmd_predict(args) -> int:
     from hcc_assets import runner
     from hcc_assets.defs.resources import default_lake_resource
     from hcc_assets.featurestore import reads
-    from hcc_assets.imaging.dropzone import COMPLETE_MARKER
+    from hcc_assets.imaging.dropzone import drop_copy
 
     source = Path(args.folder).resolve()
     if not source.is_dir():
@@ -337,16 +333,12 @@ def cmd_predict(args) -> int:
     incoming = lake.incoming_dir.resolve()
     pid = lake.pseudonym(source.name)
     if source.parent != incoming:
-        target = incoming / source.name
-        if target.exists():
-            print(f"error: the drop zone already holds a study folder of this name (patient {pid}); "
-                  "predict that one with its path in the drop zone, or rename the folder", file=sys.stderr)
+        try:
+            drop_copy(source, incoming)
+        except FileExistsError as error:
+            print(f"error: {error} (patient {pid}); predict that one with its path in the drop zone, or rename "
+                  "the folder", file=sys.stderr)
             return 2
-        staging = incoming / f".{pid}.partial"  # hidden until complete: the sensor never sees half a study
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(source, staging)
-        (staging / COMPLETE_MARKER).touch()
-        staging.rename(target)
     instance = dg.DagsterInstance.get()
     if pid not in instance.get_dynamic_partitions("patients"):
         instance.add_dynamic_partitions("patients", [pid])

@@ -75,6 +75,7 @@ def _dask_job(job: str):
 
     return {"patient_ingest": dask_jobs.patient_ingest_dask_job,
             "patient_features": dask_jobs.patient_features_dask_job,
+            "patient_predictions": dask_jobs.patient_predictions_dask_job,
             "patient_pipeline": dask_jobs.patient_pipeline_dask_job}[job]
 
 

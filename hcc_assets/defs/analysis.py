@@ -247,15 +247,20 @@ def _download_folder(data_lake: DataLake, source: str, local: Path) -> Path:
     return local
 
 
-def load_registered_lasso(lake: LakeResource, model: str):
-    """(LassoFit, registry row) of the current LASSO model `model` ('radiomic' | 'explainable')."""
+def load_lasso_of(lake: LakeResource, row: dict):
+    """The LassoFit saved for the registry row `row` (its folder, local or remote)."""
     from hcc_assets.stats.lasso import load_lasso
 
+    with tempfile.TemporaryDirectory() as staging:
+        return load_lasso(_download_folder(lake.lake, row["path"], Path(staging)))
+
+
+def load_registered_lasso(lake: LakeResource, model: str):
+    """(LassoFit, registry row) of the current LASSO model `model` ('radiomic' | 'explainable')."""
     row = registry.current_model(lake.store, REGISTRY_NAMES[model])
     if row is None:
         raise _fail(model, f"no {REGISTRY_NAMES[model]} is registered; materialize it first")
-    with tempfile.TemporaryDirectory() as staging:
-        return load_lasso(_download_folder(lake.lake, row["path"], Path(staging))), row
+    return load_lasso_of(lake, row), row
 
 
 def _fit_register_predict(context, lake: LakeResource, model: str, matrix: FeatureMatrix, config: LassoModelConfig,

@@ -55,6 +55,11 @@ def _changed() -> AC:
     return (AC.data_version_changed() & ~AC.executed_with_root_target()).with_label("new data version")
 
 
+def _input_changed() -> AC:
+    """Some input has a new data version, or will be made in this evaluation's same run."""
+    return AC.any_deps_match(_changed() | AC.will_be_requested()).with_label("an input changed")
+
+
 def on_refresh_cron() -> AC:
     """Once per tick of the refresh cron. Not AutomationCondition.on_cron: that also waits until
     every dependency updated after the tick, and the models depend on every patient's volume,
@@ -73,8 +78,7 @@ def refresh_patient_feature() -> AC:
     """A per-patient feature again when an input has a new data version (a retrained model, a
     re-ingested volume) or will be made in the same run; never over missing or running inputs,
     nor from a model whose blocking checks failed."""
-    input_changed = AC.any_deps_match(_changed() | AC.will_be_requested()).with_label("an input changed")
-    return (input_changed.since_last_handled()
+    return (_input_changed().since_last_handled()
             & ~AC.any_deps_missing()
             & ~AC.any_deps_in_progress()
             & ~AC.in_progress()
@@ -85,9 +89,8 @@ def refresh_prediction(volume: dg.AssetKey) -> AC:
     """hcc_prediction: as refresh_patient_feature, and also for a partition that is still missing
     (its pipeline run stopped before it); it only needs the patient's `volume`: a missing
     embedding or radiomic row becomes an 'unavailable' prediction with the reason."""
-    input_changed = AC.any_deps_match(_changed() | AC.will_be_requested()).with_label("an input changed")
     no_volume = AC.any_deps_missing().allow(dg.AssetSelection.assets(volume)).with_label("no preprocessed volume")
-    return ((AC.newly_missing() | input_changed).since_last_handled()
+    return ((AC.newly_missing() | _input_changed()).since_last_handled()
             & ~no_volume
             & ~AC.any_deps_in_progress()
             & ~AC.in_progress()).with_label("predict when a model or an input changes")

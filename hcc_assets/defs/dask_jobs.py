@@ -30,7 +30,8 @@ import distributed
 from dagster_dask.executor import DaskExecutor, dask_executor, get_dask_resource_requirements, query_on_dask_worker
 
 from hcc_assets.definitions import defs
-from hcc_assets.defs.jobs import patient_features_job, patient_ingest_job, patient_pipeline_job
+from hcc_assets.defs.jobs import (patient_features_job, patient_ingest_job, patient_pipeline_job,
+                                  patient_predictions_job)
 
 
 def cluster_run_config(address: str) -> dict:
@@ -92,7 +93,8 @@ dask_defs = dg.Definitions(
     assets=defs.assets,
     asset_checks=defs.asset_checks,
     resources=defs.resources,
-    jobs=[_on_dask(job) for job in (patient_ingest_job, patient_features_job, patient_pipeline_job)],
+    jobs=[_on_dask(job) for job in (patient_ingest_job, patient_features_job, patient_predictions_job,
+                                    patient_pipeline_job)],
 )
 
 
@@ -103,6 +105,10 @@ def patient_ingest_dask_job() -> dg.JobDefinition:
 
 def patient_features_dask_job() -> dg.JobDefinition:
     return dask_defs.resolve_job_def(patient_features_job.name)
+
+
+def patient_predictions_dask_job() -> dg.JobDefinition:
+    return dask_defs.resolve_job_def(patient_predictions_job.name)
 
 
 def patient_pipeline_dask_job() -> dg.JobDefinition:

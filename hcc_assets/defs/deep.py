@@ -400,7 +400,7 @@ class DeepEmbeddingConfig(dg.Config):
 _CLASSIFIERS: dict[tuple[str, str, str], object] = {}
 
 
-def _classifier(data_lake: DataLake, folder: str, version: str, device: str):
+def cached_classifier(data_lake: DataLake, folder: str, version: str, device: str):
     key = (folder, version, device)
     if key not in _CLASSIFIERS:
         _CLASSIFIERS.clear()  # a new model replaces the old one; don't hold both in memory
@@ -455,7 +455,7 @@ def deep_embedding(
         compute.configure_threads()
         device = compute.torch_device()
         try:
-            network = _classifier(data_lake, model["path"], version, device)
+            network = cached_classifier(data_lake, model["path"], version, device)
         except Exception as error:  # corrupt, truncated or incompatible file: say which model, not a traceback
             raise IngestError(f"the checkpoint of the current hcc_classifier {version} is unreadable or "
                               f"incompatible ({type(error).__name__}: {str(error)[:200]}); re-materialize "

@@ -7,14 +7,12 @@ version. Rows go to `hcc_predictions` beside those of earlier model versions; th
 
 import hashlib
 import json
-import tempfile
-from pathlib import Path
 
 import dagster as dg
 
-from hcc_assets.defs.analysis import explainable_model, radiomic_model
+from hcc_assets.defs.analysis import explainable_model, load_lasso_of, radiomic_model
 from hcc_assets.defs.automation import refresh_prediction
-from hcc_assets.defs.deep import _classifier, deep_embedding, hcc_classifier
+from hcc_assets.defs.deep import cached_classifier, deep_embedding, hcc_classifier
 from hcc_assets.defs.deployment import deployed
 from hcc_assets.defs.ingest import preprocessed_volume
 from hcc_assets.defs.metadata import markdown_table
@@ -37,16 +35,11 @@ class HccPredictionConfig(dg.Config):
 
 
 def _lasso_loader(lake: LakeResource):
-    from hcc_assets.defs.analysis import _download_folder
-    from hcc_assets.stats.lasso import load_lasso
-
     def load(name: str) -> tuple[object, dict]:
         row = registry.current_model(lake.store, name)  # the registry row travels with the fit
         cached = _LASSO_FITS.get(name)
         if cached is None or cached[0] != row["version"]:
-            with tempfile.TemporaryDirectory() as staging:
-                fit = load_lasso(_download_folder(lake.lake, row["path"], Path(staging)))
-            _LASSO_FITS[name] = (row["version"], (fit, row))
+            _LASSO_FITS[name] = (row["version"], (load_lasso_of(lake, row), row))
         return _LASSO_FITS[name][1]
     return load
 
@@ -54,7 +47,7 @@ def _lasso_loader(lake: LakeResource):
 def _classifier_loader(lake: LakeResource, device: str):
     def load(version: str):
         row = registry.find_model(lake.store, version, MODEL_NAMES["deep"])
-        return _classifier(lake.lake, row["path"], version, device)  # shared with deep_embedding's cache
+        return cached_classifier(lake.lake, row["path"], version, device)  # deep_embedding's cache
     return load
 
 

@@ -103,13 +103,6 @@ def current_versions(store: FeatureStore) -> dict[str, str]:
     return dict(store.query("SELECT model_name, version FROM models WHERE current").rows())
 
 
-def latest_noncurrent_model(store: FeatureStore, model_name: str) -> dict | None:
-    """The newest `models` row of `model_name` that is not current (e.g. a refused retrain)."""
-    rows = store.query("SELECT * FROM models WHERE model_name = ? AND NOT current ORDER BY materialized_at DESC "
-                       "LIMIT 1", [model_name])
-    return rows.row(0, named=True) if rows.height else None
-
-
 def patient_predictions(store: FeatureStore, patient_id: str | None = None) -> pl.DataFrame:
     """The newest prediction of each model per patient (view current_hcc_predictions)."""
     where, params = ("WHERE patient_id = ?", [patient_id]) if patient_id else ("", [])

@@ -59,6 +59,19 @@ def current_model(store: FeatureStore, model_name: str) -> dict | None:
     return rows.row(0, named=True) if rows.height else None
 
 
+def refused_retrain(store: FeatureStore, model_name: str, gate: str = "beats_chance_on_training") -> dict | None:
+    """The newest version of `model_name` registered after the current one (any, when none is
+    current) whose `gate` in its metrics failed: a retrain that was refused, with current = false.
+    None when the newest retrain is the current one or failed for another reason."""
+    rows = store.query("SELECT * FROM models WHERE model_name = ? AND NOT current AND materialized_at > coalesce("
+                       "(SELECT max(materialized_at) FROM models WHERE model_name = ? AND current), "
+                       "'-infinity'::TIMESTAMPTZ) ORDER BY materialized_at DESC LIMIT 1", [model_name, model_name])
+    if rows.height == 0:
+        return None
+    row = rows.row(0, named=True)
+    return row if json.loads(row["metrics"] or "{}").get(gate) is False else None
+
+
 def current_version(store: FeatureStore, model_name: str) -> str | None:
     row = current_model(store, model_name)
     return row["version"] if row else None

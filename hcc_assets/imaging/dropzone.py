@@ -14,6 +14,7 @@ import csv
 import hashlib
 import io
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,22 @@ def folder_fingerprint(folder: Path) -> tuple[str, float, int]:
             newest = max(newest, stat.st_mtime)
             count += 1
     return digest.hexdigest()[:16], newest, count
+
+
+def drop_copy(source: Path, incoming: Path) -> Path:
+    """Copy the study folder `source` into the drop zone as `incoming/<its name>`: built under a
+    hidden name, `.complete` written last, then renamed into place, so the sensor never sees half
+    a study. Refuses (FileExistsError) a name the drop zone already holds."""
+    target = incoming / source.name
+    if target.exists():
+        # no folder name in the message: it is often a record number
+        raise FileExistsError("the drop zone already holds a study folder of this name")
+    staging = incoming / f".drop-{source.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    (staging / COMPLETE_MARKER).touch()
+    os.rename(staging, target)
+    return target
 
 
 def scan_drop_zone(

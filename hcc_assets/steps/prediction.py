@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from hcc_assets.featurestore import FeatureStore, reads
+from hcc_assets.featurestore import FeatureStore, reads, registry
 
 DEEP, RADIOMIC, EXPLAINABLE = "deep", "radiomic", "explainable"
 # prediction model -> registry name of the model that makes it
@@ -87,8 +87,8 @@ def _unavailable(model: str, reason: str, version: str | None = None, input_vers
 
 
 def _no_usable_classifier(store: FeatureStore) -> str:
-    refused = reads.latest_noncurrent_model(store, MODEL_NAMES[DEEP])
-    if refused and json.loads(refused["metrics"] or "{}").get("beats_chance_on_training") is False:
+    refused = registry.refused_retrain(store, MODEL_NAMES[DEEP])
+    if refused:
         return (f"no usable hcc_classifier: the retrain {refused['version']} was refused "
                 "(beats_chance_on_training failed) and no earlier version passed")
     return "no usable hcc_classifier: none is registered yet"

@@ -233,12 +233,11 @@ def wait_for_sensor(instance: dg.DagsterInstance, daemon: Daemon, name: str = "i
 
 
 def drop_patient(source: Path, incoming: Path) -> float:
-    """Stage a copy under a hidden name, then rename it into the drop zone (atomic); returns when."""
-    staging = incoming / f".staging-{source.name}"
-    shutil.copytree(source, staging)
-    if not (staging / ".complete").exists():
-        (staging / ".complete").touch()
-    os.rename(staging, incoming / source.name)
+    """Drop a copy into the drop zone the way `hcc-assets predict` does (dropzone.drop_copy:
+    staged under a hidden name, `.complete` inside, renamed into place); returns when."""
+    from hcc_assets.imaging.dropzone import drop_copy
+
+    drop_copy(source, incoming)
     return time.time()
 
 

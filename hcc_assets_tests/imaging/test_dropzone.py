@@ -1,6 +1,8 @@
 import os
 import time
 
+import pytest
+
 from hcc_assets.imaging.dropzone import read_label_manifests, scan_drop_zone
 from hcc_assets.imaging.pseudonym import load_or_create_key, pseudonymize
 
@@ -68,3 +70,21 @@ def test_a_symlink_loop_and_odd_names_do_not_upset_the_scan(tmp_path):
     os.symlink("..", folder / "study_1" / "loop")  # not followed: no endless walk
     ready = scan_drop_zone(tmp_path, quiet_seconds=60)
     assert [(f.source_key, f.complete_by) for f in ready] == [("Müller, Hans (1)", "marker")]
+
+
+def test_drop_copy_publishes_a_whole_study_once(tmp_path):
+    from hcc_assets.imaging.dropzone import COMPLETE_MARKER, drop_copy, scan_drop_zone
+
+    source = tmp_path / "outside" / "MRN12345"
+    source.mkdir(parents=True)
+    (source / "a.dcm").write_bytes(b"x" * 10)
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    target = drop_copy(source, incoming)
+    assert target == incoming / "MRN12345" and (target / COMPLETE_MARKER).exists()
+    assert (target / "a.dcm").read_bytes() == b"x" * 10
+    assert sorted(p.name for p in incoming.iterdir()) == ["MRN12345"]  # no staging folder left
+    assert [f.complete_by for f in scan_drop_zone(incoming, quiet_seconds=1e9)] == ["marker"]
+    with pytest.raises(FileExistsError) as refused:
+        drop_copy(source, incoming)
+    assert "MRN12345" not in str(refused.value)  # folder names can be record numbers
