@@ -12,7 +12,7 @@ DEMO_LESION_CONTRAST ?= 2
 export OMP_WAIT_POLICY := PASSIVE
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test ui clean-lake
+.PHONY: install demo test test-fast lint ui clean-lake
 
 $(BIN)/.installed: pyproject.toml scripts/install_pyradiomics.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,8 +32,19 @@ demo: install
 	@echo "Table 1 (validation patients; estimate [95% bootstrap CI]); report: $(LAKE)/reports/report.html"
 	$(BIN)/hcc-assets --lake $(LAKE) sql "SELECT model, scheme, n, accuracy, precision, recall, f1, roc_auc FROM table_1"
 
-test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --timeout 1800
+# ruff (lint and format), the import contracts between the layers, and mypy
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --timeout 1800 --durations=15
+
+# the unit tier: domain, steps, storage, sensors and schedules through Dagster's build contexts
+test-fast: install
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --timeout 600 -m "not integration"
 
 ui: install
 	$(BIN)/python -c "from hcc_assets.instance import ensure_dagster_home; ensure_dagster_home('$(LAKE)')"

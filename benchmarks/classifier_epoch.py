@@ -10,13 +10,13 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: busy-waiting OpenMP is ~10x slower here
 
-import argparse  # noqa: E402
-import time  # noqa: E402
+import argparse
+import time
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from hcc_assets.deep import ClassifierConfig, train_classifier  # noqa: E402
+from hcc_assets.deep import ClassifierConfig, train_classifier
 
 
 def main() -> None:
@@ -35,9 +35,11 @@ def main() -> None:
     volumes = rng.standard_normal((args.volumes + args.val_volumes, *args.shape), dtype=np.float32)
     labels = np.arange(len(volumes)) % 2
     split = args.volumes
-    print(f"depth {args.depth}, {args.volumes} training + {args.val_volumes} validation volumes {tuple(args.shape)}, "
-          f"batch 8, device {args.device}, torch threads {torch.get_num_threads()}, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    print(
+        f"depth {args.depth}, {args.volumes} training + {args.val_volumes} validation volumes {tuple(args.shape)}, "
+        f"batch 8, device {args.device}, torch threads {torch.get_num_threads()}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
+    )
 
     results = {}
     for cached in (False, True):
@@ -51,16 +53,20 @@ def main() -> None:
         epoch_seconds = [record.train_seconds for record in result.history]
         results[cached] = min(epoch_seconds)
         name = "cached" if cached else "naive "
-        print(f"{name} training epochs (s): {', '.join(f'{s:.2f}' for s in epoch_seconds)}; "
-              f"validation per epoch {np.mean([r.val_seconds for r in result.history]):.2f} s; "
-              f"whole run {time.perf_counter() - started:.1f} s")
+        print(
+            f"{name} training epochs (s): {', '.join(f'{s:.2f}' for s in epoch_seconds)}; "
+            f"validation per epoch {np.mean([r.val_seconds for r in result.history]):.2f} s; "
+            f"whole run {time.perf_counter() - started:.1f} s"
+        )
         if cached:
             cache_seconds = result.timings["cache_seconds"]
             print(f"cached trunk build (once, {split + args.val_volumes} volumes): {cache_seconds:.2f} s")
 
     ratio = results[False] / results[True]
-    print(f"naive epoch {results[False]:.2f} s, cached epoch {results[True]:.2f} s: {ratio:.1f}x faster "
-          f"({'meets' if ratio >= 8 else 'MISSES'} the 8x target)")
+    print(
+        f"naive epoch {results[False]:.2f} s, cached epoch {results[True]:.2f} s: {ratio:.1f}x faster "
+        f"({'meets' if ratio >= 8 else 'MISSES'} the 8x target)"
+    )
 
 
 if __name__ == "__main__":

@@ -21,22 +21,22 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: busy-waiting OpenMP is ~10x slower here
 
-import argparse  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import tempfile
+import time
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
-from sklearn.metrics import roc_auc_score  # noqa: E402
-from sklearn.pipeline import make_pipeline  # noqa: E402
-from sklearn.preprocessing import StandardScaler  # noqa: E402
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
-from hcc_assets.deep import ClassifierConfig, train_classifier  # noqa: E402
-from hcc_assets.deep.train import _run  # noqa: E402
-from hcc_assets.imaging import dicom_series, nifti, phantom, preprocess, synth  # noqa: E402
-from hcc_assets.stats.split import stratified_split  # noqa: E402
+from hcc_assets.deep import ClassifierConfig, train_classifier
+from hcc_assets.deep.train import _run
+from hcc_assets.imaging import dicom_series, nifti, phantom, preprocess, synth
+from hcc_assets.stats.split import stratified_split
 
 COHORT_SPLIT_SEED = 20230601  # hcc_assets.defs.cohort.CohortConfig.seed
 VALIDATION_FRACTION = 0.2
@@ -67,15 +67,20 @@ def preprocessed_cohort(seed: int, contrast: float, patients: int, cache: Path) 
             ids.append(patient.patient_key)
             lesion_voxels.append(int(np.count_nonzero(lesion_ids)))
     split = stratified_split(ids, labels, VALIDATION_FRACTION, COHORT_SPLIT_SEED)
-    cohort = dict(volumes=np.stack(volumes), labels=np.array(labels), lesion_voxels=np.array(lesion_voxels),
-                  validation=np.array([split[p] == "validation" for p in ids]))
+    cohort = dict(
+        volumes=np.stack(volumes),
+        labels=np.array(labels),
+        lesion_voxels=np.array(lesion_voxels),
+        validation=np.array([split[p] == "validation" for p in ids]),
+    )
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(path, **cohort)
     return cohort
 
 
-def evaluate(name: str, cohort: dict[str, np.ndarray], config: ClassifierConfig,
-             independent: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+def evaluate(
+    name: str, cohort: dict[str, np.ndarray], config: ClassifierConfig, independent: dict[str, np.ndarray] | None = None
+) -> dict[str, float]:
     volumes, labels, validation = cohort["volumes"], cohort["labels"].astype(int), cohort["validation"]
     train, val = ~validation, validation
     started = time.perf_counter()
@@ -98,15 +103,20 @@ def evaluate(name: str, cohort: dict[str, np.ndarray], config: ClassifierConfig,
         row["independent_auc"] = roc_auc_score(other_labels, other_logits)
         other_probabilities = probe.predict_proba(other_embeddings)[:, 1]
         row["independent_embedding_lr_auc"] = roc_auc_score(other_labels, other_probabilities)
-        independent_text = (f"  | independent cohort ({len(other_labels)}): AUC {row['independent_auc']:.2f}, "
-                            f"embedding-LR {row['independent_embedding_lr_auc']:.2f}")
+        independent_text = (
+            f"  | independent cohort ({len(other_labels)}): AUC {row['independent_auc']:.2f}, "
+            f"embedding-LR {row['independent_embedding_lr_auc']:.2f}"
+        )
     row["seconds"] = time.perf_counter() - started
     hcc = cohort["lesion_voxels"][labels == 1]
-    print(f"{name:28s} train acc {row['train_acc']:.2f}  val acc {row['val_acc']:.2f}  val AUC {row['val_auc']:.2f}  "
-          f"embedding-LR val AUC {row['embedding_lr_val_auc']:.2f}{independent_text}  "
-          f"(best epoch {row['best_epoch']}/{row['epochs']}, "
-          f"{row['seconds']:.0f} s; lesion voxels per HCC patient median {np.median(hcc):.0f}, "
-          f"range {hcc.min()}-{hcc.max()} of {volumes[0].size})", flush=True)
+    print(
+        f"{name:28s} train acc {row['train_acc']:.2f}  val acc {row['val_acc']:.2f}  val AUC {row['val_auc']:.2f}  "
+        f"embedding-LR val AUC {row['embedding_lr_val_auc']:.2f}{independent_text}  "
+        f"(best epoch {row['best_epoch']}/{row['epochs']}, "
+        f"{row['seconds']:.0f} s; lesion voxels per HCC patient median {np.median(hcc):.0f}, "
+        f"range {hcc.min()}-{hcc.max()} of {volumes[0].size})",
+        flush=True,
+    )
     return row
 
 
@@ -145,8 +155,11 @@ def main() -> None:
         chosen = [rows[name] for name in names]
         if chosen:
             summary = {key: np.mean([r[key] for r in chosen]) for key in chosen[0] if "auc" in key}
-            print(f"{kind}: means over {len(chosen)} cohort(s): "
-                  + ", ".join(f"{key} {value:.2f}" for key, value in summary.items()), flush=True)
+            print(
+                f"{kind}: means over {len(chosen)} cohort(s): "
+                + ", ".join(f"{key} {value:.2f}" for key, value in summary.items()),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

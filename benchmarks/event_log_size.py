@@ -84,8 +84,10 @@ def report_run(instance, home: Path, run_id: str, title: str) -> dict:
     total = sum(s["bytes"] for s in sizes.values())
     print(f"\n{title} (run {run_id[:8]}): {total} B serialized events, {on_disk} B run shard on disk")
     for step, s in sorted(sizes.items()):
-        print(f"  {step:28s} {s['events']:4d} events {_kib(s['bytes'])}  of which materialization metadata "
-              f"{_kib(s['metadata_bytes'])}")
+        print(
+            f"  {step:28s} {s['events']:4d} events {_kib(s['bytes'])}  of which materialization metadata "
+            f"{_kib(s['metadata_bytes'])}"
+        )
     return {"run_id": run_id, "serialized_bytes": total, "run_shard_bytes": on_disk, "steps": sizes}
 
 
@@ -126,13 +128,17 @@ def main() -> int:
             instance.add_dynamic_partitions("patients", [pid])
             index = home / "history" / "runs" / "index.db"
             index_before = index.stat().st_size if index.exists() else 0
-            run = dg.materialize(PATIENT_ASSETS, partition_key=pid, instance=instance, resources={"lake": lake},
-                                 run_config=QUIET)
-            results["ingest"] = report_run(instance, home, run.run_id,
-                                           f"ingest run of one {args.matrix}x{args.matrix} patient")
+            run = dg.materialize(
+                PATIENT_ASSETS, partition_key=pid, instance=instance, resources={"lake": lake}, run_config=QUIET
+            )
+            results["ingest"] = report_run(
+                instance, home, run.run_id, f"ingest run of one {args.matrix}x{args.matrix} patient"
+            )
             results["ingest"]["index_db_bytes"] = [index_before, index.stat().st_size]
-            print(f"  history/runs/index.db (asset catalog) before/after this run: {index_before} / "
-                  f"{index.stat().st_size} B")
+            print(
+                f"  history/runs/index.db (asset catalog) before/after this run: {index_before} / "
+                f"{index.stat().st_size} B"
+            )
             figures = sorted(p.relative_to(lake_root).as_posix() for p in lake_root.rglob("*.png"))
             print(f"  PNG files in the lake: {figures}")
             results["mask_overlay"] = mask_overlay_sizes(lake.lake, pid)
@@ -154,20 +160,26 @@ def mask_overlay_sizes(data_lake, pid: str) -> dict:
 
     from hcc_assets.segmentation import overlay_png
 
-    png = overlay_png(data_lake.read_nifti(data_lake.patient_file(pid, "nifti_volume.nii.gz")),
-                      data_lake.read_nifti(data_lake.patient_file(pid, "reference_mask.nii.gz")))
+    png = overlay_png(
+        data_lake.read_nifti(data_lake.patient_file(pid, "nifti_volume.nii.gz")),
+        data_lake.read_nifti(data_lake.patient_file(pid, "reference_mask.nii.gz")),
+    )
     alt = "mid-liver slice, liver red, spleen blue"
-    sizes = {"png_bytes": len(png), "inline_png_markdown": len(f"![{alt}](data:image/png;base64,"
-                                                               f"{base64.b64encode(png).decode()})")}
+    sizes = {
+        "png_bytes": len(png),
+        "inline_png_markdown": len(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"),
+    }
     try:
-        from hcc_assets.imaging.preview import thumbnail_data_uri
+        from hcc_assets.core.figures import thumbnail_data_uri
     except ImportError:  # before figures moved to the lake
         pass
     else:
         path = data_lake.patient_figure(pid, "liver_mask", "figure_1")
         sizes["path_plus_thumbnail"] = len(path) + len(f"![{alt}]({thumbnail_data_uri(png)})")
-    print(f"\nliver_mask figure_1 at this geometry (not materialized; reference mask as the mask), per copy of the "
-          f"metadata (3 copies per run: STEP_OUTPUT, ASSET_MATERIALIZATION, index.db): {sizes}")
+    print(
+        f"\nliver_mask figure_1 at this geometry (not materialized; reference mask as the mask), per copy of the "
+        f"metadata (3 copies per run: STEP_OUTPUT, ASSET_MATERIALIZATION, index.db): {sizes}"
+    )
     return sizes
 
 
@@ -196,15 +208,24 @@ def full(work: Path) -> dict:
     classifier = dict(CLASSIFIER_TRAINING)
     if "accept_below_chance" in HccClassifierConfig.model_fields:  # a 5-epoch network on 6 patients may be one
         classifier["accept_below_chance"] = True
-    ops = {**TEST_PATIENT_CONFIG["ops"], "liver_segmentation_model": {"config": SEGMENTATION_TRAINING},
-           "hcc_classifier": {"config": classifier}}
+    ops = {
+        **TEST_PATIENT_CONFIG["ops"],
+        "liver_segmentation_model": {"config": SEGMENTATION_TRAINING},
+        "hcc_classifier": {"config": classifier},
+    }
     assets = dg.load_assets_from_modules([ingest, cohort, segmentation, deep])
     resources = {"lake": lake, "compute": ComputeResource(device="cpu", cpu_threads=2)}
 
     def materialize(instance, selection, partition_key=None):
-        result = dg.materialize(assets, selection=selection, partition_key=partition_key, instance=instance,
-                                resources=resources, raise_on_error=False,
-                                run_config={"ops": {k: v for k, v in ops.items() if k in selection}, **QUIET})
+        result = dg.materialize(
+            assets,
+            selection=selection,
+            partition_key=partition_key,
+            instance=instance,
+            resources=resources,
+            raise_on_error=False,
+            run_config={"ops": {k: v for k, v in ops.items() if k in selection}, **QUIET},
+        )
         failures = [e.step_failure_data.error.message.strip()[:300] for e in result.all_events if e.is_step_failure]
         if failures:
             print(f"{selection} failed: {failures[:2]}")
@@ -221,11 +242,13 @@ def full(work: Path) -> dict:
             result = materialize(instance, [step])
             out[step] = report_run(instance, home, result.run_id, f"cohort-level run of {step}")
         result = materialize(instance, ["liver_mask", "radiomic_features", "deep_embedding"], patients[0])
-        out["features"] = report_run(instance, home, result.run_id,
-                                     "features run of one patient (64x64 pixels, 32x32x16 grid)")
+        out["features"] = report_run(
+            instance, home, result.run_id, "features run of one patient (64x64 pixels, 32x32x16 grid)"
+        )
         figures = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
         print(f"  PNG files in the lake: {figures[:12]}{' ...' if len(figures) > 12 else ''} ({len(figures)})")
     return out
+
 
 if __name__ == "__main__":
     sys.exit(main())

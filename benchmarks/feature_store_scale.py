@@ -58,13 +58,22 @@ def patient_ids(n: int) -> np.ndarray:
 def long_rows(ids: np.ndarray, names: list[str], values: np.ndarray) -> pl.DataFrame:
     """One row per patient and feature; ids and names dictionary-encoded (no 2.5M Python strings)."""
     n, f = values.shape
-    return pl.from_arrow(pa.table({
-        "patient_id": pa.DictionaryArray.from_arrays(pa.array(np.repeat(np.arange(n, dtype=np.int32), f)), pa.array(ids)),
-        "feature_set_version": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n * f, np.int32)),
-                                                              pa.array([FEATURE_SET_VERSION])),
-        "feature": pa.DictionaryArray.from_arrays(pa.array(np.tile(np.arange(f, dtype=np.int32), n)), pa.array(names)),
-        "value": values.ravel(),
-    }))
+    return pl.from_arrow(
+        pa.table(
+            {
+                "patient_id": pa.DictionaryArray.from_arrays(
+                    pa.array(np.repeat(np.arange(n, dtype=np.int32), f)), pa.array(ids)
+                ),
+                "feature_set_version": pa.DictionaryArray.from_arrays(
+                    pa.array(np.zeros(n * f, np.int32)), pa.array([FEATURE_SET_VERSION])
+                ),
+                "feature": pa.DictionaryArray.from_arrays(
+                    pa.array(np.tile(np.arange(f, dtype=np.int32), n)), pa.array(names)
+                ),
+                "value": values.ravel(),
+            }
+        )
+    )
 
 
 def fill(path: str, n_patients: int, names: list[str], seed: int, small_writes: int) -> dict:
@@ -76,23 +85,32 @@ def fill(path: str, n_patients: int, names: list[str], seed: int, small_writes: 
     hcc = rng.random(n_patients) < 0.5
     split = np.where(rng.random(n_patients) < 0.8, "train", "validation")
     started = time.perf_counter()
-    store.replace_table("cohort_split", FeatureStore.with_provenance(
-        pl.DataFrame({"patient_id": ids, "hcc": hcc, "source": "synthetic", "split": split, "seed": seed}),
-        version="cohort@benchmark", run_id="benchmark"))
+    store.replace_table(
+        "cohort_split",
+        FeatureStore.with_provenance(
+            pl.DataFrame({"patient_id": ids, "hcc": hcc, "source": "synthetic", "split": split, "seed": seed}),
+            version="cohort@benchmark",
+            run_id="benchmark",
+        ),
+    )
     per_write = []
     for start in range(0, n_patients, PATIENTS_PER_WRITE):
-        chunk = ids[start:start + PATIENTS_PER_WRITE]
+        chunk = ids[start : start + PATIENTS_PER_WRITE]
         values = rng.normal(size=(len(chunk), len(names)))
-        rows = FeatureStore.with_provenance(long_rows(chunk, names, values), version="radiomic_features@bench",
-                                            run_id="benchmark")
+        rows = FeatureStore.with_provenance(
+            long_rows(chunk, names, values), version="radiomic_features@bench", run_id="benchmark"
+        )
         t = time.perf_counter()
         store.replace_partitions("radiomic_features", rows)
         per_write.append(time.perf_counter() - t)
     fill_s = time.perf_counter() - started
     per_patient = []  # one transaction per patient, as per-patient runs write
     for i in rng.choice(n_patients, size=min(small_writes, n_patients), replace=False):
-        rows = FeatureStore.with_provenance(long_rows(ids[i:i + 1], names, rng.normal(size=(1, len(names)))),
-                                            version="radiomic_features@bench", run_id="small")
+        rows = FeatureStore.with_provenance(
+            long_rows(ids[i : i + 1], names, rng.normal(size=(1, len(names)))),
+            version="radiomic_features@bench",
+            run_id="small",
+        )
         t = time.perf_counter()
         store.replace_partition("radiomic_features", str(ids[i]), rows)
         per_patient.append(time.perf_counter() - t)
@@ -146,22 +164,28 @@ def main() -> None:
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     store = FeatureStore(path)
     names = feature_names(args.features)
-    print(f"duckdb {duckdb.__version__}, polars {pl.__version__}, {os.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.1f}; DuckLake catalog {path}")
+    print(
+        f"duckdb {duckdb.__version__}, polars {pl.__version__}, {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f}; DuckLake catalog {path}"
+    )
     try:
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
             filled = pool.submit(fill, str(path), args.patients, names, 7, args.small_writes).result()
         n_long = store.query("SELECT count(*) AS n FROM radiomic_features").item()
         n_vectors = store.query("SELECT count(*) AS n FROM radiomic_vectors").item()
         files_before, size_before = data_file_count(store), _folder_mb(folder)
-        print(f"fill: {args.patients} patients x {args.features} features = {n_long:,} long rows, "
-              f"{n_vectors:,} vectors in {filled['fill_s']:.1f} s "
-              f"({len(filled['write_s'])} transactions, median {statistics.median(filled['write_s']):.2f} s each)")
+        print(
+            f"fill: {args.patients} patients x {args.features} features = {n_long:,} long rows, "
+            f"{n_vectors:,} vectors in {filled['fill_s']:.1f} s "
+            f"({len(filled['write_s'])} transactions, median {statistics.median(filled['write_s']):.2f} s each)"
+        )
         if filled["per_patient_s"]:
             writes = filled["per_patient_s"]
-            print(f"per-patient writes (replace_partition, {args.features} rows + derived vector, one transaction "
-                  f"each, into the full store): {len(writes)} in {sum(writes):.1f} s, median "
-                  f"{statistics.median(writes) * 1000:.0f} ms, max {max(writes) * 1000:.0f} ms")
+            print(
+                f"per-patient writes (replace_partition, {args.features} rows + derived vector, one transaction "
+                f"each, into the full store): {len(writes)} in {sum(writes):.1f} s, median "
+                f"{statistics.median(writes) * 1000:.0f} ms, max {max(writes) * 1000:.0f} ms"
+            )
         print(f"before compaction: {files_before} data files, {size_before:.0f} MB on disk")
 
         report = []
@@ -170,14 +194,18 @@ def main() -> None:
         report.append(("(a) radiomics_matrix, DuckLake before compaction", first, timing, cpu, matrix.values.shape))
 
         compaction = maintain(store, RetentionPolicy(keep_days=None, file_grace_hours=0))
-        print(f"compaction (maintain: merge adjacent files, clean up): {compaction.seconds:.1f} s, "
-              f"{compaction.data_files_before} -> {compaction.data_files_after} data files, "
-              f"{compaction.files_deleted} files deleted, {_folder_mb(folder):.0f} MB on disk after")
+        print(
+            f"compaction (maintain: merge adjacent files, clean up): {compaction.seconds:.1f} s, "
+            f"{compaction.data_files_before} -> {compaction.data_files_after} data files, "
+            f"{compaction.files_deleted} files deleted, {_folder_mb(folder):.0f} MB on disk after"
+        )
 
         first, timing, cpu, matrix = timed(lambda: radiomics_matrix(store, FEATURE_SET_VERSION), args.repeats)
         assert matrix.values.shape == (args.patients, args.features), matrix.values.shape
         report.append(("(a) radiomics_matrix -> numpy, DuckLake compacted", first, timing, cpu, matrix.values.shape))
-        first, timing, cpu, train = timed(lambda: radiomics_matrix(store, FEATURE_SET_VERSION).rows("train"), args.repeats)
+        first, timing, cpu, train = timed(
+            lambda: radiomics_matrix(store, FEATURE_SET_VERSION).rows("train"), args.repeats
+        )
         report.append(("(a) radiomics_matrix(...).rows('train'), compacted", first, timing, cpu, train.values.shape))
 
         single = folder / "single_file.duckdb"
@@ -192,20 +220,23 @@ def main() -> None:
         size_mb = _folder_mb(folder) - single.stat().st_size / 1e6
 
         pid = patient_ids(args.patients)[args.patients // 2]
-        first, timing, cpu, one = timed(lambda: store.query("SELECT * FROM radiomics WHERE patient_id = ?", [pid]),
-                                        args.repeats)
+        first, timing, cpu, one = timed(
+            lambda: store.query("SELECT * FROM radiomics WHERE patient_id = ?", [pid]), args.repeats
+        )
         report.append(("(b) one patient, radiomics view", first, timing, cpu, one.shape))
         first, timing, cpu, one_long = timed(
             lambda: store.query("SELECT feature, value FROM radiomic_features WHERE patient_id = ?", [pid]),
-            args.repeats)
+            args.repeats,
+        )
         report.append(("(b) one patient, radiomic_features (long)", first, timing, cpu, one_long.shape))
         check = dict(one_long.iter_rows())
         assert all(one[name].item() == check[name] for name in names[:10])
         row = matrix.values[matrix.patient_ids.index(pid)]
         assert np.array_equal(row, [check[name] for name in matrix.feature_names])
 
-        rewrite = one_long.with_columns(pl.lit(pid).alias("patient_id"),
-                                        pl.lit(FEATURE_SET_VERSION).alias("feature_set_version"))
+        rewrite = one_long.with_columns(
+            pl.lit(pid).alias("patient_id"), pl.lit(FEATURE_SET_VERSION).alias("feature_set_version")
+        )
         rewrite = FeatureStore.with_provenance(rewrite, version="radiomic_features@bench", run_id="rewrite")
         first, timing, cpu, _ = timed(lambda: store.replace_partition("radiomic_features", pid, rewrite), args.repeats)
         report.append(("(c) one patient re-written (replace_partition)", first, timing, cpu, rewrite.shape))
@@ -217,12 +248,17 @@ def main() -> None:
         print(f"\n{'query':<52} {'first s':>8} {'median s':>9} {'min s':>7} {'cpu s':>7}  result")
         for label, first, (median, fastest), cpu, shape in report:
             print(f"{label:<52} {first:8.3f} {median:9.3f} {fastest:7.3f} {cpu:7.3f}  {shape}")
-        (goal, fastest), goal_cpu = next((m, c) for label, _, m, c, _ in report
-                                         if label.startswith("(a) radiomics_matrix -> numpy, DuckLake compacted"))
-        print(f"\ntraining-set query (radiomics_matrix on the compacted DuckLake): {goal:.3f} s median, "
-              f"{fastest:.3f} s min, {goal_cpu:.3f} s CPU; goal < 0.5 s (median): "
-              f"{'met' if goal < 0.5 else 'NOT met'}; store {size_mb:.0f} MB on disk; "
-              f"load average {os.getloadavg()[0]:.1f} (other processes share these cores)")
+        (goal, fastest), goal_cpu = next(
+            (m, c)
+            for label, _, m, c, _ in report
+            if label.startswith("(a) radiomics_matrix -> numpy, DuckLake compacted")
+        )
+        print(
+            f"\ntraining-set query (radiomics_matrix on the compacted DuckLake): {goal:.3f} s median, "
+            f"{fastest:.3f} s min, {goal_cpu:.3f} s CPU; goal < 0.5 s (median): "
+            f"{'met' if goal < 0.5 else 'NOT met'}; store {size_mb:.0f} MB on disk; "
+            f"load average {os.getloadavg()[0]:.1f} (other processes share these cores)"
+        )
     finally:
         if args.keep is None:
             shutil.rmtree(folder, ignore_errors=True)
@@ -234,11 +270,13 @@ def _folder_mb(folder: Path) -> float:
 
 def alternatives(store: FeatureStore, names: list[str]) -> list[tuple]:
     """The path not taken, measured on the same data (docs/feature_store.md, "Layout at scale")."""
+
     def long_pivot():  # radiomics_matrix before radiomic_vectors existed
         long = store.query(
             "SELECT r.patient_id, r.feature, r.value, c.hcc, c.split FROM radiomic_features r JOIN cohort_split c "
             "USING (patient_id) WHERE r.feature_set_version = ? ORDER BY r.patient_id, r.feature",
-            [FEATURE_SET_VERSION])
+            [FEATURE_SET_VERSION],
+        )
         wide = long.pivot(on="feature", index=["patient_id", "hcc", "split"], values="value").sort("patient_id")
         return wide.select(names).to_numpy()
 

@@ -40,6 +40,13 @@ def main() -> int:
     parser.add_argument("--depth", type=int, default=50, choices=[10, 18, 34, 50])
     parser.add_argument("--seg-epochs", type=int, default=12)
     parser.add_argument("--sensor-interval", type=int, default=1)
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=20.0,
+        help="seconds to wait after the daemon's first tick, as a daemon that has been up a while "
+        "(its warm run process has imported everything); 0 measures a cold first run",
+    )
     parser.add_argument("--keep", help="build the lake in this folder and keep it (default: a temporary one)")
     parser.add_argument("--reuse", action="store_true", help="with --keep: use the lake already there")
     args = parser.parse_args()
@@ -55,24 +62,41 @@ def main() -> int:
 
     from hcc_assets.imaging.synth import SynthConfig, synthesize_cohort
     from hcc_assets_tests.conftest import SMALL_COHORT
-    from hcc_assets_tests.defs.hands_off import (CLASSIFIER_TRAINING, Daemon, PreparedLake, drop_patient,
-                                                 format_breakdown, latency_breakdown, prepare_lake, wait_for_rows,
-                                                 wait_for_sensor)
+    from hcc_assets_tests.defs.hands_off import (
+        CLASSIFIER_TRAINING,
+        Daemon,
+        PreparedLake,
+        drop_patient,
+        format_breakdown,
+        latency_breakdown,
+        prepare_lake,
+        wait_for_rows,
+        wait_for_sensor,
+    )
 
     started = time.perf_counter()
     if reuse:
         prepared = PreparedLake.reopen(root / "lake")
     else:
-        synthesize_cohort(root / "cohort", SynthConfig(**{**SMALL_COHORT, "matrix": args.matrix, "slices_min": 26,
-                                                          "slices_max": 50}))
+        synthesize_cohort(
+            root / "cohort", SynthConfig(**{**SMALL_COHORT, "matrix": args.matrix, "slices_min": 26, "slices_max": 50})
+        )
         classifier = {**CLASSIFIER_TRAINING, "depth": args.depth, "min_epochs": 3, "max_epochs": 3, "patience": 3}
         patient_config = {"ops": {"deep_embedding": {"config": {"allow_model_below_chance": True}}}}
         classifier["accept_below_chance"] = True  # 3 epochs: a latency fixture, not a model
         segmentation = {"epochs": args.seg_epochs}  # otherwise the asset's defaults (what `make demo` trains)
-        prepared = prepare_lake(root / "lake", root / "cohort", patient_config=patient_config, classifier=classifier,
-                                segmentation=segmentation)
-    print(f"lake ready in {time.perf_counter() - started:.0f} s: {len(prepared.patients)} patients, models "
-          f"{prepared.versions}, steps {({k: round(v, 1) for k, v in prepared.seconds.items()})}", flush=True)
+        prepared = prepare_lake(
+            root / "lake",
+            root / "cohort",
+            patient_config=patient_config,
+            classifier=classifier,
+            segmentation=segmentation,
+        )
+    print(
+        f"lake ready in {time.perf_counter() - started:.0f} s: {len(prepared.patients)} patients, models "
+        f"{prepared.versions}, steps { ({k: round(v, 1) for k, v in prepared.seconds.items()}) }",
+        flush=True,
+    )
     incoming = prepared.root / "incoming"
     for staging in incoming.glob(".drop-*.partial"):  # left by an interrupted earlier run
         shutil.rmtree(staging)
@@ -82,11 +106,14 @@ def main() -> int:
 
     totals = []
     try:
-        with Daemon(prepared, root / "daemon.log", mode=args.mode, sensor_interval_s=args.sensor_interval) as daemon, \
-                prepared.instance() as instance:
+        with (
+            Daemon(prepared, root / "daemon.log", mode=args.mode, sensor_interval_s=args.sensor_interval) as daemon,
+            prepared.instance() as instance,
+        ):
             up = time.perf_counter()
             wait_for_sensor(instance, daemon)
             print(f"daemon ({args.mode}) up, first sensor tick after {time.perf_counter() - up:.1f} s", flush=True)
+            time.sleep(args.settle)
             for patient in new:
                 pid = prepared.lake.pseudonym(patient.patient_key)
                 dropped = drop_patient(root / "new" / patient.patient_key, prepared.root / "incoming")
@@ -98,8 +125,10 @@ def main() -> int:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    print(f"\ndrop -> prediction rows: {', '.join(f'{t:.1f}' for t in totals)} s (goal <= 15 s); "
-          f"cores {os.cpu_count()}, load average {os.getloadavg()[0]:.1f} at the end")
+    print(
+        f"\ndrop -> prediction rows: {', '.join(f'{t:.1f}' for t in totals)} s (goal <= 15 s); "
+        f"cores {os.cpu_count()}, load average {os.getloadavg()[0]:.1f} at the end"
+    )
     return 0
 
 

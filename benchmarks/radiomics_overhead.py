@@ -81,8 +81,10 @@ def main() -> None:
     logging.getLogger("radiomics").setLevel(logging.ERROR)  # after the import, which sets it to INFO
 
     with tempfile.TemporaryDirectory() as tmp:
-        image, mask = (as_loaded(volume, Path(tmp), name)
-                       for volume, name in zip(synthetic_liver(), ("image.nii.gz", "mask.nii.gz")))
+        image, mask = (
+            as_loaded(volume, Path(tmp), name)
+            for volume, name in zip(synthetic_liver(), ("image.nii.gz", "mask.nii.gz"))
+        )
         sitk_image, sitk_mask = hcc_radiomics.to_sitk(image), hcc_radiomics.to_sitk(mask, dtype=np.uint8)
         params = str(hcc_radiomics.PARAMS_PATH)
         ours = lambda: hcc_radiomics.extract(image, mask)  # noqa: E731
@@ -101,14 +103,18 @@ def main() -> None:
         small_s = median_seconds(lambda: hcc_radiomics.extract(small_image, small_mask), max(1, args.repeats // 2))
 
     print(f"feature set {hcc_radiomics.feature_set_version()}: {len(features)} features")
-    print(f"native {image.shape} voxels {tuple(round(float(z), 2) for z in image.header.get_zooms())} mm, liver mask "
-          f"{int(np.asarray(mask.dataobj).sum())} voxels")
+    print(
+        f"native {image.shape} voxels {tuple(round(float(z), 2) for z in image.header.get_zooms())} mm, liver mask "
+        f"{int(np.asarray(mask.dataobj).sum())} voxels"
+    )
     print(f"ours (extract, nibabel->SimpleITK included): median {ours_s:.3f} s of {args.repeats}")
     print(f"bare (RadiomicsFeatureExtractor(params).execute): median {bare_s:.3f} s of {args.repeats}")
     print(f"ratio ours/bare: {ours_s / bare_s:.3f} (goal <= 1.3)")
     print(f"bare with an extractor built once: median {prebuilt_s:.3f} s; ratio ours/that {ours_s / prebuilt_s:.3f}")
-    print(f"preprocessed grid {small_image.shape}, liver mask {int(np.asarray(small_mask.dataobj).sum())} "
-          f"voxels: median {small_s:.3f} s per extraction")
+    print(
+        f"preprocessed grid {small_image.shape}, liver mask {int(np.asarray(small_mask.dataobj).sum())} "
+        f"voxels: median {small_s:.3f} s per extraction"
+    )
 
 
 if __name__ == "__main__":

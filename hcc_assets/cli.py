@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 
 def _lake_root(args) -> str:
@@ -31,13 +32,13 @@ def _incoming(args) -> Path:
 
 
 def cmd_synth(args) -> int:
-    from hcc_assets.imaging.synth import SynthConfig, synthesize_cohort
+    from hcc_assets.imaging.synth import Layout, SynthConfig, synthesize_cohort
 
     config = SynthConfig(
         patients=args.patients, seed=args.seed, lesion_contrast=args.lesion_contrast, matrix=args.matrix
     )
     start = time.perf_counter()
-    layout = getattr(args, "layout", "drop") or "drop"
+    layout = cast(Layout, getattr(args, "layout", "drop") or "drop")  # argparse's choices are the Layout values
     patients = synthesize_cohort(Path(args.out), config, layout=layout)
     n_hcc = sum(p.hcc for p in patients)
     print(
@@ -57,33 +58,34 @@ def _print_imports(source: str, results, elapsed: float) -> int:
         print(line, file=sys.stdout if result.ok else sys.stderr)
     failed = sum(not r.ok for r in results)
     imported = sum(r.status == "imported" for r in results)
-    print(f"{source}: {imported} imported, {len(results) - imported - failed} unchanged, {failed} failed "
-          f"in {elapsed:.1f}s")
+    print(
+        f"{source}: {imported} imported, {len(results) - imported - failed} unchanged, {failed} failed "
+        f"in {elapsed:.1f}s"
+    )
     return 1 if failed else 0
 
 
 def cmd_import_chaos(args) -> int:
-    from hcc_assets.imaging.errors import IngestError
+    from hcc_assets.core.errors import PatientInputError
     from hcc_assets.imaging.importers import import_chaos
 
     start = time.perf_counter()
     try:
         results = import_chaos(Path(args.root), _incoming(args))
-    except IngestError as error:
+    except PatientInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return _print_imports("CHAOS", results, time.perf_counter() - start)
 
 
 def cmd_import_tcia(args) -> int:
-    from hcc_assets.imaging.errors import IngestError
+    from hcc_assets.core.errors import PatientInputError
     from hcc_assets.imaging.importers import import_tcia
 
     start = time.perf_counter()
     try:
-        results = import_tcia(Path(args.root), _incoming(args),
-                              metadata=Path(args.metadata) if args.metadata else None)
-    except IngestError as error:
+        results = import_tcia(Path(args.root), _incoming(args), metadata=Path(args.metadata) if args.metadata else None)
+    except PatientInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return _print_imports("TCGA-LIHC", results, time.perf_counter() - start)
@@ -95,8 +97,10 @@ def cmd_receive(args) -> int:
     configure_logging()
     callers = [c.strip() for c in (args.allowed_callers or "").split(",") if c.strip()]
     if not callers:
-        print("error: name the calling AE titles allowed to send with --allowed-callers A,B "
-              "('*' accepts any caller)", file=sys.stderr)
+        print(
+            "error: name the calling AE titles allowed to send with --allowed-callers A,B ('*' accepts any caller)",
+            file=sys.stderr,
+        )
         return 2
     if callers == ["*"]:
         callers = []
@@ -112,8 +116,9 @@ def _store(args):
 
     _lake_root(args)
     resource = default_lake_resource()
-    store = FeatureStore(args.catalog or resource.feature_store_catalog,
-                         args.data or resource.feature_store_data or None)
+    store = FeatureStore(
+        args.catalog or resource.feature_store_catalog, args.data or resource.feature_store_data or None
+    )
     if getattr(args, "snapshot", None) is not None or getattr(args, "as_of", None):
         store = store.at(snapshot=args.snapshot, time=args.as_of)
     return store
@@ -160,8 +165,10 @@ def cmd_migrate_store(args) -> int:
         return 2
     for table, n in counts.items():
         print(f"  {table:26s} {n:>10d} rows")
-    print(f"migrated {sum(counts.values())} rows of {len(counts)} tables into the DuckLake feature store; "
-          f"{args.source} is left as it was (remove it when satisfied)")
+    print(
+        f"migrated {sum(counts.values())} rows of {len(counts)} tables into the DuckLake feature store; "
+        f"{args.source} is left as it was (remove it when satisfied)"
+    )
     return 0
 
 
@@ -179,7 +186,7 @@ def cmd_materialize(args) -> int:
     for pid, reason in sorted(unreadable.items()):
         print(f"patient {pid}: {reason}; skipped", flush=True)
     start = time.perf_counter()
-    # --dask-address: each run's steps go to that Dask scheduler (hcc_assets.defs.dask_jobs)
+    # --dask-address: each run's steps go to that Dask scheduler (hcc_assets.dask_definitions)
     on_dask = {"executor": "dask", "dask_address": args.dask_address} if getattr(args, "dask_address", None) else {}
     results = runner.materialize_patients(ready, workers=args.workers, progress=_progress_line("ingest"), **on_dask)
     _report("ingested", results, time.perf_counter() - start, args.workers)
@@ -191,20 +198,34 @@ def cmd_materialize(args) -> int:
     cohort_ok = runner.materialize_cohort()
     classifier = _classifier_state()
     refused = classifier["refused"]
-    print(f"cohort assets (split, models): {'ok' if cohort_ok else 'FAILED (see the run in the UI)' if not refused else 'done'}"
-          f" in {time.perf_counter() - start:.1f}s")
+    print(
+        f"cohort assets (split, models): {'ok' if cohort_ok else 'FAILED (see the run in the UI)' if not refused else 'done'}"
+        f" in {time.perf_counter() - start:.1f}s"
+    )
     if refused:  # a quality gate said no: a result to report, not a crash
-        print(f"hcc_classifier retrain {refused} REFUSED: {classifier['why']}; "
-              + (f"version {classifier['current']} stays in use" if classifier["current"] else
-                 "no usable classifier: no deep embeddings, no deep or explainable predictions"), flush=True)
+        print(
+            f"hcc_classifier retrain {refused} REFUSED: {classifier['why']}; "
+            + (
+                f"version {classifier['current']} stays in use"
+                if classifier["current"]
+                else "no usable classifier: no deep embeddings, no deep or explainable predictions"
+            ),
+            flush=True,
+        )
     usable = classifier["current"] is not None
     features_ok = True
     if runner.has_assets("patient_features"):
         # per-patient features run even after a failed model: those that need it fail clearly
         assets = None if usable else tuple(a for a in runner.asset_names("patient_features") if a != "deep_embedding")
         start = time.perf_counter()
-        features = runner.materialize_patients(ingested, workers=args.workers, job="patient_features", **on_dask,
-                                               progress=_progress_line("features"), assets=assets)
+        features = runner.materialize_patients(
+            ingested,
+            workers=args.workers,
+            job="patient_features",
+            **on_dask,
+            progress=_progress_line("features"),
+            assets=assets,
+        )
         _report("model-derived features for", features, time.perf_counter() - start, args.workers)
         features_ok = all(ok for _, ok, _ in features)
     analysis_ok = True
@@ -213,14 +234,17 @@ def cmd_materialize(args) -> int:
         deep_only = {"explainable_features", "explainability_sweep", "explainable_model"}
         analysis = None if usable else [a for a in runner.asset_names("analysis_refresh") if a not in deep_only]
         analysis_ok = runner.materialize_cohort("analysis_refresh", assets=analysis)
-        print(f"analysis (explainable features, LASSO models, metrics, coefficients, report): "
-              f"{'ok' if analysis_ok else 'FAILED (see the run in the UI)'} in {time.perf_counter() - start:.1f}s"
-              + ("" if usable else " (explainable arm skipped: no usable classifier)"))
+        print(
+            f"analysis (explainable features, LASSO models, metrics, coefficients, report): "
+            f"{'ok' if analysis_ok else 'FAILED (see the run in the UI)'} in {time.perf_counter() - start:.1f}s"
+            + ("" if usable else " (explainable arm skipped: no usable classifier)")
+        )
     predictions_ok = True
     if runner.has_assets("patient_predictions"):
         start = time.perf_counter()
-        predicted = runner.materialize_patients(ingested, workers=args.workers, job="patient_predictions", **on_dask,
-                                                progress=_progress_line("predictions"))
+        predicted = runner.materialize_patients(
+            ingested, workers=args.workers, job="patient_predictions", **on_dask, progress=_progress_line("predictions")
+        )
         _report("predictions for", predicted, time.perf_counter() - start, args.workers)
         predictions_ok = all(ok for _, ok, _ in predicted)
         _print_prediction_summary()
@@ -240,8 +264,10 @@ def _classifier_state() -> dict:
     why = ""
     if refused:
         metrics = json.loads(refused["metrics"] or "{}")
-        why = (f"training accuracy {metrics.get('train_acc', float('nan')):.3f} is not above the majority-class "
-               f"rate {metrics.get('majority_rate', float('nan')):.3f} (beats_chance_on_training)")
+        why = (
+            f"training accuracy {metrics.get('train_acc', float('nan')):.3f} is not above the majority-class "
+            f"rate {metrics.get('majority_rate', float('nan')):.3f} (beats_chance_on_training)"
+        )
     return {"current": current, "refused": refused["version"] if refused else None, "why": why}
 
 
@@ -260,7 +286,9 @@ def _print_prediction_summary() -> None:
         if made.height:
             line += f", version {', '.join(sorted(set(made['model_version'].to_list())))}"
         if reasons:
-            line += f"; unavailable: {reasons[0]}" + (f" (+{len(reasons) - 1} other reasons)" if len(reasons) > 1 else "")
+            line += f"; unavailable: {reasons[0]}" + (
+                f" (+{len(reasons) - 1} other reasons)" if len(reasons) > 1 else ""
+            )
         print(line)
 
 
@@ -287,10 +315,18 @@ def cmd_status(args) -> int:
     print(format_states(states))
     classifier = _classifier_state()
     if classifier["current"] is None:
-        print("no usable hcc_classifier: " + (f"retrain {classifier['refused']} refused, {classifier['why']}"
-                                              if classifier["refused"] else "none trained yet"))
+        print(
+            "no usable hcc_classifier: "
+            + (
+                f"retrain {classifier['refused']} refused, {classifier['why']}"
+                if classifier["refused"]
+                else "none trained yet"
+            )
+        )
     elif classifier["refused"]:
-        print(f"hcc_classifier {classifier['current']} in use; retrain {classifier['refused']} refused: {classifier['why']}")
+        print(
+            f"hcc_classifier {classifier['current']} in use; retrain {classifier['refused']} refused: {classifier['why']}"
+        )
     return 0
 
 
@@ -336,15 +372,20 @@ def cmd_predict(args) -> int:
         try:
             drop_copy(source, incoming)
         except FileExistsError as error:
-            print(f"error: {error} (patient {pid}); predict that one with its path in the drop zone, or rename "
-                  "the folder", file=sys.stderr)
+            print(
+                f"error: {error} (patient {pid}); predict that one with its path in the drop zone, or rename "
+                "the folder",
+                file=sys.stderr,
+            )
             return 2
     instance = dg.DagsterInstance.get()
     if pid not in instance.get_dynamic_partitions("patients"):
         instance.add_dynamic_partitions("patients", [pid])
     started = time.perf_counter()
-    [(_, ok, error)] = runner.materialize_patients([pid], workers=1, job="patient_pipeline")
-    print(f"patient {pid}: patient_pipeline {'ok' if ok else 'FAILED: ' + error} in {time.perf_counter() - started:.1f}s")
+    [(_, ok, failure)] = runner.materialize_patients([pid], workers=1, job="patient_pipeline")
+    print(
+        f"patient {pid}: patient_pipeline {'ok' if ok else 'FAILED: ' + failure} in {time.perf_counter() - started:.1f}s"
+    )
     predictions = reads.patient_predictions(lake.store, pid)
     if predictions.height == 0:
         print(f"patient {pid}: no prediction was made (see `hcc-assets status --patient {pid}`)")
@@ -352,8 +393,10 @@ def cmd_predict(args) -> int:
     for row in predictions.iter_rows(named=True):
         if row["status"] == "predicted":
             call = "HCC" if row["decision"] else "no HCC"
-            print(f"  {row['model']:11s} P(HCC) = {row['probability']:.3f} -> {call} at {row['threshold']:g} "
-                  f"({row['model_name']} {row['model_version']})" + (f"; {row['reason']}" if row["reason"] else ""))
+            print(
+                f"  {row['model']:11s} P(HCC) = {row['probability']:.3f} -> {call} at {row['threshold']:g} "
+                f"({row['model_name']} {row['model_version']})" + (f"; {row['reason']}" if row["reason"] else "")
+            )
         else:
             print(f"  {row['model']:11s} unavailable: {row['reason']}")
     return 0 if ok else 1
@@ -361,18 +404,22 @@ def cmd_predict(args) -> int:
 
 def _progress_line(stage: str):
     """One line per finished patient run: count, outcome, elapsed and a linear ETA."""
+
     def show(done: int, total: int, result: tuple[str, bool, str], elapsed: float) -> None:
         pid, ok, error = result
         eta = elapsed / done * (total - done)
         outcome = "ok" if ok else f"FAILED: {error}"
         print(f"  {stage} [{done}/{total}] {pid} {outcome} ({elapsed:.0f} s elapsed, ETA {eta:.0f} s)", flush=True)
+
     return show
 
 
 def _report(what: str, results: list[tuple[str, bool, str]], elapsed: float, workers: int) -> None:
     failed = [(pid, error) for pid, ok, error in results if not ok]
-    print(f"{what} {len(results) - len(failed)}/{len(results)} patients in {elapsed:.1f}s "
-          f"({elapsed / max(len(results), 1):.2f}s per patient, {workers} workers)")
+    print(
+        f"{what} {len(results) - len(failed)}/{len(results)} patients in {elapsed:.1f}s "
+        f"({elapsed / max(len(results), 1):.2f}s per patient, {workers} workers)"
+    )
     for pid, error in failed:
         print(f"  FAILED {pid}: {error}")
 
@@ -395,8 +442,16 @@ def cmd_demo(args) -> int:
         if args.source == "studylike":
             _prepare_studylike(Path(lake), incoming, args.patients, args.seed, args.lesion_contrast)
         else:
-            cmd_synth(argparse.Namespace(patients=args.patients, seed=args.seed, lesion_contrast=args.lesion_contrast,
-                                         matrix=256, out=str(incoming), layout="drop"))
+            cmd_synth(
+                argparse.Namespace(
+                    patients=args.patients,
+                    seed=args.seed,
+                    lesion_contrast=args.lesion_contrast,
+                    matrix=256,
+                    out=str(incoming),
+                    layout="drop",
+                )
+            )
     return cmd_materialize(argparse.Namespace(lake=lake, workers=args.workers, cohort=True))
 
 
@@ -407,10 +462,21 @@ def _prepare_studylike(lake: Path, incoming: Path, patients: int, seed: int, les
 
     sources = lake / "sources"
     half = patients // 2
-    cmd_synth(argparse.Namespace(patients=half, seed=seed, lesion_contrast=1.0, matrix=256,
-                                 out=str(sources / "CHAOS" / "MR"), layout="chaos"))
-    cmd_synth(argparse.Namespace(patients=patients - half, seed=seed + 1, lesion_contrast=lesion_contrast, matrix=256,
-                                 out=str(sources / "TCIA"), layout="tcia"))
+    cmd_synth(
+        argparse.Namespace(
+            patients=half, seed=seed, lesion_contrast=1.0, matrix=256, out=str(sources / "CHAOS" / "MR"), layout="chaos"
+        )
+    )
+    cmd_synth(
+        argparse.Namespace(
+            patients=patients - half,
+            seed=seed + 1,
+            lesion_contrast=lesion_contrast,
+            matrix=256,
+            out=str(sources / "TCIA"),
+            layout="tcia",
+        )
+    )
     start = time.perf_counter()
     _print_imports("CHAOS", import_chaos(sources / "CHAOS" / "MR", incoming), time.perf_counter() - start)
     start = time.perf_counter()
@@ -441,8 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, help="folder to write the cohort into")
     synth.add_argument("--lesion-contrast", type=float, default=1.0, help="0 = labels carry no image signal")
     synth.add_argument("--matrix", type=int, default=256, help="in-plane size (smaller for quick tests)")
-    synth.add_argument("--layout", choices=["drop", "chaos", "tcia"], default="drop",
-                       help="drop zone (default), CHAOS Train_Sets/MR (all healthy) or TCIA/NBIA TCGA-LIHC (all HCC)")
+    synth.add_argument(
+        "--layout",
+        choices=["drop", "chaos", "tcia"],
+        default="drop",
+        help="drop zone (default), CHAOS Train_Sets/MR (all healthy) or TCIA/NBIA TCGA-LIHC (all HCC)",
+    )
     synth.set_defaults(func=cmd_synth)
 
     importer = sub.add_parser("import", help="import a CHAOS or TCGA-LIHC download into the drop zone")
@@ -464,21 +534,30 @@ def build_parser() -> argparse.ArgumentParser:
     receive.add_argument("--ae-title", default="HCC_ASSETS", help="this receiver's AE title")
     receive.add_argument("--bind", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
     receive.add_argument("--out", help="drop zone (default: <lake>/incoming)")
-    receive.add_argument("--allowed-callers", default="",
-                         help="comma-separated calling AE titles allowed to send (required; '*': any)")
+    receive.add_argument(
+        "--allowed-callers", default="", help="comma-separated calling AE titles allowed to send (required; '*': any)"
+    )
     receive.set_defaults(func=cmd_receive)
 
     def store_options(command, time_travel: bool = True) -> None:
-        command.add_argument("--catalog", "--db", dest="catalog",
-                             help="DuckLake catalog: a SQLite file or postgres:<libpq settings> "
-                             "(default: $HCC_ASSETS_FEATURE_STORE or <lake>/feature_store.sqlite)")
-        command.add_argument("--data", help="the store's data path (default: $HCC_ASSETS_FEATURE_STORE_DATA or "
-                             "the one recorded in the catalog)")
+        command.add_argument(
+            "--catalog",
+            "--db",
+            dest="catalog",
+            help="DuckLake catalog: a SQLite file or postgres:<libpq settings> "
+            "(default: $HCC_ASSETS_FEATURE_STORE or <lake>/feature_store.sqlite)",
+        )
+        command.add_argument(
+            "--data",
+            help="the store's data path (default: $HCC_ASSETS_FEATURE_STORE_DATA or the one recorded in the catalog)",
+        )
         if time_travel:
-            command.add_argument("--snapshot", type=int, help="read the store as it was at this snapshot id "
-                                 "(default: the newest)")
-            command.add_argument("--as-of", help="read the store as it was at this time, e.g. '2026-11-30 12:00:00+00' "
-                                 "(default: now)")
+            command.add_argument(
+                "--snapshot", type=int, help="read the store as it was at this snapshot id (default: the newest)"
+            )
+            command.add_argument(
+                "--as-of", help="read the store as it was at this time, e.g. '2026-11-30 12:00:00+00' (default: now)"
+            )
 
     sql = sub.add_parser("sql", help="run a read-only SQL query on the feature store (attached as `fs`)")
     sql.add_argument("query", help="one read-only SQL statement")
@@ -487,26 +566,36 @@ def build_parser() -> argparse.ArgumentParser:
     store_options(sql)
     sql.set_defaults(func=cmd_sql)
 
-    training = sub.add_parser("training-set", help="the exact matrix a registered model was trained on "
-                              "(patients, features, labels), read at the snapshot the model recorded")
+    training = sub.add_parser(
+        "training-set",
+        help="the exact matrix a registered model was trained on "
+        "(patients, features, labels), read at the snapshot the model recorded",
+    )
     training.add_argument("--model", required=True, help="model version (models.version)")
     training.add_argument("--model-name", help="model name, when a version string is shared")
     training.add_argument("--out", help="write CSV (.csv) or Parquet (.parquet) here instead of CSV to stdout")
     store_options(training, time_travel=False)
     training.set_defaults(func=cmd_training_set)
 
-    migrate = sub.add_parser("migrate-store", help="copy an old single-file feature_store.duckdb into the "
-                             "DuckLake feature store")
+    migrate = sub.add_parser(
+        "migrate-store", help="copy an old single-file feature_store.duckdb into the DuckLake feature store"
+    )
     migrate.add_argument("--from", dest="source", required=True, help="the old feature_store.duckdb")
     store_options(migrate, time_travel=False)
     migrate.set_defaults(func=cmd_migrate_store)
 
     materialize = sub.add_parser("materialize", help="ingest every complete drop folder, then the cohort")
     materialize.add_argument("--workers", type=int, default=2, help="patient runs at once (one core each)")
-    materialize.add_argument("--no-cohort", dest="cohort", action="store_false",
-                             help="ingest only: no cohort models, features, analysis or predictions")
-    materialize.add_argument("--dask-address", help="run the per-patient steps on this Dask scheduler "
-                             "(e.g. tcp://127.0.0.1:8786; see docs/scaling.md)")
+    materialize.add_argument(
+        "--no-cohort",
+        dest="cohort",
+        action="store_false",
+        help="ingest only: no cohort models, features, analysis or predictions",
+    )
+    materialize.add_argument(
+        "--dask-address",
+        help="run the per-patient steps on this Dask scheduler (e.g. tcp://127.0.0.1:8786; see docs/scaling.md)",
+    )
     materialize.set_defaults(func=cmd_materialize)
 
     status = sub.add_parser("status", help="per patient (pseudonyms): what is current, stale or failed, and why")
@@ -514,22 +603,36 @@ def build_parser() -> argparse.ArgumentParser:
     store_options(status, time_travel=False)
     status.set_defaults(func=cmd_status)
 
-    predict = sub.add_parser("predict", help="ingest one study folder through Dagster (a run recorded in the "
-                             "instance) and print its P(HCC) from every current model")
-    predict.add_argument("folder", help="the patient's study folder (DICOM files, any layout); copied into the "
-                         "drop zone unless it is already there")
+    predict = sub.add_parser(
+        "predict",
+        help="ingest one study folder through Dagster (a run recorded in the "
+        "instance) and print its P(HCC) from every current model",
+    )
+    predict.add_argument(
+        "folder",
+        help="the patient's study folder (DICOM files, any layout); copied into the "
+        "drop zone unless it is already there",
+    )
     predict.set_defaults(func=cmd_predict)
 
     demo = sub.add_parser("demo", help="synthesize the 40-patient cohort and materialize everything")
     demo.add_argument("--patients", type=int, default=40, help="patients in the synthetic cohort")
     demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic cohort")
     demo.add_argument("--workers", type=int, default=2, help="patient runs at once (one core each)")
-    demo.add_argument("--lesion-contrast", type=float, default=DEMO_LESION_CONTRAST,
-                      help="lesion signal of the synthetic cohort: 1 = T2 lesion/liver 1.5-2x (subtle), "
-                      f"{DEMO_LESION_CONTRAST:g} = 2-3x (default: a randomly initialized ResNet50 finds it; "
-                      "see benchmarks/classifier_separation.py), 0 = a null cohort (labels without signal)")
-    demo.add_argument("--source", choices=["synthetic", "studylike"], default="synthetic",
-                      help="synthetic: drop-zone cohort; studylike: CHAOS + TCGA-LIHC layouts through the importers")
+    demo.add_argument(
+        "--lesion-contrast",
+        type=float,
+        default=DEMO_LESION_CONTRAST,
+        help="lesion signal of the synthetic cohort: 1 = T2 lesion/liver 1.5-2x (subtle), "
+        f"{DEMO_LESION_CONTRAST:g} = 2-3x (default: a randomly initialized ResNet50 finds it; "
+        "see benchmarks/classifier_separation.py), 0 = a null cohort (labels without signal)",
+    )
+    demo.add_argument(
+        "--source",
+        choices=["synthetic", "studylike"],
+        default="synthetic",
+        help="synthetic: drop-zone cohort; studylike: CHAOS + TCGA-LIHC layouts through the importers",
+    )
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -19,8 +19,15 @@ from hcc_assets.defs.sensors import incoming_scans_sensor
 
 defs = dg.Definitions(
     assets=ALL_ASSETS,
-    jobs=[patient_ingest_job, patient_features_job, patient_predictions_job, patient_pipeline_job, cohort_job,
-          analysis_job, maintenance_job],
+    jobs=[
+        patient_ingest_job,
+        patient_features_job,
+        patient_predictions_job,
+        patient_pipeline_job,
+        cohort_job,
+        analysis_job,
+        maintenance_job,
+    ],
     sensors=[incoming_scans_sensor, automation_sensor()],
     schedules=[maintenance_schedule],
     resources={"lake": default_lake_resource(), "compute": ComputeResource()},

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
+
+from hcc_assets.core.files import atomic_write_bytes
 
 TEMPLATE = Path(__file__).with_name("dagster.yaml")
 
@@ -15,14 +16,14 @@ def ensure_dagster_home(lake_root: str | os.PathLike[str]) -> Path:
     from hcc_assets.lake import is_local_url, local_path_of
 
     if not os.environ.get("DAGSTER_HOME") and not is_local_url(lake_root):
-        raise ValueError(f"the data lake root {lake_root} is not a local folder: set DAGSTER_HOME to a local "
-                         "folder (or a deployment's instance) for Dagster's run and event storage")
+        raise ValueError(
+            f"the data lake root {lake_root} is not a local folder: set DAGSTER_HOME to a local "
+            "folder (or a deployment's instance) for Dagster's run and event storage"
+        )
     home = Path(os.environ.get("DAGSTER_HOME") or local_path_of(lake_root) / "dagster_home").resolve()
     home.mkdir(parents=True, exist_ok=True)
     target = home / "dagster.yaml"
     if not target.exists() or target.read_bytes() != TEMPLATE.read_bytes():
-        tmp = home / ".dagster.yaml.tmp"
-        shutil.copyfile(TEMPLATE, tmp)
-        os.replace(tmp, target)
+        atomic_write_bytes(target, TEMPLATE.read_bytes())
     os.environ["DAGSTER_HOME"] = str(home)
     return home

@@ -18,8 +18,6 @@ import datetime as dt
 import gzip
 import hashlib
 import os
-import re
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,11 +26,12 @@ import fsspec.core
 import fsspec.utils
 import nibabel as nib
 
+from hcc_assets.core.files import TEMP_NAME, TEMP_PREFIX, temp_name
+
 PATIENTS = "patients"
 FIGURES = "figures"  # PNG figures: patients/<pseudonym>/figures/ and, cohort-level, <root>/figures/
 # A write holds its temporary file for seconds; one this old was left by a writer that died.
 STALE_TEMP_SECONDS = 600.0
-TEMP_NAME = re.compile(r"\.tmp-[0-9a-f]{32}-.+")
 
 
 def is_local_url(url: str | os.PathLike[str]) -> bool:
@@ -78,11 +77,13 @@ class DataLake:
         return self.path(FIGURES, asset, version, f"{name}.png")
 
     def _write_atomically(self, path: str, write: Callable[[str], None]) -> None:
-        """`write(temporary path)` beside `path`, then a rename: readers never see half a file."""
+        """`write(temporary path)` beside `path`, then a rename: readers never see half a file.
+        `hcc_assets.core.files.atomic_write` for an fsspec filesystem (the lake may be s3://, gs://,
+        memory://; no fsync there), with the same temporary names (`temp_name`, matched by TEMP_NAME)."""
         parent, name = path.rsplit("/", 1)
         self.fs.makedirs(parent, exist_ok=True)
         self.remove_stale_temps(parent)
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
+        tmp = f"{parent}/{temp_name(name)}"
         try:
             write(tmp)
             self.fs.mv(tmp, path)
@@ -104,7 +105,7 @@ class DataLake:
         """Remove temporary files of write_bytes in `folder` older than `older_than_s` (left by
         a crashed writer); returns their paths. Filesystems without modification times keep them."""
         removed = []
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         for entry in self.fs.ls(folder, detail=True):
             name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
             if entry.get("type") != "file" or not TEMP_NAME.fullmatch(name):
@@ -112,7 +113,7 @@ class DataLake:
             try:
                 modified = self.fs.modified(entry["name"])
                 if modified.tzinfo is None:  # some filesystems report naive UTC
-                    modified = modified.replace(tzinfo=dt.timezone.utc)
+                    modified = modified.replace(tzinfo=dt.UTC)
                 if (now - modified).total_seconds() > older_than_s:
                     self.fs.rm(entry["name"])
                     removed.append(entry["name"])
@@ -144,8 +145,8 @@ class DataLake:
         local = Path(local)
         prefix = fsspec.core.strip_protocol(source).rstrip("/") + "/"
         for entry in self.fs.find(source):
-            relative = entry[len(prefix):] if entry.startswith(prefix) else entry.rsplit("/", 1)[-1]
-            if relative.rsplit("/", 1)[-1].startswith(".tmp-"):  # a write cut short, never a real file
+            relative = entry[len(prefix) :] if entry.startswith(prefix) else entry.rsplit("/", 1)[-1]
+            if relative.rsplit("/", 1)[-1].startswith(TEMP_PREFIX):  # a write cut short, never a real file
                 continue
             target = local / relative
             target.parent.mkdir(parents=True, exist_ok=True)

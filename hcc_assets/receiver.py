@@ -21,7 +21,8 @@ the study and series UIDs so that later deliveries find their folders.
 
 The receiver de-identifies nothing (ingest does) and never logs PHI: its log lines carry
 association numbers, counts and AE titles only. It imports neither dagster nor the imaging
-code: it can run on a gateway machine with only pydicom and pynetdicom.
+code (of hcc_assets only `hcc_assets.core.files`, which is standard library only): it can run on a
+gateway machine with only pydicom and pynetdicom.
 
 Pointing a scanner or PACS at it: add a DICOM node (a "remote AE", "storage destination" or
 "send target") with AE title = the receiver's `--ae-title`, host = the machine running it,
@@ -51,14 +52,23 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import MRImageStorage, Verification
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # pynetdicom generates its SOP class names at import
+    MRImageStorage,
+    Verification,
+)
+
+# standard library only, like everything this gateway process imports besides pydicom and pynetdicom
+from hcc_assets.core.files import COMPLETE_MARKER, publish_folder
+
+if TYPE_CHECKING:
+    from pynetdicom.transport import ThreadedAssociationServer
 
 log = logging.getLogger("hcc_assets.receiver")
 
-COMPLETE_MARKER = ".complete"  # the same marker as hcc_assets.imaging.dropzone
 RECEIVING = ".receiving"
 STUDY_MARKER = ".study"
 SERIES_MARKER = ".series"
@@ -104,8 +114,14 @@ class _Association:
 class Receiver:
     """The C-STORE SCP. `start()` returns once it listens; `stop()` shuts it down."""
 
-    def __init__(self, incoming: Path, ae_title: str = "HCC_ASSETS", allowed_callers: list[str] | tuple = (),
-                 bind: str = "127.0.0.1", port: int = 11112):
+    def __init__(
+        self,
+        incoming: Path,
+        ae_title: str = "HCC_ASSETS",
+        allowed_callers: list[str] | tuple = (),
+        bind: str = "127.0.0.1",
+        port: int = 11112,
+    ):
         self.incoming = Path(incoming)
         self.ae_title = ae_title
         self.allowed_callers = [c.strip() for c in allowed_callers if c.strip()]
@@ -113,7 +129,7 @@ class Receiver:
         self._associations: dict[object, _Association] = {}
         self._counter = itertools.count(1)
         self._lock = threading.Lock()  # guards _associations and every move into the drop zone
-        self._server = None
+        self._server: ThreadedAssociationServer | None = None
 
     # ------------------------------------------------------------------------ lifecycle
 
@@ -125,7 +141,7 @@ class Receiver:
         ae.add_supported_context(Verification)
         ae.require_calling_aet = self.allowed_callers
         ae.maximum_pdu_size = 0  # no limit
-        handlers = [
+        handlers: list[evt.EventHandlerType] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -134,12 +150,22 @@ class Receiver:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
-        self._server = ae.start_server(self.address, block=False, evt_handlers=handlers)
-        host, port = self._server.server_address[:2]
-        callers = (f"{len(self.allowed_callers)} allowed calling AE title(s)" if self.allowed_callers
-                   else "ANY calling AE title (set --allowed-callers to restrict)")
-        log.info("receiver listening on %s:%d as AE %r; accepting MR Image Storage and Verification from %s",
-                 host, port, self.ae_title, callers)
+        server = ae.start_server(self.address, block=False, evt_handlers=handlers)
+        assert server is not None  # block=False returns the running server
+        self._server = server
+        host, port = server.server_address[:2]
+        callers = (
+            f"{len(self.allowed_callers)} allowed calling AE title(s)"
+            if self.allowed_callers
+            else "ANY calling AE title (set --allowed-callers to restrict)"
+        )
+        log.info(
+            "receiver listening on %s:%d as AE %r; accepting MR Image Storage and Verification from %s",
+            host,
+            port,
+            self.ae_title,
+            callers,
+        )
 
     @property
     def port(self) -> int:
@@ -224,8 +250,16 @@ class Receiver:
             except (TypeError, ValueError):
                 number = None
             name = f"{sop_uid}.dcm" if _UID.match(sop_uid) else f"{_hash(sop_uid)}.dcm"
-            state.files.append(_Stored(path, patient_key(str(header.get("PatientID", "") or ""), study_uid),
-                                       _hash(study_uid), _hash(series_uid), number, name))
+            state.files.append(
+                _Stored(
+                    path,
+                    patient_key(str(header.get("PatientID", "") or ""), study_uid),
+                    _hash(study_uid),
+                    _hash(series_uid),
+                    number,
+                    name,
+                )
+            )
             return STATUS_SUCCESS
         except Exception as error:  # never let a message (which may hold PHI) reach the log
             path.unlink(missing_ok=True)
@@ -241,14 +275,23 @@ class Receiver:
             with self._lock:
                 patients, studies = self._place(state)
             if state.files:
-                log.info("association %d released: stored %d file(s) in %d study(ies) of %d patient(s)%s",
-                         state.number, len(state.files), studies, patients,
-                         f"; {state.failed} file(s) refused" if state.failed else "")
+                log.info(
+                    "association %d released: stored %d file(s) in %d study(ies) of %d patient(s)%s",
+                    state.number,
+                    len(state.files),
+                    studies,
+                    patients,
+                    f"; {state.failed} file(s) refused" if state.failed else "",
+                )
             else:
                 log.info("association %d released: no files", state.number)
         except Exception as error:
-            log.error("association %d: could not move its %d file(s) into the drop zone (%s); discarded",
-                      state.number, len(state.files), type(error).__name__)
+            log.error(
+                "association %d: could not move its %d file(s) into the drop zone (%s); discarded",
+                state.number,
+                len(state.files),
+                type(error).__name__,
+            )
         finally:
             shutil.rmtree(state.folder, ignore_errors=True)
 
@@ -275,8 +318,12 @@ class Receiver:
         if state is None:
             return
         shutil.rmtree(state.folder, ignore_errors=True)
-        log.warning("association %d %s: discarded %d received file(s); nothing was added to the drop zone",
-                    state.number, why, len(state.files))
+        log.warning(
+            "association %d %s: discarded %d received file(s); nothing was added to the drop zone",
+            state.number,
+            why,
+            len(state.files),
+        )
 
     # ------------------------------------------------------------------------ placing studies
 
@@ -289,27 +336,14 @@ class Receiver:
         n_studies = 0
         for key, studies in sorted(grouped.items()):
             final = self.incoming / key
-            new_patient = not final.is_dir()
-            if not new_patient:
-                (final / COMPLETE_MARKER).unlink(missing_ok=True)  # incomplete until all is in
-            patient_dir = build / key if new_patient else final
-            patient_dir.mkdir(parents=True, exist_ok=True)
-            for study_hash, files in studies.items():
-                n_studies += 1
-                existing = _find_marked(patient_dir, "study_", STUDY_MARKER, study_hash)
-                if existing is not None:
-                    _fill_study(existing, files)
-                    continue
-                k = _next_index(patient_dir, "study_")
-                if new_patient:
-                    _fill_study(_new_marked(patient_dir / f"study_{k}", STUDY_MARKER, study_hash), files)
-                else:  # build the new study aside, then rename it into the patient folder whole
-                    staged = _new_marked(build / "studies" / key / study_hash, STUDY_MARKER, study_hash)
-                    _fill_study(staged, files)
-                    os.replace(staged, final / f"study_{k}")
-            (patient_dir / COMPLETE_MARKER).write_bytes(b"")
-            if new_patient:
-                os.replace(patient_dir, final)
+            n_studies += len(studies)
+            if final.is_dir():  # a known patient: incomplete until every new file is in
+                (final / COMPLETE_MARKER).unlink(missing_ok=True)
+                _add_studies(final, studies, aside=build / "studies" / key)
+                (final / COMPLETE_MARKER).write_bytes(b"")
+            else:  # a new patient: built aside, renamed into place whole, marker included
+                with publish_folder(final, staging=build / key, replace=False) as patient_dir:
+                    _add_studies(patient_dir, studies, aside=None)
         return len(grouped), n_studies
 
 
@@ -340,9 +374,34 @@ def _find_marked(parent: Path, prefix: str, marker: str, value: str) -> Path | N
 
 
 def _next_index(parent: Path, prefix: str) -> int:
-    taken = {int(e.name[len(prefix):]) for e in parent.iterdir()
-             if e.name.startswith(prefix) and e.name[len(prefix):].isdigit()} if parent.is_dir() else set()
+    taken = (
+        {
+            int(e.name[len(prefix) :])
+            for e in parent.iterdir()
+            if e.name.startswith(prefix) and e.name[len(prefix) :].isdigit()
+        }
+        if parent.is_dir()
+        else set()
+    )
     return max(taken, default=0) + 1
+
+
+def _add_studies(patient_dir: Path, studies: dict[str, list[_Stored]], aside: Path | None) -> None:
+    """Put each study (study hash -> files) into `patient_dir`: merged into the study folder that
+    already has its hash, else a new `study_<k>`, built in `aside / <study hash>` and renamed into
+    place whole (`aside` None: written in place, for a patient folder that is itself being built)."""
+    for study_hash, files in studies.items():
+        existing = _find_marked(patient_dir, "study_", STUDY_MARKER, study_hash)
+        if existing is not None:
+            _fill_study(existing, files)
+            continue
+        target = patient_dir / f"study_{_next_index(patient_dir, 'study_')}"
+        if aside is None:
+            _fill_study(_new_marked(target, STUDY_MARKER, study_hash), files)
+            continue
+        with publish_folder(target, marker=None, staging=aside / study_hash, replace=False) as staged:
+            (staged / STUDY_MARKER).write_text(study_hash + "\n")
+            _fill_study(staged, files)
 
 
 def _new_marked(folder: Path, marker: str, value: str) -> Path:

@@ -6,7 +6,7 @@ to a small pool of worker processes; each runs its steps in-process and uses one
 thread, so N workers use N cores without oversubscription.
 
 `executor="dask"` sends each run's steps to an existing Dask cluster (`dask_address`) through the
-same jobs defined with dagster-dask's executor (hcc_assets.defs.dask_jobs).
+same jobs defined with dagster-dask's executor (hcc_assets.dask_definitions).
 """
 
 from __future__ import annotations
@@ -50,8 +50,12 @@ def patient_pipeline_job() -> dg.JobDefinition:
     return _defs().resolve_job_def("patient_pipeline")
 
 
-PATIENT_JOBS = {"patient_ingest": patient_ingest_job, "patient_features": patient_features_job,
-                "patient_predictions": patient_predictions_job, "patient_pipeline": patient_pipeline_job}
+PATIENT_JOBS = {
+    "patient_ingest": patient_ingest_job,
+    "patient_features": patient_features_job,
+    "patient_predictions": patient_predictions_job,
+    "patient_pipeline": patient_pipeline_job,
+}
 
 
 def cohort_refresh_job() -> dg.JobDefinition:
@@ -61,7 +65,10 @@ def cohort_refresh_job() -> dg.JobDefinition:
 def register_ready_patients(instance: dg.DagsterInstance, skipped: dict[str, str] | None = None) -> list[str]:
     """Add every complete drop folder's pseudonym as a partition; returns all ready pseudonyms.
     Unreadable folders go into `skipped` (pseudonym -> reason) when it is given."""
-    lake = _defs().resources["lake"]
+    resources = _defs().resources
+    if resources is None:
+        raise RuntimeError("the definitions have no resources (expected `lake`)")
+    lake = resources["lake"]
     ready = sorted(lake.ready_patients(skipped=skipped))
     existing = set(instance.get_dynamic_partitions("patients"))
     new = [pid for pid in ready if pid not in existing]
@@ -71,23 +78,29 @@ def register_ready_patients(instance: dg.DagsterInstance, skipped: dict[str, str
 
 
 def _dask_job(job: str):
-    from hcc_assets.defs import dask_jobs
+    from hcc_assets import dask_definitions as dask_jobs
 
-    return {"patient_ingest": dask_jobs.patient_ingest_dask_job,
-            "patient_features": dask_jobs.patient_features_dask_job,
-            "patient_predictions": dask_jobs.patient_predictions_dask_job,
-            "patient_pipeline": dask_jobs.patient_pipeline_dask_job}[job]
+    return {
+        "patient_ingest": dask_jobs.patient_ingest_dask_job,
+        "patient_features": dask_jobs.patient_features_dask_job,
+        "patient_predictions": dask_jobs.patient_predictions_dask_job,
+        "patient_pipeline": dask_jobs.patient_pipeline_dask_job,
+    }[job]
 
 
 def _run_patient(
-    patient_id: str, executor: str = "in_process", job: str = "patient_ingest", torch_threads: int = 1,
-    dask_address: str = "", assets: tuple[str, ...] | None = None,
+    patient_id: str,
+    executor: str = "in_process",
+    job: str = "patient_ingest",
+    torch_threads: int = 1,
+    dask_address: str = "",
+    assets: tuple[str, ...] | None = None,
 ) -> tuple[str, bool, str]:
     instance = dg.DagsterInstance.get()
     # N workers x one torch thread each: the cores are shared, never oversubscribed
     threads = {"resources": {"compute": {"config": {"cpu_threads": torch_threads}}}}
     if executor == "dask":
-        from hcc_assets.defs.dask_jobs import cluster_run_config
+        from hcc_assets.dask_definitions import cluster_run_config
 
         if not dask_address:
             raise ValueError("executor 'dask' needs dask_address (the scheduler, e.g. tcp://127.0.0.1:8786)")
@@ -112,8 +125,12 @@ def _run_patient(
 
 
 def materialize_patients(
-    patient_ids: list[str], workers: int = 2, executor: str = "in_process", job: str = "patient_ingest",
-    progress: Callable[[int, int, tuple[str, bool, str], float], None] | None = None, dask_address: str = "",
+    patient_ids: list[str],
+    workers: int = 2,
+    executor: str = "in_process",
+    job: str = "patient_ingest",
+    progress: Callable[[int, int, tuple[str, bool, str], float], None] | None = None,
+    dask_address: str = "",
     assets: tuple[str, ...] | None = None,
 ) -> list[tuple[str, bool, str]]:
     """Run `job` for each patient, one run per patient; returns (patient_id, success, first error
@@ -137,8 +154,9 @@ def materialize_patients(
     else:
         context = multiprocessing.get_context("spawn")  # never fork a process that holds torch threads
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            futures = [pool.submit(_run_patient, pid, executor, job, threads, dask_address, assets)
-                       for pid in patient_ids]
+            futures = [
+                pool.submit(_run_patient, pid, executor, job, threads, dask_address, assets) for pid in patient_ids
+            ]
             for future in as_completed(futures):
                 finished(future.result())
     return [results[pid] for pid in patient_ids]

@@ -4,11 +4,11 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
+import shutil
+import tempfile
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
 # Small geometry keeps the suite fast; the demo uses the full 256x256 cohort.
 SMALL_COHORT = dict(patients=8, seed=11, matrix=64, slices_min=12, slices_max=16, oblique_fraction=0.5)
@@ -46,6 +46,28 @@ def memory_root():
         fs.rm(root, recursive=True)
 
 
+# The integration tier: modules that run real Dagster jobs, daemons, servers or browsers, or train
+# nnU-Net / the classifier. Everything else is the unit tier (`make test-fast`: -m "not integration"):
+# domain, steps, storage, and sensors and schedules through Dagster's build contexts.
+INTEGRATION_MODULES = {
+    "deep/test_train.py",
+    "segmentation/test_training_inference.py",
+    "test_receiver.py",
+    "test_ui_browser.py",
+    "test_webserver.py",
+}
+UNIT_MODULES_IN_DEFS = {"defs/test_sensor.py", "defs/test_figure_metadata.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    root = Path(__file__).parent
+    for item in items:
+        module = Path(item.fspath).relative_to(root).as_posix()
+        in_defs = module.startswith("defs/") and module not in UNIT_MODULES_IN_DEFS
+        if in_defs or module in INTEGRATION_MODULES or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.integration)
+
+
 # Free disk where the tests write, reported at the end: a run that fails for lack of disk says so.
 _free_disk_gib: dict[str, float] = {}
 LOW_DISK_GIB = 1.0
@@ -68,11 +90,15 @@ def pytest_terminal_summary(terminalreporter):
     if "start" not in _free_disk_gib:
         return
     start, lowest = _free_disk_gib["start"], _free_disk_gib["lowest"]
-    terminalreporter.write_line(f"free disk at {tempfile.gettempdir()}: {start:.1f} GiB at the start, "
-                                f"{lowest:.1f} GiB at the lowest (sampled after each test)")
+    terminalreporter.write_line(
+        f"free disk at {tempfile.gettempdir()}: {start:.1f} GiB at the start, "
+        f"{lowest:.1f} GiB at the lowest (sampled after each test)"
+    )
     if lowest < LOW_DISK_GIB:
-        terminalreporter.write_line(f"WARNING: under {LOW_DISK_GIB:.0f} GiB of free disk: failures above may be "
-                                    "writes that ran out of space", red=True)
+        terminalreporter.write_line(
+            f"WARNING: under {LOW_DISK_GIB:.0f} GiB of free disk: failures above may be writes that ran out of space",
+            red=True,
+        )
 
 
 @pytest.fixture
@@ -100,13 +126,21 @@ def s3_bucket(monkeypatch):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    settings = {"AWS_ACCESS_KEY_ID": "hcc-test", "AWS_SECRET_ACCESS_KEY": "hcc-test-secret",
-                "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    settings = {
+        "AWS_ACCESS_KEY_ID": "hcc-test",
+        "AWS_SECRET_ACCESS_KEY": "hcc-test-secret",
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }
     for name, value in settings.items():
         monkeypatch.setenv(name, value)
-    client = boto3.client("s3", endpoint_url=settings["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                          aws_access_key_id=settings["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=settings["AWS_SECRET_ACCESS_KEY"])
+    client = boto3.client(
+        "s3",
+        endpoint_url=settings["AWS_ENDPOINT_URL"],
+        region_name="us-east-1",
+        aws_access_key_id=settings["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=settings["AWS_SECRET_ACCESS_KEY"],
+    )
     client.create_bucket(Bucket="lake")
     yield "s3://lake", client
     server.stop()

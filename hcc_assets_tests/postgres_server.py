@@ -43,17 +43,53 @@ class PostgresServer:
         return f"dbname={database} host=127.0.0.1 port={self.port} user={self.user}"
 
     def create_database(self, name: str) -> None:
-        subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, "-d", "postgres",
-                        "-v", "ON_ERROR_STOP=1", "-c", f"CREATE DATABASE {name}"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "psql",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                self.user,
+                "-d",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                f"CREATE DATABASE {name}",
+            ],
+            check=True,
+            capture_output=True,
+        )
 
     def sql(self, database: str, query: str) -> str:
-        return subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, "-d", database,
-                               "-At", "-v", "ON_ERROR_STOP=1", "-c", query], check=True, capture_output=True,
-                              text=True).stdout.strip()
+        return subprocess.run(
+            [
+                "psql",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                self.user,
+                "-d",
+                database,
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                query,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
 
     def stop(self) -> None:
-        self._as_owner([str(self.bindir / "pg_ctl"), "-D", str(self.folder / "data"), "-m", "immediate", "stop"],
-                       check=False)
+        self._as_owner(
+            [str(self.bindir / "pg_ctl"), "-D", str(self.folder / "data"), "-m", "immediate", "stop"], check=False
+        )
 
     def _as_owner(self, command: list[str], check: bool = True) -> subprocess.CompletedProcess:
         if os.geteuid() == 0:
@@ -71,10 +107,32 @@ def start_postgres() -> PostgresServer:
         os.chown(folder, owner.pw_uid, owner.pw_gid)
     server = PostgresServer(bindir, folder, _free_port())
     try:
-        server._as_owner([str(bindir / "initdb"), "-D", str(folder / "data"), "-U", "postgres", "--auth=trust",
-                          "-E", "UTF8", "--no-sync"])
-        server._as_owner([str(bindir / "pg_ctl"), "-D", str(folder / "data"), "-l", str(folder / "server.log"),
-                          "-o", f"-h 127.0.0.1 -p {server.port} -k {folder} -c fsync=off", "-w", "start"])
+        server._as_owner(
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(folder / "data"),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ]
+        )
+        server._as_owner(
+            [
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(folder / "data"),
+                "-l",
+                str(folder / "server.log"),
+                "-o",
+                f"-h 127.0.0.1 -p {server.port} -k {folder} -c fsync=off",
+                "-w",
+                "start",
+            ]
+        )
     except subprocess.CalledProcessError as error:
         log = (folder / "server.log").read_text() if (folder / "server.log").exists() else ""
         shutil.rmtree(folder, ignore_errors=True)

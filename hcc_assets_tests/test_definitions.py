@@ -1,14 +1,8 @@
-"""The one Definitions object loads, shows the lineage, and the domain stays free of Dagster."""
-
-import ast
-from pathlib import Path
+"""The one Definitions object loads and shows the lineage (the layers: test_architecture.py)."""
 
 import dagster as dg
 
-import hcc_assets
 from hcc_assets.definitions import defs
-
-DOMAIN_PACKAGES = ["imaging", "segmentation", "radiomics", "deep", "stats", "featurestore", "steps"]
 
 
 def test_definitions_load_with_lineage_jobs_sensor_and_schedule():
@@ -28,34 +22,27 @@ def test_definitions_load_with_lineage_jobs_sensor_and_schedule():
     assert defs.resolve_sensor_def("incoming_scans_sensor").minimum_interval_seconds <= 10
     # refreshes are declarative automation: the weekly cron on the models, reactions downstream
     assert "0 2 * * 0" in graph.get(key("hcc_classifier")).automation_condition.get_label()  # weekly
-    for name in ("liver_mask", "radiomic_features", "deep_embedding", "hcc_prediction", "explainable_features",
-                 "model_metrics", "report"):
+    for name in (
+        "liver_mask",
+        "radiomic_features",
+        "deep_embedding",
+        "hcc_prediction",
+        "explainable_features",
+        "model_metrics",
+        "report",
+    ):
         assert graph.get(key(name)).automation_condition is not None, name
     for name in ("raw_scan", "nifti_volume", "preprocessed_volume"):  # new scans: the drop-zone sensor's
         assert graph.get(key(name)).automation_condition is None, name
     assert graph.get(key("hcc_prediction")).partitions_def.name == "patients"
-    assert {"deep_embedding", "radiomic_features", "radiomic_model", "explainable_model", "hcc_classifier"} <= \
-        {k.to_user_string() for k in graph.get(key("hcc_prediction")).parent_keys}
+    assert {"deep_embedding", "radiomic_features", "radiomic_model", "explainable_model", "hcc_classifier"} <= {
+        k.to_user_string() for k in graph.get(key("hcc_prediction")).parent_keys
+    }
     # every run without run config of its own (sensor, automation, UI) runs its steps in one process
     job = defs.resolve_job_def("patient_pipeline")
     assert key("hcc_prediction") in job.asset_layer.executable_asset_keys
     assert job.executor_def.name == "in_process_first"
     assert defs.resolve_implicit_global_asset_job_def().executor_def.name == "in_process_first"
-
-
-def test_domain_packages_never_import_dagster():
-    root = Path(hcc_assets.__file__).parent
-    offenders = []
-    for package in DOMAIN_PACKAGES:
-        for source in (root / package).rglob("*.py"):
-            for node in ast.walk(ast.parse(source.read_text())):
-                names = []
-                if isinstance(node, ast.Import):
-                    names = [alias.name for alias in node.names]
-                elif isinstance(node, ast.ImportFrom) and node.module:
-                    names = [node.module]
-                offenders += [f"{source.relative_to(root)}: {n}" for n in names if n.split(".")[0].startswith("dagster")]
-    assert offenders == []
 
 
 def test_instance_yaml_uses_sqlite_and_a_gpu_pool_of_one(tmp_path, monkeypatch):

@@ -43,9 +43,25 @@ def receiver(tmp_path: Path, incoming: Path):
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "hcc_assets.cli", "receive", "--port", str(port), "--ae-title", "HCC_ASSETS",
-             "--out", str(incoming), "--allowed-callers", "TESTSCU"],
-            cwd=PROJECT, stdout=log, stderr=subprocess.STDOUT, env=env)
+            [
+                sys.executable,
+                "-m",
+                "hcc_assets.cli",
+                "receive",
+                "--port",
+                str(port),
+                "--ae-title",
+                "HCC_ASSETS",
+                "--out",
+                str(incoming),
+                "--allowed-callers",
+                "TESTSCU",
+            ],
+            cwd=PROJECT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -114,7 +130,7 @@ def test_received_study_lands_whole_and_the_sensor_picks_it_up(studies, tmp_path
     assert not any((incoming / ".receiving").iterdir())
     [ready] = scan_drop_zone(incoming)
     assert ready.source_key == patient.patient_key and ready.complete_by == "marker"
-    assert "stored %d file(s) in 1 study(ies) of 1 patient(s)" % len(files) in log_path.read_text()
+    assert f"stored {len(files)} file(s) in 1 study(ies) of 1 patient(s)" in log_path.read_text()
     assert_no_phi(log_path, [patient])
 
     lake = LakeResource(root=str(tmp_path / "lake"), incoming=str(incoming), quiet_seconds=3600)
@@ -122,7 +138,8 @@ def test_received_study_lands_whole_and_the_sensor_picks_it_up(studies, tmp_path
         result = incoming_scans_sensor(dg.build_sensor_context(instance=instance, resources={"lake": lake}))
         assert [r.partition_key for r in result.run_requests] == [lake.pseudonym(patient.patient_key)]
         assert [list(r.partition_keys) for r in result.dynamic_partitions_requests] == [
-            [lake.pseudonym(patient.patient_key)]]
+            [lake.pseudonym(patient.patient_key)]
+        ]
 
 
 def test_unknown_caller_is_refused_and_an_aborted_association_leaves_nothing(studies, tmp_path):
@@ -158,6 +175,7 @@ def test_a_later_study_of_the_same_patient_becomes_study_2_and_a_resend_merges(s
     server = Receiver(incoming, allowed_callers=["TESTSCU"], port=0)
     server.start()
     try:
+
         def send(datasets) -> None:
             assoc = associate(server.port)
             assert assoc.is_established

@@ -123,8 +123,10 @@ def _graphql(base: str, query: str, variables: dict | None = None) -> dict:
 
 
 def _runs(base: str, tag: str, value: str) -> list[dict]:
-    query = ("query ($filter: RunsFilter) { runsOrError(filter: $filter) { ... on Runs { results { runId status "
-             "tags { key value } } } } }")
+    query = (
+        "query ($filter: RunsFilter) { runsOrError(filter: $filter) { ... on Runs { results { runId status "
+        "tags { key value } } } } }"
+    )
     return _graphql(base, query, {"filter": {"tags": [{"key": tag, "value": value}]}})["runsOrError"]["results"]
 
 
@@ -156,11 +158,11 @@ def _stop(server: subprocess.Popen) -> None:
 def ui_lake(tmp_path, monkeypatch):
     """A lake with two synthetic patients registered as `patients` partitions, not yet ingested."""
     _browser_or_skip()  # before building anything
+    import dagster as dg
+
     from hcc_assets.defs.resources import LakeResource
     from hcc_assets.imaging.synth import SynthConfig, synthesize_cohort
     from hcc_assets.instance import ensure_dagster_home
-
-    import dagster as dg
 
     lake = tmp_path / "lake"
     incoming = lake / "incoming"
@@ -216,7 +218,11 @@ def test_ui_in_browser_materializes_one_patient(ui_lake):
     with open(log_path, "wb") as log:
         server = subprocess.Popen(
             [str(dagster), "dev", "-w", "workspace.yaml", "-h", host, "-p", str(port)],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         # -- the server is up and its code location loaded ------------------------------------
@@ -262,7 +268,11 @@ def test_ui_in_browser_materializes_one_patient(ui_lake):
                 shot("01_global_lineage")
                 group_node("ingest").click()
                 expect(page).to_have_url(re.compile(r"expanded=.*ingest"))
-                for label in ["raw_scan", "nifti_volume", re.compile(r"^preprocess.*volume$")]:  # long names are shortened
+                for label in [
+                    "raw_scan",
+                    "nifti_volume",
+                    re.compile(r"^preprocess.*volume$"),
+                ]:  # long names are shortened
                     expect(page.locator("foreignObject").get_by_text(label)).to_be_visible()
                 shot("02_global_lineage_ingest_expanded")
 

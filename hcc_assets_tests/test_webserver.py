@@ -30,7 +30,10 @@ def test_webserver_serves_asset_graph(tmp_path):
     webserver = Path(sys.executable).with_name("dagster-webserver")
     server = subprocess.Popen(
         [str(webserver), "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.time() + 120

@@ -1,6 +1,7 @@
 """Deep arm of the study: MedicalNet-layout 3D ResNet, frozen-trunk training, deep embeddings.
 
-Plain PyTorch/MONAI, no Dagster: callable from a notebook as well as from the assets.
+Rule: plain PyTorch/MONAI on arrays and volumes; never imports dagster, the feature store or the
+lake: callable from a notebook as well as from the assets.
 """
 
 from hcc_assets.deep.network import (
@@ -18,7 +19,6 @@ from hcc_assets.deep.train import (
     as_volume_batch,
     embed,
     load_model,
-    plot_history,
     predict_proba,
     probability_from_embedding,
     save_model,
@@ -38,7 +38,6 @@ __all__ = [
     "embed",
     "load_medicalnet_checkpoint",
     "load_model",
-    "plot_history",
     "predict_proba",
     "probability_from_embedding",
     "save_model",

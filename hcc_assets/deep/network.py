@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import torch
-from monai.networks.nets import resnet10, resnet18, resnet34, resnet50
+from monai.networks.nets import ResNet, resnet10, resnet18, resnet34, resnet50
+from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from torch import nn
 
 Depth = Literal[10, 18, 34, 50]
@@ -35,7 +37,7 @@ FROZEN_TRUNK_MODULES = ("conv1", "bn1", "act", "maxpool", "layer1", "layer2", "l
 _IGNORED_CHECKPOINT_PREFIXES = ("conv_seg.",)
 
 
-def build_trunk(depth: Depth = 50, layout: TrunkLayout = "monai") -> nn.Module:
+def build_trunk(depth: Depth = 50, layout: TrunkLayout = "monai") -> ResNet:
     """A MONAI 3D ResNet with MedicalNet's parameter names and shapes, 1 input channel, no fc.
 
     conv1's stride is not in the state dict, so a wrong value would load MedicalNet weights silently:
@@ -62,10 +64,11 @@ def build_trunk(depth: Depth = 50, layout: TrunkLayout = "monai") -> nn.Module:
     return trunk
 
 
-def _dilate_like_medicalnet(trunk: nn.Module) -> None:
+def _dilate_like_medicalnet(trunk: ResNet) -> None:
     """MedicalNet's layer3/layer4: stride 1, 3x3x3 convs dilated 2 and 4 (weight shapes unchanged)."""
     for layer, dilation in ((trunk.layer3, 2), (trunk.layer4, 4)):
-        for block in layer:
+        # Sequential yields plain Modules; these are MONAI's blocks, whose `downsample` may be a partial.
+        for block in cast(Iterable[ResNetBlock | ResNetBottleneck], layer):
             for conv in block.modules():
                 if isinstance(conv, nn.Conv3d):
                     conv.stride = (1, 1, 1)

@@ -1,4 +1,5 @@
-"""Training, checkpoints, embeddings and the learning-curve figure for the study's deep arm.
+"""Training, checkpoints and embeddings for the study's deep arm (its learning-curve figure,
+`plot_history`, is in `hcc_assets.core.figures`).
 
 The trunk up to layer3 is frozen and there is no augmentation, so by default its activations are
 computed once per volume ("trunk cache") and every epoch trains layer4 + head on them; the naive
@@ -9,11 +10,8 @@ when inputs change between epochs. Both compute the same losses and gradients.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import os
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from hcc_assets.core.files import atomic_write
 from hcc_assets.deep.network import Depth, HCCResNet, HeadActivation, TrunkLayout, build_classifier
 
 CHECKPOINT_NAME = "classifier.pt"
@@ -231,7 +230,7 @@ def train_classifier(
             with autocast():
                 logits = logits_of(batch_of(inputs, index)).float()
             loss_sum += nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="sum").item()
-            correct += ((logits > 0).float() == targets).sum().item()
+            correct += int(((logits > 0).float() == targets).sum().item())
         return loss_sum / len(inputs), correct / len(inputs)
 
     optimizer = torch.optim.SGD(model.trainable_parameters(), lr=config.lr, momentum=config.momentum)
@@ -254,13 +253,20 @@ def train_classifier(
             scaler.step(optimizer)
             scaler.update()
             loss_sum += loss.item() * len(index)
-            correct += ((logits.detach() > 0).float() == targets).sum().item()
+            correct += int(((logits.detach() > 0).float() == targets).sum().item())
         val_start = _synchronized_clock(device_)
         val_loss, val_acc = evaluate(val_inputs, y_val)
         val_end = _synchronized_clock(device_)
         history.append(
-            EpochRecord(epoch, loss_sum / len(train_inputs), correct / len(train_inputs), val_loss, val_acc,
-                        val_start - epoch_start, val_end - val_start)
+            EpochRecord(
+                epoch,
+                loss_sum / len(train_inputs),
+                correct / len(train_inputs),
+                val_loss,
+                val_acc,
+                val_start - epoch_start,
+                val_end - val_start,
+            )
         )
         if val_loss < best_loss:
             best_loss, best_epoch, best_state = val_loss, epoch, model.trainable_state()
@@ -301,9 +307,11 @@ def _epoch_line(history: list[EpochRecord], config: ClassifierConfig, best_epoch
     earliest = min(config.max_epochs, max(config.min_epochs, best_epoch + config.patience))
     eta_low, eta_high = (max(0, earliest - record.epoch) * seconds, (config.max_epochs - record.epoch) * seconds)
     eta = f"{eta_low:.0f} s" if eta_low == eta_high else f"{eta_low:.0f}-{eta_high:.0f} s"
-    return (f"epoch {record.epoch}/{config.max_epochs}: train loss {record.train_loss:.4f} acc {record.train_acc:.2f}, "
-            f"val loss {record.val_loss:.4f} acc {record.val_acc:.2f}, best epoch {best_epoch}, "
-            f"{record.train_seconds + record.val_seconds:.1f} s, ETA {eta}")
+    return (
+        f"epoch {record.epoch}/{config.max_epochs}: train loss {record.train_loss:.4f} acc {record.train_acc:.2f}, "
+        f"val loss {record.val_loss:.4f} acc {record.val_acc:.2f}, best epoch {best_epoch}, "
+        f"{record.train_seconds + record.val_seconds:.1f} s, ETA {eta}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,19 +357,6 @@ def probability_from_embedding(model: HCCResNet, embedding: np.ndarray) -> np.nd
 # checkpoints
 
 
-def _atomic_write(target: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write to a temporary name beside `target`, then rename: a crash never leaves a half file."""
-    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with temporary.open("wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def save_model(trained: TrainingResult | HCCResNet, folder: str | Path, config: ClassifierConfig | None = None) -> Path:
     """Write `classifier.pt` (weights, config, history: all that `load_model` needs, in one atomic
     file) and a readable `classifier.json` summary into `folder`. Returns the checkpoint path."""
@@ -370,8 +365,9 @@ def save_model(trained: TrainingResult | HCCResNet, folder: str | Path, config: 
     else:
         if config is None:
             raise ValueError("save_model(model, ...) needs the config it was built with")
-        result = TrainingResult(model=trained, config=config, history=[], best_epoch=0, stopped_early=False,
-                                init=trained.init_description)
+        result = TrainingResult(
+            model=trained, config=config, history=[], best_epoch=0, stopped_early=False, init=trained.init_description
+        )
     summary = {
         "format": CHECKPOINT_FORMAT,
         "architecture": result.model.architecture,
@@ -388,8 +384,8 @@ def save_model(trained: TrainingResult | HCCResNet, folder: str | Path, config: 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint = folder / CHECKPOINT_NAME
-    _atomic_write(checkpoint, lambda file: torch.save({**summary, "state_dict": weights}, file))
-    _atomic_write(folder / SUMMARY_NAME, lambda file: file.write(json.dumps(summary, indent=2).encode()))
+    atomic_write(checkpoint, lambda file: torch.save({**summary, "state_dict": weights}, file))
+    atomic_write(folder / SUMMARY_NAME, lambda file: file.write(json.dumps(summary, indent=2).encode()))
     return checkpoint
 
 
@@ -413,30 +409,3 @@ def load_model(folder: str | Path, device: str = "cpu") -> TrainingResult:
         timings=stored["timings"],
         device=device,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# figure
-
-
-def plot_history(history: Sequence[EpochRecord] | Sequence[dict], best_epoch: int | None = None) -> bytes:
-    """The study's Figure 2: accuracy and loss over epochs, training and validation, as PNG bytes."""
-    import matplotlib.style
-    from matplotlib.figure import Figure  # no pyplot: no global figure state, Agg renders the PNG
-
-    records = [r if isinstance(r, dict) else asdict(r) for r in history]
-    epochs = [r["epoch"] for r in records]
-    # matplotlib's own style: nnU-Net's import sets a global seaborn style with 2.5x fonts
-    with matplotlib.style.context("default"):
-        figure = Figure(figsize=(10, 4), dpi=100, layout="constrained")
-        for axes, metric, title in zip(figure.subplots(1, 2), ("acc", "loss"),
-                                       ("Accuracy", "Loss (binary cross-entropy)")):
-            axes.plot(epochs, [r[f"train_{metric}"] for r in records], label="training")
-            axes.plot(epochs, [r[f"val_{metric}"] for r in records], label="validation")
-            if best_epoch:
-                axes.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch ({best_epoch})")
-            axes.set(title=title, xlabel="epoch")
-            axes.legend()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", metadata={"Software": None})
-    return buffer.getvalue()

@@ -15,8 +15,6 @@ Feature-store tables: `explainable_correlations`, `explainability_sweep`, `model
 code version.
 """
 
-
-import hashlib
 import json
 import tempfile
 import time
@@ -27,17 +25,23 @@ import numpy as np
 import polars as pl
 
 from hcc_assets import radiomics
+from hcc_assets.core.versioning import SHORT, content_version
+from hcc_assets.defs.automation import analyse_when_settled, follow_analysis
 from hcc_assets.defs.cohort import cohort
 from hcc_assets.defs.deep import MODEL_NAME as CLASSIFIER_NAME
 from hcc_assets.defs.deep import PREDICTION_MODEL as DEEP_MODEL
 from hcc_assets.defs.deep import deep_embedding, hcc_classifier
-from hcc_assets.defs.metadata import figure_metadata, markdown_table
-from hcc_assets.defs.automation import analyse_when_settled, follow_analysis
 from hcc_assets.defs.deployment import deployed
-from hcc_assets.defs.resources import LakeResource
 from hcc_assets.defs.ingest import NIFTI_FILE
-from hcc_assets.defs.segmentation import (LIVER_MASK_FILE, RADIOMICS_STAGE, liver_mask, liver_segmentation_model,
-                                          radiomic_features)
+from hcc_assets.defs.metadata import figure_metadata, markdown_table
+from hcc_assets.defs.resources import LakeResource
+from hcc_assets.defs.segmentation import (
+    LIVER_MASK_FILE,
+    RADIOMICS_STAGE,
+    liver_mask,
+    liver_segmentation_model,
+    radiomic_features,
+)
 from hcc_assets.featurestore import FeatureStore, reads, registry
 from hcc_assets.featurestore.queries import (
     FeatureMatrix,
@@ -59,12 +63,17 @@ HOLDOUT_SCHEME = "holdout_bootstrap"
 
 
 def _digest(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return content_version(parts, length=SHORT, default=str)
 
 
 def _matrix_digest(matrix: FeatureMatrix) -> str:
-    return _digest(matrix.patient_ids, matrix.feature_names, matrix.hcc.tolist(), matrix.split.tolist(),
-                   hashlib.sha256(np.ascontiguousarray(matrix.values).tobytes()).hexdigest())
+    return _digest(
+        matrix.patient_ids,
+        matrix.feature_names,
+        matrix.hcc.tolist(),
+        matrix.split.tolist(),
+        content_version(np.ascontiguousarray(matrix.values).tobytes(), length=None),
+    )
 
 
 def _fail(what: str, problem: str) -> dg.Failure:
@@ -97,8 +106,9 @@ def _with_both(dl: FeatureMatrix, hc: FeatureMatrix) -> tuple[FeatureMatrix, Fea
 
 def _paired_features(store: FeatureStore, what: str, study_features_only: bool) -> tuple[FeatureMatrix, FeatureMatrix]:
     """Embeddings of the current classifier and handcrafted features of the same patients."""
-    return _with_both(embedding_matrix(store, _classifier_version(store, what)),
-                      _handcrafted(store, what, study_features_only))
+    return _with_both(
+        embedding_matrix(store, _classifier_version(store, what)), _handcrafted(store, what, study_features_only)
+    )
 
 
 # -- explainable_features ----------------------------------------------------------------------
@@ -121,8 +131,11 @@ class ExplainableFeaturesConfig(dg.Config):
     "patients only. The full correlation map is `explainable_correlations` (related = which handcrafted "
     "features each DL feature relates to; kept = the selected DL features).",
 )
-def explainable_features(context: dg.AssetExecutionContext, config: deployed(ExplainableFeaturesConfig, "explainable_features"),
-                         lake: LakeResource) -> dg.MaterializeResult:
+def explainable_features(
+    context: dg.AssetExecutionContext,
+    config: deployed(ExplainableFeaturesConfig, "explainable_features"),
+    lake: LakeResource,
+) -> dg.MaterializeResult:
     from hcc_assets.stats.association import association_long_table, select_explainable
 
     what = "explainable_features"
@@ -130,10 +143,14 @@ def explainable_features(context: dg.AssetExecutionContext, config: deployed(Exp
     dl, hc = _paired_features(store, what, config.study_features_only)
     dl_train, hc_train = dl.rows("train"), hc.rows("train")
     if dl_train.n < 3:
-        raise _fail(what, f"{dl_train.n} training patients have both radiomic features and a deep embedding of "
-                    f"model {dl.version}; at least 3 are needed (materialize radiomic_features and deep_embedding)")
-    selection = select_explainable(dl_train.values, hc_train.values, hc.feature_names,
-                                   threshold=config.threshold, measure=config.measure)
+        raise _fail(
+            what,
+            f"{dl_train.n} training patients have both radiomic features and a deep embedding of "
+            f"model {dl.version}; at least 3 are needed (materialize radiomic_features and deep_embedding)",
+        )
+    selection = select_explainable(
+        dl_train.values, hc_train.values, hc.feature_names, threshold=config.threshold, measure=config.measure
+    )
     version = _digest(ANALYSIS_VERSION, config.model_dump(), _matrix_digest(dl_train), _matrix_digest(hc_train))
     table = association_long_table(selection, dl.feature_names, hc.feature_names).with_columns(
         pl.lit(config.threshold).alias("threshold"),
@@ -141,16 +158,22 @@ def explainable_features(context: dg.AssetExecutionContext, config: deployed(Exp
         pl.lit(hc.version).alias("feature_set_version"),
         pl.lit(dl_train.n, dtype=pl.Int32).alias("n_patients"),
     )
-    store.replace_table("explainable_correlations",
-                        FeatureStore.with_provenance(table, version=version, run_id=context.run.run_id))
+    store.replace_table(
+        "explainable_correlations", FeatureStore.with_provenance(table, version=version, run_id=context.run.run_id)
+    )
     kept_rows = [
-        {"dl_feature": dl.feature_names[i], "n_related": len(selection.related[i]),
-         "strongest": selection.related[i][0][0] if selection.related[i] else "",
-         "value": selection.related[i][0][1] if selection.related[i] else None}
+        {
+            "dl_feature": dl.feature_names[i],
+            "n_related": len(selection.related[i]),
+            "strongest": selection.related[i][0][0] if selection.related[i] else "",
+            "value": selection.related[i][0][1] if selection.related[i] else None,
+        }
         for i in selection.kept
     ]
-    context.log.info(f"{what}: {len(selection.kept)} of {len(dl.feature_names)} DL features have "
-                     f"|{config.measure}| >= {config.threshold} to a handcrafted feature ({dl_train.n} training patients)")
+    context.log.info(
+        f"{what}: {len(selection.kept)} of {len(dl.feature_names)} DL features have "
+        f"|{config.measure}| >= {config.threshold} to a handcrafted feature ({dl_train.n} training patients)"
+    )
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),
         metadata={
@@ -188,8 +211,11 @@ class ExplainabilitySweepConfig(dg.Config):
     "and association measures (Pearson, Spearman, distance correlation), each with the downstream LASSO "
     "model's cross-validated and validation accuracy. Table `explainability_sweep`.",
 )
-def explainability_sweep(context: dg.AssetExecutionContext, config: deployed(ExplainabilitySweepConfig, "explainability_sweep"),
-                         lake: LakeResource) -> dg.MaterializeResult:
+def explainability_sweep(
+    context: dg.AssetExecutionContext,
+    config: deployed(ExplainabilitySweepConfig, "explainability_sweep"),
+    lake: LakeResource,
+) -> dg.MaterializeResult:
     from hcc_assets.stats.sweep import explainability_sweep as sweep
 
     what = "explainability_sweep"
@@ -199,11 +225,21 @@ def explainability_sweep(context: dg.AssetExecutionContext, config: deployed(Exp
     if dl_train.n < 6 or dl_val.n < 1:
         raise _fail(what, f"{dl_train.n} training / {dl_val.n} validation patients with both feature kinds")
     started = time.perf_counter()
-    table = sweep(dl_train.values, hc_train.values, hc.feature_names, dl_train.hcc, dl_val.values, dl_val.hcc,
-                  thresholds=tuple(config.thresholds), measures=tuple(config.measures), seed=config.seed)
+    table = sweep(
+        dl_train.values,
+        hc_train.values,
+        hc.feature_names,
+        dl_train.hcc,
+        dl_val.values,
+        dl_val.hcc,
+        thresholds=tuple(config.thresholds),
+        measures=tuple(config.measures),
+        seed=config.seed,
+    )
     version = _digest(ANALYSIS_VERSION, config.model_dump(), _matrix_digest(dl), _matrix_digest(hc))
-    store.replace_table("explainability_sweep",
-                        FeatureStore.with_provenance(table, version=version, run_id=context.run.run_id))
+    store.replace_table(
+        "explainability_sweep", FeatureStore.with_provenance(table, version=version, run_id=context.run.run_id)
+    )
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),
         metadata={
@@ -263,8 +299,15 @@ def load_registered_lasso(lake: LakeResource, model: str):
     return load_lasso_of(lake, row), row
 
 
-def _fit_register_predict(context, lake: LakeResource, model: str, matrix: FeatureMatrix, config: LassoModelConfig,
-                          extra_params: dict, data_snapshot: int) -> tuple[dg.MaterializeResult, object]:
+def _fit_register_predict(
+    context,
+    lake: LakeResource,
+    model: str,
+    matrix: FeatureMatrix,
+    config: LassoModelConfig,
+    extra_params: dict,
+    data_snapshot: int,
+) -> tuple[dg.MaterializeResult, object]:
     """Fit the LASSO on the training rows of `matrix` (read at `data_snapshot`), save and register
     it with that snapshot and what it read, and store P(HCC) for every patient of `matrix` in
     `predictions` (beside earlier versions' rows)."""
@@ -272,12 +315,21 @@ def _fit_register_predict(context, lake: LakeResource, model: str, matrix: Featu
 
     train = matrix.rows("train")
     if train.n < 2 * config.cv_folds or len(set(train.hcc.tolist())) < 2:
-        raise _fail(REGISTRY_NAMES[model], f"{train.n} training patients ({int(train.hcc.sum())} HCC); "
-                    f"{config.cv_folds}-fold CV needs both classes with at least {config.cv_folds} each")
+        raise _fail(
+            REGISTRY_NAMES[model],
+            f"{train.n} training patients ({int(train.hcc.sum())} HCC); "
+            f"{config.cv_folds}-fold CV needs both classes with at least {config.cv_folds} each",
+        )
     started = time.perf_counter()
     try:
-        fit = fit_lasso(train.values, train.hcc, matrix.feature_names, seed=config.seed, cv_folds=config.cv_folds,
-                        lambdas=config.lambdas())
+        fit = fit_lasso(
+            train.values,
+            train.hcc,
+            matrix.feature_names,
+            seed=config.seed,
+            cv_folds=config.cv_folds,
+            lambdas=config.lambdas(),
+        )
     except ValueError as error:
         raise _fail(REGISTRY_NAMES[model], str(error)) from None
     seconds = time.perf_counter() - started
@@ -289,28 +341,64 @@ def _fit_register_predict(context, lake: LakeResource, model: str, matrix: Featu
 
     probabilities = predict_proba(fit, matrix.values)
     run_id = context.run.run_id
-    lake.store.replace_versions("predictions", FeatureStore.with_provenance(
-        pl.DataFrame({"model": [model] * matrix.n, "patient_id": matrix.patient_ids, "split": matrix.split.tolist(),
-                      "probability": probabilities.astype(np.float64), "label": matrix.hcc.astype(bool).tolist()}),
-        version=version, run_id=run_id))
+    lake.store.replace_versions(
+        "predictions",
+        FeatureStore.with_provenance(
+            pl.DataFrame(
+                {
+                    "model": [model] * matrix.n,
+                    "patient_id": matrix.patient_ids,
+                    "split": matrix.split.tolist(),
+                    "probability": probabilities.astype(np.float64),
+                    "label": matrix.hcc.astype(bool).tolist(),
+                }
+            ),
+            version=version,
+            run_id=run_id,
+        ),
+    )
     train_accuracy = float(np.mean((predict_proba(fit, train.values) > 0.5) == train.hcc))
     params = {
-        "penalty": "l1", "C_grid": [float(1 / lam) for lam in fit.lambdas], "lambdas": [float(x) for x in fit.lambdas],
-        "best_lambda": float(fit.best_lambda), "best_C": float(fit.best_C), "cv_folds": config.cv_folds,
-        "seed": config.seed, "n_input_features": len(matrix.feature_names), "n_constant": int(fit.n_constant),
-        "n_quasi_constant": int(fit.n_quasi_constant), "selected": fit.selected, "code_version": ANALYSIS_VERSION,
+        "penalty": "l1",
+        "C_grid": [float(1 / lam) for lam in fit.lambdas],
+        "lambdas": [float(x) for x in fit.lambdas],
+        "best_lambda": float(fit.best_lambda),
+        "best_C": float(fit.best_C),
+        "cv_folds": config.cv_folds,
+        "seed": config.seed,
+        "n_input_features": len(matrix.feature_names),
+        "n_constant": int(fit.n_constant),
+        "n_quasi_constant": int(fit.n_quasi_constant),
+        "selected": fit.selected,
+        "code_version": ANALYSIS_VERSION,
         **extra_params,
     }
-    metrics = {"cv_accuracy_mean": [float(x) for x in fit.cv_accuracy_mean],
-               "cv_accuracy_sd": [float(x) for x in fit.cv_accuracy_sd], "train_accuracy": train_accuracy,
-               "fit_seconds": seconds}
+    metrics = {
+        "cv_accuracy_mean": [float(x) for x in fit.cv_accuracy_mean],
+        "cv_accuracy_sd": [float(x) for x in fit.cv_accuracy_sd],
+        "train_accuracy": train_accuracy,
+        "fit_seconds": seconds,
+    }
     kind = registry.RADIOMICS if model == RADIOMIC_MODEL else registry.EMBEDDINGS
-    lake.store.register_model(registry.model_row(
-        REGISTRY_NAMES[model], "lasso_logistic", folder, init=None, params=params, metrics=metrics,
-        training_patients=train.patient_ids, training_set=registry.matrix_spec(kind, train), version=version,
-        run_id=run_id), data_snapshot=data_snapshot)
-    cv_rows = [{"lambda": float(lam), "C": float(1 / lam), "cv_accuracy": float(m), "sd": float(s)}
-               for lam, m, s in zip(fit.lambdas, fit.cv_accuracy_mean, fit.cv_accuracy_sd)]
+    lake.store.register_model(
+        registry.model_row(
+            REGISTRY_NAMES[model],
+            "lasso_logistic",
+            folder,
+            init=None,
+            params=params,
+            metrics=metrics,
+            training_patients=train.patient_ids,
+            training_set=registry.matrix_spec(kind, train),
+            version=version,
+            run_id=run_id,
+        ),
+        data_snapshot=data_snapshot,
+    )
+    cv_rows = [
+        {"lambda": float(lam), "C": float(1 / lam), "cv_accuracy": float(m), "sd": float(s)}
+        for lam, m, s in zip(fit.lambdas, fit.cv_accuracy_mean, fit.cv_accuracy_sd)
+    ]
     coefficient_rows = [{"feature": name, "beta": float(fit.coefficients[name])} for name in fit.selected]
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),
@@ -344,8 +432,9 @@ def _fit_register_predict(context, lake: LakeResource, model: str, matrix: Featu
     "radiomic features of the training patients. Patients whose radiomics failed are excluded, with the "
     "count and reasons in metadata and `models.params`, as in the study.",
 )
-def radiomic_model(context: dg.AssetExecutionContext, config: deployed(LassoModelConfig, "radiomic_model"), lake: LakeResource
-                   ) -> dg.MaterializeResult:
+def radiomic_model(
+    context: dg.AssetExecutionContext, config: deployed(LassoModelConfig, "radiomic_model"), lake: LakeResource
+) -> dg.MaterializeResult:
     snapshot = lake.store.current_snapshot()
     store = lake.store.at(snapshot=snapshot)  # every read from one snapshot, recorded with the model
     matrix = _handcrafted(store, "radiomic_model", config.study_features_only)
@@ -359,14 +448,24 @@ def radiomic_model(context: dg.AssetExecutionContext, config: deployed(LassoMode
         reasons["no radiomic features of the current feature set"] = len(missing)
     n_excluded = excluded.height + len(missing)
     if n_excluded:
-        context.log.warning(f"radiomic_model: {n_excluded} patient(s) excluded (radiomics failed or missing): "
-                            + "; ".join(f"{n} x {r}" for r, n in sorted(reasons.items())))
-    result, _ = _fit_register_predict(context, lake, RADIOMIC_MODEL, matrix, config, {
-        "feature_set_version": matrix.version,
-        "n_excluded": n_excluded,
-        "excluded_hcc": int(excluded["hcc"].sum()) if excluded.height else 0,
-        "exclusion_reasons": reasons,
-    }, snapshot)
+        context.log.warning(
+            f"radiomic_model: {n_excluded} patient(s) excluded (radiomics failed or missing): "
+            + "; ".join(f"{n} x {r}" for r, n in sorted(reasons.items()))
+        )
+    result, _ = _fit_register_predict(
+        context,
+        lake,
+        RADIOMIC_MODEL,
+        matrix,
+        config,
+        {
+            "feature_set_version": matrix.version,
+            "n_excluded": n_excluded,
+            "excluded_hcc": int(excluded["hcc"].sum()) if excluded.height else 0,
+            "exclusion_reasons": reasons,
+        },
+        snapshot,
+    )
     return result
 
 
@@ -379,20 +478,34 @@ def radiomic_model(context: dg.AssetExecutionContext, config: deployed(LassoMode
     description="L1 logistic regression (same filter, scaling, grid and CV as radiomic_model) on the explainable "
     "DL features of the training patients.",
 )
-def explainable_model(context: dg.AssetExecutionContext, config: deployed(LassoModelConfig, "explainable_model"), lake: LakeResource
-                      ) -> dg.MaterializeResult:
+def explainable_model(
+    context: dg.AssetExecutionContext, config: deployed(LassoModelConfig, "explainable_model"), lake: LakeResource
+) -> dg.MaterializeResult:
     snapshot = lake.store.current_snapshot()
     store = lake.store.at(snapshot=snapshot)  # every read from one snapshot, recorded with the model
     kept, selection_version, embedding_version = reads.explainable_selection(store)
     if not selection_version:
         raise _fail("explainable_model", "explainable_features has not been materialized")
     if not kept:
-        raise _fail("explainable_model", "no DL feature reached the association threshold to any handcrafted "
-                    "feature; lower explainable_features.threshold or see explainability_sweep")
+        raise _fail(
+            "explainable_model",
+            "no DL feature reached the association threshold to any handcrafted "
+            "feature; lower explainable_features.threshold or see explainability_sweep",
+        )
     matrix = embedding_matrix(store, embedding_version).columns(kept)
-    result, _ = _fit_register_predict(context, lake, EXPLAINABLE_MODEL, matrix, config, {
-        "selection_version": selection_version, "embedding_version": embedding_version, "n_explainable": len(kept),
-    }, snapshot)
+    result, _ = _fit_register_predict(
+        context,
+        lake,
+        EXPLAINABLE_MODEL,
+        matrix,
+        config,
+        {
+            "selection_version": selection_version,
+            "embedding_version": embedding_version,
+            "n_explainable": len(kept),
+        },
+        snapshot,
+    )
     return result
 
 
@@ -413,38 +526,93 @@ def _predictions(store: FeatureStore, model: str) -> pl.DataFrame:
     return reads.current_predictions(store, model)
 
 
-COMPARISON_SCHEMA = {"model_a": pl.String, "model_b": pl.String, "version_a": pl.String, "version_b": pl.String,
-                     "n": pl.Int32, "n_positive": pl.Int32, "auc_a": pl.Float64, "auc_b": pl.Float64,
-                     "auc_difference": pl.Float64, "bootstrap_mean": pl.Float64, "ci_low": pl.Float64,
-                     "ci_high": pl.Float64, "n_resamples": pl.Int32, "n_degenerate": pl.Int32, "seed": pl.Int32,
-                     "delong_se": pl.Float64, "delong_z": pl.Float64, "delong_p": pl.Float64,
-                     "delong_ci_low": pl.Float64, "delong_ci_high": pl.Float64, "version": pl.String}
-CONFUSION_SCHEMA = {"model": pl.String, "threshold": pl.Float64, "n": pl.Int32, "tp": pl.Int32, "fp": pl.Int32,
-                    "tn": pl.Int32, "fn": pl.Int32, "version": pl.String}
-CALIBRATION_SCHEMA = {"model": pl.String, "n_bins": pl.Int32, "bin": pl.Int32, "bin_low": pl.Float64,
-                      "bin_high": pl.Float64, "n": pl.Int32, "mean_predicted": pl.Float64,
-                      "observed_rate": pl.Float64, "brier_score": pl.Float64, "version": pl.String}
+COMPARISON_SCHEMA = {
+    "model_a": pl.String,
+    "model_b": pl.String,
+    "version_a": pl.String,
+    "version_b": pl.String,
+    "n": pl.Int32,
+    "n_positive": pl.Int32,
+    "auc_a": pl.Float64,
+    "auc_b": pl.Float64,
+    "auc_difference": pl.Float64,
+    "bootstrap_mean": pl.Float64,
+    "ci_low": pl.Float64,
+    "ci_high": pl.Float64,
+    "n_resamples": pl.Int32,
+    "n_degenerate": pl.Int32,
+    "seed": pl.Int32,
+    "delong_se": pl.Float64,
+    "delong_z": pl.Float64,
+    "delong_p": pl.Float64,
+    "delong_ci_low": pl.Float64,
+    "delong_ci_high": pl.Float64,
+    "version": pl.String,
+}
+CONFUSION_SCHEMA = {
+    "model": pl.String,
+    "threshold": pl.Float64,
+    "n": pl.Int32,
+    "tp": pl.Int32,
+    "fp": pl.Int32,
+    "tn": pl.Int32,
+    "fn": pl.Int32,
+    "version": pl.String,
+}
+CALIBRATION_SCHEMA = {
+    "model": pl.String,
+    "n_bins": pl.Int32,
+    "bin": pl.Int32,
+    "bin_low": pl.Float64,
+    "bin_high": pl.Float64,
+    "n": pl.Int32,
+    "mean_predicted": pl.Float64,
+    "observed_rate": pl.Float64,
+    "brier_score": pl.Float64,
+    "version": pl.String,
+}
 
 
-def _threshold_rows(model: str, version: str, y: np.ndarray, p: np.ndarray, config: ModelMetricsConfig
-                    ) -> tuple[dict, list[dict]]:
+def _threshold_rows(
+    model: str, version: str, y: np.ndarray, p: np.ndarray, config: ModelMetricsConfig
+) -> tuple[dict, list[dict]]:
     """(confusion-matrix row, calibration rows) of one model's validation predictions."""
     from hcc_assets.stats.calibration import brier_score, calibration_bins
     from hcc_assets.stats.metrics import confusion_matrix
 
     counts = confusion_matrix(y, p, config.threshold)
-    confusion = {"model": model, "threshold": counts.threshold, "n": counts.n, "tp": counts.tp, "fp": counts.fp,
-                 "tn": counts.tn, "fn": counts.fn, "version": version}
+    confusion = {
+        "model": model,
+        "threshold": counts.threshold,
+        "n": counts.n,
+        "tp": counts.tp,
+        "fp": counts.fp,
+        "tn": counts.tn,
+        "fn": counts.fn,
+        "version": version,
+    }
     brier = brier_score(y, p)
-    calibration = [{"model": model, "n_bins": config.calibration_bins, "bin": b.bin, "bin_low": b.low,
-                    "bin_high": b.high, "n": b.n, "mean_predicted": b.mean_predicted,
-                    "observed_rate": b.observed_rate, "brier_score": brier, "version": version}
-                   for b in calibration_bins(y, p, config.calibration_bins)]
+    calibration = [
+        {
+            "model": model,
+            "n_bins": config.calibration_bins,
+            "bin": b.bin,
+            "bin_low": b.low,
+            "bin_high": b.high,
+            "n": b.n,
+            "mean_predicted": b.mean_predicted,
+            "observed_rate": b.observed_rate,
+            "brier_score": brier,
+            "version": version,
+        }
+        for b in calibration_bins(y, p, config.calibration_bins)
+    ]
     return confusion, calibration
 
 
-def _paired_comparisons(validation: dict[str, pl.DataFrame], config: ModelMetricsConfig
-                        ) -> tuple[list[dict], list[str]]:
+def _paired_comparisons(
+    validation: dict[str, pl.DataFrame], config: ModelMetricsConfig
+) -> tuple[list[dict], list[str]]:
     """DeLong's test and the paired bootstrap of the AUC difference for each pair of models, on
     the validation patients both models scored (sorted by patient id, so the bootstrap draws are
     reproducible). Returns (rows, why pairs were skipped)."""
@@ -454,46 +622,99 @@ def _paired_comparisons(validation: dict[str, pl.DataFrame], config: ModelMetric
 
     rows, skipped = [], []
     for model_a, model_b in combinations(list(validation), 2):
-        both = validation[model_a].select(
-            "patient_id", pl.col("label").alias("label_a"), pl.col("probability").alias("p_a"),
-        ).join(validation[model_b].select("patient_id", pl.col("label").alias("label_b"),
-                                          pl.col("probability").alias("p_b")), on="patient_id").sort("patient_id")
+        both = (
+            validation[model_a]
+            .select(
+                "patient_id",
+                pl.col("label").alias("label_a"),
+                pl.col("probability").alias("p_a"),
+            )
+            .join(
+                validation[model_b].select(
+                    "patient_id", pl.col("label").alias("label_b"), pl.col("probability").alias("p_b")
+                ),
+                on="patient_id",
+            )
+            .sort("patient_id")
+        )
         if (both["label_a"] != both["label_b"]).any():
-            raise _fail("model_metrics", f"{model_a} and {model_b} predictions disagree on the label of "
-                        f"{int((both['label_a'] != both['label_b']).sum())} validation patient(s)")
+            raise _fail(
+                "model_metrics",
+                f"{model_a} and {model_b} predictions disagree on the label of "
+                f"{int((both['label_a'] != both['label_b']).sum())} validation patient(s)",
+            )
         y = both["label_a"].cast(pl.Int8).to_numpy()
         n_positive = int(y.sum())
         if n_positive < 2 or both.height - n_positive < 2:
-            skipped.append(f"{model_a} vs {model_b}: {both.height} common validation patients, {n_positive} HCC "
-                           "(a paired AUC comparison needs at least 2 of each class)")
+            skipped.append(
+                f"{model_a} vs {model_b}: {both.height} common validation patients, {n_positive} HCC "
+                "(a paired AUC comparison needs at least 2 of each class)"
+            )
             continue
         p_a, p_b = both["p_a"].to_numpy(), both["p_b"].to_numpy()
         delong = delong_test(y, p_a, p_b)
         boot = paired_bootstrap_auc_difference(y, p_a, p_b, n_resamples=config.n_bootstrap, seed=config.bootstrap_seed)
         version_a, version_b = validation[model_a]["version"][0], validation[model_b]["version"][0]
-        rows.append({"model_a": model_a, "model_b": model_b, "version_a": version_a, "version_b": version_b,
-                     "n": both.height, "n_positive": n_positive, "auc_a": delong.auc_a, "auc_b": delong.auc_b,
-                     "auc_difference": delong.difference, "bootstrap_mean": boot.mean, "ci_low": boot.ci_low,
-                     "ci_high": boot.ci_high, "n_resamples": boot.n_resamples_used, "n_degenerate": boot.n_degenerate,
-                     "seed": config.bootstrap_seed, "delong_se": delong.se, "delong_z": delong.z,
-                     "delong_p": delong.p_value, "delong_ci_low": delong.ci_low, "delong_ci_high": delong.ci_high,
-                     "version": f"{version_a}|{version_b}"})
+        rows.append(
+            {
+                "model_a": model_a,
+                "model_b": model_b,
+                "version_a": version_a,
+                "version_b": version_b,
+                "n": both.height,
+                "n_positive": n_positive,
+                "auc_a": delong.auc_a,
+                "auc_b": delong.auc_b,
+                "auc_difference": delong.difference,
+                "bootstrap_mean": boot.mean,
+                "ci_low": boot.ci_low,
+                "ci_high": boot.ci_high,
+                "n_resamples": boot.n_resamples_used,
+                "n_degenerate": boot.n_degenerate,
+                "seed": config.bootstrap_seed,
+                "delong_se": delong.se,
+                "delong_z": delong.z,
+                "delong_p": delong.p_value,
+                "delong_ci_low": delong.ci_low,
+                "delong_ci_high": delong.ci_high,
+                "version": f"{version_a}|{version_b}",
+            }
+        )
     return rows, skipped
 
 
 def _estimate_rows(model: str, scheme: str, estimates) -> list[dict]:
-    return [{"model": model, "scheme": scheme, "metric": e.metric, "estimate": e.estimate, "mean": e.mean,
-             "ci_low": e.ci_low, "ci_high": e.ci_high, "n": e.n, "n_resamples": e.n_resamples_used,
-             "n_degenerate": e.n_degenerate} for e in estimates]
+    return [
+        {
+            "model": model,
+            "scheme": scheme,
+            "metric": e.metric,
+            "estimate": e.estimate,
+            "mean": e.mean,
+            "ci_low": e.ci_low,
+            "ci_high": e.ci_high,
+            "n": e.n,
+            "n_resamples": e.n_resamples_used,
+            "n_degenerate": e.n_degenerate,
+        }
+        for e in estimates
+    ]
 
 
 def _lasso_fit_predict(lake_config: LassoModelConfig):
     from hcc_assets.stats.lasso import fit_lasso, predict_proba
 
     def fit_predict(x_train, y_train, x_test):
-        fit = fit_lasso(x_train, y_train, [f"f{i}" for i in range(x_train.shape[1])], seed=lake_config.seed,
-                        cv_folds=lake_config.cv_folds, lambdas=lake_config.lambdas())
+        fit = fit_lasso(
+            x_train,
+            y_train,
+            [f"f{i}" for i in range(x_train.shape[1])],
+            seed=lake_config.seed,
+            cv_folds=lake_config.cv_folds,
+            lambdas=lake_config.lambdas(),
+        )
         return predict_proba(fit, x_test)
+
     return fit_predict
 
 
@@ -505,8 +726,13 @@ def _explainable_fit_predict(lasso: LassoModelConfig, selection: dict, n_dl: int
     fit_predict_lasso = _lasso_fit_predict(lasso)
 
     def fit_predict(x_train, y_train, x_test):
-        chosen = select_explainable(x_train[:, :n_dl], x_train[:, n_dl:], hc_names, threshold=selection["threshold"],
-                                    measure=selection["measure"]).kept
+        chosen = select_explainable(
+            x_train[:, :n_dl],
+            x_train[:, n_dl:],
+            hc_names,
+            threshold=selection["threshold"],
+            measure=selection["measure"],
+        ).kept
         prior = np.full(len(x_test), float(np.mean(y_train)))
         if not chosen:  # nothing explainable in this fold: the model can only predict the prior
             return prior
@@ -514,6 +740,7 @@ def _explainable_fit_predict(lasso: LassoModelConfig, selection: dict, n_dl: int
             return fit_predict_lasso(x_train[:, chosen], y_train, x_test[:, chosen])
         except AllFeaturesDroppedError:  # every chosen feature constant in this fold: same as none
             return prior
+
     return fit_predict
 
 
@@ -535,8 +762,9 @@ def _progress_logger(context: dg.AssetExecutionContext, prefix: str):
     "paired-bootstrap 95% CI and DeLong's test), `confusion_matrices` (at the threshold) and `calibration` "
     "(binned predicted vs observed HCC rate, Brier score).",
 )
-def model_metrics(context: dg.AssetExecutionContext, config: deployed(ModelMetricsConfig, "model_metrics"), lake: LakeResource
-                  ) -> dg.MaterializeResult:
+def model_metrics(
+    context: dg.AssetExecutionContext, config: deployed(ModelMetricsConfig, "model_metrics"), lake: LakeResource
+) -> dg.MaterializeResult:
     from hcc_assets.stats.metrics import bootstrap_metrics, repeated_cv_metrics
 
     store = lake.store
@@ -555,8 +783,9 @@ def model_metrics(context: dg.AssetExecutionContext, config: deployed(ModelMetri
         versions[model] = validation["version"][0]
         validations[model] = validation
         y, p = validation["label"].cast(pl.Int8).to_numpy(), validation["probability"].to_numpy()
-        estimates = bootstrap_metrics(y, p, n_resamples=config.n_bootstrap, seed=config.bootstrap_seed,
-                                      threshold=config.threshold)
+        estimates = bootstrap_metrics(
+            y, p, n_resamples=config.n_bootstrap, seed=config.bootstrap_seed, threshold=config.threshold
+        )
         rows += [r | {"version": versions[model]} for r in _estimate_rows(model, HOLDOUT_SCHEME, estimates)]
         confusion, calibration = _threshold_rows(model, versions[model], y, p, config)
         confusion_rows.append(confusion)
@@ -564,8 +793,10 @@ def model_metrics(context: dg.AssetExecutionContext, config: deployed(ModelMetri
     comparison_rows, skipped = _paired_comparisons(validations, config)
     for reason in skipped:
         context.log.warning(f"model_metrics: paired comparison skipped, {reason}")
-    context.log.info(f"model_metrics: {config.n_bootstrap} bootstrap resamples of {len(versions)} models and "
-                     f"{len(comparison_rows)} paired comparisons in {time.perf_counter() - started:.1f}s")
+    context.log.info(
+        f"model_metrics: {config.n_bootstrap} bootstrap resamples of {len(versions)} models and "
+        f"{len(comparison_rows)} paired comparisons in {time.perf_counter() - started:.1f}s"
+    )
 
     # Repeated CV of the whole LASSO fit over every patient with features (the deep model would need
     # k x r CNN trainings: not run on CPU by default).
@@ -573,44 +804,87 @@ def model_metrics(context: dg.AssetExecutionContext, config: deployed(ModelMetri
     lasso_config = _lasso_config_of(store, RADIOMIC_MODEL)
     if config.cv_repeats > 0 and RADIOMIC_MODEL in versions:
         hc = _handcrafted(store, "model_metrics", lasso_config.study_features_only)
-        estimates = repeated_cv_metrics(_lasso_fit_predict(lasso_config), hc.values, hc.hcc, n_splits=config.cv_splits,
-                                        n_repeats=config.cv_repeats, seed=config.cv_seed,
-                                        progress=_progress_logger(context, f"model_metrics {RADIOMIC_MODEL} {scheme}"))
+        estimates = repeated_cv_metrics(
+            _lasso_fit_predict(lasso_config),
+            hc.values,
+            hc.hcc,
+            n_splits=config.cv_splits,
+            n_repeats=config.cv_repeats,
+            seed=config.cv_seed,
+            progress=_progress_logger(context, f"model_metrics {RADIOMIC_MODEL} {scheme}"),
+        )
         rows += [r | {"version": versions[RADIOMIC_MODEL]} for r in _estimate_rows(RADIOMIC_MODEL, scheme, estimates)]
     if config.cv_repeats > 0 and EXPLAINABLE_MODEL in versions:
         selection = _selection_config(store)
         dl, hc = _paired_features(store, "model_metrics", selection["study_features_only"])
         estimates = repeated_cv_metrics(
-            _explainable_fit_predict(_lasso_config_of(store, EXPLAINABLE_MODEL), selection, len(dl.feature_names),
-                                     hc.feature_names),
-            np.hstack([dl.values, hc.values]), dl.hcc, n_splits=config.cv_splits, n_repeats=config.cv_repeats,
-            seed=config.cv_seed, progress=_progress_logger(context, f"model_metrics {EXPLAINABLE_MODEL} {scheme}"))
-        rows += [r | {"version": versions[EXPLAINABLE_MODEL]}
-                 for r in _estimate_rows(EXPLAINABLE_MODEL, scheme, estimates)]
+            _explainable_fit_predict(
+                _lasso_config_of(store, EXPLAINABLE_MODEL), selection, len(dl.feature_names), hc.feature_names
+            ),
+            np.hstack([dl.values, hc.values]),
+            dl.hcc,
+            n_splits=config.cv_splits,
+            n_repeats=config.cv_repeats,
+            seed=config.cv_seed,
+            progress=_progress_logger(context, f"model_metrics {EXPLAINABLE_MODEL} {scheme}"),
+        )
+        rows += [
+            r | {"version": versions[EXPLAINABLE_MODEL]} for r in _estimate_rows(EXPLAINABLE_MODEL, scheme, estimates)
+        ]
     if not rows:
         raise _fail("model_metrics", "no model has validation predictions; materialize the models first")
 
-    table = pl.DataFrame(rows, schema={"model": pl.String, "scheme": pl.String, "metric": pl.String,
-                                       "estimate": pl.Float64, "mean": pl.Float64, "ci_low": pl.Float64,
-                                       "ci_high": pl.Float64, "n": pl.Int32, "n_resamples": pl.Int32,
-                                       "n_degenerate": pl.Int32, "version": pl.String})
+    table = pl.DataFrame(
+        rows,
+        schema={
+            "model": pl.String,
+            "scheme": pl.String,
+            "metric": pl.String,
+            "estimate": pl.Float64,
+            "mean": pl.Float64,
+            "ci_low": pl.Float64,
+            "ci_high": pl.Float64,
+            "n": pl.Int32,
+            "n_resamples": pl.Int32,
+            "n_degenerate": pl.Int32,
+            "version": pl.String,
+        },
+    )
     comparisons = pl.DataFrame(comparison_rows, schema=COMPARISON_SCHEMA)
     confusions = pl.DataFrame(confusion_rows, schema=CONFUSION_SCHEMA)
     calibrations = pl.DataFrame(calibration_rows, schema=CALIBRATION_SCHEMA)
     run_id = context.run.run_id
-    for name, frame in (("model_comparisons", comparisons), ("confusion_matrices", confusions),
-                        ("calibration", calibrations), ("model_metrics", table)):
+    for name, frame in (
+        ("model_comparisons", comparisons),
+        ("confusion_matrices", confusions),
+        ("calibration", calibrations),
+        ("model_metrics", table),
+    ):
         if frame.height:
             store.replace_versions(name, FeatureStore.with_provenance(frame, version=None, run_id=run_id))
     table_1 = reads.table_1(store)
     return dg.MaterializeResult(
-        data_version=dg.DataVersion(_digest(table.drop("version").to_dicts(), versions, comparison_rows,
-                                            confusion_rows, calibration_rows)),
+        data_version=dg.DataVersion(
+            _digest(table.drop("version").to_dicts(), versions, comparison_rows, confusion_rows, calibration_rows)
+        ),
         metadata={
             "table_1": markdown_table(table_1.to_dicts(), table_1.columns),
-            "paired_comparisons": markdown_table(comparison_rows, [
-                "model_a", "model_b", "n", "auc_a", "auc_b", "auc_difference", "ci_low", "ci_high", "delong_z",
-                "delong_p", "n_degenerate"]),
+            "paired_comparisons": markdown_table(
+                comparison_rows,
+                [
+                    "model_a",
+                    "model_b",
+                    "n",
+                    "auc_a",
+                    "auc_b",
+                    "auc_difference",
+                    "ci_low",
+                    "ci_high",
+                    "delong_z",
+                    "delong_p",
+                    "n_degenerate",
+                ],
+            ),
             "confusion_matrices": markdown_table(confusion_rows, ["model", "threshold", "n", "tp", "fp", "tn", "fn"]),
             "brier_scores": dg.MetadataValue.json({r["model"]: r["brier_score"] for r in calibration_rows}),
             "model_versions": dg.MetadataValue.json(versions),
@@ -629,16 +903,23 @@ def _lasso_config_of(store: FeatureStore, model: str) -> LassoModelConfig:
         return LassoModelConfig()
     params = json.loads(row["params"])
     lambdas = params.get("lambdas") or []
-    return LassoModelConfig(seed=params.get("seed", 0), cv_folds=params.get("cv_folds", 3),
-                            n_lambdas=len(lambdas) or 7, lambda_min=min(lambdas or [1e-3]),
-                            lambda_max=max(lambdas or [1e3]))
+    return LassoModelConfig(
+        seed=params.get("seed", 0),
+        cv_folds=params.get("cv_folds", 3),
+        n_lambdas=len(lambdas) or 7,
+        lambda_min=min(lambdas or [1e-3]),
+        lambda_max=max(lambdas or [1e3]),
+    )
 
 
 def _selection_config(store: FeatureStore) -> dict:
     measure, threshold, n_handcrafted = reads.selection_settings(store)
     n_study = len(_study_names(store))
-    return {"measure": measure or "pearson", "threshold": float(threshold if threshold is not None else 0.5),
-            "study_features_only": n_handcrafted <= n_study}
+    return {
+        "measure": measure or "pearson",
+        "threshold": float(threshold if threshold is not None else 0.5),
+        "study_features_only": n_handcrafted <= n_study,
+    }
 
 
 def _study_names(store: FeatureStore) -> list[str]:
@@ -687,22 +968,56 @@ def coefficients(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Ma
         refit, message = logit_refit(standardized, matrix.hcc, names)
         messages[model] = message
         for row in refit:
-            rows.append({"model": model, "feature": row.feature, "beta": row.beta, "std_error": row.std_error,
-                         "z": row.z, "p_value": row.p_value, "odds_change_pct": row.odds_change_pct,
-                         "lasso_beta": float(fit.coefficients.get(row.feature, np.nan)),
-                         "related_handcrafted": related.get(row.feature) if model == EXPLAINABLE_MODEL else None,
-                         "status": row.status, "version": registry["version"]})
-    table = pl.DataFrame(rows, schema={"model": pl.String, "feature": pl.String, "beta": pl.Float64,
-                                       "std_error": pl.Float64, "z": pl.Float64, "p_value": pl.Float64,
-                                       "odds_change_pct": pl.Float64, "lasso_beta": pl.Float64,
-                                       "related_handcrafted": pl.String, "status": pl.String, "version": pl.String})
+            rows.append(
+                {
+                    "model": model,
+                    "feature": row.feature,
+                    "beta": row.beta,
+                    "std_error": row.std_error,
+                    "z": row.z,
+                    "p_value": row.p_value,
+                    "odds_change_pct": row.odds_change_pct,
+                    "lasso_beta": float(fit.coefficients.get(row.feature, np.nan)),
+                    "related_handcrafted": related.get(row.feature) if model == EXPLAINABLE_MODEL else None,
+                    "status": row.status,
+                    "version": registry["version"],
+                }
+            )
+    table = pl.DataFrame(
+        rows,
+        schema={
+            "model": pl.String,
+            "feature": pl.String,
+            "beta": pl.Float64,
+            "std_error": pl.Float64,
+            "z": pl.Float64,
+            "p_value": pl.Float64,
+            "odds_change_pct": pl.Float64,
+            "lasso_beta": pl.Float64,
+            "related_handcrafted": pl.String,
+            "status": pl.String,
+            "version": pl.String,
+        },
+    )
     store.replace_versions("coefficients", FeatureStore.with_provenance(table, version=None, run_id=context.run.run_id))
     return dg.MaterializeResult(
         metadata={
             "n_rows": table.height,
             "refit": dg.MetadataValue.json(messages),
-            "coefficients": markdown_table(table.to_dicts(), ["model", "feature", "beta", "std_error", "z", "p_value",
-                                                              "odds_change_pct", "status", "related_handcrafted"]),
+            "coefficients": markdown_table(
+                table.to_dicts(),
+                [
+                    "model",
+                    "feature",
+                    "beta",
+                    "std_error",
+                    "z",
+                    "p_value",
+                    "odds_change_pct",
+                    "status",
+                    "related_handcrafted",
+                ],
+            ),
         },
     )
 
@@ -742,28 +1057,34 @@ class ReportConfig(dg.Config):
     "Figure 2 (training curves), ROC curves of the three models, the paired model comparison (AUC difference, "
     "DeLong), confusion matrices, the calibration plot, coefficients and the explainability sweep.",
 )
-def report(context: dg.AssetExecutionContext, config: deployed(ReportConfig, "report"), lake: LakeResource) -> dg.MaterializeResult:
-    from hcc_assets.stats.report import build_report, gather_report_inputs
-
+def report(
+    context: dg.AssetExecutionContext, config: deployed(ReportConfig, "report"), lake: LakeResource
+) -> dg.MaterializeResult:
     from hcc_assets.segmentation import overlay_png
+    from hcc_assets.stats.report import build_report, gather_report_inputs
 
     data_lake = lake.lake
 
     def case(patient_id: str):
-        return (data_lake.read_nifti(data_lake.patient_file(patient_id, NIFTI_FILE)),
-                data_lake.read_nifti(data_lake.patient_file(patient_id, LIVER_MASK_FILE)))
+        return (
+            data_lake.read_nifti(data_lake.patient_file(patient_id, NIFTI_FILE)),
+            data_lake.read_nifti(data_lake.patient_file(patient_id, LIVER_MASK_FILE)),
+        )
 
     inputs = gather_report_inputs(reads.report_tables(lake.store), case, overlay_png)
     rendered = build_report(inputs)
     html_path = lake.lake.path(config.folder, "report.html")
     md_path = lake.lake.path(config.folder, "report.md")
-    report_version = hashlib.sha256(rendered.html.encode()).hexdigest()[:16]
+    report_version = content_version(rendered.html)
     figures: dict[str, dg.MetadataValue] = {}  # each figure's file of this version; thumbnails are in `report`
     for name, png in rendered.figures.items():
         lake.lake.write_bytes(lake.lake.path(config.folder, name), png)  # beside report.md, which links them
         stem = name.removesuffix(".png")
-        figures.update(figure_metadata(data_lake, stem, data_lake.cohort_figure("report", report_version, stem), png,
-                                       stem, thumbnail=False))
+        figures.update(
+            figure_metadata(
+                data_lake, stem, data_lake.cohort_figure("report", report_version, stem), png, stem, thumbnail=False
+            )
+        )
     lake.lake.write_bytes(md_path, rendered.markdown.encode())
     lake.lake.write_bytes(html_path, rendered.html.encode())
     return dg.MaterializeResult(
@@ -777,5 +1098,13 @@ def report(context: dg.AssetExecutionContext, config: deployed(ReportConfig, "re
     )
 
 
-__all__ = ["explainable_features", "explainability_sweep", "radiomic_model", "explainable_model", "model_metrics",
-           "coefficients", "report", "CLASSIFIER_NAME"]
+__all__ = [
+    "CLASSIFIER_NAME",
+    "coefficients",
+    "explainability_sweep",
+    "explainable_features",
+    "explainable_model",
+    "model_metrics",
+    "radiomic_model",
+    "report",
+]

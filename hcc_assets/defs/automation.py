@@ -65,7 +65,9 @@ def on_refresh_cron() -> AC:
     every dependency updated after the tick, and the models depend on every patient's volume,
     which for patients ingested long ago never happens."""
     cron = refresh_cron()
-    return (AC.cron_tick_passed(cron, "UTC").since_last_handled() & ~AC.in_progress()).with_label(f"on cron {cron}")
+    # cron_tick_passed is generic in its key type; since_last_handled wants assets or checks
+    tick: AC[dg.AssetKey | dg.AssetCheckKey] = AC.cron_tick_passed(cron, "UTC")
+    return (tick.since_last_handled() & ~AC.in_progress()).with_label(f"on cron {cron}")
 
 
 def segmentation_retrain() -> AC:
@@ -78,11 +80,13 @@ def refresh_patient_feature() -> AC:
     """A per-patient feature again when an input has a new data version (a retrained model, a
     re-ingested volume) or will be made in the same run; never over missing or running inputs,
     nor from a model whose blocking checks failed."""
-    return (_input_changed().since_last_handled()
-            & ~AC.any_deps_missing()
-            & ~AC.any_deps_in_progress()
-            & ~AC.in_progress()
-            & AC.all_deps_blocking_checks_passed()).with_label("refresh when an input changes")
+    return (
+        _input_changed().since_last_handled()
+        & ~AC.any_deps_missing()
+        & ~AC.any_deps_in_progress()
+        & ~AC.in_progress()
+        & AC.all_deps_blocking_checks_passed()
+    ).with_label("refresh when an input changes")
 
 
 def refresh_prediction(volume: dg.AssetKey) -> AC:
@@ -90,10 +94,12 @@ def refresh_prediction(volume: dg.AssetKey) -> AC:
     (its pipeline run stopped before it); it only needs the patient's `volume`: a missing
     embedding or radiomic row becomes an 'unavailable' prediction with the reason."""
     no_volume = AC.any_deps_missing().allow(dg.AssetSelection.assets(volume)).with_label("no preprocessed volume")
-    return ((AC.newly_missing() | _input_changed()).since_last_handled()
-            & ~no_volume
-            & ~AC.any_deps_in_progress()
-            & ~AC.in_progress()).with_label("predict when a model or an input changes")
+    return (
+        (AC.newly_missing() | _input_changed()).since_last_handled()
+        & ~no_volume
+        & ~AC.any_deps_in_progress()
+        & ~AC.in_progress()
+    ).with_label("predict when a model or an input changes")
 
 
 def analyse_when_settled() -> AC:
@@ -103,19 +109,24 @@ def analyse_when_settled() -> AC:
     that evaluation, in runs of their own) are already seen as running."""
     cohort_level = dg.AssetSelection.groups(*COHORT_LEVEL_GROUPS)
     changed_now = AC.any_deps_match(_changed()).allow(cohort_level).with_label("a cohort-level input changed")
-    return (changed_now.since_last_handled()
-            & ~changed_now
-            & ~AC.any_deps_in_progress()
-            & ~AC.in_progress()
-            & AC.all_deps_blocking_checks_passed()).with_label("analyse once per-patient inputs settle")
+    return (
+        changed_now.since_last_handled()
+        & ~changed_now
+        & ~AC.any_deps_in_progress()
+        & ~AC.in_progress()
+        & AC.all_deps_blocking_checks_passed()
+    ).with_label("analyse once per-patient inputs settle")
 
 
 def follow_analysis() -> AC:
     """The rest of the analysis: in the same run as what it reads, or after it got a new data version."""
     upstream = dg.AssetSelection.groups(ANALYSIS_GROUP)
-    changed = AC.any_deps_match(_changed() | AC.will_be_requested()).allow(upstream).with_label("analysis input changed")
-    return (changed.since_last_handled() & ~AC.any_deps_in_progress() & ~AC.in_progress()
-            ).with_label("follow the analysis")
+    changed = (
+        AC.any_deps_match(_changed() | AC.will_be_requested()).allow(upstream).with_label("analysis input changed")
+    )
+    return (changed.since_last_handled() & ~AC.any_deps_in_progress() & ~AC.in_progress()).with_label(
+        "follow the analysis"
+    )
 
 
 def automation_sensor() -> dg.AutomationConditionSensorDefinition:

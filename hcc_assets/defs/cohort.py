@@ -1,15 +1,13 @@
 """Cohort level: labels and the seeded, stratified 80:20 split."""
 
-import hashlib
-import json
-
 import dagster as dg
 import polars as pl
 
-from hcc_assets.defs.ingest import preprocessed_volume
-from hcc_assets.defs.metadata import markdown_table
+from hcc_assets.core.versioning import content_version
 from hcc_assets.defs.automation import on_refresh_cron
 from hcc_assets.defs.deployment import deployed
+from hcc_assets.defs.ingest import preprocessed_volume
+from hcc_assets.defs.metadata import markdown_table
 from hcc_assets.defs.resources import LakeResource
 from hcc_assets.featurestore import FeatureStore, reads
 from hcc_assets.imaging.dropzone import validate_labels
@@ -34,11 +32,16 @@ class CohortConfig(dg.Config):
     "stratified 80:20 train/validation split; feature-store table `cohort_split`. A patient whose "
     "label is not 0/1 or who is listed twice with different labels is left out, with the reason in "
     "`exclusions` (stage labels) and the `labels_valid` check.",
-    check_specs=[dg.AssetCheckSpec("both_classes_in_both_splits", asset="cohort", blocking=True),
-                 dg.AssetCheckSpec("labels_valid", asset="cohort",
-                                   description="every labelled patient has one 0/1 label and was ingested")],
+    check_specs=[
+        dg.AssetCheckSpec("both_classes_in_both_splits", asset="cohort", blocking=True),
+        dg.AssetCheckSpec(
+            "labels_valid", asset="cohort", description="every labelled patient has one 0/1 label and was ingested"
+        ),
+    ],
 )
-def cohort(context: dg.AssetExecutionContext, config: deployed(CohortConfig, "cohort"), lake: LakeResource) -> dg.MaterializeResult:
+def cohort(
+    context: dg.AssetExecutionContext, config: deployed(CohortConfig, "cohort"), lake: LakeResource
+) -> dg.MaterializeResult:
     store = lake.store
     run_id = context.run.run_id
     ingested = reads.ingested_patients(store)
@@ -50,9 +53,13 @@ def cohort(context: dg.AssetExecutionContext, config: deployed(CohortConfig, "co
         context.log.warning(f"labels: {pid + ': ' if pid else ''}{problem}")
     label_exclusions = pl.DataFrame(
         [{"patient_id": pid, "stage": LABELS_STAGE, "reason": problem} for pid, problem in problem_rows if pid],
-        schema={"patient_id": pl.String, "stage": pl.String, "reason": pl.String})
-    store.replace_where("exclusions", {"stage": LABELS_STAGE}, FeatureStore.with_provenance(
-        label_exclusions, version=f"cohort@{COHORT_VERSION}", run_id=run_id))
+        schema={"patient_id": pl.String, "stage": pl.String, "reason": pl.String},
+    )
+    store.replace_where(
+        "exclusions",
+        {"stage": LABELS_STAGE},
+        FeatureStore.with_provenance(label_exclusions, version=f"cohort@{COHORT_VERSION}", run_id=run_id),
+    )
 
     included = sorted(ingested & labels.keys())
     split = stratified_split(included, [labels[p][0] for p in included], config.validation_fraction, config.seed)
@@ -74,11 +81,12 @@ def cohort(context: dg.AssetExecutionContext, config: deployed(CohortConfig, "co
     ok = all(per_split.get(f"{s}_{c}", 0) > 0 for s in ("train", "validation") for c in ("hcc", "healthy"))
     unknown = sorted(labels.keys() - ingested)
     unlabelled = sorted(ingested - labels.keys())
-    label_report = [{"patient_id": pid, "problem": problem} for pid, problem in problem_rows] + \
-        [{"patient_id": pid, "problem": "labelled, but no ingested volume (unknown patient, or ingest failed)"}
-         for pid in unknown]
+    label_report = [{"patient_id": pid, "problem": problem} for pid, problem in problem_rows] + [
+        {"patient_id": pid, "problem": "labelled, but no ingested volume (unknown patient, or ingest failed)"}
+        for pid in unknown
+    ]
     # the split's content: a re-materialization that changes nothing does not retrain anything downstream
-    content = hashlib.sha256(json.dumps(rows.to_dicts(), sort_keys=True).encode()).hexdigest()[:16]
+    content = content_version(rows.to_dicts())
     return dg.MaterializeResult(
         data_version=dg.DataVersion(content),
         metadata={
@@ -92,10 +100,17 @@ def cohort(context: dg.AssetExecutionContext, config: deployed(CohortConfig, "co
         check_results=[
             dg.AssetCheckResult(check_name="both_classes_in_both_splits", passed=ok, metadata=per_split),
             dg.AssetCheckResult(
-                check_name="labels_valid", passed=not label_report, severity=dg.AssetCheckSeverity.WARN,
-                description=None if not label_report else f"{len(label_report)} label problem(s): " + "; ".join(
-                    f"{r['patient_id'] or 'manifest'}: {r['problem']}" for r in label_report[:10]),
-                metadata={"problems": markdown_table(label_report, ["patient_id", "problem"]),
-                          "ingested_without_label": len(unlabelled)}),
+                check_name="labels_valid",
+                passed=not label_report,
+                severity=dg.AssetCheckSeverity.WARN,
+                description=None
+                if not label_report
+                else f"{len(label_report)} label problem(s): "
+                + "; ".join(f"{r['patient_id'] or 'manifest'}: {r['problem']}" for r in label_report[:10]),
+                metadata={
+                    "problems": markdown_table(label_report, ["patient_id", "problem"]),
+                    "ingested_without_label": len(unlabelled),
+                },
+            ),
         ],
     )

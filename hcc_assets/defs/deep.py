@@ -29,7 +29,6 @@ in use for embeddings and predictions (`accept_below_chance` registers it as cur
 experiments; `deep_embedding` then still refuses it unless `allow_model_below_chance`).
 """
 
-
 import hashlib
 import json
 import tempfile
@@ -40,16 +39,18 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
+from hcc_assets.core.errors import PatientInputError
+from hcc_assets.core.figures import plot_history
+from hcc_assets.core.versioning import SHORT, content_version
+from hcc_assets.defs.automation import on_refresh_cron, refresh_patient_feature
 from hcc_assets.defs.cohort import cohort
+from hcc_assets.defs.deployment import deployed
 from hcc_assets.defs.ingest import PREPROCESSED_FILE, preprocessed_volume
 from hcc_assets.defs.metadata import figure_metadata, markdown_table
 from hcc_assets.defs.partitions import patients_partitions
 from hcc_assets.defs.patient_errors import patient_failure
-from hcc_assets.defs.automation import on_refresh_cron, refresh_patient_feature
-from hcc_assets.defs.deployment import deployed
 from hcc_assets.defs.resources import ComputeResource, LakeResource
 from hcc_assets.featurestore import FeatureStore, reads, registry
-from hcc_assets.imaging.errors import IngestError
 from hcc_assets.lake import DataLake, nifti_from_bytes, sha256_bytes
 
 CLASSIFIER_VERSION = "1"
@@ -127,8 +128,9 @@ def _init_identity(checkpoint: str) -> str:
         return SEEDED_RANDOM_INIT
     path = Path(checkpoint)
     if not path.is_file():
-        raise dg.Failure(description=f"hcc_classifier: medicalnet_checkpoint {checkpoint} is not a file",
-                         allow_retries=False)
+        raise dg.Failure(
+            description=f"hcc_classifier: medicalnet_checkpoint {checkpoint} is not a file", allow_retries=False
+        )
     with path.open("rb") as file:
         return f"medicalnet:{hashlib.file_digest(file, 'sha256').hexdigest()}"
 
@@ -204,9 +206,12 @@ def _majority_rate(labels: list[bool]) -> float:
     ],
 )
 def hcc_classifier(
-    context: dg.AssetExecutionContext, config: deployed(HccClassifierConfig, "hcc_classifier"), lake: LakeResource, compute: ComputeResource
+    context: dg.AssetExecutionContext,
+    config: deployed(HccClassifierConfig, "hcc_classifier"),
+    lake: LakeResource,
+    compute: ComputeResource,
 ) -> dg.MaterializeResult:
-    from hcc_assets.deep import CheckpointMismatchError, plot_history, predict_proba, train_classifier
+    from hcc_assets.deep import CheckpointMismatchError, predict_proba, train_classifier
 
     started = time.perf_counter()
     store, data_lake = lake.store, lake.lake
@@ -216,8 +221,9 @@ def hcc_classifier(
     snapshot = store.current_snapshot()  # the cohort as of this snapshot, recorded with the model
     split = reads.cohort_split(store.at(snapshot=snapshot))
     if split.height == 0:
-        raise dg.Failure(description="hcc_classifier: cohort_split is empty; materialize cohort first",
-                         allow_retries=False)
+        raise dg.Failure(
+            description="hcc_classifier: cohort_split is empty; materialize cohort first", allow_retries=False
+        )
     volumes: dict[str, np.ndarray] = {}
     digests: dict[str, str] = {}
     missing: list[str] = []
@@ -227,19 +233,26 @@ def hcc_classifier(
             continue
         volumes[pid], digests[pid] = _read_volume(data_lake, pid)
     if missing:
-        context.log.warning(f"hcc_classifier: {len(missing)} cohort patient(s) without a preprocessed volume "
-                            f"skipped: {', '.join(missing)}")
+        context.log.warning(
+            f"hcc_classifier: {len(missing)} cohort patient(s) without a preprocessed volume "
+            f"skipped: {', '.join(missing)}"
+        )
     shapes = sorted({tuple(v.shape) for v in volumes.values()})
     if len(shapes) > 1:
-        raise dg.Failure(description=f"hcc_classifier: preprocessed volumes on different grids {shapes}; "
-                         "re-materialize preprocessed_volume with one target_shape for every patient",
-                         allow_retries=False)
+        raise dg.Failure(
+            description=f"hcc_classifier: preprocessed volumes on different grids {shapes}; "
+            "re-materialize preprocessed_volume with one target_shape for every patient",
+            allow_retries=False,
+        )
     rows = [r for r in split.iter_rows(named=True) if r["patient_id"] in volumes]
     train = [r for r in rows if r["split"] == "train"]
     validation = [r for r in rows if r["split"] == "validation"]
     if len(train) < 2 or not validation:
-        raise dg.Failure(description=f"hcc_classifier: {len(train)} training and {len(validation)} validation "
-                         "patients with volumes; at least 2 and 1 needed", allow_retries=False)
+        raise dg.Failure(
+            description=f"hcc_classifier: {len(train)} training and {len(validation)} validation "
+            "patients with volumes; at least 2 and 1 needed",
+            allow_retries=False,
+        )
 
     settings = config.to_domain(device, amp)
     init = _init_identity(config.medicalnet_checkpoint)
@@ -252,19 +265,25 @@ def hcc_classifier(
         "train": [[r["patient_id"], digests[r["patient_id"]], r["hcc"]] for r in train],
         "validation": [[r["patient_id"], digests[r["patient_id"]], r["hcc"]] for r in validation],
     }
-    version = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    version = content_version(identity, length=SHORT)
     folder = data_lake.path(*MODELS_DIR, version)
 
     result = None if config.force_retrain else _saved_model(data_lake, folder, device, settings, context.log)
     reused = result is not None
     if result is None:
-        context.log.info(f"hcc_classifier {version}: training depth {settings.depth} on {device} "
-                         f"({len(train)} train / {len(validation)} validation patients, {init})")
+        context.log.info(
+            f"hcc_classifier {version}: training depth {settings.depth} on {device} "
+            f"({len(train)} train / {len(validation)} validation patients, {init})"
+        )
         try:
             result = train_classifier(
-                [volumes[r["patient_id"]] for r in train], [r["hcc"] for r in train],
-                [volumes[r["patient_id"]] for r in validation], [r["hcc"] for r in validation],
-                settings, device=device, progress=lambda line: context.log.info(f"hcc_classifier {version}: {line}"),
+                [volumes[r["patient_id"]] for r in train],
+                [r["hcc"] for r in train],
+                [volumes[r["patient_id"]] for r in validation],
+                [r["hcc"] for r in validation],
+                settings,
+                device=device,
+                progress=lambda line: context.log.info(f"hcc_classifier {version}: {line}"),
             )
         except CheckpointMismatchError as error:
             raise dg.Failure(description=f"hcc_classifier: {error}", allow_retries=False) from None
@@ -272,16 +291,23 @@ def hcc_classifier(
 
     # P(HCC) of every cohort patient with a volume, one volume at a time (as the embeddings)
     predict_started = time.perf_counter()
-    probabilities = predict_proba(result.model, [volumes[r["patient_id"]] for r in rows],
-                                  batch_size=EMBED_BATCH_SIZE, device=device)
+    probabilities = predict_proba(
+        result.model, [volumes[r["patient_id"]] for r in rows], batch_size=EMBED_BATCH_SIZE, device=device
+    )
     predict_seconds = time.perf_counter() - predict_started
 
     majority = _majority_rate([r["hcc"] for r in train])
     train_acc = float(result.final_metrics["train_acc"])
     beats_chance = train_acc > majority
     history = [
-        {"epoch": h.epoch, "train_loss": h.train_loss, "train_acc": h.train_acc, "val_loss": h.val_loss,
-         "val_acc": h.val_acc, "seconds": h.train_seconds + h.val_seconds}
+        {
+            "epoch": h.epoch,
+            "train_loss": h.train_loss,
+            "train_acc": h.train_acc,
+            "val_loss": h.val_loss,
+            "val_acc": h.val_acc,
+            "seconds": h.train_seconds + h.val_seconds,
+        }
         for h in result.history
     ]
     timings = {**result.timings, "predict_seconds": predict_seconds, "asset_seconds": time.perf_counter() - started}
@@ -307,37 +333,67 @@ def hcc_classifier(
     store.replace_versions(
         "training_history",
         FeatureStore.with_provenance(
-            pl.DataFrame([{k: v for k, v in h.items() if k != "seconds"} | {"model_name": MODEL_NAME} for h in history],
-                         schema={"epoch": pl.Int32, "train_loss": pl.Float64, "train_acc": pl.Float64,
-                                 "val_loss": pl.Float64, "val_acc": pl.Float64, "model_name": pl.String}),
-            version=version, run_id=run_id),
+            pl.DataFrame(
+                [{k: v for k, v in h.items() if k != "seconds"} | {"model_name": MODEL_NAME} for h in history],
+                schema={
+                    "epoch": pl.Int32,
+                    "train_loss": pl.Float64,
+                    "train_acc": pl.Float64,
+                    "val_loss": pl.Float64,
+                    "val_acc": pl.Float64,
+                    "model_name": pl.String,
+                },
+            ),
+            version=version,
+            run_id=run_id,
+        ),
     )
     store.replace_versions(
         "predictions",
         FeatureStore.with_provenance(
-            pl.DataFrame({
-                "model": [PREDICTION_MODEL] * len(rows),
-                "patient_id": [r["patient_id"] for r in rows],
-                "split": [r["split"] for r in rows],
-                "probability": probabilities.astype(np.float64),
-                "label": [r["hcc"] for r in rows],
-            }),
-            version=version, run_id=run_id),
+            pl.DataFrame(
+                {
+                    "model": [PREDICTION_MODEL] * len(rows),
+                    "patient_id": [r["patient_id"] for r in rows],
+                    "split": [r["split"] for r in rows],
+                    "probability": probabilities.astype(np.float64),
+                    "label": [r["hcc"] for r in rows],
+                }
+            ),
+            version=version,
+            run_id=run_id,
+        ),
     )
     # the registry row last: deep_embedding follows it, so it flips only once the rest is written
     train_ids = [r["patient_id"] for r in train]
     accepted = bool(beats_chance) or config.accept_below_chance
-    store.register_model(registry.model_row(
-        MODEL_NAME, MODEL_KIND, folder, init=result.init, params=params, metrics=metrics, training_patients=train_ids,
-        training_set=registry.volumes_spec(train_ids), version=version, run_id=run_id), data_snapshot=snapshot,
-        current=accepted)
+    store.register_model(
+        registry.model_row(
+            MODEL_NAME,
+            MODEL_KIND,
+            folder,
+            init=result.init,
+            params=params,
+            metrics=metrics,
+            training_patients=train_ids,
+            training_set=registry.volumes_spec(train_ids),
+            version=version,
+            run_id=run_id,
+        ),
+        data_snapshot=snapshot,
+        current=accepted,
+    )
     in_use = version if accepted else registry.current_version(store, MODEL_NAME)
     if not accepted:
         context.log.warning(
             f"hcc_classifier {version} refused: training accuracy {train_acc:.3f} is not above the majority-class "
-            f"rate {majority:.3f}; " + (f"version {in_use} stays current" if in_use else
-                                        "no usable classifier: no deep embeddings or deep predictions until a "
-                                        "retrain passes"))
+            f"rate {majority:.3f}; "
+            + (
+                f"version {in_use} stays current"
+                if in_use
+                else "no usable classifier: no deep embeddings or deep predictions until a retrain passes"
+            )
+        )
 
     final = result.final_metrics
     return dg.MaterializeResult(
@@ -366,9 +422,13 @@ def hcc_classifier(
             "majority_rate": majority,
             "timings_s": dg.MetadataValue.json({k: round(float(v), 3) for k, v in timings.items()}),
             "history": markdown_table(history, ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"]),
-            **figure_metadata(data_lake, "figure_2", data_lake.cohort_figure("hcc_classifier", version, "figure_2"),
-                              plot_history(result.history, result.best_epoch),
-                              "Figure 2: accuracy and loss over epochs"),
+            **figure_metadata(
+                data_lake,
+                "figure_2",
+                data_lake.cohort_figure("hcc_classifier", version, "figure_2"),
+                plot_history(result.history, result.best_epoch),
+                "Figure 2: accuracy and loss over epochs",
+            ),
             "params": dg.MetadataValue.json(params),
         },
         check_results=[
@@ -376,12 +436,21 @@ def hcc_classifier(
                 check_name=BEATS_CHANCE,
                 passed=bool(beats_chance),
                 severity=dg.AssetCheckSeverity.ERROR,
-                description=None if beats_chance else
-                f"training accuracy {train_acc:.3f} is not above the majority-class rate {majority:.3f}; "
-                + ("registered as current anyway (accept_below_chance)" if accepted else
-                   f"retrain refused, current version: {in_use or 'none'}"),
-                metadata={"train_acc": train_acc, "majority_rate": majority, "n_train": len(train),
-                          "model_version": version, "current_version": in_use or "none"},
+                description=None
+                if beats_chance
+                else f"training accuracy {train_acc:.3f} is not above the majority-class rate {majority:.3f}; "
+                + (
+                    "registered as current anyway (accept_below_chance)"
+                    if accepted
+                    else f"retrain refused, current version: {in_use or 'none'}"
+                ),
+                metadata={
+                    "train_acc": train_acc,
+                    "majority_rate": majority,
+                    "n_train": len(train),
+                    "model_version": version,
+                    "current_version": in_use or "none",
+                },
             )
         ],
     )
@@ -421,7 +490,10 @@ def cached_classifier(data_lake: DataLake, folder: str, version: str, device: st
     check_specs=[dg.AssetCheckSpec("embedding_finite", asset="deep_embedding")],
 )
 def deep_embedding(
-    context: dg.AssetExecutionContext, config: deployed(DeepEmbeddingConfig, "deep_embedding"), lake: LakeResource, compute: ComputeResource
+    context: dg.AssetExecutionContext,
+    config: deployed(DeepEmbeddingConfig, "deep_embedding"),
+    lake: LakeResource,
+    compute: ComputeResource,
 ) -> dg.MaterializeResult:
     from hcc_assets.deep import embed
 
@@ -433,7 +505,8 @@ def deep_embedding(
             description=f"patient {patient_id}: deep_embedding needs a usable hcc_classifier, and none is "
             "current (never trained, or every retrain was refused by beats_chance_on_training); materialize "
             "hcc_classifier (job cohort_refresh)",
-            metadata={"patient_id": patient_id}, allow_retries=False,
+            metadata={"patient_id": patient_id},
+            allow_retries=False,
         )
     version = model["version"]
     metrics = json.loads(model["metrics"] or "{}")
@@ -441,37 +514,49 @@ def deep_embedding(
         raise dg.Failure(
             description=f"patient {patient_id}: the current hcc_classifier {version} failed its "
             f"{BEATS_CHANCE} check; retrain it (or set allow_model_below_chance)",
-            metadata={"patient_id": patient_id, "model_version": version}, allow_retries=False,
+            metadata={"patient_id": patient_id, "model_version": version},
+            allow_retries=False,
         )
     input_shape = json.loads(model["params"] or "{}").get("input_shape")
 
-    with patient_failure(patient_id, "deep_embedding", cleanup=lambda: store.delete_partition("deep_embeddings", patient_id)):
+    with patient_failure(
+        patient_id, "deep_embedding", cleanup=lambda: store.delete_partition("deep_embeddings", patient_id)
+    ):
         if not data_lake.exists(data_lake.patient_file(patient_id, PREPROCESSED_FILE)):
-            raise IngestError("no preprocessed volume; materialize preprocessed_volume first")
+            raise PatientInputError("no preprocessed volume; materialize preprocessed_volume first")
         volume, volume_sha = _read_volume(data_lake, patient_id)
         if input_shape and list(volume.shape) != list(input_shape):
-            raise IngestError(f"preprocessed volume {list(volume.shape)} is not on the grid the classifier "
-                              f"{version} was trained on ({input_shape}); re-materialize preprocessed_volume")
+            raise PatientInputError(
+                f"preprocessed volume {list(volume.shape)} is not on the grid the classifier "
+                f"{version} was trained on ({input_shape}); re-materialize preprocessed_volume"
+            )
         compute.configure_threads()
         device = compute.torch_device()
         try:
             network = cached_classifier(data_lake, model["path"], version, device)
         except Exception as error:  # corrupt, truncated or incompatible file: say which model, not a traceback
-            raise IngestError(f"the checkpoint of the current hcc_classifier {version} is unreadable or "
-                              f"incompatible ({type(error).__name__}: {str(error)[:200]}); re-materialize "
-                              "hcc_classifier with force_retrain") from None
+            raise PatientInputError(
+                f"the checkpoint of the current hcc_classifier {version} is unreadable or "
+                f"incompatible ({type(error).__name__}: {str(error)[:200]}); re-materialize "
+                "hcc_classifier with force_retrain"
+            ) from None
         vector = embed(network, volume[None], batch_size=EMBED_BATCH_SIZE, device=device)[0].astype(np.float32)
         if vector.shape != (EMBEDDING_DIM,):
             raise ValueError(f"embedding has shape {vector.shape}; the feature store holds {EMBEDDING_DIM} values")
 
-    rows = pl.DataFrame({
-        "patient_id": [patient_id],
-        "model_version": [version],
-        "embedding": pl.Series("embedding", vector[None, :], dtype=pl.Array(pl.Float32, EMBEDDING_DIM)),
-    })
+    rows = pl.DataFrame(
+        {
+            "patient_id": [patient_id],
+            "model_version": [version],
+            "embedding": pl.Series("embedding", vector[None, :], dtype=pl.Array(pl.Float32, EMBEDDING_DIM)),
+        }
+    )
     store.replace_partition(
-        "deep_embeddings", patient_id,
-        FeatureStore.with_provenance(rows, version=f"deep_embedding@{DEEP_EMBEDDING_VERSION}", run_id=context.run.run_id),
+        "deep_embeddings",
+        patient_id,
+        FeatureStore.with_provenance(
+            rows, version=f"deep_embedding@{DEEP_EMBEDDING_VERSION}", run_id=context.run.run_id
+        ),
     )
     finite = bool(np.isfinite(vector).all())
     return dg.MaterializeResult(
@@ -485,6 +570,9 @@ def deep_embedding(
             "first_values": dg.MetadataValue.json([round(float(v), 5) for v in vector[:8]]),
             "volume_sha256": volume_sha[:16],
         },
-        check_results=[dg.AssetCheckResult(check_name="embedding_finite", passed=finite,
-                                           metadata={"nonzero": int(np.count_nonzero(vector))})],
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="embedding_finite", passed=finite, metadata={"nonzero": int(np.count_nonzero(vector))}
+            )
+        ],
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from functools import cache
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pydantic
 import yaml
@@ -36,8 +37,9 @@ def _read(env: str) -> dict:
         raise ValueError(f"{env}={path}: expected a mapping with an `ops` section, got {type(settings).__name__}")
     unknown = set(settings) - {"ops"} - _IGNORED_SECTIONS
     if unknown:
-        raise ValueError(f"{env}={path}: only `ops: {{<asset>: {{config: {{...}}}}}}` is read; "
-                         f"remove {', '.join(sorted(unknown))}")
+        raise ValueError(
+            f"{env}={path}: only `ops: {{<asset>: {{config: {{...}}}}}}` is read; remove {', '.join(sorted(unknown))}"
+        )
     return settings.get("ops") or {}
 
 
@@ -50,14 +52,23 @@ def _op_settings() -> dict[str, dict]:
     return merged
 
 
-def deployed(config_class: type, asset: str) -> type:
+ConfigT = TypeVar("ConfigT", bound=pydantic.BaseModel)
+
+
+def deployed(config_class: type[ConfigT], asset: str) -> type[ConfigT]:
     """`config_class` with the deployment's values for `asset` as its defaults (itself when none)."""
     values = _op_settings().get(asset)
     if not values:
         return config_class
     unknown = set(values) - set(config_class.model_fields)
     if unknown:
-        raise ValueError(f"deployment config for {asset}: unknown field(s) {', '.join(sorted(unknown))}; "
-                         f"{config_class.__name__} has {', '.join(sorted(config_class.model_fields))}")
-    fields = {name: (config_class.model_fields[name].annotation, value) for name, value in values.items()}
+        raise ValueError(
+            f"deployment config for {asset}: unknown field(s) {', '.join(sorted(unknown))}; "
+            f"{config_class.__name__} has {', '.join(sorted(config_class.model_fields))}"
+        )
+    # (annotation, default) per field. Typed Any: mypy checks a **dict against create_model's own
+    # keyword parameters (__config__, __doc__, ...) too, which no tuple type satisfies.
+    fields: dict[str, Any] = {
+        name: (config_class.model_fields[name].annotation, value) for name, value in values.items()
+    }
     return pydantic.create_model(config_class.__name__, __base__=config_class, **fields)

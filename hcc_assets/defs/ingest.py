@@ -6,23 +6,23 @@ Files are written by the assets themselves into the lake (no IO manager), so dow
 assets, notebooks and SQL all read the same files.
 """
 
-
 import json
+from typing import cast
 
 import dagster as dg
 import nibabel as nib
 import numpy as np
 import polars as pl
 
+from hcc_assets.core.errors import PatientInputError
+from hcc_assets.defs.deployment import deployed
 from hcc_assets.defs.metadata import figure_metadata, markdown_table
 from hcc_assets.defs.partitions import patients_partitions
 from hcc_assets.defs.patient_errors import patient_failure
-from hcc_assets.defs.deployment import deployed
 from hcc_assets.defs.resources import LakeResource
 from hcc_assets.featurestore import FeatureStore
 from hcc_assets.imaging import dicom_series, nifti, preprocess, preview
 from hcc_assets.imaging.dropzone import folder_fingerprint, read_label_manifests
-from hcc_assets.imaging.errors import IngestError
 from hcc_assets.imaging.volume_info import volume_summary
 from hcc_assets.lake import sha256_bytes
 
@@ -73,7 +73,9 @@ def _run_id(context: dg.AssetExecutionContext) -> str:
     description="Inventory of the patient's DICOM study (no PHI), the chosen T2-weighted series "
     "and why, with checksums. Rows in feature-store tables `patients` and `scans`.",
 )
-def raw_scan(context: dg.AssetExecutionContext, config: deployed(RawScanConfig, "raw_scan"), lake: LakeResource) -> dg.MaterializeResult:
+def raw_scan(
+    context: dg.AssetExecutionContext, config: deployed(RawScanConfig, "raw_scan"), lake: LakeResource
+) -> dg.MaterializeResult:
     patient_id = context.partition_key
     folder = lake.patient_folder(patient_id)
     store = lake.store
@@ -90,10 +92,11 @@ def raw_scan(context: dg.AssetExecutionContext, config: deployed(RawScanConfig, 
         chosen_series = choice.series
         voxels = chosen_series.rows * chosen_series.columns * len(chosen_series.files)
         if voxels > config.max_voxels:
-            raise IngestError(
+            raise PatientInputError(
                 f"the T2 series {chosen_series.label} is {chosen_series.columns} x {chosen_series.rows} x "
                 f"{len(chosen_series.files)} = {voxels:,} voxels, above the limit of {config.max_voxels:,} "
-                "(raw_scan config max_voxels); refused before reading its pixels")
+                "(raw_scan config max_voxels); refused before reading its pixels"
+            )
     record = {
         "patient_id": patient_id,
         "study": inventory.to_record(),
@@ -112,7 +115,9 @@ def raw_scan(context: dg.AssetExecutionContext, config: deployed(RawScanConfig, 
                 **_scan_columns(series.to_record()),
                 "patient_id": patient_id,
                 "chosen": series.series_key == choice.series.series_key,
-                "t2_score": next((c.get("score") for c in choice.candidates if c.get("series_key") == series.series_key), None),
+                "t2_score": next(
+                    (c.get("score") for c in choice.candidates if c.get("series_key") == series.series_key), None
+                ),
                 "choice_reason": choice.reason if series.series_key == choice.series.series_key else None,
             }
             for series in inventory.series
@@ -121,17 +126,23 @@ def raw_scan(context: dg.AssetExecutionContext, config: deployed(RawScanConfig, 
     )
     source = _source_of(lake, folder.name)
     patient_row = pl.DataFrame(
-        [{
-            "patient_id": patient_id,
-            "source": source,
-            "n_series": len(inventory.series),
-            "n_files": inventory.n_files,
-            "t2_series_key": choice.series.series_key,
-            "ingest_status": "ok",
-        }]
+        [
+            {
+                "patient_id": patient_id,
+                "source": source,
+                "n_series": len(inventory.series),
+                "n_files": inventory.n_files,
+                "t2_series_key": choice.series.series_key,
+                "ingest_status": "ok",
+            }
+        ]
     )
-    store.replace_partition("scans", patient_id, FeatureStore.with_provenance(scan_rows, version=version, run_id=_run_id(context)))
-    store.replace_partition("patients", patient_id, FeatureStore.with_provenance(patient_row, version=version, run_id=_run_id(context)))
+    store.replace_partition(
+        "scans", patient_id, FeatureStore.with_provenance(scan_rows, version=version, run_id=_run_id(context))
+    )
+    store.replace_partition(
+        "patients", patient_id, FeatureStore.with_provenance(patient_row, version=version, run_id=_run_id(context))
+    )
 
     chosen = choice.series
     return dg.MaterializeResult(
@@ -144,8 +155,19 @@ def raw_scan(context: dg.AssetExecutionContext, config: deployed(RawScanConfig, 
             "n_series": len(inventory.series),
             "n_files": inventory.n_files,
             "series": markdown_table(
-                [{**series.to_record(), "chosen": series.series_key == chosen.series_key} for series in inventory.series],
-                ["series_number", "description", "echo_time_ms", "repetition_time_ms", "sequence_name", "n_files", "chosen"],
+                [
+                    {**series.to_record(), "chosen": series.series_key == chosen.series_key}
+                    for series in inventory.series
+                ],
+                [
+                    "series_number",
+                    "description",
+                    "echo_time_ms",
+                    "repetition_time_ms",
+                    "sequence_name",
+                    "n_files",
+                    "chosen",
+                ],
             ),
             "study_checksum": chosen.checksum,
             # lets the sensor skip folders already ingested from the same bytes
@@ -156,8 +178,18 @@ def raw_scan(context: dg.AssetExecutionContext, config: deployed(RawScanConfig, 
 
 def _scan_columns(series_record: dict) -> dict:
     keep = {
-        "series_key", "series_number", "description", "modality", "echo_time_ms", "repetition_time_ms",
-        "sequence_name", "scanning_sequence", "n_files", "slice_thickness_mm", "spacing_between_slices_mm", "checksum",
+        "series_key",
+        "series_number",
+        "description",
+        "modality",
+        "echo_time_ms",
+        "repetition_time_ms",
+        "sequence_name",
+        "scanning_sequence",
+        "n_files",
+        "slice_thickness_mm",
+        "spacing_between_slices_mm",
+        "checksum",
     }
     row = {key: series_record.get(key) for key in keep}
     row["rows_px"] = series_record.get("rows")
@@ -243,7 +275,7 @@ def nifti_volume(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Ma
         if series is None or series.checksum != next(
             s["checksum"] for s in record["study"]["series"] if s["series_key"] == record["chosen_series_key"]
         ):
-            raise IngestError("the chosen T2 series changed since raw_scan; re-materialize raw_scan")
+            raise PatientInputError("the chosen T2 series changed since raw_scan; re-materialize raw_scan")
         image = nifti.series_to_nifti(series)
         reference = _load_reference_mask(folder, image)
     path = data_lake.patient_file(patient_id, NIFTI_FILE)
@@ -271,8 +303,13 @@ def nifti_volume(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Ma
             "obliquity_deg": summary["obliquity_deg"],
             "has_reference_mask": reference is not None,
             "path": dg.MetadataValue.path(path),
-            **figure_metadata(data_lake, "mid_slice", data_lake.patient_figure(patient_id, "nifti_volume", "mid_slice"),
-                              png, "mid axial slice"),
+            **figure_metadata(
+                data_lake,
+                "mid_slice",
+                data_lake.patient_figure(patient_id, "nifti_volume", "mid_slice"),
+                png,
+                "mid axial slice",
+            ),
         },
         check_results=[
             dg.AssetCheckResult(
@@ -290,9 +327,9 @@ def _load_reference_mask(folder, image):
     source = folder.joinpath(*REFERENCE_MASK_SOURCE)
     if not source.exists():
         return None
-    mask = nib.load(source)
+    mask = cast(nib.Nifti1Image, nib.load(source))  # nib.load is typed as the base FileBasedImage
     if mask.shape[:3] != image.shape[:3] or not np.allclose(mask.affine, image.affine, atol=1e-3):
-        raise IngestError(
+        raise PatientInputError(
             f"reference mask grid {mask.shape[:3]} does not match the T2 volume {image.shape[:3]} (shape or affine)"
         )
     data = np.asarray(mask.dataobj).astype(np.uint8)
@@ -313,7 +350,9 @@ def _load_reference_mask(folder, image):
     check_specs=[dg.AssetCheckSpec("grid_and_intensity", asset="preprocessed_volume")],
 )
 def preprocessed_volume(
-    context: dg.AssetExecutionContext, config: deployed(PreprocessedVolumeConfig, "preprocessed_volume"), lake: LakeResource
+    context: dg.AssetExecutionContext,
+    config: deployed(PreprocessedVolumeConfig, "preprocessed_volume"),
+    lake: LakeResource,
 ) -> dg.MaterializeResult:
     patient_id = context.partition_key
     data_lake = lake.lake
@@ -345,9 +384,13 @@ def preprocessed_volume(
             "intensity_std": summary["intensity_std"],
             "preprocess_config": dg.MetadataValue.json(settings.model_dump(mode="json")),
             "path": dg.MetadataValue.path(path),
-            **figure_metadata(data_lake, "mid_slice",
-                              data_lake.patient_figure(patient_id, "preprocessed_volume", "mid_slice"),
-                              png, "mid axial slice"),
+            **figure_metadata(
+                data_lake,
+                "mid_slice",
+                data_lake.patient_figure(patient_id, "preprocessed_volume", "mid_slice"),
+                png,
+                "mid axial slice",
+            ),
         },
         check_results=[
             dg.AssetCheckResult(

@@ -4,7 +4,9 @@ import dagster as dg
 
 from hcc_assets.defs import analysis, cohort, deep, ingest, maintenance, predictions, segmentation
 
-ALL_ASSETS = dg.load_assets_from_modules([ingest, cohort, segmentation, deep, analysis, predictions, maintenance])  # once: definitions.py uses these
+ALL_ASSETS = dg.load_assets_from_modules(
+    [ingest, cohort, segmentation, deep, analysis, predictions, maintenance]
+)  # once: definitions.py uses these
 COHORT_GROUPS = ("cohort", "models")  # what cohort_refresh runs
 ANALYSIS_GROUPS = ("analysis",)  # what analysis_refresh runs
 
@@ -16,8 +18,9 @@ ANALYSIS_GROUPS = ("analysis",)  # what analysis_refresh runs
 # with no run config of their own (sensors, automation, the UI) get it too.
 in_process_first_executor = dg.ExecutorDefinition(
     name="in_process_first",
-    config_schema=dg.Field(dg.multi_or_in_process_executor.config_schema.as_field().config_type,
-                           default_value={"in_process": {}}),
+    config_schema=dg.Field(
+        dg.multi_or_in_process_executor.config_schema.as_field().config_type, default_value={"in_process": {}}
+    ),
     executor_creation_fn=dg.multi_or_in_process_executor.executor_creation_fn,
     description="Dagster's multi_or_in_process_executor with in_process as the default.",
 )
@@ -32,8 +35,7 @@ patient_ingest_job = dg.define_asset_job(
 patient_features_job = dg.define_asset_job(
     name="patient_features",
     selection=dg.AssetSelection.groups("features"),
-    description="Model-derived features of one patient partition from the current models (mask, radiomics, "
-    "embedding).",
+    description="Model-derived features of one patient partition from the current models (mask, radiomics, embedding).",
 )
 
 patient_predictions_job = dg.define_asset_job(

@@ -39,25 +39,41 @@ class FeatureStoreMaintenanceConfig(dg.Config):
     "is kept), expires snapshots past the retention window except those a registered model was trained on, "
     "and deletes data files no kept snapshot reads.",
 )
-def feature_store_maintenance(context: dg.AssetExecutionContext,
-                              config: deployed(FeatureStoreMaintenanceConfig, "feature_store_maintenance"),
-                              lake: LakeResource) -> dg.MaterializeResult:
-    keep_days = None if config.keep_all_snapshots else (config.keep_days if config.keep_days is not None
-                                                        else _default_keep_days())
+def feature_store_maintenance(
+    context: dg.AssetExecutionContext,
+    config: deployed(FeatureStoreMaintenanceConfig, "feature_store_maintenance"),
+    lake: LakeResource,
+) -> dg.MaterializeResult:
+    keep_days = (
+        None
+        if config.keep_all_snapshots
+        else (config.keep_days if config.keep_days is not None else _default_keep_days())
+    )
     report = maintain(lake.store, RetentionPolicy(keep_days=keep_days, file_grace_hours=config.file_grace_hours))
-    context.log.info(f"feature store: {report.data_files_before} -> {report.data_files_after} data files, "
-                     f"{report.snapshots_expired} of {report.snapshots_before} snapshots expired, "
-                     f"{report.files_deleted} files deleted in {report.seconds:.1f} s")
-    return dg.MaterializeResult(metadata={**{k: v for k, v in report.as_dict().items() if k != "kept_for_models"},
-                                          "kept_for_models": dg.MetadataValue.json(report.kept_for_models),
-                                          "keep_days": keep_days if keep_days is not None else "never"})
+    context.log.info(
+        f"feature store: {report.data_files_before} -> {report.data_files_after} data files, "
+        f"{report.snapshots_expired} of {report.snapshots_before} snapshots expired, "
+        f"{report.files_deleted} files deleted in {report.seconds:.1f} s"
+    )
+    return dg.MaterializeResult(
+        metadata={
+            **{k: v for k, v in report.as_dict().items() if k != "kept_for_models"},
+            "kept_for_models": dg.MetadataValue.json(report.kept_for_models),
+            "keep_days": keep_days if keep_days is not None else "never",
+        }
+    )
 
 
 maintenance_job = dg.define_asset_job(
-    name="feature_store_maintenance_job", selection=dg.AssetSelection.groups(GROUP),
-    description="Compaction, snapshot expiry and file clean-up of the feature store.")
+    name="feature_store_maintenance_job",
+    selection=dg.AssetSelection.groups(GROUP),
+    description="Compaction, snapshot expiry and file clean-up of the feature store.",
+)
 
 maintenance_schedule = dg.ScheduleDefinition(
-    name="feature_store_maintenance_schedule", job=maintenance_job,
-    cron_schedule=os.environ.get(CRON_ENV, "30 3 * * *"), default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="Daily feature-store housekeeping (default 03:30 UTC; $HCC_ASSETS_MAINTENANCE_CRON).")
+    name="feature_store_maintenance_schedule",
+    job=maintenance_job,
+    cron_schedule=os.environ.get(CRON_ENV, "30 3 * * *"),
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Daily feature-store housekeeping (default 03:30 UTC; $HCC_ASSETS_MAINTENANCE_CRON).",
+)

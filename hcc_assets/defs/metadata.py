@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import dagster as dg
 
-from hcc_assets.imaging.preview import THUMBNAIL_MAX_BYTES, thumbnail_data_uri
+from hcc_assets.core.figures import THUMBNAIL_MAX_BYTES, thumbnail_data_uri
 from hcc_assets.lake import DataLake
 
 THUMBNAIL_SUFFIX = "_thumbnail"
 
 
-def figure_metadata(data_lake: DataLake, key: str, path: str, png: bytes, alt: str,
-                    thumbnail: bool = True) -> dict[str, dg.MetadataValue]:
+def figure_metadata(
+    data_lake: DataLake, key: str, path: str, png: bytes, alt: str, thumbnail: bool = True
+) -> dict[str, dg.MetadataValue]:
     """Write the figure `png` to `path` in the lake (atomically) and link it from metadata, so the
     image itself stays out of Dagster's event log (which keeps every metadata value of every run):
 
@@ -21,14 +22,15 @@ def figure_metadata(data_lake: DataLake, key: str, path: str, png: bytes, alt: s
 
     Paths come from `DataLake.patient_figure` / `cohort_figure`: pseudonyms and asset names only."""
     data_lake.write_bytes(path, png)
-    metadata = {key: dg.MetadataValue.path(path)}
+    metadata: dict[str, dg.MetadataValue] = {key: dg.MetadataValue.path(path)}
     if thumbnail:
         alt = alt.replace("[", "(").replace("]", ")").replace("\n", " ")
         budget = THUMBNAIL_MAX_BYTES - len(f"![{alt}]()".encode())
         markdown = f"![{alt}]({thumbnail_data_uri(png, max_bytes=budget)})"
         if len(markdown.encode()) > THUMBNAIL_MAX_BYTES:
-            raise AssertionError(f"{key}: inline thumbnail of {len(markdown.encode())} bytes, "
-                                 f"over {THUMBNAIL_MAX_BYTES}")
+            raise AssertionError(
+                f"{key}: inline thumbnail of {len(markdown.encode())} bytes, over {THUMBNAIL_MAX_BYTES}"
+            )
         metadata[key + THUMBNAIL_SUFFIX] = dg.MetadataValue.md(markdown)
     return metadata
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import dagster as dg
 
-from hcc_assets.imaging.errors import IngestError
+from hcc_assets.core.errors import PatientInputError
 
 
 def scrub(text: str, folder: Path | None) -> str:
@@ -36,12 +36,12 @@ def patient_failure(
         if isinstance(error, dg.Failure):
             raise
         cause = scrub(str(error), folder)
-        if isinstance(error, IngestError):
+        if isinstance(error, PatientInputError):
             description = f"patient {patient_id}: {step} failed: {cause}"
         else:  # unexpected: keep the type, drop anything identifying
             description = f"patient {patient_id}: {step} failed unexpectedly: {type(error).__name__}: {cause}"
         raise dg.Failure(
             description=description,
             metadata={"patient_id": patient_id, "cause": cause},
-            allow_retries=not isinstance(error, IngestError),
+            allow_retries=not isinstance(error, PatientInputError),
         ) from None

@@ -5,11 +5,11 @@ version. Rows go to `hcc_predictions` beside those of earlier model versions; th
 `current_hcc_predictions` holds each patient's newest.
 """
 
-import hashlib
-import json
+from typing import TYPE_CHECKING
 
 import dagster as dg
 
+from hcc_assets.core.versioning import content_version
 from hcc_assets.defs.analysis import explainable_model, load_lasso_of, radiomic_model
 from hcc_assets.defs.automation import refresh_prediction
 from hcc_assets.defs.deep import cached_classifier, deep_embedding, hcc_classifier
@@ -23,11 +23,14 @@ from hcc_assets.defs.segmentation import radiomic_features
 from hcc_assets.featurestore import FeatureStore, registry
 from hcc_assets.steps.prediction import MODEL_NAMES, predict_patient
 
+if TYPE_CHECKING:
+    from hcc_assets.stats.lasso import LassoFit
+
 HCC_PREDICTION_VERSION = "1"
 GROUP = "predictions"
 
 # registry name -> (version, (LassoFit, registry row)): the current fit of each LASSO, reloaded when it changes
-_LASSO_FITS: dict[str, tuple[str, tuple[object, dict]]] = {}
+_LASSO_FITS: dict[str, tuple[str, tuple["LassoFit", dict]]] = {}
 
 
 class HccPredictionConfig(dg.Config):
@@ -35,12 +38,15 @@ class HccPredictionConfig(dg.Config):
 
 
 def _lasso_loader(lake: LakeResource):
-    def load(name: str) -> tuple[object, dict]:
+    def load(name: str) -> tuple["LassoFit", dict]:
         row = registry.current_model(lake.store, name)  # the registry row travels with the fit
+        if row is None:  # predict_patient asks only for models that current_versions lists
+            raise dg.Failure(description=f"no {name} is registered", allow_retries=False)
         cached = _LASSO_FITS.get(name)
         if cached is None or cached[0] != row["version"]:
             _LASSO_FITS[name] = (row["version"], (load_lasso_of(lake, row), row))
         return _LASSO_FITS[name][1]
+
     return load
 
 
@@ -48,6 +54,7 @@ def _classifier_loader(lake: LakeResource, device: str):
     def load(version: str):
         row = registry.find_model(lake.store, version, MODEL_NAMES["deep"])
         return cached_classifier(lake.lake, row["path"], version, device)  # deep_embedding's cache
+
     return load
 
 
@@ -64,33 +71,55 @@ def _classifier_loader(lake: LakeResource, device: str):
     "reason. Labelled or not: never used for training or evaluation. Table `hcc_predictions` (every version "
     "kept), view `current_hcc_predictions`.",
 )
-def hcc_prediction(context: dg.AssetExecutionContext, config: deployed(HccPredictionConfig, "hcc_prediction"),
-                   lake: LakeResource, compute: ComputeResource) -> dg.MaterializeResult:
+def hcc_prediction(
+    context: dg.AssetExecutionContext,
+    config: deployed(HccPredictionConfig, "hcc_prediction"),
+    lake: LakeResource,
+    compute: ComputeResource,
+) -> dg.MaterializeResult:
     patient_id = context.partition_key
     with patient_failure(patient_id, "hcc_prediction"):
         compute.configure_threads()
-        prediction = predict_patient(lake.store, patient_id, config.threshold,
-                                     _classifier_loader(lake, compute.torch_device()),
-                                     _lasso_loader(lake))
+        prediction = predict_patient(
+            lake.store,
+            patient_id,
+            config.threshold,
+            _classifier_loader(lake, compute.torch_device()),
+            _lasso_loader(lake),
+        )
     rows = prediction.rows()
-    lake.store.replace_patient_versions("hcc_predictions", patient_id, FeatureStore.with_provenance(
-        rows, version=f"hcc_prediction@{HCC_PREDICTION_VERSION}", run_id=context.run.run_id))
+    lake.store.replace_patient_versions(
+        "hcc_predictions",
+        patient_id,
+        FeatureStore.with_provenance(
+            rows, version=f"hcc_prediction@{HCC_PREDICTION_VERSION}", run_id=context.run.run_id
+        ),
+    )
     by_model = prediction.by_model()
-    table = [{"model": m.model, "version": m.model_version or "", "P(HCC)": m.probability,
-              "HCC at threshold": "" if m.probability is None else ("yes" if m.probability > config.threshold else "no"),
-              "note": m.reason or ""} for m in prediction.models]
+    table = [
+        {
+            "model": m.model,
+            "version": m.model_version or "",
+            "P(HCC)": m.probability,
+            "HCC at threshold": "" if m.probability is None else ("yes" if m.probability > config.threshold else "no"),
+            "note": m.reason or "",
+        }
+        for m in prediction.models
+    ]
     content = rows.select("model", "model_version", "probability", "reason").to_dicts()
     return dg.MaterializeResult(
-        data_version=dg.DataVersion(hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]),
+        data_version=dg.DataVersion(content_version(content)),
         metadata={
             "predictions": markdown_table(table, ["model", "version", "P(HCC)", "HCC at threshold", "note"]),
-            **{f"p_hcc_{name}": (m.probability if m.probability is not None else "unavailable")
-               for name, m in by_model.items()},
+            **{
+                f"p_hcc_{name}": (m.probability if m.probability is not None else "unavailable")
+                for name, m in by_model.items()
+            },
             "threshold": config.threshold,
             "n_predicted": sum(m.probability is not None for m in prediction.models),
-            "unavailable": dg.MetadataValue.json({m.model: m.reason for m in prediction.models
-                                                  if m.probability is None}),
+            "unavailable": dg.MetadataValue.json(
+                {m.model: m.reason for m in prediction.models if m.probability is None}
+            ),
             "model_versions": dg.MetadataValue.json({name: m.model_version for name, m in by_model.items()}),
         },
     )
-

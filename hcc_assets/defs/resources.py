@@ -56,8 +56,10 @@ class LakeResource(dg.ConfigurableResource):
                 raise ValueError(f"LakeResource.incoming {self.incoming!r} must be a local or mounted folder")
             return local_path_of(self.incoming)
         if not is_local_url(self.root):
-            raise ValueError(f"the data lake root {self.root!r} is not a local folder: set LakeResource.incoming "
-                             "($HCC_ASSETS_INCOMING) to the local or mounted drop-zone folder")
+            raise ValueError(
+                f"the data lake root {self.root!r} is not a local folder: set LakeResource.incoming "
+                "($HCC_ASSETS_INCOMING) to the local or mounted drop-zone folder"
+            )
         return local_path_of(self.root) / "incoming"
 
     @property
@@ -66,10 +68,12 @@ class LakeResource(dg.ConfigurableResource):
         if self.feature_store:
             return self.feature_store
         if not is_local_url(self.root):
-            raise ValueError(f"the data lake root {self.root!r} is not a local folder: set LakeResource.feature_store "
-                             "($HCC_ASSETS_FEATURE_STORE) to the DuckLake catalog, e.g. "
-                             "postgres:dbname=hcc host=db.example.org user=hcc, and feature_store_data "
-                             "($HCC_ASSETS_FEATURE_STORE_DATA) to where its Parquet files go")
+            raise ValueError(
+                f"the data lake root {self.root!r} is not a local folder: set LakeResource.feature_store "
+                "($HCC_ASSETS_FEATURE_STORE) to the DuckLake catalog, e.g. "
+                "postgres:dbname=hcc host=db.example.org user=hcc, and feature_store_data "
+                "($HCC_ASSETS_FEATURE_STORE_DATA) to where its Parquet files go"
+            )
         return str(local_path_of(self.root) / "feature_store.sqlite")
 
     @property
@@ -114,9 +118,12 @@ def default_lake_resource() -> LakeResource:
     """The lake as the environment sets it (read when the definitions load): $HCC_ASSETS_LAKE (root),
     $HCC_ASSETS_INCOMING and $HCC_ASSETS_FEATURE_STORE (both required when the root is remote),
     $HCC_ASSETS_FEATURE_STORE_DATA (the feature store's data path)."""
-    return LakeResource(root=default_lake_root(), incoming=os.environ.get("HCC_ASSETS_INCOMING", ""),
-                        feature_store=os.environ.get("HCC_ASSETS_FEATURE_STORE", ""),
-                        feature_store_data=os.environ.get("HCC_ASSETS_FEATURE_STORE_DATA", ""))
+    return LakeResource(
+        root=default_lake_root(),
+        incoming=os.environ.get("HCC_ASSETS_INCOMING", ""),
+        feature_store=os.environ.get("HCC_ASSETS_FEATURE_STORE", ""),
+        feature_store_data=os.environ.get("HCC_ASSETS_FEATURE_STORE_DATA", ""),
+    )
 
 
 class ComputeResource(dg.ConfigurableResource):

@@ -25,26 +25,39 @@ import time
 import uuid
 from importlib.metadata import version as package_version
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import numpy as np
 import polars as pl
 
 from hcc_assets import radiomics
+from hcc_assets.core.errors import PatientInputError
+from hcc_assets.core.files import publish_folder
+from hcc_assets.core.versioning import SHORT, content_version
+from hcc_assets.defs.automation import refresh_patient_feature, segmentation_retrain
 from hcc_assets.defs.cohort import cohort
+from hcc_assets.defs.deployment import deployed
 from hcc_assets.defs.ingest import NIFTI_FILE, REFERENCE_MASK_FILE, nifti_volume
 from hcc_assets.defs.metadata import figure_metadata, markdown_table
 from hcc_assets.defs.partitions import patients_partitions
 from hcc_assets.defs.patient_errors import patient_failure
-from hcc_assets.defs.automation import refresh_patient_feature, segmentation_retrain
-from hcc_assets.defs.deployment import deployed
 from hcc_assets.defs.resources import ComputeResource, LakeResource
 from hcc_assets.featurestore import FeatureStore, reads, registry
-from hcc_assets.imaging.errors import IngestError
 from hcc_assets.lake import DataLake, is_local_url
-from hcc_assets.segmentation import (TRAINING_SUMMARY, LiverSegmenter, MaskQualityConfig, ModelFolderError,
-                                     SegmentationTrainingConfig, build_raw_dataset, mask_quality, overlay_png,
-                                     plan_and_preprocess, train, validate_model_folder)
+from hcc_assets.segmentation import (
+    TRAINING_SUMMARY,
+    LiverSegmenter,
+    MaskQualityConfig,
+    ModelFolderError,
+    SegmentationTrainingConfig,
+    build_raw_dataset,
+    mask_quality,
+    overlay_png,
+    plan_and_preprocess,
+    train,
+    validate_model_folder,
+)
 from hcc_assets.segmentation.config import LABEL_LIVER
 
 SEGMENTATION_MODEL_VERSION = "1"
@@ -93,10 +106,17 @@ class LiverSegmentationModelConfig(dg.Config):
 
     def training_config(self, device: str, threads: int | None) -> SegmentationTrainingConfig:
         return SegmentationTrainingConfig(
-            configuration=self.configuration, epochs=self.epochs, iterations_per_epoch=self.iterations_per_epoch,
-            val_iterations_per_epoch=self.val_iterations_per_epoch, batch_size=self.batch_size,
+            configuration=self.configuration,
+            epochs=self.epochs,
+            iterations_per_epoch=self.iterations_per_epoch,
+            val_iterations_per_epoch=self.val_iterations_per_epoch,
+            batch_size=self.batch_size,
             initial_lr=self.initial_lr,
-            spacing=tuple(self.spacing) or None, seed=self.seed, device=device, num_threads=threads)
+            spacing=tuple(self.spacing) or None,
+            seed=self.seed,
+            device=device,
+            num_threads=threads,
+        )
 
 
 def select_training_cases(candidates: list[str], held_out: set[str], max_cases: int) -> list[str]:
@@ -118,7 +138,9 @@ def select_training_cases(candidates: list[str], held_out: set[str], max_cases: 
     "configuration `2d_cpu`, into data_lake/models/segmentation/<version>/. Row in `models`.",
 )
 def liver_segmentation_model(
-    context: dg.AssetExecutionContext, config: deployed(LiverSegmentationModelConfig, "liver_segmentation_model"), lake: LakeResource,
+    context: dg.AssetExecutionContext,
+    config: deployed(LiverSegmentationModelConfig, "liver_segmentation_model"),
+    lake: LakeResource,
     compute: ComputeResource,
 ) -> dg.MaterializeResult:
     if config.model_folder:
@@ -149,8 +171,9 @@ def _register_user_model(context, config: LiverSegmentationModelConfig, lake: La
     )
 
 
-def _train_model(context, config: LiverSegmentationModelConfig, lake: LakeResource,
-                 compute: ComputeResource) -> dg.MaterializeResult:
+def _train_model(
+    context, config: LiverSegmentationModelConfig, lake: LakeResource, compute: ComputeResource
+) -> dg.MaterializeResult:
     data_lake, snapshot = lake.lake, lake.store.current_snapshot()
     store = lake.store.at(snapshot=snapshot)  # every read from one snapshot, recorded with the model
     device = compute.torch_device()
@@ -163,17 +186,20 @@ def _train_model(context, config: LiverSegmentationModelConfig, lake: LakeResour
         held_out = reads.validation_patients(store)
     cases = select_training_cases(volumes["patient_id"].to_list(), held_out, config.max_training_cases)
     if len(cases) < 2:
-        raise dg.Failure(description=f"liver_segmentation_model: {len(cases)} patient(s) with a reference mask "
-                         "to train on; at least 2 needed (ingest patients whose drop has reference/ masks, or "
-                         "supply a trained model via `model_folder`)", allow_retries=False)
+        raise dg.Failure(
+            description=f"liver_segmentation_model: {len(cases)} patient(s) with a reference mask "
+            "to train on; at least 2 needed (ingest patients whose drop has reference/ masks, or "
+            "supply a trained model via `model_folder`)",
+            allow_retries=False,
+        )
     digests = dict(zip(volumes["patient_id"], volumes["sha256"]))
-    identity = {
+    identity: dict[str, Any] = {
         "code_version": SEGMENTATION_MODEL_VERSION,
         "nnunetv2": package_version("nnunetv2"),
         "training": settings.model_dump(mode="json", exclude={"device", "num_threads"}),
         "cases": [[pid, digests[pid]] for pid in cases],
     }
-    model_version = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    model_version = content_version(identity, length=SHORT)
     lake_dir = data_lake.path(*MODELS_DIR, model_version)
 
     started = time.perf_counter()
@@ -206,17 +232,39 @@ def _train_model(context, config: LiverSegmentationModelConfig, lake: LakeResour
         "training_seconds": summary["training_seconds"],
         "final_train_loss": summary["train_loss"][-1] if summary["train_loss"] else None,
         "final_val_loss": summary["val_loss"][-1] if summary["val_loss"] else None,
-        "final_pseudo_dice_per_label": summary["pseudo_dice_per_label"][-1] if summary["pseudo_dice_per_label"] else None,
+        "final_pseudo_dice_per_label": summary["pseudo_dice_per_label"][-1]
+        if summary["pseudo_dice_per_label"]
+        else None,
     }
-    params = {"mode": "trained", **identity["training"], "trainer": info.trainer_name,
-              "checkpoint_sha256": info.checkpoint_sha256, "held_out_patients": sorted(held_out)}
-    _register(lake, context, model_version, model_path,
-              f"trained in platform (reduced CPU configuration {settings.configuration})", params, cases, metrics,
-              training_set=registry.reference_masks_spec(cases), data_snapshot=snapshot)
+    params = {
+        "mode": "trained",
+        **identity["training"],
+        "trainer": info.trainer_name,
+        "checkpoint_sha256": info.checkpoint_sha256,
+        "held_out_patients": sorted(held_out),
+    }
+    _register(
+        lake,
+        context,
+        model_version,
+        model_path,
+        f"trained in platform (reduced CPU configuration {settings.configuration})",
+        params,
+        cases,
+        metrics,
+        training_set=registry.reference_masks_spec(cases),
+        data_snapshot=snapshot,
+    )
     epochs = [
         {"epoch": i, "train_loss": t, "val_loss": v, "pseudo_dice": d, "seconds": s}
-        for i, (t, v, d, s) in enumerate(zip(summary["train_loss"], summary["val_loss"],
-                                             summary["pseudo_dice_per_label"], summary["seconds_per_epoch"]))
+        for i, (t, v, d, s) in enumerate(
+            zip(
+                summary["train_loss"],
+                summary["val_loss"],
+                summary["pseudo_dice_per_label"],
+                summary["seconds_per_epoch"],
+            )
+        )
     ]
     return dg.MaterializeResult(
         data_version=dg.DataVersion(model_version),
@@ -252,8 +300,9 @@ def _valid_model_in(version_dir: Path) -> Path | None:
     return None
 
 
-def _train_into(version_dir: Path, settings: SegmentationTrainingConfig, cases: list[str], data_lake,
-                identity: dict, context) -> None:
+def _train_into(
+    version_dir: Path, settings: SegmentationTrainingConfig, cases: list[str], data_lake, identity: dict, context
+) -> None:
     """Raw dataset -> plans -> training in a temporary folder beside `version_dir`, then rename the
     model folder into place: a crash never leaves a half-trained model under a real version."""
     version_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -262,26 +311,23 @@ def _train_into(version_dir: Path, settings: SegmentationTrainingConfig, cases: 
     try:
         sources = []
         for pid in cases:
-            image, mask = (_local_file(data_lake, pid, name, work / "inputs") for name in (NIFTI_FILE, REFERENCE_MASK_FILE))
+            image, mask = (
+                _local_file(data_lake, pid, name, work / "inputs") for name in (NIFTI_FILE, REFERENCE_MASK_FILE)
+            )
             sources.append((pid, image, mask))
         raw, preprocessed, results = work / "raw", work / "preprocessed", work / "results"
         context.log.info(f"nnU-Net dataset of {len(cases)} patients; planning {settings.configuration}")
         build_raw_dataset(sources, raw, settings.dataset_id, settings.dataset_name)
         plan_and_preprocess(settings, raw, preprocessed)
-        context.log.info(f"training {settings.configuration}: {settings.epochs} x {settings.iterations_per_epoch} "
-                         f"iterations on {settings.device}")
+        context.log.info(
+            f"training {settings.configuration}: {settings.epochs} x {settings.iterations_per_epoch} "
+            f"iterations on {settings.device}"
+        )
         trained = train(settings, preprocessed, results, progress=context.log.info)
-        staged = work / "model"
-        staged.mkdir()
-        trained.rename(staged / trained.name)
-        (staged / "hcc_model.json").write_text(json.dumps(identity, indent=2))
-        if version_dir.exists():  # force_retrain: swap the old folder out, then delete it
-            old = version_dir.parent / f".old-{version_dir.name}-{uuid.uuid4().hex[:8]}"
-            version_dir.rename(old)
-            staged.rename(version_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staged.rename(version_dir)
+        # force_retrain: an existing folder is swapped out, then deleted
+        with publish_folder(version_dir, marker=None, staging=work / "model") as staged:
+            trained.rename(staged / trained.name)
+            (staged / "hcc_model.json").write_text(json.dumps(identity, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -296,12 +342,33 @@ def _local_file(data_lake, pid: str, name: str, staging: Path) -> Path:
     return target
 
 
-def _register(lake: LakeResource, context, model_version: str, path: str, init: str, params: dict,
-              patients: list[str], metrics: dict, training_set: dict | None = None,
-              data_snapshot: int | None = None) -> None:
-    lake.store.register_model(registry.model_row(
-        MODEL_NAME, "nnunet", path, init=init, params=params, metrics=metrics, training_patients=patients,
-        training_set=training_set, version=model_version, run_id=context.run.run_id), data_snapshot=data_snapshot)
+def _register(
+    lake: LakeResource,
+    context,
+    model_version: str,
+    path: str,
+    init: str,
+    params: dict,
+    patients: list[str],
+    metrics: dict,
+    training_set: dict | None = None,
+    data_snapshot: int | None = None,
+) -> None:
+    lake.store.register_model(
+        registry.model_row(
+            MODEL_NAME,
+            "nnunet",
+            path,
+            init=init,
+            params=params,
+            metrics=metrics,
+            training_patients=patients,
+            training_set=training_set,
+            version=model_version,
+            run_id=context.run.run_id,
+        ),
+        data_snapshot=data_snapshot,
+    )
 
 
 # -- liver_mask ------------------------------------------------------------------------------
@@ -345,8 +412,10 @@ def _segmenter(path: str, model_version: str, device: str) -> LiverSegmenter:
 def current_model(store: FeatureStore) -> dict:
     row = registry.current_model(store, MODEL_NAME)
     if row is None:
-        raise dg.Failure(description="no liver segmentation model is registered; materialize "
-                         "liver_segmentation_model first", allow_retries=False)
+        raise dg.Failure(
+            description="no liver segmentation model is registered; materialize liver_segmentation_model first",
+            allow_retries=False,
+        )
     return row
 
 
@@ -371,18 +440,32 @@ def _forget_mask(lake: LakeResource, patient_id: str) -> None:
         # prediction) of something that is not a liver. The patient's radiomics are dropped and the
         # reason recorded in `exclusions`; its deep prediction does not use the mask and still comes.
         dg.AssetCheckSpec("mask_not_empty", asset="liver_mask", blocking=True, description="the mask has liver voxels"),
-        dg.AssetCheckSpec("liver_volume_plausible", asset="liver_mask", blocking=True,
-                          description="liver volume within the configured mL range (default 500-4000 mL)"),
+        dg.AssetCheckSpec(
+            "liver_volume_plausible",
+            asset="liver_mask",
+            blocking=True,
+            description="liver volume within the configured mL range (default 500-4000 mL)",
+        ),
         # Warnings only: a fragmented mask still measures the liver, and a good model can disagree
         # with a poor reference mask, so neither may stop the patient's radiomics.
-        dg.AssetCheckSpec("single_main_component", asset="liver_mask",
-                          description="the largest connected liver component holds >= 90% of liver voxels"),
-        dg.AssetCheckSpec("dice_vs_reference", asset="liver_mask",
-                          description="liver Dice >= 0.9 against the reference mask, where one exists (warning)"),
+        dg.AssetCheckSpec(
+            "single_main_component",
+            asset="liver_mask",
+            description="the largest connected liver component holds >= 90% of liver voxels",
+        ),
+        dg.AssetCheckSpec(
+            "dice_vs_reference",
+            asset="liver_mask",
+            description="liver Dice >= 0.9 against the reference mask, where one exists (warning)",
+        ),
     ],
 )
-def liver_mask(context: dg.AssetExecutionContext, config: deployed(LiverMaskConfig, "liver_mask"), lake: LakeResource,
-               compute: ComputeResource) -> dg.MaterializeResult:
+def liver_mask(
+    context: dg.AssetExecutionContext,
+    config: deployed(LiverMaskConfig, "liver_mask"),
+    lake: LakeResource,
+    compute: ComputeResource,
+) -> dg.MaterializeResult:
     patient_id = context.partition_key
     data_lake, store = lake.lake, lake.store
     started = time.perf_counter()
@@ -392,9 +475,11 @@ def liver_mask(context: dg.AssetExecutionContext, config: deployed(LiverMaskConf
         try:
             segmenter = _segmenter(model["path"], model["version"], compute.torch_device())
         except Exception as error:  # corrupt or incompatible model folder: say which model, not a traceback
-            raise IngestError(f"the current liver segmentation model {model['version']} cannot be loaded "
-                              f"({type(error).__name__}: {str(error)[:200]}); re-materialize "
-                              "liver_segmentation_model (force_retrain) or fix its model_folder") from None
+            raise PatientInputError(
+                f"the current liver segmentation model {model['version']} cannot be loaded "
+                f"({type(error).__name__}: {str(error)[:200]}); re-materialize "
+                "liver_segmentation_model (force_retrain) or fix its model_folder"
+            ) from None
         image = data_lake.read_nifti(data_lake.patient_file(patient_id, NIFTI_FILE))
         mask = segmenter.predict(image)
         path = data_lake.patient_file(patient_id, LIVER_MASK_FILE)
@@ -404,21 +489,31 @@ def liver_mask(context: dg.AssetExecutionContext, config: deployed(LiverMaskConf
             raise RuntimeError(f"stored mask grid {stored.shape} does not match the volume's {image.shape}")
         reference_path = data_lake.patient_file(patient_id, REFERENCE_MASK_FILE)
         reference = data_lake.read_nifti(reference_path) if data_lake.exists(reference_path) else None
-        limits = MaskQualityConfig(liver_volume_ml_min=config.liver_volume_ml_min,
-                                   liver_volume_ml_max=config.liver_volume_ml_max)
+        limits = MaskQualityConfig(
+            liver_volume_ml_min=config.liver_volume_ml_min, liver_volume_ml_max=config.liver_volume_ml_max
+        )
         quality = mask_quality(stored, reference, limits)
     seconds = time.perf_counter() - started
 
     row = {
-        "patient_id": patient_id, "model_version": model["version"], "path": path, "sha256": digest,
-        "liver_voxels": quality["liver_voxels"], "liver_ml": quality["liver_volume_ml"],
-        "spleen_ml": quality["spleen_volume_ml"], "liver_components": quality["liver_components"],
+        "patient_id": patient_id,
+        "model_version": model["version"],
+        "path": path,
+        "sha256": digest,
+        "liver_voxels": quality["liver_voxels"],
+        "liver_ml": quality["liver_volume_ml"],
+        "spleen_ml": quality["spleen_volume_ml"],
+        "liver_components": quality["liver_components"],
         "largest_component_fraction": quality["liver_largest_component_fraction"],
-        "dice_liver": quality["dice_liver"], "dice_spleen": quality["dice_spleen"],
+        "dice_liver": quality["dice_liver"],
+        "dice_spleen": quality["dice_spleen"],
     }
     rows = pl.DataFrame([row], schema_overrides={"dice_liver": pl.Float64, "dice_spleen": pl.Float64})
-    store.replace_partition("liver_masks", patient_id, FeatureStore.with_provenance(
-        rows, version=f"liver_mask@{LIVER_MASK_VERSION}", run_id=context.run.run_id))
+    store.replace_partition(
+        "liver_masks",
+        patient_id,
+        FeatureStore.with_provenance(rows, version=f"liver_mask@{LIVER_MASK_VERSION}", run_id=context.run.run_id),
+    )
 
     volume_range = [config.liver_volume_ml_min, config.liver_volume_ml_max]
     implausible = _mask_problem(quality, volume_range)
@@ -428,14 +523,20 @@ def liver_mask(context: dg.AssetExecutionContext, config: deployed(LiverMaskConf
         _exclude(lake, patient_id, f"liver mask implausible: {implausible}", context.run.run_id)
     fraction = quality["liver_largest_component_fraction"]
     if reference is None:
-        dice_check = dg.AssetCheckResult(check_name="dice_vs_reference", passed=True,
-                                         metadata={"reference": "no reference"})
+        dice_check = dg.AssetCheckResult(
+            check_name="dice_vs_reference", passed=True, metadata={"reference": "no reference"}
+        )
     else:
         dice_check = dg.AssetCheckResult(
-            check_name="dice_vs_reference", passed=quality["dice_liver"] >= config.min_dice_liver,
+            check_name="dice_vs_reference",
+            passed=quality["dice_liver"] >= config.min_dice_liver,
             severity=dg.AssetCheckSeverity.WARN,
-            metadata={"dice_liver": quality["dice_liver"], "dice_spleen": quality["dice_spleen"],
-                      "threshold": config.min_dice_liver})
+            metadata={
+                "dice_liver": quality["dice_liver"],
+                "dice_spleen": quality["dice_spleen"],
+                "threshold": config.min_dice_liver,
+            },
+        )
     return dg.MaterializeResult(
         data_version=dg.DataVersion(digest[:16]),
         metadata={
@@ -450,21 +551,35 @@ def liver_mask(context: dg.AssetExecutionContext, config: deployed(LiverMaskConf
             "shape": dg.MetadataValue.json(list(image.shape)),
             "path": dg.MetadataValue.path(path),
             "seconds": round(seconds, 2),
-            **figure_metadata(data_lake, "figure_1", data_lake.patient_figure(patient_id, "liver_mask", "figure_1"),
-                              overlay_png(image, stored), "mid-liver slice, liver red, spleen blue"),
+            **figure_metadata(
+                data_lake,
+                "figure_1",
+                data_lake.patient_figure(patient_id, "liver_mask", "figure_1"),
+                overlay_png(image, stored),
+                "mid-liver slice, liver red, spleen blue",
+            ),
         },
         check_results=[
-            dg.AssetCheckResult(check_name="mask_not_empty", passed=quality["liver_voxels"] > 0,
-                                metadata={"liver_voxels": quality["liver_voxels"]}),
-            dg.AssetCheckResult(check_name="liver_volume_plausible", passed=bool(quality["liver_volume_plausible"]),
-                                metadata={"liver_ml": quality["liver_volume_ml"],
-                                          "range_ml": dg.MetadataValue.json(volume_range)}),
-            dg.AssetCheckResult(check_name="single_main_component",
-                                passed=fraction >= config.min_largest_component_fraction,
-                                severity=dg.AssetCheckSeverity.WARN,
-                                metadata={"largest_component_fraction": fraction,
-                                          "components": quality["liver_components"],
-                                          "threshold": config.min_largest_component_fraction}),
+            dg.AssetCheckResult(
+                check_name="mask_not_empty",
+                passed=quality["liver_voxels"] > 0,
+                metadata={"liver_voxels": quality["liver_voxels"]},
+            ),
+            dg.AssetCheckResult(
+                check_name="liver_volume_plausible",
+                passed=bool(quality["liver_volume_plausible"]),
+                metadata={"liver_ml": quality["liver_volume_ml"], "range_ml": dg.MetadataValue.json(volume_range)},
+            ),
+            dg.AssetCheckResult(
+                check_name="single_main_component",
+                passed=fraction >= config.min_largest_component_fraction,
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={
+                    "largest_component_fraction": fraction,
+                    "components": quality["liver_components"],
+                    "threshold": config.min_largest_component_fraction,
+                },
+            ),
             dice_check,
         ],
     )
@@ -488,8 +603,12 @@ def _forget_features(lake: LakeResource, patient_id: str) -> None:
 
 def _exclude(lake: LakeResource, patient_id: str, reason: str, run_id: str) -> None:
     row = pl.DataFrame([{"patient_id": patient_id, "stage": RADIOMICS_STAGE, "reason": reason}])
-    lake.store.replace_partition("exclusions", patient_id, FeatureStore.with_provenance(
-        row, version=f"radiomic_features@{RADIOMIC_FEATURES_VERSION}", run_id=run_id), match={"stage": RADIOMICS_STAGE})
+    lake.store.replace_partition(
+        "exclusions",
+        patient_id,
+        FeatureStore.with_provenance(row, version=f"radiomic_features@{RADIOMIC_FEATURES_VERSION}", run_id=run_id),
+        match={"stage": RADIOMICS_STAGE},
+    )
 
 
 @dg.asset(
@@ -504,8 +623,11 @@ def _exclude(lake: LakeResource, patient_id: str, reason: str, run_id: str) -> N
     "and their segmentation masks (not the resampled, z-scored 128x128x64 volume). Long table "
     "`radiomic_features`, wide view `radiomics`. An extraction failure (empty/tiny mask, NaN image) is "
     "recorded in `exclusions` (stage radiomics) and fails the partition.",
-    check_specs=[dg.AssetCheckSpec("features_finite", asset="radiomic_features",
-                                   description="every feature value is finite (no NaN/inf)")],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "features_finite", asset="radiomic_features", description="every feature value is finite (no NaN/inf)"
+        )
+    ],
 )
 def radiomic_features(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
     patient_id = context.partition_key
@@ -529,21 +651,29 @@ def radiomic_features(context: dg.AssetExecutionContext, lake: LakeResource) -> 
     seconds = time.perf_counter() - started
 
     names = sorted(features)
-    rows = pl.DataFrame({"patient_id": [patient_id] * len(names), "feature_set_version": [feature_set] * len(names),
-                         "feature": names, "value": [features[n] for n in names]},
-                        schema={"patient_id": pl.String, "feature_set_version": pl.String, "feature": pl.String,
-                                "value": pl.Float64})
-    lake.store.replace_partition("radiomic_features", patient_id, FeatureStore.with_provenance(
-        rows, version=f"radiomic_features@{RADIOMIC_FEATURES_VERSION}", run_id=run_id))
+    rows = pl.DataFrame(
+        {
+            "patient_id": [patient_id] * len(names),
+            "feature_set_version": [feature_set] * len(names),
+            "feature": names,
+            "value": [features[n] for n in names],
+        },
+        schema={"patient_id": pl.String, "feature_set_version": pl.String, "feature": pl.String, "value": pl.Float64},
+    )
+    lake.store.replace_partition(
+        "radiomic_features",
+        patient_id,
+        FeatureStore.with_provenance(rows, version=f"radiomic_features@{RADIOMIC_FEATURES_VERSION}", run_id=run_id),
+    )
     lake.store.replace_where("exclusions", {"patient_id": patient_id, "stage": RADIOMICS_STAGE}, pl.DataFrame())
 
     counts: dict[str, int] = {}
     for name in names:
         feature_class = name.split("_")[1]
         counts[feature_class] = counts.get(feature_class, 0) + 1
-    content = hashlib.sha256(json.dumps([feature_set, [[n, repr(features[n])] for n in names]]).encode()).hexdigest()
+    content = content_version([feature_set, [[n, repr(features[n])] for n in names]])
     return dg.MaterializeResult(
-        data_version=dg.DataVersion(content[:16]),
+        data_version=dg.DataVersion(content),
         metadata={
             "feature_set_version": feature_set,
             "pyradiomics_version": importlib.import_module("radiomics").__version__.lstrip("v"),
@@ -554,7 +684,11 @@ def radiomic_features(context: dg.AssetExecutionContext, lake: LakeResource) -> 
             "input": "native-resolution nifti_volume + liver label of liver_mask (same grid)",
             "seconds": round(seconds, 2),
         },
-        check_results=[dg.AssetCheckResult(
-            check_name="features_finite", passed=all(np.isfinite(v) for v in features.values()),
-            metadata={"n_features": len(names)})],
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="features_finite",
+                passed=all(np.isfinite(v) for v in features.values()),
+                metadata={"n_features": len(names)},
+            )
+        ],
     )

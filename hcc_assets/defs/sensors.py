@@ -1,12 +1,11 @@
 """The drop-zone sensor: new complete patient folders become partitions and ingest runs."""
 
-
 import json
 
 import dagster as dg
 
 from hcc_assets.defs.jobs import patient_pipeline_job
-from hcc_assets.defs.partitions import patients_partitions
+from hcc_assets.defs.partitions import PATIENTS_PARTITIONS_NAME, patients_partitions
 from hcc_assets.defs.resources import LakeResource, env_seconds
 
 # Minimum seconds between evaluations. The daemon's sensor loop wakes every 5 s (fixed in Dagster)
@@ -40,11 +39,14 @@ def incoming_scans_sensor(context: dg.SensorEvaluationContext, lake: LakeResourc
     changed = {pid: fingerprint for pid, (fingerprint, _) in ready.items() if seen.get(pid) != fingerprint}
     # A lost or reset cursor must not re-ingest what is already ingested from the same bytes.
     to_run = {pid: fp for pid, fp in changed.items() if _ingested_fingerprint(context.instance, pid) != fp}
-    existing = set(context.instance.get_dynamic_partitions(patients_partitions.name))
+    existing = set(context.instance.get_dynamic_partitions(PATIENTS_PARTITIONS_NAME))
     new_partitions = sorted(pid for pid in changed if pid not in existing)
     run_requests = [
-        dg.RunRequest(partition_key=pid, run_key=f"{pid}:{fingerprint}",
-                      tags={"hcc_assets/trigger": "drop_zone", "dagster/priority": NEW_SCAN_PRIORITY})
+        dg.RunRequest(
+            partition_key=pid,
+            run_key=f"{pid}:{fingerprint}",
+            tags={"hcc_assets/trigger": "drop_zone", "dagster/priority": NEW_SCAN_PRIORITY},
+        )
         for pid, fingerprint in sorted(to_run.items())
     ]
     if changed:
@@ -66,4 +68,5 @@ def _ingested_fingerprint(instance: dg.DagsterInstance, patient_id: str) -> str 
     if not records or records[0].asset_materialization is None:
         return None
     value = records[0].asset_materialization.metadata.get("drop_fingerprint")
-    return value.value if value is not None else None
+    fingerprint = value.value if value is not None else None
+    return fingerprint if isinstance(fingerprint, str) else None  # stored as text by raw_scan

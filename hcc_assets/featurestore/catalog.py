@@ -23,6 +23,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import duckdb
 
@@ -42,7 +43,7 @@ def extension_directory() -> str:
     """site-packages/duckdb_ext/extensions, where the duckdb-ext-* wheels put their binaries."""
     import duckdb_ext
 
-    return str(Path(list(duckdb_ext.__path__)[0]) / "extensions")
+    return str(Path(next(iter(duckdb_ext.__path__))) / "extensions")
 
 
 def _quote(value: str) -> str:
@@ -60,15 +61,17 @@ class StoreLocation:
     def parse(cls, catalog: str | os.PathLike[str], data_path: str | os.PathLike[str] | None = None) -> StoreLocation:
         text = str(catalog).strip()
         if text.startswith("ducklake:"):
-            text = text[len("ducklake:"):]
+            text = text[len("ducklake:") :]
         if text.startswith(POSTGRES_PREFIXES):
             return cls("postgres:" + text.split(":", 1)[1].strip(), str(data_path) if data_path else None)
         if text.startswith("sqlite:"):
-            text = text[len("sqlite:"):]
+            text = text[len("sqlite:") :]
         if "://" in text and not text.startswith("file://"):
-            raise CatalogError(f"{CATALOG_SETTING}={redact(text)!r}: the catalog is a local SQLite file path or "
-                               "postgres:<libpq settings>; object storage holds the data files "
-                               f"({DATA_PATH_SETTING}), not the catalog")
+            raise CatalogError(
+                f"{CATALOG_SETTING}={redact(text)!r}: the catalog is a local SQLite file path or "
+                "postgres:<libpq settings>; object storage holds the data files "
+                f"({DATA_PATH_SETTING}), not the catalog"
+            )
         path = Path(text.removeprefix("file://")).absolute()
         data = str(data_path) if data_path else str(path.parent / (path.stem + "/"))
         return cls(f"sqlite:{path}", data)
@@ -80,18 +83,24 @@ class StoreLocation:
     @property
     def on_object_store(self) -> bool:
         """Data files on S3 (or an S3-compatible server): DuckDB writes them through httpfs."""
-        return bool(self.data_path) and self.data_path.startswith(OBJECT_STORE_PREFIXES)
+        return self.data_path is not None and self.data_path.startswith(OBJECT_STORE_PREFIXES)
 
     @property
     def sqlite_path(self) -> Path | None:
-        return None if self.is_postgres else Path(self.catalog[len("sqlite:"):])
+        return None if self.is_postgres else Path(self.catalog[len("sqlite:") :])
 
     def describe(self) -> str:
         """The catalog without secrets, for messages."""
         return redact(self.catalog)
 
-    def attach_sql(self, *, read_only: bool = False, snapshot_version: int | None = None,
-                   snapshot_time: str | None = None, alias: str = ALIAS) -> str:
+    def attach_sql(
+        self,
+        *,
+        read_only: bool = False,
+        snapshot_version: int | None = None,
+        snapshot_time: str | None = None,
+        alias: str = ALIAS,
+    ) -> str:
         options = []
         if self.data_path:
             data = self.data_path if self.data_path.endswith("/") else self.data_path + "/"
@@ -113,16 +122,24 @@ class StoreLocation:
         if path is None:
             return
         if path.exists() and _is_duckdb_file(path):
-            raise CatalogError(f"{path.name} is a single-file DuckDB feature store, not a DuckLake catalog; "
-                               f"migrate it with `hcc-assets migrate-store --from {path.name}`")
+            raise CatalogError(
+                f"{path.name} is a single-file DuckDB feature store, not a DuckLake catalog; "
+                f"migrate it with `hcc-assets migrate-store --from {path.name}`"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         if self.data_path and "://" not in self.data_path:
             Path(self.data_path).mkdir(parents=True, exist_ok=True)
         if path.exists() and path.stat().st_size:
             set_wal_mode(path)
 
-    def connect(self, *, read_only: bool = False, snapshot_version: int | None = None,
-                snapshot_time: str | None = None, alias: str | None = None) -> duckdb.DuckDBPyConnection:
+    def connect(
+        self,
+        *,
+        read_only: bool = False,
+        snapshot_version: int | None = None,
+        snapshot_time: str | None = None,
+        alias: str | None = None,
+    ) -> duckdb.DuckDBPyConnection:
         """A connection with the store attached and in use (`USE <alias>`).
 
         Without `alias`: a cursor on this process's shared DuckDB instance, where the store is
@@ -140,24 +157,36 @@ class StoreLocation:
             raise
         return con
 
-    def _attach(self, con: duckdb.DuckDBPyConnection, alias: str, read_only: bool, snapshot_version: int | None,
-                snapshot_time: str | None) -> None:
+    def _attach(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        alias: str,
+        read_only: bool,
+        snapshot_version: int | None,
+        snapshot_time: str | None,
+    ) -> None:
         self.prepare()  # once per attachment, not per connection: it opens the catalog file
-        created = not self.is_postgres and not (self.sqlite_path.exists() and self.sqlite_path.stat().st_size)
+        path = self.sqlite_path  # None for a Postgres catalog
+        created = path is not None and not (path.exists() and path.stat().st_size)
         try:
-            con.execute(self.attach_sql(read_only=read_only, snapshot_version=snapshot_version,
-                                        snapshot_time=snapshot_time, alias=alias))
+            con.execute(
+                self.attach_sql(
+                    read_only=read_only, snapshot_version=snapshot_version, snapshot_time=snapshot_time, alias=alias
+                )
+            )
         except duckdb.Error as error:
             raise CatalogError(self._unreachable(error)) from None
-        if created:
-            set_wal_mode(self.sqlite_path)
+        if created and path is not None:
+            set_wal_mode(path)
 
     def _unreachable(self, error: Exception) -> str:
         lines = [line.strip() for line in str(error).splitlines() if line.strip() and line.strip() != "^"]
         detail = redact(" ".join(lines)[:600] if lines else type(error).__name__)
-        return (f"feature store catalog {self.describe()} cannot be opened (setting {CATALOG_SETTING}"
-                f"{'' if self.data_path is None else f', data path {DATA_PATH_SETTING}={redact(self.data_path)}'}): "
-                f"{detail}")
+        return (
+            f"feature store catalog {self.describe()} cannot be opened (setting {CATALOG_SETTING}"
+            f"{'' if self.data_path is None else f', data path {DATA_PATH_SETTING}={redact(self.data_path)}'}): "
+            f"{detail}"
+        )
 
 
 def redact(text: str) -> str:
@@ -188,8 +217,13 @@ def _is_duckdb_file(path: Path) -> bool:
 
 def _new_database() -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the DuckLake extensions loaded from site-packages (never downloaded)."""
-    con = duckdb.connect(config={"extension_directory": extension_directory(),
-                                 "autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    con = duckdb.connect(
+        config={
+            "extension_directory": extension_directory(),
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+        }
+    )
     con.execute("SET enable_progress_bar = false")
     con.execute("LOAD ducklake")
     con.execute("LOAD sqlite_scanner")
@@ -215,14 +249,21 @@ def s3_secret_sql() -> str | None:
     key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
     if not key or not secret:
         return None
-    options = [f"KEY_ID {_quote(key)}", f"SECRET {_quote(secret)}",
-               f"REGION {_quote(os.environ.get('AWS_REGION') or os.environ.get('AWS_DEFAULT_REGION') or 'us-east-1')}"]
+    options = [
+        f"KEY_ID {_quote(key)}",
+        f"SECRET {_quote(secret)}",
+        f"REGION {_quote(os.environ.get('AWS_REGION') or os.environ.get('AWS_DEFAULT_REGION') or 'us-east-1')}",
+    ]
     if os.environ.get("AWS_SESSION_TOKEN"):
         options.append(f"SESSION_TOKEN {_quote(os.environ['AWS_SESSION_TOKEN'])}")
     endpoint = os.environ.get("AWS_ENDPOINT_URL", "").strip()
     if endpoint:
         scheme, _, host = endpoint.rstrip("/").rpartition("://")
-        options += [f"ENDPOINT {_quote(host)}", "URL_STYLE 'path'", f"USE_SSL {'false' if scheme == 'http' else 'true'}"]
+        options += [
+            f"ENDPOINT {_quote(host)}",
+            "URL_STYLE 'path'",
+            f"USE_SSL {'false' if scheme == 'http' else 'true'}",
+        ]
     return f"CREATE OR REPLACE SECRET hcc_assets_s3 (TYPE s3, {', '.join(options)})"
 
 
@@ -239,8 +280,9 @@ class _Engine:
         self.attached: OrderedDict[str, tuple[StoreLocation, tuple | None]] = OrderedDict()
         self.lock = threading.Lock()
 
-    def cursor(self, location: StoreLocation, read_only: bool, snapshot_version: int | None,
-               snapshot_time: str | None) -> duckdb.DuckDBPyConnection:
+    def cursor(
+        self, location: StoreLocation, read_only: bool, snapshot_version: int | None, snapshot_time: str | None
+    ) -> duckdb.DuckDBPyConnection:
         key = repr((location, read_only, snapshot_version, snapshot_time))
         alias = "fs_" + hashlib.sha1(key.encode()).hexdigest()[:12]
         with self.lock:
@@ -313,4 +355,12 @@ def reset_engine() -> None:
 
 def current_alias(con: duckdb.DuckDBPyConnection) -> str:
     """The alias a connection from StoreLocation.connect has in use."""
-    return con.execute("SELECT current_database()").fetchone()[0]
+    return fetch_value(con, "SELECT current_database()")
+
+
+def fetch_value(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> Any:
+    """The first value of the first row of a query that always returns a row (an aggregate, a setting)."""
+    row = con.execute(sql, params).fetchone()
+    if row is None:
+        raise RuntimeError(f"no row from {sql!r}")
+    return row[0]

@@ -17,7 +17,7 @@ import datetime as dt
 import time
 from dataclasses import asdict, dataclass
 
-from hcc_assets.featurestore.catalog import current_alias
+from hcc_assets.featurestore.catalog import current_alias, fetch_value
 from hcc_assets.featurestore.store import FeatureStore
 
 
@@ -46,33 +46,45 @@ def data_file_count(store: FeatureStore) -> int:
     """Parquet data files the current snapshot reads."""
     with store.reader() as con:
         alias = current_alias(con)
-        tables = [row[0] for row in con.execute(
-            "SELECT table_name FROM duckdb_tables() WHERE database_name = ?", [alias]).fetchall()]
-        return sum(int(con.execute(f"SELECT count(*) FROM ducklake_list_files('{alias}', ?)", [t]).fetchone()[0])
-                   for t in tables)
+        tables = [
+            row[0]
+            for row in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = ?", [alias]).fetchall()
+        ]
+        return sum(
+            int(fetch_value(con, f"SELECT count(*) FROM ducklake_list_files('{alias}', ?)", [t])) for t in tables
+        )
 
 
-def snapshots_to_expire(store: FeatureStore, policy: RetentionPolicy, now: dt.datetime | None = None
-                        ) -> tuple[list[int], list[int]]:
+def snapshots_to_expire(
+    store: FeatureStore, policy: RetentionPolicy, now: dt.datetime | None = None
+) -> tuple[list[int], list[int]]:
     """(snapshot ids the policy expires, snapshot ids kept because a model points to them)."""
     if policy.keep_days is None:
         return [], []
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     cutoff = now - dt.timedelta(days=policy.keep_days)
     with store.reader() as con:
         alias = current_alias(con)
-        old = [int(r[0]) for r in con.execute(
-            f"SELECT snapshot_id FROM ducklake_snapshots('{alias}') WHERE snapshot_time < ? "
-            f"AND snapshot_id < (SELECT id FROM ducklake_current_snapshot('{alias}')) ORDER BY 1", [cutoff]).fetchall()]
-        pinned = {int(r[0]) for r in con.execute(
-            "SELECT DISTINCT data_snapshot FROM models WHERE data_snapshot IS NOT NULL").fetchall()}
+        old = [
+            int(r[0])
+            for r in con.execute(
+                f"SELECT snapshot_id FROM ducklake_snapshots('{alias}') WHERE snapshot_time < ? "
+                f"AND snapshot_id < (SELECT id FROM ducklake_current_snapshot('{alias}')) ORDER BY 1",
+                [cutoff],
+            ).fetchall()
+        ]
+        pinned = {
+            int(r[0])
+            for r in con.execute("SELECT DISTINCT data_snapshot FROM models WHERE data_snapshot IS NOT NULL").fetchall()
+        }
     if not policy.keep_model_snapshots:
         pinned = set()
     return [s for s in old if s not in pinned], sorted(pinned & set(old))
 
 
-def maintain(store: FeatureStore, policy: RetentionPolicy = RetentionPolicy(),
-             now: dt.datetime | None = None) -> MaintenanceReport:
+def maintain(
+    store: FeatureStore, policy: RetentionPolicy = RetentionPolicy(), now: dt.datetime | None = None
+) -> MaintenanceReport:
     """Expire snapshots by `policy`, merge small files, delete files no kept snapshot reads."""
     started = time.perf_counter()
     before = data_file_count(store)
@@ -86,7 +98,7 @@ def maintain(store: FeatureStore, policy: RetentionPolicy = RetentionPolicy(),
         con.execute(f"CALL ducklake_merge_adjacent_files('{alias}')")
 
     store.transaction(expire_and_merge, what="compact")
-    grace = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=policy.file_grace_hours)
+    grace = dt.datetime.now(dt.UTC) - dt.timedelta(hours=policy.file_grace_hours)
 
     def cleanup(con) -> int:
         alias = current_alias(con)
@@ -96,5 +108,6 @@ def maintain(store: FeatureStore, policy: RetentionPolicy = RetentionPolicy(),
         return len(old) + len(orphans)
 
     deleted = store.transaction(cleanup, what="clean up old files")
-    return MaintenanceReport(before, data_file_count(store), n_snapshots, len(expire), deleted, kept,
-                             round(time.perf_counter() - started, 3))
+    return MaintenanceReport(
+        before, data_file_count(store), n_snapshots, len(expire), deleted, kept, round(time.perf_counter() - started, 3)
+    )

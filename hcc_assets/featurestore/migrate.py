@@ -22,7 +22,9 @@ def migrate_duckdb_file(source: Path, store: FeatureStore) -> dict[str, int]:
     try:
         old = duckdb.connect(str(source), read_only=True)
     except duckdb.Error as error:
-        raise FeatureStoreError(f"{source.name} cannot be opened as a DuckDB file: {str(error).splitlines()[0]}") from None
+        raise FeatureStoreError(
+            f"{source.name} cannot be opened as a DuckDB file: {str(error).splitlines()[0]}"
+        ) from None
     try:
         present = {r[0] for r in old.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
         frames = {}

@@ -7,6 +7,7 @@ fixed order, labels and split, so that every fit on the same store sees the same
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import polars as pl
@@ -34,8 +35,14 @@ class FeatureMatrix:
         if not isinstance(keep, np.ndarray) or keep.dtype != bool:
             wanted = set(keep)
             keep = np.array([pid in wanted for pid in self.patient_ids], dtype=bool)
-        return FeatureMatrix([p for p, k in zip(self.patient_ids, keep) if k], self.feature_names,
-                             self.values[keep], self.hcc[keep], self.split[keep], self.version)
+        return FeatureMatrix(
+            [p for p, k in zip(self.patient_ids, keep) if k],
+            self.feature_names,
+            self.values[keep],
+            self.hcc[keep],
+            self.split[keep],
+            self.version,
+        )
 
     def columns(self, names: list[str]) -> FeatureMatrix:
         index = [self.feature_names.index(name) for name in names]
@@ -47,16 +54,21 @@ class FeatureMatrix:
 
 
 def latest_feature_set_version(store: FeatureStore) -> str | None:
-    frame = store.query("SELECT feature_set_version, max(materialized_at) AS latest FROM radiomic_vectors "
-                        "GROUP BY 1 ORDER BY latest DESC LIMIT 1")
+    frame = store.query(
+        "SELECT feature_set_version, max(materialized_at) AS latest FROM radiomic_vectors "
+        "GROUP BY 1 ORDER BY latest DESC LIMIT 1"
+    )
     return frame["feature_set_version"][0] if frame.height else None
 
 
 def feature_names(store: FeatureStore, feature_set_version: str) -> list[str]:
     """The radiomic feature names stored for `feature_set_version`, sorted."""
-    frame = store.query("SELECT DISTINCT unnest(n.features) AS feature FROM radiomic_feature_names n "
-                        "WHERE n.feature_names_id IN (SELECT DISTINCT feature_names_id FROM radiomic_vectors "
-                        "WHERE feature_set_version = ?) ORDER BY 1", [feature_set_version])
+    frame = store.query(
+        "SELECT DISTINCT unnest(n.features) AS feature FROM radiomic_feature_names n "
+        "WHERE n.feature_names_id IN (SELECT DISTINCT feature_names_id FROM radiomic_vectors "
+        "WHERE feature_set_version = ?) ORDER BY 1",
+        [feature_set_version],
+    )
     return frame["feature"].to_list()
 
 
@@ -83,33 +95,46 @@ def radiomics_matrix_on(con, feature_set_version: str, prefixes: tuple[str, ...]
     try:
         vectors = con.sql(
             "SELECT patient_id, feature_names_id, feature_values FROM radiomic_vectors "
-            f"WHERE feature_set_version = {sql_string(feature_set_version)}").to_arrow_table()
+            f"WHERE feature_set_version = {sql_string(feature_set_version)}"
+        ).to_arrow_table()
         labels = con.sql("SELECT patient_id, hcc, split FROM cohort_split").pl()
         # the name lists these vectors use, from the result (a second scan of the vectors cost 0.03 s)
         used = pc.unique(vectors["feature_names_id"]).to_pylist()
-        name_lists = dict(con.execute(
-            "SELECT feature_names_id, features FROM radiomic_feature_names WHERE list_contains(?, feature_names_id)",
-            [used]).fetchall())
+        name_lists = dict(
+            con.execute(
+                "SELECT feature_names_id, features FROM radiomic_feature_names WHERE list_contains(?, feature_names_id)",
+                [used],
+            ).fetchall()
+        )
     finally:
         con.execute(f"SET threads = {int(threads)}")  # the connection may be shared (one DuckDB per process)
     # the columns: every stored name (matching `prefixes`) of this version; a patient whose name
     # list lacks one, or whose value is NULL, has no complete vector and is left out
-    names = sorted({name for listed in name_lists.values() for name in listed
-                    if not prefixes or name.startswith(prefixes)})
+    names = sorted(
+        {name for listed in name_lists.values() for name in listed if not prefixes or name.startswith(prefixes)}
+    )
     if vectors.num_rows == 0 or not names:
         return _empty(feature_set_version)
     values, complete = _vectors_as_matrix(vectors, name_lists, names)
-    rows = (pl.from_arrow(vectors.select(["patient_id"]))
-            .with_columns(pl.Series("row", np.arange(vectors.num_rows)), pl.Series("complete", complete))
-            .join(labels, on="patient_id", how="inner", maintain_order="left").filter(pl.col("complete")))
+    ids = cast(pl.DataFrame, pl.from_arrow(vectors.select(["patient_id"])))  # a Table gives a DataFrame
+    rows = (
+        ids.with_columns(pl.Series("row", np.arange(vectors.num_rows)), pl.Series("complete", complete))
+        .join(labels, on="patient_id", how="inner", maintain_order="left")
+        .filter(pl.col("complete"))
+    )
     if not rows["patient_id"].is_sorted():
         rows = rows.sort("patient_id")
     take = rows["row"].to_numpy()
     if not np.array_equal(take, np.arange(vectors.num_rows)):  # copy only when rows drop out or move
         values = values[take]
-    return FeatureMatrix(rows["patient_id"].to_list(), names, values,
-                         rows["hcc"].cast(pl.Int8).to_numpy().astype(int), rows["split"].to_numpy(),
-                         feature_set_version)
+    return FeatureMatrix(
+        rows["patient_id"].to_list(),
+        names,
+        values,
+        rows["hcc"].cast(pl.Int8).to_numpy().astype(int),
+        rows["split"].to_numpy(),
+        feature_set_version,
+    )
 
 
 def sql_string(value: str) -> str:
@@ -117,7 +142,9 @@ def sql_string(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def _vectors_as_matrix(vectors: pa.Table, name_lists: dict[str, list[str]], names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _vectors_as_matrix(
+    vectors: pa.Table, name_lists: dict[str, list[str]], names: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
     """(rows x names matrix, per-row 'has every name with a value') of `vectors`, whose rows
     hold their values in the order of their name list."""
     if len(name_lists) == 1:  # the rule: one name list per feature-set version; no copy
@@ -158,21 +185,31 @@ def embedding_matrix(store: FeatureStore, model_version: str) -> FeatureMatrix:
     """Deep embeddings (dl_000..dl_127) of every cohort patient embedded by `model_version`."""
     frame = store.query(
         "SELECT e.patient_id, e.embedding, c.hcc, c.split FROM deep_embeddings e JOIN cohort_split c "
-        "USING (patient_id) WHERE e.model_version = ? ORDER BY e.patient_id", [model_version])
+        "USING (patient_id) WHERE e.model_version = ? ORDER BY e.patient_id",
+        [model_version],
+    )
     if frame.height == 0:
         return _empty(model_version, list(DL_FEATURE_NAMES))
     values = np.stack([np.asarray(v, dtype=np.float64) for v in frame["embedding"].to_list()])
-    return FeatureMatrix(frame["patient_id"].to_list(), list(DL_FEATURE_NAMES), values,
-                         frame["hcc"].cast(pl.Int8).to_numpy().astype(int), frame["split"].to_numpy(), model_version)
+    return FeatureMatrix(
+        frame["patient_id"].to_list(),
+        list(DL_FEATURE_NAMES),
+        values,
+        frame["hcc"].cast(pl.Int8).to_numpy().astype(int),
+        frame["split"].to_numpy(),
+        model_version,
+    )
 
 
 def excluded_patients(store: FeatureStore, stage: str) -> pl.DataFrame:
     """Cohort patients recorded in `exclusions` for `stage`, with their reasons."""
-    return store.query("SELECT x.patient_id, c.hcc, c.split, x.reason FROM exclusions x JOIN cohort_split c "
-                       "USING (patient_id) WHERE x.stage = ? ORDER BY 1", [stage])
+    return store.query(
+        "SELECT x.patient_id, c.hcc, c.split, x.reason FROM exclusions x JOIN cohort_split c "
+        "USING (patient_id) WHERE x.stage = ? ORDER BY 1",
+        [stage],
+    )
 
 
 def _empty(version: str, names: list[str] | None = None) -> FeatureMatrix:
     names = names or []
-    return FeatureMatrix([], names, np.zeros((0, len(names))), np.zeros(0, dtype=int), np.array([], dtype=str),
-                         version)
+    return FeatureMatrix([], names, np.zeros((0, len(names))), np.zeros(0, dtype=int), np.array([], dtype=str), version)

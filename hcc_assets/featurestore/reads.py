@@ -32,14 +32,18 @@ def ingested_patients(store: FeatureStore) -> set[str]:
 
 def reference_mask_volumes(store: FeatureStore) -> pl.DataFrame:
     """patient_id, path, sha256 of native NIfTI volumes that came with a reference mask."""
-    return store.query("SELECT patient_id, path, sha256 FROM volumes WHERE kind = 'nifti' AND has_reference_mask "
-                       "ORDER BY patient_id")
+    return store.query(
+        "SELECT patient_id, path, sha256 FROM volumes WHERE kind = 'nifti' AND has_reference_mask ORDER BY patient_id"
+    )
 
 
 def current_predictions(store: FeatureStore, model: str) -> pl.DataFrame:
     """P(HCC) of the current version of `model` ('radiomic' | 'deep' | 'explainable')."""
-    return store.query("SELECT patient_id, split, probability, label, version FROM current_predictions "
-                       "WHERE model = ? ORDER BY patient_id", [model])
+    return store.query(
+        "SELECT patient_id, split, probability, label, version FROM current_predictions "
+        "WHERE model = ? ORDER BY patient_id",
+        [model],
+    )
 
 
 def table_1(store: FeatureStore) -> pl.DataFrame:
@@ -48,8 +52,10 @@ def table_1(store: FeatureStore) -> pl.DataFrame:
 
 def explainable_selection(store: FeatureStore) -> tuple[list[str], str, str]:
     """(kept DL feature names, selection version, embedding version) of the current selection."""
-    kept = store.query("SELECT DISTINCT dl_feature, version, embedding_version FROM explainable_correlations "
-                       "WHERE kept ORDER BY dl_feature")
+    kept = store.query(
+        "SELECT DISTINCT dl_feature, version, embedding_version FROM explainable_correlations "
+        "WHERE kept ORDER BY dl_feature"
+    )
     if kept.height == 0:
         any_rows = store.query("SELECT version, embedding_version FROM explainable_correlations LIMIT 1")
         if any_rows.height == 0:
@@ -60,21 +66,26 @@ def explainable_selection(store: FeatureStore) -> tuple[list[str], str, str]:
 
 def selection_settings(store: FeatureStore) -> tuple[str | None, float | None, int]:
     """(measure, threshold, number of handcrafted features) of the stored explainable selection."""
-    rows = store.query("SELECT any_value(measure) AS measure, any_value(threshold) AS threshold, "
-                       "count(DISTINCT handcrafted_feature) AS n_hc FROM explainable_correlations")
+    rows = store.query(
+        "SELECT any_value(measure) AS measure, any_value(threshold) AS threshold, "
+        "count(DISTINCT handcrafted_feature) AS n_hc FROM explainable_correlations"
+    )
     return rows["measure"][0], rows["threshold"][0], int(rows["n_hc"][0] or 0)
 
 
 def radiomic_feature_names(store: FeatureStore, feature_set_version: str) -> list[str]:
-    names = store.query("SELECT DISTINCT feature FROM radiomic_features WHERE feature_set_version = ? ORDER BY 1",
-                        [feature_set_version])
+    names = store.query(
+        "SELECT DISTINCT feature FROM radiomic_features WHERE feature_set_version = ? ORDER BY 1", [feature_set_version]
+    )
     return names["feature"].to_list()
 
 
 def related_handcrafted(store: FeatureStore) -> pl.DataFrame:
     """dl_feature, handcrafted_feature, value of every related pair, strongest first per DL feature."""
-    return store.query("SELECT dl_feature, handcrafted_feature, value FROM explainable_correlations "
-                       "WHERE related ORDER BY dl_feature, abs(value) DESC")
+    return store.query(
+        "SELECT dl_feature, handcrafted_feature, value FROM explainable_correlations "
+        "WHERE related ORDER BY dl_feature, abs(value) DESC"
+    )
 
 
 # -- one patient's inputs for hcc_prediction, labelled or not (no join to cohort_split) ----------
@@ -86,10 +97,12 @@ def patient_embedding(store: FeatureStore, patient_id: str) -> tuple[str, list[f
     return (rows["model_version"][0], list(rows["embedding"][0])) if rows.height else None
 
 
-def patient_radiomics(store: FeatureStore, patient_id: str, feature_set_version: str) -> dict[str, float | None]:
-    """feature -> value of the patient's radiomic features of `feature_set_version`."""
-    rows = store.query("SELECT feature, value FROM radiomic_features WHERE patient_id = ? AND feature_set_version = ?",
-                       [patient_id, feature_set_version])
+def patient_radiomics(store: FeatureStore, patient_id: str, feature_set_version: str | None) -> dict[str, float | None]:
+    """feature -> value of the patient's radiomic features of `feature_set_version` (none for None)."""
+    rows = store.query(
+        "SELECT feature, value FROM radiomic_features WHERE patient_id = ? AND feature_set_version = ?",
+        [patient_id, feature_set_version],
+    )
     return dict(zip(rows["feature"].to_list(), rows["value"].to_list()))
 
 
@@ -106,9 +119,12 @@ def current_versions(store: FeatureStore) -> dict[str, str]:
 def patient_predictions(store: FeatureStore, patient_id: str | None = None) -> pl.DataFrame:
     """The newest prediction of each model per patient (view current_hcc_predictions)."""
     where, params = ("WHERE patient_id = ?", [patient_id]) if patient_id else ("", [])
-    return store.query("SELECT patient_id, model, model_name, model_version, status, probability, threshold, decision, "
-                       f"input_version, reason, materialized_at FROM current_hcc_predictions {where} "
-                       "ORDER BY patient_id, CASE model WHEN 'deep' THEN 1 WHEN 'radiomic' THEN 2 ELSE 3 END", params)
+    return store.query(
+        "SELECT patient_id, model, model_name, model_version, status, probability, threshold, decision, "
+        f"input_version, reason, materialized_at FROM current_hcc_predictions {where} "
+        "ORDER BY patient_id, CASE model WHEN 'deep' THEN 1 WHEN 'radiomic' THEN 2 ELSE 3 END",
+        params,
+    )
 
 
 def patient_status(store: FeatureStore) -> pl.DataFrame:
@@ -148,7 +164,8 @@ def model_comparison(store: FeatureStore, scheme: str = "holdout_bootstrap") -> 
     """Each model's metrics from its current version beside its previous version (the one
     registered before it), where there is one: model, metric, current_version, current,
     previous_version, previous. One query over the history tables."""
-    return store.query("""
+    return store.query(
+        """
         WITH ranked AS (
             SELECT model_name, version, current,
                    row_number() OVER (PARTITION BY model_name ORDER BY current DESC, materialized_at DESC) AS rank
@@ -162,7 +179,9 @@ def model_comparison(store: FeatureStore, scheme: str = "holdout_bootstrap") -> 
         FROM pairs JOIN model_metrics m ON m.version = pairs.current_version AND m.scheme = ?
         LEFT JOIN model_metrics prev ON prev.version = pairs.previous_version AND prev.scheme = m.scheme
              AND prev.model = m.model AND prev.metric = m.metric
-        ORDER BY m.model, m.metric""", [scheme])
+        ORDER BY m.model, m.metric""",
+        [scheme],
+    )
 
 
 # the paired comparisons in the study's model order (radiomic, deep, explainable)
@@ -177,17 +196,22 @@ def report_tables(store: FeatureStore) -> dict[str, pl.DataFrame]:
         "cohort": store.query("SELECT patient_id, hcc, split, source FROM cohort_split ORDER BY patient_id"),
         "exclusions": store.query("SELECT patient_id, stage, reason FROM exclusions ORDER BY stage, patient_id"),
         "metrics": store.query("SELECT * FROM current_model_metrics ORDER BY scheme, model, metric"),
-        "history": store.query("SELECT epoch, train_loss, train_acc, val_loss, val_acc FROM current_training_history "
-                               "WHERE model_name = 'hcc_classifier' ORDER BY epoch"),
-        "predictions": store.query("SELECT model, patient_id, probability, label FROM current_predictions "
-                                   "WHERE split = 'validation' ORDER BY model, patient_id"),
+        "history": store.query(
+            "SELECT epoch, train_loss, train_acc, val_loss, val_acc FROM current_training_history "
+            "WHERE model_name = 'hcc_classifier' ORDER BY epoch"
+        ),
+        "predictions": store.query(
+            "SELECT model, patient_id, probability, label FROM current_predictions "
+            "WHERE split = 'validation' ORDER BY model, patient_id"
+        ),
         "coefficients": store.query("SELECT * FROM current_coefficients ORDER BY model, feature"),
-        "sweep": store.query("SELECT measure, threshold, n_kept, n_selected, cv_accuracy, val_accuracy, val_roc_auc "
-                             "FROM explainability_sweep ORDER BY measure, threshold"),
+        "sweep": store.query(
+            "SELECT measure, threshold, n_kept, n_selected, cv_accuracy, val_accuracy, val_roc_auc "
+            "FROM explainability_sweep ORDER BY measure, threshold"
+        ),
         "models": store.query("SELECT model_name, version, kind, init FROM models WHERE current ORDER BY model_name"),
         "comparison": model_comparison(store),
         "model_comparisons": store.query(f"SELECT * FROM current_model_comparisons ORDER BY {_PAIR_ORDER}"),
         "confusion_matrices": store.query("SELECT * FROM current_confusion_matrices ORDER BY model"),
         "calibration": store.query("SELECT * FROM current_calibration ORDER BY model, bin"),
     }
-

@@ -13,7 +13,7 @@ embeddings and no defaults.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 PROVENANCE = """
     version VARCHAR NOT NULL,
@@ -338,15 +338,17 @@ DERIVED_REFRESHERS: dict[str, list[Callable]] = {
 def _radiomics_view(con) -> list[tuple[str, str]]:
     """`radiomics`: one row per patient and feature set, one column per feature, read from
     `radiomic_vectors` (each column picks its element by the row's name list)."""
-    name_lists = con.execute(
-        "SELECT feature_names_id, features FROM radiomic_feature_names ORDER BY 1").fetchall()
+    name_lists = con.execute("SELECT feature_names_id, features FROM radiomic_feature_names ORDER BY 1").fetchall()
     positions = {names_id: {name: i + 1 for i, name in enumerate(features)} for names_id, features in name_lists}
     features = sorted({name for _, names in name_lists for name in names if "'" not in name and '"' not in name})
     columns = ""
     for name in features:
-        cases = " ".join(f"WHEN '{names_id}' THEN feature_values[{where[name]}]"
-                         for names_id, where in positions.items() if name in where)
-        columns += f", CASE feature_names_id {cases} END AS \"{name}\""
+        cases = " ".join(
+            f"WHEN '{names_id}' THEN feature_values[{where[name]}]"
+            for names_id, where in positions.items()
+            if name in where
+        )
+        columns += f', CASE feature_names_id {cases} END AS "{name}"'
     return [("radiomics", f"SELECT patient_id, feature_set_version{columns} FROM radiomic_vectors")]
 
 
@@ -362,7 +364,8 @@ def static_view_statements() -> list[tuple[str, str]]:
     dl_columns = ", ".join(f"embedding[{i + 1}] AS dl_{i:03d}" for i in range(128))
     cells = ", ".join(
         f"max(printf('%.3f [%.3f, %.3f]', estimate, ci_low, ci_high)) FILTER (WHERE metric = '{m}') AS {m}"
-        for m in TABLE_1_METRICS)
+        for m in TABLE_1_METRICS
+    )
     order = "CASE model WHEN 'radiomic' THEN 1 WHEN 'deep' THEN 2 WHEN 'explainable' THEN 3 ELSE 4 END"
     current = "version IN (SELECT version FROM models WHERE current)"
     views = {
@@ -372,16 +375,15 @@ def static_view_statements() -> list[tuple[str, str]]:
         **{f"current_{table}": f"SELECT * FROM {table} WHERE {current}" for table in HISTORY_KEYS},
         # (replaces the entry above) a comparison is current when both its models are
         "current_model_comparisons": "SELECT * FROM model_comparisons WHERE "
-                                     + " AND ".join(f"{side} IN (SELECT version FROM models WHERE current)"
-                                                    for side in ("version_a", "version_b")),
+        + " AND ".join(f"{side} IN (SELECT version FROM models WHERE current)" for side in ("version_a", "version_b")),
         # each patient's newest prediction per model: what the models current at its last
         # hcc_prediction run said (or why they could not)
         "current_hcc_predictions": "SELECT * EXCLUDE (rank) FROM (SELECT *, row_number() OVER (PARTITION BY "
-                                   "patient_id, model ORDER BY materialized_at DESC) AS rank FROM hcc_predictions) "
-                                   "WHERE rank = 1",
+        "patient_id, model ORDER BY materialized_at DESC) AS rank FROM hcc_predictions) "
+        "WHERE rank = 1",
         # the study's Table 1 for the current models: 'estimate [ci_low, ci_high]' (95% CI)
         "table_1": f"SELECT model, scheme, max(n) AS n, {cells} FROM current_model_metrics "
-                   f"GROUP BY model, scheme ORDER BY scheme, {order}",
+        f"GROUP BY model, scheme ORDER BY scheme, {order}",
     }
     return [(name, f"CREATE VIEW {name} AS {select}") for name, select in views.items()]
 

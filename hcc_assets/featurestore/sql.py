@@ -7,7 +7,12 @@ import polars as pl
 
 # Statement kinds `hcc-assets sql` runs: queries only. The connection is read-only anyway; this
 # also refuses what a read-only connection still allows (COPY ... TO, EXPORT, INSTALL, SET, ATTACH).
-READ_ONLY_KINDS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN, duckdb.StatementType.MULTI}
+# duckdb's stubs name the members SELECT_STATEMENT etc.; at runtime they are SELECT, EXPLAIN, MULTI.
+READ_ONLY_KINDS = {
+    duckdb.StatementType.SELECT,  # type: ignore[attr-defined]
+    duckdb.StatementType.EXPLAIN,  # type: ignore[attr-defined]
+    duckdb.StatementType.MULTI,  # type: ignore[attr-defined]
+}
 
 
 class WriteRefusedError(ValueError):
@@ -22,7 +27,8 @@ def check_read_only(sql: str) -> None:
             kind = statement.type.name
             raise WriteRefusedError(
                 f"refused: {kind} statement. `hcc-assets sql` is read-only (queries only); the feature store "
-                "is written by the Dagster assets, so re-materialize the asset instead")
+                "is written by the Dagster assets, so re-materialize the asset instead"
+            )
 
 
 def format_frame(frame: pl.DataFrame, fmt: str = "table", max_rows: int = 100) -> str:
@@ -30,7 +36,9 @@ def format_frame(frame: pl.DataFrame, fmt: str = "table", max_rows: int = 100) -
         return frame.with_columns(_lists_as_text(frame)).write_csv().rstrip("\n")
     if fmt == "json":
         return frame.write_json()
-    with pl.Config(tbl_rows=max_rows, tbl_cols=-1, tbl_width_chars=400, fmt_str_lengths=60, tbl_hide_dataframe_shape=False):
+    with pl.Config(
+        tbl_rows=max_rows, tbl_cols=-1, tbl_width_chars=400, fmt_str_lengths=60, tbl_hide_dataframe_shape=False
+    ):
         return str(frame)
 
 

@@ -32,19 +32,39 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
-from hcc_assets.featurestore.catalog import (CatalogError, StoreLocation, catalog_identity, current_alias,
-                                            reset_engine)
-from hcc_assets.featurestore.schema import (DERIVED_REFRESHERS, DERIVED_TABLES, HISTORY_KEYS, PATIENT_HISTORY_KEYS,
-                                        TABLE_OPTIONS, TABLES,
-                                           VIEW_BUILDERS, create_statements, static_view_statements)
+from hcc_assets.featurestore.catalog import (
+    CatalogError,
+    StoreLocation,
+    catalog_identity,
+    current_alias,
+    fetch_value,
+    reset_engine,
+)
+from hcc_assets.featurestore.schema import (
+    DERIVED_REFRESHERS,
+    DERIVED_TABLES,
+    HISTORY_KEYS,
+    PATIENT_HISTORY_KEYS,
+    TABLE_OPTIONS,
+    TABLES,
+    VIEW_BUILDERS,
+    create_statements,
+    static_view_statements,
+)
 
 ALL_TABLES = (*TABLES, *DERIVED_TABLES)
 LEGACY_FILE = "feature_store.duckdb"  # the single-file store of earlier versions
 T = TypeVar("T")
 
 # Messages of errors that mean "another transaction committed first: run yours again".
-RETRYABLE = ("conflict", "database is locked", "database table is locked", "could not serialize",
-             "deadlock detected", "busy")
+RETRYABLE = (
+    "conflict",
+    "database is locked",
+    "database table is locked",
+    "could not serialize",
+    "deadlock detected",
+    "busy",
+)
 
 
 class FeatureStoreError(Exception):
@@ -75,9 +95,16 @@ class FeatureStore:
 
     _ready: set[str] = set()  # catalogs (and, for SQLite, which file) whose schema this process has checked
 
-    def __init__(self, catalog: str | os.PathLike[str], data_path: str | os.PathLike[str] | None = None, *,
-                 snapshot: int | None = None, snapshot_time: str | None = None,
-                 write_timeout_s: float = 120.0, max_attempts: int = 200):
+    def __init__(
+        self,
+        catalog: str | os.PathLike[str],
+        data_path: str | os.PathLike[str] | None = None,
+        *,
+        snapshot: int | None = None,
+        snapshot_time: str | None = None,
+        write_timeout_s: float = 120.0,
+        max_attempts: int = 200,
+    ):
         try:
             self.location = StoreLocation.parse(catalog, data_path)
         except CatalogError as error:
@@ -90,7 +117,13 @@ class FeatureStore:
         self.refuse_legacy = True  # refuse to start a new catalog beside an unmigrated feature_store.duckdb
 
     def __repr__(self) -> str:
-        at = f" @{self.snapshot}" if self.snapshot is not None else f" @{self.snapshot_time}" if self.snapshot_time else ""
+        at = (
+            f" @{self.snapshot}"
+            if self.snapshot is not None
+            else f" @{self.snapshot_time}"
+            if self.snapshot_time
+            else ""
+        )
         return f"FeatureStore({self.location.describe()}{at})"
 
     @property
@@ -103,15 +136,22 @@ class FeatureStore:
         if (snapshot is None) == (time is None):
             raise FeatureStoreError("give exactly one of snapshot or time")
         if isinstance(time, dt.datetime):
-            time = (time if time.tzinfo else time.replace(tzinfo=dt.timezone.utc)).isoformat()
-        return FeatureStore(self.location.catalog, self.location.data_path, snapshot=snapshot, snapshot_time=time,
-                            write_timeout_s=self.write_timeout_s, max_attempts=self.max_attempts)
+            time = (time if time.tzinfo else time.replace(tzinfo=dt.UTC)).isoformat()
+        return FeatureStore(
+            self.location.catalog,
+            self.location.data_path,
+            snapshot=snapshot,
+            snapshot_time=time,
+            write_timeout_s=self.write_timeout_s,
+            max_attempts=self.max_attempts,
+        )
 
     # -- connections -------------------------------------------------------------------
     def _connect(self, read_only: bool, alias: str | None = None) -> duckdb.DuckDBPyConnection:
         try:
-            return self.location.connect(read_only=read_only, snapshot_version=self.snapshot,
-                                         snapshot_time=self.snapshot_time, alias=alias)
+            return self.location.connect(
+                read_only=read_only, snapshot_version=self.snapshot, snapshot_time=self.snapshot_time, alias=alias
+            )
         except CatalogError as error:
             raise FeatureStoreError(str(error)) from None
         except duckdb.Error as error:
@@ -145,7 +185,8 @@ class FeatureStore:
             raise FeatureStoreError(
                 f"found {LEGACY_FILE}, a single-file feature store from before DuckLake, beside the new catalog "
                 f"{path.name}: migrate it with `hcc-assets migrate-store --from {legacy}` (or move it away to "
-                "start an empty store)")
+                "start an empty store)"
+            )
         temp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
         building = StoreLocation(f"sqlite:{temp}", self.location.data_path)
         try:
@@ -177,8 +218,9 @@ class FeatureStore:
         """DuckLake options per table; set after the tables' own commit (DuckLake refuses options
         on a table created in the same transaction)."""
         for table, option, value in TABLE_OPTIONS:
-            con.execute(f"CALL ducklake_set_option('{current_alias(con)}', '{option}', '{value}', "
-                        f"table_name => '{table}')")
+            con.execute(
+                f"CALL ducklake_set_option('{current_alias(con)}', '{option}', '{value}', table_name => '{table}')"
+            )
 
     @staticmethod
     def _create_schema(con: duckdb.DuckDBPyConnection) -> None:
@@ -195,14 +237,22 @@ class FeatureStore:
 
     @staticmethod
     def _tables_in(con: duckdb.DuckDBPyConnection) -> set[str]:
-        return {row[0] for row in con.execute(
-            "SELECT table_name FROM duckdb_tables() WHERE database_name = ?", [current_alias(con)]).fetchall()}
+        return {
+            row[0]
+            for row in con.execute(
+                "SELECT table_name FROM duckdb_tables() WHERE database_name = ?", [current_alias(con)]
+            ).fetchall()
+        }
 
     @staticmethod
     def _views_in(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
-        return {row[0]: row[1] for row in con.execute(
-            "SELECT view_name, sql FROM duckdb_views() WHERE database_name = ? AND NOT internal",
-            [current_alias(con)]).fetchall()}
+        return {
+            row[0]: row[1]
+            for row in con.execute(
+                "SELECT view_name, sql FROM duckdb_views() WHERE database_name = ? AND NOT internal",
+                [current_alias(con)],
+            ).fetchall()
+        }
 
     @contextmanager
     def reader(self, alias: str | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -254,8 +304,9 @@ class FeatureStore:
                     con.close()
                     reset_engine()
                 if not _retryable(error):
-                    raise FeatureStoreError(f"feature store {self.location.describe()}: {what} failed: "
-                                            f"{str(error).splitlines()[0]}") from None
+                    raise FeatureStoreError(
+                        f"feature store {self.location.describe()}: {what} failed: {str(error).splitlines()[0]}"
+                    ) from None
                 if attempt >= self.max_attempts or time.monotonic() > deadline:
                     raise FeatureStoreError(
                         f"feature store {self.location.describe()}: {what} still conflicted with other writers "
@@ -275,7 +326,7 @@ class FeatureStore:
     def with_provenance(rows: pl.DataFrame, *, version: str | None, run_id: str) -> pl.DataFrame:
         """Add version, run_id and materialized_at; version None keeps the rows' own `version`
         column (tables whose rows belong to different model versions)."""
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         if version is None and "version" not in rows.columns:
             raise FeatureStoreError("rows without a version column need a version")
         return rows.with_columns(
@@ -311,8 +362,14 @@ class FeatureStore:
         where, params = self._where(match or {})
         patients = rows["patient_id"].cast(pl.String).unique().sort().to_list()
         suffix = self._claim_suffix(match or {})
-        return self._replace(table, f"{where} AND patient_id IN (SELECT patient_id FROM written_patients)",
-                             params, rows, patients, [f"{p}|{suffix}" for p in patients])
+        return self._replace(
+            table,
+            f"{where} AND patient_id IN (SELECT patient_id FROM written_patients)",
+            params,
+            rows,
+            patients,
+            [f"{p}|{suffix}" for p in patients],
+        )
 
     def replace_versions(self, table: str, rows: pl.DataFrame) -> int:
         """Replace the rows of the (key, version) pairs in `rows` and keep every other version: the
@@ -335,8 +392,9 @@ class FeatureStore:
             raise FeatureStoreError(f"rows for {table} must be given and all belong to patient {patient_id}")
         keys = PATIENT_HISTORY_KEYS[table]
         pairs = rows.select(keys).unique().sort(keys, nulls_last=True)
-        match = " OR ".join("(" + " AND ".join(f"{k} IS NOT DISTINCT FROM ?" for k in keys) + ")"
-                            for _ in range(pairs.height))
+        match = " OR ".join(
+            "(" + " AND ".join(f"{k} IS NOT DISTINCT FROM ?" for k in keys) + ")" for _ in range(pairs.height)
+        )
         params = [patient_id] + [value for row in pairs.iter_rows() for value in row]
         return self._replace(table, f"patient_id = ? AND ({match})", params, rows, {patient_id}, [f"{patient_id}|"])
 
@@ -349,11 +407,11 @@ class FeatureStore:
         for `patients` (None: all), rebuild its views; one transaction, retried on conflict."""
         self.ensure_schema()
         incoming = rows.to_arrow() if rows.height else None
-        claim_rows = pa.table({"table_name": pa.array([table] * len(claims), pa.string()),
-                               "partition_key": pa.array(claims, pa.string())})
+        claim_rows = pa.table(
+            {"table_name": pa.array([table] * len(claims), pa.string()), "partition_key": pa.array(claims, pa.string())}
+        )
         self._ensure_claims(claim_rows)
-        written = (pa.table({"patient_id": pa.array(sorted(patients), pa.string())})
-                   if patients is not None else None)
+        written = pa.table({"patient_id": pa.array(sorted(patients), pa.string())}) if patients is not None else None
 
         def body(con: duckdb.DuckDBPyConnection) -> int:
             self._replace_claims(con, claim_rows)
@@ -376,19 +434,25 @@ class FeatureStore:
         """Inside a write: delete and re-insert the partitions' claim rows, so that a concurrent
         write of the same partitions conflicts with this one (see the module docstring)."""
         con.register("claimed", claim_rows)
-        con.execute("DELETE FROM write_claims WHERE (table_name, partition_key) IN "
-                    "(SELECT table_name, partition_key FROM claimed)")
-        con.execute("INSERT INTO write_claims SELECT table_name, partition_key, ? FROM claimed",
-                    [dt.datetime.now(dt.timezone.utc)])
+        con.execute(
+            "DELETE FROM write_claims WHERE (table_name, partition_key) IN "
+            "(SELECT table_name, partition_key FROM claimed)"
+        )
+        con.execute(
+            "INSERT INTO write_claims SELECT table_name, partition_key, ? FROM claimed", [dt.datetime.now(dt.UTC)]
+        )
 
     def _ensure_claims(self, claim_rows: pa.Table) -> None:
         """Make sure each claim row exists before the write that replaces it (a separate commit,
         only when one is missing): the writes then conflict on it instead of both inserting."""
+
         def body(con: duckdb.DuckDBPyConnection) -> None:
             con.register("claimed", claim_rows)
-            con.execute("INSERT INTO write_claims SELECT c.table_name, c.partition_key, ? FROM claimed c "
-                        "WHERE (c.table_name, c.partition_key) NOT IN (SELECT table_name, partition_key FROM write_claims)",
-                        [dt.datetime.now(dt.timezone.utc)])
+            con.execute(
+                "INSERT INTO write_claims SELECT c.table_name, c.partition_key, ? FROM claimed c "
+                "WHERE (c.table_name, c.partition_key) NOT IN (SELECT table_name, partition_key FROM write_claims)",
+                [dt.datetime.now(dt.UTC)],
+            )
 
         self.transaction(body, what="claim partitions")
 
@@ -402,8 +466,9 @@ class FeatureStore:
             raise FeatureStoreError("register_model takes exactly one row")
         name, version = row["model_name"][0], row["version"][0]
         snapshot = self.current_snapshot() if data_snapshot is None else int(data_snapshot)
-        incoming = row.with_columns(pl.lit(current).alias("current"),
-                                    pl.lit(snapshot, dtype=pl.Int64).alias("data_snapshot")).to_arrow()
+        incoming = row.with_columns(
+            pl.lit(current).alias("current"), pl.lit(snapshot, dtype=pl.Int64).alias("data_snapshot")
+        ).to_arrow()
         claim_rows = pa.table({"table_name": ["models"], "partition_key": [name]})
         self.ensure_schema()
         self._ensure_claims(claim_rows)
@@ -456,13 +521,15 @@ class FeatureStore:
                 FeatureStore._replace_view_if_changed(con, existing, name, select)
 
     @staticmethod
-    def _replace_view_if_changed(con: duckdb.DuckDBPyConnection, existing: dict[str, str], name: str,
-                                 select: str) -> None:
+    def _replace_view_if_changed(
+        con: duckdb.DuckDBPyConnection, existing: dict[str, str], name: str, select: str
+    ) -> None:
         # DuckDB stores a view's SQL re-rendered: render the wanted one the same way (as a
         # temporary view) to compare like with like
         con.execute(f"CREATE OR REPLACE TEMP VIEW wanted_{name} AS {select}")
-        wanted = con.execute("SELECT sql FROM duckdb_views() WHERE database_name = 'temp' AND view_name = ?",
-                             [f"wanted_{name}"]).fetchone()[0]
+        wanted = fetch_value(
+            con, "SELECT sql FROM duckdb_views() WHERE database_name = 'temp' AND view_name = ?", [f"wanted_{name}"]
+        )
         con.execute(f"DROP VIEW temp.wanted_{name}")
         if _view_body(existing.get(name, "")) != _view_body(wanted):
             con.execute(f"CREATE OR REPLACE VIEW {name} AS {select}")
@@ -484,15 +551,22 @@ class FeatureStore:
         with self.reader() as con:
             alias = current_alias(con)
             if self.snapshot_time is not None:
-                return int(con.execute(f"SELECT max(snapshot_id) FROM ducklake_snapshots('{alias}') "
-                                       "WHERE snapshot_time <= ?::TIMESTAMPTZ", [self.snapshot_time]).fetchone()[0])
-            return int(con.execute(f"SELECT id FROM ducklake_current_snapshot('{alias}')").fetchone()[0])
+                return int(
+                    fetch_value(
+                        con,
+                        f"SELECT max(snapshot_id) FROM ducklake_snapshots('{alias}') "
+                        "WHERE snapshot_time <= ?::TIMESTAMPTZ",
+                        [self.snapshot_time],
+                    )
+                )
+            return int(fetch_value(con, f"SELECT id FROM ducklake_current_snapshot('{alias}')"))
 
     def snapshots(self) -> pl.DataFrame:
         """Every snapshot kept: id, time, what changed."""
         with self.reader() as con:
-            return con.sql(f"SELECT snapshot_id, snapshot_time, changes FROM ducklake_snapshots('{current_alias(con)}') "
-                           "ORDER BY 1").pl()
+            return con.sql(
+                f"SELECT snapshot_id, snapshot_time, changes FROM ducklake_snapshots('{current_alias(con)}') ORDER BY 1"
+            ).pl()
 
     @staticmethod
     def _check_table(table: str) -> None:

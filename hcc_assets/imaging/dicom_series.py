@@ -18,14 +18,14 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple, TypeVar, overload
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from hcc_assets.imaging.errors import IngestError
+from hcc_assets.core.errors import PatientInputError
 from hcc_assets.imaging.geometry import slice_normal
 
 REFERENCE_FOLDER = "reference"
@@ -151,8 +151,10 @@ def read_dicom_bytes(data: bytes) -> tuple[Dataset | None, bool]:
             if "TransferSyntaxUID" not in dataset.file_meta:  # the pixel decoder needs it
                 implicit_vr, little_endian = dataset.original_encoding
                 dataset.file_meta.TransferSyntaxUID = (
-                    pydicom.uid.ImplicitVRLittleEndian if implicit_vr
-                    else pydicom.uid.ExplicitVRLittleEndian if little_endian
+                    pydicom.uid.ImplicitVRLittleEndian
+                    if implicit_vr
+                    else pydicom.uid.ExplicitVRLittleEndian
+                    if little_endian
                     else pydicom.uid.ExplicitVRBigEndian
                 )
             return dataset, True
@@ -216,6 +218,12 @@ def _number(dataset: Dataset, keyword: str) -> float | None:
         return None
 
 
+@overload
+def _numbers(dataset: Dataset, keyword: str, count: Literal[2]) -> tuple[float, float] | None: ...
+@overload
+def _numbers(dataset: Dataset, keyword: str, count: Literal[3]) -> tuple[float, float, float] | None: ...
+@overload
+def _numbers(dataset: Dataset, keyword: str, count: int) -> tuple[float, ...] | None: ...
 def _numbers(dataset: Dataset, keyword: str, count: int) -> tuple[float, ...] | None:
     value = dataset.get(keyword)
     try:
@@ -291,12 +299,30 @@ class GeometryProblem(ValueError):
     """The slices of one series do not form a regular stack; the message names no series."""
 
 
+_T = TypeVar("_T")
+
+
+def _present(value: _T | None, name: str, where: str) -> _T:
+    """`value`, or a GeometryProblem saying that `where` lacks a valid `name`."""
+    if value is None:
+        raise GeometryProblem(f"{where} lacks a valid {name}")
+    return value
+
+
+class _Placed(NamedTuple):
+    """The geometry tags of one slice, all present."""
+
+    position: tuple[float, float, float]
+    orientation: tuple[float, ...]
+    pixel_spacing: tuple[float, float]
+
+
 def stack_slices(label: str, slices: list[SliceGeometry], max_gap_ratio: float = 1.5) -> Stack:
-    """`order_slices`, with problems raised as IngestError naming the series."""
+    """`order_slices`, with problems raised as PatientInputError naming the series."""
     try:
         return order_slices(slices, max_gap_ratio)
     except GeometryProblem as problem:
-        raise IngestError(f"{label}: {problem}") from None
+        raise PatientInputError(f"{label}: {problem}") from None
 
 
 def order_slices(slices: list[SliceGeometry], max_gap_ratio: float = 1.5) -> Stack:
@@ -312,18 +338,19 @@ def order_slices(slices: list[SliceGeometry], max_gap_ratio: float = 1.5) -> Sta
 
     if count == 0:
         raise GeometryProblem("no image files")
+    placed: list[_Placed] = []
     for index, item in enumerate(slices):
         if item.frames > 1:
             raise GeometryProblem(f"{file_at(index)} is a multi-frame (enhanced) image, which is not supported")
-        for name, value in (
-            ("ImagePositionPatient", item.position),
-            ("ImageOrientationPatient", item.orientation),
-            ("PixelSpacing", item.pixel_spacing),
-        ):
-            if value is None:
-                raise GeometryProblem(f"{file_at(index)} lacks a valid {name}")
-    first = slices[0]
-    reference_orientation = np.asarray(first.orientation)
+        placed.append(
+            _Placed(
+                _present(item.position, "ImagePositionPatient", file_at(index)),
+                _present(item.orientation, "ImageOrientationPatient", file_at(index)),
+                _present(item.pixel_spacing, "PixelSpacing", file_at(index)),
+            )
+        )
+    first, first_placed = slices[0], placed[0]
+    reference_orientation = np.asarray(first_placed.orientation)
     if abs(np.dot(reference_orientation[:3], reference_orientation[3:])) > 1e-3 or not np.allclose(
         np.linalg.norm(reference_orientation.reshape(2, 3), axis=1), 1.0, atol=1e-3
     ):
@@ -334,18 +361,20 @@ def order_slices(slices: list[SliceGeometry], max_gap_ratio: float = 1.5) -> Sta
                 f"inconsistent Rows x Columns: {file_at(index)} is {item.rows}x{item.columns}, "
                 f"file 1 is {first.rows}x{first.columns}"
             )
-        if not np.allclose(item.orientation, reference_orientation, atol=ORIENTATION_TOLERANCE, rtol=0):
+        if not np.allclose(placed[index].orientation, reference_orientation, atol=ORIENTATION_TOLERANCE, rtol=0):
             raise GeometryProblem(f"inconsistent ImageOrientationPatient: {file_at(index)} differs from file 1")
-        if not np.allclose(item.pixel_spacing, first.pixel_spacing, rtol=SPACING_RELATIVE_TOLERANCE, atol=0):
+        if not np.allclose(
+            placed[index].pixel_spacing, first_placed.pixel_spacing, rtol=SPACING_RELATIVE_TOLERANCE, atol=0
+        ):
             raise GeometryProblem(
-                f"inconsistent PixelSpacing: {file_at(index)} has {_mm(item.pixel_spacing)}, "
-                f"file 1 has {_mm(first.pixel_spacing)}"
+                f"inconsistent PixelSpacing: {file_at(index)} has {_mm(placed[index].pixel_spacing)}, "
+                f"file 1 has {_mm(first_placed.pixel_spacing)}"
             )
     if count < 2:
-        return Stack([0], float("nan"), first.orientation, first.pixel_spacing, first.position)
+        return Stack([0], float("nan"), first_placed.orientation, first_placed.pixel_spacing, first_placed.position)
 
     normal = slice_normal(reference_orientation)
-    positions = np.array([item.position for item in slices])
+    positions = np.array([item.position for item in placed])
     along = positions @ normal
     order = np.argsort(along, kind="stable")
     steps = np.diff(along[order])
@@ -370,10 +399,16 @@ def order_slices(slices: list[SliceGeometry], max_gap_ratio: float = 1.5) -> Sta
     # all slices must lie on one line along the normal; a shifted stack would need resampling
     in_plane = (positions - positions[order[0]]) - np.outer(along - along[order[0]], normal)
     shift = float(np.linalg.norm(in_plane, axis=1).max())
-    if shift > 0.1 * min(first.pixel_spacing):
+    if shift > 0.1 * min(first_placed.pixel_spacing):
         raise GeometryProblem(f"slices are not stacked along the slice normal (in-plane shift up to {shift:.2f} mm)")
     spacing = float((along[order[-1]] - along[order[0]]) / (count - 1))
-    return Stack([int(i) for i in order], spacing, first.orientation, first.pixel_spacing, slices[int(order[0])].position)
+    return Stack(
+        [int(i) for i in order],
+        spacing,
+        first_placed.orientation,
+        first_placed.pixel_spacing,
+        placed[int(order[0])].position,
+    )
 
 
 def _mm(values) -> str:
@@ -418,7 +453,7 @@ def _int(value) -> int | None:
 
 
 def inventory_study(patient_dir: Path) -> StudyInventory:
-    """Every image series under `patient_dir`, with checksums; raises IngestError on bad files.
+    """Every image series under `patient_dir`, with checksums; raises PatientInputError on bad files.
 
     File-level problems (not DICOM, truncated, two series in one folder) fail the study: the
     delivery is broken. Geometry problems are recorded per series in `geometry_problem`: a
@@ -427,9 +462,9 @@ def inventory_study(patient_dir: Path) -> StudyInventory:
     """
     patient_dir = Path(patient_dir)
     if not patient_dir.is_dir():
-        raise IngestError("the patient folder does not exist")
+        raise PatientInputError("the patient folder does not exist")
     by_uid: dict[str, _SeriesFiles] = {}
-    for folder_index, (folder, paths) in enumerate(_series_folders(patient_dir)):
+    for folder_index, (_folder, paths) in enumerate(_series_folders(patient_dir)):
         headers: list[tuple[int, Path, Dataset, str]] = []
         not_dicom: list[int] = []
         incomplete: list[tuple[int, str]] = []
@@ -437,7 +472,9 @@ def inventory_study(patient_dir: Path) -> StudyInventory:
             try:
                 data = path.read_bytes()
             except OSError as error:  # the message of an OSError carries the path: drop it
-                raise IngestError(f"cannot read a file in the drop ({error.strerror or type(error).__name__})") from None
+                raise PatientInputError(
+                    f"cannot read a file in the drop ({error.strerror or type(error).__name__})"
+                ) from None
             dataset, claims_dicom = read_dicom_bytes(data)
             if dataset is None:
                 if claims_dicom:
@@ -458,18 +495,18 @@ def inventory_study(patient_dir: Path) -> StudyInventory:
         if not_dicom:
             positions = ", ".join(str(p + 1) for p in not_dicom[:5]) + (", ..." if len(not_dicom) > 5 else "")
             files, verb = ("file", "is") if len(not_dicom) == 1 else ("files", "are")
-            raise IngestError(f"{files} {positions} of {total} in {where} {verb} not DICOM")
+            raise PatientInputError(f"{files} {positions} of {total} in {where} {verb} not DICOM")
         if incomplete:
             position, problem = incomplete[0]
             more = f" (and {len(incomplete) - 1} more files)" if len(incomplete) > 1 else ""
-            raise IngestError(f"truncated DICOM file: file {position + 1} of {total} in {where}: {problem}{more}")
+            raise PatientInputError(f"truncated DICOM file: file {position + 1} of {total} in {where}: {problem}{more}")
         uids = {str(h[2].SeriesInstanceUID) for h in headers}
         if len(uids) > 1:
-            raise IngestError(
+            raise PatientInputError(
                 f"one folder mixes {len(uids)} series ({_describe([h[2] for h in headers])}); "
                 "each series must have its own folder"
             )
-        for position, path, dataset, digest in headers:
+        for _position, path, dataset, digest in headers:
             uid = str(dataset.SeriesInstanceUID)
             entry = by_uid.get(uid)
             if entry is None:
@@ -477,12 +514,12 @@ def inventory_study(patient_dir: Path) -> StudyInventory:
                 del header.PixelData  # keep headers only: a study can have thousands of files
                 entry = by_uid[uid] = _SeriesFiles(folder_index, header)
             elif entry.folder_index != folder_index:
-                raise IngestError(f"{_describe([dataset])} is split across several folders")
+                raise PatientInputError(f"{_describe([dataset])} is split across several folders")
             entry.files.append(path)
             entry.digests.append(digest)
             entry.slices.append(SliceGeometry.of(dataset))
     if not by_uid:
-        raise IngestError("no DICOM image files found in the patient folder")
+        raise PatientInputError("no DICOM image files found in the patient folder")
     series = sorted(
         (_series_info(uid, entry) for uid, entry in by_uid.items()),
         key=lambda s: (s.series_number is None, s.series_number or 0, s.series_key),
@@ -601,41 +638,45 @@ def choose_t2_series(
         if series.geometry_problem:
             usability.append(series.geometry_problem)
         why = weighting + usability
-        accepted = not why
+        is_accepted = not why
         if not weighting and usability:
-            t2_but_unusable.append(f"{series.label} (TE {_fmt(te)} ms, TR {_fmt(tr)} ms) is unusable: {'; '.join(usability)}")
-        candidates.append({
-            "series_key": series.series_key,
-            "series_number": series.series_number,
-            "description": series.description,
-            "echo_time_ms": te,
-            "repetition_time_ms": tr,
-            "n_files": series.n_files,
-            "accepted": accepted,
-            "score": _t2_score(series) if accepted else None,
-            "why": _acceptance(series, min_echo_time_ms, min_repetition_time_ms) if accepted else ", ".join(why),
-        })
+            t2_but_unusable.append(
+                f"{series.label} (TE {_fmt(te)} ms, TR {_fmt(tr)} ms) is unusable: {'; '.join(usability)}"
+            )
+        candidates.append(
+            {
+                "series_key": series.series_key,
+                "series_number": series.series_number,
+                "description": series.description,
+                "echo_time_ms": te,
+                "repetition_time_ms": tr,
+                "n_files": series.n_files,
+                "accepted": is_accepted,
+                "score": _t2_score(series) if is_accepted else None,
+                "why": _acceptance(series, min_echo_time_ms, min_repetition_time_ms) if is_accepted else ", ".join(why),
+            }
+        )
     accepted = [(c, s) for c, s in zip(candidates, inventory.series) if c["accepted"]]
     if not accepted:
         if t2_but_unusable:
-            raise IngestError("the T2-weighted " + " | ".join(t2_but_unusable))
+            raise PatientInputError("the T2-weighted " + " | ".join(t2_but_unusable))
         found = "; ".join(
             f'#{_fmt(c["series_number"])} "{c["description"]}" TE {_fmt(c["echo_time_ms"])} ms '
-            f'TR {_fmt(c["repetition_time_ms"])} ms ({c["why"]})'
+            f"TR {_fmt(c['repetition_time_ms'])} ms ({c['why']})"
             for c in candidates
         )
-        raise IngestError(
+        raise PatientInputError(
             f"no T2-weighted series in the study (need MR, TE >= {min_echo_time_ms:g} ms, "
             f"TR >= {min_repetition_time_ms:g} ms, no diffusion, no contrast); found: {found}"
         )
     best, chosen = max(accepted, key=lambda pair: pair[0]["score"])
     others = [
         f'#{_fmt(c["series_number"])} "{c["description"]}" '
-        + (c["why"] if not c["accepted"] else f'T2-weighted but scored {c["score"]:g} < {best["score"]:g}')
+        + (c["why"] if not c["accepted"] else f"T2-weighted but scored {c['score']:g} < {best['score']:g}")
         for c in candidates
         if c is not best
     ]
-    reason = f'{chosen.label}: {best["why"]}' + (f"; rejected: {'; '.join(others)}" if others else "")
+    reason = f"{chosen.label}: {best['why']}" + (f"; rejected: {'; '.join(others)}" if others else "")
     return SeriesChoice(series=chosen, t2_score=float(best["score"]), reason=reason, candidates=candidates)
 
 

@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-COMPLETE_MARKER = ".complete"
+from hcc_assets.core.files import COMPLETE_MARKER, atomic_write_bytes, publish_folder
+
 LABEL_MANIFEST_GLOB = "labels*.csv"
 
 
@@ -66,11 +67,8 @@ def drop_copy(source: Path, incoming: Path) -> Path:
     if target.exists():
         # no folder name in the message: it is often a record number
         raise FileExistsError("the drop zone already holds a study folder of this name")
-    staging = incoming / f".drop-{source.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source, staging)
-    (staging / COMPLETE_MARKER).touch()
-    os.rename(staging, target)
+    with publish_folder(target, hidden_prefix=".drop-", replace=False) as staging:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
     return target
 
 
@@ -87,7 +85,7 @@ def scan_drop_zone(
         if not entry.is_dir() or entry.name.startswith("."):
             continue
         try:
-            fingerprint, newest, count = folder_fingerprint(entry)
+            fingerprint, newest, _count = folder_fingerprint(entry)
             if (entry / COMPLETE_MARKER).exists():
                 ready.append(DropFolder(entry.name, entry, fingerprint, "marker"))
             elif now - max(newest, entry.stat().st_mtime) >= quiet_seconds:
@@ -96,8 +94,9 @@ def scan_drop_zone(
         except OSError as error:
             if skipped is not None:
                 what = error.strerror or type(error).__name__
-                skipped.append(SkippedFolder(entry.name, f"drop folder cannot be read ({what}); "
-                                                         "waiting until it is readable"))
+                skipped.append(
+                    SkippedFolder(entry.name, f"drop folder cannot be read ({what}); waiting until it is readable")
+                )
     return ready
 
 
@@ -117,7 +116,11 @@ def read_label_manifests(incoming: Path) -> list[dict[str, str]]:
             for row in _manifest_reader(handle):
                 key = (row.get("patient_key") or "").strip()
                 if key:
-                    rows[key] = {"patient_key": key, "hcc": str(row.get("hcc", "")).strip(), "source": (row.get("source") or "").strip()}
+                    rows[key] = {
+                        "patient_key": key,
+                        "hcc": str(row.get("hcc", "")).strip(),
+                        "source": (row.get("source") or "").strip(),
+                    }
     return list(rows.values())
 
 
@@ -143,8 +146,13 @@ def validate_labels(incoming: Path) -> tuple[dict[str, tuple[bool, str | None]],
                 for line, row in enumerate(reader, start=2):
                     key = (row.get("patient_key") or "").strip()
                     if key:
-                        seen.setdefault(key, []).append((str(row.get("hcc") or "").strip(),
-                                                         (row.get("source") or "").strip(), f"{manifest.name}:{line}"))
+                        seen.setdefault(key, []).append(
+                            (
+                                str(row.get("hcc") or "").strip(),
+                                (row.get("source") or "").strip(),
+                                f"{manifest.name}:{line}",
+                            )
+                        )
         except (OSError, UnicodeDecodeError, csv.Error) as error:
             problems.append(LabelProblem("", f"{manifest.name} cannot be read ({type(error).__name__}); ignored"))
     labels: dict[str, tuple[bool, str | None]] = {}
@@ -166,7 +174,7 @@ def validate_labels(incoming: Path) -> tuple[dict[str, tuple[bool, str | None]],
 
 def merge_labels(incoming: Path, file_name: str, rows: dict[str, tuple[int, str]]) -> None:
     """Add or replace rows (patient_key -> (hcc, source)) in the manifest `incoming/file_name`,
-    sorted by key and written atomically (temp name, then rename)."""
+    sorted by key and written atomically (`atomic_write_bytes`)."""
     path = incoming / file_name
     merged: dict[str, tuple[str, str]] = {}
     if path.exists():
@@ -178,6 +186,4 @@ def merge_labels(incoming: Path, file_name: str, rows: dict[str, tuple[int, str]
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["patient_key", "hcc", "source"])
     writer.writerows([key, *merged[key]] for key in sorted(merged))
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(buffer.getvalue().encode())
-    os.replace(temporary, path)
+    atomic_write_bytes(path, buffer.getvalue().encode())

@@ -11,12 +11,14 @@ DICOM positions are LPS millimetres; NIfTI affines here are RAS (flip x and y).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-def slice_normal(orientation: np.ndarray | list[float]) -> np.ndarray:
+def slice_normal(orientation: np.ndarray | Sequence[float]) -> np.ndarray:
     """Unit normal of a slice with ImageOrientationPatient `orientation` (6 numbers)."""
     iop = np.asarray(orientation, dtype=float)
     normal = np.cross(iop[:3], iop[3:])
@@ -24,9 +26,9 @@ def slice_normal(orientation: np.ndarray | list[float]) -> np.ndarray:
 
 
 def affine_lps(
-    orientation: np.ndarray | list[float],
-    first_position: np.ndarray | list[float],
-    pixel_spacing: np.ndarray | list[float],
+    orientation: np.ndarray | Sequence[float],
+    first_position: np.ndarray | Sequence[float],
+    pixel_spacing: np.ndarray | Sequence[float],
     slice_spacing: float,
 ) -> np.ndarray:
     """4x4 voxel (i, j, k) -> LPS mm affine for the convention above.
@@ -46,9 +48,9 @@ def affine_lps(
 
 
 def affine_ras(
-    orientation: np.ndarray | list[float],
-    first_position: np.ndarray | list[float],
-    pixel_spacing: np.ndarray | list[float],
+    orientation: np.ndarray | Sequence[float],
+    first_position: np.ndarray | Sequence[float],
+    pixel_spacing: np.ndarray | Sequence[float],
     slice_spacing: float,
 ) -> np.ndarray:
     """Same as `affine_lps`, expressed in RAS as NIfTI expects."""

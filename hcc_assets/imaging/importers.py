@@ -57,6 +57,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pydicom
 
+from hcc_assets.core.errors import PatientInputError
+from hcc_assets.core.files import COMPLETE_MARKER, publish_folder
 from hcc_assets.imaging.dicom_series import (
     GeometryProblem,
     SliceGeometry,
@@ -64,8 +66,7 @@ from hcc_assets.imaging.dicom_series import (
     inventory_study,
     order_slices,
 )
-from hcc_assets.imaging.dropzone import COMPLETE_MARKER, merge_labels
-from hcc_assets.imaging.errors import IngestError
+from hcc_assets.imaging.dropzone import merge_labels
 from hcc_assets.imaging.geometry import affine_ras
 from hcc_assets.imaging.nifti import make_nifti
 
@@ -125,40 +126,29 @@ def _source_digest(files: list[tuple[str, Path]]) -> str:
     return digest.hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
-
-
-def _publish(out: Path, key: str, patient: str, digest: str, build: Callable[[Path], str],
-             labels_file: str, label: tuple[int, str]) -> ImportResult:
-    """Build one patient in a hidden staging folder and rename it into place, marker included."""
+def _publish(
+    out: Path,
+    key: str,
+    patient: str,
+    digest: str,
+    build: Callable[[Path], str],
+    labels_file: str,
+    label: tuple[int, str],
+) -> ImportResult:
+    """Build one patient in the hidden staging folder `.import-<key>.partial` and rename it into
+    place, markers included (`publish_folder`); a patient that fails leaves nothing behind."""
     final = out / key
     marker = final / SOURCE_MARKER
     if (final / COMPLETE_MARKER).exists() and marker.exists() and marker.read_text().strip() == digest:
         merge_labels(out, labels_file, {key: label})  # cheap; repairs a lost manifest
         return ImportResult(patient, key, "unchanged", "already imported from the same files")
-    staging = out / f".import-{key}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     try:
-        message = build(staging)
-        (staging / SOURCE_MARKER).write_text(digest + "\n")
-        (staging / COMPLETE_MARKER).write_bytes(b"")
-    except IngestError as error:
-        shutil.rmtree(staging, ignore_errors=True)
+        with publish_folder(final, hidden_prefix=".import-") as staging:
+            message = build(staging)
+            (staging / SOURCE_MARKER).write_text(digest + "\n")
+            merge_labels(out, labels_file, {key: label})  # the label is there before the folder appears
+    except PatientInputError as error:
         return ImportResult(patient, key, "failed", f"{patient}: {error}")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    merge_labels(out, labels_file, {key: label})  # the label is there before the folder appears
-    old = out / f".import-{key}.old"
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(staging, final)
-    shutil.rmtree(old, ignore_errors=True)
     return ImportResult(patient, key, "imported", message)
 
 
@@ -167,7 +157,7 @@ def _copy_files(files: list[Path], target: Path, prefix: str = "") -> None:
     for path in files:
         destination = target / f"{prefix}{path.name}"
         if destination.exists():
-            raise IngestError(f"two source files would share the name {prefix}{path.name!r} in one series")
+            raise PatientInputError(f"two source files would share the name {prefix}{path.name!r} in one series")
         shutil.copyfile(path, destination)
 
 
@@ -175,7 +165,7 @@ def _header(path: Path, where: str) -> pydicom.Dataset:
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
     except Exception:
-        raise IngestError(f"{where} is not a readable DICOM file") from None
+        raise PatientInputError(f"{where} is not a readable DICOM file") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,10 +174,10 @@ def _header(path: Path, where: str) -> pydicom.Dataset:
 
 def _chaos_patients(root: Path) -> list[Path]:
     if not root.is_dir():
-        raise IngestError("the CHAOS root folder does not exist")
+        raise PatientInputError("the CHAOS root folder does not exist")
     folders = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and (d / "T2SPIR").is_dir()]
     if not folders:
-        raise IngestError("no CHAOS patient folders (<id>/T2SPIR/DICOM_anon) under the CHAOS root")
+        raise PatientInputError("no CHAOS patient folders (<id>/T2SPIR/DICOM_anon) under the CHAOS root")
     return sorted(folders, key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
 
 
@@ -198,14 +188,14 @@ def _read_png(path: Path, where: str) -> np.ndarray:
         with Image.open(path) as image:
             array = np.asarray(image)
     except Exception:
-        raise IngestError(f"{where} is not a readable PNG") from None
+        raise PatientInputError(f"{where} is not a readable PNG") from None
     if array.ndim == 3:  # RGB(A) saved grey: all colour channels must agree
         colour = array[..., :3] if array.shape[2] >= 3 else array[..., :1]
         if not np.all(colour == colour[..., :1]):
-            raise IngestError(f"{where} is a colour image; CHAOS Ground masks are grey")
+            raise PatientInputError(f"{where} is a colour image; CHAOS Ground masks are grey")
         array = colour[..., 0]
     if array.ndim != 2:
-        raise IngestError(f"{where} is not a 2-D grey image")
+        raise PatientInputError(f"{where} is not a 2-D grey image")
     return array
 
 
@@ -222,7 +212,7 @@ def chaos_grey_to_labels(grey: np.ndarray, where: str) -> np.ndarray:
         values = np.unique(grey[~known])
         shown = ", ".join(str(int(v)) for v in values[:6]) + (", ..." if values.size > 6 else "")
         ranges = ", ".join(f"{name} {low}-{high}" for name, low, high, _ in CHAOS_GREY_RANGES)
-        raise IngestError(
+        raise PatientInputError(
             f"{where} has unexpected grey values {shown} in {int((~known).sum())} pixels "
             f"(expected background 0, {ranges})"
         )
@@ -233,9 +223,9 @@ def chaos_reference_mask(dicom_files: list[Path], png_files: list[Path], where: 
     """The NIfTI reference mask of a CHAOS series from its Ground PNGs (see module docstring)."""
     n, m = len(dicom_files), len(png_files)
     if n == 0:
-        raise IngestError(f"{where} has no DICOM files")
+        raise PatientInputError(f"{where} has no DICOM files")
     if m != n:
-        raise IngestError(f"{where} has {n} DICOM slices but {m} Ground PNGs; every slice needs one mask PNG")
+        raise PatientInputError(f"{where} has {n} DICOM slices but {m} Ground PNGs; every slice needs one mask PNG")
     by_stem = {path.stem: index for index, path in enumerate(dicom_files)}
     stems = [path.stem for path in png_files]
     if len(by_stem) == n and len(set(stems)) == m and set(stems) == set(by_stem):
@@ -246,7 +236,7 @@ def chaos_reference_mask(dicom_files: list[Path], png_files: list[Path], where: 
     try:
         stack = order_slices([SliceGeometry.of(h) for h in headers])
     except GeometryProblem as problem:
-        raise IngestError(f"{where}: {problem}") from None
+        raise PatientInputError(f"{where}: {problem}") from None
     rows, columns = int(headers[0].Rows), int(headers[0].Columns)
     mask = np.zeros((columns, rows, n), np.uint8)
     for k, index in enumerate(stack.order):
@@ -254,7 +244,7 @@ def chaos_reference_mask(dicom_files: list[Path], png_files: list[Path], where: 
         label = f"Ground PNG {png_files.index(png) + 1} of {m} ({where})"
         grey = _read_png(png, label)
         if grey.shape != (rows, columns):
-            raise IngestError(
+            raise PatientInputError(
                 f"{label} is {grey.shape[0]}x{grey.shape[1]} pixels but its DICOM slice is {rows}x{columns}"
             )
         mask[:, :, k] = chaos_grey_to_labels(grey, label).T
@@ -276,9 +266,9 @@ def _import_chaos_patient(source: Path, out: Path, patient: str, key: str) -> Im
 
     def build(staging: Path) -> str:
         if not t2_dir.is_dir():
-            raise IngestError("T2SPIR/DICOM_anon is missing")
+            raise PatientInputError("T2SPIR/DICOM_anon is missing")
         if not ground_dir.is_dir():
-            raise IngestError("T2SPIR/Ground is missing; the CHAOS importer needs the ground truth")
+            raise PatientInputError("T2SPIR/Ground is missing; the CHAOS importer needs the ground truth")
         t2_files = _visible_files(t2_dir)
         pngs = sorted(p for p in _visible_files(ground_dir) if p.suffix.lower() == ".png")
         mask = chaos_reference_mask(t2_files, pngs, "T2SPIR")
@@ -286,8 +276,10 @@ def _import_chaos_patient(source: Path, out: Path, patient: str, key: str) -> Im
         _copy_files(t2_files, study / "T2SPIR")
         phases = [(phase, _visible_files(folder)) for phase, folder in t1_dirs if folder.is_dir()]
         phases = [(phase, files) for phase, files in phases if files]
-        uids = {str(_header(files[0], f"the first file of T1DUAL {phase}").get("SeriesInstanceUID", ""))
-                for phase, files in phases}
+        uids = {
+            str(_header(files[0], f"the first file of T1DUAL {phase}").get("SeriesInstanceUID", ""))
+            for phase, files in phases
+        }
         if len(phases) == 2 and len(uids) == 1:  # one dual-echo series split in two folders
             for phase, files in phases:
                 _copy_files(files, study / "T1DUAL", prefix=f"{phase}_")
@@ -295,10 +287,12 @@ def _import_chaos_patient(source: Path, out: Path, patient: str, key: str) -> Im
             for phase, files in phases:
                 _copy_files(files, study / f"T1DUAL_{phase}")
         (staging / MASK_PATH.parent).mkdir()
-        _write_atomic(staging / MASK_PATH, _nifti_gz(mask))
+        (staging / MASK_PATH).write_bytes(_nifti_gz(mask))
         counts = np.bincount(np.asarray(mask.dataobj).ravel(), minlength=3)
-        return (f"{len(t2_files)} T2 slices, {sum(len(f) for _, f in phases)} T1 files, "
-                f"mask liver {int(counts[1])} / spleen {int(counts[2])} voxels")
+        return (
+            f"{len(t2_files)} T2 slices, {sum(len(f) for _, f in phases)} T1 files, "
+            f"mask liver {int(counts[1])} / spleen {int(counts[2])} voxels"
+        )
 
     return _publish(out, key, patient, _source_digest(inputs), build, CHAOS_LABELS_FILE, (0, CHAOS_SOURCE))
 
@@ -354,20 +348,20 @@ def _resolve_location(location: str, root: Path, metadata_dir: Path) -> Path | N
 
 def _tcia_patients(root: Path, metadata: Path | None) -> list[_TciaPatient]:
     if not root.is_dir():
-        raise IngestError("the TCIA root folder does not exist")
+        raise PatientInputError("the TCIA root folder does not exist")
     if metadata is None:
         folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
         patients = [_TciaPatient(d.name, _series_folders_under(d)) for d in folders]
         if not patients:
-            raise IngestError("no patient folders under the TCIA root")
+            raise PatientInputError("no patient folders under the TCIA root")
         return patients
     try:
         with open(metadata, newline="", encoding="utf-8-sig") as handle:
             rows = list(csv.DictReader(handle))
     except OSError as error:
-        raise IngestError(f"cannot read metadata.csv ({error.strerror or type(error).__name__})") from None
+        raise PatientInputError(f"cannot read metadata.csv ({error.strerror or type(error).__name__})") from None
     if not rows or not {"Subject ID", "File Location"} <= set(rows[0]):
-        raise IngestError("metadata.csv has no rows with 'Subject ID' and 'File Location' columns")
+        raise PatientInputError("metadata.csv has no rows with 'Subject ID' and 'File Location' columns")
     by_subject: dict[str, _TciaPatient] = {}
     for row in rows:
         subject = (row.get("Subject ID") or "").strip()
@@ -390,20 +384,27 @@ def _import_tcia_patient(source: _TciaPatient, out: Path, patient: str, key: str
 
     def build(staging: Path) -> str:
         if source.problem:
-            raise IngestError(source.problem)
+            raise PatientInputError(source.problem)
         if not source.series_folders:
-            raise IngestError("no series folders with files")
+            raise PatientInputError("no series folders with files")
         described = []
         for index, folder in enumerate(source.series_folders):
             files = _visible_files(folder)
             header = _header(files[0], f"the first file of series folder {index + 1} of {len(source.series_folders)}")
             number = header.get("SeriesNumber")
-            described.append((str(header.get("StudyDate", "") or ""), str(header.get("StudyInstanceUID", "") or ""),
-                              number, index, files))
+            described.append(
+                (
+                    str(header.get("StudyDate", "") or ""),
+                    str(header.get("StudyInstanceUID", "") or ""),
+                    number,
+                    index,
+                    files,
+                )
+            )
         studies = sorted({(date, uid) for date, uid, *_ in described})
         study_of = {uid: k for k, (_, uid) in enumerate(studies, start=1)}
         used: set[Path] = set()
-        for _, uid, number, index, files in sorted(described, key=lambda d: (study_of[d[1]], _number(d[2]), d[3])):
+        for _, uid, number, _index, files in sorted(described, key=lambda d: (study_of[d[1]], _number(d[2]), d[3])):
             base = f"series_{_number(number)}" if _number(number) >= 0 else "series_x"
             target, suffix = staging / f"study_{study_of[uid]}" / base, 2
             while target in used:

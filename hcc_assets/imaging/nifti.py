@@ -11,7 +11,9 @@ import hashlib
 
 import nibabel as nib
 import numpy as np
+from pydicom.dataset import Dataset
 
+from hcc_assets.core.errors import PatientInputError
 from hcc_assets.imaging.dicom_series import (
     SeriesInfo,
     SliceGeometry,
@@ -21,68 +23,72 @@ from hcc_assets.imaging.dicom_series import (
     series_key_of,
     stack_slices,
 )
-from hcc_assets.imaging.errors import IngestError
 from hcc_assets.imaging.geometry import affine_ras
 
 
 def series_to_nifti(series: SeriesInfo, *, max_gap_ratio: float = 1.5) -> nib.Nifti1Image:
     """float32 volume with RescaleSlope/Intercept applied and a RAS affine (qform = sform, code 1).
 
-    Raises IngestError when the files changed since the inventory, a file is cut short, or the
+    Raises PatientInputError when the files changed since the inventory, a file is cut short, or the
     slices do not form one regular stack (gap > `max_gap_ratio` x the median spacing, duplicates,
     inconsistent orientation/size/spacing, missing position).
     """
     label = series.label
     count = len(series.files)
-    datasets = []
+    datasets: list[Dataset] = []
     digests = []
     for index, path in enumerate(series.files):
         where = f"file {index + 1} of {count} in {label}"
         try:
             data = path.read_bytes()
         except OSError as error:
-            raise IngestError(f"cannot read {where} ({error.strerror or type(error).__name__})") from None
+            raise PatientInputError(f"cannot read {where} ({error.strerror or type(error).__name__})") from None
         digests.append(hashlib.sha256(data).hexdigest())
         dataset, _ = read_dicom_bytes(data)
         if dataset is None or not is_image_object(dataset):
-            raise IngestError(f"{where} is no longer a readable DICOM image")
+            raise PatientInputError(f"{where} is no longer a readable DICOM image")
         if problem := incompleteness(dataset):
-            raise IngestError(f"truncated DICOM file: {where}: {problem}")
+            raise PatientInputError(f"truncated DICOM file: {where}: {problem}")
         if series_key_of(str(dataset.SeriesInstanceUID)) != series.series_key:
-            raise IngestError(f"{where} now belongs to another series; re-run the inventory")
+            raise PatientInputError(f"{where} now belongs to another series; re-run the inventory")
         datasets.append(dataset)
     if hashlib.sha256("".join(sorted(digests)).encode()).hexdigest() != series.checksum:
-        raise IngestError(f"the files of {label} changed since the inventory; re-run it")
+        raise PatientInputError(f"the files of {label} changed since the inventory; re-run it")
     if count < 2:
-        raise IngestError(f"{label} has {count} slice{'s' if count != 1 else ''}; a volume needs at least 2")
+        raise PatientInputError(f"{label} has {count} slice{'s' if count != 1 else ''}; a volume needs at least 2")
 
     stack = stack_slices(label, [SliceGeometry.of(d) for d in datasets], max_gap_ratio)
     rows, columns = datasets[0].Rows, datasets[0].Columns
+    pending: list[Dataset | None] = list(datasets)  # each entry is released once in the volume
+    del datasets
     volume = np.empty((columns, rows, count), dtype=np.float32)
     for k, index in enumerate(stack.order):
-        dataset = datasets[index]
+        dataset = pending[index]
+        assert dataset is not None  # stack.order visits each index once
         try:
             pixels = dataset.pixel_array
         except Exception as error:  # no decoder for this transfer syntax, corrupt fragments
             syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
-            raise IngestError(
+            raise PatientInputError(
                 f"cannot decode the pixels of file {index + 1} of {count} in {label} "
                 f"(transfer syntax {getattr(syntax, 'name', syntax)}: {type(error).__name__})"
             ) from None
         if pixels.ndim != 2:
-            raise IngestError(f"file {index + 1} of {count} in {label} is not a single grey-scale frame")
+            raise PatientInputError(f"file {index + 1} of {count} in {label} is not a single grey-scale frame")
         # rescale may differ per slice (Philips): apply it slice by slice
         slope = float(dataset.get("RescaleSlope", 1.0) or 1.0)
         intercept = float(dataset.get("RescaleIntercept", 0.0) or 0.0)
         if not (np.isfinite(slope) and np.isfinite(intercept)):
-            raise IngestError(f"file {index + 1} of {count} in {label} has a non-finite RescaleSlope/Intercept "
-                              f"({slope}, {intercept}): its intensities would be NaN/Inf")
+            raise PatientInputError(
+                f"file {index + 1} of {count} in {label} has a non-finite RescaleSlope/Intercept "
+                f"({slope}, {intercept}): its intensities would be NaN/Inf"
+            )
         slab = volume[:, :, k]
         slab[...] = pixels.T
         if slope != 1.0 or intercept != 0.0:
             slab *= np.float32(slope)
             slab += np.float32(intercept)
-        datasets[index] = None  # release the pixel data as we go
+        pending[index] = None  # release the pixel data as we go
 
     require_finite(volume, label)
     affine = affine_ras(stack.orientation, stack.first_position, stack.pixel_spacing, stack.slice_spacing)
@@ -95,7 +101,9 @@ def require_finite(volume: np.ndarray, what: str) -> None:
     finite = np.isfinite(volume)
     if not finite.all():
         bad = int(volume.size - np.count_nonzero(finite))
-        raise IngestError(f"{what} has {bad} non-finite (NaN/Inf) voxel{'s' if bad != 1 else ''} of {volume.size}")
+        raise PatientInputError(
+            f"{what} has {bad} non-finite (NaN/Inf) voxel{'s' if bad != 1 else ''} of {volume.size}"
+        )
 
 
 def make_nifti(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:

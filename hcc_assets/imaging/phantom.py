@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 
 class Tissue(enum.IntEnum):
@@ -69,8 +70,14 @@ class Blob:
         return inside
 
     def grown(self, margin_mm: float) -> Blob:
-        return Blob(self.center, self.axes, self.semi_axes + margin_mm, self.wave_vectors,
-                    self.wave_amplitudes, self.wave_phases)
+        return Blob(
+            self.center,
+            self.axes,
+            self.semi_axes + margin_mm,
+            self.wave_vectors,
+            self.wave_amplitudes,
+            self.wave_phases,
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,7 +146,9 @@ class Layer:
 # A region provider maps a world bounding box (and whether the shape ignores z) to blocks of
 # (index into the output arrays, points there); a planar block may hold a single slice that
 # stands for the whole block.
-Block = tuple[object, np.ndarray]
+# The index is flat voxel numbers (point lists) or a tuple of slices (grids).
+BlockIndex = npt.NDArray[np.intp] | tuple[slice, ...]
+Block = tuple[BlockIndex, np.ndarray]
 Region = Callable[[np.ndarray, np.ndarray, bool], list[Block]]
 
 
@@ -166,8 +175,7 @@ class Phantom:
         tissue, lesion_id = self.tissue_at(points_lps)
         return TISSUE_TO_LABEL[tissue], lesion_id
 
-    def tissue_on_grid(self, affine_lps: np.ndarray, shape_kji: tuple[int, int, int]
-                       ) -> tuple[np.ndarray, np.ndarray]:
+    def tissue_on_grid(self, affine_lps: np.ndarray, shape_kji: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Tissue and lesion ids at the voxel centres of a grid, arrays indexed [k, j, i].
 
         Same result as `tissue_at` on the grid's points, but each shape visits only the voxels
@@ -188,9 +196,12 @@ class Phantom:
             key = (*start, *stop)
             if key not in cache:
                 i, j, k = (np.arange(a, b, dtype=float) for a, b in zip(start, stop))
-                cache[key] = (affine[:3, 3] + k[:, None, None, None] * affine[:3, 2]
-                              + j[None, :, None, None] * affine[:3, 1]
-                              + i[None, None, :, None] * affine[:3, 0])
+                cache[key] = (
+                    affine[:3, 3]
+                    + k[:, None, None, None] * affine[:3, 2]
+                    + j[None, :, None, None] * affine[:3, 1]
+                    + i[None, None, :, None] * affine[:3, 0]
+                )
             return cache[key]
 
         def index(start: np.ndarray, stop: np.ndarray) -> tuple[slice, ...]:
@@ -204,17 +215,18 @@ class Phantom:
         def region(lo: np.ndarray, hi: np.ndarray, planar: bool) -> list[Block]:
             lo, hi = np.clip(lo, -1e6, 1e6), np.clip(hi, -1e6, 1e6)
             if not (planar and walkable):
-                corners = np.array([[a, b, c, 1.0] for a in (lo[0], hi[0])
-                                    for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
+                corners = np.array(
+                    [[a, b, c, 1.0] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])]
+                )
                 ijk = (corners @ inverse.T)[:, :3]
                 start, stop = box(ijk[:, :2], 0, 0)
-                k0, k1 = np.clip([np.floor(ijk[:, 2].min()), np.ceil(ijk[:, 2].max()) + 1],
-                                 0, extent[2]).astype(int)
+                k0, k1 = np.clip([np.floor(ijk[:, 2].min()), np.ceil(ijk[:, 2].max()) + 1], 0, extent[2]).astype(int)
                 start[2], stop[2] = k0, k1
                 return [(index(start, stop), points(start, stop))]
+            assert in_plane is not None  # walkable, so the in-plane inverse exists
             corners_xy = np.array([[a, b] for a in (lo[0], hi[0]) for b in (lo[1], hi[1])])
             slices = [0] if axial else range(extent[2])
-            blocks = []
+            blocks: list[Block] = []
             for k in slices:
                 origin_xy = affine[:2, 3] + k * affine[:2, 2]
                 start, stop = box((corners_xy - origin_xy) @ in_plane.T, k, k + 1)
@@ -225,8 +237,7 @@ class Phantom:
 
         return self._paint(tuple(shape_kji), region, lesions=True)
 
-    def _paint(self, shape: tuple[int, ...], region: Region, lesions: bool
-               ) -> tuple[np.ndarray, np.ndarray]:
+    def _paint(self, shape: tuple[int, ...], region: Region, lesions: bool) -> tuple[np.ndarray, np.ndarray]:
         tissue = np.zeros(shape, np.uint8)
         lesion_id = np.zeros(shape, np.uint8)
         for layer, number in self._layers_with_lesions(lesions):
@@ -269,23 +280,26 @@ def rotation_matrix(angles_deg: np.ndarray) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def _blob(rng: np.random.Generator, center, semi_axes, max_tilt_deg: float, bumpiness: float,
-          yaw_deg: float = 0.0) -> Blob:
+def _blob(
+    rng: np.random.Generator, center, semi_axes, max_tilt_deg: float, bumpiness: float, yaw_deg: float = 0.0
+) -> Blob:
     tilt = rng.uniform(-max_tilt_deg, max_tilt_deg, 3) + np.array([0.0, 0.0, yaw_deg])
     n_waves = 3
-    return Blob(center=np.asarray(center, float), axes=rotation_matrix(tilt),
-                semi_axes=np.asarray(semi_axes, float),
-                wave_vectors=rng.normal(0.0, 1.6, (n_waves, 3)),
-                wave_amplitudes=rng.uniform(0.3, 1.0, n_waves) * bumpiness,
-                wave_phases=rng.uniform(0, 2 * np.pi, n_waves))
+    return Blob(
+        center=np.asarray(center, float),
+        axes=rotation_matrix(tilt),
+        semi_axes=np.asarray(semi_axes, float),
+        wave_vectors=rng.normal(0.0, 1.6, (n_waves, 3)),
+        wave_amplitudes=rng.uniform(0.3, 1.0, n_waves) * bumpiness,
+        wave_phases=rng.uniform(0, 2 * np.pi, n_waves),
+    )
 
 
 def _circle(x: float, y: float, radius_x: float, radius_y: float | None = None) -> Prism:
     return Prism(np.array([x, y]), np.array([radius_x, radius_y or radius_x]), np.zeros((3, 2)))
 
 
-def random_phantom(anatomy_rng: np.random.Generator, lesion_rng: np.random.Generator,
-                   n_lesions: int) -> Phantom:
+def random_phantom(anatomy_rng: np.random.Generator, lesion_rng: np.random.Generator, n_lesions: int) -> Phantom:
     """A plausible abdomen with per-patient size, shape and position; `n_lesions` HCC lesions.
 
     Anatomy and lesions draw from separate generators so a patient's organs do not change
@@ -308,16 +322,34 @@ def random_phantom(anatomy_rng: np.random.Generator, lesion_rng: np.random.Gener
     ivc = _circle(body_x - u(20, 26), spine_y - vertebra - 18, u(12, 15), u(8, 11))
 
     kidneys = [
-        _blob(anatomy_rng, [body_x + side * u(60, 72), spine_y + u(-15, -5), z_liver - u(70, 90)],
-              [u(22, 28), u(25, 32), u(48, 58)], 10, 0.05, yaw_deg=side * u(10, 25))
+        _blob(
+            anatomy_rng,
+            [body_x + side * u(60, 72), spine_y + u(-15, -5), z_liver - u(70, 90)],
+            [u(22, 28), u(25, 32), u(48, 58)],
+            10,
+            0.05,
+            yaw_deg=side * u(10, 25),
+        )
         for side in (-1, 1)
     ]
-    spleen = _blob(anatomy_rng, [body_x + u(70, 88), body_y + u(25, 45), z_liver + u(10, 30)],
-                   [u(25, 33), u(45, 58), u(45, 60)], 10, 0.06, yaw_deg=u(30, 50))
-    right_lobe = _blob(anatomy_rng, [body_x - u(55, 70), body_y - u(0, 12), z_liver],
-                       [u(70, 88), u(62, 75), u(65, 85)], 10, 0.06)
-    left_lobe = _blob(anatomy_rng, [body_x + u(5, 20), body_y - u(35, 50), z_liver + u(10, 25)],
-                      [u(45, 60), u(22, 30), u(40, 55)], 10, 0.06)
+    spleen = _blob(
+        anatomy_rng,
+        [body_x + u(70, 88), body_y + u(25, 45), z_liver + u(10, 30)],
+        [u(25, 33), u(45, 58), u(45, 60)],
+        10,
+        0.06,
+        yaw_deg=u(30, 50),
+    )
+    right_lobe = _blob(
+        anatomy_rng, [body_x - u(55, 70), body_y - u(0, 12), z_liver], [u(70, 88), u(62, 75), u(65, 85)], 10, 0.06
+    )
+    left_lobe = _blob(
+        anatomy_rng,
+        [body_x + u(5, 20), body_y - u(35, 50), z_liver + u(10, 25)],
+        [u(45, 60), u(22, 30), u(40, 55)],
+        10,
+        0.06,
+    )
 
     soft_only = (Tissue.SOFT,)
     layers = (
@@ -345,8 +377,7 @@ def _sphere_directions(n: int) -> np.ndarray:
     index = np.arange(n) + 0.5
     polar = np.arccos(1 - 2 * index / n)
     azimuth = np.pi * (1 + 5**0.5) * index
-    return np.stack([np.cos(azimuth) * np.sin(polar), np.sin(azimuth) * np.sin(polar),
-                     np.cos(polar)], axis=1)
+    return np.stack([np.cos(azimuth) * np.sin(polar), np.sin(azimuth) * np.sin(polar), np.cos(polar)], axis=1)
 
 
 # Lesions stay within this distance (mm, along z) of the liver centre, where even the shortest
@@ -362,8 +393,9 @@ LESION_RADIUS = (15.0, 35.0)
 MIN_LESION_RADIUS = 5.0
 
 
-def _place_lesions(anatomy: Phantom, lobe: Blob, rng: np.random.Generator, count: int,
-                   z_center: float) -> tuple[Blob, ...]:
+def _place_lesions(
+    anatomy: Phantom, lobe: Blob, rng: np.random.Generator, count: int, z_center: float
+) -> tuple[Blob, ...]:
     """Lesions (see LESION_RADIUS) whose bounding sphere lies in liver and clear of each other."""
     probe = np.concatenate([_sphere_directions(160), 0.6 * _sphere_directions(40), np.zeros((1, 3))])
     placed: list[Blob] = []

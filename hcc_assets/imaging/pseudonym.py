@@ -65,7 +65,8 @@ def load_or_create_key_on(fs, path: str, env_var: str = "HCC_ASSETS_PSEUDONYM_KE
                 raise RuntimeError(
                     f"cannot create the pseudonymization key {path} exclusively on this filesystem "
                     f"({type(error).__name__}: {error}); set {env_var} (e.g. from a secret) or write the key "
-                    "there once") from None
+                    "there once"
+                ) from None
     for _ in range(50):
         text = fs.cat_file(path).decode("utf-8").strip()
         if text:

@@ -43,13 +43,8 @@ import dataclasses
 import datetime as dt
 import functools
 import gzip
-import hashlib
 import io
 import logging
-import os
-import shutil
-import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -60,9 +55,12 @@ import pydantic
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_file_meta_info
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from scipy import ndimage
 
+from hcc_assets.core.figures import array_png
+from hcc_assets.core.files import COMPLETE_MARKER, atomic_write_bytes, publish_folder
+from hcc_assets.core.versioning import content_version
 from hcc_assets.imaging import geometry
 from hcc_assets.imaging.dropzone import merge_labels
 from hcc_assets.imaging.phantom import TISSUE_TO_LABEL, Phantom, Tissue, random_phantom, rotation_matrix
@@ -70,7 +68,6 @@ from hcc_assets.imaging.phantom import TISSUE_TO_LABEL, Phantom, Tissue, random_
 log = logging.getLogger(__name__)
 
 LABELS_FILE = "labels.csv"
-COMPLETE_MARKER = ".complete"
 STUDY_DIR = "study_1"
 MASK_PATH = Path("reference") / "liver_spleen_mask.nii.gz"
 MAX_STORED = 4095  # BitsStored 12
@@ -147,7 +144,8 @@ def _chosen(config: SynthConfig, purpose: int, fraction: float) -> set[int]:
 @functools.lru_cache(maxsize=32)
 def _plan(config: SynthConfig) -> tuple[_Planned, ...]:
     # Keys depend on seed and index only, so a bigger cohort extends a smaller one.
-    key_rng, keys = _cohort_rng(config, _KEYS), []
+    key_rng = _cohort_rng(config, _KEYS)
+    keys: list[str] = []
     while len(keys) < config.patients:
         key = f"MRN{int(key_rng.integers(0, 10**8)):08d}"
         if key not in keys:
@@ -180,7 +178,8 @@ def layout_config(config: SynthConfig, layout: str) -> SynthConfig:
 
 def _tcia_ids(config: SynthConfig) -> tuple[str, ...]:
     """TCGA-style PatientIDs (TCGA-XX-XXXX), one per patient, seeded like the keys."""
-    rng, ids = _cohort_rng(config, _TCIA_IDS), []
+    rng = _cohort_rng(config, _TCIA_IDS)
+    ids: list[str] = []
     alphabet = np.array(list("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
     while len(ids) < config.patients:
         chars = "".join(rng.choice(alphabet, 6))
@@ -198,8 +197,7 @@ def patient_phantom(config: SynthConfig, patient_key: str) -> Phantom:
     raise KeyError("patient key is not part of this synthetic cohort")
 
 
-def phantom_labels(config: SynthConfig, patient_key: str, points_lps: np.ndarray
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def phantom_labels(config: SynthConfig, patient_key: str, points_lps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Truth at LPS world points (..., 3) in mm for a synthesized patient.
 
     Returns (labels, lesion_ids): labels 0 background, 1 liver (lesions included), 2 spleen;
@@ -226,22 +224,65 @@ class _Sequence:
 
 
 _SEQUENCES = (
-    _Sequence(3, "T1_DUAL_IN_PHASE", "T1_DUAL_FFE", "t1_in", "GR", "SP", "*fl2d1",
-              ("ORIGINAL", "PRIMARY", "M_FFE", "M", "FFE"), 80.0, 1),
-    _Sequence(4, "T1_DUAL_OPP_PHASE", "T1_DUAL_FFE", "t1_opp", "GR", "SP", "*fl2d1",
-              ("ORIGINAL", "PRIMARY", "M_FFE", "M", "FFE"), 80.0, 1),
-    _Sequence(5, "T2_SPIR", "T2_SPIR_TSE", "t2", "SE", "SK", "*tse2d1_17",
-              ("ORIGINAL", "PRIMARY", "M_SE", "M", "SE"), 90.0, 17),
+    _Sequence(
+        3,
+        "T1_DUAL_IN_PHASE",
+        "T1_DUAL_FFE",
+        "t1_in",
+        "GR",
+        "SP",
+        "*fl2d1",
+        ("ORIGINAL", "PRIMARY", "M_FFE", "M", "FFE"),
+        80.0,
+        1,
+    ),
+    _Sequence(
+        4,
+        "T1_DUAL_OPP_PHASE",
+        "T1_DUAL_FFE",
+        "t1_opp",
+        "GR",
+        "SP",
+        "*fl2d1",
+        ("ORIGINAL", "PRIMARY", "M_FFE", "M", "FFE"),
+        80.0,
+        1,
+    ),
+    _Sequence(
+        5,
+        "T2_SPIR",
+        "T2_SPIR_TSE",
+        "t2",
+        "SE",
+        "SK",
+        "*tse2d1_17",
+        ("ORIGINAL", "PRIMARY", "M_SE", "M", "SE"),
+        90.0,
+        17,
+    ),
 )
 T2_SERIES_NUMBER = 5
 # Extra series of the TCIA layout: diffusion (rejected only by its b-value: TE and TR look T2)
 # and a post-contrast T1 (rejected by TE and by its contrast agent).
-_DWI = _Sequence(6, "Ax DWI b800", "DWI_SSEPI", "dwi", "EP", "SK\\SP", "*epse2d1_128",
-                 ("ORIGINAL", "PRIMARY", "M", "ND"), 90.0, 1)
-_POST = _Sequence(7, "Ax T1 3D FS POST", "T1_3D_FS_POST", "t1_post", "GR", "SS\\SP", "*fl3d1",
-                  ("ORIGINAL", "PRIMARY", "M", "ND"), 12.0, 1)
-_EXTRA_TAGS = {"dwi": {"DiffusionBValue": 800.0},
-               "t1_post": {"ContrastBolusAgent": "GADOXETATE DISODIUM", "ContrastBolusRoute": "IV"}}
+_DWI = _Sequence(
+    6, "Ax DWI b800", "DWI_SSEPI", "dwi", "EP", "SK\\SP", "*epse2d1_128", ("ORIGINAL", "PRIMARY", "M", "ND"), 90.0, 1
+)
+_POST = _Sequence(
+    7,
+    "Ax T1 3D FS POST",
+    "T1_3D_FS_POST",
+    "t1_post",
+    "GR",
+    "SS\\SP",
+    "*fl3d1",
+    ("ORIGINAL", "PRIMARY", "M", "ND"),
+    12.0,
+    1,
+)
+_EXTRA_TAGS: dict[str, dict[str, object]] = {
+    "dwi": {"DiffusionBValue": 800.0},
+    "t1_post": {"ContrastBolusAgent": "GADOXETATE DISODIUM", "ContrastBolusRoute": "IV"},
+}
 
 # Mean signal per tissue (order of phantom.Tissue); LESION rows copy LIVER, the lesion's own
 # contrast is applied on top, scaled by lesion_contrast. T2 SPIR suppresses fat.
@@ -290,8 +331,7 @@ class _Acquisition:
         return geometry.affine_lps(self.orientation, self.first_position, spacing, self.slice_spacing)
 
 
-def _file_names(rng: np.random.Generator, n: int, taken: set[str], orders: list[np.ndarray]
-                ) -> tuple[str, ...]:
+def _file_names(rng: np.random.Generator, n: int, taken: set[str], orders: list[np.ndarray]) -> tuple[str, ...]:
     """Random IM_<6 hex> names whose sort order matches none of `orders` (when n allows)."""
     while True:
         names = [f"IM_{int(v):06x}.dcm" for v in rng.integers(0, 16**6, n)]
@@ -344,17 +384,25 @@ def _acquisition(config: SynthConfig, planned: _Planned, phantom: Phantom) -> _A
         instances[acquisition_order] = np.arange(1, count + 1)
         names = _file_names(rng, count, taken, [np.arange(count), np.argsort(instances)])
         gain = float(rng.uniform(0.85, 1.15))
-        series.append(_SeriesAcquisition(
-            sequence=sequence, echo_time=echo, repetition_time=repetition,
-            slope=round(float(rng.uniform(1.5, 2.5)), 4), intercept=round(float(rng.uniform(-100, 0)), 2),
-            gain=gain, noise_sigma=gain * float(rng.uniform(9, 16)), first_slice=lo, stop_slice=hi,
-            instance_numbers=tuple(int(v) for v in instances), file_names=names))
-    return _Acquisition(orientation, first, pixel, spacing, thickness,
-                        (n, config.matrix, config.matrix), tuple(series))
+        series.append(
+            _SeriesAcquisition(
+                sequence=sequence,
+                echo_time=echo,
+                repetition_time=repetition,
+                slope=round(float(rng.uniform(1.5, 2.5)), 4),
+                intercept=round(float(rng.uniform(-100, 0)), 2),
+                gain=gain,
+                noise_sigma=gain * float(rng.uniform(9, 16)),
+                first_slice=lo,
+                stop_slice=hi,
+                instance_numbers=tuple(int(v) for v in instances),
+                file_names=names,
+            )
+        )
+    return _Acquisition(orientation, first, pixel, spacing, thickness, (n, config.matrix, config.matrix), tuple(series))
 
 
-def _extra_series(config: SynthConfig, planned: _Planned, acquisition: _Acquisition
-                  ) -> tuple[_SeriesAcquisition, ...]:
+def _extra_series(config: SynthConfig, planned: _Planned, acquisition: _Acquisition) -> tuple[_SeriesAcquisition, ...]:
     """The TCIA layout's DWI and post-contrast series on the T2 grid (own random stream)."""
     rng = _patient_rng(config.seed, planned.index, _EXTRA_ACQUISITION)
     n = acquisition.shape_kji[0]
@@ -366,18 +414,46 @@ def _extra_series(config: SynthConfig, planned: _Planned, acquisition: _Acquisit
             echo, repetition = round(float(rng.uniform(1.8, 2.4)), 2), round(float(rng.uniform(3.8, 4.6)), 2)
         instances = tuple(range(n, 0, -1))  # numbered head to feet
         gain = float(rng.uniform(0.85, 1.15))
-        series.append(_SeriesAcquisition(
-            sequence=sequence, echo_time=echo, repetition_time=repetition,
-            slope=round(float(rng.uniform(1.5, 2.5)), 4), intercept=round(float(rng.uniform(-100, 0)), 2),
-            gain=gain, noise_sigma=gain * float(rng.uniform(4, 8)), first_slice=0, stop_slice=n,
-            instance_numbers=instances, file_names=("",) * n))
+        series.append(
+            _SeriesAcquisition(
+                sequence=sequence,
+                echo_time=echo,
+                repetition_time=repetition,
+                slope=round(float(rng.uniform(1.5, 2.5)), 4),
+                intercept=round(float(rng.uniform(-100, 0)), 2),
+                gain=gain,
+                noise_sigma=gain * float(rng.uniform(4, 8)),
+                first_slice=0,
+                stop_slice=n,
+                instance_numbers=instances,
+                file_names=("",) * n,
+            )
+        )
     return tuple(series)
 
 
 # ---------------------------------------------------------------- fake identity (PHI)
 
-_SYLLABLES = ("ZOR", "VAX", "QUI", "MEL", "THAR", "DRU", "XEN", "PAL", "KYR", "BEL", "OST", "VIR",
-              "NAK", "LUM", "FEN", "GRAV", "SYL", "MOR")
+_SYLLABLES = (
+    "ZOR",
+    "VAX",
+    "QUI",
+    "MEL",
+    "THAR",
+    "DRU",
+    "XEN",
+    "PAL",
+    "KYR",
+    "BEL",
+    "OST",
+    "VIR",
+    "NAK",
+    "LUM",
+    "FEN",
+    "GRAV",
+    "SYL",
+    "MOR",
+)
 _INSTITUTIONS = ("SAINT SYNTHETIC HOSPITAL", "PHANTOM VALLEY CLINIC", "FICTIVIA MERCY MEDICAL CENTRE")
 
 
@@ -398,9 +474,19 @@ class _Identity:
     @property
     def phi(self) -> tuple[str, ...]:
         names = [part for name in (self.patient_name, self.referring_physician) for part in name.split("^")]
-        values = (self.patient_id, self.patient_name, *names, self.birth_date, self.other_patient_id,
-                  self.address, self.institution, self.referring_physician, self.accession,
-                  self.study_date, self.study_time)
+        values = (
+            self.patient_id,
+            self.patient_name,
+            *names,
+            self.birth_date,
+            self.other_patient_id,
+            self.address,
+            self.institution,
+            self.referring_physician,
+            self.accession,
+            self.study_date,
+            self.study_time,
+        )
         return tuple(dict.fromkeys(values))  # a name part may repeat; keep each string once
 
 
@@ -452,8 +538,9 @@ def _interpolation_matrix(n: int, m: int) -> np.ndarray:
     return matrix
 
 
-def _texture(rng: np.random.Generator, phantom: Phantom, affine: np.ndarray,
-             shape_kji: tuple[int, int, int]) -> np.ndarray:
+def _texture(
+    rng: np.random.Generator, phantom: Phantom, affine: np.ndarray, shape_kji: tuple[int, int, int]
+) -> np.ndarray:
     """Smooth tissue texture (unit sd) from a random field on a 12 mm world grid.
 
     The field is sampled in world space on a coarse in-plane subset of voxels (trilinear), then
@@ -468,15 +555,23 @@ def _texture(rng: np.random.Generator, phantom: Phantom, affine: np.ndarray,
     mj, mi = min(m[0], nj), min(m[1], ni)
     fj, fi = (nj - 1) / max(mj - 1, 1), (ni - 1) / max(mi - 1, 1)
     to_field = np.stack([affine[:3, 2], fj * affine[:3, 1], fi * affine[:3, 0]], axis=1) / grid_mm
-    coarse = ndimage.affine_transform(field, to_field, offset=(affine[:3, 3] - field_origin) / grid_mm,
-                                      output_shape=(nk, mj, mi), order=1, mode="nearest")
-    spread = np.einsum("ja,kab,ib->kji", _interpolation_matrix(nj, mj), coarse,
-                       _interpolation_matrix(ni, mi), optimize=True)  # BLAS; stacked @ is not
+    coarse = ndimage.affine_transform(
+        field,
+        to_field,
+        offset=(affine[:3, 3] - field_origin) / grid_mm,
+        output_shape=(nk, mj, mi),
+        order=1,
+        mode="nearest",
+    )
+    spread = np.einsum(
+        "ja,kab,ib->kji", _interpolation_matrix(nj, mj), coarse, _interpolation_matrix(ni, mi), optimize=True
+    )  # BLAS; stacked @ is not
     return np.ascontiguousarray(spread)
 
 
-def _bias(rng: np.random.Generator, phantom: Phantom, affine: np.ndarray,
-          shape_kji: tuple[int, int, int]) -> np.ndarray:
+def _bias(
+    rng: np.random.Generator, phantom: Phantom, affine: np.ndarray, shape_kji: tuple[int, int, int]
+) -> np.ndarray:
     """Smooth multiplicative coil shading exp(beta.d + gamma |d|^2), d = (p - c) / 200 mm.
 
     It is separable in the grid's own orthonormal frame, so it costs three 1-D arrays.
@@ -500,8 +595,7 @@ class _Lesion:
     t2_ratio: float  # lesion / liver T2 signal at full contrast
 
 
-def _lesions(rng: np.random.Generator, phantom: Phantom, lesion_id: np.ndarray,
-             affine: np.ndarray) -> list[_Lesion]:
+def _lesions(rng: np.random.Generator, phantom: Phantom, lesion_id: np.ndarray, affine: np.ndarray) -> list[_Lesion]:
     lesions = []
     for number, blob in enumerate(phantom.lesions, start=1):
         field_mm, half = 3.0, blob.radius + 6.0
@@ -509,8 +603,7 @@ def _lesions(rng: np.random.Generator, phantom: Phantom, lesion_id: np.ndarray,
         voxels = np.flatnonzero(lesion_id == number)
         kji = np.stack(np.unravel_index(voxels, lesion_id.shape))
         world = affine[:3, :3] @ kji[::-1] + affine[:3, 3:4]
-        at = ndimage.map_coordinates(field, (world - (blob.center - half)[:, None]) / field_mm,
-                                     order=1, mode="nearest")
+        at = ndimage.map_coordinates(field, (world - (blob.center - half)[:, None]) / field_mm, order=1, mode="nearest")
         lesions.append(_Lesion(voxels, at.astype(np.float32), float(rng.uniform(1.5, 2.0))))
     return lesions
 
@@ -529,16 +622,25 @@ def _tissue_means(rng: np.random.Generator) -> dict[str, np.ndarray]:
 def _lesion_ratio(contrast: str, means: dict[str, np.ndarray], lesion: _Lesion) -> float:
     """Lesion / liver signal at full contrast: HCC is T1-hypo, fat-free, T2-hyper."""
     liver_in = means["t1_in"][Tissue.LIVER]
-    target = {"t1_in": 0.8 * liver_in, "t1_opp": 0.78 * liver_in,
-              "t2": lesion.t2_ratio * means["t2"][Tissue.LIVER],
-              "dwi": 2.0 * means["dwi"][Tissue.LIVER],  # HCC restricts diffusion
-              "t1_post": 0.7 * means["t1_post"][Tissue.LIVER]}[contrast]  # portal-venous washout
+    target = {
+        "t1_in": 0.8 * liver_in,
+        "t1_opp": 0.78 * liver_in,
+        "t2": lesion.t2_ratio * means["t2"][Tissue.LIVER],
+        "dwi": 2.0 * means["dwi"][Tissue.LIVER],  # HCC restricts diffusion
+        "t1_post": 0.7 * means["t1_post"][Tissue.LIVER],
+    }[contrast]  # portal-venous washout
     return float(target / means[contrast][Tissue.LIVER])
 
 
-def _render(series: _SeriesAcquisition, tissue: np.ndarray, structure: np.ndarray,
-            means: dict[str, np.ndarray], lesions: list[_Lesion], lesion_contrast: float,
-            rng: np.random.Generator) -> np.ndarray:
+def _render(
+    series: _SeriesAcquisition,
+    tissue: np.ndarray,
+    structure: np.ndarray,
+    means: dict[str, np.ndarray],
+    lesions: list[_Lesion],
+    lesion_contrast: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """Intended intensities of one series on the T2 grid (float32)."""
     contrast = series.sequence.contrast
     image = (means[contrast] * series.gain).astype(np.float32)[tissue]
@@ -560,54 +662,85 @@ def _stored(image: np.ndarray, series: _SeriesAcquisition) -> np.ndarray:
 # ---------------------------------------------------------------- writing
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
-
-
 def _ds(value: float, decimals: int = 4) -> str:
     return np.format_float_positional(round(value, decimals) + 0.0, trim="-")
 
 
 def _config_digest(config: SynthConfig) -> str:
-    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
+    return content_version(config.model_dump_json())
 
 
-def _series_template(identity: _Identity, acquisition: _Acquisition, series: _SeriesAcquisition,
-                     uids: dict[str, str], window: tuple[float, float],
-                     extra: dict[str, object] | None = None) -> dict[int, bytes]:
+def _series_template(
+    identity: _Identity,
+    acquisition: _Acquisition,
+    series: _SeriesAcquisition,
+    uids: dict[str, str],
+    window: tuple[float, float],
+    extra: dict[str, object] | None = None,
+) -> dict[int, bytes]:
     """Encoded data elements shared by every slice of a series, keyed by tag."""
     sequence = series.sequence
     template = Dataset()
     values = dict(
-        SpecificCharacterSet="ISO_IR 100", ImageType=list(sequence.image_type),
-        SOPClassUID=MRImageStorage, StudyDate=identity.study_date, SeriesDate=identity.study_date,
-        AcquisitionDate=identity.study_date, ContentDate=identity.study_date,
-        StudyTime=identity.study_time, AccessionNumber=identity.accession, Modality="MR",
-        Manufacturer="Philips", InstitutionName=identity.institution,
-        ReferringPhysicianName=identity.referring_physician, StudyDescription="MR ABDOMEN LIVER",
-        SeriesDescription=sequence.description, ManufacturerModelName="Achieva",
-        PatientName=identity.patient_name, PatientID=identity.patient_id,
-        PatientBirthDate=identity.birth_date, PatientSex=identity.sex,
-        OtherPatientIDs=identity.other_patient_id, PatientAddress=identity.address,
-        BodyPartExamined="ABDOMEN", ScanningSequence=sequence.scanning_sequence,
-        SequenceVariant=sequence.sequence_variant, MRAcquisitionType="2D",
-        SequenceName=sequence.sequence_name, SliceThickness=_ds(acquisition.slice_thickness),
-        RepetitionTime=_ds(series.repetition_time), EchoTime=_ds(series.echo_time),
-        ImagingFrequency="63.89", MagneticFieldStrength="1.5",
-        SpacingBetweenSlices=_ds(acquisition.slice_spacing), EchoTrainLength=sequence.echo_train,
-        FlipAngle=_ds(sequence.flip_angle), ProtocolName=sequence.protocol, PatientPosition="HFS",
-        StudyInstanceUID=uids["study"], SeriesInstanceUID=uids[f"series{sequence.number}"],
-        StudyID="1", SeriesNumber=sequence.number, AcquisitionNumber=1,
-        FrameOfReferenceUID=uids["frame"], PositionReferenceIndicator="",
+        SpecificCharacterSet="ISO_IR 100",
+        ImageType=list(sequence.image_type),
+        SOPClassUID=MRImageStorage,
+        StudyDate=identity.study_date,
+        SeriesDate=identity.study_date,
+        AcquisitionDate=identity.study_date,
+        ContentDate=identity.study_date,
+        StudyTime=identity.study_time,
+        AccessionNumber=identity.accession,
+        Modality="MR",
+        Manufacturer="Philips",
+        InstitutionName=identity.institution,
+        ReferringPhysicianName=identity.referring_physician,
+        StudyDescription="MR ABDOMEN LIVER",
+        SeriesDescription=sequence.description,
+        ManufacturerModelName="Achieva",
+        PatientName=identity.patient_name,
+        PatientID=identity.patient_id,
+        PatientBirthDate=identity.birth_date,
+        PatientSex=identity.sex,
+        OtherPatientIDs=identity.other_patient_id,
+        PatientAddress=identity.address,
+        BodyPartExamined="ABDOMEN",
+        ScanningSequence=sequence.scanning_sequence,
+        SequenceVariant=sequence.sequence_variant,
+        MRAcquisitionType="2D",
+        SequenceName=sequence.sequence_name,
+        SliceThickness=_ds(acquisition.slice_thickness),
+        RepetitionTime=_ds(series.repetition_time),
+        EchoTime=_ds(series.echo_time),
+        ImagingFrequency="63.89",
+        MagneticFieldStrength="1.5",
+        SpacingBetweenSlices=_ds(acquisition.slice_spacing),
+        EchoTrainLength=sequence.echo_train,
+        FlipAngle=_ds(sequence.flip_angle),
+        ProtocolName=sequence.protocol,
+        PatientPosition="HFS",
+        StudyInstanceUID=uids["study"],
+        SeriesInstanceUID=uids[f"series{sequence.number}"],
+        StudyID="1",
+        SeriesNumber=sequence.number,
+        AcquisitionNumber=1,
+        FrameOfReferenceUID=uids["frame"],
+        PositionReferenceIndicator="",
         ImageOrientationPatient=[_ds(v, 6) for v in acquisition.orientation],
-        SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2",
-        Rows=acquisition.shape_kji[1], Columns=acquisition.shape_kji[2],
-        PixelSpacing=[_ds(acquisition.pixel_spacing)] * 2, BitsAllocated=16, BitsStored=12,
-        HighBit=11, PixelRepresentation=0, WindowCenter=_ds(window[0], 0),
-        WindowWidth=_ds(window[1], 0), RescaleIntercept=_ds(series.intercept, 2),
-        RescaleSlope=_ds(series.slope), RescaleType="US",
+        SamplesPerPixel=1,
+        PhotometricInterpretation="MONOCHROME2",
+        Rows=acquisition.shape_kji[1],
+        Columns=acquisition.shape_kji[2],
+        PixelSpacing=[_ds(acquisition.pixel_spacing)] * 2,
+        BitsAllocated=16,
+        BitsStored=12,
+        HighBit=11,
+        PixelRepresentation=0,
+        WindowCenter=_ds(window[0], 0),
+        WindowWidth=_ds(window[1], 0),
+        RescaleIntercept=_ds(series.intercept, 2),
+        RescaleSlope=_ds(series.slope),
+        RescaleType="US",
     )
     values.update(extra or {})
     for keyword, value in values.items():
@@ -621,7 +754,7 @@ def _encoded(dataset: Dataset) -> dict[int, bytes]:
     Encoding the shared elements once per series and only five per slice makes writing about
     four times faster than a dcmwrite per file; the bytes are the same.
     """
-    encoded = {}
+    encoded: dict[int, bytes] = {}
     for element in dataset:
         buffer = DicomBytesIO()
         buffer.is_little_endian, buffer.is_implicit_VR = True, False
@@ -630,8 +763,14 @@ def _encoded(dataset: Dataset) -> dict[int, bytes]:
     return encoded
 
 
-def _dicom_bytes(template: dict[int, bytes], sop_uid: str, instance: int, position: np.ndarray,
-                 slice_location: float, pixels: np.ndarray) -> bytes:
+def _dicom_bytes(
+    template: dict[int, bytes],
+    sop_uid: UID,
+    instance: int,
+    position: np.ndarray,
+    slice_location: float,
+    pixels: np.ndarray,
+) -> bytes:
     """A Part-10 file: preamble, file meta, then the elements in ascending tag order."""
     own = Dataset()
     own.SOPInstanceUID = sop_uid
@@ -651,8 +790,9 @@ def _dicom_bytes(template: dict[int, bytes], sop_uid: str, instance: int, positi
 
 
 def _mask_bytes(labels_kji: np.ndarray, acquisition: _Acquisition) -> bytes:
-    affine = geometry.affine_ras(acquisition.orientation, acquisition.first_position,
-                                 [acquisition.pixel_spacing] * 2, acquisition.slice_spacing)
+    affine = geometry.affine_ras(
+        acquisition.orientation, acquisition.first_position, [acquisition.pixel_spacing] * 2, acquisition.slice_spacing
+    )
     image = nib.Nifti1Image(np.ascontiguousarray(labels_kji.transpose(2, 1, 0)), affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
@@ -662,18 +802,6 @@ def _mask_bytes(labels_kji: np.ndarray, acquisition: _Acquisition) -> bytes:
 
 def _merge_synthetic_labels(out_dir: Path, rows: dict[str, int]) -> None:
     merge_labels(out_dir, LABELS_FILE, {key: (hcc, "synthetic") for key, hcc in rows.items()})
-
-
-def _png_bytes(grey: np.ndarray) -> bytes:
-    """An 8-bit greyscale PNG (no timestamp, so the bytes are deterministic)."""
-    rows, columns = grey.shape
-    raw = b"".join(b"\x00" + row.tobytes() for row in np.ascontiguousarray(grey, np.uint8))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", columns, rows, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
 
 
 def _chaos_ground(tissue: np.ndarray, phantom: Phantom, affine: np.ndarray) -> np.ndarray:
@@ -698,8 +826,11 @@ def _series_folder(layout: str, series: _SeriesAcquisition, uids: dict[str, str]
     if layout == "drop":
         return Path(STUDY_DIR) / f"series_{sequence.number}"
     if layout == "chaos":
-        return {"t1_in": Path("T1DUAL/DICOM_anon/InPhase"), "t1_opp": Path("T1DUAL/DICOM_anon/OutPhase"),
-                "t2": Path("T2SPIR/DICOM_anon")}[sequence.contrast]
+        return {
+            "t1_in": Path("T1DUAL/DICOM_anon/InPhase"),
+            "t1_opp": Path("T1DUAL/DICOM_anon/OutPhase"),
+            "t2": Path("T2SPIR/DICOM_anon"),
+        }[sequence.contrast]
     uid5 = uids[f"series{sequence.number}"][-5:]
     return Path(f"{sequence.number}.000000-{sequence.description}-{uid5}")
 
@@ -713,8 +844,9 @@ def _file_name(layout: str, series: _SeriesAcquisition, row: int) -> str:
     return f"1-{instance:02d}.dcm"
 
 
-def _synthesize_patient(out_dir: Path, config: SynthConfig, planned: _Planned, layout: str = "drop"
-                        ) -> tuple[SynthPatient, list[dict[str, str]]]:
+def _synthesize_patient(
+    out_dir: Path, config: SynthConfig, planned: _Planned, layout: str = "drop"
+) -> tuple[SynthPatient, list[dict[str, str]]]:
     """Write one patient in `layout`; returns it and (tcia) its metadata.csv rows."""
     phantom = _phantom(config.seed, planned.index, planned.hcc)
     acquisition = _acquisition(config, planned, phantom)
@@ -736,77 +868,98 @@ def _synthesize_patient(out_dir: Path, config: SynthConfig, planned: _Planned, l
 
     digest = _config_digest(config)
 
-    def uid(*parts: str) -> str:
+    def uid(*parts: str) -> UID:
         return generate_uid(entropy_srcs=[digest, planned.key, *parts])
 
     all_series = acquisition.series + (_extra_series(config, planned, acquisition) if layout == "tcia" else ())
-    uids = {"study": uid("study"), "frame": uid("frame")}
+    uids: dict[str, str] = {"study": uid("study"), "frame": uid("frame")}
     uids.update({f"series{s.sequence.number}": uid("series", str(s.sequence.number)) for s in all_series})
 
     parent = out_dir / TCIA_COLLECTION if layout == "tcia" else out_dir
     parent.mkdir(parents=True, exist_ok=True)
-    staging = parent / f".{layout_id}.partial"  # hidden from the folder sensor until whole
-    shutil.rmtree(staging, ignore_errors=True)
-    study_folder = Path(f"{_nbia_date(identity.study_date)}-MR ABDOMEN LIVER-{uids['study'][-5:]}") \
-        if layout == "tcia" else Path()
-    normal = geometry.slice_normal(acquisition.orientation)
-    metadata, t2_dir, file_stems = [], Path(), {}
-    extra_noise_rng = _patient_rng(config.seed, planned.index, _EXTRA_NOISE)
-    for series in all_series:
-        rng = extra_noise_rng if series.sequence.contrast in ("dwi", "t1_post") else noise_rng
-        image = _render(series, tissue, structure, means, lesions, config.lesion_contrast, rng)
-        stored = _stored(image[series.first_slice:series.stop_slice], series)
-        body = image[tissue > 0]
-        window = (float(np.percentile(body[::17], 50)), float(np.percentile(body[::17], 99)) * 1.2)
-        template = _series_template(identity, acquisition, series, uids, window,
-                                    _EXTRA_TAGS.get(series.sequence.contrast))
-        relative = study_folder / _series_folder(layout, series, uids)
-        series_dir = staging / relative
-        series_dir.mkdir(parents=True)
-        names, size = [], 0
-        for row, k in enumerate(range(series.first_slice, series.stop_slice)):
-            position = affine[:3, 3] + k * affine[:3, 2]
-            data = _dicom_bytes(template, uid(str(series.sequence.number), str(k)),
-                                series.instance_numbers[row], position, float(position @ normal),
-                                stored[row])
-            names.append(_file_name(layout, series, row))
-            _write_atomic(series_dir / names[-1], data)
-            size += len(data)
-        file_stems[series.sequence.contrast] = [Path(name).stem for name in names]
-        if series.sequence.number == T2_SERIES_NUMBER:
-            t2_dir = relative
-        if layout == "tcia":
-            metadata.append({
-                "Series UID": uids[f"series{series.sequence.number}"], "Collection": TCIA_COLLECTION,
-                "3rd Party Analysis": "NO", "Data Description URI": "", "Subject ID": layout_id,
-                "Study UID": uids["study"], "Study Description": "MR ABDOMEN LIVER",
-                "Study Date": _nbia_date(identity.study_date).replace("-", "/"),
-                "Series Description": series.sequence.description, "Manufacturer": "Philips",
-                "Modality": "MR", "SOP Class Name": "MR Image Storage", "SOP Class UID": MRImageStorage,
-                "Number of Images": str(len(names)), "File Size": f"{size / 1e6:.2f} MB",
-                "File Location": "./" + (Path(TCIA_COLLECTION) / layout_id / relative).as_posix(),
-                "Download Timestamp": "",
-            })
-    if layout == "drop":
-        (staging / MASK_PATH.parent).mkdir()
-        _write_atomic(staging / MASK_PATH, _mask_bytes(TISSUE_TO_LABEL[tissue], acquisition))
-    elif layout == "chaos":
-        grey = _chaos_ground(tissue, phantom, affine)
-        for folder, contrast in (("T2SPIR", "t2"), ("T1DUAL", "t1_in")):
-            series = next(s for s in acquisition.series if s.sequence.contrast == contrast)
-            (staging / folder / "Ground").mkdir(parents=True)
-            for row, k in enumerate(range(series.first_slice, series.stop_slice)):
-                _write_atomic(staging / folder / "Ground" / f"{file_stems[contrast][row]}.png", _png_bytes(grey[k]))
-
     final = parent / layout_id
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
-    if layout == "drop":
-        _merge_synthetic_labels(out_dir, {planned.key: int(planned.hcc)})  # label is there before the marker
-        _write_atomic(final / COMPLETE_MARKER, b"")
-    patient = SynthPatient(patient_key=planned.key, hcc=planned.hcc, n_lesions=len(phantom.lesions),
-                           phi=identity.phi, t2_series_dir=final / t2_dir, layout=layout, layout_id=layout_id)
+    # built under the hidden name .<id>.partial (the folder sensor skips it), renamed into place whole
+    with publish_folder(final, marker=COMPLETE_MARKER if layout == "drop" else None) as staging:
+        study_folder = (
+            Path(f"{_nbia_date(identity.study_date)}-MR ABDOMEN LIVER-{uids['study'][-5:]}")
+            if layout == "tcia"
+            else Path()
+        )
+        normal = geometry.slice_normal(acquisition.orientation)
+        metadata, t2_dir, file_stems = [], Path(), {}
+        extra_noise_rng = _patient_rng(config.seed, planned.index, _EXTRA_NOISE)
+        for series in all_series:
+            rng = extra_noise_rng if series.sequence.contrast in ("dwi", "t1_post") else noise_rng
+            image = _render(series, tissue, structure, means, lesions, config.lesion_contrast, rng)
+            stored = _stored(image[series.first_slice : series.stop_slice], series)
+            body = image[tissue > 0]
+            window = (float(np.percentile(body[::17], 50)), float(np.percentile(body[::17], 99)) * 1.2)
+            template = _series_template(
+                identity, acquisition, series, uids, window, _EXTRA_TAGS.get(series.sequence.contrast)
+            )
+            relative = study_folder / _series_folder(layout, series, uids)
+            series_dir = staging / relative
+            series_dir.mkdir(parents=True)
+            names, size = [], 0
+            for row, k in enumerate(range(series.first_slice, series.stop_slice)):
+                position = affine[:3, 3] + k * affine[:3, 2]
+                data = _dicom_bytes(
+                    template,
+                    uid(str(series.sequence.number), str(k)),
+                    series.instance_numbers[row],
+                    position,
+                    float(position @ normal),
+                    stored[row],
+                )
+                names.append(_file_name(layout, series, row))
+                (series_dir / names[-1]).write_bytes(data)
+                size += len(data)
+            file_stems[series.sequence.contrast] = [Path(name).stem for name in names]
+            if series.sequence.number == T2_SERIES_NUMBER:
+                t2_dir = relative
+            if layout == "tcia":
+                metadata.append(
+                    {
+                        "Series UID": uids[f"series{series.sequence.number}"],
+                        "Collection": TCIA_COLLECTION,
+                        "3rd Party Analysis": "NO",
+                        "Data Description URI": "",
+                        "Subject ID": layout_id,
+                        "Study UID": uids["study"],
+                        "Study Description": "MR ABDOMEN LIVER",
+                        "Study Date": _nbia_date(identity.study_date).replace("-", "/"),
+                        "Series Description": series.sequence.description,
+                        "Manufacturer": "Philips",
+                        "Modality": "MR",
+                        "SOP Class Name": "MR Image Storage",
+                        "SOP Class UID": MRImageStorage,
+                        "Number of Images": str(len(names)),
+                        "File Size": f"{size / 1e6:.2f} MB",
+                        "File Location": "./" + (Path(TCIA_COLLECTION) / layout_id / relative).as_posix(),
+                        "Download Timestamp": "",
+                    }
+                )
+        if layout == "drop":
+            (staging / MASK_PATH.parent).mkdir()
+            (staging / MASK_PATH).write_bytes(_mask_bytes(TISSUE_TO_LABEL[tissue], acquisition))
+        elif layout == "chaos":
+            grey = _chaos_ground(tissue, phantom, affine)
+            for folder, contrast in (("T2SPIR", "t2"), ("T1DUAL", "t1_in")):
+                series = next(s for s in acquisition.series if s.sequence.contrast == contrast)
+                (staging / folder / "Ground").mkdir(parents=True)
+                for row, k in enumerate(range(series.first_slice, series.stop_slice)):
+                    (staging / folder / "Ground" / f"{file_stems[contrast][row]}.png").write_bytes(array_png(grey[k]))
+        if layout == "drop":
+            _merge_synthetic_labels(out_dir, {planned.key: int(planned.hcc)})  # the label is there before the folder
+    patient = SynthPatient(
+        patient_key=planned.key,
+        hcc=planned.hcc,
+        n_lesions=len(phantom.lesions),
+        phi=identity.phi,
+        t2_series_dir=final / t2_dir,
+        layout=layout,
+        layout_id=layout_id,
+    )
     return patient, metadata
 
 
@@ -824,7 +977,7 @@ def _merge_metadata(out_dir: Path, rows: list[dict[str, str]]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(sorted(merged.values(), key=lambda r: (r["File Location"], r["Series UID"])))
-    _write_atomic(path, buffer.getvalue().encode())
+    atomic_write_bytes(path, buffer.getvalue().encode())
 
 
 def synthesize_cohort(out_dir: Path, config: SynthConfig, layout: Layout = "drop") -> list[SynthPatient]:
@@ -844,7 +997,12 @@ def synthesize_cohort(out_dir: Path, config: SynthConfig, layout: Layout = "drop
         patient, rows = _synthesize_patient(out_dir, config, planned, layout)
         patients.append(patient)
         metadata.extend(rows)
-        log.info("synthetic patient %d/%d written (%s, %s layout)", number, len(plan),
-                 "hcc" if planned.hcc else "healthy", layout)
+        log.info(
+            "synthetic patient %d/%d written (%s, %s layout)",
+            number,
+            len(plan),
+            "hcc" if planned.hcc else "healthy",
+            layout,
+        )
     _merge_metadata(out_dir, metadata)
     return patients

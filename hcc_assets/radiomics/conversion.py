@@ -11,7 +11,7 @@ _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 def voxels(image: nib.spatialimages.SpatialImage, dtype: type) -> np.ndarray:
     """The 3-D voxel array in `dtype`, without a copy when the file already stores that type."""
-    data = np.asarray(image.dataobj, dtype=dtype)
+    data: np.ndarray = np.asarray(image.dataobj, dtype=dtype)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -19,8 +19,9 @@ def voxels(image: nib.spatialimages.SpatialImage, dtype: type) -> np.ndarray:
     return data
 
 
-def to_sitk(image: nib.spatialimages.SpatialImage, data: np.ndarray | None = None,
-            dtype: type = np.float32) -> sitk.Image:
+def to_sitk(
+    image: nib.spatialimages.SpatialImage, data: np.ndarray | None = None, dtype: type = np.float32
+) -> sitk.Image:
     """A SimpleITK image with `image`'s geometry and `data` (default: its voxels as `dtype`).
 
     One copy: nibabel reads NIfTI files in Fortran order, so `data.T` is already the C-ordered

@@ -37,9 +37,13 @@ def feature_set_version(params_path: Path | str | None = None) -> str:
     return f"pyradiomics-{radiomics.__version__.lstrip('v')}-{_params_sha256(_params(params_path))[:12]}"
 
 
-def extract(image: nib.spatialimages.SpatialImage | sitk.Image, mask: nib.spatialimages.SpatialImage | sitk.Image,
-            label: int = 1, params_path: Path | str | None = None, min_voxels: int = MIN_ROI_VOXELS
-            ) -> dict[str, float]:
+def extract(
+    image: nib.spatialimages.SpatialImage | sitk.Image,
+    mask: nib.spatialimages.SpatialImage | sitk.Image,
+    label: int = 1,
+    params_path: Path | str | None = None,
+    min_voxels: int = MIN_ROI_VOXELS,
+) -> dict[str, float]:
     """`original_<class>_<feature>` -> value for the ROI `mask == label` of `image`.
 
     Takes nibabel or SimpleITK images (the mask on the image's grid). Raises RadiomicsError with
@@ -47,16 +51,16 @@ def extract(image: nib.spatialimages.SpatialImage | sitk.Image, mask: nib.spatia
     intensities, a pyradiomics failure, or non-finite features.
     """
     params = _params(params_path)
-    if isinstance(image, sitk.Image) != isinstance(mask, sitk.Image):
-        raise TypeError("image and mask must both be nibabel or both be SimpleITK images")
-    if isinstance(image, sitk.Image):  # pyradiomics checks their geometry itself
+    if isinstance(image, sitk.Image) and isinstance(mask, sitk.Image):  # pyradiomics checks their geometry
         sitk_image, sitk_mask = image, mask
         image_array, mask_array = sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(mask)
-    else:
+    elif not isinstance(image, sitk.Image) and not isinstance(mask, sitk.Image):
         image_array, mask_array = voxels(image, np.float32), voxels(mask, np.uint8)
         _check_same_grid(image, mask, image_array.shape, mask_array.shape)
         sitk_image, sitk_mask = to_sitk(image, image_array), to_sitk(mask, mask_array)
         sitk_mask.CopyInformation(sitk_image)  # one grid (checked above): no float noise for pyradiomics
+    else:
+        raise TypeError("image and mask must both be nibabel or both be SimpleITK images")
     _check_inputs(image_array, mask_array, label, min_voxels)
 
     try:
@@ -105,8 +109,9 @@ def _check_inputs(image: np.ndarray, mask: np.ndarray, label: int, min_voxels: i
     count = int(np.count_nonzero(mask == label))
     if count == 0:
         present = np.unique(mask).tolist()
-        raise RadiomicsError("mask is empty" if present == [0] else
-                             f"label {label} is not in the mask (labels present: {present})")
+        raise RadiomicsError(
+            "mask is empty" if present == [0] else f"label {label} is not in the mask (labels present: {present})"
+        )
     if count < min_voxels:
         raise RadiomicsError(f"mask has {count} voxel(s) of label {label}; at least {min_voxels} needed")
     # One pass, no temporary: the sum is finite exactly when every voxel is (float64 accumulator).

@@ -12,6 +12,9 @@ Typical use:
 
 torch and nnunetv2 load only when training or building a predictor, so importing this package
 stays cheap for code that just checks masks.
+
+Rule: folders, NIfTI and arrays in, model folders and masks out; never imports dagster, the feature
+store or the lake.
 """
 
 from .config import LABELS, MaskQualityConfig, SegmentationTrainingConfig
@@ -24,8 +27,21 @@ from .quality import dice, mask_quality, overlay_png
 from .training import TRAINING_SUMMARY, train
 
 __all__ = [
-    "LABELS", "LiverSegmenter", "MaskQualityConfig", "ModelFolderError", "ModelInfo",
-    "SegmentationDataError", "SegmentationTrainingConfig", "TRAINING_SUMMARY", "add_cpu_configuration",
-    "build_raw_dataset", "dice", "mask_quality", "nnunet_environment", "overlay_png",
-    "plan_and_preprocess", "train", "validate_model_folder",
+    "LABELS",
+    "TRAINING_SUMMARY",
+    "LiverSegmenter",
+    "MaskQualityConfig",
+    "ModelFolderError",
+    "ModelInfo",
+    "SegmentationDataError",
+    "SegmentationTrainingConfig",
+    "add_cpu_configuration",
+    "build_raw_dataset",
+    "dice",
+    "mask_quality",
+    "nnunet_environment",
+    "overlay_png",
+    "plan_and_preprocess",
+    "train",
+    "validate_model_folder",
 ]

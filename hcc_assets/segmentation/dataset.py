@@ -19,6 +19,7 @@ import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -36,8 +37,9 @@ class SegmentationDataError(ValueError):
     """A training case cannot be used; the message names the case and the reason."""
 
 
-def build_raw_dataset(cases: Iterable[tuple[str, Path | str, Path | str]], raw_dir: Path | str,
-                      dataset_id: int, name: str) -> Path:
+def build_raw_dataset(
+    cases: Iterable[tuple[str, Path | str, Path | str]], raw_dir: Path | str, dataset_id: int, name: str
+) -> Path:
     """Write `<raw_dir>/DatasetXXX_<name>/` in nnU-Net's raw layout and return that folder.
 
     `cases` are (case_id, image_path, mask_path); the mask must be on the image's grid and hold
@@ -71,10 +73,13 @@ def build_raw_dataset(cases: Iterable[tuple[str, Path | str, Path | str]], raw_d
 
 
 def _write_case(case_id: str, image_path: Path, mask_path: Path, images: Path, labels: Path) -> None:
-    image, mask = nib.load(image_path), nib.load(mask_path)
+    # nib.load is typed as returning the base FileBasedImage; these are NIfTI files.
+    image = cast(nib.Nifti1Image, nib.load(image_path))
+    mask = cast(nib.Nifti1Image, nib.load(mask_path))
     if image.ndim != 3 or image.shape != mask.shape:
         raise SegmentationDataError(
-            f"case {case_id}: image shape {image.shape} and mask shape {mask.shape} differ (or are not 3-D)")
+            f"case {case_id}: image shape {image.shape} and mask shape {mask.shape} differ (or are not 3-D)"
+        )
     if not np.allclose(image.affine, mask.affine, atol=_AFFINE_TOLERANCE_MM):
         raise SegmentationDataError(f"case {case_id}: mask is not on the image's grid (affines differ)")
     values = np.asarray(mask.dataobj)
@@ -90,5 +95,4 @@ def _write_case(case_id: str, image_path: Path, mask_path: Path, images: Path, l
     else:
         nib.save(nib.Nifti1Image(np.asarray(image.dataobj, dtype=np.float32), image.affine), target)
     # The image's affine on the mask too: nnU-Net compares them exactly.
-    nib.save(nib.Nifti1Image(values.astype(np.uint8, copy=False), image.affine),
-             labels / f"{case_id}{FILE_ENDING}")
+    nib.save(nib.Nifti1Image(values.astype(np.uint8, copy=False), image.affine), labels / f"{case_id}{FILE_ENDING}")

@@ -22,8 +22,14 @@ class LiverSegmenter:
     for a few hundredths of Dice) and keeps everything in host memory.
     """
 
-    def __init__(self, model_folder: Path | str, device: str = "cpu", num_threads: int | None = None,
-                 tile_step_size: float = 0.5, use_mirroring: bool | None = None):
+    def __init__(
+        self,
+        model_folder: Path | str,
+        device: str = "cpu",
+        num_threads: int | None = None,
+        tile_step_size: float = 0.5,
+        use_mirroring: bool | None = None,
+    ):
         import torch
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -33,13 +39,19 @@ class LiverSegmenter:
             torch.set_num_threads(num_threads)  # process-wide, like torch itself
         on_cpu = self.device.type == "cpu"
         self._predictor = nnUNetPredictor(
-            tile_step_size=tile_step_size, use_gaussian=True,
+            tile_step_size=tile_step_size,
+            use_gaussian=True,
             use_mirroring=(not on_cpu) if use_mirroring is None else use_mirroring,
-            perform_everything_on_device=not on_cpu, device=self.device,
-            verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+            perform_everything_on_device=not on_cpu,
+            device=self.device,
+            verbose=False,
+            verbose_preprocessing=False,
+            allow_tqdm=False,
+        )
         with nnunet_environment():  # makes HccCpuTrainer findable by name
             self._predictor.initialize_from_trained_model_folder(
-                str(self.info.path), use_folds=self.info.folds, checkpoint_name=self.info.checkpoint_name)
+                str(self.info.path), use_folds=self.info.folds, checkpoint_name=self.info.checkpoint_name
+            )
         # The model's label values -> ours (liver 1, spleen 2, anything else background).
         self._to_our_labels = np.zeros(max(self.info.labels.values()) + 1, np.uint8)
         for name, value in self.info.labels.items():
@@ -62,10 +74,11 @@ class LiverSegmenter:
         labels = self._to_our_labels[np.asarray(labels).transpose(2, 1, 0)]
         # Back through nibabel's own transform, then check it lands on the input grid.
         restored = nib.Nifti1Image(labels, model_view.affine).as_reoriented(_inverse(ornt))
-        if restored.shape != image.shape or not np.allclose(restored.affine, image.affine,
-                                                            atol=_AFFINE_TOLERANCE_MM):
-            raise RuntimeError(f"predicted mask grid {restored.shape} {restored.affine.tolist()} does not "
-                                 f"match the image's {image.shape} {image.affine.tolist()}")
+        if restored.shape != image.shape or not np.allclose(restored.affine, image.affine, atol=_AFFINE_TOLERANCE_MM):
+            raise RuntimeError(
+                f"predicted mask grid {restored.shape} {restored.affine.tolist()} does not "
+                f"match the image's {image.shape} {image.affine.tolist()}"
+            )
         mask = nib.Nifti1Image(np.ascontiguousarray(restored.dataobj, dtype=np.uint8), image.affine)
         mask.set_qform(image.affine, code=1)
         mask.set_sform(image.affine, code=1)

@@ -47,12 +47,15 @@ def validate_model_folder(path: Path | str) -> ModelInfo:
 
     parts = folder.name.split("__")
     if len(parts) != 3:
-        raise ModelFolderError(f"model folder name {folder.name!r} is not nnU-Net's "
-                               "'<trainer>__<plans>__<configuration>'")
+        raise ModelFolderError(
+            f"model folder name {folder.name!r} is not nnU-Net's '<trainer>__<plans>__<configuration>'"
+        )
     trainer_name, plans_name, configuration = parts
     if configuration not in plans.get("configurations", {}):
-        raise ModelFolderError(f"plans.json has no configuration {configuration!r} (the folder name's); "
-                               f"it has {sorted(plans.get('configurations', {}))}")
+        raise ModelFolderError(
+            f"plans.json has no configuration {configuration!r} (the folder name's); "
+            f"it has {sorted(plans.get('configurations', {}))}"
+        )
 
     labels = dataset.get("labels") or {}
     if any(not isinstance(value, int) for value in labels.values()):
@@ -67,21 +70,32 @@ def validate_model_folder(path: Path | str) -> ModelInfo:
         raise ModelFolderError(f"plans.json image_reader_writer {reader!r} is not one of {sorted(SUPPORTED_READERS)}")
 
     checkpoints = _fold_checkpoints(folder)
-    checkpoint_name = next((name for name in CHECKPOINT_NAMES
-                            if all(name in found for found in checkpoints.values())), None)
+    checkpoint_name = next(
+        (name for name in CHECKPOINT_NAMES if all(name in found for found in checkpoints.values())), None
+    )
     if checkpoint_name is None:
-        raise ModelFolderError(f"no checkpoint ({' or '.join(CHECKPOINT_NAMES)}) common to all folds "
-                               f"{sorted(map(str, checkpoints))} in {folder}")
+        raise ModelFolderError(
+            f"no checkpoint ({' or '.join(CHECKPOINT_NAMES)}) common to all folds "
+            f"{sorted(map(str, checkpoints))} in {folder}"
+        )
     digest = hashlib.sha256()
     for fold in checkpoints:
         with open(folder / f"fold_{fold}" / checkpoint_name, "rb") as file:
             for block in iter(lambda: file.read(1 << 20), b""):
                 digest.update(block)
 
-    return ModelInfo(path=folder.resolve(), trainer_name=trainer_name, plans_name=plans_name,
-                     configuration=configuration, folds=tuple(checkpoints), checkpoint_name=checkpoint_name,
-                     checkpoint_sha256=digest.hexdigest(), labels=dict(labels), image_reader_writer=reader,
-                     reorient_to_ras=SUPPORTED_READERS[reader])
+    return ModelInfo(
+        path=folder.resolve(),
+        trainer_name=trainer_name,
+        plans_name=plans_name,
+        configuration=configuration,
+        folds=tuple(checkpoints),
+        checkpoint_name=checkpoint_name,
+        checkpoint_sha256=digest.hexdigest(),
+        labels=dict(labels),
+        image_reader_writer=reader,
+        reorient_to_ras=SUPPORTED_READERS[reader],
+    )
 
 
 def _load_json(path: Path, what: str) -> dict:

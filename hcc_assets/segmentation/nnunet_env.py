@@ -30,15 +30,18 @@ def dataset_folder_name(dataset_id: int, name: str) -> str:
 
 
 @contextmanager
-def nnunet_environment(raw: Path | str | None = None, preprocessed: Path | str | None = None,
-                       results: Path | str | None = None, **extra: str) -> Iterator[None]:
+def nnunet_environment(
+    raw: Path | str | None = None,
+    preprocessed: Path | str | None = None,
+    results: Path | str | None = None,
+    **extra: str,
+) -> Iterator[None]:
     """Point nnU-Net at these folders (and register our trainer) for the duration of the block."""
     trainer_paths = [str(TRAINER_FOLDER)]
     if os.environ.get("nnUNet_extTrainer"):
         trainer_paths.append(os.environ["nnUNet_extTrainer"])
     updates = {"nnUNet_extTrainer": os.pathsep.join(trainer_paths), **extra}
-    for key, value in (("nnUNet_raw", raw), ("nnUNet_preprocessed", preprocessed),
-                       ("nnUNet_results", results)):
+    for key, value in (("nnUNet_raw", raw), ("nnUNet_preprocessed", preprocessed), ("nnUNet_results", results)):
         if value is not None:
             updates[key] = str(Path(value).resolve())
     saved = {key: os.environ.get(key) for key in updates}
@@ -51,3 +54,13 @@ def nnunet_environment(raw: Path | str | None = None, preprocessed: Path | str |
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def import_trainer_modules() -> None:
+    """Import what nnU-Net's search for a trainer class by name imports (every module under
+    nnunetv2.training.nnUNetTrainer, about 1 s, timm included), so that a process that calls this
+    ahead of time builds a predictor without that delay (see hcc_assets/defs/warm_runs.py)."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    with nnunet_environment():
+        recursive_find_trainer_class_by_name(TRAINER_NAME)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from copy import deepcopy
 from pathlib import Path
@@ -29,29 +29,41 @@ DEFAULT_3D_CPU_PATCH = (32, 64, 64)
 _MIN_FEATURE_MAP_EDGE = 4  # nnU-Net's default: the bottleneck is at least 4 voxels wide
 
 
-def plan_and_preprocess(config: SegmentationTrainingConfig, raw_dir: Path | str,
-                        preprocessed_dir: Path | str) -> Path:
+def plan_and_preprocess(config: SegmentationTrainingConfig, raw_dir: Path | str, preprocessed_dir: Path | str) -> Path:
     """Fingerprint, plan, add `config.configuration` to the plans and preprocess only that.
 
     Returns the plans file. The raw dataset must already exist (see `build_raw_dataset`).
     """
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
-        extract_fingerprint_dataset, plan_experiment_dataset, preprocess_dataset)
+        extract_fingerprint_dataset,
+        plan_experiment_dataset,
+        preprocess_dataset,
+    )
 
     workers = config.preprocessing_workers
     # The planner sets torch's thread count to nnUNet_n_proc_DA while it sizes networks; 0 (our
     # in-process augmentation) would crash it.
-    with nnunet_environment(raw=raw_dir, preprocessed=preprocessed_dir, nnUNet_n_proc_DA=str(workers)), \
-            _in_process_pools(workers == 1):
-        extract_fingerprint_dataset(config.dataset_id, _fingerprint_extractor_class(), num_processes=workers,
-                                    check_dataset_integrity=False, clean=True, verbose=False,
-                                    show_progress_bar=False)
+    with (
+        nnunet_environment(raw=raw_dir, preprocessed=preprocessed_dir, nnUNet_n_proc_DA=str(workers)),
+        _in_process_pools(workers == 1),
+    ):
+        extract_fingerprint_dataset(
+            config.dataset_id,
+            _fingerprint_extractor_class(),
+            num_processes=workers,
+            check_dataset_integrity=False,
+            clean=True,
+            verbose=False,
+            show_progress_bar=False,
+        )
         plan_experiment_dataset(config.dataset_id)
-        plans_file = (Path(preprocessed_dir) / dataset_folder_name(config.dataset_id, config.dataset_name)
-                      / f"{PLANS_NAME}.json")
+        plans_file = (
+            Path(preprocessed_dir) / dataset_folder_name(config.dataset_id, config.dataset_name) / f"{PLANS_NAME}.json"
+        )
         add_cpu_configuration(plans_file, config)
-        preprocess_dataset(config.dataset_id, PLANS_NAME, [config.configuration], [workers],
-                           verbose=False, show_progress_bar=False)
+        preprocess_dataset(
+            config.dataset_id, PLANS_NAME, [config.configuration], [workers], verbose=False, show_progress_bar=False
+        )
     return plans_file
 
 
@@ -131,35 +143,45 @@ def add_cpu_configuration(plans_file: Path | str, config: SegmentationTrainingCo
     plans = json.loads(plans_file.read_text())
     parent_name = CPU_CONFIGURATIONS[config.configuration]
     if parent_name not in plans["configurations"]:
-        raise ValueError(f"plans have no {parent_name!r} configuration to derive {config.configuration!r} from "
-                         f"(2-D data has no 3d_fullres)")
+        raise ValueError(
+            f"plans have no {parent_name!r} configuration to derive {config.configuration!r} from "
+            f"(2-D data has no 3d_fullres)"
+        )
     parent = PlansManager(plans).get_configuration(parent_name).configuration  # inheritance resolved
     reduced = {"inherits_from": parent_name, "batch_size": config.batch_size}
     architecture = deepcopy(parent["architecture"])
     kwargs = architecture["arch_kwargs"]
-    spacing, patch = parent["spacing"], config.patch_size
+    spacing = parent["spacing"]
+    patch: Sequence[int] | None = config.patch_size
     if config.spacing is not None:  # own spacing: own preprocessed data, patch = median image there
         if len(config.spacing) != len(spacing):
             raise ValueError(f"spacing {config.spacing} needs {len(spacing)} values for {parent_name}")
         scale = np.asarray(spacing) / np.asarray(config.spacing)
         median = [round(float(v)) for v in np.asarray(parent["median_image_size_in_voxels"]) * scale]
         spacing = list(config.spacing)
-        reduced.update(spacing=spacing, median_image_size_in_voxels=median,
-                       data_identifier=f"{plans['plans_name']}_{config.configuration}")
+        reduced.update(
+            spacing=spacing,
+            median_image_size_in_voxels=median,
+            data_identifier=f"{plans['plans_name']}_{config.configuration}",
+        )
         patch = patch or median
     if patch is None and parent_name == "3d_fullres":
         patch = DEFAULT_3D_CPU_PATCH
     if patch is not None:  # a new patch needs the pooling and kernels nnU-Net would plan for it
         if len(patch) != len(spacing):
             raise ValueError(f"patch {patch} has {len(patch)} axes, {parent_name} has {len(spacing)}")
-        _, strides, kernels, patch, _ = get_pool_and_conv_props(spacing, list(patch), _MIN_FEATURE_MAP_EDGE,
-                                                                999999)
-        kwargs.update(n_stages=len(strides), strides=strides, kernel_sizes=kernels,
-                      n_conv_per_stage=kwargs["n_conv_per_stage"][:1] * len(strides),
-                      n_conv_per_stage_decoder=kwargs["n_conv_per_stage_decoder"][:1] * (len(strides) - 1))
+        _, strides, kernels, patch, _ = get_pool_and_conv_props(spacing, list(patch), _MIN_FEATURE_MAP_EDGE, 999999)
+        kwargs.update(
+            n_stages=len(strides),
+            strides=strides,
+            kernel_sizes=kernels,
+            n_conv_per_stage=kwargs["n_conv_per_stage"][:1] * len(strides),
+            n_conv_per_stage_decoder=kwargs["n_conv_per_stage_decoder"][:1] * (len(strides) - 1),
+        )
         reduced["patch_size"] = patch
-    kwargs["features_per_stage"] = [min(config.base_features * 2**stage, config.max_features)
-                                    for stage in range(kwargs["n_stages"])]
+    kwargs["features_per_stage"] = [
+        min(config.base_features * 2**stage, config.max_features) for stage in range(kwargs["n_stages"])
+    ]
     reduced["architecture"] = architecture
     plans["configurations"][config.configuration] = reduced
     plans_file.write_text(json.dumps(plans, indent=2, default=_numpy_to_json))

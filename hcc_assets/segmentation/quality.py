@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import struct
-import zlib
-
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+from hcc_assets.core.figures import array_png
 
 from .config import LABEL_LIVER, LABEL_SPLEEN, MaskQualityConfig
 
 _AFFINE_TOLERANCE_MM = 1e-3
 
 
-def mask_quality(mask: nib.Nifti1Image, reference: nib.Nifti1Image | None = None,
-                 config: MaskQualityConfig | None = None) -> dict:
+def mask_quality(
+    mask: nib.Nifti1Image, reference: nib.Nifti1Image | None = None, config: MaskQualityConfig | None = None
+) -> dict:
     """Liver/spleen voxel counts and volumes, plausibility, liver components, Dice vs reference.
 
     Components use face connectivity (6 neighbours): with 5-9 mm slices, voxels touching only at
@@ -45,8 +45,9 @@ def mask_quality(mask: nib.Nifti1Image, reference: nib.Nifti1Image | None = None
         "dice_spleen": None,
     }
     if reference is not None:
-        if reference.shape[:3] != mask.shape[:3] or not np.allclose(reference.affine, mask.affine,
-                                                                    atol=_AFFINE_TOLERANCE_MM):
+        if reference.shape[:3] != mask.shape[:3] or not np.allclose(
+            reference.affine, mask.affine, atol=_AFFINE_TOLERANCE_MM
+        ):
             raise ValueError(f"reference grid {reference.shape} differs from the mask's {mask.shape}")
         truth = np.asarray(reference.dataobj)
         result["dice_liver"] = round(dice(liver, truth == LABEL_LIVER), 6)
@@ -77,7 +78,7 @@ def overlay_png(image: nib.Nifti1Image, mask: nib.Nifti1Image, min_size: int = 2
     canonical = nib.as_closest_canonical(image)
     labels = np.asarray(nib.as_closest_canonical(mask).dataobj)
     liver_slices = np.flatnonzero((labels == LABEL_LIVER).any(axis=(0, 1)))
-    k = int(round(liver_slices.mean())) if liver_slices.size else labels.shape[2] // 2
+    k = round(liver_slices.mean()) if liver_slices.size else labels.shape[2] // 2
 
     def radiological(plane: np.ndarray) -> np.ndarray:  # (x=R, y=A) -> rows A..P, columns R..L
         return plane.T[::-1, ::-1]
@@ -91,17 +92,4 @@ def overlay_png(image: nib.Nifti1Image, mask: nib.Nifti1Image, min_size: int = 2
         rgb[plane == label] = (1 - _ALPHA) * rgb[plane == label] + _ALPHA * np.array(colour)
     scale = max(1, -(-min_size // max(rgb.shape[:2])))
     rgb = np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1)
-    return _png(np.round(rgb).astype(np.uint8))
-
-
-def _png(rgb: np.ndarray) -> bytes:
-    """Encode an (h, w, 3) uint8 array as PNG."""
-    height, width, _ = rgb.shape
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    rows = np.concatenate([np.zeros((height, 1), np.uint8), rgb.reshape(height, -1)], axis=1)  # filter 0
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b""))
+    return array_png(np.round(rgb).astype(np.uint8))

@@ -8,7 +8,6 @@ time mirroring (minutes on CPU and not needed to produce a model).
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from collections.abc import Callable
@@ -16,14 +15,20 @@ from pathlib import Path
 
 import numpy as np
 
+from hcc_assets.core.files import atomic_write_text
+
 from .config import SegmentationTrainingConfig
 from .nnunet_env import PLANS_NAME, TRAINER_NAME, dataset_folder_name, nnunet_environment
 
 TRAINING_SUMMARY = "hcc_training_summary.json"
 
 
-def train(config: SegmentationTrainingConfig, preprocessed_dir: Path | str, results_dir: Path | str,
-          progress: Callable[[str], None] | None = None) -> Path:
+def train(
+    config: SegmentationTrainingConfig,
+    preprocessed_dir: Path | str,
+    results_dir: Path | str,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
     """Train `config.configuration` on the preprocessed dataset; return the model folder.
 
     The folder is nnU-Net's: `<results>/DatasetXXX_<name>/HccCpuTrainer__nnUNetPlans__<configuration>/`
@@ -31,8 +36,9 @@ def train(config: SegmentationTrainingConfig, preprocessed_dir: Path | str, resu
     `hcc_training_summary.json` (schedule, seconds per epoch, last losses and pseudo Dice).
     `progress` receives one line per epoch (losses, pseudo Dice, seconds, ETA).
     """
-    with nnunet_environment(preprocessed=preprocessed_dir, results=results_dir,
-                            nnUNet_n_proc_DA=str(config.data_augmentation_workers)):
+    with nnunet_environment(
+        preprocessed=preprocessed_dir, results=results_dir, nnUNet_n_proc_DA=str(config.data_augmentation_workers)
+    ):
         import torch
 
         from .nnunet_trainers.hcc_cpu_trainer import HccCpuTrainer
@@ -44,8 +50,13 @@ def train(config: SegmentationTrainingConfig, preprocessed_dir: Path | str, resu
         plans = json.loads((dataset_dir / f"{PLANS_NAME}.json").read_text())
         plans["continue_training"] = False  # nnU-Net 2.8's trainer pops this key
         dataset_json = json.loads((dataset_dir / "dataset.json").read_text())
-        trainer = HccCpuTrainer(plans=plans, configuration=config.configuration, fold=config.fold,
-                                dataset_json=dataset_json, device=torch.device(config.device))
+        trainer = HccCpuTrainer(
+            plans=plans,
+            configuration=config.configuration,
+            fold=config.fold,
+            dataset_json=dataset_json,
+            device=torch.device(config.device),
+        )
         trainer.num_epochs = config.epochs
         trainer.num_iterations_per_epoch = config.iterations_per_epoch
         trainer.num_val_iterations_per_epoch = config.val_iterations_per_epoch
@@ -55,8 +66,9 @@ def train(config: SegmentationTrainingConfig, preprocessed_dir: Path | str, resu
         started = time.perf_counter()
         trainer.run_training()
         seconds = time.perf_counter() - started
-        final_validation = (config.final_validation if config.final_validation is not None
-                            else trainer.device.type != "cpu")
+        final_validation = (
+            config.final_validation if config.final_validation is not None else trainer.device.type != "cpu"
+        )
         if final_validation:
             trainer.perform_actual_validation(save_probabilities=False)
 
@@ -88,6 +100,4 @@ def _write_summary(path: Path, config: SegmentationTrainingConfig, trainer, seco
         "val_loss": [float(v) for v in log["val_losses"]],
         "pseudo_dice_per_label": [[float(d) for d in dice] for dice in log["dice_per_class_or_region"]],
     }
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(summary, indent=2))

@@ -128,9 +128,7 @@ def selection_from_matrix(
         # stable sort, so equal |values| keep handcrafted column order
         columns = columns[np.argsort(-np.abs(matrix[index, columns]), kind="stable")]
         related[index] = [(names[column], float(matrix[index, column])) for column in columns]
-    return ExplainableSelection(
-        threshold=float(threshold), measure=measure, kept=kept, related=related, matrix=matrix
-    )
+    return ExplainableSelection(threshold=float(threshold), measure=measure, kept=kept, related=related, matrix=matrix)
 
 
 def select_explainable(
@@ -159,9 +157,7 @@ def association_long_table(
     """
     n_dl, n_hc = selection.matrix.shape
     if len(dl_names) != n_dl or len(hc_names) != n_hc:
-        raise ValueError(
-            f"matrix is {n_dl} x {n_hc} but got {len(dl_names)} DL and {len(hc_names)} handcrafted names"
-        )
+        raise ValueError(f"matrix is {n_dl} x {n_hc} but got {len(dl_names)} DL and {len(hc_names)} handcrafted names")
     values = selection.matrix.ravel()
     kept_rows = np.zeros(n_dl, dtype=bool)
     kept_rows[selection.kept] = True

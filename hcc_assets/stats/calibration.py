@@ -44,9 +44,18 @@ def calibration_bins(y_true, probability, n_bins: int = 10) -> list[CalibrationB
     total = np.bincount(index, minlength=n_bins)
     predicted = np.bincount(index, weights=scores, minlength=n_bins)
     observed = np.bincount(index, weights=labels.astype(float), minlength=n_bins)
-    return [CalibrationBin(bin=int(i), low=float(edges[i]), high=float(edges[i + 1]), n=int(total[i]),
-                           mean_predicted=float(predicted[i] / total[i]), observed_rate=float(observed[i] / total[i]))
-            for i in range(n_bins) if total[i]]
+    return [
+        CalibrationBin(
+            bin=int(i),
+            low=float(edges[i]),
+            high=float(edges[i + 1]),
+            n=int(total[i]),
+            mean_predicted=float(predicted[i] / total[i]),
+            observed_rate=float(observed[i] / total[i]),
+        )
+        for i in range(n_bins)
+        if total[i]
+    ]
 
 
 def brier_score(y_true, probability) -> float:

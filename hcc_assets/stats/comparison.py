@@ -114,9 +114,22 @@ def delong_test(y_true, probability_a, probability_b, alpha: float = 0.05) -> De
             z, p = float(np.copysign(np.inf, difference)), 0.0
         half = float(norm.ppf(1 - alpha / 2)) * se
         low, high = difference - half, difference + half
-    return DeLongResult(auc_a=float(aucs[0]), auc_b=float(aucs[1]), difference=difference, se=se, z=float(z),
-                        p_value=float(p), ci_low=float(low), ci_high=float(high), se_a=float(se_a),
-                        se_b=float(se_b), correlation=float(correlation), n=m + n, n_positive=m, n_negative=n)
+    return DeLongResult(
+        auc_a=float(aucs[0]),
+        auc_b=float(aucs[1]),
+        difference=difference,
+        se=se,
+        z=float(z),
+        p_value=float(p),
+        ci_low=float(low),
+        ci_high=float(high),
+        se_a=float(se_a),
+        se_b=float(se_b),
+        correlation=float(correlation),
+        n=m + n,
+        n_positive=m,
+        n_negative=n,
+    )
 
 
 @dataclass
@@ -140,8 +153,9 @@ class PairedBootstrap:
     n_degenerate: int
 
 
-def paired_bootstrap_auc_difference(y_true, probability_a, probability_b, n_resamples: int = 1000, seed: int = 0,
-                                    alpha: float = 0.05) -> PairedBootstrap:
+def paired_bootstrap_auc_difference(
+    y_true, probability_a, probability_b, n_resamples: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> PairedBootstrap:
     """Percentile bootstrap of AUC(a) - AUC(b): each resample draws ``n`` patients with
     replacement from ``np.random.default_rng(seed)`` (the draws ``bootstrap_metrics`` makes with
     the same seed and ``n``) and scores the same patients with both models. Resamples with a
@@ -162,7 +176,15 @@ def paired_bootstrap_auc_difference(y_true, probability_a, probability_b, n_resa
         low, high = (float(v) for v in np.percentile(used, [100 * alpha / 2, 100 * (1 - alpha / 2)]))
     else:
         mean = low = high = float("nan")
-    return PairedBootstrap(auc_a=float(observed[0]), auc_b=float(observed[1]),
-                           difference=float(observed[0] - observed[1]), mean=mean, ci_low=low, ci_high=high, n=n,
-                           n_resamples=int(n_resamples), n_resamples_used=int(used.size),
-                           n_degenerate=int(values.size - used.size))
+    return PairedBootstrap(
+        auc_a=float(observed[0]),
+        auc_b=float(observed[1]),
+        difference=float(observed[0] - observed[1]),
+        mean=mean,
+        ci_low=low,
+        ci_high=high,
+        n=n,
+        n_resamples=int(n_resamples),
+        n_resamples_used=int(used.size),
+        n_degenerate=int(values.size - used.size),
+    )

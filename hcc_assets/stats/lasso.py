@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +13,7 @@ import numpy as np
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
 
+from hcc_assets.core.files import atomic_write, atomic_write_text
 from hcc_assets.stats.filtering import lambda_grid, make_lasso_pipeline
 
 MODEL_FILE = "lasso.joblib"
@@ -187,25 +186,13 @@ def _json_safe(value):
     return value
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, then ``os.replace`` it into place."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def save_lasso(fit: LassoFit, folder) -> Path:
     """Write ``lasso.joblib`` (the whole LassoFit) and ``lasso_summary.json``; return the folder."""
     target = Path(folder)
     target.mkdir(parents=True, exist_ok=True)
-    _atomic_write(target / MODEL_FILE, lambda temporary: joblib.dump(fit, temporary))
+    atomic_write(target / MODEL_FILE, lambda file: joblib.dump(fit, file))
     summary = json.dumps(_json_safe(fit.summary()), indent=2, sort_keys=True)
-    _atomic_write(target / SUMMARY_FILE, lambda temporary: Path(temporary).write_text(summary + "\n"))
+    atomic_write_text(target / SUMMARY_FILE, summary + "\n")
     return target
 
 

@@ -123,9 +123,13 @@ def confusion_matrix(y_true, probability, threshold: float = 0.5) -> ConfusionMa
     """True/false positives and negatives of one set of patients at ``threshold``."""
     labels, scores = _validated(y_true, probability)
     predicted = scores > threshold
-    return ConfusionMatrix(threshold=float(threshold), tp=int((labels & predicted).sum()),
-                           fp=int((~labels & predicted).sum()), tn=int((~labels & ~predicted).sum()),
-                           fn=int((labels & ~predicted).sum()))
+    return ConfusionMatrix(
+        threshold=float(threshold),
+        tp=int((labels & predicted).sum()),
+        fp=int((~labels & predicted).sum()),
+        tn=int((~labels & ~predicted).sum()),
+        fn=int((labels & ~predicted).sum()),
+    )
 
 
 def classification_metrics(y_true, probability, threshold: float = 0.5) -> dict[str, float]:
@@ -249,8 +253,10 @@ def repeated_cv_metrics(
             fold_values[metric].append(value)
         if progress is not None and done % n_splits == 0:
             elapsed = time.perf_counter() - started
-            progress(f"repeat {done // n_splits}/{n_repeats} ({done}/{total} folds) in {elapsed:.1f} s, "
-                     f"ETA {elapsed / done * (total - done):.0f} s")
+            progress(
+                f"repeat {done // n_splits}/{n_repeats} ({done}/{total} folds) in {elapsed:.1f} s, "
+                f"ETA {elapsed / done * (total - done):.0f} s"
+            )
     estimates = []
     for metric in METRICS:
         values = np.asarray(fold_values[metric])

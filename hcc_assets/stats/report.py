@@ -12,16 +12,28 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, cast
 
 import polars as pl
 
+from hcc_assets.core.figures import figure_png, plot_history, thumbnail_data_uri
+
+if TYPE_CHECKING:
+    import nibabel as nib
+
 MODEL_LABELS = {"radiomic": "Radiomic", "deep": "DL", "explainable": "Explainable DL"}
-TABLE_1_METRICS = (("accuracy", "Accuracy"), ("precision", "Precision"), ("recall", "Recall"), ("f1", "F1"),
-                   ("roc_auc", "ROC AUC"), ("specificity", "Specificity"), ("npv", "NPV"))
+TABLE_1_METRICS = (
+    ("accuracy", "Accuracy"),
+    ("precision", "Precision"),
+    ("recall", "Recall"),
+    ("f1", "F1"),
+    ("roc_auc", "ROC AUC"),
+    ("specificity", "Specificity"),
+    ("npv", "NPV"),
+)
 
 
 @dataclass
@@ -51,35 +63,43 @@ class RenderedReport:
     figures: dict[str, bytes] = field(default_factory=dict)
 
 
-def gather_report_inputs(tables: dict[str, pl.DataFrame],
-                         figure_1_case: Callable[[str], tuple[object, object]] | None = None,
-                         overlay: Callable[[object, object], bytes] | None = None) -> ReportInputs:
+def gather_report_inputs(
+    tables: dict[str, pl.DataFrame],
+    figure_1_case: Callable[[str], tuple[nib.Nifti1Image, nib.Nifti1Image]] | None = None,
+    overlay: Callable[[nib.Nifti1Image, nib.Nifti1Image], bytes] | None = None,
+) -> ReportInputs:
     """The report's inputs from the feature-store tables (`featurestore.reads.report_tables`).
     `figure_1_case(patient_id)` returns (image, mask) NIfTI for Figure 1, drawn with `overlay`; the
     patient is the first validation HCC patient with a mask (else any patient with one)."""
     masks, cohort = tables["masks"], tables["cohort"]
-    inputs = ReportInputs(**{name: tables[name] for name in (
-        "cohort", "exclusions", "masks", "metrics", "history", "predictions", "coefficients", "sweep", "models")},
-        comparison=tables.get("comparison"), model_comparisons=tables.get("model_comparisons"),
-        confusion_matrices=tables.get("confusion_matrices"), calibration=tables.get("calibration"))
+    inputs = ReportInputs(
+        cohort=tables["cohort"],
+        exclusions=tables["exclusions"],
+        masks=tables["masks"],
+        metrics=tables["metrics"],
+        history=tables["history"],
+        predictions=tables["predictions"],
+        coefficients=tables["coefficients"],
+        sweep=tables["sweep"],
+        models=tables["models"],
+        comparison=tables.get("comparison"),
+        model_comparisons=tables.get("model_comparisons"),
+        confusion_matrices=tables.get("confusion_matrices"),
+        calibration=tables.get("calibration"),
+    )
     if figure_1_case is not None and overlay is not None and masks.height:
         with_mask = set(masks["patient_id"].to_list())
         preferred = cohort.filter(pl.col("hcc") & (pl.col("split") == "validation"))["patient_id"].to_list()
         candidates = [p for p in preferred if p in with_mask] or sorted(with_mask)
         image, mask = figure_1_case(candidates[0])
         inputs.figure_1 = overlay(image, mask)
-        inputs.figure_1_caption = (f"Figure 1: T2-weighted slice of patient {candidates[0]} with its nnU-Net mask "
-                                   "(liver red, spleen blue).")
+        inputs.figure_1_caption = (
+            f"Figure 1: T2-weighted slice of patient {candidates[0]} with its nnU-Net mask (liver red, spleen blue)."
+        )
     return inputs
 
 
 # -- figures -------------------------------------------------------------------------------------
-
-
-def _png(figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", metadata={"Software": None})  # no version stamp: same bytes each run
-    return buffer.getvalue()
 
 
 def roc_figure(predictions: pl.DataFrame) -> bytes | None:
@@ -106,10 +126,15 @@ def roc_figure(predictions: pl.DataFrame) -> bytes | None:
         for fpr, tpr, label in curves:
             axes.plot(fpr, tpr, label=label)
         axes.plot([0, 1], [0, 1], color="grey", linestyle=":", label="chance")
-        axes.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC, validation patients",
-                 xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
+        axes.set(
+            xlabel="1 - specificity",
+            ylabel="sensitivity",
+            title="ROC, validation patients",
+            xlim=(-0.01, 1.01),
+            ylim=(-0.01, 1.01),
+        )
         axes.legend(loc="lower right")
-        return _png(figure)
+        return figure_png(figure)
 
 
 def calibration_figure(calibration: pl.DataFrame | None) -> bytes | None:
@@ -129,15 +154,29 @@ def calibration_figure(calibration: pl.DataFrame | None) -> bytes | None:
             rows = calibration.filter(pl.col("model") == model).sort("bin")
             if rows.height == 0:
                 continue
-            sizes = [20 + 180 * n / max(rows["n"].max(), 1) for n in rows["n"].to_list()]
-            line = axes.plot(rows["mean_predicted"].to_list(), rows["observed_rate"].to_list(), marker="",
-                             label=f"{label} (Brier {_fmt(rows['brier_score'][0])}, n={int(rows['n'].sum())})")[0]
-            axes.scatter(rows["mean_predicted"].to_list(), rows["observed_rate"].to_list(), s=sizes,
-                         color=line.get_color(), alpha=0.7)
-        axes.set(xlabel="mean predicted P(HCC) in bin", ylabel="observed fraction with HCC",
-                 title="Calibration, validation patients", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
+            sizes = [20 + 180 * n / max(cast(float, rows["n"].max()), 1) for n in rows["n"].to_list()]
+            line = axes.plot(
+                rows["mean_predicted"].to_list(),
+                rows["observed_rate"].to_list(),
+                marker="",
+                label=f"{label} (Brier {_fmt(rows['brier_score'][0])}, n={int(rows['n'].sum())})",
+            )[0]
+            axes.scatter(
+                rows["mean_predicted"].to_list(),
+                rows["observed_rate"].to_list(),
+                s=sizes,
+                color=line.get_color(),
+                alpha=0.7,
+            )
+        axes.set(
+            xlabel="mean predicted P(HCC) in bin",
+            ylabel="observed fraction with HCC",
+            title="Calibration, validation patients",
+            xlim=(-0.02, 1.02),
+            ylim=(-0.02, 1.02),
+        )
         axes.legend(loc="upper left")
-        return _png(figure)
+        return figure_png(figure)
 
 
 # -- tables --------------------------------------------------------------------------------------
@@ -149,7 +188,7 @@ def _fmt(value, digits: int = 3) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "n/a"
-        return f"{value:.{digits}f}" if abs(value) >= 10 ** -digits or value == 0 else f"{value:.2e}"
+        return f"{value:.{digits}f}" if abs(value) >= 10**-digits or value == 0 else f"{value:.2e}"
     return str(value)
 
 
@@ -181,14 +220,36 @@ def _interval(low, high) -> str:
 def paired_comparison_table(comparisons: pl.DataFrame | None) -> tuple[list[str], list[list[str]]]:
     """One row per pair of models: AUCs on the patients both scored, the difference A - B with its
     paired-bootstrap and DeLong 95% intervals, and DeLong's z and two-sided p."""
-    header = ["Model A", "Model B", "n (HCC)", "AUC A", "AUC B", "AUC A - B", "Bootstrap 95% CI",
-              "DeLong 95% CI", "DeLong z", "DeLong p", "Resamples (skipped)"]
+    header = [
+        "Model A",
+        "Model B",
+        "n (HCC)",
+        "AUC A",
+        "AUC B",
+        "AUC A - B",
+        "Bootstrap 95% CI",
+        "DeLong 95% CI",
+        "DeLong z",
+        "DeLong p",
+        "Resamples (skipped)",
+    ]
     rows = []
-    for r in (comparisons.iter_rows(named=True) if comparisons is not None else ()):
-        rows.append([MODEL_LABELS.get(r["model_a"], r["model_a"]), MODEL_LABELS.get(r["model_b"], r["model_b"]),
-                     f"{r['n']} ({r['n_positive']})", _fmt(r["auc_a"]), _fmt(r["auc_b"]), _fmt(r["auc_difference"]),
-                     _interval(r["ci_low"], r["ci_high"]), _interval(r["delong_ci_low"], r["delong_ci_high"]),
-                     _fmt(r["delong_z"]), _fmt(r["delong_p"]), f"{_fmt(r['n_resamples'])} ({_fmt(r['n_degenerate'])})"])
+    for r in comparisons.iter_rows(named=True) if comparisons is not None else ():
+        rows.append(
+            [
+                MODEL_LABELS.get(r["model_a"], r["model_a"]),
+                MODEL_LABELS.get(r["model_b"], r["model_b"]),
+                f"{r['n']} ({r['n_positive']})",
+                _fmt(r["auc_a"]),
+                _fmt(r["auc_b"]),
+                _fmt(r["auc_difference"]),
+                _interval(r["ci_low"], r["ci_high"]),
+                _interval(r["delong_ci_low"], r["delong_ci_high"]),
+                _fmt(r["delong_z"]),
+                _fmt(r["delong_p"]),
+                f"{_fmt(r['n_resamples'])} ({_fmt(r['n_degenerate'])})",
+            ]
+        )
     return header, rows
 
 
@@ -196,20 +257,34 @@ def _count_ratio(numerator: int, denominator: int) -> str:
     return f"{_fmt(numerator / denominator) if denominator else 'n/a'} ({numerator}/{denominator})"
 
 
-def confusion_table(confusion: pl.DataFrame | None, calibration: pl.DataFrame | None = None
-                    ) -> tuple[list[str], list[list[str]]]:
+def confusion_table(
+    confusion: pl.DataFrame | None, calibration: pl.DataFrame | None = None
+) -> tuple[list[str], list[list[str]]]:
     """One row per model: the confusion matrix at its threshold, sensitivity, specificity, PPV and
     NPV as fractions of the counts, and the Brier score (from `calibration`)."""
     header = ["Model", "Threshold", "n", "TP", "FP", "TN", "FN", "Sensitivity", "Specificity", "PPV", "NPV", "Brier"]
     brier = {}
     if calibration is not None and calibration.height:
-        brier = {m: b for m, b in calibration.group_by("model").agg(pl.col("brier_score").first()).iter_rows()}
+        brier = dict(calibration.group_by("model").agg(pl.col("brier_score").first()).iter_rows())
     rows = []
-    for r in (confusion.iter_rows(named=True) if confusion is not None else ()):
+    for r in confusion.iter_rows(named=True) if confusion is not None else ():
         tp, fp, tn, fn = r["tp"], r["fp"], r["tn"], r["fn"]
-        rows.append([MODEL_LABELS.get(r["model"], r["model"]), _fmt(r["threshold"], 2), str(r["n"]), str(tp), str(fp),
-                     str(tn), str(fn), _count_ratio(tp, tp + fn), _count_ratio(tn, tn + fp), _count_ratio(tp, tp + fp),
-                     _count_ratio(tn, tn + fn), _fmt(brier.get(r["model"]))])
+        rows.append(
+            [
+                MODEL_LABELS.get(r["model"], r["model"]),
+                _fmt(r["threshold"], 2),
+                str(r["n"]),
+                str(tp),
+                str(fp),
+                str(tn),
+                str(fn),
+                _count_ratio(tp, tp + fn),
+                _count_ratio(tn, tn + fp),
+                _count_ratio(tp, tp + fp),
+                _count_ratio(tn, tn + fn),
+                _fmt(brier.get(r["model"])),
+            ]
+        )
     return header, rows
 
 
@@ -231,14 +306,16 @@ def _cohort_lines(inputs: ReportInputs) -> list[str]:
     if inputs.masks.height:
         dice = inputs.masks["dice_liver"].drop_nulls()
         volume = inputs.masks["liver_ml"].drop_nulls()
-        text = f"Liver masks: {inputs.masks.height} patients, liver volume median {volume.median():.0f} mL"
+        text = f"Liver masks: {inputs.masks.height} patients, liver volume median {cast(float, volume.median()):.0f} mL"
         if dice.len():
-            text += f"; Dice against reference masks mean {dice.mean():.3f} (min {dice.min():.3f}, n={dice.len()})"
+            mean, low = cast(float, dice.mean()), cast(float, dice.min())
+            text += f"; Dice against reference masks mean {mean:.3f} (min {low:.3f}, n={dice.len()})"
         lines.append(text + ".")
     if inputs.exclusions.height:
         reasons = inputs.exclusions.group_by("stage", "reason").len().sort("stage", "reason")
-        lines.append("Exclusions: " + "; ".join(f"{n} x {stage}: {reason}" for stage, reason, n in reasons.iter_rows())
-                     + ".")
+        lines.append(
+            "Exclusions: " + "; ".join(f"{n} x {stage}: {reason}" for stage, reason, n in reasons.iter_rows()) + "."
+        )
     else:
         lines.append("Exclusions: none.")
     for row in inputs.models.iter_rows(named=True):
@@ -248,6 +325,13 @@ def _cohort_lines(inputs: ReportInputs) -> list[str]:
 
 
 # -- rendering -----------------------------------------------------------------------------------
+
+# A block of a report section: ("lines", bullet lines), ("table", (header, rows)) or ("figure", file name).
+_Block = (
+    tuple[Literal["lines"], list[str]]
+    | tuple[Literal["table"], tuple[list[str], list[list[str]]]]
+    | tuple[Literal["figure"], str]
+)
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -267,52 +351,112 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def build_report(inputs: ReportInputs) -> RenderedReport:
-    from hcc_assets.deep.train import plot_history
-    from hcc_assets.imaging.preview import thumbnail_data_uri
-
     figures: dict[str, tuple[bytes, str]] = {}
     if inputs.figure_1:
         figures["figure_1.png"] = (inputs.figure_1, inputs.figure_1_caption)
     if inputs.history.height:
-        figures["figure_2.png"] = (plot_history(inputs.history.to_dicts()),
-                                   "Figure 2: accuracy and loss of the 3D ResNet classifier over epochs.")
+        figures["figure_2.png"] = (
+            plot_history(inputs.history.to_dicts()),
+            "Figure 2: accuracy and loss of the 3D ResNet classifier over epochs.",
+        )
     roc = roc_figure(inputs.predictions)
     if roc:
         figures["roc.png"] = (roc, "ROC curves of the three models on the validation patients.")
     calibration = calibration_figure(inputs.calibration)
-    if calibration:
+    if calibration and inputs.calibration is not None:
         width = _fmt(1 / inputs.calibration["n_bins"][0], 2)
-        figures["calibration.png"] = (calibration, "Calibration of the three models on the validation patients: "
-                                      f"observed HCC fraction against mean predicted P(HCC) per bin of width {width} "
-                                      "(marker area: patients in the bin).")
+        figures["calibration.png"] = (
+            calibration,
+            "Calibration of the three models on the validation patients: "
+            f"observed HCC fraction against mean predicted P(HCC) per bin of width {width} "
+            "(marker area: patients in the bin).",
+        )
 
-    cv_schemes = sorted(s for s in inputs.metrics["scheme"].unique().to_list() if s != "holdout_bootstrap") \
-        if inputs.metrics.height else []
-    sections: list[tuple[str, list[tuple[str, object]]]] = [
+    cv_schemes = (
+        sorted(s for s in inputs.metrics["scheme"].unique().to_list() if s != "holdout_bootstrap")
+        if inputs.metrics.height
+        else []
+    )
+    sections: list[tuple[str, list[_Block]]] = [
         ("Cohort", [("lines", _cohort_lines(inputs))]),
-        ("Table 1: validation metrics (80:20 split, 95% CI from bootstrap resamples of the validation patients)",
-         [("table", table_1(inputs.metrics, "holdout_bootstrap"))]),
+        (
+            "Table 1: validation metrics (80:20 split, 95% CI from bootstrap resamples of the validation patients)",
+            [("table", table_1(inputs.metrics, "holdout_bootstrap"))],
+        ),
     ]
     for scheme in cv_schemes:
-        sections.append((f"Repeated stratified cross-validation of the whole fit ({scheme}; mean and 2.5-97.5 "
-                         "percentiles over folds)", [("table", table_1(inputs.metrics, scheme))]))
-    if inputs.comparison is not None and inputs.comparison.height and inputs.comparison["previous_version"].drop_nulls().len():
-        sections.append(("Current models beside their previous versions (validation estimates)", [
-            ("table", _frame_table(inputs.comparison, ["model", "metric", "current_version", "current",
-                                                       "previous_version", "previous"]))]))
+        sections.append(
+            (
+                f"Repeated stratified cross-validation of the whole fit ({scheme}; mean and 2.5-97.5 "
+                "percentiles over folds)",
+                [("table", table_1(inputs.metrics, scheme))],
+            )
+        )
+    if (
+        inputs.comparison is not None
+        and inputs.comparison.height
+        and inputs.comparison["previous_version"].drop_nulls().len()
+    ):
+        sections.append(
+            (
+                "Current models beside their previous versions (validation estimates)",
+                [
+                    (
+                        "table",
+                        _frame_table(
+                            inputs.comparison,
+                            ["model", "metric", "current_version", "current", "previous_version", "previous"],
+                        ),
+                    )
+                ],
+            )
+        )
     if inputs.model_comparisons is not None and inputs.model_comparisons.height:
-        sections.append(("Paired comparison of the models on the same validation patients (AUC difference A - B; "
-                         "95% CI from paired bootstrap resamples and from DeLong's test)", [
-                             ("table", paired_comparison_table(inputs.model_comparisons))]))
+        sections.append(
+            (
+                "Paired comparison of the models on the same validation patients (AUC difference A - B; "
+                "95% CI from paired bootstrap resamples and from DeLong's test)",
+                [("table", paired_comparison_table(inputs.model_comparisons))],
+            )
+        )
     if inputs.confusion_matrices is not None and inputs.confusion_matrices.height:
-        sections.append(("Confusion matrices on the validation patients (HCC when P(HCC) is above the threshold)", [
-            ("table", confusion_table(inputs.confusion_matrices, inputs.calibration))]))
+        sections.append(
+            (
+                "Confusion matrices on the validation patients (HCC when P(HCC) is above the threshold)",
+                [("table", confusion_table(inputs.confusion_matrices, inputs.calibration))],
+            )
+        )
     sections.append(("Figures", [("figure", name) for name in figures]))
-    sections.append(("Coefficients (unpenalized Logit refit on the selected standardized features)", [
-        ("table", _frame_table(inputs.coefficients, ["model", "feature", "beta", "std_error", "z", "p_value",
-                                                     "odds_change_pct", "status", "related_handcrafted"]))]))
-    sections.append(("Explainability sweep (threshold x association measure)", [
-        ("table", _frame_table(inputs.sweep, list(inputs.sweep.columns)))]))
+    sections.append(
+        (
+            "Coefficients (unpenalized Logit refit on the selected standardized features)",
+            [
+                (
+                    "table",
+                    _frame_table(
+                        inputs.coefficients,
+                        [
+                            "model",
+                            "feature",
+                            "beta",
+                            "std_error",
+                            "z",
+                            "p_value",
+                            "odds_change_pct",
+                            "status",
+                            "related_handcrafted",
+                        ],
+                    ),
+                )
+            ],
+        )
+    )
+    sections.append(
+        (
+            "Explainability sweep (threshold x association measure)",
+            [("table", _frame_table(inputs.sweep, list(inputs.sweep.columns)))],
+        )
+    )
 
     title = "hcc-assets: radiomics vs deep learning for HCC detection"
     md_files, md_inline, html_parts = [f"# {title}\n"], [f"# {title}\n"], []
@@ -320,28 +464,40 @@ def build_report(inputs: ReportInputs) -> RenderedReport:
         md_files.append(f"\n## {heading}\n")
         md_inline.append(f"\n## {heading}\n")
         html_parts.append(f"<h2>{html.escape(heading)}</h2>")
-        for kind, content in blocks:
-            if kind == "lines":
-                md = "\n".join(f"- {line}" for line in content) + "\n"
+        for block in blocks:
+            if block[0] == "lines":
+                lines = block[1]
+                md = "\n".join(f"- {line}" for line in lines) + "\n"
                 md_files.append(md)
                 md_inline.append(md)
-                html_parts.append("<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in content) + "</ul>")
-            elif kind == "table":
-                header, rows = content
+                html_parts.append("<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in lines) + "</ul>")
+            elif block[0] == "table":
+                header, rows = block[1]
                 md_files.append(_md_table(header, rows))
                 md_inline.append(_md_table(header, rows))
                 html_parts.append(_html_table(header, rows))
             else:
-                png, caption = figures[content]
+                name = block[1]
+                png, caption = figures[name]
                 uri = "data:image/png;base64," + base64.b64encode(png).decode()
-                md_files.append(f"![{caption}]({content})\n\n_{caption}_\n")
+                md_files.append(f"![{caption}]({name})\n\n_{caption}_\n")
                 md_inline.append(f"![{caption}]({thumbnail_data_uri(png)})\n\n_{caption}_\n")
-                html_parts.append(f'<figure><img src="{uri}" alt="{html.escape(caption)}">'
-                                  f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 8px;"
-             "text-align:left;font-size:14px}th{background:#eee}img{max-width:100%}figure{margin:1em 0}")
-    page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(html_parts)}</body></html>\n")
-    return RenderedReport(html=page, markdown="".join(md_files), markdown_inline="".join(md_inline),
-                          figures={name: png for name, (png, _) in figures.items()})
+                html_parts.append(
+                    f'<figure><img src="{uri}" alt="{html.escape(caption)}">'
+                    f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+                )
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 8px;"
+        "text-align:left;font-size:14px}th{background:#eee}img{max-width:100%}figure{margin:1em 0}"
+    )
+    page = (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(html_parts)}</body></html>\n"
+    )
+    return RenderedReport(
+        html=page,
+        markdown="".join(md_files),
+        markdown_inline="".join(md_inline),
+        figures={name: png for name, (png, _) in figures.items()},
+    )

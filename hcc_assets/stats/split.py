@@ -21,10 +21,10 @@ def stratified_split(
     y = np.asarray([bool(labels[i]) for i in order])
     n_validation = max(1, round(validation_fraction * len(ids))) if len(ids) > 1 else 0
     if n_validation == 0:
-        return {pid: "train" for pid in ids}
+        return dict.fromkeys(ids, "train")
     class_counts = np.bincount(y.astype(int), minlength=2)
     # stratify only where it is possible: each class twice, and room for both in each part
     stratifiable = class_counts.min() >= 2 and 2 <= n_validation <= len(ids) - 2
     stratify = y if stratifiable else None
     train, validation = train_test_split(ids, test_size=n_validation, random_state=seed, stratify=stratify)
-    return {**{pid: "train" for pid in train}, **{pid: "validation" for pid in validation}}
+    return {**dict.fromkeys(train, "train"), **dict.fromkeys(validation, "validation")}

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import polars as pl
 
-from hcc_assets.stats.association import association_matrix, selection_from_matrix
+from hcc_assets.stats.association import Measure, association_matrix, selection_from_matrix
 from hcc_assets.stats.filtering import AllFeaturesDroppedError
 from hcc_assets.stats.lasso import fit_lasso, predict_proba
 from hcc_assets.stats.metrics import classification_metrics
@@ -36,7 +36,7 @@ def explainability_sweep(
     dl_val: np.ndarray,
     y_val: np.ndarray,
     thresholds: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
-    measures: Sequence[str] = ("pearson", "spearman", "distance"),
+    measures: Sequence[Measure] = ("pearson", "spearman", "distance"),
     seed: int = 0,
 ) -> pl.DataFrame:
     """One row per (measure, threshold): n_kept, n_selected, cv_accuracy, val_accuracy, val_roc_auc.

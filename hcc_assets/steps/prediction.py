@@ -12,11 +12,16 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 
 from hcc_assets.featurestore import FeatureStore, reads, registry
+
+if TYPE_CHECKING:  # torch and sklearn load only when a model is used
+    from hcc_assets.deep.network import HCCResNet
+    from hcc_assets.stats.lasso import LassoFit
 
 DEEP, RADIOMIC, EXPLAINABLE = "deep", "radiomic", "explainable"
 # prediction model -> registry name of the model that makes it
@@ -24,9 +29,19 @@ MODEL_NAMES = {DEEP: "hcc_classifier", RADIOMIC: "radiomic_model", EXPLAINABLE: 
 INPUT_KINDS = {DEEP: "deep_embedding", RADIOMIC: "radiomic_features", EXPLAINABLE: "deep_embedding"}
 PREDICTED, UNAVAILABLE = "predicted", "unavailable"
 RADIOMICS_STAGE = "radiomics"
-ROW_SCHEMA = {"patient_id": pl.String, "model": pl.String, "model_name": pl.String, "model_version": pl.String,
-              "status": pl.String, "probability": pl.Float64, "threshold": pl.Float64, "decision": pl.Boolean,
-              "input_kind": pl.String, "input_version": pl.String, "reason": pl.String}
+ROW_SCHEMA = {
+    "patient_id": pl.String,
+    "model": pl.String,
+    "model_name": pl.String,
+    "model_version": pl.String,
+    "status": pl.String,
+    "probability": pl.Float64,
+    "threshold": pl.Float64,
+    "decision": pl.Boolean,
+    "input_kind": pl.String,
+    "input_version": pl.String,
+    "reason": pl.String,
+}
 
 
 @dataclass(frozen=True)
@@ -50,14 +65,26 @@ class PatientPrediction:
 
     def rows(self) -> pl.DataFrame:
         """The `hcc_predictions` rows (without provenance)."""
-        return pl.DataFrame([{
-            "patient_id": self.patient_id, "model": m.model, "model_name": MODEL_NAMES[m.model],
-            "model_version": m.model_version, "status": m.status, "probability": m.probability,
-            "threshold": self.threshold,
-            # strictly above, as the metrics count it (hcc_assets.stats.metrics)
-            "decision": None if m.probability is None else bool(m.probability > self.threshold),
-            "input_kind": INPUT_KINDS[m.model], "input_version": m.input_version, "reason": m.reason,
-        } for m in self.models], schema=ROW_SCHEMA)
+        return pl.DataFrame(
+            [
+                {
+                    "patient_id": self.patient_id,
+                    "model": m.model,
+                    "model_name": MODEL_NAMES[m.model],
+                    "model_version": m.model_version,
+                    "status": m.status,
+                    "probability": m.probability,
+                    "threshold": self.threshold,
+                    # strictly above, as the metrics count it (hcc_assets.stats.metrics)
+                    "decision": None if m.probability is None else bool(m.probability > self.threshold),
+                    "input_kind": INPUT_KINDS[m.model],
+                    "input_version": m.input_version,
+                    "reason": m.reason,
+                }
+                for m in self.models
+            ],
+            schema=ROW_SCHEMA,
+        )
 
     def by_model(self) -> dict[str, ModelPrediction]:
         return {m.model: m for m in self.models}
@@ -66,20 +93,25 @@ class PatientPrediction:
 # loaders, injected so the orchestration layer can cache loaded models per process:
 #   classifier(version) -> a network with `output` (hcc_assets.deep.HCCResNet)
 #   lasso(registry name) -> (LassoFit, registry row) of the current model
-ClassifierLoader = Callable[[str], object]
-LassoLoader = Callable[[str], tuple[object, dict]]
+ClassifierLoader = Callable[[str], "HCCResNet"]
+LassoLoader = Callable[[str], tuple["LassoFit", dict]]
 
 
-def predict_patient(store: FeatureStore, patient_id: str, threshold: float, load_classifier: ClassifierLoader,
-                    load_lasso: LassoLoader) -> PatientPrediction:
+def predict_patient(
+    store: FeatureStore, patient_id: str, threshold: float, load_classifier: ClassifierLoader, load_lasso: LassoLoader
+) -> PatientPrediction:
     """One PatientPrediction with a row per model, from the models current in `store`."""
     current = reads.current_versions(store)  # one query for all models: this is on a new scan's path
     embedding = reads.patient_embedding(store, patient_id)
-    return PatientPrediction(patient_id, threshold, [
-        _deep(store, current, embedding, load_classifier),
-        _radiomic(store, patient_id, current, load_lasso),
-        _explainable(current, embedding, load_lasso),
-    ])
+    return PatientPrediction(
+        patient_id,
+        threshold,
+        [
+            _deep(store, current, embedding, load_classifier),
+            _radiomic(store, patient_id, current, load_lasso),
+            _explainable(current, embedding, load_lasso),
+        ],
+    )
 
 
 def _unavailable(model: str, reason: str, version: str | None = None, input_version: str | None = None):
@@ -89,13 +121,16 @@ def _unavailable(model: str, reason: str, version: str | None = None, input_vers
 def _no_usable_classifier(store: FeatureStore) -> str:
     refused = registry.refused_retrain(store, MODEL_NAMES[DEEP])
     if refused:
-        return (f"no usable hcc_classifier: the retrain {refused['version']} was refused "
-                "(beats_chance_on_training failed) and no earlier version passed")
+        return (
+            f"no usable hcc_classifier: the retrain {refused['version']} was refused "
+            "(beats_chance_on_training failed) and no earlier version passed"
+        )
     return "no usable hcc_classifier: none is registered yet"
 
 
-def _deep(store: FeatureStore, versions: dict[str, str], embedding, load_classifier: ClassifierLoader
-          ) -> ModelPrediction:
+def _deep(
+    store: FeatureStore, versions: dict[str, str], embedding, load_classifier: ClassifierLoader
+) -> ModelPrediction:
     from hcc_assets.deep import probability_from_embedding
 
     current = versions.get(MODEL_NAMES[DEEP])
@@ -110,7 +145,7 @@ def _deep(store: FeatureStore, versions: dict[str, str], embedding, load_classif
     return ModelPrediction(DEEP, version, probability, version, note)
 
 
-def _lasso_on(versions: dict[str, str], model: str, load_lasso: LassoLoader) -> tuple[object, dict, dict] | str:
+def _lasso_on(versions: dict[str, str], model: str, load_lasso: LassoLoader) -> tuple[LassoFit, dict, dict] | str:
     """(fit, registry row, training-set spec) of the current LASSO `model`, or why there is none."""
     name = MODEL_NAMES[model]
     if versions.get(name) is None:
@@ -119,8 +154,9 @@ def _lasso_on(versions: dict[str, str], model: str, load_lasso: LassoLoader) -> 
     return fit, row, json.loads(row["training_set"] or "{}")
 
 
-def _radiomic(store: FeatureStore, patient_id: str, versions: dict[str, str], load_lasso: LassoLoader
-              ) -> ModelPrediction:
+def _radiomic(
+    store: FeatureStore, patient_id: str, versions: dict[str, str], load_lasso: LassoLoader
+) -> ModelPrediction:
     found = _lasso_on(versions, RADIOMIC, load_lasso)
     if isinstance(found, str):
         return _unavailable(RADIOMIC, found)
@@ -129,13 +165,20 @@ def _radiomic(store: FeatureStore, patient_id: str, versions: dict[str, str], lo
     values = reads.patient_radiomics(store, patient_id, feature_set)
     if not values:
         excluded = reads.exclusion_reason(store, patient_id, RADIOMICS_STAGE)
-        reason = (f"radiomics excluded: {excluded}" if excluded else
-                  f"no radiomic features of feature set {feature_set} (liver_mask or radiomic_features missing)")
+        reason = (
+            f"radiomics excluded: {excluded}"
+            if excluded
+            else f"no radiomic features of feature set {feature_set} (liver_mask or radiomic_features missing)"
+        )
         return _unavailable(RADIOMIC, reason, row["version"], feature_set)
-    missing = [n for n in names if values.get(n) is None or not np.isfinite(values[n])]
+    missing = [n for n in names if (value := values.get(n)) is None or not np.isfinite(value)]
     if missing:
-        return _unavailable(RADIOMIC, f"{len(missing)} of the model's {len(names)} features missing or not finite "
-                            f"(first: {missing[0]})", row["version"], feature_set)
+        return _unavailable(
+            RADIOMIC,
+            f"{len(missing)} of the model's {len(names)} features missing or not finite (first: {missing[0]})",
+            row["version"],
+            feature_set,
+        )
     from hcc_assets.stats.lasso import predict_proba
 
     probability = float(predict_proba(fit, np.array([[values[n] for n in names]]))[0])
@@ -146,20 +189,28 @@ def _explainable(versions: dict[str, str], embedding, load_lasso: LassoLoader) -
     from hcc_assets.featurestore.queries import DL_FEATURE_NAMES
 
     if versions.get(MODEL_NAMES[DEEP]) is None and versions.get(MODEL_NAMES[EXPLAINABLE]) is None:
-        return _unavailable(EXPLAINABLE, "no usable hcc_classifier, so no deep features to select explainable ones from")
+        return _unavailable(
+            EXPLAINABLE, "no usable hcc_classifier, so no deep features to select explainable ones from"
+        )
     found = _lasso_on(versions, EXPLAINABLE, load_lasso)
     if isinstance(found, str):
         return _unavailable(EXPLAINABLE, found)
     fit, row, spec = found
     fitted_on, names = spec.get("version"), spec.get("features") or []
     if embedding is None:
-        return _unavailable(EXPLAINABLE, "no deep embedding (deep_embedding failed or has not run)", row["version"],
-                            fitted_on)
+        return _unavailable(
+            EXPLAINABLE, "no deep embedding (deep_embedding failed or has not run)", row["version"], fitted_on
+        )
     version, values = embedding
     if version != fitted_on:
-        return _unavailable(EXPLAINABLE, f"explainable_model {row['version']} was fitted on embeddings of "
-                            f"hcc_classifier {fitted_on}; this patient's embedding is from {version} "
-                            "(the analysis refits it)", row["version"], version)
+        return _unavailable(
+            EXPLAINABLE,
+            f"explainable_model {row['version']} was fitted on embeddings of "
+            f"hcc_classifier {fitted_on}; this patient's embedding is from {version} "
+            "(the analysis refits it)",
+            row["version"],
+            version,
+        )
     index = {name: i for i, name in enumerate(DL_FEATURE_NAMES)}
     from hcc_assets.stats.lasso import predict_proba
 

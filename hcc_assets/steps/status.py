@@ -66,8 +66,9 @@ def patient_states(status: pl.DataFrame, failures: dict[str, str]) -> list[Patie
         if row["patient_id"] in failures:
             problems.append(f"last run failed: {failures[row['patient_id']]}")
         split = row["split"] or "unlabelled"
-        states.append(PatientState(row["patient_id"], split, mask, radiomics, embedding, row["predictions"] or "",
-                                   problems))
+        states.append(
+            PatientState(row["patient_id"], split, mask, radiomics, embedding, row["predictions"] or "", problems)
+        )
     return states
 
 
@@ -76,8 +77,10 @@ def format_states(states: list[PatientState]) -> str:
     header = f"{'patient':18s} {'split':11s} {'state':8s} {'mask':8s} {'radiomics':13s} {'embedding':9s} predictions"
     lines = [header, "-" * len(header)]
     for state in states:
-        lines.append(f"{state.patient_id:18s} {state.split:11s} {state.overall:8s} {state.mask:8s} "
-                     f"{state.radiomics:13s} {state.embedding:9s} {state.predictions}")
+        lines.append(
+            f"{state.patient_id:18s} {state.split:11s} {state.overall:8s} {state.mask:8s} "
+            f"{state.radiomics:13s} {state.embedding:9s} {state.predictions}"
+        )
         lines += [f"    {problem}" for problem in state.problems]
     counts: dict[str, int] = {}
     for state in states:

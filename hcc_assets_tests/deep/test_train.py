@@ -5,13 +5,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from hcc_assets.core.figures import plot_history
 from hcc_assets.deep import (
     ClassifierConfig,
     as_volume_batch,
     build_classifier,
     embed,
     load_model,
-    plot_history,
     predict_proba,
     save_model,
     train_classifier,

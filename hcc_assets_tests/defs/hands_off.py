@@ -41,14 +41,32 @@ from dagster import DagsterEventType
 ROOT = Path(__file__).resolve().parents[2]
 PSEUDONYM_KEY = "hands-off-test"
 # see test_segmentation_assets: native-spacing 2d_cpu, brief (the small phantom has ~6 mm pixels)
-SEGMENTATION_TRAINING = {"epochs": 12, "iterations_per_epoch": 25, "val_iterations_per_epoch": 2,
-                         "initial_lr": 0.02, "spacing": [], "seed": 7}
-CLASSIFIER_TRAINING = {"depth": 10, "lr": 0.05, "min_epochs": 5, "max_epochs": 5, "patience": 5,
-                       "batch_size": 4, "seed": 0, "accept_below_chance": True}
+SEGMENTATION_TRAINING = {
+    "epochs": 12,
+    "iterations_per_epoch": 25,
+    "val_iterations_per_epoch": 2,
+    "initial_lr": 0.02,
+    "spacing": [],
+    "seed": 7,
+}
+CLASSIFIER_TRAINING = {
+    "depth": 10,
+    "lr": 0.05,
+    "min_epochs": 5,
+    "max_epochs": 5,
+    "patience": 5,
+    "batch_size": 4,
+    "seed": 0,
+    "accept_below_chance": True,
+}
 CLASSIFIER, SEGMENTATION = "hcc_classifier", "liver_segmentation"  # registry names
 # the test's per-patient run config: see the module docstring
-TEST_PATIENT_CONFIG = {"ops": {"preprocessed_volume": {"config": {"target_shape": [32, 32, 16]}},
-                               "deep_embedding": {"config": {"allow_model_below_chance": True}}}}
+TEST_PATIENT_CONFIG = {
+    "ops": {
+        "preprocessed_volume": {"config": {"target_shape": [32, 32, 16]}},
+        "deep_embedding": {"config": {"allow_model_below_chance": True}},
+    }
+}
 PATIENT_CONFIG_FILE = "patient_run_config.yaml"
 FEATURE_TABLES = ("liver_masks", "radiomic_features", "deep_embeddings", "hcc_predictions")
 
@@ -86,13 +104,22 @@ class PreparedLake:
 
 def _must(result, what: str) -> None:
     if not result.success:
-        errors = [e.step_failure_data.error.message.strip() for e in result.all_events
-                  if e.is_step_failure and e.step_failure_data.error]
+        errors = [
+            e.step_failure_data.error.message.strip()
+            for e in result.all_events
+            if e.is_step_failure and e.step_failure_data.error
+        ]
         raise AssertionError(f"{what} failed: {errors[:2]}")
 
 
-def prepare_lake(lake_root: Path, cohort_source: Path, patient_config: dict | None = None,
-                 segmentation: dict | None = None, classifier: dict | None = None, threads: int = 2) -> PreparedLake:
+def prepare_lake(
+    lake_root: Path,
+    cohort_source: Path,
+    patient_config: dict | None = None,
+    segmentation: dict | None = None,
+    classifier: dict | None = None,
+    threads: int = 2,
+) -> PreparedLake:
     """Copy the cohort into <lake>/incoming, ingest it with the per-patient run config, split it and train
     both models with cheap training configs, recorded in the instance at $DAGSTER_HOME (set by
     ensure_dagster_home to <lake>/dagster_home when unset; the instance config reads it from the
@@ -111,8 +138,12 @@ def prepare_lake(lake_root: Path, cohort_source: Path, patient_config: dict | No
     shutil.copytree(cohort_source, lake_root / "incoming")
     lake = LakeResource(root=str(lake_root), quiet_seconds=60)
     resources = {"lake": lake, "compute": ComputeResource(device="cpu", cpu_threads=threads)}
-    assets = dg.load_assets_from_modules([importlib.import_module(f"hcc_assets.defs.{name}") for name in
-                                          ("ingest", "cohort", "segmentation", "deep", "analysis")])
+    assets = dg.load_assets_from_modules(
+        [
+            importlib.import_module(f"hcc_assets.defs.{name}")
+            for name in ("ingest", "cohort", "segmentation", "deep", "analysis")
+        ]
+    )
     seconds: dict[str, float] = {}
 
     patient_config = patient_config or {}
@@ -121,10 +152,20 @@ def prepare_lake(lake_root: Path, cohort_source: Path, patient_config: dict | No
     def materialize(selection, what, partition_key=None, config=None, tolerate_check=None):
         started = time.perf_counter()
         ops = {name: value for name, value in (config or {}).items() if name in selection}
-        result = dg.materialize(assets, selection=selection, partition_key=partition_key, instance=instance,
-                                resources=resources, run_config={"ops": ops}, raise_on_error=False)
-        failures = [e.step_failure_data.error.message for e in result.all_events
-                    if e.is_step_failure and e.step_failure_data.error]
+        result = dg.materialize(
+            assets,
+            selection=selection,
+            partition_key=partition_key,
+            instance=instance,
+            resources=resources,
+            run_config={"ops": ops},
+            raise_on_error=False,
+        )
+        failures = [
+            e.step_failure_data.error.message
+            for e in result.all_events
+            if e.is_step_failure and e.step_failure_data.error
+        ]
         if not (tolerate_check and failures and all(tolerate_check in f for f in failures)):
             _must(result, what)
         seconds[what.split(" ")[0]] = seconds.get(what.split(" ")[0], 0.0) + time.perf_counter() - started
@@ -133,14 +174,24 @@ def prepare_lake(lake_root: Path, cohort_source: Path, patient_config: dict | No
         patients = sorted(lake.ready_patients())
         instance.add_dynamic_partitions("patients", patients)
         for pid in patients:  # the run config the sensor's runs will use: same grid
-            materialize(["raw_scan", "nifti_volume", "preprocessed_volume"], f"ingest {pid}", pid,
-                        config=patient_config.get("ops"))
+            materialize(
+                ["raw_scan", "nifti_volume", "preprocessed_volume"],
+                f"ingest {pid}",
+                pid,
+                config=patient_config.get("ops"),
+            )
         materialize(["cohort"], "cohort")
-        materialize(["liver_segmentation_model"], "segmentation model",
-                    config={"liver_segmentation_model": {"config": segmentation or SEGMENTATION_TRAINING}})
-        materialize(["hcc_classifier"], "classifier",
-                    config={"hcc_classifier": {"config": classifier or CLASSIFIER_TRAINING}},
-                    tolerate_check="beats_chance_on_training")
+        materialize(
+            ["liver_segmentation_model"],
+            "segmentation model",
+            config={"liver_segmentation_model": {"config": segmentation or SEGMENTATION_TRAINING}},
+        )
+        materialize(
+            ["hcc_classifier"],
+            "classifier",
+            config={"hcc_classifier": {"config": classifier or CLASSIFIER_TRAINING}},
+            tolerate_check="beats_chance_on_training",
+        )
     versions = {name: current_version(lake.store, name) for name in (SEGMENTATION, CLASSIFIER)}
     return PreparedLake(lake_root, home, patients, versions, seconds)
 
@@ -159,8 +210,13 @@ class Daemon:
     def __init__(self, prepared: PreparedLake, log_path: Path, mode: str = "daemon", sensor_interval_s: int = 1):
         self.prepared, self.log_path, self.mode = prepared, Path(log_path), mode
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("HCC_ASSETS_")}  # this lake only
-        self.env = {**inherited, "DAGSTER_HOME": str(prepared.home), "HCC_ASSETS_LAKE": str(prepared.root),
-                    "OMP_WAIT_POLICY": "PASSIVE", "HCC_ASSETS_SENSOR_INTERVAL_S": str(sensor_interval_s)}
+        self.env = {
+            **inherited,
+            "DAGSTER_HOME": str(prepared.home),
+            "HCC_ASSETS_LAKE": str(prepared.root),
+            "OMP_WAIT_POLICY": "PASSIVE",
+            "HCC_ASSETS_SENSOR_INTERVAL_S": str(sensor_interval_s),
+        }
         if (prepared.root / PATIENT_CONFIG_FILE).exists():  # a lake made by prepare_lake (not `make demo`'s)
             self.env["HCC_ASSETS_PATIENT_RUN_CONFIG"] = str(prepared.root / PATIENT_CONFIG_FILE)
         self.process: subprocess.Popen | None = None
@@ -168,14 +224,23 @@ class Daemon:
     def __enter__(self) -> Daemon:
         bin_dir = Path(sys.executable).parent
         if self.mode == "dev":
-            command = [str(bin_dir / "dagster"), "dev", "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1",
-                       "-p", str(_free_port())]
+            command = [
+                str(bin_dir / "dagster"),
+                "dev",
+                "-w",
+                str(ROOT / "workspace.yaml"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(_free_port()),
+            ]
         else:
             command = [str(bin_dir / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")]
         self._log = open(self.log_path, "w")
         self.started_at = time.time()
-        self.process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -218,8 +283,9 @@ def sensor_ticks(instance: dg.DagsterInstance, name: str, limit: int = 100) -> l
     return []
 
 
-def wait_for_sensor(instance: dg.DagsterInstance, daemon: Daemon, name: str = "incoming_scans_sensor",
-                    timeout_s: float = 180.0) -> float:
+def wait_for_sensor(
+    instance: dg.DagsterInstance, daemon: Daemon, name: str = "incoming_scans_sensor", timeout_s: float = 180.0
+) -> float:
     """Block until the sensor has finished a tick of this daemon (the daemon and its code server are up)."""
     since = daemon.started_at
     deadline = time.time() + timeout_s
@@ -242,12 +308,20 @@ def drop_patient(source: Path, incoming: Path) -> float:
 
 
 def rows_present(store, patient_id: str) -> dict[str, int]:
-    return {table: store.query(f"SELECT count(*) FROM {table} WHERE patient_id = ?", [patient_id]).item()
-            for table in FEATURE_TABLES}
+    return {
+        table: store.query(f"SELECT count(*) FROM {table} WHERE patient_id = ?", [patient_id]).item()
+        for table in FEATURE_TABLES
+    }
 
 
-def wait_for_rows(prepared: PreparedLake, instance: dg.DagsterInstance, daemon: Daemon, patient_id: str,
-                  timeout_s: float = 240.0, poll_s: float = 0.25) -> float:
+def wait_for_rows(
+    prepared: PreparedLake,
+    instance: dg.DagsterInstance,
+    daemon: Daemon,
+    patient_id: str,
+    timeout_s: float = 240.0,
+    poll_s: float = 0.25,
+) -> float:
     """Seconds-since-epoch when the patient has rows in every FEATURE_TABLE; fails fast (with the
     step errors) when the patient's run fails."""
     store = prepared.lake.store
@@ -263,9 +337,13 @@ def wait_for_rows(prepared: PreparedLake, instance: dg.DagsterInstance, daemon: 
             if run.status == dg.DagsterRunStatus.FAILURE:
                 raise AssertionError(f"run {run.run_id} ({run.job_name}) failed: {run_errors(instance, run.run_id)}")
         time.sleep(poll_s)
-    runs = [(r.job_name, r.status.value) for r in instance.get_runs(dg.RunsFilter(tags={"dagster/partition": patient_id}))]
-    raise AssertionError(f"no rows for {patient_id} after {timeout_s:.0f} s (rows {rows_present(store, patient_id)}, "
-                         f"runs {runs}):\n{daemon.log_tail()}")
+    runs = [
+        (r.job_name, r.status.value) for r in instance.get_runs(dg.RunsFilter(tags={"dagster/partition": patient_id}))
+    ]
+    raise AssertionError(
+        f"no rows for {patient_id} after {timeout_s:.0f} s (rows {rows_present(store, patient_id)}, "
+        f"runs {runs}):\n{daemon.log_tail()}"
+    )
 
 
 def run_errors(instance: dg.DagsterInstance, run_id: str) -> list[str]:
@@ -279,7 +357,9 @@ def run_errors(instance: dg.DagsterInstance, run_id: str) -> list[str]:
     return errors
 
 
-def latency_breakdown(instance: dg.DagsterInstance, patient_id: str, dropped: float, rows: float) -> list[tuple[str, float]]:
+def latency_breakdown(
+    instance: dg.DagsterInstance, patient_id: str, dropped: float, rows: float
+) -> list[tuple[str, float]]:
     """(stage, seconds) from the drop to the rows, from the sensor's tick and the run's event log."""
     runs = instance.get_run_records(dg.RunsFilter(tags={"dagster/partition": patient_id}))
     if not runs:
@@ -297,7 +377,10 @@ def latency_breakdown(instance: dg.DagsterInstance, patient_id: str, dropped: fl
         events.setdefault(event.event_type, entry.timestamp)
         if event.event_type == DagsterEventType.STEP_START:
             starts[event.step_key] = entry.timestamp
-        elif event.event_type in (DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE) and event.step_key in starts:
+        elif (
+            event.event_type in (DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE)
+            and event.step_key in starts
+        ):
             steps.append((event.step_key, starts[event.step_key], entry.timestamp))
     created = record.create_timestamp.timestamp()
     marks: list[tuple[str, float]] = []
@@ -311,14 +394,23 @@ def latency_breakdown(instance: dg.DagsterInstance, patient_id: str, dropped: fl
     launched = events.get(DagsterEventType.RUN_STARTING, dequeued)
     marks.append(("dequeued -> launched (code server asked to start the run)", launched - dequeued))
     started = events.get(DagsterEventType.RUN_START, launched)
-    marks.append(("launched -> run worker started (process spawn, imports of the definitions)", started - launched))
+    marks.append(
+        (
+            "launched -> run worker started (fork of the warm run process, or a cold spawn and imports)",
+            started - launched,
+        )
+    )
     previous = started
     for index, (key, begin, end) in enumerate(sorted(steps, key=lambda s: s[1])):
         if begin - previous > 0.05:
-            marks.append(("  run set-up before the first step" if index == 0 else "  (between steps)", begin - previous))
+            marks.append(
+                ("  run set-up before the first step" if index == 0 else "  (between steps)", begin - previous)
+            )
         marks.append((f"  step {key}", end - begin))
         previous = end
-    marks.append(("last step's end -> rows seen (poll; < 0: rows were in before the step's end event)", rows - previous))
+    marks.append(
+        ("last step's end -> rows seen (poll; < 0: rows were in before the step's end event)", rows - previous)
+    )
     return marks
 
 

@@ -33,9 +33,7 @@ def ingest_patient(instance, lake, pid, raise_on_error=True) -> dg.ExecuteInProc
 
 
 def materialize_cohort(instance, lake) -> dg.ExecuteInProcessResult:
-    return dg.materialize(
-        [cohort, *PATIENT_ASSETS], selection=[cohort], instance=instance, resources={"lake": lake}
-    )
+    return dg.materialize([cohort, *PATIENT_ASSETS], selection=[cohort], instance=instance, resources={"lake": lake})
 
 
 def failure_message(result: dg.ExecuteInProcessResult) -> str:

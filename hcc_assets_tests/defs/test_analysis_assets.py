@@ -15,8 +15,15 @@ import pytest
 import statsmodels.api as sm
 from scipy.stats import norm
 from sklearn.calibration import calibration_curve
-from sklearn.metrics import (accuracy_score, brier_score_loss, confusion_matrix, f1_score, precision_score,
-                             recall_score, roc_auc_score)
+from sklearn.metrics import (
+    accuracy_score,
+    brier_score_loss,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
 
 from hcc_assets_tests.defs.study import run_study
 from hcc_assets_tests.scratch import module_scratch
@@ -95,11 +102,15 @@ def test_metrics_match_an_independent_recomputation(study):
         y = part["label"].cast(pl.Int8).to_numpy()
         p = part["probability"].to_numpy()
         yhat = (p > 0.5).astype(int)  # documented: HCC when P(HCC) is above the threshold
-        expected = {"accuracy": accuracy_score(y, yhat), "precision": precision_score(y, yhat, zero_division=0),
-                    "recall": recall_score(y, yhat), "f1": f1_score(y, yhat, zero_division=0),
-                    "roc_auc": roc_auc_score(y, p),
-                    "specificity": recall_score(y, yhat, pos_label=0, zero_division=0),
-                    "npv": precision_score(y, yhat, pos_label=0, zero_division=0)}
+        expected = {
+            "accuracy": accuracy_score(y, yhat),
+            "precision": precision_score(y, yhat, zero_division=0),
+            "recall": recall_score(y, yhat),
+            "f1": f1_score(y, yhat, zero_division=0),
+            "roc_auc": roc_auc_score(y, p),
+            "specificity": recall_score(y, yhat, pos_label=0, zero_division=0),
+            "npv": precision_score(y, yhat, pos_label=0, zero_division=0),
+        }
         for row in metrics.filter(pl.col("model") == model).iter_rows(named=True):
             assert row["estimate"] == pytest.approx(expected[row["metric"]], abs=1e-9), (model, row["metric"])
             assert row["n"] == part.height
@@ -123,8 +134,10 @@ def _delong_by_pairs(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray) -> tuple[f
         components.append((psi.mean(axis=1), psi.mean(axis=0)))
     m, n = int(y.sum()), int((1 - y).sum())
     difference = components[0][0].mean() - components[1][0].mean()
-    variance = (np.var(components[0][0] - components[1][0], ddof=1) / m
-                + np.var(components[0][1] - components[1][1], ddof=1) / n)
+    variance = (
+        np.var(components[0][0] - components[1][0], ddof=1) / m
+        + np.var(components[0][1] - components[1][1], ddof=1) / n
+    )
     return difference, float(np.sqrt(variance))
 
 
@@ -132,7 +145,10 @@ def test_paired_comparisons_match_an_independent_recomputation(study):
     store = study.store
     comparisons = store.query("SELECT * FROM current_model_comparisons")
     assert {(r["model_a"], r["model_b"]) for r in comparisons.iter_rows(named=True)} == {
-        ("radiomic", "deep"), ("radiomic", "explainable"), ("deep", "explainable")}
+        ("radiomic", "deep"),
+        ("radiomic", "explainable"),
+        ("deep", "explainable"),
+    }
     predictions = store.query("SELECT * FROM current_predictions WHERE split = 'validation'")
     for row in comparisons.iter_rows(named=True):
         a = predictions.filter(pl.col("model") == row["model_a"])
@@ -181,8 +197,9 @@ def test_confusion_matrices_and_calibration_match_sklearn(study):
 
 
 def test_signal_cohort_models_separate_the_classes(study):
-    auc = study.store.query("SELECT model, estimate FROM current_model_metrics WHERE scheme = 'holdout_bootstrap' "
-                            "AND metric = 'roc_auc'")
+    auc = study.store.query(
+        "SELECT model, estimate FROM current_model_metrics WHERE scheme = 'holdout_bootstrap' AND metric = 'roc_auc'"
+    )
     auc = dict(auc.iter_rows())
     assert auc["radiomic"] >= 0.9, auc
     assert auc["deep"] >= 0.9, auc
@@ -265,9 +282,18 @@ def test_rematerializing_the_analysis_gives_identical_rows(study):
 
     from hcc_assets_tests.defs.study import _run
 
-    before = {t: study.store.query(f"SELECT * EXCLUDE (run_id, materialized_at) FROM {t} ORDER BY ALL")
-              for t in ("explainable_correlations", "explainability_sweep", "model_metrics", "model_comparisons",
-                        "confusion_matrices", "calibration", "coefficients")}
+    before = {
+        t: study.store.query(f"SELECT * EXCLUDE (run_id, materialized_at) FROM {t} ORDER BY ALL")
+        for t in (
+            "explainable_correlations",
+            "explainability_sweep",
+            "model_metrics",
+            "model_comparisons",
+            "confusion_matrices",
+            "calibration",
+            "coefficients",
+        )
+    }
     with dg.instance_for_test() as instance:
         result = _run(instance, study.lake, "analysis")
         assert result.success
@@ -281,8 +307,10 @@ def test_each_model_reads_back_the_training_set_it_was_fitted_on(study):
 
     store = study.store
     for name in ("radiomic_model", "explainable_model", "hcc_classifier", "liver_segmentation"):
-        row = store.query("SELECT version, training_patients, params, data_snapshot FROM models "
-                          "WHERE model_name = ? AND current", [name]).row(0, named=True)
+        row = store.query(
+            "SELECT version, training_patients, params, data_snapshot FROM models WHERE model_name = ? AND current",
+            [name],
+        ).row(0, named=True)
         assert row["data_snapshot"] is not None
         frame = training_set(store, row["version"])
         assert frame["patient_id"].to_list() == sorted(row["training_patients"])
@@ -299,29 +327,41 @@ def test_patients_whose_radiomics_failed_are_excluded_from_the_radiomic_model(st
     import dagster as dg
 
     from hcc_assets.featurestore import FeatureStore
-    from hcc_assets_tests.defs.study import _run
-
     from hcc_assets.featurestore.registry import training_set
+    from hcc_assets_tests.defs.study import _run
 
     store = study.store
     before = store.query("SELECT version FROM models WHERE model_name = 'radiomic_model' AND current").item()
     seen_before = training_set(store, before).write_csv()
     victim = store.query("SELECT patient_id FROM cohort_split WHERE split = 'train' AND hcc ORDER BY 1 LIMIT 1")[0, 0]
     store.delete_partition("radiomic_features", victim)
-    store.replace_partition("exclusions", victim, FeatureStore.with_provenance(
-        pl.DataFrame([{"patient_id": victim, "stage": "radiomics", "reason": "liver mask has 12 voxels (< 64)"}]),
-        version="test", run_id="test"), match={"stage": "radiomics"})
+    store.replace_partition(
+        "exclusions",
+        victim,
+        FeatureStore.with_provenance(
+            pl.DataFrame([{"patient_id": victim, "stage": "radiomics", "reason": "liver mask has 12 voxels (< 64)"}]),
+            version="test",
+            run_id="test",
+        ),
+        match={"stage": "radiomics"},
+    )
     with dg.instance_for_test() as instance:
         result = _run(instance, study.lake, "analysis")
         assert result.success
     materialization = result.asset_materializations_for_node("radiomic_model")[0]
     assert materialization.metadata["n_excluded"].value == 1
     assert materialization.metadata["excluded_hcc"].value == 1
-    row = store.query("SELECT params, training_patients FROM models WHERE model_name = 'radiomic_model' AND current").row(0)
+    row = store.query(
+        "SELECT params, training_patients FROM models WHERE model_name = 'radiomic_model' AND current"
+    ).row(0)
     assert victim not in row[1]
     assert json.loads(row[0])["exclusion_reasons"] == {"liver mask has 12 voxels (< 64)": 1}
-    assert store.query("SELECT count(*) FROM current_predictions WHERE model = 'radiomic' AND patient_id = ?",
-                       [victim])[0, 0] == 0
+    assert (
+        store.query("SELECT count(*) FROM current_predictions WHERE model = 'radiomic' AND patient_id = ?", [victim])[
+            0, 0
+        ]
+        == 0
+    )
     # the earlier model still reads back exactly the matrix it saw (the victim's features included);
     # the new one was fitted without the victim
     assert training_set(store, before).write_csv() == seen_before
@@ -329,5 +369,7 @@ def test_patients_whose_radiomics_failed_are_excluded_from_the_radiomic_model(st
     assert after != before and victim not in training_set(store, after)["patient_id"].to_list()
     assert victim in training_set(store, before)["patient_id"].to_list()
     # the explainable and deep models keep the patient: only the radiomic arm needs radiomics
-    assert store.query("SELECT count(*) FROM current_predictions WHERE model = 'deep' AND patient_id = ?",
-                       [victim])[0, 0] == 1
+    assert (
+        store.query("SELECT count(*) FROM current_predictions WHERE model = 'deep' AND patient_id = ?", [victim])[0, 0]
+        == 1
+    )

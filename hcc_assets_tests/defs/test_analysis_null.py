@@ -18,8 +18,9 @@ def null_study(tmp_path_factory):
 
 
 def test_every_model_accuracy_ci_contains_chance(null_study):
-    accuracy = null_study.store.query("SELECT model, scheme, estimate, ci_low, ci_high FROM current_model_metrics "
-                                      "WHERE metric = 'accuracy'")
+    accuracy = null_study.store.query(
+        "SELECT model, scheme, estimate, ci_low, ci_high FROM current_model_metrics WHERE metric = 'accuracy'"
+    )
     holdout = accuracy.filter(pl.col("scheme") == "holdout_bootstrap")
     assert set(holdout["model"]) == {"radiomic", "deep", "explainable"}
     for row in accuracy.iter_rows(named=True):

@@ -13,24 +13,50 @@ import pytest
 from hcc_assets.definitions import defs
 
 KEY = dg.AssetKey
-PER_PATIENT = ["raw_scan", "nifti_volume", "preprocessed_volume", "liver_mask", "radiomic_features", "deep_embedding",
-               "hcc_prediction"]
-COHORT_LEVEL = ["cohort", "liver_segmentation_model", "hcc_classifier", "explainable_features",
-                "explainability_sweep", "radiomic_model", "explainable_model", "model_metrics", "coefficients", "report"]
+PER_PATIENT = [
+    "raw_scan",
+    "nifti_volume",
+    "preprocessed_volume",
+    "liver_mask",
+    "radiomic_features",
+    "deep_embedding",
+    "hcc_prediction",
+]
+COHORT_LEVEL = [
+    "cohort",
+    "liver_segmentation_model",
+    "hcc_classifier",
+    "explainable_features",
+    "explainability_sweep",
+    "radiomic_model",
+    "explainable_model",
+    "model_metrics",
+    "coefficients",
+    "report",
+]
 BLOCKING_CHECKS = [("cohort", "both_classes_in_both_splits"), ("hcc_classifier", "beats_chance_on_training")]
 MASK_CHECKS = ["mask_not_empty", "liver_volume_plausible"]  # blocking
-ANALYSIS = {"explainable_features", "explainability_sweep", "radiomic_model", "explainable_model", "model_metrics",
-            "coefficients", "report"}
+ANALYSIS = {
+    "explainable_features",
+    "explainability_sweep",
+    "radiomic_model",
+    "explainable_model",
+    "model_metrics",
+    "coefficients",
+    "report",
+}
 
 
 def _materialize(instance, name: str, version: str, partition: str | None = None) -> None:
-    instance.report_runless_asset_event(dg.AssetMaterialization(
-        asset_key=name, partition=partition, tags={"dagster/data_version": version}))
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(asset_key=name, partition=partition, tags={"dagster/data_version": version})
+    )
 
 
 def _check(instance, asset: str, check: str, passed: bool, partition: str | None = None) -> None:
-    instance.report_runless_asset_event(dg.AssetCheckEvaluation(asset_key=KEY(asset), check_name=check, passed=passed,
-                                                                partition=partition))
+    instance.report_runless_asset_event(
+        dg.AssetCheckEvaluation(asset_key=KEY(asset), check_name=check, passed=passed, partition=partition)
+    )
 
 
 class Ticks:
@@ -40,8 +66,9 @@ class Ticks:
         self.instance, self.cursor = instance, None
 
     def __call__(self, when: dt.datetime | None = None) -> dict[str, set]:
-        result = dg.evaluate_automation_conditions(defs=defs, instance=self.instance, cursor=self.cursor,
-                                                   evaluation_time=when)
+        result = dg.evaluate_automation_conditions(
+            defs=defs, instance=self.instance, cursor=self.cursor, evaluation_time=when
+        )
         self.cursor = result.cursor
         requested = {}
         for name in PER_PATIENT + COHORT_LEVEL:
@@ -108,8 +135,15 @@ def test_a_new_segmentation_model_redoes_masks_and_radiomics_in_one_run(settled)
     assert tick() == {"liver_mask": {"p1"}, "radiomic_features": {"p1"}, "hcc_prediction": {"p1"}}
     for name in ("liver_mask", "radiomic_features", "hcc_prediction"):
         _materialize(instance, name, "v2", "p1")
-    assert set(tick()) == {"radiomic_model", "explainable_features", "explainability_sweep", "explainable_model",
-                           "model_metrics", "coefficients", "report"}
+    assert set(tick()) == {
+        "radiomic_model",
+        "explainable_features",
+        "explainability_sweep",
+        "explainable_model",
+        "model_metrics",
+        "coefficients",
+        "report",
+    }
 
 
 def test_a_new_patient_whose_pipeline_stopped_before_its_prediction_is_predicted(settled):
@@ -126,7 +160,7 @@ def test_a_new_patient_whose_pipeline_stopped_before_its_prediction_is_predicted
 
 
 def test_the_refresh_cron_retrains_cohort_and_classifier_not_a_trained_segmentation_model():
-    sunday_2am = dt.datetime(2026, 11, 29, 2, 0, tzinfo=dt.timezone.utc)
+    sunday_2am = dt.datetime(2026, 11, 29, 2, 0, tzinfo=dt.UTC)
     with dg.instance_for_test() as instance:
         for name in COHORT_LEVEL:
             _materialize(instance, name, "v1")
@@ -138,12 +172,15 @@ def test_the_refresh_cron_retrains_cohort_and_classifier_not_a_trained_segmentat
 
 
 def test_the_refresh_cron_trains_a_segmentation_model_that_was_never_trained():
-    sunday_2am = dt.datetime(2026, 11, 29, 2, 0, tzinfo=dt.timezone.utc)
+    sunday_2am = dt.datetime(2026, 11, 29, 2, 0, tzinfo=dt.UTC)
     with dg.instance_for_test() as instance:
         tick = Ticks(instance)
         assert tick(sunday_2am - dt.timedelta(minutes=1)) == {}
         assert tick(sunday_2am + dt.timedelta(minutes=1)) == {
-            "cohort": {None}, "hcc_classifier": {None}, "liver_segmentation_model": {None}}
+            "cohort": {None},
+            "hcc_classifier": {None},
+            "liver_segmentation_model": {None},
+        }
 
 
 def test_deployment_settings_become_the_asset_config_defaults(monkeypatch, tmp_path):
@@ -156,8 +193,14 @@ def test_deployment_settings_become_the_asset_config_defaults(monkeypatch, tmp_p
     from hcc_assets.defs.ingest import PreprocessedVolumeConfig
 
     patient_file, cohort_file = tmp_path / "patient.yaml", tmp_path / "cohort.yaml"
-    patient_file.write_text(yaml.safe_dump({"ops": {"preprocessed_volume": {"config": {"target_shape": [32, 32, 16]}}},
-                                            "execution": {"config": {"in_process": {}}}}))
+    patient_file.write_text(
+        yaml.safe_dump(
+            {
+                "ops": {"preprocessed_volume": {"config": {"target_shape": [32, 32, 16]}}},
+                "execution": {"config": {"in_process": {}}},
+            }
+        )
+    )
     cohort_file.write_text(yaml.safe_dump({"ops": {"hcc_classifier": {"config": {"seed": 2, "depth": 10}}}}))
     monkeypatch.setenv(deployment.PATIENT_RUN_CONFIG_ENV, str(patient_file))
     monkeypatch.setenv(deployment.COHORT_RUN_CONFIG_ENV, str(cohort_file))
@@ -171,7 +214,7 @@ def test_deployment_settings_become_the_asset_config_defaults(monkeypatch, tmp_p
 
         cohort_file.write_text(yaml.safe_dump({"ops": {"hcc_classifier": {"config": {"sead": 2}}}}))
         deployment._op_settings.cache_clear()
-        with pytest.raises(ValueError, match="unknown field.*sead"):
+        with pytest.raises(ValueError, match=r"unknown field.*sead"):
             deployment.deployed(HccClassifierConfig, "hcc_classifier")
         cohort_file.write_text(yaml.safe_dump({"resources": {}}))
         deployment._op_settings.cache_clear()

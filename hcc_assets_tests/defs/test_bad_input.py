@@ -113,7 +113,9 @@ def test_a_study_that_breaks_after_ingest_is_forgotten(incoming_copy, tmp_path, 
         pid = lake.pseudonym(key)
         assert ingest_patient(instance, lake, pid).success
         data_lake = DataLake(lake.root)
-        figures = [data_lake.patient_figure(pid, asset, "mid_slice") for asset in ("nifti_volume", "preprocessed_volume")]
+        figures = [
+            data_lake.patient_figure(pid, asset, "mid_slice") for asset in ("nifti_volume", "preprocessed_volume")
+        ]
         assert all(data_lake.exists(figure) for figure in figures)
         CASES[name][0](incoming / key)
         assert not ingest_patient(instance, lake, pid, raise_on_error=False).success

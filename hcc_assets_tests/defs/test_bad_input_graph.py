@@ -8,9 +8,9 @@ import dagster as dg
 import pydicom
 import pytest
 
+from hcc_assets.core.errors import PatientInputError
 from hcc_assets.defs.cohort import cohort
 from hcc_assets.imaging.dicom_series import inventory_study
-from hcc_assets.imaging.errors import IngestError
 from hcc_assets_tests.defs.helpers import PATIENT_ASSETS, failure_message, ingest_patient, make_lake, register_all
 
 
@@ -45,9 +45,14 @@ def test_an_absurdly_large_series_is_refused_before_reading_pixels(incoming_copy
     with dg.instance_for_test() as instance:
         register_all(instance, lake)
         pid = lake.pseudonym(patients[0].patient_key)
-        result = dg.materialize(PATIENT_ASSETS, partition_key=pid, instance=instance, resources={"lake": lake},
-                                run_config={"ops": {"raw_scan": {"config": {"max_voxels": 10_000}}}},
-                                raise_on_error=False)
+        result = dg.materialize(
+            PATIENT_ASSETS,
+            partition_key=pid,
+            instance=instance,
+            resources={"lake": lake},
+            run_config={"ops": {"raw_scan": {"config": {"max_voxels": 10_000}}}},
+            raise_on_error=False,
+        )
         assert not result.success
         message = failure_message(result)
         assert f"patient {pid}" in message and "above the limit of 10,000" in message, message
@@ -69,8 +74,13 @@ def test_bad_label_manifests_exclude_only_the_patients_concerned(incoming_copy, 
         pids = register_all(instance, lake)
         for pid in pids:
             assert ingest_patient(instance, lake, pid).success
-        result = dg.materialize([cohort, *PATIENT_ASSETS], selection=[cohort], instance=instance,
-                                resources={"lake": lake}, raise_on_error=False)
+        result = dg.materialize(
+            [cohort, *PATIENT_ASSETS],
+            selection=[cohort],
+            instance=instance,
+            resources={"lake": lake},
+            raise_on_error=False,
+        )
     split = set(lake.store.query("SELECT patient_id FROM cohort_split")["patient_id"])
     bad = {lake.pseudonym(conflicting), lake.pseudonym(non_binary)}
     assert not split & bad
@@ -98,7 +108,7 @@ def test_an_unreadable_folder_fails_clearly(incoming_copy, monkeypatch):
         return real_read_bytes(path)
 
     monkeypatch.setattr(Path, "read_bytes", denied)
-    with pytest.raises(IngestError, match="Permission denied") as error:
+    with pytest.raises(PatientInputError, match="Permission denied") as error:
         inventory_study(folder)
     assert patients[0].patient_key not in str(error.value).replace(str(folder), "")
     shutil.rmtree(folder)

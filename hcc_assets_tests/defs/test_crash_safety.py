@@ -65,15 +65,22 @@ def _run_until_killed(lake_root: str, incoming: str, patient_id: str, kill_point
 
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("patients", [patient_id])
-    dg.materialize(PATIENT_ASSETS, partition_key=patient_id, instance=instance,
-                   resources={"lake": LakeResource(root=lake_root, incoming=incoming, quiet_seconds=3600)})
+    dg.materialize(
+        PATIENT_ASSETS,
+        partition_key=patient_id,
+        instance=instance,
+        resources={"lake": LakeResource(root=lake_root, incoming=incoming, quiet_seconds=3600)},
+    )
 
 
 def _rows(store, patient_id: str) -> dict[str, pl.DataFrame]:
     """The patient's ingest rows, without what legitimately differs between runs."""
-    return {table: store.query(f"SELECT * EXCLUDE (run_id, materialized_at) FROM {table} "
-                               "WHERE patient_id = ? ORDER BY ALL", [patient_id])
-            for table in INGEST_TABLES}
+    return {
+        table: store.query(
+            f"SELECT * EXCLUDE (run_id, materialized_at) FROM {table} WHERE patient_id = ? ORDER BY ALL", [patient_id]
+        )
+        for table in INGEST_TABLES
+    }
 
 
 def _same_rows(left: dict[str, pl.DataFrame], right: dict[str, pl.DataFrame]) -> bool:
@@ -83,8 +90,11 @@ def _same_rows(left: dict[str, pl.DataFrame], right: dict[str, pl.DataFrame]) ->
 def _files(lake_root: Path, patient_id: str) -> dict[str, bytes]:
     """The patient's files under their output names (temp files are not outputs)."""
     folder = lake_root / PATIENTS / patient_id
-    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())
-            if path.is_file() and not path.name.startswith(".tmp-")}
+    return {
+        path.name: path.read_bytes()
+        for path in sorted(folder.iterdir())
+        if path.is_file() and not path.name.startswith(".tmp-")
+    }
 
 
 def _assert_outputs_whole(lake_root: Path) -> None:
@@ -97,14 +107,17 @@ def _assert_outputs_whole(lake_root: Path) -> None:
 
 def _assert_counts_exact(store, patient_ids: list[str], n_scans: int) -> None:
     """One patients row, n_scans scans rows and one volumes row per kind, per patient; no more."""
-    counts = {table: dict(store.query(f"SELECT patient_id, count(*) FROM {table} GROUP BY 1").iter_rows())
-              for table in INGEST_TABLES}
-    assert counts["patients"] == {pid: 1 for pid in patient_ids}
-    assert counts["scans"] == {pid: n_scans for pid in patient_ids}
-    assert counts["volumes"] == {pid: 2 for pid in patient_ids}
+    counts = {
+        table: dict(store.query(f"SELECT patient_id, count(*) FROM {table} GROUP BY 1").iter_rows())
+        for table in INGEST_TABLES
+    }
+    assert counts["patients"] == dict.fromkeys(patient_ids, 1)
+    assert counts["scans"] == dict.fromkeys(patient_ids, n_scans)
+    assert counts["volumes"] == dict.fromkeys(patient_ids, 2)
     assert store.query("SELECT count(DISTINCT (patient_id, kind)) FROM volumes").item() == 2 * len(patient_ids)
     assert store.query("SELECT count(DISTINCT (patient_id, series_key)) FROM scans").item() == n_scans * len(
-        patient_ids)
+        patient_ids
+    )
 
 
 @pytest.mark.parametrize("kill_point", ["file_rename", "store_transaction"])
@@ -121,7 +134,8 @@ def test_a_run_killed_while_writing_leaves_whole_outputs_and_its_rerun_is_exact(
 
         marker = tmp_path / "kill_point_reached"
         child = multiprocessing.get_context("spawn").Process(
-            target=_run_until_killed, args=(lake.root, str(incoming), pid, kill_point, str(marker)))
+            target=_run_until_killed, args=(lake.root, str(incoming), pid, kill_point, str(marker))
+        )
         child.start()
         deadline = time.monotonic() + 300
         while not marker.exists():
@@ -156,8 +170,10 @@ def test_a_run_killed_while_writing_leaves_whole_outputs_and_its_rerun_is_exact(
     assert _files(lake_root, pid) == clean_files
     assert store.query("SELECT DISTINCT run_id FROM volumes").item() == again.run_id
     for asset in ("raw_scan", "nifti_volume", "preprocessed_volume"):
-        assert (again.asset_materializations_for_node(asset)[0].tags["dagster/data_version"]
-                == first.asset_materializations_for_node(asset)[0].tags["dagster/data_version"]), asset
+        assert (
+            again.asset_materializations_for_node(asset)[0].tags["dagster/data_version"]
+            == first.asset_materializations_for_node(asset)[0].tags["dagster/data_version"]
+        ), asset
 
 
 def test_rematerializing_a_partition_twice_gives_identical_rows_and_files(incoming_copy, tmp_path):

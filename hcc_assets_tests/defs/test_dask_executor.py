@@ -31,7 +31,8 @@ def _snapshot(lake_root, store_file) -> tuple[dict, dict]:
         tables[table] = frame.sort(frame.columns)
     files = {
         path.relative_to(lake_root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted((lake_root / "patients").rglob("*")) if path.is_file()
+        for path in sorted((lake_root / "patients").rglob("*"))
+        if path.is_file()
     }
     return tables, files
 
@@ -75,8 +76,12 @@ def test_dask_executor_matches_multiprocess(small_cohort, tmp_path, monkeypatch)
     for path in lake_root.glob("feature_store.sqlite*"):
         path.unlink()
     shutil.rmtree(lake_root / "feature_store")
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                                  worker_dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", worker_dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
         worker_pids = set(client.run(os.getpid).values())
         assert len(worker_pids) == 2
         started = time.perf_counter()
@@ -94,8 +99,10 @@ def test_dask_executor_matches_multiprocess(small_cohort, tmp_path, monkeypatch)
         for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_SUCCESS):
             step_pids[(run_id, record.dagster_event.step_key)] = record.dagster_event.pid
     assert len(step_pids) == 3 * N_PATIENTS and set(step_pids.values()) <= worker_pids, (step_pids, worker_pids)
-    print(f"\n{N_PATIENTS} patients: multiprocess {multiprocess_s:.1f} s, dask {dask_s:.1f} s "
-          f"({len(set(step_pids.values()))} of {len(worker_pids)} workers ran steps)")
+    print(
+        f"\n{N_PATIENTS} patients: multiprocess {multiprocess_s:.1f} s, dask {dask_s:.1f} s "
+        f"({len(set(step_pids.values()))} of {len(worker_pids)} workers ran steps)"
+    )
     rows_run_ids = set(FeatureStore(store_file).query("SELECT DISTINCT run_id FROM volumes")["run_id"])
     assert rows_run_ids == set(dask_runs)
 

@@ -35,21 +35,30 @@ def _compute() -> ComputeResource:
 
 
 def ingest(instance, lake, pid) -> None:
-    result = dg.materialize(PATIENT_ASSETS, partition_key=pid, instance=instance, resources={"lake": lake},
-                            run_config=INGEST_CONFIG)
+    result = dg.materialize(
+        PATIENT_ASSETS, partition_key=pid, instance=instance, resources={"lake": lake}, run_config=INGEST_CONFIG
+    )
     assert result.success
 
 
 def train(instance, lake, raise_on_error=True, **config) -> dg.ExecuteInProcessResult:
     return dg.materialize(
-        [deep.hcc_classifier], instance=instance, resources={"lake": lake, "compute": _compute()},
-        run_config={"ops": {"hcc_classifier": {"config": config}}}, raise_on_error=raise_on_error,
+        [deep.hcc_classifier],
+        instance=instance,
+        resources={"lake": lake, "compute": _compute()},
+        run_config={"ops": {"hcc_classifier": {"config": config}}},
+        raise_on_error=raise_on_error,
     )
 
 
 def embed(instance, lake, pid, raise_on_error=True) -> dg.ExecuteInProcessResult:
-    return dg.materialize([deep.deep_embedding], partition_key=pid, instance=instance,
-                          resources={"lake": lake, "compute": _compute()}, raise_on_error=raise_on_error)
+    return dg.materialize(
+        [deep.deep_embedding],
+        partition_key=pid,
+        instance=instance,
+        resources={"lake": lake, "compute": _compute()},
+        raise_on_error=raise_on_error,
+    )
 
 
 def data_version(result, asset) -> str:
@@ -74,8 +83,15 @@ def trained(small_cohort, tmp_path_factory):
         no_model = embed(instance, lake, pids[0], raise_on_error=False)
         classifier = train(instance, lake, **TRAIN)
         embeddings = {pid: embed(instance, lake, pid) for pid in pids}
-        yield dict(instance=instance, lake=lake, root=root, pids=pids, no_model=no_model,
-                   classifier=classifier, embeddings=embeddings)
+        yield dict(
+            instance=instance,
+            lake=lake,
+            root=root,
+            pids=pids,
+            no_model=no_model,
+            classifier=classifier,
+            embeddings=embeddings,
+        )
 
 
 def test_embedding_before_any_classifier_fails_naming_the_patient(trained):
@@ -107,13 +123,17 @@ def test_classifier_registers_model_history_predictions_and_figure(trained):
     split = store.query("SELECT patient_id, split, hcc FROM cohort_split ORDER BY patient_id")
     assert sorted(model["training_patients"]) == split.filter(split["split"] == "train")["patient_id"].to_list()
 
-    history = store.query("SELECT epoch, train_loss, val_loss, version FROM training_history "
-                          "WHERE model_name = 'hcc_classifier' ORDER BY epoch")
+    history = store.query(
+        "SELECT epoch, train_loss, val_loss, version FROM training_history "
+        "WHERE model_name = 'hcc_classifier' ORDER BY epoch"
+    )
     assert history["epoch"].to_list() == list(range(1, TRAIN["max_epochs"] + 1))
     assert set(history["version"]) == {version} and history["train_loss"].is_finite().all()
 
-    predictions = store.query("SELECT patient_id, split, probability, label, version FROM predictions "
-                              "WHERE model = 'deep' ORDER BY patient_id")
+    predictions = store.query(
+        "SELECT patient_id, split, probability, label, version FROM predictions "
+        "WHERE model = 'deep' ORDER BY patient_id"
+    )
     assert predictions["patient_id"].to_list() == pids == split["patient_id"].to_list()
     assert predictions["split"].to_list() == split["split"].to_list()
     assert predictions["label"].to_list() == split["hcc"].to_list()
@@ -191,16 +211,18 @@ def test_a_retrain_below_chance_is_refused_and_the_previous_version_stays_in_use
         checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
         assert checks["beats_chance_on_training"].passed is False
         assert f"retrain refused, current version: {previous}" in checks["beats_chance_on_training"].description
-        rows = lake.store.query("SELECT version, current, metrics FROM models WHERE model_name = 'hcc_classifier' "
-                                "ORDER BY materialized_at")
+        rows = lake.store.query(
+            "SELECT version, current, metrics FROM models WHERE model_name = 'hcc_classifier' ORDER BY materialized_at"
+        )
         (kept, kept_current, _), (refused, refused_current, refused_metrics) = rows.rows()
         metrics = json.loads(refused_metrics)
         assert metrics["train_acc"] <= metrics["majority_rate"] and metrics["beats_chance_on_training"] is False
         # the refused version is kept for inspection; the previous one stays current and in use
         assert (kept, kept_current, refused_current) == (previous, True, False) and refused != previous
         assert embed(instance, lake, trained["pids"][0]).success
-        made_with = lake.store.query("SELECT model_version FROM deep_embeddings WHERE patient_id = ?",
-                                     [trained["pids"][0]]).item()
+        made_with = lake.store.query(
+            "SELECT model_version FROM deep_embeddings WHERE patient_id = ?", [trained["pids"][0]]
+        ).item()
         assert made_with == previous
 
 
@@ -211,8 +233,9 @@ def test_a_classifier_below_chance_accepted_on_purpose_still_needs_a_second_yes(
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("patients", trained["pids"])
         train(instance, lake, raise_on_error=False, **{**NO_LEARNING, "accept_below_chance": True})
-        metrics = json.loads(lake.store.query("SELECT metrics FROM models WHERE model_name = 'hcc_classifier' "
-                                              "AND current").item())
+        metrics = json.loads(
+            lake.store.query("SELECT metrics FROM models WHERE model_name = 'hcc_classifier' AND current").item()
+        )
         assert metrics["beats_chance_on_training"] is False  # registered as current, as asked
         refused = embed(instance, lake, trained["pids"][0], raise_on_error=False)
         assert not refused.success
@@ -230,8 +253,9 @@ def test_a_corrupt_or_incompatible_checkpoint_fails_the_partition_clearly(traine
     version = lake.store.query("SELECT version FROM models WHERE model_name = 'hcc_classifier' AND current").item()
     folder = root / "models" / "classifier" / version
     with lake.store.writer() as con:  # the registry holds absolute paths: point it at the copy
-        con.execute("UPDATE models SET path = ? WHERE model_name = 'hcc_classifier' AND version = ?",
-                    [str(folder), version])
+        con.execute(
+            "UPDATE models SET path = ? WHERE model_name = 'hcc_classifier' AND version = ?", [str(folder), version]
+        )
     checkpoint = folder / "classifier.pt"
     if damage == "truncated":
         checkpoint.write_bytes(checkpoint.read_bytes()[:1000])

@@ -3,8 +3,9 @@ thumbnail, never the image itself (Dagster keeps every metadata value of every r
 
 from __future__ import annotations
 
+from hcc_assets.core.figures import THUMBNAIL_MAX_BYTES
 from hcc_assets.defs.metadata import figure_metadata
-from hcc_assets.imaging.preview import THUMBNAIL_MAX_BYTES, mid_slice_png
+from hcc_assets.imaging.preview import mid_slice_png
 from hcc_assets.lake import DataLake
 from hcc_assets_tests.imaging.test_preprocess import body_phantom
 from hcc_assets_tests.imaging.test_thumbnail import _decode as decode
@@ -22,7 +23,7 @@ def test_figure_metadata_writes_the_png_to_the_lake_and_links_it(memory_root):
     markdown = metadata["mid_slice_thumbnail"].value
     assert markdown.startswith("![mid axial (slice)](data:image/") and markdown.endswith(")")
     assert len(markdown.encode()) <= THUMBNAIL_MAX_BYTES
-    decode(markdown[len("![mid axial (slice)]("):-1])
+    decode(markdown[len("![mid axial (slice)](") : -1])
 
     cohort = lake.cohort_figure("hcc_classifier", "0123abcd", "figure_2")
     assert cohort == lake.path("figures", "hcc_classifier", "0123abcd", "figure_2.png")

@@ -19,11 +19,28 @@ import pytest
 
 from hcc_assets.imaging.synth import SynthConfig, synthesize_cohort
 from hcc_assets_tests.conftest import SMALL_COHORT
-from hcc_assets_tests.defs.hands_off import (CLASSIFIER, SEGMENTATION, TEST_PATIENT_CONFIG, Daemon, drop_patient, format_breakdown, latency_breakdown,
-                                             prepare_lake, wait_for_rows, wait_for_sensor)
+from hcc_assets_tests.defs.hands_off import (
+    CLASSIFIER,
+    SEGMENTATION,
+    TEST_PATIENT_CONFIG,
+    Daemon,
+    drop_patient,
+    format_breakdown,
+    latency_breakdown,
+    prepare_lake,
+    wait_for_rows,
+    wait_for_sensor,
+)
 
-PATIENT_ASSETS = ["raw_scan", "nifti_volume", "preprocessed_volume", "liver_mask", "radiomic_features",
-                  "deep_embedding", "hcc_prediction"]
+PATIENT_ASSETS = [
+    "raw_scan",
+    "nifti_volume",
+    "preprocessed_volume",
+    "liver_mask",
+    "radiomic_features",
+    "deep_embedding",
+    "hcc_prediction",
+]
 TERMINAL = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 
 
@@ -49,8 +66,10 @@ def test_a_dropped_scan_becomes_features_with_the_current_models(small_cohort, t
             if runs and all(r.status in TERMINAL for r in runs):
                 break
             time.sleep(0.5)
-        print(f"\nnew scan -> rows, {pid}:\n" + format_breakdown(latency_breakdown(instance, pid, dropped, rows),
-                                                                rows - dropped))
+        print(
+            f"\nnew scan -> rows, {pid}:\n"
+            + format_breakdown(latency_breakdown(instance, pid, dropped, rows), rows - dropped)
+        )
 
         # one run, requested by the sensor, of the per-patient pipeline, and it succeeded
         assert [(r.job_name, r.status) for r in runs] == [("patient_pipeline", dg.DagsterRunStatus.SUCCESS)]
@@ -63,21 +82,28 @@ def test_a_dropped_scan_becomes_features_with_the_current_models(small_cohort, t
         assert pid in instance.get_dynamic_partitions("patients")
         for name in PATIENT_ASSETS:
             records = instance.fetch_materializations(
-                dg.AssetRecordsFilter(asset_key=dg.AssetKey(name), asset_partitions=[pid]), limit=1).records
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey(name), asset_partitions=[pid]), limit=1
+            ).records
             assert records and records[0].run_id == runs[0].run_id, name
 
     # the rows, made with the models that were current when the scan arrived
     store = prepared.lake.store
-    assert store.query("SELECT model_version FROM liver_masks WHERE patient_id = ?", [pid]).item() == \
-        prepared.versions[SEGMENTATION]
-    assert store.query("SELECT model_version FROM deep_embeddings WHERE patient_id = ?", [pid]).item() == \
-        prepared.versions[CLASSIFIER]
+    assert (
+        store.query("SELECT model_version FROM liver_masks WHERE patient_id = ?", [pid]).item()
+        == prepared.versions[SEGMENTATION]
+    )
+    assert (
+        store.query("SELECT model_version FROM deep_embeddings WHERE patient_id = ?", [pid]).item()
+        == prepared.versions[CLASSIFIER]
+    )
     assert store.query("SELECT count(*) FROM radiomic_features WHERE patient_id = ?", [pid]).item() > 50
     assert store.query("SELECT count(*) FROM volumes WHERE patient_id = ?", [pid]).item() == 2  # nifti + preprocessed
     # its P(HCC) from the current classifier, unlabelled as it is; the LASSO models are not trained
     # in this lake, and the rows say so
-    predictions = {r["model"]: r for r in store.query(
-        "SELECT * FROM current_hcc_predictions WHERE patient_id = ?", [pid]).iter_rows(named=True)}
+    predictions = {
+        r["model"]: r
+        for r in store.query("SELECT * FROM current_hcc_predictions WHERE patient_id = ?", [pid]).iter_rows(named=True)
+    }
     assert set(predictions) == {"deep", "radiomic", "explainable"}
     deep = predictions["deep"]
     assert deep["status"] == "predicted" and deep["model_version"] == prepared.versions[CLASSIFIER]

@@ -22,7 +22,7 @@ def ingested(incoming_copy, tmp_path):
 
 
 def test_every_patient_gets_volumes_rows_and_radiologist_metadata(ingested):
-    instance, lake, pids, results, patients = ingested
+    _instance, lake, pids, results, patients = ingested
     assert len(pids) == len(patients)
     data_lake = DataLake(lake.root)
     store = lake.store

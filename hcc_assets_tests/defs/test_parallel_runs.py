@@ -10,7 +10,7 @@ import textwrap
 
 
 def test_parallel_multiprocess_runs_share_the_feature_store(incoming_copy, tmp_path):
-    incoming, patients = incoming_copy
+    incoming, _patients = incoming_copy
     lake_root = tmp_path / "lake"
     env = {
         **os.environ,

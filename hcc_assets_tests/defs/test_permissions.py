@@ -29,8 +29,14 @@ def _unprivileged(args: list[str]) -> list[str]:
 
 
 def _run(args: list[str], home: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HOME": str(home), "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1",
-           "PYTHONDONTWRITEBYTECODE": "1", "DAGSTER_HOME": ""}
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "DAGSTER_HOME": "",
+    }
     env.pop("DAGSTER_HOME")
     return subprocess.run(_unprivileged(args), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
@@ -41,21 +47,28 @@ def test_unreadable_folder_and_file_are_scoped_to_their_patient(small_cohort, tm
     shutil.copytree(source, incoming)
     hidden, partly, others = patients[0].patient_key, patients[1].patient_key, patients[2:4]
     for path in list(incoming.rglob("*")):  # keep only 4 patients: quicker
-        if path.is_dir() and path.parent == incoming and path.name not in {hidden, partly, *(p.patient_key for p in others)}:
+        if (
+            path.is_dir()
+            and path.parent == incoming
+            and path.name not in {hidden, partly, *(p.patient_key for p in others)}
+        ):
             shutil.rmtree(path)
     (incoming / hidden).chmod(0)
     unreadable_file = next((incoming / partly).rglob("*.dcm"))
     unreadable_file.chmod(0)
 
-    done = _run([sys.executable, "-m", "hcc_assets_tests.defs.permission_probe", str(tmp_path), str(incoming)],
-                tmp_path)
+    done = _run(
+        [sys.executable, "-m", "hcc_assets_tests.defs.permission_probe", str(tmp_path), str(incoming)], tmp_path
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
 
     lake = make_lake(tmp_path, incoming)  # same root: same pseudonym key
     hidden_pid, partly_pid = lake.pseudonym(hidden), lake.pseudonym(partly)
     other_pids = sorted(lake.pseudonym(p.patient_key) for p in others)
-    assert report["skipped"] == {hidden_pid: "drop folder cannot be read (Permission denied); waiting until it is readable"}
+    assert report["skipped"] == {
+        hidden_pid: "drop folder cannot be read (Permission denied); waiting until it is readable"
+    }
     assert hidden_pid not in report["ready"] and hidden_pid not in report["requested"]
     assert report["requested"] == report["ready"] == sorted([partly_pid, *other_pids])
     message = report["runs"][partly_pid]["message"]

@@ -34,8 +34,9 @@ def test_no_phi_in_any_output(incoming_copy, tmp_path):
         assert any(p.parent.name == "figures" and p.suffix == ".png" for p in outputs)
         blobs = {str(p): _readable_bytes(p) for p in outputs}
         # file and folder names too (figures are named by pseudonym and asset only)
-        blobs["file names"] = "\n".join(str(p.relative_to(root)) for root in (Path(lake.root), instance_root)
-                                        for p in root.rglob("*")).encode()
+        blobs["file names"] = "\n".join(
+            str(p.relative_to(root)) for root in (Path(lake.root), instance_root) for p in root.rglob("*")
+        ).encode()
         blobs["feature store dump"] = dump
         phi = {s for p in patients for s in p.phi} | {p.patient_key for p in patients}
         assert len(phi) >= 5 * len(patients)

@@ -19,9 +19,17 @@ from hcc_assets.instance import TEMPLATE
 def _dagster_home_on_postgres(home: Path, server) -> None:
     """The project's dagster.yaml with run, event and schedule storage on Postgres (dagster-postgres)."""
     config = yaml.safe_load(TEMPLATE.read_text())
-    config["storage"] = {"postgres": {"postgres_db": {
-        "hostname": "127.0.0.1", "port": server.port, "username": server.user, "password": "unused-trust-auth",
-        "db_name": "dagster"}}}
+    config["storage"] = {
+        "postgres": {
+            "postgres_db": {
+                "hostname": "127.0.0.1",
+                "port": server.port,
+                "username": server.user,
+                "password": "unused-trust-auth",
+                "db_name": "dagster",
+            }
+        }
+    }
     home.mkdir(parents=True)
     (home / "dagster.yaml").write_text(yaml.safe_dump(config))
 
@@ -33,9 +41,15 @@ def test_four_workers_write_one_postgres_catalog_with_dagster_on_postgres(incomi
     lake_root, home, data = tmp_path / "lake", tmp_path / "dagster_home", tmp_path / "shared" / "feature_store"
     _dagster_home_on_postgres(home, postgres)
     catalog = f"postgres:{postgres.libpq('featurestore')}"
-    env = {**os.environ, "HCC_ASSETS_LAKE": str(lake_root), "HCC_ASSETS_INCOMING": str(incoming),
-           "HCC_ASSETS_FEATURE_STORE": catalog, "HCC_ASSETS_FEATURE_STORE_DATA": str(data),
-           "DAGSTER_HOME": str(home), "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {
+        **os.environ,
+        "HCC_ASSETS_LAKE": str(lake_root),
+        "HCC_ASSETS_INCOMING": str(incoming),
+        "HCC_ASSETS_FEATURE_STORE": catalog,
+        "HCC_ASSETS_FEATURE_STORE_DATA": str(data),
+        "DAGSTER_HOME": str(home),
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }
     script = textwrap.dedent("""
         import json, sys
         import dagster as dg
@@ -55,10 +69,15 @@ def test_four_workers_write_one_postgres_catalog_with_dagster_on_postgres(incomi
 
     # a reader on another connection (this process) sees every row, one set per patient
     store = FeatureStore(catalog, data)
-    counts = {t: dict(store.query(f"SELECT patient_id, count(*) FROM {t} GROUP BY 1").iter_rows())
-              for t in ("patients", "scans", "volumes")}
-    assert counts == {"patients": {p: 1 for p in pids}, "scans": {p: 3 for p in pids},
-                      "volumes": {p: 2 for p in pids}}
+    counts = {
+        t: dict(store.query(f"SELECT patient_id, count(*) FROM {t} GROUP BY 1").iter_rows())
+        for t in ("patients", "scans", "volumes")
+    }
+    assert counts == {
+        "patients": dict.fromkeys(pids, 1),
+        "scans": dict.fromkeys(pids, 3),
+        "volumes": dict.fromkeys(pids, 2),
+    }
     assert store.query("SELECT count(DISTINCT run_id) FROM volumes").item() == 4
     # Parquet files on the shared data path, catalog rows in Postgres, one snapshot per commit
     assert list(data.rglob("*.parquet"))
@@ -68,12 +87,25 @@ def test_four_workers_write_one_postgres_catalog_with_dagster_on_postgres(incomi
     assert int(postgres.sql("dagster", "SELECT count(*) FROM runs WHERE status = 'SUCCESS'")) == 4
     assert not list(home.rglob("*.db"))  # no SQLite run or event storage beside it
     # the sql command reads the same catalog by settings alone
-    out = subprocess.run([sys.executable, "-m", "hcc_assets.cli", "sql", "SELECT count(*) AS n FROM patients",
-                          "--format", "csv"], env=env, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "hcc_assets.cli", "sql", "SELECT count(*) AS n FROM patients", "--format", "csv"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.splitlines() == ["n", "4"]
 
     # Postgres down: a write fails naming the setting, and nothing is written
     postgres.stop()
-    down = subprocess.run([sys.executable, "-c", "from hcc_assets.defs.resources import default_lake_resource as d; "
-                           "d().store.query('SELECT 1')"], env=env, capture_output=True, text=True)
+    down = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from hcc_assets.defs.resources import default_lake_resource as d; d().store.query('SELECT 1')",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert down.returncode != 0 and "HCC_ASSETS_FEATURE_STORE" in down.stderr

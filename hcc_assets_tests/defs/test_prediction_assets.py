@@ -25,8 +25,12 @@ from hcc_assets_tests.conftest import SMALL_COHORT
 from hcc_assets_tests.defs.hands_off import CLASSIFIER_TRAINING, TEST_PATIENT_CONFIG, prepare_lake
 from hcc_assets_tests.scratch import module_scratch
 
-ASSETS = dg.load_assets_from_modules([importlib.import_module(f"hcc_assets.defs.{name}") for name in
-                                      ("ingest", "cohort", "segmentation", "deep", "analysis", "predictions")])
+ASSETS = dg.load_assets_from_modules(
+    [
+        importlib.import_module(f"hcc_assets.defs.{name}")
+        for name in ("ingest", "cohort", "segmentation", "deep", "analysis", "predictions")
+    ]
+)
 # 8 patients: 2-fold CV for the LASSO (3-fold needs 3 of each class among the 6 training patients)
 LASSO = {"config": {"cv_folds": 2}}
 EMBED = TEST_PATIENT_CONFIG["ops"]["deep_embedding"]
@@ -34,10 +38,15 @@ IMPLAUSIBLE = {"config": {"liver_volume_ml_min": 1e6, "liver_volume_ml_max": 2e6
 
 
 def _materialize(lake, instance, selection, partition_key=None, ops=None, ok=True):
-    result = dg.materialize(ASSETS, selection=selection, partition_key=partition_key, instance=instance,
-                            resources={"lake": lake, "compute": ComputeResource(device="cpu", cpu_threads=2)},
-                            run_config={"ops": {k: v for k, v in (ops or {}).items() if k in selection}},
-                            raise_on_error=False)
+    result = dg.materialize(
+        ASSETS,
+        selection=selection,
+        partition_key=partition_key,
+        instance=instance,
+        resources={"lake": lake, "compute": ComputeResource(device="cpu", cpu_threads=2)},
+        run_config={"ops": {k: v for k, v in (ops or {}).items() if k in selection}},
+        raise_on_error=False,
+    )
     if ok:
         assert result.success, [e.step_failure_data.error.message for e in result.all_events if e.is_step_failure]
     return result
@@ -60,18 +69,36 @@ def predicted(small_cohort, tmp_path_factory):
         bad_mask = prepared.patients[0]
         with prepared.instance() as instance:
             instance.add_dynamic_partitions("patients", [unlabelled])
-            _materialize(lake, instance, ["raw_scan", "nifti_volume", "preprocessed_volume"], unlabelled,
-                         TEST_PATIENT_CONFIG["ops"])
+            _materialize(
+                lake,
+                instance,
+                ["raw_scan", "nifti_volume", "preprocessed_volume"],
+                unlabelled,
+                TEST_PATIENT_CONFIG["ops"],
+            )
             for pid in [*prepared.patients, unlabelled]:
-                _materialize(lake, instance, ["liver_mask", "radiomic_features", "deep_embedding"], pid,
-                             {"deep_embedding": EMBED})
+                _materialize(
+                    lake,
+                    instance,
+                    ["liver_mask", "radiomic_features", "deep_embedding"],
+                    pid,
+                    {"deep_embedding": EMBED},
+                )
             _materialize(lake, instance, ["radiomic_model"], ops={"radiomic_model": LASSO})
-            refused_mask = _materialize(lake, instance, ["liver_mask", "radiomic_features"], bad_mask,
-                                        {"liver_mask": IMPLAUSIBLE}, ok=False)
+            refused_mask = _materialize(
+                lake, instance, ["liver_mask", "radiomic_features"], bad_mask, {"liver_mask": IMPLAUSIBLE}, ok=False
+            )
             for pid in [*prepared.patients, unlabelled]:
                 _materialize(lake, instance, ["hcc_prediction"], pid)
-            yield dict(prepared=prepared, lake=lake, instance=instance, unlabelled=unlabelled, bad_mask=bad_mask,
-                       refused_mask=refused_mask, root=root)
+            yield dict(
+                prepared=prepared,
+                lake=lake,
+                instance=instance,
+                unlabelled=unlabelled,
+                bad_mask=bad_mask,
+                refused_mask=refused_mask,
+                root=root,
+            )
 
 
 def _current(store: FeatureStore) -> pl.DataFrame:
@@ -88,14 +115,17 @@ def test_every_patient_gets_a_row_per_model_with_the_models_own_probabilities(pr
     classifier = registry.current_version(store, "hcc_classifier")
     assert set(deep["status"]) == {"predicted"} and set(deep["model_version"]) == {classifier}
     # the classifier's forward pass over each volume (written when it was trained) gives the same P(HCC)
-    own = store.query("SELECT patient_id, probability FROM predictions WHERE model = 'deep' AND version = ?",
-                      [classifier])
+    own = store.query(
+        "SELECT patient_id, probability FROM predictions WHERE model = 'deep' AND version = ?", [classifier]
+    )
     joined = deep.join(own, on="patient_id", suffix="_own")
     assert joined.height == len(prepared.patients)
     np.testing.assert_allclose(joined["probability"], joined["probability_own"], atol=1e-5)
     radiomic = current.filter((pl.col("model") == "radiomic") & (pl.col("status") == "predicted"))
     lasso = registry.current_version(store, "radiomic_model")
-    own = store.query("SELECT patient_id, probability FROM predictions WHERE model = 'radiomic' AND version = ?", [lasso])
+    own = store.query(
+        "SELECT patient_id, probability FROM predictions WHERE model = 'radiomic' AND version = ?", [lasso]
+    )
     joined = radiomic.join(own, on="patient_id", suffix="_own")
     assert joined.height >= len(prepared.patients) - 1  # all but the patient whose mask was refused
     np.testing.assert_allclose(joined["probability"], joined["probability_own"], atol=1e-9)
@@ -122,8 +152,11 @@ def test_an_implausible_mask_blocks_radiomics_but_not_the_deep_prediction(predic
     store, pid, result = predicted["lake"].store, predicted["bad_mask"], predicted["refused_mask"]
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
     assert checks["liver_volume_plausible"] is False
-    assert not [e for e in result.all_events if e.event_type_value == "ASSET_MATERIALIZATION"
-                and e.asset_key == dg.AssetKey("radiomic_features")]  # the blocking check stopped it
+    assert not [
+        e
+        for e in result.all_events
+        if e.event_type_value == "ASSET_MATERIALIZATION" and e.asset_key == dg.AssetKey("radiomic_features")
+    ]  # the blocking check stopped it
     assert store.query("SELECT count(*) FROM radiomic_features WHERE patient_id = ?", [pid]).item() == 0
     rows = {r["model"]: r for r in _current(store).filter(pl.col("patient_id") == pid).iter_rows(named=True)}
     assert rows["deep"]["status"] == "predicted"
@@ -145,15 +178,21 @@ def test_a_retrain_refreshes_predictions_and_keeps_the_old_ones_a_refused_one_ch
     deep = _current(store).filter((pl.col("patient_id") == pid) & (pl.col("model") == "deep")).row(0, named=True)
     assert deep["model_version"] == first and f"hcc_classifier {second} is current" in deep["reason"]
     _materialize(lake, instance, ["deep_embedding", "hcc_prediction"], pid, {"deep_embedding": EMBED})
-    versions = store.query("SELECT model_version FROM hcc_predictions WHERE patient_id = ? AND model = 'deep' "
-                           "ORDER BY materialized_at", [pid])["model_version"].to_list()
+    versions = store.query(
+        "SELECT model_version FROM hcc_predictions WHERE patient_id = ? AND model = 'deep' ORDER BY materialized_at",
+        [pid],
+    )["model_version"].to_list()
     assert set(versions) == {first, second}  # the old prediction is kept beside the new one
     deep = _current(store).filter((pl.col("patient_id") == pid) & (pl.col("model") == "deep")).row(0, named=True)
     assert deep["model_version"] == second and deep["reason"] is None
 
     no_learning = dict(depth=10, lr=1e-12, momentum=0.0, min_epochs=1, max_epochs=1, patience=1, batch_size=4, seed=0)
-    refused = _materialize(lake, instance, ["hcc_classifier"], ops={"hcc_classifier": {"config": no_learning}}, ok=False)
-    assert {c.check_name: c.passed for c in refused.get_asset_check_evaluations()} == {"beats_chance_on_training": False}
+    refused = _materialize(
+        lake, instance, ["hcc_classifier"], ops={"hcc_classifier": {"config": no_learning}}, ok=False
+    )
+    assert {c.check_name: c.passed for c in refused.get_asset_check_evaluations()} == {
+        "beats_chance_on_training": False
+    }
     assert registry.current_version(store, "hcc_classifier") == second
     _materialize(lake, instance, ["hcc_prediction"], pid)
     deep = _current(store).filter((pl.col("patient_id") == pid) & (pl.col("model") == "deep")).row(0, named=True)
@@ -163,16 +202,32 @@ def test_a_retrain_refreshes_predictions_and_keeps_the_old_ones_a_refused_one_ch
 def test_with_no_usable_classifier_the_prediction_says_why(tmp_path):
     """Only a refused classifier in the registry: every model's row is 'unavailable' with its reason."""
     store = FeatureStore(tmp_path / "fs.sqlite")
-    refused = registry.model_row("hcc_classifier", "resnet3d", "nowhere", init=None, params={},
-                                 metrics={"beats_chance_on_training": False}, training_patients=[], training_set=None,
-                                 version="refused1", run_id="r")
+    refused = registry.model_row(
+        "hcc_classifier",
+        "resnet3d",
+        "nowhere",
+        init=None,
+        params={},
+        metrics={"beats_chance_on_training": False},
+        training_patients=[],
+        training_set=None,
+        version="refused1",
+        run_id="r",
+    )
     store.register_model(refused, current=False)
-    result = predict_patient(store, "pt-x", 0.5, load_classifier=lambda v: pytest.fail("nothing to load"),
-                             load_lasso=lambda name: pytest.fail("nothing to load"))
+    result = predict_patient(
+        store,
+        "pt-x",
+        0.5,
+        load_classifier=lambda v: pytest.fail("nothing to load"),
+        load_lasso=lambda name: pytest.fail("nothing to load"),
+    )
     rows = {m.model: m for m in result.models}
     assert all(m.probability is None for m in rows.values())
-    assert rows["deep"].reason == ("no usable hcc_classifier: the retrain refused1 was refused "
-                                   "(beats_chance_on_training failed) and no earlier version passed")
+    assert rows["deep"].reason == (
+        "no usable hcc_classifier: the retrain refused1 was refused "
+        "(beats_chance_on_training failed) and no earlier version passed"
+    )
     assert "no radiomic_model is registered yet" in rows["radiomic"].reason
     assert rows["explainable"].reason.startswith("no usable hcc_classifier")
     assert result.rows()["status"].to_list() == ["unavailable"] * 3
@@ -187,9 +242,13 @@ def test_predict_command_runs_one_folder_through_dagster_and_prints_its_predicti
     prepared, root = predicted["prepared"], predicted["root"]
     new = synthesize_cohort(root / "walk_in", SynthConfig(**{**SMALL_COHORT, "patients": 1, "seed": 123}))[0]
     folder = root / "walk_in" / new.patient_key
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("HCC_ASSETS_")},
-           "DAGSTER_HOME": str(prepared.home), "HCC_ASSETS_LAKE": str(prepared.root), "OMP_WAIT_POLICY": "PASSIVE",
-           "HCC_ASSETS_PATIENT_RUN_CONFIG": str(prepared.root / "patient_run_config.yaml")}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("HCC_ASSETS_")},
+        "DAGSTER_HOME": str(prepared.home),
+        "HCC_ASSETS_LAKE": str(prepared.root),
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "HCC_ASSETS_PATIENT_RUN_CONFIG": str(prepared.root / "patient_run_config.yaml"),
+    }
     command = [str(Path(sys.executable).parent / "hcc-assets"), "predict", str(folder)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -201,7 +260,9 @@ def test_predict_command_runs_one_folder_through_dagster_and_prints_its_predicti
     with prepared.instance() as instance:
         runs = instance.get_runs(dg.RunsFilter(tags={"dagster/partition": pid}))
         assert [(r.job_name, r.status) for r in runs] == [("patient_pipeline", dg.DagsterRunStatus.SUCCESS)]
-    rows = predicted["lake"].store.query("SELECT model, status FROM current_hcc_predictions WHERE patient_id = ?", [pid])
+    rows = predicted["lake"].store.query(
+        "SELECT model, status FROM current_hcc_predictions WHERE patient_id = ?", [pid]
+    )
     assert dict(rows.rows())["deep"] == "predicted"
     assert (prepared.root / "incoming" / new.patient_key / ".complete").exists()
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -214,10 +275,19 @@ def test_status_command_says_per_patient_what_is_current_stale_or_failed(predict
     from pathlib import Path
 
     prepared = predicted["prepared"]
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("HCC_ASSETS_")},
-           "DAGSTER_HOME": str(prepared.home), "HCC_ASSETS_LAKE": str(prepared.root), "OMP_WAIT_POLICY": "PASSIVE"}
-    done = subprocess.run([str(Path(sys.executable).parent / "hcc-assets"), "status"], env=env, capture_output=True,
-                          text=True, timeout=300)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("HCC_ASSETS_")},
+        "DAGSTER_HOME": str(prepared.home),
+        "HCC_ASSETS_LAKE": str(prepared.root),
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "hcc-assets"), "status"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     by_patient = {line.split()[0]: line for line in lines if line.startswith("pt-")}

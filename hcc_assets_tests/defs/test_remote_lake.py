@@ -16,32 +16,41 @@ import dagster as dg
 import fsspec
 import pytest
 
-from hcc_assets.featurestore import FeatureStoreError
-
 from hcc_assets.defs import segmentation
 from hcc_assets.defs.cohort import cohort
 from hcc_assets.defs.ingest import NIFTI_FILE, PREPROCESSED_FILE, RAW_SCAN_FILE, REFERENCE_MASK_FILE
 from hcc_assets.defs.resources import ComputeResource, LakeResource
 from hcc_assets.defs.segmentation import LIVER_MASK_FILE, liver_mask, liver_segmentation_model, radiomic_features
+from hcc_assets.featurestore import FeatureStoreError
 from hcc_assets.lake import DataLake
 from hcc_assets_tests.defs.helpers import PATIENT_ASSETS, failure_message
 
 # Enough to get a non-empty liver label on the 64-matrix phantom in a few seconds; quality is not the point.
-TINY_TRAINING = {"epochs": 3, "iterations_per_epoch": 8, "val_iterations_per_epoch": 1, "initial_lr": 0.02,
-                 "spacing": [], "seed": 7, "max_training_cases": 2, "hold_out_validation_split": False}
+TINY_TRAINING = {
+    "epochs": 3,
+    "iterations_per_epoch": 8,
+    "val_iterations_per_epoch": 1,
+    "initial_lr": 0.02,
+    "spacing": [],
+    "seed": 7,
+    "max_training_cases": 2,
+    "hold_out_validation_split": False,
+}
 ALL_ASSETS = [*PATIENT_ASSETS, cohort, liver_segmentation_model, liver_mask, radiomic_features]
 
 
 def test_remote_root_needs_local_feature_store_and_drop_zone(memory_root):
     lake = LakeResource(root=memory_root)
-    with pytest.raises(ValueError, match="set LakeResource.feature_store"):
-        lake.store
-    with pytest.raises(ValueError, match="set LakeResource.incoming"):
-        lake.incoming_dir
+    with pytest.raises(ValueError, match=r"set LakeResource\.feature_store"):
+        _ = lake.store
+    with pytest.raises(ValueError, match=r"set LakeResource\.incoming"):
+        _ = lake.incoming_dir
     with pytest.raises(FeatureStoreError, match="local SQLite file path or postgres"):
-        LakeResource(root=memory_root, feature_store=f"{memory_root}/fs.sqlite").store
-    assert DataLake(memory_root).patient_file("pt-x", NIFTI_FILE) == \
-        f"memory:///{memory_root.removeprefix('memory://')}/patients/pt-x/{NIFTI_FILE}"
+        _ = LakeResource(root=memory_root, feature_store=f"{memory_root}/fs.sqlite").store
+    assert (
+        DataLake(memory_root).patient_file("pt-x", NIFTI_FILE)
+        == f"memory:///{memory_root.removeprefix('memory://')}/patients/pt-x/{NIFTI_FILE}"
+    )
 
 
 def test_patient_chain_and_segmentation_on_a_memory_lake(small_cohort, tmp_path, memory_root, monkeypatch):
@@ -85,8 +94,13 @@ def test_patient_chain_and_segmentation_on_a_memory_lake(small_cohort, tmp_path,
 
         # nnU-Net trains in a local staging folder; the model folder is uploaded into the lake
         training = dg.materialize(
-            ALL_ASSETS, selection=[liver_segmentation_model], instance=instance, resources=resources,
-            run_config={"ops": {"liver_segmentation_model": {"config": TINY_TRAINING}}}, raise_on_error=False)
+            ALL_ASSETS,
+            selection=[liver_segmentation_model],
+            instance=instance,
+            resources=resources,
+            run_config={"ops": {"liver_segmentation_model": {"config": TINY_TRAINING}}},
+            raise_on_error=False,
+        )
         assert training.success, failure_message(training)
         model = store.query("SELECT path, version FROM models WHERE model_name = 'liver_segmentation' AND current")
         model_path, version = model.row(0)
@@ -99,8 +113,15 @@ def test_patient_chain_and_segmentation_on_a_memory_lake(small_cohort, tmp_path,
         # a model trained this briefly may give a mask outside the plausible liver volume, which now
         # blocks radiomics; the mask's quality is not what this test is about
         any_volume = {"ops": {"liver_mask": {"config": {"liver_volume_ml_min": 0.0, "liver_volume_ml_max": 1e9}}}}
-        features = dg.materialize(ALL_ASSETS, selection=[liver_mask, radiomic_features], partition_key=pid,
-                                  instance=instance, resources=resources, run_config=any_volume, raise_on_error=False)
+        features = dg.materialize(
+            ALL_ASSETS,
+            selection=[liver_mask, radiomic_features],
+            partition_key=pid,
+            instance=instance,
+            resources=resources,
+            run_config=any_volume,
+            raise_on_error=False,
+        )
         assert features.success, failure_message(features)
         mask_row = store.query("SELECT path, sha256, model_version FROM liver_masks WHERE patient_id = ?", [pid]).row(0)
         assert mask_row[0] == data_lake.patient_file(pid, LIVER_MASK_FILE) and mask_row[2] == version
@@ -117,6 +138,10 @@ def test_patient_chain_and_segmentation_on_a_memory_lake(small_cohort, tmp_path,
         leftovers = [p.name for p in staging.iterdir() if not p.name.startswith("torchinductor")]  # torch's cache
         assert not leftovers, leftovers
         # the DuckLake catalog (SQLite, WAL) and its Parquet files beside it
-        assert {p.name for p in store_file.parent.iterdir()} <= {store_file.name, store_file.name + "-wal",
-                                                                  store_file.name + "-shm", "feature_store"}
+        assert {p.name for p in store_file.parent.iterdir()} <= {
+            store_file.name,
+            store_file.name + "-wal",
+            store_file.name + "-shm",
+            "feature_store",
+        }
         assert list((store_file.parent / "feature_store").rglob("*.parquet"))

@@ -20,20 +20,37 @@ import pytest
 from hcc_assets.defs.cohort import cohort
 from hcc_assets.defs.ingest import nifti_volume
 from hcc_assets.defs.resources import ComputeResource, LakeResource
-from hcc_assets.defs.segmentation import (LIVER_MASK_FILE, MODELS_DIR, liver_mask, liver_segmentation_model,
-                                          radiomic_features)
+from hcc_assets.defs.segmentation import (
+    LIVER_MASK_FILE,
+    MODELS_DIR,
+    liver_mask,
+    liver_segmentation_model,
+    radiomic_features,
+)
 from hcc_assets.lake import DataLake
 from hcc_assets.radiomics import FEATURE_COUNTS, feature_set_version
-from hcc_assets_tests.defs.helpers import (check_figure, failure_message, ingest_patient, make_lake,
-                                           materialize_cohort, register_all)
+from hcc_assets_tests.defs.helpers import (
+    check_figure,
+    failure_message,
+    ingest_patient,
+    make_lake,
+    materialize_cohort,
+    register_all,
+)
 from hcc_assets_tests.scratch import module_scratch
 
 # Native-spacing 2d_cpu (the 64-matrix phantom has ~6-7 mm pixels: the default 3.2 mm would upsample
 # it). With pixels coarser than the slice gap nnU-Net slices the 2d network sagittally (16x64), a
 # harder problem than axial 256x256: 6 x 20 iterations gave liver Dice ~0.6 even on training
 # patients; 12 x 25 at lr 0.02 (~25 s on 1 thread) gives 0.82-0.86 on the held-out patients.
-TRAINING = {"epochs": 12, "iterations_per_epoch": 25, "val_iterations_per_epoch": 2, "initial_lr": 0.02,
-            "spacing": [], "seed": 7}
+TRAINING = {
+    "epochs": 12,
+    "iterations_per_epoch": 25,
+    "val_iterations_per_epoch": 2,
+    "initial_lr": 0.02,
+    "spacing": [],
+    "seed": 7,
+}
 # 3-7 cm lesions (TCGA-LIHC-sized, part of the liver label) make this brief training harder: held-out
 # Dice 0.71-0.72 here; the demo's full 12 x 40 schedule on 256x256 is what reaches ~0.9.
 MIN_HELD_OUT_DICE = 0.65
@@ -64,13 +81,24 @@ def resources(lake: LakeResource) -> dict:
 
 def train_model(instance, lake, **config) -> dg.ExecuteInProcessResult:
     return dg.materialize(
-        FEATURE_ASSETS, selection=[liver_segmentation_model], instance=instance, resources=resources(lake),
-        run_config={"ops": {"liver_segmentation_model": {"config": config}}}, raise_on_error=False)
+        FEATURE_ASSETS,
+        selection=[liver_segmentation_model],
+        instance=instance,
+        resources=resources(lake),
+        run_config={"ops": {"liver_segmentation_model": {"config": config}}},
+        raise_on_error=False,
+    )
 
 
 def patient_features(instance, lake, pid, selection=(liver_mask, radiomic_features)) -> dg.ExecuteInProcessResult:
-    return dg.materialize(FEATURE_ASSETS, selection=list(selection), partition_key=pid, instance=instance,
-                          resources=resources(lake), raise_on_error=False)
+    return dg.materialize(
+        FEATURE_ASSETS,
+        selection=list(selection),
+        partition_key=pid,
+        instance=instance,
+        resources=resources(lake),
+        raise_on_error=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +125,10 @@ def platform(small_cohort, tmp_path_factory):
 
 
 def _metadata(result, asset) -> dict:
-    return {key: value.value for key, value in result.asset_materializations_for_node(asset.key.path[-1])[0]
-            .metadata.items()}
+    return {
+        key: value.value
+        for key, value in result.asset_materializations_for_node(asset.key.path[-1])[0].metadata.items()
+    }
 
 
 def _data_version(result, asset) -> str:
@@ -142,17 +172,29 @@ def test_masks_are_on_the_native_grid_with_checks_and_dice(platform):
         assert mask.shape == image.shape and np.allclose(mask.affine, image.affine, atol=1e-4)
         assert mask.get_data_dtype() == np.uint8
         checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
-        assert set(checks) == {"mask_not_empty", "liver_volume_plausible", "single_main_component",
-                               "dice_vs_reference", "features_finite"}
+        assert set(checks) == {
+            "mask_not_empty",
+            "liver_volume_plausible",
+            "single_main_component",
+            "dice_vs_reference",
+            "features_finite",
+        }
         assert checks["mask_not_empty"].passed and checks["features_finite"].passed
         meta = _metadata(result, liver_mask)
-        check_figure(meta, "figure_1", data_lake, data_lake.patient_figure(pid, "liver_mask", "figure_1"),
-                     "mid-liver slice, liver red, spleen blue")
+        check_figure(
+            meta,
+            "figure_1",
+            data_lake,
+            data_lake.patient_figure(pid, "liver_mask", "figure_1"),
+            "mid-liver slice, liver red, spleen blue",
+        )
         assert meta["dice_liver"] == masks.filter(patient_id=pid)["dice_liver"].item()
 
     assert masks["dice_liver"].is_not_null().all() and masks["dice_spleen"].is_not_null().all()
-    held_out = store.query("SELECT m.patient_id, dice_liver FROM liver_masks m JOIN cohort_split c "
-                           "USING (patient_id) WHERE c.split = 'validation'")
+    held_out = store.query(
+        "SELECT m.patient_id, dice_liver FROM liver_masks m JOIN cohort_split c "
+        "USING (patient_id) WHERE c.split = 'validation'"
+    )
     assert held_out.height >= 1
     assert held_out["dice_liver"].min() > MIN_HELD_OUT_DICE, held_out
     assert masks["liver_ml"].min() > 500 and masks["liver_ml"].max() < 4000
@@ -173,8 +215,9 @@ def test_radiomic_rows_are_finite_and_match_the_wide_view(platform):
     pid = platform.pids[0]
     wide = store.query("SELECT * FROM radiomics WHERE patient_id = ?", [pid])
     assert wide.height == 1
-    for feature, value in store.query("SELECT feature, value FROM radiomic_features WHERE patient_id = ?",
-                                      [pid]).iter_rows():
+    for feature, value in store.query(
+        "SELECT feature, value FROM radiomic_features WHERE patient_id = ?", [pid]
+    ).iter_rows():
         assert wide[feature].item() == value
     assert store.query("SELECT count(*) FROM exclusions").item() == 0
 
@@ -242,5 +285,7 @@ def test_report_timings(platform):
     per_patient = [platform.seconds[pid] for pid in platform.pids]
     mask_s = [_metadata(platform.features[p], liver_mask)["seconds"] for p in platform.pids]
     radiomics_s = [_metadata(platform.features[p], radiomic_features)["seconds"] for p in platform.pids]
-    print(f"\ntraining run {platform.seconds['training']:.1f} s; per patient run {np.median(per_patient):.2f} s "
-          f"(liver_mask body {np.median(mask_s):.2f} s, radiomic_features body {np.median(radiomics_s):.2f} s)")
+    print(
+        f"\ntraining run {platform.seconds['training']:.1f} s; per patient run {np.median(per_patient):.2f} s "
+        f"(liver_mask body {np.median(mask_s):.2f} s, radiomic_features body {np.median(radiomics_s):.2f} s)"
+    )

@@ -11,15 +11,41 @@ from hcc_assets.featurestore.registry import model_row
 
 
 def _register(store: FeatureStore, name: str, version: str) -> None:
-    store.register_model(model_row(name, "test", f"/m/{version}", init=None, params={}, metrics={},
-                                   training_patients=["pt-a"], training_set=None, version=version, run_id="r"))
+    store.register_model(
+        model_row(
+            name,
+            "test",
+            f"/m/{version}",
+            init=None,
+            params={},
+            metrics={},
+            training_patients=["pt-a"],
+            training_set=None,
+            version=version,
+            run_id="r",
+        )
+    )
 
 
 def _comparison(version_a: str, version_b: str, difference: float) -> pl.DataFrame:
-    return FeatureStore.with_provenance(pl.DataFrame({
-        "model_a": "radiomic", "model_b": "deep", "version_a": version_a, "version_b": version_b, "n": 10,
-        "n_positive": 4, "auc_a": 0.9, "auc_b": 0.9 - difference, "auc_difference": difference,
-        "delong_p": 0.5}), version=f"{version_a}|{version_b}", run_id="r")
+    return FeatureStore.with_provenance(
+        pl.DataFrame(
+            {
+                "model_a": "radiomic",
+                "model_b": "deep",
+                "version_a": version_a,
+                "version_b": version_b,
+                "n": 10,
+                "n_positive": 4,
+                "auc_a": 0.9,
+                "auc_b": 0.9 - difference,
+                "auc_difference": difference,
+                "delong_p": 0.5,
+            }
+        ),
+        version=f"{version_a}|{version_b}",
+        run_id="r",
+    )
 
 
 def test_comparisons_keep_history_and_are_current_while_both_models_are(tmp_path):
@@ -33,7 +59,9 @@ def test_comparisons_keep_history_and_are_current_while_both_models_are(tmp_path
     assert store.query("SELECT count(*) FROM current_model_comparisons").item() == 0
     store.replace_versions("model_comparisons", _comparison("r1", "d2", 0.05))
     assert store.query("SELECT version, auc_difference FROM model_comparisons ORDER BY version").rows() == [
-        ("r1|d1", 0.2), ("r1|d2", 0.05)]
+        ("r1|d1", 0.2),
+        ("r1|d2", 0.05),
+    ]
     assert report_tables(store)["model_comparisons"]["version"].to_list() == ["r1|d2"]
 
 
@@ -42,8 +70,10 @@ def test_an_older_store_gets_the_new_table_1_and_tables(tmp_path):
     store.ensure_schema()
 
     def make_it_old(con):
-        con.execute("CREATE OR REPLACE VIEW table_1 AS SELECT model, scheme, max(n) AS n FROM current_model_metrics "
-                    "GROUP BY model, scheme")
+        con.execute(
+            "CREATE OR REPLACE VIEW table_1 AS SELECT model, scheme, max(n) AS n FROM current_model_metrics "
+            "GROUP BY model, scheme"
+        )
         con.execute("DROP VIEW current_calibration")
         con.execute("DROP TABLE calibration")
 

@@ -29,19 +29,36 @@ NAMES = ["original_firstorder_Mean", "original_glcm_Idm", "original_shape_Volume
 def _features(pid: str, values: list[float], version: str = "fs1", run: str = "r") -> pl.DataFrame:
     return FeatureStore.with_provenance(
         pl.DataFrame({"patient_id": pid, "feature_set_version": version, "feature": NAMES, "value": values}),
-        version="radiomics@test", run_id=run)
+        version="radiomics@test",
+        run_id=run,
+    )
 
 
 def _cohort(store: FeatureStore, pids: list[str]) -> None:
-    rows = pl.DataFrame({"patient_id": pids, "hcc": [i % 2 == 0 for i in range(len(pids))],
-                         "split": ["train" if i % 4 else "validation" for i in range(len(pids))], "seed": 0})
+    rows = pl.DataFrame(
+        {
+            "patient_id": pids,
+            "hcc": [i % 2 == 0 for i in range(len(pids))],
+            "split": ["train" if i % 4 else "validation" for i in range(len(pids))],
+            "seed": 0,
+        }
+    )
     store.replace_table("cohort_split", FeatureStore.with_provenance(rows, version="c", run_id="r"))
 
 
 def _scans(pid: str, n: int, run: str) -> pl.DataFrame:
-    return FeatureStore.with_provenance(pl.DataFrame(
-        {"patient_id": [pid] * n, "series_key": [f"s{i}" for i in range(n)], "chosen": [i == 0 for i in range(n)],
-         "checksum": ["x"] * n}), version="v", run_id=run)
+    return FeatureStore.with_provenance(
+        pl.DataFrame(
+            {
+                "patient_id": [pid] * n,
+                "series_key": [f"s{i}" for i in range(n)],
+                "chosen": [i == 0 for i in range(n)],
+                "checksum": ["x"] * n,
+            }
+        ),
+        version="v",
+        run_id=run,
+    )
 
 
 def test_rematerializing_keeps_the_old_rows_readable_by_version_and_by_time(tmp_path):
@@ -49,7 +66,7 @@ def test_rematerializing_keeps_the_old_rows_readable_by_version_and_by_time(tmp_
     store.replace_partition("radiomic_features", "pt-a", _features("pt-a", [1.0, 2.0, 3.0], run="first"))
     first = store.current_snapshot()
     time.sleep(1.1)  # snapshot times have sub-second resolution; keep "as of" unambiguous
-    between = dt.datetime.now(dt.timezone.utc)
+    between = dt.datetime.now(dt.UTC)
     time.sleep(1.1)
     store.replace_partition("radiomic_features", "pt-a", _features("pt-a", [10.0, 20.0, 30.0], run="second"))
     assert store.current_snapshot() > first
@@ -64,23 +81,80 @@ def test_rematerializing_keeps_the_old_rows_readable_by_version_and_by_time(tmp_
             past.replace_partition("radiomic_features", "pt-a", _features("pt-a", [0.0] * 3))
     # the same through SQL, as documented: AT (VERSION => n) and `hcc-assets sql --as-of`
     assert store.query(f"SELECT sum(value) FROM radiomic_features AT (VERSION => {first})").item() == 6.0
-    out = subprocess.run([sys.executable, "-m", "hcc_assets.cli", "sql", "SELECT sum(value) AS s FROM radiomic_features",
-                          "--catalog", str(tmp_path / "fs.sqlite"), "--as-of", between.isoformat(), "--format", "csv"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hcc_assets.cli",
+            "sql",
+            "SELECT sum(value) AS s FROM radiomic_features",
+            "--catalog",
+            str(tmp_path / "fs.sqlite"),
+            "--as-of",
+            between.isoformat(),
+            "--format",
+            "csv",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.splitlines() == ["s", "6.0"]
 
 
 def test_history_tables_keep_every_model_version_and_current_views_show_the_current(tmp_path):
     store = FeatureStore(tmp_path / "fs.sqlite")
     for version, probability in (("m1", 0.2), ("m2", 0.7)):
-        store.replace_versions("predictions", FeatureStore.with_provenance(pl.DataFrame(
-            {"model": "deep", "patient_id": ["pt-a", "pt-b"], "split": "validation",
-             "probability": [probability, 1 - probability], "label": [True, False]}), version=version, run_id=version))
-        store.replace_versions("model_metrics", FeatureStore.with_provenance(pl.DataFrame(
-            {"model": "deep", "scheme": "holdout_bootstrap", "metric": "accuracy", "estimate": probability,
-             "mean": probability, "ci_low": 0.0, "ci_high": 1.0, "n": 2, "version": version}), version=None, run_id="r"))
-        store.register_model(model_row("hcc_classifier", "resnet", f"/m/{version}", init=None, params={}, metrics={},
-                                       training_patients=["pt-a"], training_set=None, version=version, run_id="r"))
+        store.replace_versions(
+            "predictions",
+            FeatureStore.with_provenance(
+                pl.DataFrame(
+                    {
+                        "model": "deep",
+                        "patient_id": ["pt-a", "pt-b"],
+                        "split": "validation",
+                        "probability": [probability, 1 - probability],
+                        "label": [True, False],
+                    }
+                ),
+                version=version,
+                run_id=version,
+            ),
+        )
+        store.replace_versions(
+            "model_metrics",
+            FeatureStore.with_provenance(
+                pl.DataFrame(
+                    {
+                        "model": "deep",
+                        "scheme": "holdout_bootstrap",
+                        "metric": "accuracy",
+                        "estimate": probability,
+                        "mean": probability,
+                        "ci_low": 0.0,
+                        "ci_high": 1.0,
+                        "n": 2,
+                        "version": version,
+                    }
+                ),
+                version=None,
+                run_id="r",
+            ),
+        )
+        store.register_model(
+            model_row(
+                "hcc_classifier",
+                "resnet",
+                f"/m/{version}",
+                init=None,
+                params={},
+                metrics={},
+                training_patients=["pt-a"],
+                training_set=None,
+                version=version,
+                run_id="r",
+            )
+        )
     assert store.query("SELECT count(*) FROM predictions").item() == 4
     assert set(store.query("SELECT version FROM current_predictions")["version"]) == {"m2"}
     # two retrains compared in one query
@@ -90,8 +164,12 @@ def test_history_tables_keep_every_model_version_and_current_views_show_the_curr
     from hcc_assets.featurestore.reads import model_comparison
 
     comparison = model_comparison(store).row(0, named=True)
-    assert (comparison["current_version"], comparison["current"], comparison["previous_version"],
-            comparison["previous"]) == ("m2", 0.7, "m1", 0.2)
+    assert (
+        comparison["current_version"],
+        comparison["current"],
+        comparison["previous_version"],
+        comparison["previous"],
+    ) == ("m2", 0.7, "m1", 0.2)
 
 
 def test_a_model_reads_back_the_exact_training_set_it_saw(tmp_path):
@@ -103,9 +181,21 @@ def test_a_model_reads_back_the_exact_training_set_it_saw(tmp_path):
     _cohort(store, pids)
     snapshot = store.current_snapshot()
     train = radiomics_matrix(store.at(snapshot=snapshot), "fs1").rows("train")
-    store.register_model(model_row("radiomic_model", "lasso", "/m/r1", init=None, params={}, metrics={},
-                                   training_patients=train.patient_ids, training_set=matrix_spec(RADIOMICS, train),
-                                   version="r1", run_id="r"), data_snapshot=snapshot)
+    store.register_model(
+        model_row(
+            "radiomic_model",
+            "lasso",
+            "/m/r1",
+            init=None,
+            params={},
+            metrics={},
+            training_patients=train.patient_ids,
+            training_set=matrix_spec(RADIOMICS, train),
+            version="r1",
+            run_id="r",
+        ),
+        data_snapshot=snapshot,
+    )
     at_training = training_set(store, "r1")
     saved = tmp_path / "at_training.csv"
     at_training.write_csv(saved)
@@ -126,11 +216,37 @@ def test_a_model_reads_back_the_exact_training_set_it_saw(tmp_path):
     assert current.patient_ids != train.patient_ids or not np.array_equal(current.values, train.values)
     # the CLI writes the same matrix
     cli = tmp_path / "cli.csv"
-    subprocess.run([sys.executable, "-m", "hcc_assets.cli", "training-set", "--model", "r1", "--out", str(cli),
-                    "--catalog", str(tmp_path / "fs.sqlite")], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hcc_assets.cli",
+            "training-set",
+            "--model",
+            "r1",
+            "--out",
+            str(cli),
+            "--catalog",
+            str(tmp_path / "fs.sqlite"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     assert cli.read_bytes() == saved.read_bytes()
-    bad = subprocess.run([sys.executable, "-m", "hcc_assets.cli", "training-set", "--model", "nope",
-                          "--catalog", str(tmp_path / "fs.sqlite")], capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hcc_assets.cli",
+            "training-set",
+            "--model",
+            "nope",
+            "--catalog",
+            str(tmp_path / "fs.sqlite"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "no model version 'nope'" in bad.stderr
 
 
@@ -206,17 +322,28 @@ def test_housekeeping_compacts_and_keeps_what_models_point_to(tmp_path):
         store.replace_partition("radiomic_features", pid, _features(pid, [1.0, 2.0, 3.0]))
     _cohort(store, pids)
     trained_on = store.current_snapshot()
-    store.register_model(model_row("radiomic_model", "lasso", "/m/r1", init=None, params={}, metrics={},
-                                   training_patients=pids, training_set=matrix_spec(
-                                       RADIOMICS, radiomics_matrix(store, "fs1").rows("train")),
-                                   version="r1", run_id="r"), data_snapshot=trained_on)
+    store.register_model(
+        model_row(
+            "radiomic_model",
+            "lasso",
+            "/m/r1",
+            init=None,
+            params={},
+            metrics={},
+            training_patients=pids,
+            training_set=matrix_spec(RADIOMICS, radiomics_matrix(store, "fs1").rows("train")),
+            version="r1",
+            run_id="r",
+        ),
+        data_snapshot=trained_on,
+    )
     expected = training_set(store, "r1")
     for pid in pids:  # every patient rewritten: old rows now only in the past snapshots
         store.replace_partition("radiomic_features", pid, _features(pid, [4.0, 5.0, 6.0]))
     before = data_file_count(store)
     n_snapshots = store.snapshots().height
 
-    future = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)  # every snapshot is "old"
+    future = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)  # every snapshot is "old"
     report = maintain(store, RetentionPolicy(keep_days=0.5, file_grace_hours=0), now=future)
     assert report.data_files_before == before and report.data_files_after < before / 3, report
     assert report.snapshots_expired == n_snapshots - 2  # all but the newest and the model's
@@ -228,8 +355,9 @@ def test_housekeeping_compacts_and_keeps_what_models_point_to(tmp_path):
 
 
 def test_an_unreachable_postgres_catalog_fails_naming_the_setting(tmp_path):
-    store = FeatureStore("postgres:dbname=nowhere host=127.0.0.1 port=1 user=hcc password=s3cret connect_timeout=2",
-                         tmp_path / "data")
+    store = FeatureStore(
+        "postgres:dbname=nowhere host=127.0.0.1 port=1 user=hcc password=s3cret connect_timeout=2", tmp_path / "data"
+    )
     with pytest.raises(FeatureStoreError) as error:
         store.replace_partition("scans", "pt-a", _scans("pt-a", 1, "r"))
     message = str(error.value)
@@ -243,8 +371,10 @@ def test_an_old_single_file_store_is_refused_and_migrates(tmp_path):
     for table in ("scans", "radiomic_features", "models"):
         columns = TABLES[table].replace("data_snapshot BIGINT,", "").replace("training_set VARCHAR,", "")
         con.execute(f"CREATE TABLE {table} ({columns})")
-    con.execute("INSERT INTO scans (patient_id, series_key, chosen, checksum, version, run_id, materialized_at) "
-                "VALUES ('pt-a', 's0', true, 'x', 'v', 'r', now())")
+    con.execute(
+        "INSERT INTO scans (patient_id, series_key, chosen, checksum, version, run_id, materialized_at) "
+        "VALUES ('pt-a', 's0', true, 'x', 'v', 'r', now())"
+    )
     con.execute("INSERT INTO radiomic_features VALUES ('pt-a', 'fs1', 'original_shape_Volume', 5.0, 'v', 'r', now())")
     con.close()
     with pytest.raises(FeatureStoreError, match="migrate-store"):
@@ -255,8 +385,11 @@ def test_an_old_single_file_store_is_refused_and_migrates(tmp_path):
     with pytest.raises(FeatureStoreError, match="migrate-store --from"):
         lake.store.query("SELECT 1")  # found in the lake beside the new default catalog
     assert not (tmp_path / "feature_store.sqlite").exists()
-    run = subprocess.run([sys.executable, "-m", "hcc_assets.cli", "--lake", str(tmp_path), "migrate-store",
-                          "--from", str(old)], capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "hcc_assets.cli", "--lake", str(tmp_path), "migrate-store", "--from", str(old)],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     store = lake.store
     assert store.query("SELECT patient_id, series_key FROM scans").rows() == [("pt-a", "s0")]
@@ -277,8 +410,9 @@ def test_the_data_files_can_live_on_an_s3_server(tmp_path, s3_bucket):
     assert store.at(snapshot=first).query("SELECT sum(value) FROM radiomic_features").item() == 12.0
     report = maintain(store, RetentionPolicy(keep_days=None, file_grace_hours=0))
     assert report.data_files_after < report.data_files_before
-    assert store.query("SELECT original_shape_Volume FROM radiomics ORDER BY patient_id")["original_shape_Volume"] \
-        .to_list() == [6.0, 3.0]
+    assert store.query("SELECT original_shape_Volume FROM radiomics ORDER BY patient_id")[
+        "original_shape_Volume"
+    ].to_list() == [6.0, 3.0]
 
 
 def test_a_conflicting_commit_is_retried_and_the_retries_are_bounded(tmp_path):
@@ -295,6 +429,7 @@ def test_a_conflicting_commit_is_retried_and_the_retries_are_bounded(tmp_path):
             con.execute("INSERT INTO scans BY NAME SELECT * FROM rows")
             if len(attempts) == 1:  # another writer commits the same rows while this transaction is open
                 other.replace_partition("scans", "pt-a", _scans("pt-a", 3, "other"))
+
         return body
 
     attempts: list = []
@@ -325,9 +460,22 @@ def test_the_sql_command_reads_while_writers_commit(tmp_path):
     try:
         before = FeatureStore(catalog).current_snapshot()
         for _ in range(3):
-            out = subprocess.run([sys.executable, "-m", "hcc_assets.cli", "sql",
-                                  "SELECT count(*) % 2 AS odd FROM scans", "--catalog", catalog, "--format", "csv"],
-                                 capture_output=True, text=True, timeout=120)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "hcc_assets.cli",
+                    "sql",
+                    "SELECT count(*) % 2 AS odd FROM scans",
+                    "--catalog",
+                    catalog,
+                    "--format",
+                    "csv",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert out.returncode == 0, out.stderr
             assert out.stdout.splitlines() == ["odd", "0"]  # whole patients only: 2 rows each
         assert FeatureStore(catalog).current_snapshot() > before  # the writer did commit meanwhile

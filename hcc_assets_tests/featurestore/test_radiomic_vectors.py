@@ -12,16 +12,25 @@ NAMES = ["original_firstorder_Mean", "original_glcm_Idm", "original_shape_Elonga
 
 
 def _long(patient_id: str, values: dict[str, float | None], version: str = "fs1") -> pl.DataFrame:
-    rows = pl.DataFrame({"patient_id": patient_id, "feature_set_version": version,
-                         "feature": list(values), "value": list(values.values())},
-                        schema_overrides={"value": pl.Float64})
+    rows = pl.DataFrame(
+        {
+            "patient_id": patient_id,
+            "feature_set_version": version,
+            "feature": list(values),
+            "value": list(values.values()),
+        },
+        schema_overrides={"value": pl.Float64},
+    )
     return FeatureStore.with_provenance(rows, version="radiomic_features@test", run_id=f"run-{patient_id}")
 
 
 def _pivot_of_long_rows(store: FeatureStore, version: str, prefixes: tuple[str, ...]) -> tuple:
     """radiomics_matrix as it was before vectors existed: the long rows pivoted."""
-    long = store.query("SELECT r.patient_id, r.feature, r.value, c.hcc, c.split FROM radiomic_features r "
-                       "JOIN cohort_split c USING (patient_id) WHERE r.feature_set_version = ?", [version])
+    long = store.query(
+        "SELECT r.patient_id, r.feature, r.value, c.hcc, c.split FROM radiomic_features r "
+        "JOIN cohort_split c USING (patient_id) WHERE r.feature_set_version = ?",
+        [version],
+    )
     if prefixes:
         long = long.filter(pl.any_horizontal([pl.col("feature").str.starts_with(p) for p in prefixes]))
     wide = long.pivot(on="feature", index=["patient_id", "hcc", "split"], values="value").sort("patient_id")
@@ -47,12 +56,23 @@ def _mixed_store(path) -> FeatureStore:
             values["original_firstorder_Mean"] = float("nan")  # NaN is a value, kept
         store.replace_partition("radiomic_features", pid, _long(pid, values))
         if number % 4 == 0:  # a second feature set for some patients
-            store.replace_partition("radiomic_features", pid, _long(pid, {"original_shape_Volume": 1.0}, "fs2"),
-                                    match={"feature_set_version": "fs2"})
-    store.replace_partition("radiomic_features", "pt-09", _long("pt-09", {**{n: 2.0 for n in NAMES},
-                                                                          "original_glszm_ZoneEntropy": 3.0}))
-    cohort = pl.DataFrame({"patient_id": pids[:-1], "hcc": [i % 2 == 0 for i in range(23)],
-                           "split": ["train" if i % 5 else "validation" for i in range(23)], "seed": 0})
+            store.replace_partition(
+                "radiomic_features",
+                pid,
+                _long(pid, {"original_shape_Volume": 1.0}, "fs2"),
+                match={"feature_set_version": "fs2"},
+            )
+    store.replace_partition(
+        "radiomic_features", "pt-09", _long("pt-09", {**dict.fromkeys(NAMES, 2.0), "original_glszm_ZoneEntropy": 3.0})
+    )
+    cohort = pl.DataFrame(
+        {
+            "patient_id": pids[:-1],
+            "hcc": [i % 2 == 0 for i in range(23)],
+            "split": ["train" if i % 5 else "validation" for i in range(23)],
+            "seed": 0,
+        }
+    )
     store.replace_table("cohort_split", FeatureStore.with_provenance(cohort, version="c", run_id="r"))
     return store
 
@@ -63,13 +83,16 @@ def mixed_store(tmp_path_factory) -> FeatureStore:
     return _mixed_store(tmp_path_factory.mktemp("mixed") / "fs.sqlite")
 
 
-@pytest.mark.parametrize("version, prefixes", [
-    ("fs1", ()),  # pt-09's extra feature is a column, so everyone else lacks one and drops out
-    ("fs1", ("original_shape", "original_firstorder", "original_glcm")),
-    ("fs1", ("original_shape",)),
-    ("fs2", ()),
-    ("fs3", ()),
-])
+@pytest.mark.parametrize(
+    "version, prefixes",
+    [
+        ("fs1", ()),  # pt-09's extra feature is a column, so everyone else lacks one and drops out
+        ("fs1", ("original_shape", "original_firstorder", "original_glcm")),
+        ("fs1", ("original_shape",)),
+        ("fs2", ()),
+        ("fs3", ()),
+    ],
+)
 def test_radiomics_matrix_equals_the_pivot_of_the_long_rows(mixed_store, version, prefixes):
     matrix = radiomics_matrix(mixed_store, version, prefixes)
     pids, names, values, hcc = _pivot_of_long_rows(mixed_store, version, prefixes)
@@ -84,18 +107,22 @@ def test_radiomics_matrix_equals_the_pivot_of_the_long_rows(mixed_store, version
 
 def test_vectors_follow_rewrites_deletes_and_bulk_writes(tmp_path):
     store = _mixed_store(tmp_path / "fs.sqlite")
-    store.replace_partition("radiomic_features", "pt-01", _long("pt-01", {name: 7.0 for name in NAMES}))
+    store.replace_partition("radiomic_features", "pt-01", _long("pt-01", dict.fromkeys(NAMES, 7.0)))
     store.delete_partition("radiomic_features", "pt-02")
     bulk = pl.concat([_long(pid, {name: float(i) for name in NAMES}) for i, pid in enumerate(["pt-03", "pt-30"])])
     assert store.replace_partitions("radiomic_features", bulk) == 8
     store.replace_partitions("radiomic_features", bulk)  # again: replaced, not duplicated
 
-    counts = dict(store.query("SELECT patient_id, count(*) FROM radiomic_features WHERE feature_set_version = 'fs1' "
-                              "GROUP BY ALL").iter_rows())
+    counts = dict(
+        store.query(
+            "SELECT patient_id, count(*) FROM radiomic_features WHERE feature_set_version = 'fs1' GROUP BY ALL"
+        ).iter_rows()
+    )
     assert "pt-02" not in counts and counts["pt-03"] == counts["pt-30"] == 4 and counts["pt-09"] == 5
     pairs = store.query("SELECT patient_id, feature_set_version FROM radiomic_vectors ORDER BY ALL").rows()
-    long_pairs = store.query("SELECT DISTINCT patient_id, feature_set_version FROM radiomic_features "
-                             "ORDER BY ALL").rows()
+    long_pairs = store.query(
+        "SELECT DISTINCT patient_id, feature_set_version FROM radiomic_features ORDER BY ALL"
+    ).rows()
     assert pairs == long_pairs
     # pt-03 had fs2 rows: the bulk write replaced all of pt-03's rows, fs2 included
     assert ("pt-03", "fs2") not in pairs and ("pt-04", "fs2") in pairs
@@ -121,5 +148,3 @@ def test_derived_tables_cannot_be_written_directly(tmp_path):
     store = FeatureStore(tmp_path / "fs.sqlite")
     with pytest.raises(FeatureStoreError, match="unknown"):
         store.replace_where("radiomic_vectors", {}, pl.DataFrame())
-
-

@@ -25,9 +25,13 @@ def _rows(patient_id: str, n: int, tag: str = "a") -> pl.DataFrame:
 def test_replace_partition_replaces_rows_never_duplicates(tmp_path):
     store = FeatureStore(tmp_path / "fs.sqlite")
     for _ in range(3):
-        store.replace_partition("scans", "pt-a", FeatureStore.with_provenance(_rows("pt-a", 3), version="v1", run_id="r1"))
+        store.replace_partition(
+            "scans", "pt-a", FeatureStore.with_provenance(_rows("pt-a", 3), version="v1", run_id="r1")
+        )
     store.replace_partition("scans", "pt-b", FeatureStore.with_provenance(_rows("pt-b", 2), version="v1", run_id="r2"))
-    store.replace_partition("scans", "pt-a", FeatureStore.with_provenance(_rows("pt-a", 1, "z"), version="v2", run_id="r3"))
+    store.replace_partition(
+        "scans", "pt-a", FeatureStore.with_provenance(_rows("pt-a", 1, "z"), version="v2", run_id="r3")
+    )
     counts = dict(store.query("SELECT patient_id, count(*) FROM scans GROUP BY ALL").iter_rows())
     assert counts == {"pt-a": 1, "pt-b": 2}
     row = store.query("SELECT * FROM scans WHERE patient_id = 'pt-a'").row(0, named=True)
@@ -38,7 +42,9 @@ def test_replace_partition_replaces_rows_never_duplicates(tmp_path):
 def test_rows_of_another_patient_are_refused(tmp_path):
     store = FeatureStore(tmp_path / "fs.sqlite")
     with pytest.raises(FeatureStoreError, match="pt-a"):
-        store.replace_partition("scans", "pt-a", FeatureStore.with_provenance(_rows("pt-b", 1), version="v", run_id="r"))
+        store.replace_partition(
+            "scans", "pt-a", FeatureStore.with_provenance(_rows("pt-b", 1), version="v", run_id="r")
+        )
     with pytest.raises(FeatureStoreError, match="unknown"):
         store.table("no_such_table")
 
@@ -77,10 +83,15 @@ def test_sql_command_formats(tmp_path):
     store = FeatureStore(path)
     store.replace_partition("scans", "pt-a", FeatureStore.with_provenance(_rows("pt-a", 2), version="v1", run_id="r1"))
     query = "SELECT patient_id, series_key, pixel_spacing_mm FROM scans ORDER BY series_key"
-    run = lambda *extra: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "hcc_assets.cli", "sql", query, "--db", str(path), *extra],
-        capture_output=True, text=True, check=True,
-    ).stdout
+
+    def run(*extra: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "hcc_assets.cli", "sql", query, "--db", str(path), *extra],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
     csv_out = run("--format", "csv").splitlines()
     assert csv_out[0] == "patient_id,series_key,pixel_spacing_mm"
     assert csv_out[1] == "pt-a,a0,1.5;1.5"
@@ -98,35 +109,47 @@ def test_wide_views_follow_their_long_tables(tmp_path):
     assert store.query("SELECT count(*) FROM deep_features").item() == 0
     for pid, base in (("pt-a", 1.0), ("pt-b", 2.0)):
         long = pl.DataFrame(
-            {"patient_id": pid, "feature_set_version": "fs1", "feature": ["original_shape_Volume", "original_glcm_Idm"],
-             "value": [base, base * 10]}
+            {
+                "patient_id": pid,
+                "feature_set_version": "fs1",
+                "feature": ["original_shape_Volume", "original_glcm_Idm"],
+                "value": [base, base * 10],
+            }
         )
         store.replace_partition("radiomic_features", pid, FeatureStore.with_provenance(long, version="v", run_id="r"))
     wide = store.query("SELECT * FROM radiomics ORDER BY patient_id")
     assert wide.columns == ["patient_id", "feature_set_version", "original_glcm_Idm", "original_shape_Volume"]
     assert wide["original_glcm_Idm"].to_list() == [10.0, 20.0]
-    embedding = pl.DataFrame({"patient_id": ["pt-a"], "model_version": ["m1"], "embedding": [[float(i) for i in range(128)]]},
-                             schema_overrides={"embedding": pl.Array(pl.Float32, 128)})
+    embedding = pl.DataFrame(
+        {"patient_id": ["pt-a"], "model_version": ["m1"], "embedding": [[float(i) for i in range(128)]]},
+        schema_overrides={"embedding": pl.Array(pl.Float32, 128)},
+    )
     store.replace_partition("deep_embeddings", "pt-a", FeatureStore.with_provenance(embedding, version="v", run_id="r"))
     deep = store.query("SELECT * FROM deep_features")
     assert deep.width == 130 and deep["dl_127"].item() == 127.0
 
 
-@pytest.mark.parametrize("statement", [
-    "DELETE FROM scans",
-    "CREATE TABLE x (a INT)",
-    "COPY (SELECT * FROM scans) TO '{out}'",
-    "EXPORT DATABASE '{dir}'",
-    "SELECT 1; DROP TABLE scans",
-])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "DELETE FROM scans",
+        "CREATE TABLE x (a INT)",
+        "COPY (SELECT * FROM scans) TO '{out}'",
+        "EXPORT DATABASE '{dir}'",
+        "SELECT 1; DROP TABLE scans",
+    ],
+)
 def test_sql_command_refuses_writes_with_a_clear_message(tmp_path, statement):
     path = tmp_path / "fs.sqlite"
-    FeatureStore(path).replace_partition("scans", "pt-a", FeatureStore.with_provenance(_rows("pt-a", 2), version="v",
-                                                                                        run_id="r"))
+    FeatureStore(path).replace_partition(
+        "scans", "pt-a", FeatureStore.with_provenance(_rows("pt-a", 2), version="v", run_id="r")
+    )
     out, export = tmp_path / "leak.csv", tmp_path / "export"
     result = subprocess.run(
         [sys.executable, "-m", "hcc_assets.cli", "sql", statement.format(out=out, dir=export), "--db", str(path)],
-        capture_output=True, text=True)
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert "read-only" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists() and not export.exists()
@@ -134,12 +157,32 @@ def test_sql_command_refuses_writes_with_a_clear_message(tmp_path, statement):
 
 
 def _model_row(name: str, version: str) -> pl.DataFrame:
-    return FeatureStore.with_provenance(pl.DataFrame(
-        [{"model_name": name, "kind": "k", "path": f"/models/{version}", "init": None, "params": "{}",
-          "training_patients": ["pt-a"], "metrics": "{}"}],
-        schema={"model_name": pl.String, "kind": pl.String, "path": pl.String, "init": pl.String,
-                "params": pl.String, "training_patients": pl.List(pl.String), "metrics": pl.String}),
-        version=version, run_id="r")
+    return FeatureStore.with_provenance(
+        pl.DataFrame(
+            [
+                {
+                    "model_name": name,
+                    "kind": "k",
+                    "path": f"/models/{version}",
+                    "init": None,
+                    "params": "{}",
+                    "training_patients": ["pt-a"],
+                    "metrics": "{}",
+                }
+            ],
+            schema={
+                "model_name": pl.String,
+                "kind": pl.String,
+                "path": pl.String,
+                "init": pl.String,
+                "params": pl.String,
+                "training_patients": pl.List(pl.String),
+                "metrics": pl.String,
+            },
+        ),
+        version=version,
+        run_id="r",
+    )
 
 
 def test_model_versions_stay_queryable_and_one_is_current(tmp_path):

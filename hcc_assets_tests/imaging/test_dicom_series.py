@@ -15,9 +15,9 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+from hcc_assets.core.errors import PatientInputError
 from hcc_assets.imaging import geometry
 from hcc_assets.imaging.dicom_series import choose_t2_series, inventory_study
-from hcc_assets.imaging.errors import IngestError
 from hcc_assets.imaging.nifti import series_to_nifti
 
 # Fake PHI written into every fixture file and folder name: none of it may reach a message.
@@ -82,20 +82,42 @@ def write_series(
         ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         values = dict(
-            SOPClassUID=MRImageStorage, SOPInstanceUID=sop_uid, StudyInstanceUID="1.2.826.0.1.3680043.8.498.1",
-            SeriesInstanceUID=series_uid, FrameOfReferenceUID="1.2.826.0.1.3680043.8.498.2",
-            PatientName=PHI[0], PatientID=PHI[3], PatientBirthDate=PHI[4], StudyDate=PHI[5], SeriesDate=PHI[5],
-            InstitutionName=PHI[6], AccessionNumber=PHI[7], Modality="MR", SeriesNumber=number,
-            SeriesDescription=description, InstanceNumber=(7 * k) % n + 1 if n % 7 else n - k,
-            EchoTime=f"{echo_time:g}", RepetitionTime=f"{repetition_time:g}", ScanningSequence=scanning_sequence,
-            SequenceName=sequence_name, ImageType=["ORIGINAL", "PRIMARY", "M", "SE"],
-            SliceThickness="3", SpacingBetweenSlices="99",  # deliberately wrong: spacing comes from positions
+            SOPClassUID=MRImageStorage,
+            SOPInstanceUID=sop_uid,
+            StudyInstanceUID="1.2.826.0.1.3680043.8.498.1",
+            SeriesInstanceUID=series_uid,
+            FrameOfReferenceUID="1.2.826.0.1.3680043.8.498.2",
+            PatientName=PHI[0],
+            PatientID=PHI[3],
+            PatientBirthDate=PHI[4],
+            StudyDate=PHI[5],
+            SeriesDate=PHI[5],
+            InstitutionName=PHI[6],
+            AccessionNumber=PHI[7],
+            Modality="MR",
+            SeriesNumber=number,
+            SeriesDescription=description,
+            InstanceNumber=(7 * k) % n + 1 if n % 7 else n - k,
+            EchoTime=f"{echo_time:g}",
+            RepetitionTime=f"{repetition_time:g}",
+            ScanningSequence=scanning_sequence,
+            SequenceName=sequence_name,
+            ImageType=["ORIGINAL", "PRIMARY", "M", "SE"],
+            SliceThickness="3",
+            SpacingBetweenSlices="99",  # deliberately wrong: spacing comes from positions
             ImagePositionPatient=[f"{v:.6f}" for v in position],
             ImageOrientationPatient=[f"{v:.6f}" for v in orientation],
             PixelSpacing=[f"{v:g}" for v in pixel_spacing],
-            Rows=stored.shape[1], Columns=stored.shape[0], SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2",
-            BitsAllocated=16, BitsStored=16, HighBit=15, PixelRepresentation=0,
-            RescaleSlope=f"{rescale[0]:g}", RescaleIntercept=f"{rescale[1]:g}",
+            Rows=stored.shape[1],
+            Columns=stored.shape[0],
+            SamplesPerPixel=1,
+            PhotometricInterpretation="MONOCHROME2",
+            BitsAllocated=16,
+            BitsStored=16,
+            HighBit=15,
+            PixelRepresentation=0,
+            RescaleSlope=f"{rescale[0]:g}",
+            RescaleIntercept=f"{rescale[1]:g}",
         )
         values.update(extra or {})
         values.update((per_slice or {}).get(k, {}))
@@ -115,12 +137,27 @@ def make_study(root: Path, *, t2: dict | None = None, with_others: bool = True, 
     patient = root / PATIENT_FOLDER
     study = patient / STUDY_FOLDER
     if with_others:
-        write_series(study / "1 T1 in phase", truth_volume(slices=slices, seed=1), number=1,
-                     description="T1_DUAL_IN_PHASE", echo_time=4.6, repetition_time=200, scanning_sequence="GR",
-                     sequence_name="*fl2d1")
-        write_series(study / "7 dwi", truth_volume(slices=slices, seed=2), number=7, description="DWI_b800",
-                     echo_time=80, repetition_time=3000, scanning_sequence="EP", sequence_name="*ep_b800t",
-                     extra={"DiffusionBValue": 800})
+        write_series(
+            study / "1 T1 in phase",
+            truth_volume(slices=slices, seed=1),
+            number=1,
+            description="T1_DUAL_IN_PHASE",
+            echo_time=4.6,
+            repetition_time=200,
+            scanning_sequence="GR",
+            sequence_name="*fl2d1",
+        )
+        write_series(
+            study / "7 dwi",
+            truth_volume(slices=slices, seed=2),
+            number=7,
+            description="DWI_b800",
+            echo_time=80,
+            repetition_time=3000,
+            scanning_sequence="EP",
+            sequence_name="*ep_b800t",
+            extra={"DiffusionBValue": 800},
+        )
     write_series(study / "3 T2 SPIR 2019-03-12", truth_volume(slices=slices), **(t2 or {}))
     (patient / ".complete").write_bytes(b"")
     (patient / "reference").mkdir(exist_ok=True)
@@ -179,10 +216,21 @@ def test_checksum_changes_with_the_bytes(tmp_path):
 def test_choice_picks_t2_by_tags_and_explains(tmp_path):
     patient = make_study(tmp_path)
     # a description that claims T2 does not make a T1 series T2-weighted
-    write_series(patient / STUDY_FOLDER / "9", truth_volume(seed=4), number=9, description="T2 (mislabelled)",
-                 echo_time=10, repetition_time=500)
-    write_series(patient / STUDY_FOLDER / "11", truth_volume(seed=5), number=11, description="T2_POST",
-                 extra={"ContrastBolusAgent": "GADOLINIUM"})
+    write_series(
+        patient / STUDY_FOLDER / "9",
+        truth_volume(seed=4),
+        number=9,
+        description="T2 (mislabelled)",
+        echo_time=10,
+        repetition_time=500,
+    )
+    write_series(
+        patient / STUDY_FOLDER / "11",
+        truth_volume(seed=5),
+        number=11,
+        description="T2_POST",
+        extra={"ContrastBolusAgent": "GADOLINIUM"},
+    )
     choice = choose_t2_series(inventory_study(patient))
     assert choice.series.series_number == 3
     assert choice.reason.startswith('series #3 "T2_SPIR": TE 85 ms >= 60, TR 1800 ms >= 800, spin echo, 12 slices')
@@ -204,7 +252,7 @@ def test_diffusion_is_recognized_by_sequence_name_and_private_b_value(tmp_path):
         dataset.add_new((0x2001, 0x0010), "LO", "Philips Imaging DD 001")
         dataset.add_new((0x2001, 0x1003), "FL", 600.0)
         dataset.save_as(path)
-    with pytest.raises(IngestError) as raised:
+    with pytest.raises(PatientInputError) as raised:
         choose_t2_series(inventory_study(patient))
     message = str(raised.value)
     assert "no T2-weighted series" in message
@@ -213,8 +261,15 @@ def test_diffusion_is_recognized_by_sequence_name_and_private_b_value(tmp_path):
 
 def test_prefers_the_axial_spin_echo_t2(tmp_path):
     patient = tmp_path / "p"
-    write_series(patient / "cor", truth_volume(), number=2, description="HASTE_COR",
-                 orientation=(1, 0, 0, 0, 0, -1), scanning_sequence="GR", echo_time=200)
+    write_series(
+        patient / "cor",
+        truth_volume(),
+        number=2,
+        description="HASTE_COR",
+        orientation=(1, 0, 0, 0, 0, -1),
+        scanning_sequence="GR",
+        echo_time=200,
+    )
     write_series(patient / "ax", truth_volume(seed=1), number=5, description="T2_TSE_AX")
     choice = choose_t2_series(inventory_study(patient))
     assert choice.series.series_number == 5
@@ -223,16 +278,22 @@ def test_prefers_the_axial_spin_echo_t2(tmp_path):
 
 def test_no_t2_lists_what_was_found(tmp_path):
     patient = tmp_path / PATIENT_FOLDER
-    write_series(patient / STUDY_FOLDER / "1", truth_volume(), number=1, description="T1_DUAL_IN_PHASE",
-                 echo_time=4.6, repetition_time=200)
-    with pytest.raises(IngestError) as raised:
+    write_series(
+        patient / STUDY_FOLDER / "1",
+        truth_volume(),
+        number=1,
+        description="T1_DUAL_IN_PHASE",
+        echo_time=4.6,
+        repetition_time=200,
+    )
+    with pytest.raises(PatientInputError) as raised:
         choose_t2_series(inventory_study(patient))
     message = str(raised.value)
-    assert 'no T2-weighted series' in message and '#1 "T1_DUAL_IN_PHASE" TE 4.6 ms TR 200 ms' in message
+    assert "no T2-weighted series" in message and '#1 "T1_DUAL_IN_PHASE" TE 4.6 ms TR 200 ms' in message
     assert_no_phi(message)
 
 
-# Each broken study: (how to break it, words the message must contain). All raise IngestError.
+# Each broken study: (how to break it, words the message must contain). All raise PatientInputError.
 def _empty(root):
     patient = root / PATIENT_FOLDER
     (patient / STUDY_FOLDER).mkdir(parents=True)
@@ -296,8 +357,13 @@ def _one_slice(root):
 
 def _mixed_folder(root):
     patient = make_study(root)
-    write_series(patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12", truth_volume(slices=3), number=4,
-                 description="T2_SPIR_REPEAT", name_prefix="REP")
+    write_series(
+        patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12",
+        truth_volume(slices=3),
+        number=4,
+        description="T2_SPIR_REPEAT",
+        name_prefix="REP",
+    )
     return patient
 
 
@@ -341,7 +407,7 @@ BROKEN_STUDIES = {
 def test_broken_study_raises_a_clear_phi_free_error(tmp_path, case):
     make, expected = BROKEN_STUDIES[case]
     patient = make(tmp_path)
-    with pytest.raises(IngestError) as raised:
+    with pytest.raises(PatientInputError) as raised:
         ingest(patient)
     message = str(raised.value)
     for words in expected:
@@ -352,8 +418,15 @@ def test_broken_study_raises_a_clear_phi_free_error(tmp_path, case):
 def test_a_broken_scout_does_not_block_the_study(tmp_path):
     # a three-plane localizer is one series with several orientations: record it, don't fail
     patient = make_study(tmp_path, with_others=False)
-    write_series(patient / STUDY_FOLDER / "0 loc", truth_volume(slices=3, seed=9), number=0, description="LOC",
-                 echo_time=2, repetition_time=5, per_slice={1: {"ImageOrientationPatient": ["1", "0", "0", "0", "0", "-1"]}})
+    write_series(
+        patient / STUDY_FOLDER / "0 loc",
+        truth_volume(slices=3, seed=9),
+        number=0,
+        description="LOC",
+        echo_time=2,
+        repetition_time=5,
+        per_slice={1: {"ImageOrientationPatient": ["1", "0", "0", "0", "0", "-1"]}},
+    )
     inventory, choice, image = ingest(patient)
     scout = next(s for s in inventory.series if s.series_number == 0)
     assert "inconsistent ImageOrientationPatient" in scout.geometry_problem
@@ -367,7 +440,7 @@ def test_raw_dicom_without_preamble_is_read(tmp_path):
         dataset.file_meta, dataset.preamble = FileMetaDataset(), None
         dataset.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=False)
         assert path.read_bytes()[128:132] != b"DICM"
-    inventory, choice, image = ingest(patient)
+    _inventory, _choice, image = ingest(patient)
     assert image.shape == (16, 12, 12)
 
 
@@ -403,7 +476,7 @@ def test_synth_broken_series_errors_name_no_phi(synth_cohort, tmp_path):
     t2_dir = copy / patient.t2_series_dir.relative_to(out / patient.patient_key)
     files = sorted(t2_dir.iterdir(), key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
     files[len(files) // 2].unlink()  # a slice missing in the middle (axial or oblique: z still orders)
-    with pytest.raises(IngestError) as raised:
+    with pytest.raises(PatientInputError) as raised:
         ingest(copy)
     message = str(raised.value)
     assert "missing slice" in message and 'series #5 "T2_SPIR"' in message

@@ -55,7 +55,9 @@ def test_a_spreadsheet_exported_manifest_reads_like_a_plain_one(tmp_path):
     from hcc_assets.imaging.dropzone import validate_labels
 
     # Excel: a UTF-8 byte-order mark, CRLF line ends, capitalised headers with spaces after the commas
-    (tmp_path / "labels_excel.csv").write_bytes("\ufeffPatient_Key, HCC, Source\r\nA,1,TCGA\r\nB, 0 ,CHAOS\r\n".encode())
+    (tmp_path / "labels_excel.csv").write_bytes(
+        "\ufeffPatient_Key, HCC, Source\r\nA,1,TCGA\r\nB, 0 ,CHAOS\r\n".encode()
+    )
     labels, problems = validate_labels(tmp_path)
     assert problems == []
     assert labels == {"A": (True, "TCGA"), "B": (False, "CHAOS")}

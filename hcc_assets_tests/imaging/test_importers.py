@@ -107,8 +107,10 @@ def test_chaos_import_gives_the_phantom_truth_in_the_t2_geometry(chaos):
 def test_chaos_labels_and_drop_zone(chaos):
     _, _, incoming, _ = chaos
     rows = sorted(read_label_manifests(incoming), key=lambda r: r["patient_key"])
-    assert rows == [{"patient_key": "CHAOS-1", "hcc": "0", "source": "CHAOS"},
-                    {"patient_key": "CHAOS-2", "hcc": "0", "source": "CHAOS"}]
+    assert rows == [
+        {"patient_key": "CHAOS-1", "hcc": "0", "source": "CHAOS"},
+        {"patient_key": "CHAOS-2", "hcc": "0", "source": "CHAOS"},
+    ]
     ready = scan_drop_zone(incoming)
     assert [f.source_key for f in ready] == ["CHAOS-1", "CHAOS-2"] and {f.complete_by for f in ready} == {"marker"}
     assert nothing_half_imported(incoming)
@@ -220,8 +222,10 @@ def test_tcia_import_keeps_every_series_and_the_t2_choice_explains_itself(tcia):
 def test_tcia_labels_and_no_dates_in_drop_names(tcia):
     _, patients, incoming, _ = tcia
     rows = sorted(read_label_manifests(incoming), key=lambda r: r["patient_key"])
-    assert rows == sorted(({"patient_key": p.layout_id, "hcc": "1", "source": "TCGA-LIHC"} for p in patients),
-                          key=lambda r: r["patient_key"])
+    assert rows == sorted(
+        ({"patient_key": p.layout_id, "hcc": "1", "source": "TCGA-LIHC"} for p in patients),
+        key=lambda r: r["patient_key"],
+    )
     for path in incoming.rglob("*"):
         relative = path.relative_to(incoming)
         assert not DATE.search(str(relative)), relative

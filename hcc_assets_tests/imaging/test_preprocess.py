@@ -101,6 +101,7 @@ def test_mask_resampled_onto_the_preprocessed_grid():
         return world_of(img.affine, img.shape)[np.asarray(img.dataobj) == 2].mean(axis=0)
 
     np.testing.assert_allclose(centroid(resampled), centroid(mask), atol=3.0)  # within a coarse voxel
+
     def volume_ml(img):
         return (np.asarray(img.dataobj) == 2).sum() * np.prod(img.header.get_zooms()[:3]) / 1000
 
@@ -122,8 +123,13 @@ def test_preview_is_radiological_png():
 
 @pytest.mark.parametrize(
     "bad",
-    [{"target_shape": (0, 10, 10)}, {"clip_percentiles": (99.0, 1.0)}, {"intensity": "minmax"},
-     {"interpolation_order": 7}, {"unknown": 1}],
+    [
+        {"target_shape": (0, 10, 10)},
+        {"clip_percentiles": (99.0, 1.0)},
+        {"intensity": "minmax"},
+        {"interpolation_order": 7},
+        {"unknown": 1},
+    ],
 )
 def test_config_rejects_nonsense(bad):
     with pytest.raises(pydantic.ValidationError):

@@ -31,8 +31,12 @@ def read_series(series_dir: Path) -> tuple[list[pydicom.Dataset], np.ndarray, np
     normal = geometry.slice_normal(slices[0].ImageOrientationPatient)
     slices.sort(key=lambda ds: float(np.dot(ds.ImagePositionPatient, normal)))
     volume = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in slices])
-    affine = geometry.affine_lps(slices[0].ImageOrientationPatient, slices[0].ImagePositionPatient,
-                                 slices[0].PixelSpacing, float(slices[0].SpacingBetweenSlices))
+    affine = geometry.affine_lps(
+        slices[0].ImageOrientationPatient,
+        slices[0].ImagePositionPatient,
+        slices[0].PixelSpacing,
+        float(slices[0].SpacingBetweenSlices),
+    )
     return slices, volume, affine
 
 
@@ -43,8 +47,11 @@ def voxel_centers(affine: np.ndarray, shape_kji: tuple[int, ...]) -> np.ndarray:
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_files_are_part10_mr_with_realistic_tags(cohort):
@@ -76,8 +83,9 @@ def test_files_are_part10_mr_with_realistic_tags(cohort):
             assert first.PixelSpacing[0] == first.PixelSpacing[1] and 355 <= pixel * SMALL.matrix <= 490
             spacing = float(first.SpacingBetweenSlices)
             assert 5.5 <= spacing <= 9.0 and float(first.SliceThickness) != spacing
-            positions = [np.dot(ds.ImagePositionPatient, geometry.slice_normal(ds.ImageOrientationPatient))
-                         for ds in slices]
+            positions = [
+                np.dot(ds.ImagePositionPatient, geometry.slice_normal(ds.ImageOrientationPatient)) for ds in slices
+            ]
             assert np.allclose(np.diff(positions), spacing, atol=1e-3)
             assert np.allclose([ds.SliceLocation for ds in slices], positions, atol=1e-3)
             echo, repetition = float(first.EchoTime), float(first.RepetitionTime)
@@ -149,8 +157,10 @@ def test_hcc_counts_and_labels_csv(cohort):
     with (out / "labels.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == ["patient_key", "hcc", "source"]
-    assert rows == [{"patient_key": p.patient_key, "hcc": str(int(p.hcc)), "source": "synthetic"}
-                    for p in sorted(patients, key=lambda p: p.patient_key)]
+    assert rows == [
+        {"patient_key": p.patient_key, "hcc": str(int(p.hcc)), "source": "synthetic"}
+        for p in sorted(patients, key=lambda p: p.patient_key)
+    ]
 
 
 def test_labels_csv_merges_by_patient_key(tmp_path):
@@ -158,7 +168,8 @@ def test_labels_csv_merges_by_patient_key(tmp_path):
     first = synthesize_cohort(tmp_path, config)
     stale = first[0].patient_key
     (tmp_path / "labels.csv").write_text(
-        f"patient_key,hcc,source\nZZZ-EXTERNAL,1,tcga\n{stale},{1 - int(first[0].hcc)},old\n")
+        f"patient_key,hcc,source\nZZZ-EXTERNAL,1,tcga\n{stale},{1 - int(first[0].hcc)},old\n"
+    )
     synthesize_cohort(tmp_path, config)
     rows = (tmp_path / "labels.csv").read_text().splitlines()
     expected = sorted([f"{p.patient_key},{int(p.hcc)},synthetic" for p in first] + ["ZZZ-EXTERNAL,1,tcga"])
@@ -192,8 +203,7 @@ def lesion_and_rim_t2(config: SynthConfig, out: Path) -> list[tuple[np.ndarray, 
 
 
 def test_lesion_contrast_controls_lesion_signal(tmp_path):
-    base = dict(patients=2, seed=2, hcc_fraction=1.0, matrix=96, slices_min=20, slices_max=22,
-                oblique_fraction=0.5)
+    base = dict(patients=2, seed=2, hcc_fraction=1.0, matrix=96, slices_min=20, slices_max=22, oblique_fraction=0.5)
     null = lesion_and_rim_t2(SynthConfig(lesion_contrast=0.0, **base), tmp_path / "null")
     full = lesion_and_rim_t2(SynthConfig(lesion_contrast=1.0, **base), tmp_path / "full")
     assert null and len(null) == len(full)

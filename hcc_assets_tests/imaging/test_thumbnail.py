@@ -1,4 +1,4 @@
-"""Thumbnails of figures for inline asset metadata (hcc_assets.imaging.preview.thumbnail)."""
+"""Thumbnails of figures for inline asset metadata (hcc_assets.core.figures.thumbnail)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hcc_assets.imaging.preview import THUMBNAIL_MAX_BYTES, mid_slice_png, thumbnail, thumbnail_data_uri
+from hcc_assets.core.figures import THUMBNAIL_MAX_BYTES, thumbnail, thumbnail_data_uri
+from hcc_assets.imaging.preview import mid_slice_png
 from hcc_assets_tests.imaging.test_preprocess import body_phantom
 
 
@@ -56,4 +57,3 @@ def test_transparent_and_grey_images_are_accepted():
     assert mime in ("image/png", "image/jpeg") and min(corner) > 240  # transparency goes on white
     grey = (np.arange(256 * 256, dtype=np.uint32).reshape(256, 256) % 251).astype(np.uint8)
     assert len(thumbnail_data_uri(_png(grey))) <= THUMBNAIL_MAX_BYTES
-

@@ -79,14 +79,17 @@ def _with_mask(liver_volume, labels):
     return image, nib.Nifti1Image(labels.astype(np.uint8), mask.affine)
 
 
-@pytest.mark.parametrize("case, reason", [
-    ("empty", "mask is empty"),
-    ("one voxel", r"mask has 1 voxel\(s\) of label 1; at least 64 needed"),
-    ("other label only", r"label 1 is not in the mask \(labels present: \[0, 2\]\)"),
-    ("NaN image", "image has 1 non-finite voxels"),
-    ("shape", r"mask shape \(40, 40, 11\) differs from image shape \(40, 40, 12\)"),
-    ("grid", "not on the image's grid"),
-])
+@pytest.mark.parametrize(
+    "case, reason",
+    [
+        ("empty", "mask is empty"),
+        ("one voxel", r"mask has 1 voxel\(s\) of label 1; at least 64 needed"),
+        ("other label only", r"label 1 is not in the mask \(labels present: \[0, 2\]\)"),
+        ("NaN image", "image has 1 non-finite voxels"),
+        ("shape", r"mask shape \(40, 40, 11\) differs from image shape \(40, 40, 12\)"),
+        ("grid", "not on the image's grid"),
+    ],
+)
 def test_unusable_inputs_raise_with_a_reason(liver_volume, case, reason):
     image, mask = liver_volume
     labels = np.asarray(mask.dataobj).copy()

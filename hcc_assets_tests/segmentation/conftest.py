@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 from filelock import FileLock  # torch's own dependency
 
-from hcc_assets.segmentation import (SegmentationTrainingConfig, build_raw_dataset, plan_and_preprocess,
-                                     train)
+from hcc_assets.segmentation import SegmentationTrainingConfig, build_raw_dataset, plan_and_preprocess, train
 from hcc_assets_tests.segmentation.synthetic import write_cases
 
 # Six 48x48x16 cases and 6 x 20 iterations of 2d_cpu: held-out Dice 0.90-0.95 (liver) and
@@ -45,5 +44,9 @@ def _train(root: Path) -> dict:
     build_raw_dataset(cases, raw, config.dataset_id, config.dataset_name)
     plans_file = plan_and_preprocess(config, raw, preprocessed)
     folder = train(config, preprocessed, results)
-    return {"folder": str(folder), "raw_dir": str(raw), "preprocessed_dir": str(preprocessed),
-            "plans_file": str(plans_file)}
+    return {
+        "folder": str(folder),
+        "raw_dir": str(raw),
+        "preprocessed_dir": str(preprocessed),
+        "plans_file": str(plans_file),
+    }

@@ -17,8 +17,9 @@ def _rotation_z(degrees: float) -> np.ndarray:
     return np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
 
 
-def synthetic_case(seed: int, shape=(48, 48, 16), spacing=(6.0, 6.0, 8.0), lps_storage: bool = False,
-                   oblique_deg: float = 0.0) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
+def synthetic_case(
+    seed: int, shape=(48, 48, 16), spacing=(6.0, 6.0, 8.0), lps_storage: bool = False, oblique_deg: float = 0.0
+) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
     """(float32 T2-like image, uint8 mask with liver 1 and spleen 2) on one grid."""
     rng = np.random.default_rng(seed)
     directions = _rotation_z(oblique_deg) @ (np.diag([-1.0, -1.0, 1.0]) if lps_storage else np.eye(3))

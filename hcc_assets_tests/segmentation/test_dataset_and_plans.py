@@ -5,8 +5,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from hcc_assets.segmentation import (SegmentationDataError, SegmentationTrainingConfig, add_cpu_configuration,
-                                     build_raw_dataset)
+from hcc_assets.segmentation import (
+    SegmentationDataError,
+    SegmentationTrainingConfig,
+    add_cpu_configuration,
+    build_raw_dataset,
+)
 from hcc_assets_tests.segmentation.synthetic import synthetic_case, write_cases
 
 
@@ -21,25 +25,28 @@ def test_raw_dataset_puts_the_image_affine_on_the_mask(tmp_path):
     assert folder.name == "Dataset007_Tiny"
     written = nib.load(folder / "labelsTr" / "case000.nii.gz")
     assert np.array_equal(written.affine, image.affine) and written.get_data_dtype() == np.uint8
-    assert json.loads((folder / "dataset.json").read_text())["overwrite_image_reader_writer"] == \
-        "NibabelIOWithReorient"
+    assert json.loads((folder / "dataset.json").read_text())["overwrite_image_reader_writer"] == "NibabelIOWithReorient"
 
 
 def _case_with_mask(tmp_path, name, mask_data=None, mask_affine=None):
     image, mask = synthetic_case(0)
     nib.save(image, tmp_path / f"{name}_img.nii.gz")
     data = np.asarray(mask.dataobj) if mask_data is None else mask_data
-    nib.save(nib.Nifti1Image(data, image.affine if mask_affine is None else mask_affine),
-             tmp_path / f"{name}_mask.nii.gz")
+    nib.save(
+        nib.Nifti1Image(data, image.affine if mask_affine is None else mask_affine), tmp_path / f"{name}_mask.nii.gz"
+    )
     return name, tmp_path / f"{name}_img.nii.gz", tmp_path / f"{name}_mask.nii.gz"
 
 
-@pytest.mark.parametrize("mask_kwargs, message", [
-    (dict(mask_data=np.zeros((48, 48, 15), np.uint8)), "shape"),
-    (dict(mask_data=np.full((48, 48, 16), 3, np.uint8)), r"labels \[3\] besides 0, 1, 2"),
-    (dict(mask_data=np.full((48, 48, 16), 2, np.uint8)), "no liver voxels"),
-    (dict(mask_affine=np.diag([6.0, 6.0, 8.0, 1.0])), "not on the image's grid"),
-])
+@pytest.mark.parametrize(
+    "mask_kwargs, message",
+    [
+        (dict(mask_data=np.zeros((48, 48, 15), np.uint8)), "shape"),
+        (dict(mask_data=np.full((48, 48, 16), 3, np.uint8)), r"labels \[3\] besides 0, 1, 2"),
+        (dict(mask_data=np.full((48, 48, 16), 2, np.uint8)), "no liver voxels"),
+        (dict(mask_affine=np.diag([6.0, 6.0, 8.0, 1.0])), "not on the image's grid"),
+    ],
+)
 def test_raw_dataset_rejects_unusable_masks(tmp_path, mask_kwargs, message):
     good = _case_with_mask(tmp_path, "good")
     bad = _case_with_mask(tmp_path, "bad", **mask_kwargs)
@@ -69,9 +76,15 @@ def test_3d_cpu_configuration_builds_a_network_for_its_patch(trained_model, tmp_
     assert resolved.spacing == json.loads(plans_file.read_text())["configurations"]["3d_fullres"]["spacing"]
     kwargs = resolved.network_arch_init_kwargs
     assert len(kwargs["strides"]) == kwargs["n_stages"] == len(kwargs["features_per_stage"])
-    network = get_network_from_plans(resolved.network_arch_class_name, kwargs,
-                                     resolved.network_arch_init_kwargs_req_import, 1, 3,
-                                     allow_init=True, deep_supervision=False)
+    network = get_network_from_plans(
+        resolved.network_arch_class_name,
+        kwargs,
+        resolved.network_arch_init_kwargs_req_import,
+        1,
+        3,
+        allow_init=True,
+        deep_supervision=False,
+    )
     with torch.no_grad():
         assert network(torch.zeros(1, 1, 16, 32, 32)).shape == (1, 3, 16, 32, 32)
 

@@ -28,7 +28,8 @@ def test_volume_components_and_plausibility():
     assert quality["liver_largest_component_fraction"] == pytest.approx(25_000 / 25_500, abs=1e-6)
     assert quality["liver_volume_plausible"] and quality["dice_liver"] is None
     assert not mask_quality(labels_image(data), config=MaskQualityConfig(liver_volume_ml_min=600))[
-        "liver_volume_plausible"]
+        "liver_volume_plausible"
+    ]
 
 
 def test_volume_uses_the_true_voxel_size_of_an_oblique_grid():
@@ -64,8 +65,8 @@ def _decode_png(data: bytes) -> np.ndarray:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     position, chunks = 8, {}
     while position < len(data):
-        (length,), kind = struct.unpack(">I", data[position:position + 4]), data[position + 4:position + 8]
-        chunks[kind] = data[position + 8:position + 8 + length]
+        (length,), kind = struct.unpack(">I", data[position : position + 4]), data[position + 4 : position + 8]
+        chunks[kind] = data[position + 8 : position + 8 + length]
         position += 12 + length
     width, height = struct.unpack(">II", chunks[b"IHDR"][:8])
     rows = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(height, 1 + 3 * width)

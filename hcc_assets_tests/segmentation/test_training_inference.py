@@ -7,8 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from hcc_assets.segmentation import (TRAINING_SUMMARY, LiverSegmenter, mask_quality,
-                                     validate_model_folder)
+from hcc_assets.segmentation import TRAINING_SUMMARY, LiverSegmenter, mask_quality, validate_model_folder
 from hcc_assets_tests.segmentation.conftest import TRAINING
 from hcc_assets_tests.segmentation.synthetic import synthetic_case
 
@@ -56,8 +55,9 @@ def segmenter(trained_model):
     return LiverSegmenter(trained_model.folder, device="cpu")
 
 
-@pytest.mark.parametrize("storage", [dict(), dict(lps_storage=True), dict(oblique_deg=8.0)],
-                         ids=["ras", "lps", "oblique"])
+@pytest.mark.parametrize(
+    "storage", [dict(), dict(lps_storage=True), dict(oblique_deg=8.0)], ids=["ras", "lps", "oblique"]
+)
 def test_prediction_is_on_the_image_grid_and_finds_the_liver(segmenter, storage):
     image, reference = synthetic_case(seed=100 + len(storage), **storage)  # not a training case
     mask = segmenter.predict(image)

@@ -32,8 +32,12 @@ def _delong_by_definition(y, p_a, p_b):
     s01 = np.zeros((2, 2))
     for r in range(2):
         for s in range(2):
-            s10[r, s] = sum((components[r][0][i] - aucs[r]) * (components[s][0][i] - aucs[s]) for i in range(m)) / (m - 1)
-            s01[r, s] = sum((components[r][1][j] - aucs[r]) * (components[s][1][j] - aucs[s]) for j in range(n)) / (n - 1)
+            s10[r, s] = sum((components[r][0][i] - aucs[r]) * (components[s][0][i] - aucs[s]) for i in range(m)) / (
+                m - 1
+            )
+            s01[r, s] = sum((components[r][1][j] - aucs[r]) * (components[s][1][j] - aucs[s]) for j in range(n)) / (
+                n - 1
+            )
     return aucs, s10 / m + s01 / n
 
 
@@ -63,8 +67,9 @@ def test_delong_matches_sklearn_auc_and_the_pairwise_variance(rounding):
         assert result.se == pytest.approx(math.sqrt(variance), rel=1e-9)
         assert result.se_a == pytest.approx(math.sqrt(covariance[0, 0]), rel=1e-9)
         assert result.se_b == pytest.approx(math.sqrt(covariance[1, 1]), rel=1e-9)
-        assert result.correlation == pytest.approx(covariance[0, 1] / math.sqrt(covariance[0, 0] * covariance[1, 1]),
-                                                   rel=1e-9)
+        assert result.correlation == pytest.approx(
+            covariance[0, 1] / math.sqrt(covariance[0, 0] * covariance[1, 1]), rel=1e-9
+        )
         z = result.difference / math.sqrt(variance)
         assert result.z == pytest.approx(z, rel=1e-9)
         assert result.p_value == pytest.approx(2 * norm.sf(abs(z)), rel=1e-9)
@@ -146,8 +151,9 @@ def test_paired_bootstrap_draws_the_patients_bootstrap_metrics_draws():
 def test_paired_bootstrap_counts_and_skips_single_class_resamples():
     # 1 HCC patient among 6: a resample misses it with probability (5/6)^6 = 0.33
     y = [1, 0, 0, 0, 0, 0]
-    result = paired_bootstrap_auc_difference(y, [0.9, 0.1, 0.2, 0.3, 0.4, 0.5], [0.3, 0.1, 0.2, 0.6, 0.4, 0.5],
-                                             n_resamples=1000, seed=0)
+    result = paired_bootstrap_auc_difference(
+        y, [0.9, 0.1, 0.2, 0.3, 0.4, 0.5], [0.3, 0.1, 0.2, 0.6, 0.4, 0.5], n_resamples=1000, seed=0
+    )
     assert 250 < result.n_degenerate < 420
     assert result.n_resamples_used == 1000 - result.n_degenerate
     assert math.isfinite(result.mean) and math.isfinite(result.ci_low)

@@ -48,7 +48,7 @@ def test_cv_results_and_tie_break(separable_fit):
     assert fit.best_lambda == max(tied)  # strongest penalty among the best
     assert fit.best_C == pytest.approx(1 / fit.best_lambda)
     assert fit.best_cv_accuracy == best
-    assert fit.pipeline.named_steps["logistic"].C == pytest.approx(fit.best_C)
+    assert pytest.approx(fit.best_C) == fit.pipeline.named_steps["logistic"].C
 
 
 def test_same_seed_same_fit():

@@ -5,8 +5,13 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
-from hcc_assets.stats.metrics import (METRICS, bootstrap_metrics, classification_metrics, confusion_matrix,
-                                      repeated_cv_metrics)
+from hcc_assets.stats.metrics import (
+    METRICS,
+    bootstrap_metrics,
+    classification_metrics,
+    confusion_matrix,
+    repeated_cv_metrics,
+)
 
 
 def by_metric(estimates):
@@ -180,8 +185,9 @@ def test_repeated_cv_keeps_folds_apart_and_summarises_fold_values():
         return np.clip(X_test[:, 0], 0, 1)
 
     lines: list[str] = []
-    estimates = by_metric(repeated_cv_metrics(fit_predict, X, y, n_splits=5, n_repeats=3, seed=0,
-                                              progress=lines.append))
+    estimates = by_metric(
+        repeated_cv_metrics(fit_predict, X, y, n_splits=5, n_repeats=3, seed=0, progress=lines.append)
+    )
     assert len(seen_tests) == 15
     assert [line.split(" in ")[0] for line in lines] == [f"repeat {r}/3 ({5 * r}/15 folds)" for r in (1, 2, 3)]
     for repeat in range(3):  # every patient is tested once per repeat

@@ -17,40 +17,90 @@ def _inputs() -> ReportInputs:
     pids = [f"pt-{i:02d}" for i in range(30)]
     y = np.r_[np.ones(12), np.zeros(18)].astype(int)
     scores = {m: np.clip(0.5 * y + rng.random(30) * (0.5 + 0.2 * k), 0, 1) for k, m in enumerate(MODELS)}
-    predictions = pl.DataFrame([{"model": m, "patient_id": pid, "probability": float(scores[m][i]),
-                                 "label": bool(y[i])} for m in MODELS for i, pid in enumerate(pids)])
+    predictions = pl.DataFrame(
+        [
+            {"model": m, "patient_id": pid, "probability": float(scores[m][i]), "label": bool(y[i])}
+            for m in MODELS
+            for i, pid in enumerate(pids)
+        ]
+    )
     metrics, confusion, calibration = [], [], []
     for m in MODELS:
         for e in bootstrap_metrics(y, scores[m], n_resamples=100, seed=0):
-            metrics.append({"model": m, "scheme": "holdout_bootstrap", "metric": e.metric, "estimate": e.estimate,
-                            "mean": e.mean, "ci_low": e.ci_low, "ci_high": e.ci_high, "n": e.n,
-                            "n_resamples": e.n_resamples_used, "n_degenerate": e.n_degenerate})
+            metrics.append(
+                {
+                    "model": m,
+                    "scheme": "holdout_bootstrap",
+                    "metric": e.metric,
+                    "estimate": e.estimate,
+                    "mean": e.mean,
+                    "ci_low": e.ci_low,
+                    "ci_high": e.ci_high,
+                    "n": e.n,
+                    "n_resamples": e.n_resamples_used,
+                    "n_degenerate": e.n_degenerate,
+                }
+            )
         c = confusion_matrix(y, scores[m])
-        confusion.append({"model": m, "threshold": c.threshold, "n": c.n, "tp": c.tp, "fp": c.fp, "tn": c.tn,
-                          "fn": c.fn})
-        calibration += [{"model": m, "n_bins": 10, "bin": b.bin, "bin_low": b.low, "bin_high": b.high, "n": b.n,
-                         "mean_predicted": b.mean_predicted, "observed_rate": b.observed_rate,
-                         "brier_score": brier_score(y, scores[m])} for b in calibration_bins(y, scores[m])]
+        confusion.append(
+            {"model": m, "threshold": c.threshold, "n": c.n, "tp": c.tp, "fp": c.fp, "tn": c.tn, "fn": c.fn}
+        )
+        calibration += [
+            {
+                "model": m,
+                "n_bins": 10,
+                "bin": b.bin,
+                "bin_low": b.low,
+                "bin_high": b.high,
+                "n": b.n,
+                "mean_predicted": b.mean_predicted,
+                "observed_rate": b.observed_rate,
+                "brier_score": brier_score(y, scores[m]),
+            }
+            for b in calibration_bins(y, scores[m])
+        ]
     comparisons = []
     for a, b in (("radiomic", "deep"), ("radiomic", "explainable"), ("deep", "explainable")):
         d = delong_test(y, scores[a], scores[b])
         boot = paired_bootstrap_auc_difference(y, scores[a], scores[b], n_resamples=100, seed=0)
-        comparisons.append({"model_a": a, "model_b": b, "n": d.n, "n_positive": d.n_positive, "auc_a": d.auc_a,
-                            "auc_b": d.auc_b, "auc_difference": d.difference, "ci_low": boot.ci_low,
-                            "ci_high": boot.ci_high, "n_resamples": boot.n_resamples_used,
-                            "n_degenerate": boot.n_degenerate, "delong_z": d.z, "delong_p": d.p_value,
-                            "delong_ci_low": d.ci_low, "delong_ci_high": d.ci_high})
+        comparisons.append(
+            {
+                "model_a": a,
+                "model_b": b,
+                "n": d.n,
+                "n_positive": d.n_positive,
+                "auc_a": d.auc_a,
+                "auc_b": d.auc_b,
+                "auc_difference": d.difference,
+                "ci_low": boot.ci_low,
+                "ci_high": boot.ci_high,
+                "n_resamples": boot.n_resamples_used,
+                "n_degenerate": boot.n_degenerate,
+                "delong_z": d.z,
+                "delong_p": d.p_value,
+                "delong_ci_low": d.ci_low,
+                "delong_ci_high": d.ci_high,
+            }
+        )
     empty = pl.DataFrame()
     return ReportInputs(
-        cohort=pl.DataFrame({"patient_id": pids, "hcc": y.astype(bool), "split": ["validation"] * 30,
-                             "source": ["synthetic"] * 30}),
+        cohort=pl.DataFrame(
+            {"patient_id": pids, "hcc": y.astype(bool), "split": ["validation"] * 30, "source": ["synthetic"] * 30}
+        ),
         exclusions=pl.DataFrame(schema={"patient_id": pl.String, "stage": pl.String, "reason": pl.String}),
         masks=pl.DataFrame(schema={"patient_id": pl.String, "liver_ml": pl.Float64, "dice_liver": pl.Float64}),
-        metrics=pl.DataFrame(metrics), history=empty, predictions=predictions, coefficients=empty, sweep=empty,
-        models=pl.DataFrame(schema={"model_name": pl.String, "version": pl.String, "kind": pl.String,
-                                    "init": pl.String}),
-        model_comparisons=pl.DataFrame(comparisons), confusion_matrices=pl.DataFrame(confusion),
-        calibration=pl.DataFrame(calibration))
+        metrics=pl.DataFrame(metrics),
+        history=empty,
+        predictions=predictions,
+        coefficients=empty,
+        sweep=empty,
+        models=pl.DataFrame(
+            schema={"model_name": pl.String, "version": pl.String, "kind": pl.String, "init": pl.String}
+        ),
+        model_comparisons=pl.DataFrame(comparisons),
+        confusion_matrices=pl.DataFrame(confusion),
+        calibration=pl.DataFrame(calibration),
+    )
 
 
 def test_report_shows_comparisons_confusion_matrices_and_calibration():
@@ -77,6 +127,9 @@ def test_calibration_figure_is_deterministic_and_absent_without_rows():
     calibration = _inputs().calibration
     assert calibration_figure(calibration) == calibration_figure(calibration)
     assert calibration_figure(calibration.head(0)) is None and calibration_figure(None) is None
-    without = build_report(ReportInputs(**{**_inputs().__dict__, "calibration": None, "model_comparisons": None,
-                                           "confusion_matrices": None}))
+    without = build_report(
+        ReportInputs(
+            **{**_inputs().__dict__, "calibration": None, "model_comparisons": None, "confusion_matrices": None}
+        )
+    )
     assert "Paired comparison" not in without.markdown and "calibration.png" not in without.figures

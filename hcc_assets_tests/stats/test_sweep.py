@@ -24,7 +24,13 @@ def test_one_row_per_measure_and_threshold():
         dl_train, hc_train, [f"hc{i}" for i in range(10)], y_train, dl_val, y_val, thresholds=(0.3, 0.5, 0.99)
     )
     assert table.columns == [
-        "measure", "threshold", "n_kept", "n_selected", "cv_accuracy", "val_accuracy", "val_roc_auc"
+        "measure",
+        "threshold",
+        "n_kept",
+        "n_selected",
+        "cv_accuracy",
+        "val_accuracy",
+        "val_roc_auc",
     ]
     assert table.height == 9
     assert sorted(table.select("measure", "threshold").rows()) == sorted(
@@ -42,8 +48,14 @@ def test_one_row_per_measure_and_threshold():
 def test_nothing_kept_gives_nan_without_crashing():
     hc_train, dl_train, y_train, dl_val, y_val = small_cohort(seed=1)
     table = explainability_sweep(
-        dl_train, hc_train, [f"hc{i}" for i in range(10)], y_train, dl_val, y_val,
-        thresholds=(0.999,), measures=("pearson", "distance"),
+        dl_train,
+        hc_train,
+        [f"hc{i}" for i in range(10)],
+        y_train,
+        dl_val,
+        y_val,
+        thresholds=(0.999,),
+        measures=("pearson", "distance"),
     )
     assert table["n_kept"].to_list() == [0, 0] and table["n_selected"].to_list() == [0, 0]
     assert all(math.isnan(v) for v in table["val_accuracy"].to_list() + table["cv_accuracy"].to_list())
@@ -56,8 +68,14 @@ def test_kept_features_all_constant_gives_nan_row():
     y_train = np.tile([0, 1], 6)
     # threshold 0 keeps the constant DL column (association 0 >= 0); the variance filter then drops it
     table = explainability_sweep(
-        dl_train, hc_train, ["a", "b"], y_train, np.ones((4, 1)), np.array([0, 1, 0, 1]),
-        thresholds=(0.0,), measures=("pearson",),
+        dl_train,
+        hc_train,
+        ["a", "b"],
+        y_train,
+        np.ones((4, 1)),
+        np.array([0, 1, 0, 1]),
+        thresholds=(0.0,),
+        measures=("pearson",),
     )
     row = table.row(0, named=True)
     assert row["n_kept"] == 1 and row["n_selected"] == 0 and math.isnan(row["val_accuracy"])

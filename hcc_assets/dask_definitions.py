@@ -30,8 +30,7 @@ import distributed
 from dagster_dask.executor import DaskExecutor, dask_executor, get_dask_resource_requirements, query_on_dask_worker
 
 from hcc_assets.definitions import defs
-from hcc_assets.defs.jobs import (patient_features_job, patient_ingest_job, patient_pipeline_job,
-                                  patient_predictions_job)
+from hcc_assets.defs.jobs import patient_features_job, patient_ingest_job, patient_pipeline_job, patient_predictions_job
 
 
 def cluster_run_config(address: str) -> dict:
@@ -53,31 +52,42 @@ class PartitionSafeDaskExecutor(DaskExecutor):
             cluster = owned = distributed.LocalCluster(**self.build_dict(job_name))
         else:
             raise dg.DagsterInvariantViolationError(
-                f"cluster type {self.cluster_type!r}: this executor runs on 'existing' or 'local' Dask clusters")
+                f"cluster type {self.cluster_type!r}: this executor runs on 'existing' or 'local' Dask clusters"
+            )
         run_step = functools.partial(
-            query_on_dask_worker, recon_job=plan_context.reconstructable_job, dagster_run=plan_context.dagster_run,
-            run_config=plan_context.run_config, instance_ref=plan_context.instance.get_ref(),
-            known_state=execution_plan.known_state)
+            query_on_dask_worker,
+            recon_job=plan_context.reconstructable_job,
+            dagster_run=plan_context.dagster_run,
+            run_config=plan_context.run_config,
+            instance_ref=plan_context.instance.get_ref(),
+            known_state=execution_plan.known_state,
+        )
         try:
             with distributed.Client(cluster) as client:
-                futures = {}
+                futures: dict[str, distributed.Future] = {}
                 for level in execution_plan.get_steps_to_execute_by_level():
                     for step in level:
-                        upstream = [futures[key] for step_input in step.step_inputs
-                                    for key in step_input.dependency_keys]
+                        upstream = [
+                            futures[key] for step_input in step.step_inputs for key in step_input.dependency_keys
+                        ]
                         futures[step.key] = client.submit(
-                            functools.partial(run_step, step_keys=[step.key]), upstream,
-                            key=f"{job_name}.{step.key}.{run_id}", resources=get_dask_resource_requirements(step.tags))
+                            functools.partial(run_step, step_keys=[step.key]),
+                            upstream,
+                            key=f"{job_name}.{step.key}.{run_id}",
+                            resources=get_dask_resource_requirements(step.tags),
+                        )
                 for _, events in distributed.as_completed(list(futures.values()), with_results=True):
-                    for event in events:
-                        yield event
+                    yield from events
         finally:
             if owned is not None:
                 owned.close()
 
 
-@dg.executor(name="dask", config_schema=dask_executor.config_schema,
-             requirements=dg.multiple_process_executor_requirements())
+@dg.executor(
+    name="dask",
+    config_schema=dask_executor.config_schema.as_field(),  # the same Field, in the type the decorator takes
+    requirements=dg.multiple_process_executor_requirements(),
+)
 def partition_safe_dask_executor(init_context) -> PartitionSafeDaskExecutor:
     """dagster-dask's `dask_executor` config (`cluster: {existing: {address}}` or `cluster: {local: {...}}`)."""
     ((cluster_type, cluster_configuration),) = init_context.executor_config["cluster"].items()
@@ -85,16 +95,19 @@ def partition_safe_dask_executor(init_context) -> PartitionSafeDaskExecutor:
 
 
 def _on_dask(job):
-    return dg.define_asset_job(name=job.name, selection=job.selection, description=job.description,
-                               executor_def=partition_safe_dask_executor)
+    return dg.define_asset_job(
+        name=job.name, selection=job.selection, description=job.description, executor_def=partition_safe_dask_executor
+    )
 
 
 dask_defs = dg.Definitions(
     assets=defs.assets,
     asset_checks=defs.asset_checks,
     resources=defs.resources,
-    jobs=[_on_dask(job) for job in (patient_ingest_job, patient_features_job, patient_predictions_job,
-                                    patient_pipeline_job)],
+    jobs=[
+        _on_dask(job)
+        for job in (patient_ingest_job, patient_features_job, patient_predictions_job, patient_pipeline_job)
+    ],
 )
 
 
