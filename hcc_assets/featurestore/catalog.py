@@ -15,12 +15,15 @@ run time. The SQLite catalog runs in WAL mode so that readers never block a comm
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
 import sqlite3
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,13 @@ ALIAS = "fs"  # the name the store is attached under; every connection runs `USE
 POSTGRES_PREFIXES = ("postgres:", "postgresql:")
 DUCKDB_MAGIC = b"DUCK"  # bytes 8..12 of a DuckDB database file
 OBJECT_STORE_PREFIXES = ("s3://", "s3a://", "r2://", "gcs://", "gs://")
+
+
+# One re-entrant lock per catalog in this process; its holder takes the OS-level lock (see
+# StoreLocation.exclusive_writes). Depth counts are only touched by the thread holding the lock.
+_WRITE_LOCKS: dict[str, threading.RLock] = {}
+_WRITE_LOCKS_GUARD = threading.Lock()
+_WRITE_DEPTH: dict[str, int] = {}
 
 
 class CatalogError(Exception):
@@ -92,6 +102,59 @@ class StoreLocation:
     def describe(self) -> str:
         """The catalog without secrets, for messages."""
         return redact(self.catalog)
+
+    @contextmanager
+    def exclusive_writes(self) -> Iterator[None]:
+        """Hold this catalog's write lock for the block: one write transaction at a time, across
+        threads, processes and (with Postgres) machines; re-entrant within a thread.
+
+        Why: DuckLake 1.4.4's commit-time conflict check can meet a NULL in its own statistics when
+        two writers commit at once (duckdb/ducklake#1198, #1370). That is an INTERNAL error which
+        invalidates the process's DuckDB, and closing a connection that still holds the transaction
+        then aborts the process. Serialising the writers (the workaround the DuckLake issue gives)
+        means no commit ever races another; the optimistic retry in FeatureStore.transaction stays
+        for writers outside this platform. A SQLite catalog takes an flock on `<catalog>.writelock`;
+        a Postgres catalog a session advisory lock keyed by the catalog.
+        """
+        key = self.catalog
+        with _WRITE_LOCKS_GUARD:
+            lock = _WRITE_LOCKS.setdefault(key, threading.RLock())
+        with lock:
+            depth = _WRITE_DEPTH.get(key, 0)
+            _WRITE_DEPTH[key] = depth + 1
+            try:
+                if depth:
+                    yield
+                else:
+                    with self._os_write_lock():
+                        yield
+            finally:
+                _WRITE_DEPTH[key] = depth
+
+    @contextmanager
+    def _os_write_lock(self) -> Iterator[None]:
+        if self.is_postgres:
+            import psycopg2
+
+            digest = hashlib.sha256(self.catalog.encode()).digest()
+            lock_id = int.from_bytes(digest[:8], "big", signed=True)
+            try:
+                connection = psycopg2.connect(self.catalog.split(":", 1)[1])
+            except psycopg2.Error as error:
+                raise CatalogError(self._unreachable(error)) from None
+            try:
+                connection.autocommit = True
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_advisory_lock(%s)", [lock_id])
+                yield  # the lock ends with the session, also if this process dies
+            finally:
+                connection.close()
+            return
+        path = self.sqlite_path
+        assert path is not None
+        with open(f"{path}.writelock", "a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+            yield
 
     def attach_sql(
         self,

@@ -24,7 +24,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -157,6 +157,15 @@ class FeatureStore:
         except duckdb.Error as error:
             raise FeatureStoreError(f"feature store {self.location.describe()}: {error}") from None
 
+    @contextmanager
+    def _exclusive_writes(self) -> Iterator[None]:
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(self.location.exclusive_writes())
+            except CatalogError as error:
+                raise FeatureStoreError(str(error)) from None
+            yield
+
     def ensure_schema(self) -> None:
         """Create the catalog (atomically, for SQLite) and every table and view, once per process."""
         if repr((self.location, catalog_identity(self.location))) in FeatureStore._ready:
@@ -273,13 +282,14 @@ class FeatureStore:
         for writes that may meet other writers)."""
         self._check_writable()
         self.ensure_schema()
-        con = self._connect(read_only=False)
-        try:
-            con.execute("BEGIN TRANSACTION")
-            yield con
-            con.execute("COMMIT")
-        finally:
-            con.close()
+        with self._exclusive_writes():
+            con = self._connect(read_only=False)
+            try:
+                con.execute("BEGIN TRANSACTION")
+                yield con
+                con.execute("COMMIT")
+            finally:
+                con.close()
 
     def transaction(self, body: Callable[[duckdb.DuckDBPyConnection], T], what: str = "write") -> T:
         """Run `body(con)` in one transaction and commit; on a conflict with another writer run it
@@ -289,33 +299,35 @@ class FeatureStore:
         attempt = 0
         while True:
             attempt += 1
-            con = self._connect(read_only=False)
-            try:
-                con.execute("BEGIN TRANSACTION")
-                result = body(con)
-                con.execute("COMMIT")
-                return result
-            except duckdb.Error as error:
+            with self._exclusive_writes():  # one writer at a time: see StoreLocation.exclusive_writes
+                con = self._connect(read_only=False)
                 try:
-                    con.execute("ROLLBACK")
-                except duckdb.Error:
-                    pass
-                if _internal(error):
+                    con.execute("BEGIN TRANSACTION")
+                    result = body(con)
+                    con.execute("COMMIT")
+                    return result
+                except duckdb.Error as error:
+                    failure = error
+                    try:
+                        con.execute("ROLLBACK")
+                    except duckdb.Error:
+                        pass
+                    if _internal(error):
+                        con.close()
+                        reset_engine()
+                finally:
                     con.close()
-                    reset_engine()
-                if not _retryable(error):
-                    raise FeatureStoreError(
-                        f"feature store {self.location.describe()}: {what} failed: {str(error).splitlines()[0]}"
-                    ) from None
-                if attempt >= self.max_attempts or time.monotonic() > deadline:
-                    raise FeatureStoreError(
-                        f"feature store {self.location.describe()}: {what} still conflicted with other writers "
-                        f"after {attempt} attempts in {self.write_timeout_s:.0f} s; last: {str(error).splitlines()[0]}"
-                    ) from None
-                self.retries += 1
-                time.sleep(min(1.0, 0.01 * 1.5 ** min(attempt, 12)) * (0.5 + random.random()))
-            finally:
-                con.close()
+            if not _retryable(failure):
+                raise FeatureStoreError(
+                    f"feature store {self.location.describe()}: {what} failed: {str(failure).splitlines()[0]}"
+                ) from None
+            if attempt >= self.max_attempts or time.monotonic() > deadline:
+                raise FeatureStoreError(
+                    f"feature store {self.location.describe()}: {what} still conflicted with other writers "
+                    f"after {attempt} attempts in {self.write_timeout_s:.0f} s; last: {str(failure).splitlines()[0]}"
+                ) from None
+            self.retries += 1
+            time.sleep(min(1.0, 0.01 * 1.5 ** min(attempt, 12)) * (0.5 + random.random()))
 
     def _check_writable(self) -> None:
         if self.pinned:
