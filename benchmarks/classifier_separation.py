@@ -35,8 +35,10 @@ from sklearn.preprocessing import StandardScaler
 
 from hcc_assets.deep import ClassifierConfig, train_classifier
 from hcc_assets.deep.train import _run
-from hcc_assets.imaging import dicom_series, nifti, phantom, preprocess, synth
+from hcc_assets.imaging import dicom_series, nifti, preprocess
 from hcc_assets.stats.split import stratified_split
+from hcc_assets.synthetic import cohort as synth
+from hcc_assets.synthetic import phantom
 
 COHORT_SPLIT_SEED = 20230601  # hcc_assets.defs.cohort.CohortConfig.seed
 VALIDATION_FRACTION = 0.2

@@ -110,8 +110,8 @@ def main() -> int:
     import dagster as dg
 
     from hcc_assets.defs.resources import LakeResource
-    from hcc_assets.imaging.synth import SynthConfig, synthesize_cohort
     from hcc_assets.instance import ensure_dagster_home
+    from hcc_assets.synthetic.cohort import SynthConfig, synthesize_cohort
     from hcc_assets_tests.defs.helpers import PATIENT_ASSETS
 
     results: dict[str, dict] = {}
@@ -191,7 +191,7 @@ def full(work: Path) -> dict:
     from hcc_assets.defs import cohort, deep, ingest, segmentation
     from hcc_assets.defs.deep import HccClassifierConfig
     from hcc_assets.defs.resources import ComputeResource, LakeResource
-    from hcc_assets.imaging.synth import SynthConfig, synthesize_cohort
+    from hcc_assets.synthetic.cohort import SynthConfig, synthesize_cohort
     from hcc_assets_tests.conftest import SMALL_COHORT
     from hcc_assets_tests.defs.hands_off import CLASSIFIER_TRAINING, SEGMENTATION_TRAINING, TEST_PATIENT_CONFIG
 

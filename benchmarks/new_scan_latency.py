@@ -53,7 +53,7 @@ def main() -> int:
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
 
-    from hcc_assets.imaging.synth import SynthConfig, synthesize_cohort
+    from hcc_assets.synthetic.cohort import SynthConfig, synthesize_cohort
     from hcc_assets_tests.conftest import SMALL_COHORT
     from hcc_assets_tests.defs.hands_off import (
         CLASSIFIER_TRAINING,

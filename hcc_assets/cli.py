@@ -32,7 +32,7 @@ def _incoming(args) -> Path:
 
 
 def cmd_synth(args) -> int:
-    from hcc_assets.imaging.synth import Layout, SynthConfig, synthesize_cohort
+    from hcc_assets.synthetic.cohort import Layout, SynthConfig, synthesize_cohort
 
     config = SynthConfig(
         patients=args.patients, seed=args.seed, lesion_contrast=args.lesion_contrast, matrix=args.matrix
@@ -67,7 +67,7 @@ def _print_imports(source: str, results, elapsed: float) -> int:
 
 def cmd_import_chaos(args) -> int:
     from hcc_assets.core.errors import PatientInputError
-    from hcc_assets.imaging.importers import import_chaos
+    from hcc_assets.intake.importers import import_chaos
 
     start = time.perf_counter()
     try:
@@ -80,7 +80,7 @@ def cmd_import_chaos(args) -> int:
 
 def cmd_import_tcia(args) -> int:
     from hcc_assets.core.errors import PatientInputError
-    from hcc_assets.imaging.importers import import_tcia
+    from hcc_assets.intake.importers import import_tcia
 
     start = time.perf_counter()
     try:
@@ -92,7 +92,7 @@ def cmd_import_tcia(args) -> int:
 
 
 def cmd_receive(args) -> int:
-    from hcc_assets.receiver import Receiver, configure_logging
+    from hcc_assets.intake.receiver import Receiver, configure_logging
 
     configure_logging()
     callers = [c.strip() for c in (args.allowed_callers or "").split(",") if c.strip()]
@@ -359,7 +359,7 @@ def cmd_predict(args) -> int:
     from hcc_assets import runner
     from hcc_assets.defs.resources import default_lake_resource
     from hcc_assets.featurestore import reads
-    from hcc_assets.imaging.dropzone import drop_copy
+    from hcc_assets.intake.dropzone import drop_copy
 
     source = Path(args.folder).resolve()
     if not source.is_dir():
@@ -458,7 +458,7 @@ def cmd_demo(args) -> int:
 def _prepare_studylike(lake: Path, incoming: Path, patients: int, seed: int, lesion_contrast: float) -> None:
     """The study's mix: CHAOS-layout healthy and TCGA-LIHC-layout HCC patients, written as
     the downloads would be and brought in through the importers (what a real user runs)."""
-    from hcc_assets.imaging.importers import import_chaos, import_tcia
+    from hcc_assets.intake.importers import import_chaos, import_tcia
 
     sources = lake / "sources"
     half = patients // 2

@@ -17,7 +17,7 @@ SMALL_COHORT = dict(patients=8, seed=11, matrix=64, slices_min=12, slices_max=16
 @pytest.fixture(scope="session")
 def small_cohort(tmp_path_factory):
     """A synthetic drop zone, generated once; tests copy it before changing it."""
-    from hcc_assets.imaging.synth import SynthConfig, synthesize_cohort
+    from hcc_assets.synthetic.cohort import SynthConfig, synthesize_cohort
 
     incoming = tmp_path_factory.mktemp("cohort") / "incoming"
     patients = synthesize_cohort(incoming, SynthConfig(**SMALL_COHORT))
@@ -52,7 +52,7 @@ def memory_root():
 INTEGRATION_MODULES = {
     "deep/test_train.py",
     "segmentation/test_training_inference.py",
-    "test_receiver.py",
+    "intake/test_receiver.py",
     "test_ui_browser.py",
     "test_webserver.py",
 }

@@ -161,8 +161,8 @@ def ui_lake(tmp_path, monkeypatch):
     import dagster as dg
 
     from hcc_assets.defs.resources import LakeResource
-    from hcc_assets.imaging.synth import SynthConfig, synthesize_cohort
     from hcc_assets.instance import ensure_dagster_home
+    from hcc_assets.synthetic.cohort import SynthConfig, synthesize_cohort
 
     lake = tmp_path / "lake"
     incoming = lake / "incoming"

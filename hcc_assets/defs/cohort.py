@@ -10,7 +10,7 @@ from hcc_assets.defs.ingest import preprocessed_volume
 from hcc_assets.defs.metadata import markdown_table
 from hcc_assets.defs.resources import LakeResource
 from hcc_assets.featurestore import FeatureStore, reads
-from hcc_assets.imaging.dropzone import validate_labels
+from hcc_assets.intake.dropzone import validate_labels
 from hcc_assets.stats.split import stratified_split
 
 COHORT_VERSION = "2"

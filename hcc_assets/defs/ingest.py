@@ -22,8 +22,8 @@ from hcc_assets.defs.patient_errors import patient_failure
 from hcc_assets.defs.resources import LakeResource
 from hcc_assets.featurestore import FeatureStore
 from hcc_assets.imaging import dicom_series, nifti, preprocess, preview
-from hcc_assets.imaging.dropzone import folder_fingerprint, read_label_manifests
 from hcc_assets.imaging.volume_info import volume_summary
+from hcc_assets.intake.dropzone import folder_fingerprint, read_label_manifests
 from hcc_assets.lake import sha256_bytes
 
 RAW_SCAN_VERSION = "1"

@@ -8,8 +8,8 @@ from pathlib import Path
 import dagster as dg
 
 from hcc_assets.featurestore import FeatureStore
-from hcc_assets.imaging.dropzone import SkippedFolder, scan_drop_zone
-from hcc_assets.imaging.pseudonym import load_or_create_key, load_or_create_key_on, pseudonymize
+from hcc_assets.intake.dropzone import SkippedFolder, scan_drop_zone
+from hcc_assets.intake.pseudonym import load_or_create_key, load_or_create_key_on, pseudonymize
 from hcc_assets.lake import DataLake, is_local_url, local_path_of
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

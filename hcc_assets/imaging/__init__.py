@@ -1,6 +1,6 @@
-"""Imaging: DICOM series inventory and the T2 choice, DICOM -> NIfTI, preprocessing, reference masks,
-previews; also the synthetic cohort, the drop zone, pseudonyms and the CHAOS / TCGA-LIHC importers.
+"""Imaging: DICOM series inventory and the T2 choice, DICOM -> NIfTI, geometry, preprocessing,
+reference masks, previews.
 
-Rule: arrays, DICOM and NIfTI in, results out. Never imports dagster, the feature store or the lake
-(import-linter's layers contract in pyproject.toml).
+Rule: arrays, DICOM and NIfTI in, results out. Never imports dagster, the feature store, the lake,
+intake or synthetic (import-linter's layers contract in pyproject.toml).
 """

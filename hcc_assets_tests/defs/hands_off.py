@@ -301,7 +301,7 @@ def wait_for_sensor(
 def drop_patient(source: Path, incoming: Path) -> float:
     """Drop a copy into the drop zone the way `hcc-assets predict` does (dropzone.drop_copy:
     staged under a hidden name, `.complete` inside, renamed into place); returns when."""
-    from hcc_assets.imaging.dropzone import drop_copy
+    from hcc_assets.intake.dropzone import drop_copy
 
     drop_copy(source, incoming)
     return time.time()

@@ -12,7 +12,7 @@ import dagster as dg
 from hcc_assets.defs import analysis, cohort, deep, ingest, predictions, segmentation
 from hcc_assets.defs.resources import ComputeResource, LakeResource
 from hcc_assets.featurestore import FeatureStore
-from hcc_assets.imaging.synth import SynthConfig, synthesize_cohort
+from hcc_assets.synthetic.cohort import SynthConfig, synthesize_cohort
 
 ALL_ASSETS = dg.load_assets_from_modules([ingest, cohort, segmentation, deep, analysis, predictions])
 STUDY_COHORT = dict(patients=40, matrix=64, slices_min=12, slices_max=16, oblique_fraction=0.3)

@@ -14,7 +14,7 @@ import pytest
 from hcc_assets.defs import deep
 from hcc_assets.defs.cohort import cohort
 from hcc_assets.defs.resources import ComputeResource, LakeResource
-from hcc_assets.imaging.synth import SynthConfig, synthesize_cohort
+from hcc_assets.synthetic.cohort import SynthConfig, synthesize_cohort
 from hcc_assets_tests.conftest import SMALL_COHORT
 from hcc_assets_tests.defs.helpers import PATIENT_ASSETS, check_figure, failure_message
 from hcc_assets_tests.scratch import module_scratch

@@ -17,7 +17,7 @@ import time
 import dagster as dg
 import pytest
 
-from hcc_assets.imaging.synth import SynthConfig, synthesize_cohort
+from hcc_assets.synthetic.cohort import SynthConfig, synthesize_cohort
 from hcc_assets_tests.conftest import SMALL_COHORT
 from hcc_assets_tests.defs.hands_off import (
     CLASSIFIER,

@@ -19,8 +19,8 @@ import pytest
 
 from hcc_assets.defs.resources import ComputeResource
 from hcc_assets.featurestore import FeatureStore, registry
-from hcc_assets.imaging.synth import SynthConfig, synthesize_cohort
 from hcc_assets.steps.prediction import predict_patient
+from hcc_assets.synthetic.cohort import SynthConfig, synthesize_cohort
 from hcc_assets_tests.conftest import SMALL_COHORT
 from hcc_assets_tests.defs.hands_off import CLASSIFIER_TRAINING, TEST_PATIENT_CONFIG, prepare_lake
 from hcc_assets_tests.scratch import module_scratch

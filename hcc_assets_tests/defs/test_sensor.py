@@ -6,7 +6,7 @@ import shutil
 import dagster as dg
 
 from hcc_assets.defs.sensors import incoming_scans_sensor
-from hcc_assets.imaging.synth import SynthConfig, synthesize_cohort
+from hcc_assets.synthetic.cohort import SynthConfig, synthesize_cohort
 from hcc_assets_tests.conftest import SMALL_COHORT
 from hcc_assets_tests.defs.helpers import ingest_patient, make_lake
 

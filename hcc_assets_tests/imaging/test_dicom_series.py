@@ -450,7 +450,7 @@ def test_raw_dicom_without_preamble_is_read(tmp_path):
 
 @pytest.fixture(scope="module")
 def synth_cohort(tmp_path_factory):
-    synth = pytest.importorskip("hcc_assets.imaging.synth")
+    synth = pytest.importorskip("hcc_assets.synthetic.cohort")
     out = tmp_path_factory.mktemp("synth")
     config = synth.SynthConfig(patients=2, seed=7, matrix=32, slices_min=12, slices_max=14, oblique_fraction=0.5)
     return out, synth.synthesize_cohort(out, config)

@@ -153,7 +153,7 @@ def test_changed_files_are_refused(tmp_path):
 @pytest.fixture(scope="module")
 def synth_pair(tmp_path_factory):
     """One axial and one oblique synthetic patient."""
-    synth = pytest.importorskip("hcc_assets.imaging.synth")
+    synth = pytest.importorskip("hcc_assets.synthetic.cohort")
     out = tmp_path_factory.mktemp("synth")
     config = synth.SynthConfig(patients=4, seed=11, matrix=32, slices_min=12, slices_max=14, oblique_fraction=0.5)
     patients = synth.synthesize_cohort(out, config)

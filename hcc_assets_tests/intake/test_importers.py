@@ -14,10 +14,10 @@ from PIL import Image
 
 from hcc_assets import cli
 from hcc_assets.imaging.dicom_series import choose_t2_series, inventory_study
-from hcc_assets.imaging.dropzone import folder_fingerprint, read_label_manifests, scan_drop_zone
-from hcc_assets.imaging.importers import MASK_PATH, import_chaos, import_tcia
 from hcc_assets.imaging.nifti import series_to_nifti
-from hcc_assets.imaging.synth import SynthConfig, layout_config, phantom_labels, synthesize_cohort
+from hcc_assets.intake.dropzone import folder_fingerprint, read_label_manifests, scan_drop_zone
+from hcc_assets.intake.importers import MASK_PATH, import_chaos, import_tcia
+from hcc_assets.synthetic.cohort import SynthConfig, layout_config, phantom_labels, synthesize_cohort
 
 CONFIG = SynthConfig(patients=2, seed=21, matrix=64, slices_min=8, slices_max=11, oblique_fraction=0.5)
 CHAOS_GREYS = {0, 63, 126, 189, 252}

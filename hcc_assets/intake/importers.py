@@ -66,9 +66,9 @@ from hcc_assets.imaging.dicom_series import (
     inventory_study,
     order_slices,
 )
-from hcc_assets.imaging.dropzone import merge_labels
 from hcc_assets.imaging.geometry import affine_ras
 from hcc_assets.imaging.nifti import make_nifti
+from hcc_assets.intake.dropzone import merge_labels
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage, Verification
 
-from hcc_assets.imaging.dropzone import scan_drop_zone
-from hcc_assets.imaging.synth import SynthConfig, synthesize_cohort
+from hcc_assets.intake.dropzone import scan_drop_zone
+from hcc_assets.synthetic.cohort import SynthConfig, synthesize_cohort
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 CONFIG = SynthConfig(patients=2, seed=17, matrix=32, slices_min=5, slices_max=6)
 
 
@@ -168,7 +168,7 @@ def test_a_later_study_of_the_same_patient_becomes_study_2_and_a_resend_merges(s
     """In-process receiver: a second delivery for a known patient goes next to the first."""
     from pydicom.uid import generate_uid
 
-    from hcc_assets.receiver import Receiver
+    from hcc_assets.intake.receiver import Receiver
 
     patient, files = studies[1]
     incoming = tmp_path / "incoming"

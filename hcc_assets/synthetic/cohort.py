@@ -15,7 +15,7 @@ Same config, same bytes: every random draw comes from a generator seeded by (see
 index, purpose) and nothing records the time of the run.
 
 `synthesize_cohort(..., layout=...)` writes the same phantoms in the layouts of the study's two
-public sources instead, for the importers (`hcc_assets.imaging.importers`) to read:
+public sources instead, for the importers (`hcc_assets.intake.importers`) to read:
 
 - "chaos" (CHAOS challenge, Train_Sets/MR): all patients healthy; numeric folder ids 1, 2, ...
       <id>/T1DUAL/DICOM_anon/{InPhase,OutPhase}/IMG-<series 4d>-<instance 5d>.dcm
@@ -62,8 +62,8 @@ from hcc_assets.core.figures import array_png
 from hcc_assets.core.files import COMPLETE_MARKER, atomic_write_bytes, publish_folder
 from hcc_assets.core.versioning import content_version
 from hcc_assets.imaging import geometry
-from hcc_assets.imaging.dropzone import merge_labels
-from hcc_assets.imaging.phantom import TISSUE_TO_LABEL, Phantom, Tissue, random_phantom, rotation_matrix
+from hcc_assets.intake.dropzone import merge_labels
+from hcc_assets.synthetic.phantom import TISSUE_TO_LABEL, Phantom, Tissue, random_phantom, rotation_matrix
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from scipy import ndimage
 
 from hcc_assets.imaging import geometry
-from hcc_assets.imaging.synth import SynthConfig, phantom_labels, synthesize_cohort
+from hcc_assets.synthetic.cohort import SynthConfig, phantom_labels, synthesize_cohort
 
 SMALL = SynthConfig(patients=4, seed=3, matrix=64, slices_min=8, slices_max=12)
 

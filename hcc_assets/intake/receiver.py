@@ -67,7 +67,7 @@ from hcc_assets.core.files import COMPLETE_MARKER, publish_folder
 if TYPE_CHECKING:
     from pynetdicom.transport import ThreadedAssociationServer
 
-log = logging.getLogger("hcc_assets.receiver")
+log = logging.getLogger("hcc_assets.intake.receiver")
 
 RECEIVING = ".receiving"
 STUDY_MARKER = ".study"

@@ -3,8 +3,8 @@ import time
 
 import pytest
 
-from hcc_assets.imaging.dropzone import read_label_manifests, scan_drop_zone
-from hcc_assets.imaging.pseudonym import load_or_create_key, pseudonymize
+from hcc_assets.intake.dropzone import read_label_manifests, scan_drop_zone
+from hcc_assets.intake.pseudonym import load_or_create_key, pseudonymize
 
 
 def _touch(path, age_s=0.0):
@@ -52,7 +52,7 @@ def test_pseudonyms_are_keyed_stable_and_hide_the_key(tmp_path, monkeypatch):
 
 
 def test_a_spreadsheet_exported_manifest_reads_like_a_plain_one(tmp_path):
-    from hcc_assets.imaging.dropzone import validate_labels
+    from hcc_assets.intake.dropzone import validate_labels
 
     # Excel: a UTF-8 byte-order mark, CRLF line ends, capitalised headers with spaces after the commas
     (tmp_path / "labels_excel.csv").write_bytes(
@@ -75,7 +75,7 @@ def test_a_symlink_loop_and_odd_names_do_not_upset_the_scan(tmp_path):
 
 
 def test_drop_copy_publishes_a_whole_study_once(tmp_path):
-    from hcc_assets.imaging.dropzone import COMPLETE_MARKER, drop_copy, scan_drop_zone
+    from hcc_assets.intake.dropzone import COMPLETE_MARKER, drop_copy, scan_drop_zone
 
     source = tmp_path / "outside" / "MRN12345"
     source.mkdir(parents=True)
