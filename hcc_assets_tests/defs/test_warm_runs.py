@@ -84,3 +84,16 @@ def test_a_code_change_retires_the_warm_process(launcher, tmp_path, monkeypatch)
     old = warm._zygote
     warm.warm_up()
     assert warm._zygote is not old and old is not None and old.process.poll() is not None
+
+
+def test_the_fingerprint_follows_the_deployment_run_config(tmp_path, monkeypatch):
+    """The definitions read $HCC_ASSETS_PATIENT_RUN_CONFIG when they load: an edit must retire the warm process."""
+    settings = tmp_path / "patient.yaml"
+    settings.write_text("ops: {}\n")
+    monkeypatch.setenv("HCC_ASSETS_PATIENT_RUN_CONFIG", str(settings))
+    package = tmp_path / "package"
+    package.mkdir()
+    (package / "module.py").write_text("A = 1\n")
+    before = code_fingerprint(package)
+    settings.write_text("ops: {liver_mask: {config: {min_dice_liver: 0.5}}}\n")
+    assert code_fingerprint(package) != before
