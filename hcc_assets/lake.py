@@ -30,6 +30,13 @@ from hcc_assets.core.files import TEMP_NAME, TEMP_PREFIX, temp_name
 
 PATIENTS = "patients"
 FIGURES = "figures"  # PNG figures: patients/<pseudonym>/figures/ and, cohort-level, <root>/figures/
+
+# The files of one patient, patients/<pseudonym>/<name>: the one place that names them.
+RAW_SCAN_FILE = "raw_scan.json"  # raw_scan: the chosen series and why
+NIFTI_FILE = "nifti_volume.nii.gz"  # nifti_volume: the T2 series as NIfTI, native grid
+REFERENCE_MASK_FILE = "reference_mask.nii.gz"  # a reference liver/spleen mask, when the source has one
+PREPROCESSED_FILE = "preprocessed_volume.nii.gz"  # preprocessed_volume: the model grid
+LIVER_MASK_FILE = "liver_mask.nii.gz"  # liver_mask: nnU-Net's mask on the NIfTI's grid
 # A write holds its temporary file for seconds; one this old was left by a writer that died.
 STALE_TEMP_SECONDS = 600.0
 

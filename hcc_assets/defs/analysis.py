@@ -32,11 +32,9 @@ from hcc_assets.defs.deep import MODEL_NAME as CLASSIFIER_NAME
 from hcc_assets.defs.deep import PREDICTION_MODEL as DEEP_MODEL
 from hcc_assets.defs.deep import deep_embedding, hcc_classifier
 from hcc_assets.defs.deployment import deployed
-from hcc_assets.defs.ingest import NIFTI_FILE
 from hcc_assets.defs.metadata import figure_metadata, markdown_table
 from hcc_assets.defs.resources import LakeResource
 from hcc_assets.defs.segmentation import (
-    LIVER_MASK_FILE,
     RADIOMICS_STAGE,
     liver_mask,
     liver_segmentation_model,
@@ -50,7 +48,7 @@ from hcc_assets.featurestore.queries import (
     latest_feature_set_version,
     radiomics_matrix,
 )
-from hcc_assets.lake import DataLake
+from hcc_assets.lake import LIVER_MASK_FILE, NIFTI_FILE, DataLake
 
 ANALYSIS_VERSION = "1"
 GROUP = "analysis"

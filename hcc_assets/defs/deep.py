@@ -45,13 +45,13 @@ from hcc_assets.core.versioning import SHORT, content_version
 from hcc_assets.defs.automation import on_refresh_cron, refresh_patient_feature
 from hcc_assets.defs.cohort import cohort
 from hcc_assets.defs.deployment import deployed
-from hcc_assets.defs.ingest import PREPROCESSED_FILE, preprocessed_volume
+from hcc_assets.defs.ingest import preprocessed_volume
 from hcc_assets.defs.metadata import figure_metadata, markdown_table
 from hcc_assets.defs.partitions import patients_partitions
 from hcc_assets.defs.patient_errors import patient_failure
 from hcc_assets.defs.resources import ComputeResource, LakeResource
 from hcc_assets.featurestore import FeatureStore, reads, registry
-from hcc_assets.lake import DataLake, nifti_from_bytes, sha256_bytes
+from hcc_assets.lake import PREPROCESSED_FILE, DataLake, nifti_from_bytes, sha256_bytes
 
 CLASSIFIER_VERSION = "1"
 DEEP_EMBEDDING_VERSION = "1"

@@ -24,16 +24,18 @@ from hcc_assets.featurestore import FeatureStore
 from hcc_assets.imaging import dicom_series, nifti, preprocess, preview
 from hcc_assets.imaging.volume_info import volume_summary
 from hcc_assets.intake.dropzone import folder_fingerprint, read_label_manifests
-from hcc_assets.lake import sha256_bytes
+from hcc_assets.lake import (
+    NIFTI_FILE,
+    PREPROCESSED_FILE,
+    RAW_SCAN_FILE,
+    REFERENCE_MASK_FILE,
+    sha256_bytes,
+)
 
 RAW_SCAN_VERSION = "1"
 NIFTI_VERSION = "1"
 PREPROCESS_VERSION = "1"
 
-RAW_SCAN_FILE = "raw_scan.json"
-NIFTI_FILE = "nifti_volume.nii.gz"
-REFERENCE_MASK_FILE = "reference_mask.nii.gz"
-PREPROCESSED_FILE = "preprocessed_volume.nii.gz"
 REFERENCE_MASK_SOURCE = ("reference", "liver_spleen_mask.nii.gz")
 
 

@@ -38,13 +38,13 @@ from hcc_assets.core.versioning import SHORT, content_version
 from hcc_assets.defs.automation import refresh_patient_feature, segmentation_retrain
 from hcc_assets.defs.cohort import cohort
 from hcc_assets.defs.deployment import deployed
-from hcc_assets.defs.ingest import NIFTI_FILE, REFERENCE_MASK_FILE, nifti_volume
+from hcc_assets.defs.ingest import nifti_volume
 from hcc_assets.defs.metadata import figure_metadata, markdown_table
 from hcc_assets.defs.partitions import patients_partitions
 from hcc_assets.defs.patient_errors import patient_failure
 from hcc_assets.defs.resources import ComputeResource, LakeResource
 from hcc_assets.featurestore import FeatureStore, reads, registry
-from hcc_assets.lake import DataLake, is_local_url
+from hcc_assets.lake import LIVER_MASK_FILE, NIFTI_FILE, REFERENCE_MASK_FILE, DataLake, is_local_url
 from hcc_assets.segmentation import (
     TRAINING_SUMMARY,
     LiverSegmenter,
@@ -66,7 +66,6 @@ RADIOMIC_FEATURES_VERSION = "1"
 
 MODEL_NAME = "liver_segmentation"
 MODELS_DIR = ("models", "segmentation")
-LIVER_MASK_FILE = "liver_mask.nii.gz"
 RADIOMICS_STAGE = "radiomics"
 _GRID_TOLERANCE_MM = 1e-4
 

@@ -23,8 +23,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from hcc_assets.defs.ingest import NIFTI_FILE
-from hcc_assets.lake import PATIENTS, STALE_TEMP_SECONDS, DataLake
+from hcc_assets.lake import NIFTI_FILE, PATIENTS, STALE_TEMP_SECONDS, DataLake
 from hcc_assets_tests.defs.helpers import PATIENT_ASSETS, ingest_patient, make_lake, register_all
 
 INGEST_TABLES = ("patients", "scans", "volumes")

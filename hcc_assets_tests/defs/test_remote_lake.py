@@ -18,11 +18,10 @@ import pytest
 
 from hcc_assets.defs import segmentation
 from hcc_assets.defs.cohort import cohort
-from hcc_assets.defs.ingest import NIFTI_FILE, PREPROCESSED_FILE, RAW_SCAN_FILE, REFERENCE_MASK_FILE
 from hcc_assets.defs.resources import ComputeResource, LakeResource
-from hcc_assets.defs.segmentation import LIVER_MASK_FILE, liver_mask, liver_segmentation_model, radiomic_features
+from hcc_assets.defs.segmentation import liver_mask, liver_segmentation_model, radiomic_features
 from hcc_assets.featurestore import FeatureStoreError
-from hcc_assets.lake import DataLake
+from hcc_assets.lake import LIVER_MASK_FILE, NIFTI_FILE, PREPROCESSED_FILE, RAW_SCAN_FILE, REFERENCE_MASK_FILE, DataLake
 from hcc_assets_tests.defs.helpers import PATIENT_ASSETS, failure_message
 
 # Enough to get a non-empty liver label on the 64-matrix phantom in a few seconds; quality is not the point.

@@ -21,13 +21,12 @@ from hcc_assets.defs.cohort import cohort
 from hcc_assets.defs.ingest import nifti_volume
 from hcc_assets.defs.resources import ComputeResource, LakeResource
 from hcc_assets.defs.segmentation import (
-    LIVER_MASK_FILE,
     MODELS_DIR,
     liver_mask,
     liver_segmentation_model,
     radiomic_features,
 )
-from hcc_assets.lake import DataLake
+from hcc_assets.lake import LIVER_MASK_FILE, DataLake
 from hcc_assets.radiomics import FEATURE_COUNTS, feature_set_version
 from hcc_assets_tests.defs.helpers import (
     check_figure,
