@@ -6,6 +6,7 @@ import dagster as dg
 
 from hcc_assets.core.figures import THUMBNAIL_MAX_BYTES, thumbnail_data_uri
 from hcc_assets.lake import DataLake
+from hcc_assets.steps.tables import markdown_table as markdown_text
 
 THUMBNAIL_SUFFIX = "_thumbnail"
 
@@ -36,17 +37,4 @@ def figure_metadata(
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> dg.MetadataValue:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(column)) for column in columns) + " |")
-    return dg.MetadataValue.md("\n".join(lines))
-
-
-def _cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(_cell(v) for v in value)
-    return str(value).replace("|", "/")
+    return dg.MetadataValue.md(markdown_text(rows, columns))

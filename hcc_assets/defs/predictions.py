@@ -9,19 +9,18 @@ from typing import TYPE_CHECKING
 
 import dagster as dg
 
-from hcc_assets.core.versioning import content_version
-from hcc_assets.defs.analysis import explainable_model, load_lasso_of, radiomic_model
+from hcc_assets.defs.analysis import explainable_model, radiomic_model
 from hcc_assets.defs.automation import refresh_prediction
 from hcc_assets.defs.deep import cached_classifier, deep_embedding, hcc_classifier
 from hcc_assets.defs.deployment import deployed
 from hcc_assets.defs.ingest import preprocessed_volume
-from hcc_assets.defs.metadata import markdown_table
 from hcc_assets.defs.partitions import patients_partitions
 from hcc_assets.defs.patient_errors import patient_failure
 from hcc_assets.defs.resources import ComputeResource, LakeResource
 from hcc_assets.defs.segmentation import radiomic_features
-from hcc_assets.featurestore import FeatureStore, registry
-from hcc_assets.steps.prediction import MODEL_NAMES, predict_patient
+from hcc_assets.featurestore import registry
+from hcc_assets.steps.analysis import load_lasso_of
+from hcc_assets.steps.prediction import MODEL_NAMES, predict_patient, record_prediction
 
 if TYPE_CHECKING:
     from hcc_assets.stats.lasso import LassoFit
@@ -44,7 +43,7 @@ def _lasso_loader(lake: LakeResource):
             raise dg.Failure(description=f"no {name} is registered", allow_retries=False)
         cached = _LASSO_FITS.get(name)
         if cached is None or cached[0] != row["version"]:
-            _LASSO_FITS[name] = (row["version"], (load_lasso_of(lake, row), row))
+            _LASSO_FITS[name] = (row["version"], (load_lasso_of(lake.lake, row), row))
         return _LASSO_FITS[name][1]
 
     return load
@@ -87,39 +86,15 @@ def hcc_prediction(
             _classifier_loader(lake, compute.torch_device()),
             _lasso_loader(lake),
         )
-    rows = prediction.rows()
-    lake.store.replace_patient_versions(
-        "hcc_predictions",
-        patient_id,
-        FeatureStore.with_provenance(
-            rows, version=f"hcc_prediction@{HCC_PREDICTION_VERSION}", run_id=context.run.run_id
-        ),
-    )
-    by_model = prediction.by_model()
-    table = [
-        {
-            "model": m.model,
-            "version": m.model_version or "",
-            "P(HCC)": m.probability,
-            "HCC at threshold": "" if m.probability is None else ("yes" if m.probability > config.threshold else "no"),
-            "note": m.reason or "",
-        }
-        for m in prediction.models
-    ]
-    content = rows.select("model", "model_version", "probability", "reason").to_dicts()
+    record = record_prediction(lake.store, prediction, f"hcc_prediction@{HCC_PREDICTION_VERSION}", context.run.run_id)
     return dg.MaterializeResult(
-        data_version=dg.DataVersion(content_version(content)),
+        data_version=dg.DataVersion(record.data_version),
         metadata={
-            "predictions": markdown_table(table, ["model", "version", "P(HCC)", "HCC at threshold", "note"]),
-            **{
-                f"p_hcc_{name}": (m.probability if m.probability is not None else "unavailable")
-                for name, m in by_model.items()
-            },
+            "predictions": dg.MetadataValue.md(record.table),
+            **record.probabilities,
             "threshold": config.threshold,
-            "n_predicted": sum(m.probability is not None for m in prediction.models),
-            "unavailable": dg.MetadataValue.json(
-                {m.model: m.reason for m in prediction.models if m.probability is None}
-            ),
-            "model_versions": dg.MetadataValue.json({name: m.model_version for name, m in by_model.items()}),
+            "n_predicted": record.n_predicted,
+            "unavailable": dg.MetadataValue.json(record.unavailable),
+            "model_versions": dg.MetadataValue.json(record.model_versions),
         },
     )

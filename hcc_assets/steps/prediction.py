@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 
+from hcc_assets.core.versioning import content_version
 from hcc_assets.featurestore import FeatureStore, reads, registry
+from hcc_assets.steps.tables import markdown_table
 
 if TYPE_CHECKING:  # torch and sklearn load only when a model is used
     from hcc_assets.deep.network import HCCResNet
@@ -216,3 +218,54 @@ def _explainable(versions: dict[str, str], embedding, load_lasso: LassoLoader) -
 
     probability = float(predict_proba(fit, np.array([[values[index[n]] for n in names]]))[0])
     return ModelPrediction(EXPLAINABLE, row["version"], probability, version, None)
+
+
+@dataclass(frozen=True)
+class RecordedPrediction:
+    """What hcc_prediction's materialization shows of a stored PatientPrediction."""
+
+    data_version: str  # of each model's version, probability and reason
+    table: str  # Markdown: model, version, P(HCC), HCC at threshold, note
+    probabilities: dict[str, float | str]  # p_hcc_<model> -> P(HCC), or 'unavailable'
+    n_predicted: int
+    unavailable: dict[str, str | None]  # model -> why
+    model_versions: dict[str, str | None]
+
+
+def prediction_table(prediction: PatientPrediction) -> list[dict]:
+    """One row per model, for reading: the decision at the threshold as yes / no, blanks for gaps."""
+    return [
+        {
+            "model": m.model,
+            "version": m.model_version or "",
+            "P(HCC)": m.probability,
+            "HCC at threshold": ""
+            if m.probability is None
+            else ("yes" if m.probability > prediction.threshold else "no"),
+            "note": m.reason or "",
+        }
+        for m in prediction.models
+    ]
+
+
+def record_prediction(
+    store: FeatureStore, prediction: PatientPrediction, version: str, run_id: str
+) -> RecordedPrediction:
+    """Add the patient's rows to `hcc_predictions` (beside those of earlier model versions), made by
+    code `version`, and summarize them."""
+    rows = prediction.rows()
+    store.replace_patient_versions(
+        "hcc_predictions", prediction.patient_id, FeatureStore.with_provenance(rows, version=version, run_id=run_id)
+    )
+    by_model = prediction.by_model()
+    return RecordedPrediction(
+        data_version=content_version(rows.select("model", "model_version", "probability", "reason").to_dicts()),
+        table=markdown_table(prediction_table(prediction), ["model", "version", "P(HCC)", "HCC at threshold", "note"]),
+        probabilities={
+            f"p_hcc_{name}": (m.probability if m.probability is not None else "unavailable")
+            for name, m in by_model.items()
+        },
+        n_predicted=sum(m.probability is not None for m in prediction.models),
+        unavailable={m.model: m.reason for m in prediction.models if m.probability is None},
+        model_versions={name: m.model_version for name, m in by_model.items()},
+    )

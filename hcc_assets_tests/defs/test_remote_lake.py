@@ -16,12 +16,12 @@ import dagster as dg
 import fsspec
 import pytest
 
-from hcc_assets.defs import segmentation
 from hcc_assets.defs.cohort import cohort
 from hcc_assets.defs.resources import ComputeResource, LakeResource
 from hcc_assets.defs.segmentation import liver_mask, liver_segmentation_model, radiomic_features
 from hcc_assets.featurestore import FeatureStoreError
 from hcc_assets.lake import LIVER_MASK_FILE, NIFTI_FILE, PREPROCESSED_FILE, RAW_SCAN_FILE, REFERENCE_MASK_FILE, DataLake
+from hcc_assets.steps import segmentation as segmentation_steps
 from hcc_assets_tests.defs.helpers import PATIENT_ASSETS, failure_message
 
 # Enough to get a non-empty liver label on the 64-matrix phantom in a few seconds; quality is not the point.
@@ -108,7 +108,7 @@ def test_patient_chain_and_segmentation_on_a_memory_lake(small_cohort, tmp_path,
 
         # liver_mask stages the model folder down; radiomics reads both volumes from the lake
         pid = pids[-1]
-        segmentation._SEGMENTERS.clear()  # load from the lake, as a fresh worker would
+        segmentation_steps._SEGMENTERS.clear()  # load from the lake, as a fresh worker would
         # a model trained this briefly may give a mask outside the plausible liver volume, which now
         # blocks radiomics; the mask's quality is not what this test is about
         any_volume = {"ops": {"liver_mask": {"config": {"liver_volume_ml_min": 0.0, "liver_volume_ml_max": 1e9}}}}
@@ -128,19 +128,20 @@ def test_patient_chain_and_segmentation_on_a_memory_lake(small_cohort, tmp_path,
         assert store.query("SELECT count(*) FROM radiomic_features WHERE patient_id = ?", [pid]).item() > 100
 
         # nothing but the drop zone, the feature store and staging (now empty) exists locally
-        for _, staged in segmentation._SEGMENTERS.values():
+        for _, staged in segmentation_steps._SEGMENTERS.values():
             if staged is not None:
                 staged.cleanup()
-        segmentation._SEGMENTERS.clear()
+        segmentation_steps._SEGMENTERS.clear()
         assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "incoming", "store", "tmp"]
         assert not any(work.iterdir()), list(work.iterdir())
         leftovers = [p.name for p in staging.iterdir() if not p.name.startswith("torchinductor")]  # torch's cache
         assert not leftovers, leftovers
-        # the DuckLake catalog (SQLite, WAL) and its Parquet files beside it
+        # the DuckLake catalog (SQLite, WAL, the write lock FeatureStore takes) and its Parquet files beside it
         assert {p.name for p in store_file.parent.iterdir()} <= {
             store_file.name,
             store_file.name + "-wal",
             store_file.name + "-shm",
+            store_file.name + ".writelock",
             "feature_store",
         }
         assert list((store_file.parent / "feature_store").rglob("*.parquet"))

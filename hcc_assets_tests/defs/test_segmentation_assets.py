@@ -21,13 +21,13 @@ from hcc_assets.defs.cohort import cohort
 from hcc_assets.defs.ingest import nifti_volume
 from hcc_assets.defs.resources import ComputeResource, LakeResource
 from hcc_assets.defs.segmentation import (
-    MODELS_DIR,
     liver_mask,
     liver_segmentation_model,
     radiomic_features,
 )
 from hcc_assets.lake import LIVER_MASK_FILE, DataLake
 from hcc_assets.radiomics import FEATURE_COUNTS, feature_set_version
+from hcc_assets.steps.segmentation import MODELS_DIR
 from hcc_assets_tests.defs.helpers import (
     check_figure,
     failure_message,
