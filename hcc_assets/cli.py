@@ -67,7 +67,7 @@ def _print_imports(source: str, results, elapsed: float) -> int:
 
 def cmd_import_chaos(args) -> int:
     from hcc_assets.core.errors import PatientInputError
-    from hcc_assets.intake.importers import import_chaos
+    from hcc_assets.intake.sources import import_chaos
 
     start = time.perf_counter()
     try:
@@ -80,7 +80,7 @@ def cmd_import_chaos(args) -> int:
 
 def cmd_import_tcia(args) -> int:
     from hcc_assets.core.errors import PatientInputError
-    from hcc_assets.intake.importers import import_tcia
+    from hcc_assets.intake.sources import import_tcia
 
     start = time.perf_counter()
     try:
@@ -458,7 +458,7 @@ def cmd_demo(args) -> int:
 def _prepare_studylike(lake: Path, incoming: Path, patients: int, seed: int, lesion_contrast: float) -> None:
     """The study's mix: CHAOS-layout healthy and TCGA-LIHC-layout HCC patients, written as
     the downloads would be and brought in through the importers (what a real user runs)."""
-    from hcc_assets.intake.importers import import_chaos, import_tcia
+    from hcc_assets.intake.sources import import_chaos, import_tcia
 
     sources = lake / "sources"
     half = patients // 2

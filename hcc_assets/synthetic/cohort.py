@@ -15,7 +15,7 @@ Same config, same bytes: every random draw comes from a generator seeded by (see
 index, purpose) and nothing records the time of the run.
 
 `synthesize_cohort(..., layout=...)` writes the same phantoms in the layouts of the study's two
-public sources instead, for the importers (`hcc_assets.intake.importers`) to read:
+public sources instead, for the importers (`hcc_assets.intake.sources`) to read:
 
 - "chaos" (CHAOS challenge, Train_Sets/MR): all patients healthy; numeric folder ids 1, 2, ...
       <id>/T1DUAL/DICOM_anon/{InPhase,OutPhase}/IMG-<series 4d>-<instance 5d>.dcm

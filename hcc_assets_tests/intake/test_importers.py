@@ -16,7 +16,7 @@ from hcc_assets import cli
 from hcc_assets.imaging.dicom_series import choose_t2_series, inventory_study
 from hcc_assets.imaging.nifti import series_to_nifti
 from hcc_assets.intake.dropzone import folder_fingerprint, read_label_manifests, scan_drop_zone
-from hcc_assets.intake.importers import MASK_PATH, import_chaos, import_tcia
+from hcc_assets.intake.sources import MASK_PATH, import_chaos, import_tcia
 from hcc_assets.synthetic.cohort import SynthConfig, layout_config, phantom_labels, synthesize_cohort
 
 CONFIG = SynthConfig(patients=2, seed=21, matrix=64, slices_min=8, slices_max=11, oblique_fraction=0.5)
