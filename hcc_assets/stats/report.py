@@ -63,6 +63,20 @@ class RenderedReport:
     figures: dict[str, bytes] = field(default_factory=dict)
 
 
+# The coefficient table's columns, in the report and in the coefficients asset's metadata.
+COEFFICIENT_COLUMNS = [
+    "model",
+    "feature",
+    "beta",
+    "std_error",
+    "z",
+    "p_value",
+    "odds_change_pct",
+    "status",
+    "related_handcrafted",
+]
+
+
 def gather_report_inputs(
     tables: dict[str, pl.DataFrame],
     figure_1_case: Callable[[str], tuple[nib.Nifti1Image, nib.Nifti1Image]] | None = None,
@@ -433,20 +447,7 @@ def build_report(inputs: ReportInputs) -> RenderedReport:
             [
                 (
                     "table",
-                    _frame_table(
-                        inputs.coefficients,
-                        [
-                            "model",
-                            "feature",
-                            "beta",
-                            "std_error",
-                            "z",
-                            "p_value",
-                            "odds_change_pct",
-                            "status",
-                            "related_handcrafted",
-                        ],
-                    ),
+                    _frame_table(inputs.coefficients, COEFFICIENT_COLUMNS),
                 )
             ],
         )

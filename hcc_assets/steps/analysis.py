@@ -34,6 +34,7 @@ from hcc_assets.featurestore.queries import (
     radiomics_matrix,
 )
 from hcc_assets.lake import DataLake
+from hcc_assets.stats.report import COEFFICIENT_COLUMNS
 from hcc_assets.steps.prediction import DEEP as DEEP_MODEL
 from hcc_assets.steps.prediction import MODEL_NAMES, RADIOMICS_STAGE
 from hcc_assets.steps.tables import markdown_table
@@ -914,17 +915,6 @@ COEFFICIENT_SCHEMA = {
     "status": pl.String,
     "version": pl.String,
 }
-COEFFICIENT_COLUMNS = [
-    "model",
-    "feature",
-    "beta",
-    "std_error",
-    "z",
-    "p_value",
-    "odds_change_pct",
-    "status",
-    "related_handcrafted",
-]
 
 
 @dataclass(frozen=True)
