@@ -21,6 +21,7 @@ from hcc_assets.defs.resources import ComputeResource, LakeResource
 from hcc_assets.defs.segmentation import liver_mask, liver_segmentation_model, radiomic_features
 from hcc_assets.featurestore import FeatureStoreError
 from hcc_assets.lake import LIVER_MASK_FILE, NIFTI_FILE, PREPROCESSED_FILE, RAW_SCAN_FILE, REFERENCE_MASK_FILE, DataLake
+from hcc_assets.radiomics import MIN_ROI_VOXELS
 from hcc_assets.steps import segmentation as segmentation_steps
 from hcc_assets_tests.defs.helpers import PATIENT_ASSETS, failure_message
 
@@ -107,18 +108,30 @@ def test_patient_chain_and_segmentation_on_a_memory_lake(small_cohort, tmp_path,
         assert fs.exists(f"{model_path}/fold_all/checkpoint_final.pth") and fs.exists(f"{model_path}/plans.json")
 
         # liver_mask stages the model folder down; radiomics reads both volumes from the lake
-        pid = pids[-1]
         segmentation_steps._SEGMENTERS.clear()  # load from the lake, as a fresh worker would
-        # a model trained this briefly may give a mask outside the plausible liver volume, which now
-        # blocks radiomics; the mask's quality is not what this test is about
+        # a model trained this briefly may give a mask outside the plausible liver volume (which
+        # blocks radiomics), or one too small for texture features; the mask's quality is not what
+        # this test is about, so radiomics runs on the patient whose mask is the larger
         any_volume = {"ops": {"liver_mask": {"config": {"liver_volume_ml_min": 0.0, "liver_volume_ml_max": 1e9}}}}
+        for pid in pids:
+            masks = dg.materialize(
+                ALL_ASSETS,
+                selection=[liver_mask],
+                partition_key=pid,
+                instance=instance,
+                resources=resources,
+                run_config=any_volume,
+                raise_on_error=False,
+            )
+            assert masks.success, failure_message(masks)
+        pid, voxels = store.query("SELECT patient_id, liver_voxels FROM liver_masks ORDER BY liver_voxels DESC").row(0)
+        assert voxels >= MIN_ROI_VOXELS, f"the briefly trained model found at most {voxels} liver voxels"
         features = dg.materialize(
             ALL_ASSETS,
-            selection=[liver_mask, radiomic_features],
+            selection=[radiomic_features],
             partition_key=pid,
             instance=instance,
             resources=resources,
-            run_config=any_volume,
             raise_on_error=False,
         )
         assert features.success, failure_message(features)
