@@ -90,8 +90,11 @@ class _Zygote:
         if self.process.stdout and self.process.stdout.readline().strip() == "ready":
             self.ready.set()
 
+    def ready_and_alive(self) -> bool:
+        return self.ready.is_set() and self.process.poll() is None
+
     def usable(self) -> bool:
-        return self.ready.is_set() and self.process.poll() is None and self.fingerprint == code_fingerprint()
+        return self.ready_and_alive() and self.fingerprint == code_fingerprint()
 
     def fork_run(self, run_id: str, instance_ref: str) -> int:
         assert self.process.stdin and self.process.stdout
@@ -153,7 +156,8 @@ class WarmRunLauncher(DefaultRunLauncher):
         pid = None
         with self._lock:
             zygote = self._ensure_zygote()  # a stale or dead one is replaced; the new one serves later runs
-            if zygote.usable() and origin is not None and origin.executable_path == sys.executable:
+            # _ensure_zygote has just compared the code's fingerprint: no second scan of the files
+            if zygote.ready_and_alive() and origin is not None and origin.executable_path == sys.executable:
                 pid = zygote.fork_run(run.run_id, dg.serialize_value(self._instance.get_ref()))
         if pid is None:  # still warming, or another interpreter: a cold start as Dagster does it
             super().launch_run(context)
