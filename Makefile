@@ -40,11 +40,11 @@ lint: install
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --timeout 1800 --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --timeout 1800 --durations=15
 
 # the unit tier: domain, steps, storage, sensors and schedules through Dagster's build contexts
 test-fast: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --timeout 600 -m "not integration"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --timeout 600 -m "not integration"
 
 ui: install
 	$(BIN)/python -c "from hcc_assets.instance import ensure_dagster_home; ensure_dagster_home('$(LAKE)')"

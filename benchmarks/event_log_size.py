@@ -193,7 +193,8 @@ def full(work: Path) -> dict:
     from hcc_assets.defs.resources import ComputeResource, LakeResource
     from hcc_assets.synthetic.cohort import SynthConfig, synthesize_cohort
     from hcc_assets_tests.conftest import SMALL_COHORT
-    from hcc_assets_tests.defs.hands_off import CLASSIFIER_TRAINING, SEGMENTATION_TRAINING, TEST_PATIENT_CONFIG
+    from hcc_assets_tests.defs.hands_off import TEST_PATIENT_CONFIG
+    from hcc_assets_tests.model_configs import CLASSIFIER_TRAINING, SEGMENTATION_TRAINING
 
     root = work / "models_lake"
     home = root / "dagster_home"

@@ -56,7 +56,6 @@ def main() -> int:
     from hcc_assets.synthetic.cohort import SynthConfig, synthesize_cohort
     from hcc_assets_tests.conftest import SMALL_COHORT
     from hcc_assets_tests.defs.hands_off import (
-        CLASSIFIER_TRAINING,
         Daemon,
         PreparedLake,
         drop_patient,
@@ -66,6 +65,7 @@ def main() -> int:
         wait_for_rows,
         wait_for_sensor,
     )
+    from hcc_assets_tests.model_configs import CLASSIFIER_TRAINING
 
     started = time.perf_counter()
     if reuse:

@@ -24,6 +24,14 @@ def small_cohort(tmp_path_factory):
     return incoming, patients
 
 
+@pytest.fixture(scope="session")
+def liver_model_folder(small_cohort, tmp_path_factory) -> Path:
+    """A brief nnU-Net liver model trained once per run on the small cohort (model_configs)."""
+    from hcc_assets_tests.model_configs import shared_liver_model
+
+    return shared_liver_model(tmp_path_factory, small_cohort[0], SMALL_COHORT)
+
+
 @pytest.fixture
 def incoming_copy(small_cohort, tmp_path) -> tuple[Path, list]:
     incoming, patients = small_cohort
@@ -59,13 +67,34 @@ INTEGRATION_MODULES = {
 UNIT_MODULES_IN_DEFS = {"defs/test_sensor.py", "defs/test_figure_metadata.py"}
 
 
+# The longest modules, longest first. pytest-xdist (--dist loadfile --no-loadscope-reorder) hands out
+# whole modules in collection order, two to each worker to start with: the long ones first keep
+# one worker from running a long module alone at the end. test_segmentation_assets trains its own
+# model while the other worker trains the shared one (model_configs.shared_liver_model).
+LONGEST_FIRST = [
+    "defs/test_analysis_assets.py",
+    "defs/test_segmentation_assets.py",
+    "defs/test_prediction_assets.py",
+    "defs/test_refresh_daemon.py",
+    "defs/test_hands_off.py",
+    "defs/test_dask_executor.py",
+    "defs/test_parallel_runs.py",
+    "test_ui_browser.py",
+    "defs/test_postgres.py",
+    "defs/test_deep_assets.py",
+]
+
+
 def pytest_collection_modifyitems(config, items):
     root = Path(__file__).parent
+    modules = {id(item): Path(item.fspath).relative_to(root).as_posix() for item in items}
     for item in items:
-        module = Path(item.fspath).relative_to(root).as_posix()
+        module = modules[id(item)]
         in_defs = module.startswith("defs/") and module not in UNIT_MODULES_IN_DEFS
         if in_defs or module in INTEGRATION_MODULES or item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.integration)
+    rank = {module: i for i, module in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(modules[id(item)], len(rank)))  # stable: file order otherwise
 
 
 # Free disk where the tests write, reported at the end: a run that fails for lack of disk says so.

@@ -38,32 +38,15 @@ import dagster as dg
 import yaml
 from dagster import DagsterEventType
 
+from hcc_assets_tests.model_configs import CLASSIFIER_TRAINING, SEGMENTATION_TRAINING, TEST_GRID
+
 ROOT = Path(__file__).resolve().parents[2]
 PSEUDONYM_KEY = "hands-off-test"
-# see test_segmentation_assets: native-spacing 2d_cpu, brief (the small phantom has ~6 mm pixels)
-SEGMENTATION_TRAINING = {
-    "epochs": 12,
-    "iterations_per_epoch": 25,
-    "val_iterations_per_epoch": 2,
-    "initial_lr": 0.02,
-    "spacing": [],
-    "seed": 7,
-}
-CLASSIFIER_TRAINING = {
-    "depth": 10,
-    "lr": 0.05,
-    "min_epochs": 5,
-    "max_epochs": 5,
-    "patience": 5,
-    "batch_size": 4,
-    "seed": 0,
-    "accept_below_chance": True,
-}
 CLASSIFIER, SEGMENTATION = "hcc_classifier", "liver_segmentation"  # registry names
 # the test's per-patient run config: see the module docstring
 TEST_PATIENT_CONFIG = {
     "ops": {
-        "preprocessed_volume": {"config": {"target_shape": [32, 32, 16]}},
+        "preprocessed_volume": {"config": {"target_shape": TEST_GRID}},
         "deep_embedding": {"config": {"allow_model_below_chance": True}},
     }
 }
@@ -117,6 +100,7 @@ def prepare_lake(
     cohort_source: Path,
     patient_config: dict | None = None,
     segmentation: dict | None = None,
+    liver_model: Path | None = None,
     classifier: dict | None = None,
     threads: int = 2,
 ) -> PreparedLake:
@@ -125,8 +109,10 @@ def prepare_lake(
     ensure_dagster_home to <lake>/dagster_home when unset; the instance config reads it from the
     environment, so it stays exported: callers that care restore it). `patient_config` (run config
     of per-patient runs) goes to <lake>/patient_run_config.yaml for the daemon and is used here for
-    the cohort's ingest. The classifier may fail its beats-chance check (it is registered as current
-    anyway: accept_below_chance)."""
+    the cohort's ingest. `liver_model`: a trained nnU-Net folder to register (mode a, as a user plugs
+    one in; the tests pass the suite's shared model) instead of training one with `segmentation`.
+    The classifier may fail its beats-chance check (it is registered as current anyway:
+    accept_below_chance)."""
     from hcc_assets.defs.resources import ComputeResource, LakeResource
     from hcc_assets.featurestore.registry import current_version
     from hcc_assets.instance import ensure_dagster_home
@@ -184,7 +170,13 @@ def prepare_lake(
         materialize(
             ["liver_segmentation_model"],
             "segmentation model",
-            config={"liver_segmentation_model": {"config": segmentation or SEGMENTATION_TRAINING}},
+            config={
+                "liver_segmentation_model": {
+                    "config": {"model_folder": str(liver_model)}
+                    if liver_model
+                    else segmentation or SEGMENTATION_TRAINING
+                }
+            },
         )
         materialize(
             ["hcc_classifier"],

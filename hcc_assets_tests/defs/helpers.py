@@ -16,7 +16,17 @@ from hcc_assets.defs.resources import LakeResource
 PATIENT_ASSETS = [ingest.raw_scan, ingest.nifti_volume, ingest.preprocessed_volume]
 
 
+TEST_PSEUDONYM_KEY = "hcc-assets-tests"
+
+
 def make_lake(tmp_path: Path, incoming: Path) -> LakeResource:
+    """A lake at tmp_path/lake with a fixed pseudonym key: the same cohort gets the same pseudonyms,
+    hence the same seeded split and the same training patients, in every run (a new lake otherwise
+    draws a random key)."""
+    key_file = tmp_path / "lake" / "private" / "pseudonym.key"
+    if not key_file.exists():
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        key_file.write_text(TEST_PSEUDONYM_KEY)
     return LakeResource(root=str(tmp_path / "lake"), incoming=str(incoming), quiet_seconds=3600)
 
 

@@ -1,9 +1,14 @@
-"""The whole asset graph on a small synthetic cohort, through real Dagster materializations: ingest,
-split, nnU-Net training (reduced, brief), masks, pyradiomics, a depth-10 classifier on 32x32x16
-volumes, embeddings, then the analysis group. Shared by the analysis tests."""
+"""The whole asset graph on a 40-patient synthetic cohort, through real Dagster materializations:
+ingest, split, the suite's shared nnU-Net liver model (registered as a user's trained model: the
+training asset has its own tests in test_segmentation_assets), masks, pyradiomics, a depth-10
+classifier on 32x32x16 volumes, embeddings, the analysis group, then a few patients' predictions
+(every patient's are test_prediction_assets'). `relabel_without_signal` then turns the same study
+into a null one. Shared by the analysis tests."""
 
 from __future__ import annotations
 
+import csv
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,41 +17,22 @@ import dagster as dg
 from hcc_assets.defs import analysis, cohort, deep, ingest, predictions, segmentation
 from hcc_assets.defs.resources import ComputeResource, LakeResource
 from hcc_assets.featurestore import FeatureStore
-from hcc_assets.synthetic.cohort import SynthConfig, synthesize_cohort
+from hcc_assets.synthetic.cohort import LABELS_FILE, SynthConfig, synthesize_cohort
+from hcc_assets_tests.model_configs import STUDY_CLASSIFIER_TRAINING, TEST_GRID, UNTRAINED_CLASSIFIER
 
 ALL_ASSETS = dg.load_assets_from_modules([ingest, cohort, segmentation, deep, analysis, predictions])
 STUDY_COHORT = dict(patients=40, matrix=64, slices_min=12, slices_max=16, oblique_fraction=0.3)
 RUN_CONFIG = {
     "ops": {
-        "preprocessed_volume": {"config": {"target_shape": [32, 32, 16]}},
-        # see test_segmentation_assets: native-spacing 2d_cpu, brief
-        "liver_segmentation_model": {
-            "config": {
-                "epochs": 12,
-                "iterations_per_epoch": 25,
-                "val_iterations_per_epoch": 2,
-                "initial_lr": 0.02,
-                "spacing": [],
-                "seed": 7,
-            }
-        },
-        "hcc_classifier": {
-            "config": {
-                "depth": 10,
-                "lr": 0.05,
-                "min_epochs": 20,
-                "max_epochs": 40,
-                "patience": 10,
-                "batch_size": 8,
-                "seed": 0,
-            }
-        },
+        "preprocessed_volume": {"config": {"target_shape": TEST_GRID}},
+        "hcc_classifier": {"config": STUDY_CLASSIFIER_TRAINING},
         "explainability_sweep": {
             "config": {"thresholds": [0.3, 0.5, 0.7], "measures": ["pearson", "spearman", "distance"]}
         },
         "model_metrics": {"config": {"n_bootstrap": 1000, "cv_splits": 5, "cv_repeats": 2}},
     }
 }
+PREDICTED_PATIENTS = 4
 
 
 @dataclass
@@ -66,6 +52,8 @@ GROUPS = {
     "ingest": ["raw_scan", "nifti_volume", "preprocessed_volume"],
     "models": ["cohort", "liver_segmentation_model", "hcc_classifier"],
     "features": ["liver_mask", "radiomic_features", "deep_embedding"],
+    "retrain": ["cohort", "hcc_classifier"],
+    "embedding": ["deep_embedding"],
     "analysis": [
         "explainable_features",
         "explainability_sweep",
@@ -99,42 +87,69 @@ def _must(result: dg.ExecuteInProcessResult, what: str) -> None:
         raise AssertionError(f"{what} failed: {failures[:2]}")
 
 
-def run_study(root: Path, seed: int, lesion_contrast: float, null_cohort: bool = False) -> Study:
-    """The graph, then every patient's hcc_prediction. `null_cohort`: see below."""
+def run_study(root: Path, seed: int, lesion_contrast: float, liver_model: Path) -> Study:
+    """The graph on a new cohort, with `liver_model` (an nnU-Net folder) as the segmentation model."""
     incoming = root / "incoming"
     patients = synthesize_cohort(incoming, SynthConfig(seed=seed, lesion_contrast=lesion_contrast, **STUDY_COHORT))
     (root / "lake" / "private").mkdir(parents=True)
     (root / "lake" / "private" / "pseudonym.key").write_text(f"study-test-{seed}")
     lake = LakeResource(root=str(root / "lake"), incoming=str(incoming), quiet_seconds=3600)
+    segmentation = {"liver_segmentation_model": {"config": {"model_folder": str(liver_model)}}}
     with dg.instance_for_test() as instance:
         pids = sorted(lake.ready_patients())
         instance.add_dynamic_partitions("patients", pids)
         for pid in pids:
             _must(_run(instance, lake, "ingest", pid), f"ingest {pid}")
-        # null cohort: the classifier may (rightly) fail its blocking beats-chance check; the study
-        # goes on with it, as a user would with accept_below_chance / allow_model_below_chance
-        accept = (
-            {
-                "hcc_classifier": {
-                    "config": {**RUN_CONFIG["ops"]["hcc_classifier"]["config"], "accept_below_chance": True}
-                }
-            }
-            if null_cohort
-            else {}
-        )
-        models = _run(instance, lake, "models", **accept)
-        if null_cohort and not models.success:
-            failures = [e.step_failure_data.error.message for e in models.all_events if e.is_step_failure]
-            assert all("beats_chance_on_training" in f for f in failures), failures
-        else:
-            _must(models, "cohort and models")
-        embed = {"deep_embedding": {"config": {"allow_model_below_chance": null_cohort}}}
+        _must(_run(instance, lake, "models", **segmentation), "cohort and models")
         for pid in pids:
-            _must(_run(instance, lake, "features", pid, **embed), f"features {pid}")
+            _must(_run(instance, lake, "features", pid), f"features {pid}")
         result = _run(instance, lake, "analysis")
         _must(result, "analysis")
-        for pid in pids:
+        for pid in pids[:PREDICTED_PATIENTS]:
             _must(_run(instance, lake, "predictions", pid), f"hcc_prediction {pid}")
     return Study(
         root, lake, pids, result, {text for patient in patients for text in (*patient.phi, patient.patient_key)}
     )
+
+
+def relabel_without_signal(study: Study, seed: int) -> dg.ExecuteInProcessResult:
+    """Make the study a null one, the way a user corrects labels: rewrite the drop zone's manifest
+    so that the labels carry no image signal, then materialize the cohort, the classifier, every
+    embedding and the analysis again. Within each true class a seeded half of the patients swap
+    class, so the new labels agree with the truth for exactly half of each: no image feature, lesion
+    or not, can predict them.
+
+    The classifier does not learn (UNTRAINED_CLASSIFIER): a CNN fitted to such labels memorizes its
+    training patients, and their embeddings then carry those labels into the cross-validation on
+    training patients, rightly (the study's known optimism of an embedding on its own training set).
+    The guard is on the analysis group, so every feature it gets must carry no label information.
+    The study goes on with a classifier below chance, as a user would (accept_below_chance,
+    allow_model_below_chance). Returns the analysis run."""
+    manifest = Path(study.lake.incoming) / LABELS_FILE
+    with open(manifest, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    rng = random.Random(seed)
+    for label in ("0", "1"):
+        members = [row for row in rows if row["hcc"] == label]
+        for row in rng.sample(members, len(members) // 2):
+            row["hcc"] = "1" if label == "0" else "0"
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    accept = {"hcc_classifier": {"config": {**UNTRAINED_CLASSIFIER, "accept_below_chance": True}}}
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("patients", study.pids)
+        models = _run(instance, study.lake, "retrain", **accept)
+        if not models.success:
+            failures = [e.step_failure_data.error.message for e in models.all_events if e.is_step_failure]
+            assert all("beats_chance_on_training" in f for f in failures), failures
+        embed = {"deep_embedding": {"config": {"allow_model_below_chance": True}}}
+        for pid in study.pids:
+            _must(_run(instance, study.lake, "embedding", pid, **embed), f"deep_embedding {pid}")
+        # the cross-validated interval is the spread of the fold values (stats.metrics): over 5x5 folds,
+        # the asset's default, not this test study's 5x2, so that its ends are not two folds' chance results
+        metrics = {"config": {**RUN_CONFIG["ops"]["model_metrics"]["config"], "cv_repeats": 5}}
+        result = _run(instance, study.lake, "analysis", model_metrics=metrics)
+        _must(result, "analysis on relabelled patients")
+    return result

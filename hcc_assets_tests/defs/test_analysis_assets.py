@@ -2,7 +2,7 @@
 
 Every number the assets stored is recomputed here independently from the feature-store tables
 (numpy/scikit-learn/statsmodels directly, not hcc_assets.stats): correlations, the explainable
-selection, metrics, coefficients. The leakage guard (null cohort) is test_analysis_null.py.
+selection, metrics, coefficients. The last test turns the study into a null one (the leakage guard).
 """
 
 import json
@@ -25,17 +25,18 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from hcc_assets_tests.defs.study import run_study
+from hcc_assets_tests.defs.study import relabel_without_signal, run_study
 from hcc_assets_tests.scratch import module_scratch
 
 SIGNAL_SEED = 5
 SIGNAL_CONTRAST = 2.0
+NULL_SEED = 8
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def study(tmp_path_factory, liver_model_folder):
     with module_scratch(tmp_path_factory, "study_signal") as root:
-        yield run_study(root, SIGNAL_SEED, SIGNAL_CONTRAST)
+        yield run_study(root, SIGNAL_SEED, SIGNAL_CONTRAST, liver_model_folder)
 
 
 def _wide_radiomics(store, names=None) -> pl.DataFrame:
@@ -312,7 +313,8 @@ def test_each_model_reads_back_the_training_set_it_was_fitted_on(study):
     from hcc_assets.featurestore.registry import training_set
 
     store = study.store
-    for name in ("radiomic_model", "explainable_model", "hcc_classifier", "liver_segmentation"):
+    # the trained liver model's read-back is test_segmentation_assets' (here it is a user-supplied one)
+    for name in ("radiomic_model", "explainable_model", "hcc_classifier"):
         row = store.query(
             "SELECT version, training_patients, params, data_snapshot FROM models WHERE model_name = ? AND current",
             [name],
@@ -321,7 +323,7 @@ def test_each_model_reads_back_the_training_set_it_was_fitted_on(study):
         frame = training_set(store, row["version"])
         assert frame["patient_id"].to_list() == sorted(row["training_patients"])
         assert (frame["split"] == "train").all()
-        if name in ("hcc_classifier", "liver_segmentation"):  # volumes: their files and hashes
+        if name == "hcc_classifier":  # volumes: their files and hashes
             assert frame.columns == ["patient_id", "hcc", "split", "path", "sha256"]
         else:
             assert frame.width - 3 == json.loads(row["params"])["n_input_features"]
@@ -329,7 +331,7 @@ def test_each_model_reads_back_the_training_set_it_was_fitted_on(study):
 
 def test_patients_whose_radiomics_failed_are_excluded_from_the_radiomic_model(study):
     """As the study did for its 6 HCC patients: out of the radiomic model, counted, with the reason.
-    (Last in the file: it changes the store.)"""
+    (Near the end of the file: it changes the store.)"""
     import dagster as dg
 
     from hcc_assets.featurestore import FeatureStore
@@ -379,3 +381,26 @@ def test_patients_whose_radiomics_failed_are_excluded_from_the_radiomic_model(st
         store.query("SELECT count(*) FROM current_predictions WHERE model = 'deep' AND patient_id = ?", [victim])[0, 0]
         == 1
     )
+
+
+def test_with_labels_that_carry_no_image_signal_no_model_beats_chance(study):
+    """The leakage guard. The same patients, relabelled so that the labels carry no image signal
+    (study.relabel_without_signal), through the cohort, the classifier, the embeddings and the
+    analysis again: no model may look better than chance. Fitting the filters, the scaler or the
+    explainable-feature correlations on all patients instead of the training patients would show
+    up here. (Last in the file: it relabels the study.)"""
+    relabel_without_signal(study, NULL_SEED)
+    metrics = study.store.query(
+        "SELECT model, scheme, metric, estimate, ci_low, ci_high FROM current_model_metrics "
+        "WHERE metric IN ('accuracy', 'roc_auc')"
+    )
+    holdout = metrics.filter(pl.col("scheme") == "holdout_bootstrap")
+    assert set(holdout["model"]) == {"radiomic", "deep", "explainable"}
+    assert set(metrics["scheme"]) > {"holdout_bootstrap"}  # and the nested CV of the LASSO models
+    # ROC AUC: chance is 0.5 whatever the class balance, in every scheme
+    for row in metrics.filter(pl.col("metric") == "roc_auc").iter_rows(named=True):
+        assert row["ci_low"] <= 0.5 <= row["ci_high"], row
+    # accuracy on the (stratified, balanced) validation patients: chance is 0.5 there too; in the
+    # training folds a model that predicts one class scores that class's share, not 0.5
+    for row in holdout.filter(pl.col("metric") == "accuracy").iter_rows(named=True):
+        assert row["ci_low"] <= 0.5 <= row["ci_high"], row

@@ -17,6 +17,7 @@ from hcc_assets.defs.resources import ComputeResource, LakeResource
 from hcc_assets.synthetic.cohort import SynthConfig, synthesize_cohort
 from hcc_assets_tests.conftest import SMALL_COHORT
 from hcc_assets_tests.defs.helpers import PATIENT_ASSETS, check_figure, failure_message
+from hcc_assets_tests.model_configs import UNTRAINED_CLASSIFIER
 from hcc_assets_tests.scratch import module_scratch
 
 SHAPE = [32, 32, 16]
@@ -27,7 +28,7 @@ INGEST_CONFIG = {"ops": {"preprocessed_volume": {"config": {"target_shape": SHAP
 TRAIN = dict(depth=10, lr=0.05, min_epochs=15, max_epochs=15, patience=15, batch_size=4, seed=0)
 PSEUDONYM_KEY = "hcc-deep-assets-test"
 # Learning switched off (a vanishing step): the model stays at its seeded initialization.
-NO_LEARNING = dict(depth=10, lr=1e-12, momentum=0.0, min_epochs=1, max_epochs=1, patience=1, batch_size=4, seed=0)
+NO_LEARNING = UNTRAINED_CLASSIFIER
 
 
 def _compute() -> ComputeResource:

@@ -45,12 +45,16 @@ TERMINAL = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.Dagster
 
 
 @pytest.mark.slow
-def test_a_dropped_scan_becomes_features_with_the_current_models(small_cohort, tmp_path, monkeypatch):
+def test_a_dropped_scan_becomes_features_with_the_current_models(
+    small_cohort, liver_model_folder, tmp_path, monkeypatch
+):
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))  # restored after the test
     for name in [n for n in os.environ if n.startswith("HCC_ASSETS_")]:
         monkeypatch.delenv(name)  # the prepared lake's own key and settings, as the daemon will see them
     source, _ = small_cohort
-    prepared = prepare_lake(tmp_path / "lake", source, patient_config=TEST_PATIENT_CONFIG)
+    prepared = prepare_lake(
+        tmp_path / "lake", source, patient_config=TEST_PATIENT_CONFIG, liver_model=liver_model_folder
+    )
     assert all(prepared.versions.values()), prepared.versions
     new = synthesize_cohort(tmp_path / "new", SynthConfig(**{**SMALL_COHORT, "patients": 1, "seed": 99}))[0]
     pid = prepared.lake.pseudonym(new.patient_key)

@@ -22,7 +22,8 @@ from hcc_assets.featurestore import FeatureStore, registry
 from hcc_assets.steps.prediction import predict_patient
 from hcc_assets.synthetic.cohort import SynthConfig, synthesize_cohort
 from hcc_assets_tests.conftest import SMALL_COHORT
-from hcc_assets_tests.defs.hands_off import CLASSIFIER_TRAINING, TEST_PATIENT_CONFIG, prepare_lake
+from hcc_assets_tests.defs.hands_off import TEST_PATIENT_CONFIG, prepare_lake
+from hcc_assets_tests.model_configs import CLASSIFIER_TRAINING, UNTRAINED_CLASSIFIER
 from hcc_assets_tests.scratch import module_scratch
 
 ASSETS = dg.load_assets_from_modules(
@@ -53,7 +54,7 @@ def _materialize(lake, instance, selection, partition_key=None, ops=None, ok=Tru
 
 
 @pytest.fixture(scope="module")
-def predicted(small_cohort, tmp_path_factory):
+def predicted(small_cohort, liver_model_folder, tmp_path_factory):
     """The lake after: every patient's features, radiomic_model, then hcc_prediction for all,
     including one unlabelled patient and one whose mask the blocking checks refuse."""
     source, _ = small_cohort
@@ -61,7 +62,9 @@ def predicted(small_cohort, tmp_path_factory):
         patch.setenv("DAGSTER_HOME", str(root / "dagster_home"))
         for name in [n for n in os.environ if n.startswith("HCC_ASSETS_")]:
             patch.delenv(name)
-        prepared = prepare_lake(root / "lake", source, patient_config=TEST_PATIENT_CONFIG)
+        prepared = prepare_lake(
+            root / "lake", source, patient_config=TEST_PATIENT_CONFIG, liver_model=liver_model_folder
+        )
         new = synthesize_cohort(root / "new", SynthConfig(**{**SMALL_COHORT, "patients": 1, "seed": 99}))[0]
         shutil.copytree(root / "new" / new.patient_key, prepared.root / "incoming" / new.patient_key)
         lake = prepared.lake
@@ -186,9 +189,8 @@ def test_a_retrain_refreshes_predictions_and_keeps_the_old_ones_a_refused_one_ch
     deep = _current(store).filter((pl.col("patient_id") == pid) & (pl.col("model") == "deep")).row(0, named=True)
     assert deep["model_version"] == second and deep["reason"] is None
 
-    no_learning = dict(depth=10, lr=1e-12, momentum=0.0, min_epochs=1, max_epochs=1, patience=1, batch_size=4, seed=0)
     refused = _materialize(
-        lake, instance, ["hcc_classifier"], ops={"hcc_classifier": {"config": no_learning}}, ok=False
+        lake, instance, ["hcc_classifier"], ops={"hcc_classifier": {"config": UNTRAINED_CLASSIFIER}}, ok=False
     )
     assert {c.check_name: c.passed for c in refused.get_asset_check_evaluations()} == {
         "beats_chance_on_training": False

@@ -36,20 +36,10 @@ from hcc_assets_tests.defs.helpers import (
     materialize_cohort,
     register_all,
 )
+from hcc_assets_tests.model_configs import SEGMENTATION_TRAINING
 from hcc_assets_tests.scratch import module_scratch
 
-# Native-spacing 2d_cpu (the 64-matrix phantom has ~6-7 mm pixels: the default 3.2 mm would upsample
-# it). With pixels coarser than the slice gap nnU-Net slices the 2d network sagittally (16x64), a
-# harder problem than axial 256x256: 6 x 20 iterations gave liver Dice ~0.6 even on training
-# patients; 12 x 25 at lr 0.02 (~25 s on 1 thread) gives 0.82-0.86 on the held-out patients.
-TRAINING = {
-    "epochs": 12,
-    "iterations_per_epoch": 25,
-    "val_iterations_per_epoch": 2,
-    "initial_lr": 0.02,
-    "spacing": [],
-    "seed": 7,
-}
+TRAINING = SEGMENTATION_TRAINING  # model_configs: why these settings
 # 3-7 cm lesions (TCGA-LIHC-sized, part of the liver label) make this brief training harder: held-out
 # Dice 0.71-0.72 here; the demo's full 12 x 40 schedule on 256x256 is what reaches ~0.9.
 MIN_HELD_OUT_DICE = 0.65
@@ -155,6 +145,20 @@ def test_trained_model_is_versioned_and_registered(platform):
     assert meta["epochs"] == TRAINING["epochs"] and len(meta["train_loss"]) == TRAINING["epochs"]
     assert "REDUCED CPU configuration" in meta["note"] and "3d_fullres" in meta["note"]
     assert _data_version(platform.training, liver_segmentation_model) == row["version"]
+
+
+def test_the_trained_model_reads_back_the_training_volumes_it_saw(platform):
+    from hcc_assets.featurestore.registry import training_set
+
+    store = platform.lake.store
+    row = store.query(
+        "SELECT version, training_patients, data_snapshot FROM models WHERE model_name = 'liver_segmentation' AND current"
+    ).row(0, named=True)
+    assert row["data_snapshot"] is not None and row["training_patients"]
+    frame = training_set(store, row["version"])
+    assert frame["patient_id"].to_list() == sorted(row["training_patients"])
+    assert (frame["split"] == "train").all()
+    assert frame.columns == ["patient_id", "hcc", "split", "path", "sha256"]
 
 
 def test_masks_are_on_the_native_grid_with_checks_and_dice(platform):

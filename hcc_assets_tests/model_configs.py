@@ -1,0 +1,132 @@
+"""Test-size model settings, in one place, and the one liver model the suite shares.
+
+The settings are cheap versions of the study's: tests check what the platform does with a model,
+not how good the model is (the demo and benchmarks/ measure that). `shared_liver_model` trains
+nnU-Net once per pytest session, through the real asset, and hands the folder to every test that
+only needs *a* trained liver model: they register it the way a user plugs in a trained nnU-Net
+(`liver_segmentation_model`'s `model_folder`, mode a). Tests of the training itself
+(test_segmentation_assets, segmentation/test_training_inference) still train their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# Native-spacing 2d_cpu (the 64-matrix phantom has ~6-7 mm pixels: the default 3.2 mm would upsample
+# it). With pixels coarser than the slice gap nnU-Net slices the 2d network sagittally (16x64), a
+# harder problem than axial 256x256: 6 x 20 iterations gave liver Dice ~0.6 even on training
+# patients; 12 x 25 at lr 0.02 (~25 s on 1 thread) gives 0.82-0.86 on the held-out patients.
+SEGMENTATION_TRAINING = {
+    "epochs": 12,
+    "iterations_per_epoch": 25,
+    "val_iterations_per_epoch": 2,
+    "initial_lr": 0.02,
+    "spacing": [],
+    "seed": 7,
+}
+# A depth-10 classifier for a few epochs: enough for the flows that need *a* classifier; it may
+# stay below chance (accept_below_chance), the gate has its own tests (test_deep_assets).
+CLASSIFIER_TRAINING = {
+    "depth": 10,
+    "lr": 0.05,
+    "min_epochs": 5,
+    "max_epochs": 5,
+    "patience": 5,
+    "batch_size": 4,
+    "seed": 0,
+    "accept_below_chance": True,
+}
+# The study-sized classifier (test_analysis_assets): long enough to separate a clear lesion signal.
+STUDY_CLASSIFIER_TRAINING = {
+    "depth": 10,
+    "lr": 0.05,
+    "min_epochs": 20,
+    "max_epochs": 40,
+    "patience": 10,
+    "batch_size": 8,
+    "seed": 0,
+}
+# A classifier that does not learn (learning rate ~0, one epoch): its embeddings are a fixed random
+# projection of the images, so they carry no label information; below chance on purpose.
+UNTRAINED_CLASSIFIER = {
+    "depth": 10,
+    "lr": 1e-12,
+    "momentum": 0.0,
+    "min_epochs": 1,
+    "max_epochs": 1,
+    "patience": 1,
+    "batch_size": 4,
+    "seed": 0,
+}
+# The grid of the tests' preprocessed volumes (the classifier's input): layer4 of a ResNet still
+# sees one voxel.
+TEST_GRID = [32, 32, 16]
+
+
+def _shared_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This pytest run's folder common to all xdist workers."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def shared_liver_model(tmp_path_factory: pytest.TempPathFactory, cohort_source: Path, cohort_settings: dict) -> Path:
+    """The nnU-Net model folder trained with SEGMENTATION_TRAINING on `cohort_source` (ingested,
+    split and trained through the real assets in a scratch lake), once per run: keyed by the hash
+    of the training and cohort settings (each xdist worker synthesizes its own copy of the same
+    cohort), built under a file lock so that the other workers wait for the first."""
+    from filelock import FileLock  # torch's own dependency
+
+    key = hashlib.sha256(json.dumps([SEGMENTATION_TRAINING, cohort_settings], sort_keys=True).encode()).hexdigest()
+    shared = _shared_folder(tmp_path_factory) / f"liver_model_{key[:12]}"
+    with FileLock(str(shared) + ".lock"):
+        done = shared / "done.json"
+        if not done.exists():
+            shutil.rmtree(shared, ignore_errors=True)
+            folder = _train_liver_model(shared / "scratch", cohort_source, shared / "model")
+            shutil.rmtree(shared / "scratch", ignore_errors=True)
+            done.write_text(json.dumps({"folder": str(folder), "settings": SEGMENTATION_TRAINING}))
+        return Path(json.loads(done.read_text())["folder"])
+
+
+def _train_liver_model(scratch: Path, cohort_source: Path, target: Path) -> Path:
+    """Train in a scratch lake; copy the model folder, under nnU-Net's own folder name, into `target`."""
+    import dagster as dg
+
+    from hcc_assets.defs.cohort import cohort
+    from hcc_assets.defs.resources import ComputeResource
+    from hcc_assets.defs.segmentation import liver_segmentation_model
+    from hcc_assets.featurestore.registry import current_model
+    from hcc_assets_tests.defs.helpers import (
+        PATIENT_ASSETS,
+        failure_message,
+        ingest_patient,
+        make_lake,
+        register_all,
+    )
+
+    incoming = scratch / "incoming"
+    shutil.copytree(cohort_source, incoming)
+    lake = make_lake(scratch, incoming)
+    with dg.instance_for_test() as instance:
+        for pid in register_all(instance, lake):
+            ingest_patient(instance, lake, pid)
+        result = dg.materialize(
+            [cohort, liver_segmentation_model, *PATIENT_ASSETS],
+            selection=[cohort, liver_segmentation_model],
+            instance=instance,
+            resources={"lake": lake, "compute": ComputeResource(device="cpu", cpu_threads=1)},
+            run_config={"ops": {"liver_segmentation_model": {"config": SEGMENTATION_TRAINING}}},
+            raise_on_error=False,
+        )
+        assert result.success, failure_message(result)
+    model = current_model(lake.store, "liver_segmentation")
+    assert model is not None
+    folder = target / Path(model["path"]).name  # <trainer>__<plans>__<configuration>
+    shutil.copytree(model["path"], folder)
+    return folder
