@@ -130,6 +130,7 @@ def _daemon_runs(instance, daemon, besides: str) -> list[dg.DagsterRun]:
 def test_a_retrain_makes_automation_refresh_patients_and_analyse_once(
     small_cohort, liver_model_folder, tmp_path, monkeypatch
 ):
+    started = time.time()
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     for name in [n for n in os.environ if n.startswith("HCC_ASSETS_")]:
         monkeypatch.delenv(name)
@@ -147,12 +148,14 @@ def test_a_retrain_makes_automation_refresh_patients_and_analyse_once(
     daemon = Daemon(prepared, tmp_path / "daemon.log")
     daemon.env.update(
         {
-            "HCC_ASSETS_AUTOMATION_INTERVAL_S": "5",
+            "HCC_ASSETS_AUTOMATION_INTERVAL_S": "1",  # the asset daemon then ticks every 5 s, its shortest loop
             "HCC_ASSETS_COHORT_RUN_CONFIG": str(prepared.root / "cohort_settings.yaml"),
         }
     )
+    prepared_at = time.time()
     with daemon, prepared.instance() as instance:
         wait_for_sensor(instance, daemon, name="hcc_automation")
+        up_at = time.time()
         retrain = dg.materialize(
             ASSETS,
             selection=["cohort", "hcc_classifier"],
@@ -163,6 +166,7 @@ def test_a_retrain_makes_automation_refresh_patients_and_analyse_once(
         )
         assert retrain.success, [e.step_failure_data.error.message for e in retrain.all_events if e.is_step_failure]
         new = store.query("SELECT version FROM models WHERE model_name = ? AND current", [CLASSIFIER]).item()
+        retrained_at = time.time()
 
         def settled():
             explainable = store.query("SELECT version FROM models WHERE model_name = 'explainable_model' AND current")
@@ -179,7 +183,12 @@ def test_a_retrain_makes_automation_refresh_patients_and_analyse_once(
             return idle and complete and done
 
         _wait("every patient refreshed and predicted by the refitted models", daemon, instance, settled, timeout_s=900)
-        time.sleep(12)  # two more automation ticks: nothing else may be requested
+        settled_at = time.time()
+        print(
+            f"\nprepared in {prepared_at - started:.0f} s; daemon up in {up_at - prepared_at:.0f} s; retrain "
+            f"{retrained_at - up_at:.0f} s; the daemon's refresh settled in {settled_at - retrained_at:.0f} s"
+        )
+        time.sleep(11)  # two more automation ticks: nothing else may be requested
         runs = _daemon_runs(instance, daemon, besides=retrain.run_id)
         evaluations = instance.schedule_storage.get_auto_materialize_asset_evaluations(
             key=dg.AssetKey("deep_embedding"), limit=100
