@@ -33,9 +33,14 @@ def _incoming(args) -> Path:
 
 def cmd_synth(args) -> int:
     from hcc_assets.synthetic.cohort import Layout, SynthConfig, synthesize_cohort
+    from hcc_assets.synthetic.transfer_syntax import DEFAULT_TRANSFER_SYNTAX
 
     config = SynthConfig(
-        patients=args.patients, seed=args.seed, lesion_contrast=args.lesion_contrast, matrix=args.matrix
+        patients=args.patients,
+        seed=args.seed,
+        lesion_contrast=args.lesion_contrast,
+        matrix=args.matrix,
+        transfer_syntax=getattr(args, "transfer_syntax", None) or DEFAULT_TRANSFER_SYNTAX,
     )
     start = time.perf_counter()
     layout = cast(Layout, getattr(args, "layout", "drop") or "drop")  # argparse's choices are the Layout values
@@ -495,6 +500,8 @@ class _HelpWithDefaults(argparse.HelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hcc_assets.synthetic.transfer_syntax import DEFAULT_TRANSFER_SYNTAX, TRANSFER_SYNTAXES
+
     parser = argparse.ArgumentParser(prog="hcc-assets", description=__doc__, formatter_class=_HelpWithDefaults)
     parser.add_argument("--lake", help="data lake root (default: $HCC_ASSETS_LAKE or ./data_lake)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -507,6 +514,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, help="folder to write the cohort into")
     synth.add_argument("--lesion-contrast", type=float, default=1.0, help="0 = labels carry no image signal")
     synth.add_argument("--matrix", type=int, default=256, help="in-plane size (smaller for quick tests)")
+    synth.add_argument(
+        "--transfer-syntax",
+        choices=list(TRANSFER_SYNTAXES),
+        default=DEFAULT_TRANSFER_SYNTAX,
+        help="how the DICOM files are encoded: explicit VR little endian, JPEG Lossless SV1, JPEG-LS lossless, "
+        "JPEG 2000 lossless, RLE lossless or deflated (same pixels in each)",
+    )
     synth.add_argument(
         "--layout",
         choices=["drop", "chaos", "tcia"],
@@ -524,7 +538,11 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--out", help="drop zone (default: <lake>/incoming)")
     chaos.set_defaults(func=cmd_import_chaos)
     tcia = sources.add_parser("tcia", help="TCGA-LIHC (HCC) as saved by the NBIA Data Retriever")
-    tcia.add_argument("--root", required=True, help="the TCGA-LIHC folder (one folder per PatientID)")
+    tcia.add_argument(
+        "--root",
+        required=True,
+        help="the TCGA-LIHC folder (one folder per PatientID), or the NBIA download folder that holds it and metadata.csv",
+    )
     tcia.add_argument("--metadata", help="NBIA metadata.csv: import exactly the series it lists")
     tcia.add_argument("--out", help="drop zone (default: <lake>/incoming)")
     tcia.set_defaults(func=cmd_import_tcia)

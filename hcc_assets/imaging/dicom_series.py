@@ -440,6 +440,37 @@ def _series_folders(patient_dir: Path) -> list[tuple[Path, list[Path]]]:
     return folders
 
 
+# Tags that name the patient. Two series that disagree on any of them (both present) belong to two
+# patients. Studies of one patient may differ in StudyInstanceUID and FrameOfReferenceUID (a
+# follow-up), so those are not compared; PatientName is not either (formatting varies by system).
+IDENTITY_TAGS = ("PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex")
+
+
+def _identity_digest(dataset: Dataset, keyword: str) -> str | None:
+    """sha256 of the tag's normalized value (None when absent or empty): identities are compared by
+    digest, and the values themselves never reach a message, a record or a log."""
+    value = _text(dataset, keyword).upper()
+    return hashlib.sha256(value.encode()).hexdigest() if value else None
+
+
+def check_one_patient(headers: list[Dataset]) -> None:
+    """Raise PatientInputError when the series disagree on the patient's identity (IDENTITY_TAGS):
+    a drop folder that holds two patients' studies would otherwise become one patient. The message
+    names the tags and the series, never the values."""
+    for keyword in IDENTITY_TAGS:
+        groups: dict[str, list[Dataset]] = {}
+        for header in headers:
+            digest = _identity_digest(header, keyword)
+            if digest is not None:
+                groups.setdefault(digest, []).append(header)
+        if len(groups) > 1:
+            examples = " vs ".join(_describe(members[:1]) for members in sorted(groups.values(), key=len, reverse=True))
+            raise PatientInputError(
+                f"the folder holds studies of {len(groups)} different patients ({keyword} differs: {examples}); "
+                "a drop folder must hold one patient's studies"
+            )
+
+
 def _describe(datasets: list[Dataset]) -> str:
     labels = sorted({series_label(_int(d.get("SeriesNumber")), _text(d, "SeriesDescription")) for d in datasets})
     return " and ".join(labels)
@@ -520,6 +551,7 @@ def inventory_study(patient_dir: Path) -> StudyInventory:
             entry.slices.append(SliceGeometry.of(dataset))
     if not by_uid:
         raise PatientInputError("no DICOM image files found in the patient folder")
+    check_one_patient([entry.first for entry in by_uid.values()])
     series = sorted(
         (_series_info(uid, entry) for uid, entry in by_uid.items()),
         key=lambda s: (s.series_number is None, s.series_number or 0, s.series_key),

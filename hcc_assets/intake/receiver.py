@@ -55,6 +55,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pydicom
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # pynetdicom generates its SOP class names at import
     MRImageStorage,
@@ -66,6 +77,22 @@ from hcc_assets.core.files import COMPLETE_MARKER, publish_folder
 
 if TYPE_CHECKING:
     from pynetdicom.transport import ThreadedAssociationServer
+
+# What scanners and PACS send without loss: the uncompressed syntaxes and the lossless compressed
+# ones (decoded at ingest by the pylibjpeg plugins through pydicom). Lossy syntaxes are not offered,
+# so a sender that has only a lossy form is refused at association. A file is stored in the syntax
+# it arrived in (its bytes are not re-encoded).
+ACCEPTED_TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    RLELossless,
+]
 
 log = logging.getLogger("hcc_assets.intake.receiver")
 
@@ -137,7 +164,7 @@ class Receiver:
         self.incoming.mkdir(parents=True, exist_ok=True)
         self._remove_stale_staging()
         ae = AE(ae_title=self.ae_title)
-        ae.add_supported_context(MRImageStorage)
+        ae.add_supported_context(MRImageStorage, ACCEPTED_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         ae.require_calling_aet = self.allowed_callers
         ae.maximum_pdu_size = 0  # no limit

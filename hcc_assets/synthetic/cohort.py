@@ -64,6 +64,7 @@ from hcc_assets.core.versioning import content_version
 from hcc_assets.imaging import geometry
 from hcc_assets.intake.dropzone import merge_labels
 from hcc_assets.synthetic.phantom import TISSUE_TO_LABEL, Phantom, Tissue, random_phantom, rotation_matrix
+from hcc_assets.synthetic.transfer_syntax import DEFAULT_TRANSFER_SYNTAX, TRANSFER_SYNTAXES, encode
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,15 @@ class SynthConfig(pydantic.BaseModel):
     slices_min: int = pydantic.Field(26, ge=2)
     slices_max: int = pydantic.Field(50, ge=2)
     oblique_fraction: float = pydantic.Field(0.3, ge=0.0, le=1.0)
+    # how every image file is encoded (transfer_syntax.TRANSFER_SYNTAXES): same pixels and tags in each
+    transfer_syntax: str = DEFAULT_TRANSFER_SYNTAX
+
+    @pydantic.field_validator("transfer_syntax")
+    @classmethod
+    def _known_syntax(cls, value: str) -> str:
+        if value not in TRANSFER_SYNTAXES:
+            raise ValueError(f"transfer_syntax must be one of {', '.join(TRANSFER_SYNTAXES)}")
+        return value
 
     @pydantic.model_validator(mode="after")
     def _slice_range(self) -> SynthConfig:
@@ -903,13 +913,16 @@ def _synthesize_patient(
             names, size = [], 0
             for row, k in enumerate(range(series.first_slice, series.stop_slice)):
                 position = affine[:3, 3] + k * affine[:3, 2]
-                data = _dicom_bytes(
-                    template,
-                    uid(str(series.sequence.number), str(k)),
-                    series.instance_numbers[row],
-                    position,
-                    float(position @ normal),
-                    stored[row],
+                data = encode(
+                    _dicom_bytes(
+                        template,
+                        uid(str(series.sequence.number), str(k)),
+                        series.instance_numbers[row],
+                        position,
+                        float(position @ normal),
+                        stored[row],
+                    ),
+                    config.transfer_syntax,
                 )
                 names.append(_file_name(layout, series, row))
                 (series_dir / names[-1]).write_bytes(data)

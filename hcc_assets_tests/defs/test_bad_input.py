@@ -54,6 +54,14 @@ def _mixed_series(folder):
         shutil.copy(f, t2_dir / f"mixed_{i}.dcm")
 
 
+def _two_patients(folder):
+    """Another patient's study copied into this drop folder (the two differ in PatientID)."""
+    other = next(
+        d for d in sorted(folder.parent.iterdir()) if d.is_dir() and d != folder and not d.name.startswith("BADCASE")
+    )
+    shutil.copytree(other / "study_1", folder / "study_2")
+
+
 def _empty(folder):
     shutil.rmtree(folder)
     folder.mkdir()
@@ -69,6 +77,7 @@ CASES = {
     "one_slice": (_one_slice, r"1 slice|slices"),
     "mixed_series": (_mixed_series, r"mixed|more than one series|series"),
     "empty": (_empty, r"no DICOM"),
+    "two_patients": (_two_patients, r"2 different patients \(PatientID differs"),
 }
 
 

@@ -202,6 +202,35 @@ def test_inventory_describes_each_series_without_phi(tmp_path):
     assert inventory_study(patient).to_record() == record  # stable keys and checksums
 
 
+def test_series_of_two_patients_are_refused_without_naming_either(tmp_path):
+    """A drop folder that holds another patient's study (different PatientID) must not become one
+    patient with one T2 silently chosen across both; the message names tags and series only."""
+    patient = make_study(tmp_path)
+    other = {
+        "PatientID": "MRN0815",
+        "PatientBirthDate": "19700101",
+        "StudyInstanceUID": generate_uid(),
+        "FrameOfReferenceUID": generate_uid(),
+    }
+    write_series(patient / "other study" / "5 t2", truth_volume(seed=5), number=5, description="T2_TSE", extra=other)
+    with pytest.raises(PatientInputError, match=r"2 different patients \(PatientID differs: ") as refused:
+        inventory_study(patient)
+    assert "one patient's studies" in str(refused.value)
+    assert_no_phi(str(refused.value), extra=("MRN0815", "19700101"))
+
+
+def test_a_follow_up_study_of_the_same_patient_is_not_an_identity_conflict(tmp_path):
+    """Same PatientID, another study (its own StudyInstanceUID and FrameOfReferenceUID); an
+    anonymized series without PatientID agrees with anyone."""
+    patient = make_study(tmp_path)
+    follow_up = {"StudyInstanceUID": generate_uid(), "FrameOfReferenceUID": generate_uid()}
+    write_series(patient / "follow-up" / "5 t2", truth_volume(seed=5), number=5, description="T2_TSE", extra=follow_up)
+    write_series(
+        patient / "follow-up" / "6 t2", truth_volume(seed=6), number=6, description="T2_TSE", extra={"PatientID": ""}
+    )
+    assert sorted(s.series_number for s in inventory_study(patient).series) == [1, 3, 5, 6, 7]
+
+
 def test_checksum_changes_with_the_bytes(tmp_path):
     patient = make_study(tmp_path, with_others=False)
     before = inventory_study(patient).series[0]

@@ -243,6 +243,19 @@ def test_tcia_without_metadata_and_reimport(tcia, tmp_path):
     assert [r.status for r in fresh] == ["imported", "imported"]
 
 
+def test_tcia_root_one_level_too_high_is_the_nbia_download_and_imports_per_patient(tcia, tmp_path):
+    """Pointed at the download folder (TCGA-LIHC/ and metadata.csv inside), not at TCGA-LIHC/: the
+    same patients as a correct import, never one patient named after the collection."""
+    base, patients, incoming, _ = tcia
+    results = import_tcia(base / "download", tmp_path / "in")
+    assert sorted(r.key for r in results) == sorted(p.layout_id for p in patients)
+    assert [r.status for r in results] == ["imported"] * len(patients), [r.message for r in results]
+    for patient in patients:
+        assert inventory_study(tmp_path / "in" / patient.layout_id).to_record() == (
+            inventory_study(incoming / patient.layout_id).to_record()
+        )
+
+
 def test_tcia_without_t2_series_is_reported(tcia, tmp_path):
     base, patients, _, _ = tcia
     root = tmp_path / "TCGA-LIHC"

@@ -202,3 +202,51 @@ def test_a_later_study_of_the_same_patient_becomes_study_2_and_a_resend_merges(s
     assert len(list(folder.glob("study_1/*/*.dcm"))) == len(files)
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["study_1", "study_2"]
     assert not any((incoming / ".receiving").iterdir())
+
+
+LOSSLESS_COMPRESSED = ["jpeg-lossless", "jpeg-ls", "jpeg2000", "rle", "deflated"]
+
+
+def test_compressed_transfer_syntaxes_are_received_as_sent_and_decode_to_the_same_volume(tmp_path):
+    """One patient per lossless compressed syntax (synth --transfer-syntax), each sent by a storage
+    SCU that offers only that syntax: the receiver negotiates it, stores the bytes as they came, and
+    each received T2 series decodes to the volume of the same patient written uncompressed."""
+    import numpy as np
+
+    from hcc_assets.imaging.dicom_series import choose_t2_series, inventory_study
+    from hcc_assets.imaging.nifti import series_to_nifti
+    from hcc_assets.synthetic.transfer_syntax import TRANSFER_SYNTAXES
+
+    def t2(folder):
+        image = series_to_nifti(choose_t2_series(inventory_study(folder)).series)
+        return np.asarray(image.dataobj), image.affine
+
+    incoming, patients = tmp_path / "incoming", []
+    one = CONFIG.model_copy(update={"patients": 1, "slices_min": 10, "slices_max": 11})  # a usable T2
+    with receiver(tmp_path, incoming) as (port, log_path):
+        for seed, name in enumerate(LOSSLESS_COMPRESSED, start=40):
+            settings = one.model_copy(update={"seed": seed})
+            plain = synthesize_cohort(tmp_path / f"plain_{name}", settings)[0]
+            patients.append(plain)
+            synthesize_cohort(tmp_path / f"sent_{name}", settings.model_copy(update={"transfer_syntax": name}))
+            sent = sorted((tmp_path / f"sent_{name}" / plain.patient_key / "study_1").rglob("*.dcm"))
+            ae = AE(ae_title="TESTSCU")
+            ae.add_requested_context(MRImageStorage, [TRANSFER_SYNTAXES[name]])
+            assoc = ae.associate("127.0.0.1", port, ae_title="HCC_ASSETS")
+            assert assoc.is_established, name
+            accepted = {context.transfer_syntax[0] for context in assoc.accepted_contexts}
+            assert accepted == {TRANSFER_SYNTAXES[name]}, name
+            for path in sent:
+                assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0, (name, path.name)
+            assoc.release()
+            folder = incoming / plain.patient_key
+            assert wait_for(lambda folder=folder: (folder / ".complete").exists()), log_path.read_text()
+            received = sorted(folder.rglob("*.dcm"))
+            assert len(received) == len(sent), name
+            assert {pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID for p in received} == {
+                TRANSFER_SYNTAXES[name]
+            }
+            volume, affine = t2(folder)
+            plain_volume, plain_affine = t2(tmp_path / f"plain_{name}" / plain.patient_key)
+            assert np.array_equal(volume, plain_volume) and np.array_equal(affine, plain_affine), name
+    assert_no_phi(log_path, patients)

@@ -2,7 +2,8 @@
 
 TCGA-LIHC (NBIA Data Retriever: `<PatientID>/<date-StudyDescription-uid>/<SeriesNumber-
 SeriesDescription-uid>/*.dcm`, with an optional metadata.csv whose `File Location` points at
-the series folders):
+the series folders; a root one level up, the download folder holding `TCGA-LIHC/` and
+`metadata.csv`, is recognized: `nbia_download_layout`):
   - every series is kept, as study_<k>/series_<SeriesNumber> (studies ordered by StudyDate
     and UID): the drop folder names carry no dates or descriptions;
   - the study must contain a T2-weighted series by its tags (`choose_t2_series`), which is
@@ -74,9 +75,28 @@ def _resolve_location(location: str, root: Path, metadata_dir: Path) -> Path | N
     return None
 
 
+def nbia_download_layout(root: Path, metadata: Path | None) -> tuple[Path, Path | None]:
+    """(collection folder, metadata.csv) when `root` is the NBIA Data Retriever's download folder,
+    one level above the collection (`<download>/metadata.csv`, `<download>/TCGA-LIHC/<Subject ID>/`):
+    the download's metadata.csv is used when none is given, and the one child folder that holds
+    TCGA barcode folders becomes the root. Without this a root one level too high would import the
+    whole collection as a single patient named after it. Anything else is returned unchanged."""
+    if metadata is None and (root / "metadata.csv").is_file():
+        metadata = root / "metadata.csv"
+        log.info("NBIA download: using its metadata.csv")
+    children = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    if not any(_TCGA_BARCODE.match(d.name) for d in children):
+        collections = [d for d in children if any(_TCGA_BARCODE.match(g.name) for g in d.iterdir() if g.is_dir())]
+        if len(collections) == 1:
+            log.info("NBIA download: importing the patients under its collection folder %s", collections[0].name)
+            root = collections[0]
+    return root, metadata
+
+
 def _tcia_patients(root: Path, metadata: Path | None) -> list[_TciaPatient]:
     if not root.is_dir():
         raise PatientInputError("the TCIA root folder does not exist")
+    root, metadata = nbia_download_layout(root, metadata)
     if metadata is None:
         folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
         patients = [_TciaPatient(d.name, _series_folders_under(d)) for d in folders]
