@@ -12,19 +12,34 @@ DEMO_LESION_CONTRAST ?= 2
 export OMP_WAIT_POLICY := PASSIVE
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-fast lint ui clean-lake
+.PHONY: install lock demo test test-fast lint ui clean-lake
 
-$(BIN)/.installed: pyproject.toml scripts/install_pyradiomics.sh
+# Every package from requirements.lock (exact versions, sha256-checked), then the patched pyradiomics
+# build and the project itself without dependencies: two installs a month apart are the same.
+$(BIN)/.installed: pyproject.toml requirements.lock scripts/install_pyradiomics.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=68" wheel
-	$(BIN)/python -m pip install -q numpy versioneer
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r requirements.lock
 	bash scripts/install_pyradiomics.sh $(BIN)/python
-	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	$(BIN)/python -m pip check
 	touch $@
 
 install: $(BIN)/.installed
+
+# A fresh resolve of pyproject.toml in a scratch venv (the newest releases its bounds allow, the
+# Dagster family and DuckDB pins, torch from this machine's disk), checked, then written to
+# requirements.lock with hashes (scripts/lock.py). Review the diff, run `make test`, commit.
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip "setuptools>=68" wheel
+	$(LOCK_VENV)/bin/python -m pip install -q numpy versioneer
+	bash scripts/install_pyradiomics.sh $(LOCK_VENV)/bin/python
+	$(LOCK_VENV)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(LOCK_VENV)/bin/python -m pip install -q ".[test]"
+	$(LOCK_VENV)/bin/python -m pip check
+	$(LOCK_VENV)/bin/python scripts/lock.py --python $(LOCK_VENV)/bin/python --out requirements.lock
+	rm -rf $(LOCK_VENV)
 
 demo: install
 	$(BIN)/hcc-assets --lake $(LAKE) demo --source $(DEMO_SOURCE) --lesion-contrast $(DEMO_LESION_CONTRAST)
