@@ -27,19 +27,25 @@ def _normalized(name: str) -> str:
     return name.lower().replace("_", "-").replace(".", "-")
 
 
+_LIST_DISTRIBUTIONS = """
+import importlib.metadata, json
+print(json.dumps([[d.metadata["Name"], d.version, bool(d.read_text("direct_url.json"))]
+                  for d in importlib.metadata.distributions()]))
+"""
+
+
 def pins(python: str) -> list[str]:
-    frozen = subprocess.run(
-        [python, "-m", "pip", "freeze", "--all", "--exclude-editable"], check=True, capture_output=True, text=True
-    ).stdout.splitlines()
-    found = []
-    for line in frozen:
-        name = line.split("==", 1)[0].split(" @ ", 1)[0].strip()
+    """`name==version` of every distribution in the environment, read with importlib.metadata: pip's
+    own listings (freeze, inspect) leave out `argparse`, which unittest2 requires."""
+    listed = subprocess.run([python, "-c", _LIST_DISTRIBUTIONS], check=True, capture_output=True, text=True).stdout
+    found = set()
+    for name, version, direct in json.loads(listed):
         if _normalized(name) in NOT_LOCKED:
             continue
-        if "==" not in line:
-            raise SystemExit(f"lock: {line!r} is not a release from the index; install it from one first")
-        found.append(line.strip())
-    return found
+        if direct:
+            raise SystemExit(f"lock: {name} {version} was not installed from the index; install it from one first")
+        found.add(f"{name}=={version}")
+    return sorted(found, key=str.lower)
 
 
 def hashed(python: str, requirements: list[str]) -> dict[str, tuple[str, str]]:
