@@ -5,6 +5,9 @@ from __future__ import annotations
 import base64
 import io
 import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
@@ -34,6 +37,22 @@ def register_all(instance: dg.DagsterInstance, lake: LakeResource) -> list[str]:
     pids = sorted(lake.ready_patients())
     instance.add_dynamic_partitions("patients", pids)
     return pids
+
+
+@contextmanager
+def module_platform(
+    tmp_path_factory, name: str, cohort_source: Path
+) -> Iterator[tuple[Path, LakeResource, dg.DagsterInstance, list[str]]]:
+    """A module's platform: the cohort copied into a scratch folder's incoming/, a lake there (test
+    key), a test instance with every patient registered. Yields (root, lake, instance, patient ids);
+    the folder is removed when the module is done."""
+    from hcc_assets_tests.scratch import module_scratch
+
+    with module_scratch(tmp_path_factory, name) as root, dg.instance_for_test() as instance:
+        incoming = root / "incoming"
+        shutil.copytree(cohort_source, incoming)
+        lake = make_lake(root, incoming)
+        yield root, lake, instance, register_all(instance, lake)
 
 
 def ingest_patient(instance, lake, pid, raise_on_error=True) -> dg.ExecuteInProcessResult:

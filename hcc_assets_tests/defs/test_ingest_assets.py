@@ -1,27 +1,20 @@
 """Real Dagster materializations of the per-patient and cohort assets on a synthetic cohort."""
 
 import json
-import shutil
 
-import dagster as dg
 import nibabel as nib
 import numpy as np
 import pytest
 
 from hcc_assets.lake import DataLake
-from hcc_assets_tests.defs.helpers import check_figure, ingest_patient, make_lake, materialize_cohort, register_all
-from hcc_assets_tests.scratch import module_scratch
+from hcc_assets_tests.defs.helpers import check_figure, ingest_patient, materialize_cohort, module_platform
 
 
 @pytest.fixture(scope="module")
 def ingested(small_cohort, tmp_path_factory):
     """The cohort ingested once for the module: the tests read it, re-ingest one patient and split it."""
     source, patients = small_cohort
-    with module_scratch(tmp_path_factory, "ingest_assets") as root, dg.instance_for_test() as instance:
-        incoming = root / "incoming"
-        shutil.copytree(source, incoming)
-        lake = make_lake(root, incoming)
-        pids = register_all(instance, lake)
+    with module_platform(tmp_path_factory, "ingest_assets", source) as (_root, lake, instance, pids):
         results = {pid: ingest_patient(instance, lake, pid) for pid in pids}
         yield instance, lake, pids, results, patients
 

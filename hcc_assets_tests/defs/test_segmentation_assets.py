@@ -32,12 +32,10 @@ from hcc_assets_tests.defs.helpers import (
     check_figure,
     failure_message,
     ingest_patient,
-    make_lake,
     materialize_cohort,
-    register_all,
+    module_platform,
 )
 from hcc_assets_tests.model_configs import SEGMENTATION_TRAINING
-from hcc_assets_tests.scratch import module_scratch
 
 TRAINING = SEGMENTATION_TRAINING  # model_configs: why these settings
 # 3-7 cm lesions (TCGA-LIHC-sized, part of the liver label) make this brief training harder: held-out
@@ -93,11 +91,7 @@ def patient_features(instance, lake, pid, selection=(liver_mask, radiomic_featur
 @pytest.fixture(scope="module")
 def platform(small_cohort, tmp_path_factory):
     source, _ = small_cohort
-    with module_scratch(tmp_path_factory, "segmentation_assets") as root, dg.instance_for_test() as instance:
-        incoming = root / "incoming"
-        shutil.copytree(source, incoming)
-        lake = make_lake(root, incoming)
-        pids = register_all(instance, lake)
+    with module_platform(tmp_path_factory, "segmentation_assets", source) as (_root, lake, instance, pids):
         for pid in pids:
             ingest_patient(instance, lake, pid)
         materialize_cohort(instance, lake)
