@@ -29,6 +29,7 @@ from hcc_assets.defs.deployment import deployed
 from hcc_assets.defs.metadata import figure_metadata
 from hcc_assets.defs.resources import LakeResource
 from hcc_assets.defs.segmentation import liver_mask, liver_segmentation_model, radiomic_features
+from hcc_assets.defs.settings_config import config_from_settings
 from hcc_assets.featurestore import reads
 from hcc_assets.lake import LIVER_MASK_FILE, NIFTI_FILE
 from hcc_assets.steps import analysis as steps
@@ -129,15 +130,7 @@ def explainability_sweep(
 # -- LASSO models --------------------------------------------------------------------------------
 
 
-class LassoModelConfig(dg.Config):
-    """The study's LASSO: C = 1/lambda, lambda 7 log-spaced values in [1e-3, 1e3], 3-fold CV on accuracy."""
-
-    seed: int = 0
-    cv_folds: int = 3
-    n_lambdas: int = 7
-    lambda_min: float = 1e-3
-    lambda_max: float = 1e3
-    study_features_only: bool = True  # radiomic model: the study's 72 features (False: every class)
+LassoModelConfig = config_from_settings(LassoSettings, "LassoModelConfig")
 
 
 def _lasso_materialization(model: LassoModel) -> dg.MaterializeResult:
@@ -180,9 +173,7 @@ def radiomic_model(
     context: dg.AssetExecutionContext, config: deployed(LassoModelConfig, "radiomic_model"), lake: LakeResource
 ) -> dg.MaterializeResult:
     with _failures():
-        model = steps.fit_radiomic_model(
-            lake.lake, lake.store, LassoSettings(**config.model_dump()), context.run.run_id, context.log
-        )
+        model = steps.fit_radiomic_model(lake.lake, lake.store, config.settings(), context.run.run_id, context.log)
     return _lasso_materialization(model)
 
 
@@ -199,23 +190,14 @@ def explainable_model(
     context: dg.AssetExecutionContext, config: deployed(LassoModelConfig, "explainable_model"), lake: LakeResource
 ) -> dg.MaterializeResult:
     with _failures():
-        model = steps.fit_explainable_model(
-            lake.lake, lake.store, LassoSettings(**config.model_dump()), context.run.run_id
-        )
+        model = steps.fit_explainable_model(lake.lake, lake.store, config.settings(), context.run.run_id)
     return _lasso_materialization(model)
 
 
 # -- model_metrics -------------------------------------------------------------------------------
 
 
-class ModelMetricsConfig(dg.Config):
-    n_bootstrap: int = 1000
-    bootstrap_seed: int = 0
-    cv_splits: int = 5
-    cv_repeats: int = 5
-    cv_seed: int = 0
-    threshold: float = 0.5  # P(HCC) above which a patient is called HCC
-    calibration_bins: int = 10  # equal-width bins of P(HCC) for the calibration table and plot
+ModelMetricsConfig = config_from_settings(steps.MetricsSettings, "ModelMetricsConfig")
 
 
 @dg.asset(
@@ -236,9 +218,7 @@ def model_metrics(
     context: dg.AssetExecutionContext, config: deployed(ModelMetricsConfig, "model_metrics"), lake: LakeResource
 ) -> dg.MaterializeResult:
     with _failures():
-        result = steps.compute_model_metrics(
-            lake.store, steps.MetricsSettings(**config.model_dump()), context.run.run_id, context.log
-        )
+        result = steps.compute_model_metrics(lake.store, config.settings(), context.run.run_id, context.log)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(result.data_version),
         metadata={

@@ -40,6 +40,7 @@ from hcc_assets.defs.metadata import figure_metadata, markdown_table
 from hcc_assets.defs.partitions import patients_partitions
 from hcc_assets.defs.patient_errors import patient_failure
 from hcc_assets.defs.resources import ComputeResource, LakeResource
+from hcc_assets.defs.settings_config import config_from_settings
 from hcc_assets.steps import classifier, embedding
 from hcc_assets.steps.classifier import (  # names other modules import from here
     _CLASSIFIERS,
@@ -68,29 +69,7 @@ __all__ = [
 ]
 
 
-class HccClassifierConfig(dg.Config):
-    """The study's deep arm (defaults are the study's values); see hcc_assets.deep.ClassifierConfig."""
-
-    depth: int = 50  # 10, 18, 34 or 50
-    lr: float = 0.001
-    momentum: float = 0.9
-    batch_size: int = 8
-    min_epochs: int = 50
-    max_epochs: int = 100
-    patience: int = 10
-    seed: int = 0
-    head_activation: str = "relu"
-    trunk_layout: str = "monai"
-    # Local MedicalNet file (e.g. resnet_50_23dataset.pth); empty = seeded-random initialization.
-    medicalnet_checkpoint: str = ""
-    use_trunk_cache: bool = True
-    force_retrain: bool = False  # train even when a saved model of this version exists
-    # Register a model that fails beats_chance_on_training as the current one anyway (experiments,
-    # tiny test cohorts); by default such a retrain is refused and the previous version stays current.
-    accept_below_chance: bool = False
-
-    def settings(self) -> classifier.ClassifierSettings:
-        return classifier.ClassifierSettings(**self.model_dump())
+HccClassifierConfig = config_from_settings(classifier.ClassifierSettings, "HccClassifierConfig")
 
 
 # -- hcc_classifier --------------------------------------------------------------------------

@@ -489,6 +489,8 @@ def fit_explainable_model(data_lake: DataLake, store: FeatureStore, settings: La
 
 @dataclass(frozen=True)
 class MetricsSettings:
+    """Held-out bootstrap and repeated stratified cross-validation of every model's metrics."""
+
     n_bootstrap: int = 1000
     bootstrap_seed: int = 0
     cv_splits: int = 5

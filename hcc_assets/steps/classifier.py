@@ -73,10 +73,13 @@ class ClassifierSettings:
     seed: int = 0
     head_activation: str = "relu"
     trunk_layout: str = "monai"
-    medicalnet_checkpoint: str = ""  # local MedicalNet file; empty = seeded-random initialization
+    # Local MedicalNet file (e.g. resnet_50_23dataset.pth); empty = seeded-random initialization.
+    medicalnet_checkpoint: str = ""
     use_trunk_cache: bool = True
     force_retrain: bool = False  # train even when a saved model of this version exists
-    accept_below_chance: bool = False  # register a model that fails beats_chance_on_training as current
+    # Register a model that fails beats_chance_on_training as the current one anyway (experiments,
+    # tiny test cohorts); by default such a retrain is refused and the previous version stays current.
+    accept_below_chance: bool = False
 
     def to_domain(self, device: str, amp: bool) -> ClassifierConfig:
         from hcc_assets.deep import ClassifierConfig
