@@ -393,23 +393,48 @@ def _acquisition(config: SynthConfig, planned: _Planned, phantom: Phantom) -> _A
         instances = np.empty(count, int)
         instances[acquisition_order] = np.arange(1, count + 1)
         names = _file_names(rng, count, taken, [np.arange(count), np.argsort(instances)])
-        gain = float(rng.uniform(0.85, 1.15))
         series.append(
-            _SeriesAcquisition(
-                sequence=sequence,
-                echo_time=echo,
-                repetition_time=repetition,
-                slope=round(float(rng.uniform(1.5, 2.5)), 4),
-                intercept=round(float(rng.uniform(-100, 0)), 2),
-                gain=gain,
-                noise_sigma=gain * float(rng.uniform(9, 16)),
-                first_slice=lo,
-                stop_slice=hi,
-                instance_numbers=tuple(int(v) for v in instances),
-                file_names=names,
+            _drawn_series(
+                rng,
+                sequence,
+                echo,
+                repetition,
+                (9, 16),
+                (lo, hi),
+                tuple(int(v) for v in instances),
+                names,
             )
         )
     return _Acquisition(orientation, first, pixel, spacing, thickness, (n, config.matrix, config.matrix), tuple(series))
+
+
+def _drawn_series(
+    rng: np.random.Generator,
+    sequence: _Sequence,
+    echo: float,
+    repetition: float,
+    noise_range: tuple[float, float],
+    slices: tuple[int, int],
+    instance_numbers: tuple[int, ...],
+    file_names: tuple[str, ...],
+) -> _SeriesAcquisition:
+    """A series' scanner gain, rescale slope/intercept and noise, drawn from `rng` in this order."""
+    gain = float(rng.uniform(0.85, 1.15))
+    slope = round(float(rng.uniform(1.5, 2.5)), 4)
+    intercept = round(float(rng.uniform(-100, 0)), 2)
+    return _SeriesAcquisition(
+        sequence=sequence,
+        echo_time=echo,
+        repetition_time=repetition,
+        slope=slope,
+        intercept=intercept,
+        gain=gain,
+        noise_sigma=gain * float(rng.uniform(*noise_range)),
+        first_slice=slices[0],
+        stop_slice=slices[1],
+        instance_numbers=instance_numbers,
+        file_names=file_names,
+    )
 
 
 def _extra_series(config: SynthConfig, planned: _Planned, acquisition: _Acquisition) -> tuple[_SeriesAcquisition, ...]:
@@ -423,22 +448,7 @@ def _extra_series(config: SynthConfig, planned: _Planned, acquisition: _Acquisit
         else:
             echo, repetition = round(float(rng.uniform(1.8, 2.4)), 2), round(float(rng.uniform(3.8, 4.6)), 2)
         instances = tuple(range(n, 0, -1))  # numbered head to feet
-        gain = float(rng.uniform(0.85, 1.15))
-        series.append(
-            _SeriesAcquisition(
-                sequence=sequence,
-                echo_time=echo,
-                repetition_time=repetition,
-                slope=round(float(rng.uniform(1.5, 2.5)), 4),
-                intercept=round(float(rng.uniform(-100, 0)), 2),
-                gain=gain,
-                noise_sigma=gain * float(rng.uniform(4, 8)),
-                first_slice=0,
-                stop_slice=n,
-                instance_numbers=instances,
-                file_names=("",) * n,
-            )
-        )
+        series.append(_drawn_series(rng, sequence, echo, repetition, (4, 8), (0, n), instances, ("",) * n))
     return tuple(series)
 
 
