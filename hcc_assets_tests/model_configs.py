@@ -69,7 +69,7 @@ UNTRAINED_CLASSIFIER = {
 TEST_GRID = [32, 32, 16]
 
 
-def _shared_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def shared_run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """This pytest run's folder common to all xdist workers."""
     base = tmp_path_factory.getbasetemp()
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
@@ -83,7 +83,7 @@ def shared_liver_model(tmp_path_factory: pytest.TempPathFactory, cohort_source: 
     from filelock import FileLock  # torch's own dependency
 
     key = hashlib.sha256(json.dumps([SEGMENTATION_TRAINING, cohort_settings], sort_keys=True).encode()).hexdigest()
-    shared = _shared_folder(tmp_path_factory) / f"liver_model_{key[:12]}"
+    shared = shared_run_folder(tmp_path_factory) / f"liver_model_{key[:12]}"
     with FileLock(str(shared) + ".lock"):
         done = shared / "done.json"
         if not done.exists():

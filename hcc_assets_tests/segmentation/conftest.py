@@ -1,5 +1,4 @@
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -7,6 +6,7 @@ import pytest
 from filelock import FileLock  # torch's own dependency
 
 from hcc_assets.segmentation import SegmentationTrainingConfig, build_raw_dataset, plan_and_preprocess, train
+from hcc_assets_tests.model_configs import shared_run_folder
 from hcc_assets_tests.segmentation.synthetic import write_cases
 
 # Six 48x48x16 cases and 6 x 20 iterations of 2d_cpu: held-out Dice 0.90-0.95 (liver) and
@@ -26,9 +26,7 @@ class TrainedModel:
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory) -> TrainedModel:
     """One short nnU-Net training for the whole run, shared by pytest-xdist workers via a lock."""
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent  # this run's folder, common to all workers
+    shared = shared_run_folder(tmp_path_factory)
     root = shared / "segmentation_model"
     with FileLock(str(shared / "segmentation_model.lock")):
         done = root / "done.json"
