@@ -51,6 +51,9 @@ TABLES: dict[str, str] = {
         t2_score DOUBLE,
         choice_reason VARCHAR,
         checksum VARCHAR NOT NULL,
+        transfer_syntax VARCHAR,
+        lossy BOOLEAN,
+        lossy_ratio DOUBLE,
         {PROVENANCE}""",
     "volumes": f"""
         patient_id VARCHAR NOT NULL,
@@ -386,6 +389,31 @@ def static_view_statements() -> list[tuple[str, str]]:
         f"GROUP BY model, scheme ORDER BY scheme, {order}",
     }
     return [(name, f"CREATE VIEW {name} AS {select}") for name, select in views.items()]
+
+
+def table_columns(table: str) -> list[tuple[str, str]]:
+    """(name, type) of each column of `table` as TABLES / DERIVED_TABLES declare it, NOT NULL left off."""
+    body = {**TABLES, **DERIVED_TABLES}[table]
+    columns, depth, start = [], 0, 0
+    for index, char in enumerate(body + ","):
+        depth += (char == "(") - (char == ")")
+        if char == "," and depth == 0:
+            definition = " ".join(body[start:index].split())
+            start = index + 1
+            if definition:
+                name, column_type = definition.split(" ", 1)
+                columns.append((name, column_type.replace(" NOT NULL", "")))
+    return columns
+
+
+def add_column_statements(table: str, existing: set[str]) -> list[str]:
+    """ALTER TABLE statements adding the declared columns a table made by an older version lacks.
+    Added columns are nullable (the old rows read NULL), even where a new table has NOT NULL."""
+    return [
+        f"ALTER TABLE {table} ADD COLUMN {name} {column_type}"
+        for name, column_type in table_columns(table)
+        if name not in existing
+    ]
 
 
 def create_statements() -> list[str]:

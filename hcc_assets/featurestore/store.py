@@ -48,6 +48,7 @@ from hcc_assets.featurestore.schema import (
     TABLE_OPTIONS,
     TABLES,
     VIEW_BUILDERS,
+    add_column_statements,
     create_statements,
     static_view_statements,
 )
@@ -217,10 +218,24 @@ class FeatureStore:
 
     @staticmethod
     def _create_missing(con: duckdb.DuckDBPyConnection) -> bool:
-        if set(ALL_TABLES) - FeatureStore._tables_in(con):
+        """Create missing tables and views (True when it did) and add the columns that tables made
+        by an older version lack."""
+        created = bool(set(ALL_TABLES) - FeatureStore._tables_in(con))
+        if created:
             FeatureStore._create_schema(con)
-            return True
-        return False
+        FeatureStore._add_missing_columns(con)
+        return created
+
+    @staticmethod
+    def _add_missing_columns(con: duckdb.DuckDBPyConnection) -> None:
+        existing: dict[str, set[str]] = {}
+        for table, column in con.execute(
+            "SELECT table_name, column_name FROM duckdb_columns() WHERE database_name = ?", [current_alias(con)]
+        ).fetchall():
+            existing.setdefault(table, set()).add(column)
+        for table in ALL_TABLES:
+            for statement in add_column_statements(table, existing.get(table, set())):
+                con.execute(statement)
 
     @staticmethod
     def _set_table_options(con: duckdb.DuckDBPyConnection) -> None:

@@ -40,6 +40,19 @@ NON_IMAGE_SOP_CLASS_PREFIXES = (
     "1.2.840.10008.5.1.4.1.1.11.",
     "1.2.840.10008.5.1.4.1.1.66",
 )
+# Transfer syntaxes that may discard information: JPEG baseline / extended, JPEG-LS near-lossless,
+# JPEG 2000 (the non-"lossless only" one), HTJ2K (not the lossless-only ones), MPEG/HEVC video.
+LOSSY_TRANSFER_SYNTAXES = frozenset(
+    {
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.51",
+        "1.2.840.10008.1.2.4.81",
+        "1.2.840.10008.1.2.4.91",
+        "1.2.840.10008.1.2.4.93",
+        "1.2.840.10008.1.2.4.203",
+        *(f"1.2.840.10008.1.2.4.{n}" for n in range(100, 109)),
+    }
+)
 # Private diffusion b-values: (group, private creator, element offset, VR). A private tag means
 # something only within its creator's block, so the creator is looked up, not assumed.
 PRIVATE_B_VALUES = (
@@ -73,6 +86,10 @@ class SeriesInfo:
     diffusion_b_value: float | None
     contrast_agent: bool
     n_files: int
+    n_slices: int  # frames: one per classic file, NumberOfFrames per multi-frame (enhanced) file
+    transfer_syntax: str  # the files' TransferSyntaxUID ("\\"-joined when they differ)
+    lossy: bool  # a lossy transfer syntax, or LossyImageCompression "01" in any file
+    lossy_ratio: float | None  # LossyImageCompressionRatio (product of its steps), largest over the files
     rows: int
     columns: int
     pixel_spacing_mm: tuple[float, float]  # DICOM order: between rows, between columns
@@ -102,6 +119,10 @@ class SeriesInfo:
             "diffusion_b_value": self.diffusion_b_value,
             "contrast_agent": self.contrast_agent,
             "n_files": self.n_files,
+            "n_slices": self.n_slices,
+            "transfer_syntax": self.transfer_syntax,
+            "lossy": self.lossy,
+            "lossy_ratio": self.lossy_ratio,
             "rows": self.rows,
             "columns": self.columns,
             "pixel_spacing_mm": list(self.pixel_spacing_mm),
@@ -167,6 +188,30 @@ def sop_class_of(dataset: Dataset) -> str:
     meta = getattr(dataset, "file_meta", None)
     uid = (meta.get("MediaStorageSOPClassUID") if meta is not None else None) or dataset.get("SOPClassUID") or ""
     return str(uid)
+
+
+class Compression(NamedTuple):
+    transfer_syntax: str
+    lossy: bool
+    ratio: float | None
+
+
+def compression_of(dataset: Dataset) -> Compression:
+    """The file's transfer syntax and whether its pixels were ever lossy-compressed: a lossy syntax,
+    or LossyImageCompression "01" (an earlier lossy step, e.g. before a lossless re-encoding)."""
+    meta = getattr(dataset, "file_meta", None)
+    syntax = str((meta.get("TransferSyntaxUID") if meta is not None else None) or "")
+    flagged = _text(dataset, "LossyImageCompression") == "01"
+    steps = [float(v) for v in _values(dataset.get("LossyImageCompressionRatio") or []) if _is_number(v)]
+    ratio = float(np.prod(steps)) if steps else None
+    return Compression(syntax, flagged or syntax in LOSSY_TRANSFER_SYNTAXES, ratio)
+
+
+def _is_number(value) -> bool:
+    try:
+        return np.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def is_image_object(dataset: Dataset) -> bool:
@@ -267,6 +312,100 @@ def _private_value(dataset: Dataset, group: int, creator: str, offset: int):
     return None
 
 
+# ---------------------------------------------------------------------------------------------
+# Multi-frame (Enhanced MR) images
+
+ENHANCED_MR_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4.4": "Legacy Converted Enhanced MR Image Storage",
+}
+# Enhanced MR names a few classic attributes differently: (functional-group keyword, classic keyword).
+_ENHANCED_RENAMES = (
+    ("EffectiveEchoTime", "EchoTime"),
+    ("PulseSequenceName", "SequenceName"),
+)
+_ECHO_PULSE_TO_SCANNING = {"SPIN": "SE", "GRADIENT": "GR", "BOTH": "SE\\GR"}
+_FRAME_GROUPS = ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
+
+
+def is_multiframe(dataset: Dataset) -> bool:
+    return int(dataset.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in dataset
+
+
+def frame_views(dataset: Dataset) -> list[Dataset]:
+    """One classic-looking header per frame (no pixel data): the top-level attributes, overlaid by
+    the shared and then the frame's own functional groups, flattened (PlanePositionSequence >
+    ImagePositionPatient becomes ImagePositionPatient, ...), with EffectiveEchoTime as EchoTime.
+    A single-frame file gives itself.
+
+    Written with pydicom by hand: pydicom has no functional-group accessor, and highdicom (which
+    has one) is not a dependency. Flattening lets every check and the NIfTI writer treat a frame
+    exactly as a classic file, so both forms of one acquisition give the same volume.
+    """
+    per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is None:
+        return [dataset]
+    base = Dataset()
+    for element in dataset:
+        if element.keyword not in (*_FRAME_GROUPS, "PixelData", "NumberOfFrames"):
+            base.add(element)
+    shared = dataset.get("SharedFunctionalGroupsSequence")
+    shared_items = list(shared[0]) if shared else []
+    views = []
+    for frame in per_frame:
+        view = Dataset()
+        view.update(base)
+        for group in (*shared_items, *frame):
+            if group.VR == "SQ" and group.value:
+                for element in group.value[0]:
+                    view.add(element)
+        for source, target in _ENHANCED_RENAMES:
+            if source in view and target not in view:
+                setattr(view, target, view[source].value)
+        if "ScanningSequence" not in view and "EchoPulseSequence" in view:
+            view.ScanningSequence = _ECHO_PULSE_TO_SCANNING.get(str(view.EchoPulseSequence).upper(), "")
+        views.append(view)
+    return views
+
+
+def multiframe_problem(dataset: Dataset, views: list[Dataset]) -> str | None:
+    """Why a multi-frame file is not one volume, or None: it must hold one stack of frames at one
+    echo time, with one per-frame functional group item per frame, and its dimension indices (when
+    given) must vary along one dimension only, without repeats."""
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    if len(views) != frames:
+        return f"has {frames} frames but {len(views)} per-frame functional groups"
+    if frames < 2:
+        return None
+    stacks = sorted({str(view.StackID) for view in views if "StackID" in view})
+    if len(stacks) > 1:
+        return f"holds {len(stacks)} stacks (StackID {', '.join(stacks[:4])}); one file must hold one volume"
+    echo_times = sorted({te for view in views if (te := _number(view, "EchoTime")) is not None})
+    if len(echo_times) > 1:
+        shown = ", ".join(f"{te:g}" for te in echo_times[:4])
+        return f"mixes {len(echo_times)} echo times ({shown} ms) in one file; one file must hold one volume"
+    indices = [
+        tuple(int(v) for v in _values(view.DimensionIndexValues)) for view in views if "DimensionIndexValues" in view
+    ]
+    if indices:
+        if len(indices) != frames or len({len(i) for i in indices}) != 1:
+            return "gives DimensionIndexValues for some frames only"
+        if len(set(indices)) != frames:
+            repeated = next(i for i in indices if indices.count(i) > 1)
+            return f"dimension indices do not form a volume: frames repeat DimensionIndexValues {list(repeated)}"
+        varying = sum(len({i[d] for i in indices}) > 1 for d in range(len(indices[0])))
+        if varying > 1:
+            return f"dimension indices do not form a volume: they vary along {varying} dimensions, a volume along one"
+    positions = [int(view.InStackPositionNumber) for view in views if "InStackPositionNumber" in view]
+    if positions and sorted(positions) != list(range(1, frames + 1)):
+        return f"dimension indices do not form a volume: InStackPositionNumber is not 1 to {frames}, once each"
+    return None
+
+
+def _values(value) -> list:
+    return list(value) if isinstance(value, pydicom.multival.MultiValue | list | tuple) else [value]
+
+
 class SliceGeometry(NamedTuple):
     position: tuple[float, float, float] | None  # ImagePositionPatient, LPS mm
     orientation: tuple[float, ...] | None  # ImageOrientationPatient
@@ -317,31 +456,34 @@ class _Placed(NamedTuple):
     pixel_spacing: tuple[float, float]
 
 
-def stack_slices(label: str, slices: list[SliceGeometry], max_gap_ratio: float = 1.5) -> Stack:
+def stack_slices(label: str, slices: list[SliceGeometry], max_gap_ratio: float = 1.5, unit: str = "file") -> Stack:
     """`order_slices`, with problems raised as PatientInputError naming the series."""
     try:
-        return order_slices(slices, max_gap_ratio)
+        return order_slices(slices, max_gap_ratio, unit)
     except GeometryProblem as problem:
         raise PatientInputError(f"{label}: {problem}") from None
 
 
-def order_slices(slices: list[SliceGeometry], max_gap_ratio: float = 1.5) -> Stack:
+def order_slices(slices: list[SliceGeometry], max_gap_ratio: float = 1.5, unit: str = "file") -> Stack:
     """Check that the slices form one regular stack and order them by position.
 
-    `slices` are in file-name order, so slice i is "file i+1 of n". Spacing comes from the
-    positions projected on the normal, never from SliceThickness or SpacingBetweenSlices.
+    `slices` are in file-name order, so slice i is "file i+1 of n" (`unit` "frame": the frames of
+    multi-frame files, file by file). Spacing comes from the positions projected on the normal,
+    never from SliceThickness or SpacingBetweenSlices.
     """
     count = len(slices)
 
     def file_at(index: int) -> str:
-        return f"file {index + 1} of {count}"
+        return f"{unit} {index + 1} of {count}"
 
     if count == 0:
         raise GeometryProblem("no image files")
     placed: list[_Placed] = []
     for index, item in enumerate(slices):
         if item.frames > 1:
-            raise GeometryProblem(f"{file_at(index)} is a multi-frame (enhanced) image, which is not supported")
+            raise GeometryProblem(
+                f"{file_at(index)} is a multi-frame image without per-frame functional groups, which is not supported"
+            )
         placed.append(
             _Placed(
                 _present(item.position, "ImagePositionPatient", file_at(index)),
@@ -359,16 +501,16 @@ def order_slices(slices: list[SliceGeometry], max_gap_ratio: float = 1.5) -> Sta
         if (item.rows, item.columns) != (first.rows, first.columns):
             raise GeometryProblem(
                 f"inconsistent Rows x Columns: {file_at(index)} is {item.rows}x{item.columns}, "
-                f"file 1 is {first.rows}x{first.columns}"
+                f"{unit} 1 is {first.rows}x{first.columns}"
             )
         if not np.allclose(placed[index].orientation, reference_orientation, atol=ORIENTATION_TOLERANCE, rtol=0):
-            raise GeometryProblem(f"inconsistent ImageOrientationPatient: {file_at(index)} differs from file 1")
+            raise GeometryProblem(f"inconsistent ImageOrientationPatient: {file_at(index)} differs from {unit} 1")
         if not np.allclose(
             placed[index].pixel_spacing, first_placed.pixel_spacing, rtol=SPACING_RELATIVE_TOLERANCE, atol=0
         ):
             raise GeometryProblem(
                 f"inconsistent PixelSpacing: {file_at(index)} has {_mm(placed[index].pixel_spacing)}, "
-                f"file 1 has {_mm(first_placed.pixel_spacing)}"
+                f"{unit} 1 has {_mm(first_placed.pixel_spacing)}"
             )
     if count < 2:
         return Stack([0], float("nan"), first_placed.orientation, first_placed.pixel_spacing, first_placed.position)
@@ -381,7 +523,7 @@ def order_slices(slices: list[SliceGeometry], max_gap_ratio: float = 1.5) -> Sta
     for step, lower, upper in zip(steps, order[:-1], order[1:]):
         if step < DUPLICATE_POSITION_MM:
             raise GeometryProblem(
-                f"duplicate slice position: files {min(lower, upper) + 1} and {max(lower, upper) + 1} of {count} "
+                f"duplicate slice position: {unit}s {min(lower, upper) + 1} and {max(lower, upper) + 1} of {count} "
                 "lie at the same position (a repeated acquisition, several echoes or a copied file)"
             )
     median = float(np.median(steps))
@@ -422,10 +564,13 @@ def _mm(values) -> str:
 @dataclass
 class _SeriesFiles:
     folder_index: int
-    first: Dataset  # header of the first file by name, pixels dropped
+    first: Dataset  # header of the first file by name (of its first frame), pixels dropped
     files: list[Path] = field(default_factory=list)
     digests: list[str] = field(default_factory=list)
-    slices: list[SliceGeometry] = field(default_factory=list)
+    slices: list[SliceGeometry] = field(default_factory=list)  # per frame: one per classic file
+    compressions: list[Compression] = field(default_factory=list)
+    multiframe: bool = False
+    problem: str | None = None  # why a multi-frame file is not one volume (the first such file)
 
 
 def _series_folders(patient_dir: Path) -> list[tuple[Path, list[Path]]]:
@@ -539,16 +684,26 @@ def inventory_study(patient_dir: Path) -> StudyInventory:
             )
         for _position, path, dataset, digest in headers:
             uid = str(dataset.SeriesInstanceUID)
+            views = frame_views(dataset)
             entry = by_uid.get(uid)
             if entry is None:
-                header = dataset.copy()
-                del header.PixelData  # keep headers only: a study can have thousands of files
+                if views[0] is dataset:
+                    header = dataset.copy()
+                    del header.PixelData  # keep headers only: a study can have thousands of files
+                else:
+                    header = views[0]  # built without the pixels
                 entry = by_uid[uid] = _SeriesFiles(folder_index, header)
             elif entry.folder_index != folder_index:
                 raise PatientInputError(f"{_describe([dataset])} is split across several folders")
+            if is_multiframe(dataset):
+                entry.multiframe = True
+                problem = multiframe_problem(dataset, views)
+                if problem and entry.problem is None:
+                    entry.problem = f"file {len(entry.files) + 1} of {total} (multi-frame) {problem}"
             entry.files.append(path)
             entry.digests.append(digest)
-            entry.slices.append(SliceGeometry.of(dataset))
+            entry.slices.extend(SliceGeometry.of(view) for view in views)
+            entry.compressions.append(compression_of(dataset))
     if not by_uid:
         raise PatientInputError("no DICOM image files found in the patient folder")
     check_one_patient([entry.first for entry in by_uid.values()])
@@ -563,12 +718,15 @@ def _series_info(uid: str, entry: _SeriesFiles) -> SeriesInfo:
     header = entry.first
     number = _int(header.get("SeriesNumber"))
     description = _text(header, "SeriesDescription")
-    try:
-        stack = order_slices(entry.slices)
-        problem, spacing = None, (None if np.isnan(stack.slice_spacing) else round(stack.slice_spacing, 4))
-    except GeometryProblem as error:
-        problem, spacing = str(error), None
+    problem, spacing = entry.problem, None
+    if problem is None:
+        try:
+            stack = order_slices(entry.slices, unit="frame" if entry.multiframe else "file")
+            spacing = None if np.isnan(stack.slice_spacing) else round(stack.slice_spacing, 4)
+        except GeometryProblem as error:
+            problem = str(error)
     first = entry.slices[0]
+    ratios = [c.ratio for c in entry.compressions if c.ratio is not None]
     return SeriesInfo(
         series_key=series_key_of(uid),
         series_number=number,
@@ -582,6 +740,10 @@ def _series_info(uid: str, entry: _SeriesFiles) -> SeriesInfo:
         diffusion_b_value=diffusion_b_value(header),
         contrast_agent=bool(_text(header, "ContrastBolusAgent")) or "ContrastBolusAgentSequence" in header,
         n_files=len(entry.files),
+        n_slices=len(entry.slices),
+        transfer_syntax="\\".join(sorted({c.transfer_syntax for c in entry.compressions})),
+        lossy=any(c.lossy for c in entry.compressions),
+        lossy_ratio=max(ratios) if ratios else None,
         rows=first.rows,
         columns=first.columns,
         pixel_spacing_mm=first.pixel_spacing or (0.0, 0.0),
@@ -634,7 +796,7 @@ def _t2_score(series: SeriesInfo) -> float:
     score += 0.3 * (_sequence_kind(series) == "spin echo")
     score += 0.3 * ("T2" in series.description.upper())
     score += 0.2 * _is_axial(series)
-    score += min(series.n_files, 200) / 1000.0  # more slices break ties
+    score += min(series.n_slices, 200) / 1000.0  # more slices break ties
     return round(score, 4)
 
 
@@ -665,8 +827,8 @@ def choose_t2_series(
         if series.contrast_agent:
             weighting.append("contrast agent given")
         usability: list[str] = []  # T2-weighted, but not a usable volume
-        if series.n_files < min_slices:
-            usability.append(f"{series.n_files} slice{'s' if series.n_files != 1 else ''}, need >= {min_slices}")
+        if series.n_slices < min_slices:
+            usability.append(f"{series.n_slices} slice{'s' if series.n_slices != 1 else ''}, need >= {min_slices}")
         if series.geometry_problem:
             usability.append(series.geometry_problem)
         why = weighting + usability
@@ -683,6 +845,8 @@ def choose_t2_series(
                 "echo_time_ms": te,
                 "repetition_time_ms": tr,
                 "n_files": series.n_files,
+                "n_slices": series.n_slices,
+                "lossy": series.lossy,
                 "accepted": is_accepted,
                 "score": _t2_score(series) if is_accepted else None,
                 "why": _acceptance(series, min_echo_time_ms, min_repetition_time_ms) if is_accepted else ", ".join(why),
@@ -701,10 +865,17 @@ def choose_t2_series(
             f"no T2-weighted series in the study (need MR, TE >= {min_echo_time_ms:g} ms, "
             f"TR >= {min_repetition_time_ms:g} ms, no diffusion, no contrast); found: {found}"
         )
-    best, chosen = max(accepted, key=lambda pair: pair[0]["score"])
+    # a lossless series is preferred to a lossy one whatever their scores: lossy pixels are a last resort
+    best, chosen = max(accepted, key=lambda pair: (not pair[0]["lossy"], pair[0]["score"]))
     others = [
         f'#{_fmt(c["series_number"])} "{c["description"]}" '
-        + (c["why"] if not c["accepted"] else f"T2-weighted but scored {c['score']:g} < {best['score']:g}")
+        + (
+            c["why"]
+            if not c["accepted"]
+            else "T2-weighted but lossy-compressed; a lossless series is preferred"
+            if c["lossy"] and not best["lossy"]
+            else f"T2-weighted but scored {c['score']:g} < {best['score']:g}"
+        )
         for c in candidates
         if c is not best
     ]
@@ -719,5 +890,14 @@ def _acceptance(series: SeriesInfo, min_te: float, min_tr: float) -> str:
     ]
     if kind := _sequence_kind(series):
         parts.append(kind)
-    parts.append(f"{series.n_files} slices")
+    parts.append(f"{series.n_slices} slices")
+    if series.n_files == 1 and series.n_slices > 1:
+        parts.append("one multi-frame (enhanced) file")
+    if series.lossy:
+        ratio = f", ratio {series.lossy_ratio:g}" if series.lossy_ratio is not None else ""
+        parts.append(f"lossy-compressed ({_syntax_name(series.transfer_syntax)}{ratio}): flagged")
     return ", ".join(parts)
+
+
+def _syntax_name(uids: str) -> str:
+    return ", ".join(pydicom.uid.UID(uid).name for uid in uids.split("\\") if uid) or "unknown transfer syntax"

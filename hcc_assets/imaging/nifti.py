@@ -17,8 +17,11 @@ from hcc_assets.core.errors import PatientInputError
 from hcc_assets.imaging.dicom_series import (
     SeriesInfo,
     SliceGeometry,
+    frame_views,
     incompleteness,
     is_image_object,
+    is_multiframe,
+    multiframe_problem,
     read_dicom_bytes,
     series_key_of,
     stack_slices,
@@ -54,33 +57,43 @@ def series_to_nifti(series: SeriesInfo, *, max_gap_ratio: float = 1.5) -> nib.Ni
         datasets.append(dataset)
     if hashlib.sha256("".join(sorted(digests)).encode()).hexdigest() != series.checksum:
         raise PatientInputError(f"the files of {label} changed since the inventory; re-run it")
-    if count < 2:
-        raise PatientInputError(f"{label} has {count} slice{'s' if count != 1 else ''}; a volume needs at least 2")
 
-    stack = stack_slices(label, [SliceGeometry.of(d) for d in datasets], max_gap_ratio)
+    # one entry per frame: (file index, frame index, its classic-looking header); a classic file is one frame
+    frames: list[tuple[int, int, Dataset]] = []
+    for index, dataset in enumerate(datasets):
+        views = frame_views(dataset)
+        if is_multiframe(dataset) and (problem := multiframe_problem(dataset, views)):
+            raise PatientInputError(f"{label}: file {index + 1} of {count} (multi-frame) {problem}")
+        frames.extend((index, frame, view) for frame, view in enumerate(views))
+    n = len(frames)
+    if n < 2:
+        raise PatientInputError(f"{label} has {n} slice{'s' if n != 1 else ''}; a volume needs at least 2")
+    multiframe = any(is_multiframe(d) for d in datasets)
+    stack = stack_slices(
+        label, [SliceGeometry.of(view) for _, _, view in frames], max_gap_ratio, "frame" if multiframe else "file"
+    )
     rows, columns = datasets[0].Rows, datasets[0].Columns
-    pending: list[Dataset | None] = list(datasets)  # each entry is released once in the volume
+    pending: list[Dataset | None] = list(datasets)  # each file is released once its frames are in the volume
     del datasets
-    volume = np.empty((columns, rows, count), dtype=np.float32)
-    for k, index in enumerate(stack.order):
-        dataset = pending[index]
-        assert dataset is not None  # stack.order visits each index once
-        try:
-            pixels = dataset.pixel_array
-        except Exception as error:  # no decoder for this transfer syntax, corrupt fragments
-            syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
-            raise PatientInputError(
-                f"cannot decode the pixels of file {index + 1} of {count} in {label} "
-                f"(transfer syntax {getattr(syntax, 'name', syntax)}: {type(error).__name__})"
-            ) from None
-        if pixels.ndim != 2:
-            raise PatientInputError(f"file {index + 1} of {count} in {label} is not a single grey-scale frame")
-        # rescale may differ per slice (Philips): apply it slice by slice
-        slope = float(dataset.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(dataset.get("RescaleIntercept", 0.0) or 0.0)
+    frames_left = [0] * count
+    for index, _, _ in frames:
+        frames_left[index] += 1
+    decoded: dict[int, np.ndarray] = {}  # the pixels of the files being placed, (frames, rows, columns)
+    volume = np.empty((columns, rows, n), dtype=np.float32)
+    for k, slot in enumerate(stack.order):
+        index, frame, view = frames[slot]
+        where = f"file {index + 1} of {count} in {label}"
+        if index not in decoded:
+            dataset = pending[index]
+            assert dataset is not None  # released only after its last frame
+            decoded[index] = _pixels(dataset, where)
+        pixels = decoded[index][frame]
+        # rescale may differ per slice (Philips) or per frame: apply it slice by slice
+        slope = float(view.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(view.get("RescaleIntercept", 0.0) or 0.0)
         if not (np.isfinite(slope) and np.isfinite(intercept)):
             raise PatientInputError(
-                f"file {index + 1} of {count} in {label} has a non-finite RescaleSlope/Intercept "
+                f"{where} has a non-finite RescaleSlope/Intercept "
                 f"({slope}, {intercept}): its intensities would be NaN/Inf"
             )
         slab = volume[:, :, k]
@@ -88,11 +101,33 @@ def series_to_nifti(series: SeriesInfo, *, max_gap_ratio: float = 1.5) -> nib.Ni
         if slope != 1.0 or intercept != 0.0:
             slab *= np.float32(slope)
             slab += np.float32(intercept)
-        pending[index] = None  # release the pixel data as we go
+        frames_left[index] -= 1
+        if not frames_left[index]:  # release the pixel data as we go
+            pending[index] = None
+            del decoded[index]
 
     require_finite(volume, label)
     affine = affine_ras(stack.orientation, stack.first_position, stack.pixel_spacing, stack.slice_spacing)
     return make_nifti(volume, affine)
+
+
+def _pixels(dataset: Dataset, where: str) -> np.ndarray:
+    """The stored pixels of a file as (frames, rows, columns)."""
+    try:
+        pixels = dataset.pixel_array
+    except Exception as error:  # no decoder for this transfer syntax, corrupt fragments
+        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+        raise PatientInputError(
+            f"cannot decode the pixels of {where} (transfer syntax {getattr(syntax, 'name', syntax)}: "
+            f"{type(error).__name__})"
+        ) from None
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    if pixels.ndim == 2 and frames == 1:
+        return pixels[np.newaxis]
+    if pixels.ndim != 3 or pixels.shape[0] != frames:
+        shape = "a single grey-scale frame" if frames == 1 else f"{frames} grey-scale frames"
+        raise PatientInputError(f"{where} is not {shape}")
+    return pixels
 
 
 def require_finite(volume: np.ndarray, what: str) -> None:

@@ -90,11 +90,11 @@ def read_study(
         min_repetition_time_ms=min_repetition_time_ms,
     )
     chosen_series = choice.series
-    voxels = chosen_series.rows * chosen_series.columns * len(chosen_series.files)
+    voxels = chosen_series.rows * chosen_series.columns * chosen_series.n_slices
     if voxels > max_voxels:
         raise PatientInputError(
             f"the T2 series {chosen_series.label} is {chosen_series.columns} x {chosen_series.rows} x "
-            f"{len(chosen_series.files)} = {voxels:,} voxels, above the limit of {max_voxels:,} "
+            f"{chosen_series.n_slices} = {voxels:,} voxels, above the limit of {max_voxels:,} "
             "(raw_scan config max_voxels); refused before reading its pixels"
         )
     return Study(inventory, choice, fingerprint, folder.name)
@@ -185,6 +185,9 @@ def _scan_columns(series_record: dict) -> dict:
         "slice_thickness_mm",
         "spacing_between_slices_mm",
         "checksum",
+        "transfer_syntax",
+        "lossy",
+        "lossy_ratio",
     }
     row = {key: series_record.get(key) for key in keep}
     row["rows_px"] = series_record.get("rows")

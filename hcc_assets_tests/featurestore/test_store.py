@@ -195,3 +195,25 @@ def test_model_versions_stay_queryable_and_one_is_current(tmp_path):
     assert rows == [("hcc_classifier", "v1", False), ("hcc_classifier", "v2", True), ("radiomic_model", "r1", True)]
     store.register_model(_model_row("hcc_classifier", "v1"))  # back to an old version: it becomes current
     assert store.query("SELECT version FROM models WHERE model_name = 'hcc_classifier' AND current").item() == "v1"
+
+
+def test_a_store_made_before_new_columns_gains_them_and_old_rows_read_null(tmp_path):
+    store = FeatureStore(tmp_path / "fs.sqlite")
+    store.replace_partition("scans", "pt-a", FeatureStore.with_provenance(_rows("pt-a", 2), version="v1", run_id="r1"))
+    new_columns = ("transfer_syntax", "lossy", "lossy_ratio")
+    with store.writer() as con:  # the scans table as an older version made it
+        for column in new_columns:
+            con.execute(f"ALTER TABLE scans DROP COLUMN {column}")
+    assert not set(new_columns) & set(store.query("SELECT * FROM scans").columns)
+    FeatureStore._ready.clear()  # a new process opens the old store
+    reopened = FeatureStore(tmp_path / "fs.sqlite")
+    rows = reopened.query("SELECT * FROM scans ORDER BY series_key")
+    assert set(new_columns) <= set(rows.columns)
+    assert rows.height == 2 and rows.select(new_columns).null_count().row(0) == (2, 2, 2)
+    new_row = _rows("pt-b", 1).with_columns(
+        pl.lit("1.2.840.10008.1.2.4.91").alias("transfer_syntax"),
+        pl.lit(True).alias("lossy"),
+        pl.lit(8.5).alias("lossy_ratio"),
+    )
+    reopened.replace_partition("scans", "pt-b", FeatureStore.with_provenance(new_row, version="v2", run_id="r2"))
+    assert reopened.query("SELECT lossy, lossy_ratio FROM scans WHERE patient_id = 'pt-b'").row(0) == (True, 8.5)
