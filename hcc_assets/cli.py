@@ -41,9 +41,13 @@ def cmd_synth(args) -> int:
         lesion_contrast=args.lesion_contrast,
         matrix=args.matrix,
         transfer_syntax=getattr(args, "transfer_syntax", None) or DEFAULT_TRANSFER_SYNTAX,
+        enhanced=bool(getattr(args, "enhanced", False)),
     )
     start = time.perf_counter()
     layout = cast(Layout, getattr(args, "layout", "drop") or "drop")  # argparse's choices are the Layout values
+    if config.enhanced and layout == "chaos":
+        print("synth: --enhanced is not available with --layout chaos (one Ground PNG per slice file)", file=sys.stderr)
+        return 2
     patients = synthesize_cohort(Path(args.out), config, layout=layout)
     n_hcc = sum(p.hcc for p in patients)
     print(
@@ -500,7 +504,11 @@ class _HelpWithDefaults(argparse.HelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hcc_assets.synthetic.transfer_syntax import DEFAULT_TRANSFER_SYNTAX, TRANSFER_SYNTAXES
+    from hcc_assets.synthetic.transfer_syntax import (
+        DEFAULT_TRANSFER_SYNTAX,
+        LOSSY_TRANSFER_SYNTAXES,
+        TRANSFER_SYNTAXES,
+    )
 
     parser = argparse.ArgumentParser(prog="hcc-assets", description=__doc__, formatter_class=_HelpWithDefaults)
     parser.add_argument("--lake", help="data lake root (default: $HCC_ASSETS_LAKE or ./data_lake)")
@@ -516,10 +524,16 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--matrix", type=int, default=256, help="in-plane size (smaller for quick tests)")
     synth.add_argument(
         "--transfer-syntax",
-        choices=list(TRANSFER_SYNTAXES),
+        choices=[*TRANSFER_SYNTAXES, *LOSSY_TRANSFER_SYNTAXES],
         default=DEFAULT_TRANSFER_SYNTAX,
         help="how the DICOM files are encoded: explicit VR little endian, JPEG Lossless SV1, JPEG-LS lossless, "
-        "JPEG 2000 lossless, RLE lossless or deflated (same pixels in each)",
+        "JPEG 2000 lossless, RLE lossless or deflated (same pixels in each); or JPEG 2000 lossy (ingest flags it)",
+    )
+    synth.add_argument(
+        "--enhanced",
+        action="store_true",
+        help="write each series as one multi-frame Enhanced MR file instead of one file per slice "
+        "(drop and tcia layouts; combines with --transfer-syntax)",
     )
     synth.add_argument(
         "--layout",

@@ -363,7 +363,10 @@ def frame_views(dataset: Dataset) -> list[Dataset]:
             if source in view and target not in view:
                 setattr(view, target, view[source].value)
         if "ScanningSequence" not in view and "EchoPulseSequence" in view:
-            view.ScanningSequence = _ECHO_PULSE_TO_SCANNING.get(str(view.EchoPulseSequence).upper(), "")
+            kinds = [_ECHO_PULSE_TO_SCANNING.get(str(view.EchoPulseSequence).upper(), "")]
+            if str(view.get("EchoPlanarPulseSequence", "")).upper() == "YES":
+                kinds.append("EP")
+            view.ScanningSequence = "\\".join(kind for kind in kinds if kind)
         views.append(view)
     return views
 

@@ -55,7 +55,7 @@ import pydantic
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_file_meta_info
-from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import UID, EnhancedMRImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from scipy import ndimage
 
 from hcc_assets.core.figures import array_png
@@ -63,8 +63,14 @@ from hcc_assets.core.files import COMPLETE_MARKER, atomic_write_bytes, publish_f
 from hcc_assets.core.versioning import content_version
 from hcc_assets.imaging import geometry
 from hcc_assets.intake.dropzone import merge_labels
+from hcc_assets.synthetic.enhanced import enhanced_mr_file
 from hcc_assets.synthetic.phantom import TISSUE_TO_LABEL, Phantom, Tissue, random_phantom, rotation_matrix
-from hcc_assets.synthetic.transfer_syntax import DEFAULT_TRANSFER_SYNTAX, TRANSFER_SYNTAXES, encode
+from hcc_assets.synthetic.transfer_syntax import (
+    DEFAULT_TRANSFER_SYNTAX,
+    LOSSY_TRANSFER_SYNTAXES,
+    TRANSFER_SYNTAXES,
+    encode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +98,19 @@ class SynthConfig(pydantic.BaseModel):
     slices_min: int = pydantic.Field(26, ge=2)
     slices_max: int = pydantic.Field(50, ge=2)
     oblique_fraction: float = pydantic.Field(0.3, ge=0.0, le=1.0)
-    # how every image file is encoded (transfer_syntax.TRANSFER_SYNTAXES): same pixels and tags in each
+    # how every image file is encoded (transfer_syntax.TRANSFER_SYNTAXES: same pixels and tags in
+    # each; or LOSSY_TRANSFER_SYNTAXES)
     transfer_syntax: str = DEFAULT_TRANSFER_SYNTAX
+    # each series as one multi-frame Enhanced MR file (enhanced.py) instead of one file per slice
+    enhanced: bool = False
 
     @pydantic.field_validator("transfer_syntax")
     @classmethod
     def _known_syntax(cls, value: str) -> str:
-        if value not in TRANSFER_SYNTAXES:
-            raise ValueError(f"transfer_syntax must be one of {', '.join(TRANSFER_SYNTAXES)}")
+        if value not in TRANSFER_SYNTAXES and value not in LOSSY_TRANSFER_SYNTAXES:
+            raise ValueError(
+                f"transfer_syntax must be one of {', '.join([*TRANSFER_SYNTAXES, *LOSSY_TRANSFER_SYNTAXES])}"
+            )
         return value
 
     @pydantic.model_validator(mode="after")
@@ -687,7 +698,8 @@ def _ds(value: float, decimals: int = 4) -> str:
 
 
 def _config_digest(config: SynthConfig) -> str:
-    return content_version(config.model_dump_json())
+    # `enhanced` changes how the acquisition is stored, not the acquisition: same UIDs either way
+    return content_version(config.model_dump_json(exclude={"enhanced"}))
 
 
 def _series_template(
@@ -921,20 +933,31 @@ def _synthesize_patient(
             series_dir = staging / relative
             series_dir.mkdir(parents=True)
             names, size = [], 0
+            classic = []
             for row, k in enumerate(range(series.first_slice, series.stop_slice)):
                 position = affine[:3, 3] + k * affine[:3, 2]
+                data = _dicom_bytes(
+                    template,
+                    uid(str(series.sequence.number), str(k)),
+                    series.instance_numbers[row],
+                    position,
+                    float(position @ normal),
+                    stored[row],
+                )
+                if config.enhanced:
+                    classic.append(data)
+                    continue
+                data = encode(data, config.transfer_syntax)
+                names.append(_file_name(layout, series, row))
+                (series_dir / names[-1]).write_bytes(data)
+                size += len(data)
+            if config.enhanced:
+                number = str(series.sequence.number)
                 data = encode(
-                    _dicom_bytes(
-                        template,
-                        uid(str(series.sequence.number), str(k)),
-                        series.instance_numbers[row],
-                        position,
-                        float(position @ normal),
-                        stored[row],
-                    ),
+                    enhanced_mr_file(classic, uid(number, "enhanced"), uid(number, "dimensions")),
                     config.transfer_syntax,
                 )
-                names.append(_file_name(layout, series, row))
+                names.append(_file_name(layout, series, 0))
                 (series_dir / names[-1]).write_bytes(data)
                 size += len(data)
             file_stems[series.sequence.contrast] = [Path(name).stem for name in names]
@@ -954,8 +977,8 @@ def _synthesize_patient(
                         "Series Description": series.sequence.description,
                         "Manufacturer": "Philips",
                         "Modality": "MR",
-                        "SOP Class Name": "MR Image Storage",
-                        "SOP Class UID": MRImageStorage,
+                        "SOP Class Name": "Enhanced MR Image Storage" if config.enhanced else "MR Image Storage",
+                        "SOP Class UID": EnhancedMRImageStorage if config.enhanced else MRImageStorage,
                         "Number of Images": str(len(names)),
                         "File Size": f"{size / 1e6:.2f} MB",
                         "File Location": "./" + (Path(TCIA_COLLECTION) / layout_id / relative).as_posix(),
@@ -1011,6 +1034,8 @@ def synthesize_cohort(out_dir: Path, config: SynthConfig, layout: Layout = "drop
     this cohort's rows. The chaos and tcia layouts use `layout_config(config, layout)`: every
     CHAOS patient is healthy and every TCGA-LIHC patient has HCC, whatever `hcc_fraction` says.
     """
+    if config.enhanced and layout == "chaos":
+        raise ValueError("the CHAOS layout has one Ground PNG per slice file: it cannot be written as Enhanced MR")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = layout_config(config, layout)

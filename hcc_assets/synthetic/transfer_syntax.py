@@ -5,6 +5,12 @@ then re-encoded here, so every syntax carries the same pixels and tags. Encoders
 plugins, through pydicom where it has one: pyjpegls (JPEG-LS), pylibjpeg-openjpeg (JPEG 2000),
 pylibjpeg-rle / pydicom (RLE), pydicom (Deflate). pydicom has no JPEG Lossless (process 14, SV1)
 encoder; python-gdcm's ImageChangeTransferSyntax writes that one.
+
+One lossy syntax is offered too, to exercise how ingest flags lossy series: JPEG 2000 (lossy,
+pylibjpeg-openjpeg at a fixed compression ratio). JPEG baseline needs 8-bit pixels (ours are 12) and
+no installed plugin encodes JPEG extended. A lossy file gets a new SOP Instance UID (derived from
+the old one: same seed, same bytes) and LossyImageCompression "01" with its ratio and method, as
+DICOM asks.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.uid import (
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -22,6 +29,7 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     JPEGLSLossless,
     RLELossless,
+    generate_uid,
 )
 
 # the `synth --transfer-syntax` names; all lossless
@@ -34,15 +42,26 @@ TRANSFER_SYNTAXES: dict[str, UID] = {
     "deflated": DeflatedExplicitVRLittleEndian,
 }
 DEFAULT_TRANSFER_SYNTAX = "explicit"
+# the lossy `synth --transfer-syntax` names: the pixels differ from the lossless ones
+LOSSY_TRANSFER_SYNTAXES: dict[str, UID] = {"jpeg2000-lossy": JPEG2000}
+JPEG2000_LOSSY_RATIO = 10  # target compression ratio of the synthetic JPEG 2000 (lossy) files
 
 
 def encode(data: bytes, name: str) -> bytes:
     """The Part-10 file `data` (Explicit VR Little Endian) re-encoded in the syntax `name`."""
     if name == DEFAULT_TRANSFER_SYNTAX:
         return data
-    syntax = TRANSFER_SYNTAXES[name]
+    syntax = TRANSFER_SYNTAXES.get(name) or LOSSY_TRANSFER_SYNTAXES[name]
     dataset = dcmread(BytesIO(data))
-    if syntax == JPEGLosslessSV1:
+    if name in LOSSY_TRANSFER_SYNTAXES:
+        raw = len(dataset.PixelData)
+        dataset.compress(syntax, j2k_cr=[JPEG2000_LOSSY_RATIO], generate_instance_uid=False)
+        uid = generate_uid(entropy_srcs=[str(dataset.SOPInstanceUID), name])
+        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = uid
+        dataset.LossyImageCompression = "01"
+        dataset.LossyImageCompressionRatio = f"{raw / len(dataset.PixelData):.2f}"
+        dataset.LossyImageCompressionMethod = "ISO_15444_1"
+    elif syntax == JPEGLosslessSV1:
         dataset.PixelData = _gdcm_encapsulated(data, syntax)
         dataset["PixelData"].VR = "OB"
         dataset["PixelData"].is_undefined_length = True

@@ -1,0 +1,156 @@
+"""Enhanced MR (one multi-frame file per series, per-frame functional groups) on the hand-written
+studies of test_dicom_series: the same volume as the classic files, the same T2 choice, and clear
+refusals of files that hold more than one volume. Lossy series are flagged and come second."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from hcc_assets.core.errors import PatientInputError
+from hcc_assets.imaging.dicom_series import choose_t2_series, inventory_study
+from hcc_assets.synthetic.enhanced import enhanced_mr_file
+from hcc_assets_tests.imaging.test_dicom_series import (
+    STUDY_FOLDER,
+    assert_no_phi,
+    ingest,
+    make_study,
+    truth_volume,
+    write_series,
+)
+
+T2_FOLDER = "3 T2 SPIR 2019-03-12"
+LEGACY_CONVERTED_ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.4"
+
+
+def to_enhanced(folder: Path) -> Path:
+    """Replace the classic files of `folder` (one series) by one Enhanced MR file, frames in file-name
+    order (not the spatial order: the reader must sort them by their PlanePositionSequence)."""
+    files = sorted(folder.iterdir())
+    target = folder / "enhanced.dcm"
+    target.write_bytes(enhanced_mr_file([f.read_bytes() for f in files], generate_uid(), generate_uid()))
+    for f in files:
+        f.unlink()
+    return target
+
+
+def edit_frames(path: Path, edit) -> None:
+    dataset = pydicom.dcmread(path)
+    for index, frame in enumerate(dataset.PerFrameFunctionalGroupsSequence):
+        edit(index, frame)
+    dataset.save_as(path)
+
+
+def test_an_enhanced_series_gives_the_classic_volume(tmp_path):
+    classic = make_study(tmp_path / "classic", with_others=False)
+    enhanced = make_study(tmp_path / "enhanced", with_others=False)
+    path = to_enhanced(enhanced / STUDY_FOLDER / T2_FOLDER)
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    # the geometry and timing live in the functional groups only, as a scanner writes them
+    assert header.SOPClassUID == pydicom.uid.EnhancedMRImageStorage and int(header.NumberOfFrames) == 12
+    assert not {"EchoTime", "ImagePositionPatient", "PixelSpacing", "RescaleSlope"} & set(header.dir())
+    assert "PlanePositionSequence" in header.PerFrameFunctionalGroupsSequence[0]
+
+    _, classic_choice, classic_image = ingest(classic)
+    inventory, choice, image = ingest(enhanced)
+    assert np.array_equal(np.asarray(image.dataobj), np.asarray(classic_image.dataobj))
+    assert np.array_equal(image.affine, classic_image.affine) and image.shape == (16, 12, 12)
+    series = choice.series
+    assert (series.n_files, series.n_slices, series.echo_time_ms, series.repetition_time_ms) == (1, 12, 85.0, 1800.0)
+    assert series.pixel_spacing_mm == (1.5, 1.25) and series.slice_spacing_mm == pytest.approx(5.0)
+    assert choice.t2_score == classic_choice.t2_score
+    assert "12 slices, one multi-frame (enhanced) file" in choice.reason
+    assert inventory.n_files == 1
+
+
+def test_a_legacy_converted_enhanced_file_is_read_too(tmp_path):
+    classic = make_study(tmp_path / "classic", with_others=False)
+    legacy = make_study(tmp_path / "legacy", with_others=False)
+    path = to_enhanced(legacy / STUDY_FOLDER / T2_FOLDER)
+    dataset = pydicom.dcmread(path)
+    dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID = LEGACY_CONVERTED_ENHANCED_MR
+    dataset.save_as(path)
+    assert np.array_equal(np.asarray(ingest(legacy)[2].dataobj), np.asarray(ingest(classic)[2].dataobj))
+
+
+def test_the_t2_series_is_chosen_from_an_enhanced_study_by_its_frame_tags(tmp_path):
+    patient = make_study(tmp_path)
+    for folder in (patient / STUDY_FOLDER).iterdir():
+        to_enhanced(folder)
+    choice = choose_t2_series(inventory_study(patient))
+    assert choice.series.series_number == 3 and choice.series.n_files == 1
+    by_number = {c["series_number"]: c for c in choice.candidates}
+    assert by_number[1]["why"] == "TE 4.6 ms < 60, TR 200 ms < 800"  # from MREchoSequence, MRTiming...
+    assert "diffusion (b = 800)" in by_number[7]["why"]  # from MRDiffusionSequence
+    assert choice.reason.startswith('series #3 "T2_SPIR": TE 85 ms >= 60, TR 1800 ms >= 800, spin echo, 12 slices')
+
+
+def _two_stacks(index, frame):
+    frame.FrameContentSequence[0].StackID = "1" if index < 6 else "2"
+
+
+def _repeated_index(index, frame):
+    frame.FrameContentSequence[0].DimensionIndexValues = [1, min(index + 1, 11)]
+
+
+def _two_dimensions(index, frame):
+    frame.FrameContentSequence[0].DimensionIndexValues = [1 + index % 2, index + 1]
+
+
+def _two_echo_times(index, frame):
+    echo = pydicom.Dataset()
+    echo.EffectiveEchoTime = 85.0 if index % 2 else 170.0
+    frame.MREchoSequence = pydicom.Sequence([echo])
+
+
+def _tilted_frame(index, frame):
+    if index == 4:
+        frame.PlaneOrientationSequence = pydicom.Sequence([pydicom.Dataset()])
+        frame.PlaneOrientationSequence[0].ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+
+
+NOT_ONE_VOLUME = {
+    "two_stacks": (_two_stacks, "holds 2 stacks (StackID 1, 2); one file must hold one volume"),
+    "repeated_index": (_repeated_index, "dimension indices do not form a volume: frames repeat"),
+    "two_dimensions": (_two_dimensions, "dimension indices do not form a volume: they vary along 2 dimensions"),
+    "two_echo_times": (_two_echo_times, "mixes 2 echo times (85, 170 ms)"),
+    "tilted_frame": (_tilted_frame, "inconsistent ImageOrientationPatient: frame 5 of 12 differs from frame 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_ONE_VOLUME))
+def test_a_multi_frame_file_that_is_not_one_volume_is_refused(tmp_path, case):
+    edit, reason = NOT_ONE_VOLUME[case]
+    patient = make_study(tmp_path)
+    edit_frames(to_enhanced(patient / STUDY_FOLDER / T2_FOLDER), edit)
+    with pytest.raises(PatientInputError) as raised:
+        ingest(patient)
+    message = str(raised.value)
+    assert reason in message, message
+    assert 'series #3 "T2_SPIR"' in message and "unusable" in message
+    assert_no_phi(message)
+
+
+def test_a_lossless_t2_is_preferred_to_a_lossy_one_and_a_lossy_one_is_flagged(tmp_path):
+    patient = make_study(tmp_path, with_others=False)
+    lossy = {"LossyImageCompression": "01", "LossyImageCompressionRatio": ["4", "2.5"]}
+    # the lossy series would score higher (more slices, "T2" in its description)
+    write_series(patient / "9", truth_volume(slices=14, seed=3), number=9, description="T2_TSE_AX", extra=lossy)
+    inventory = inventory_study(patient)
+    flagged = next(s for s in inventory.series if s.series_number == 9)
+    assert flagged.lossy and flagged.lossy_ratio == pytest.approx(10.0)
+    assert flagged.transfer_syntax == pydicom.uid.ExplicitVRLittleEndian
+    choice = choose_t2_series(inventory)
+    assert choice.series.series_number == 3 and not choice.series.lossy
+    assert '#9 "T2_TSE_AX" T2-weighted but lossy-compressed; a lossless series is preferred' in choice.reason
+
+    for path in (patient / STUDY_FOLDER / T2_FOLDER).iterdir():
+        path.unlink()
+    (patient / STUDY_FOLDER / T2_FOLDER).rmdir()
+    only_lossy = choose_t2_series(inventory_study(patient))
+    assert only_lossy.series.series_number == 9
+    assert "lossy-compressed (Explicit VR Little Endian, ratio 10): flagged" in only_lossy.reason
