@@ -2,7 +2,8 @@
 
 `hcc-assets receive --port 11112 --ae-title HCC_ASSETS --allowed-callers SCANNER1,PACS` listens
 for associations from the configured calling AE titles only (others are rejected) and accepts
-MR Image Storage and Verification (C-ECHO).
+MR Image Storage, Enhanced MR Image Storage (one multi-frame file per series), Legacy Converted
+Enhanced MR Image Storage and Verification (C-ECHO).
 
 Writing, so that the folder sensor never sees half a study:
   1. each received file goes to `<incoming>/.receiving/<process>-<association>/` (hidden: the
@@ -56,18 +57,24 @@ from typing import TYPE_CHECKING
 
 import pydicom
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
     JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
+    JPEGLSNearLossless,
     RLELossless,
 )
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # pynetdicom generates its SOP class names at import
+    EnhancedMRImageStorage,
+    LegacyConvertedEnhancedMRImageStorage,
     MRImageStorage,
     Verification,
 )
@@ -78,10 +85,11 @@ from hcc_assets.core.files import COMPLETE_MARKER, publish_folder
 if TYPE_CHECKING:
     from pynetdicom.transport import ThreadedAssociationServer
 
-# What scanners and PACS send without loss: the uncompressed syntaxes and the lossless compressed
-# ones (decoded at ingest by the pylibjpeg plugins through pydicom). Lossy syntaxes are not offered,
-# so a sender that has only a lossy form is refused at association. A file is stored in the syntax
-# it arrived in (its bytes are not re-encoded).
+# The uncompressed syntaxes, the lossless compressed ones and the common lossy ones (JPEG baseline and
+# extended, JPEG-LS near-lossless, JPEG 2000), all decoded at ingest by the pylibjpeg / pyjpegls
+# plugins through pydicom. Lossy series are accepted because ingest flags them (`scans.lossy`) and the
+# T2 choice prefers a lossless series; a sender that offers both forms gets the one it lists first.
+# A file is stored in the syntax it arrived in (its bytes are not re-encoded).
 ACCEPTED_TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -92,7 +100,12 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     JPEGLSLossless,
     JPEG2000Lossless,
     RLELossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
+    JPEG2000,
 ]
+STORAGE_SOP_CLASSES = [MRImageStorage, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage]
 
 log = logging.getLogger("hcc_assets.intake.receiver")
 
@@ -164,7 +177,8 @@ class Receiver:
         self.incoming.mkdir(parents=True, exist_ok=True)
         self._remove_stale_staging()
         ae = AE(ae_title=self.ae_title)
-        ae.add_supported_context(MRImageStorage, ACCEPTED_TRANSFER_SYNTAXES)
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         ae.require_calling_aet = self.allowed_callers
         ae.maximum_pdu_size = 0  # no limit
@@ -187,7 +201,7 @@ class Receiver:
             else "ANY calling AE title (set --allowed-callers to restrict)"
         )
         log.info(
-            "receiver listening on %s:%d as AE %r; accepting MR Image Storage and Verification from %s",
+            "receiver listening on %s:%d as AE %r; accepting (Enhanced) MR Image Storage and Verification from %s",
             host,
             port,
             self.ae_title,

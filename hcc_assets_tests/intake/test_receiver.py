@@ -250,3 +250,51 @@ def test_compressed_transfer_syntaxes_are_received_as_sent_and_decode_to_the_sam
             plain_volume, plain_affine = t2(tmp_path / f"plain_{name}" / plain.patient_key)
             assert np.array_equal(volume, plain_volume) and np.array_equal(affine, plain_affine), name
     assert_no_phi(log_path, patients)
+
+
+def test_enhanced_and_lossy_studies_are_received_and_the_lossy_one_is_flagged(tmp_path):
+    """An Enhanced MR patient (one multi-frame file per series) and a JPEG 2000 (lossy) patient, each
+    sent by a storage SCU that proposes only its SOP class and syntax: both are negotiated and land;
+    the enhanced T2 decodes to the classic patient's volume, the lossy T2 is flagged lossy."""
+    import numpy as np
+    from pydicom.uid import JPEG2000, ExplicitVRLittleEndian
+    from pynetdicom.sop_class import EnhancedMRImageStorage
+
+    from hcc_assets.imaging.dicom_series import choose_t2_series, inventory_study
+    from hcc_assets.imaging.nifti import series_to_nifti
+
+    incoming = tmp_path / "incoming"
+    one = CONFIG.model_copy(update={"patients": 1, "slices_min": 10, "slices_max": 11, "seed": 60})
+    plain = synthesize_cohort(tmp_path / "plain", one)[0]
+    cases = {
+        "enhanced": (one.model_copy(update={"enhanced": True}), EnhancedMRImageStorage, ExplicitVRLittleEndian),
+        "lossy": (one.model_copy(update={"transfer_syntax": "jpeg2000-lossy", "seed": 61}), MRImageStorage, JPEG2000),
+    }
+    with receiver(tmp_path, incoming) as (port, log_path):
+        for name, (settings, sop_class, syntax) in cases.items():
+            patient = synthesize_cohort(tmp_path / name, settings)[0]
+            sent = sorted((tmp_path / name / patient.patient_key / "study_1").rglob("*.dcm"))
+            ae = AE(ae_title="TESTSCU")
+            ae.add_requested_context(sop_class, [syntax])
+            assoc = ae.associate("127.0.0.1", port, ae_title="HCC_ASSETS")
+            assert assoc.is_established, name
+            assert [(c.abstract_syntax, c.transfer_syntax[0]) for c in assoc.accepted_contexts] == [(sop_class, syntax)]
+            for path in sent:
+                assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0, (name, path.name)
+            assoc.release()
+            folder = incoming / patient.patient_key
+            assert wait_for(lambda folder=folder: (folder / ".complete").exists()), log_path.read_text()
+            assert len(sorted(folder.rglob("*.dcm"))) == len(sent), name
+            choice = choose_t2_series(inventory_study(folder))
+            if name == "enhanced":
+                assert choice.series.n_files == 1 and len(sent) == 3  # one file per series
+                image = series_to_nifti(choice.series)
+                reference = series_to_nifti(
+                    choose_t2_series(inventory_study(tmp_path / "plain" / plain.patient_key)).series
+                )
+                assert np.array_equal(np.asarray(image.dataobj), np.asarray(reference.dataobj))
+                assert np.array_equal(image.affine, reference.affine)
+            else:
+                assert choice.series.lossy and choice.series.transfer_syntax == JPEG2000
+                assert "lossy-compressed" in choice.reason
+    assert_no_phi(log_path, [plain])
