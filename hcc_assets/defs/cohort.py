@@ -34,7 +34,8 @@ COHORT_CHECKS = [
     description="Labels (HCC yes/no, source) of every ingested patient and the study's seeded, "
     "stratified 80:20 train/validation split; feature-store table `cohort_split`. A patient whose "
     "label is not 0/1 or who is listed twice with different labels is left out, with the reason in "
-    "`exclusions` (stage labels) and the `labels_valid` check.",
+    "`exclusions` (stage labels) and the `labels_valid` check. A patient whose chosen T2 series is "
+    "lossy-compressed is ingested and predicted but left out too (`exclusions` stage lossy).",
     check_specs=COHORT_CHECKS,
 )
 def cohort(

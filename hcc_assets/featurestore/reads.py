@@ -30,6 +30,16 @@ def ingested_patients(store: FeatureStore) -> set[str]:
     return set(store.query("SELECT patient_id FROM volumes WHERE kind = 'preprocessed'")["patient_id"].to_list())
 
 
+def lossy_t2_patients(store: FeatureStore) -> set[str]:
+    """Patients whose chosen T2 series was lossy-compressed (`scans.lossy`)."""
+    return set(store.query("SELECT patient_id FROM scans WHERE chosen AND lossy")["patient_id"].to_list())
+
+
+def excluded_at(store: FeatureStore, stage: str) -> set[str]:
+    """Patients with an `exclusions` row of `stage`."""
+    return set(store.query("SELECT patient_id FROM exclusions WHERE stage = ?", [stage])["patient_id"].to_list())
+
+
 def reference_mask_volumes(store: FeatureStore) -> pl.DataFrame:
     """patient_id, path, sha256 of native NIfTI volumes that came with a reference mask."""
     return store.query(

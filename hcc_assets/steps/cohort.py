@@ -16,6 +16,8 @@ from hcc_assets.stats.split import stratified_split
 
 COHORT_VERSION = "2"
 LABELS_STAGE = "labels"
+LOSSY_STAGE = "lossy"  # labelled, ingested, but its T2 was lossy-compressed: not in the study cohort
+LOSSY_REASON = "the chosen T2 series is lossy-compressed (scans.lossy); ingested and predicted, not trained on"
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ def build_cohort(
 ) -> CohortResult:
     """Replace `cohort_split` with the labelled, ingested patients split train/validation, and the
     `exclusions` of stage labels with this run's label problems (each also passed to `warn`).
+    Patients whose chosen T2 is lossy-compressed are left out, as `exclusions` of stage lossy.
     Labels come from the drop zone's manifests (`incoming`), keyed by drop-folder name: `pseudonym`
     maps a name to its pseudonym, and messages name pseudonyms only."""
     ingested = reads.ingested_patients(store)
@@ -67,7 +70,21 @@ def build_cohort(
         FeatureStore.with_provenance(label_exclusions, version=f"cohort@{COHORT_VERSION}", run_id=run_id),
     )
 
-    included = sorted(ingested & labels.keys())
+    # lossy pixels (JPEG / JPEG 2000 artefacts) are not what the models should learn from; the patient
+    # is still ingested and predicted. Written only when there is something to write or to clear:
+    # every write is a snapshot that concurrent writers conflict with.
+    lossy = sorted(reads.lossy_t2_patients(store) & ingested & labels.keys())
+    if lossy or reads.excluded_at(store, LOSSY_STAGE):
+        lossy_exclusions = pl.DataFrame(
+            [{"patient_id": pid, "stage": LOSSY_STAGE, "reason": LOSSY_REASON} for pid in lossy],
+            schema={"patient_id": pl.String, "stage": pl.String, "reason": pl.String},
+        )
+        store.replace_where(
+            "exclusions",
+            {"stage": LOSSY_STAGE},
+            FeatureStore.with_provenance(lossy_exclusions, version=f"cohort@{COHORT_VERSION}", run_id=run_id),
+        )
+    included = sorted((ingested & labels.keys()) - set(lossy))
     split = stratified_split(included, [labels[p][0] for p in included], validation_fraction, seed)
     rows = pl.DataFrame(
         {
@@ -98,6 +115,7 @@ def build_cohort(
             "ingested_without_label": len(unlabelled),
             "labelled_not_ingested": len(unknown),
             "label_problems": len(problem_rows),
+            "lossy_excluded": len(lossy),
             **{k: int(v) for k, v in per_split.items()},
             "seed": seed,
         },

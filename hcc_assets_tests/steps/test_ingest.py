@@ -165,3 +165,36 @@ def test_build_cohort_splits_the_labelled_ingested_patients_and_excludes_label_p
 
 def _problems(result, patient_id: str) -> list[str]:
     return [row["problem"] for row in result.label_report if row["patient_id"] == patient_id]
+
+
+def test_a_patient_whose_t2_is_lossy_is_ingested_flagged_and_left_out_of_the_cohort(lake):
+    import shutil
+
+    from hcc_assets.steps.cohort import LOSSY_STAGE
+    from hcc_assets.synthetic.transfer_syntax import encode
+
+    incoming, folders, data_lake, store = lake
+    victim = folders[1]
+    t2 = ingest.read_study(victim, **LIMITS).choice.series
+    original = victim.parent / ".original_t2"
+    shutil.copytree(t2.files[0].parent, original)
+    for path in t2.files:  # the same T2, as a PACS that stores JPEG 2000 (lossy) sends it
+        path.write_bytes(encode(path.read_bytes(), "jpeg2000-lossy"))
+    for folder in folders:
+        _ingest(store, data_lake, incoming, folder)
+    lossy = store.query("SELECT patient_id, lossy, lossy_ratio FROM scans WHERE chosen AND lossy")
+    assert lossy["patient_id"].to_list() == [_id(victim.name)] and lossy["lossy_ratio"][0] > 2
+
+    result = build_cohort(store, incoming, _id, 0.25, 7, "run-1")
+    assert _id(victim.name) not in store.query("SELECT patient_id FROM cohort_split")["patient_id"].to_list()
+    assert result.metadata["n_patients"] == len(folders) - 1 and result.metadata["lossy_excluded"] == 1
+    exclusions = store.query("SELECT patient_id, stage FROM exclusions").to_dicts()
+    assert exclusions == [{"patient_id": _id(victim.name), "stage": LOSSY_STAGE}]
+
+    # the lossless files delivered again: back in the cohort, its exclusion gone
+    shutil.rmtree(t2.files[0].parent)
+    shutil.copytree(original, t2.files[0].parent)
+    _ingest(store, data_lake, incoming, victim, "run-2")
+    again = build_cohort(store, incoming, _id, 0.25, 7, "run-2")
+    assert again.metadata["n_patients"] == len(folders) and again.metadata["lossy_excluded"] == 0
+    assert store.query("SELECT count(*) FROM exclusions").item() == 0
