@@ -1,14 +1,17 @@
 """Each kind of bad study fails its own partition with a clear, PHI-free message."""
 
+import io
 import re
 import shutil
 
 import dagster as dg
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
 from hcc_assets.imaging.dicom_series import inventory_study
 from hcc_assets.lake import DataLake
+from hcc_assets.synthetic.enhanced import enhanced_mr_file
 from hcc_assets_tests.defs.helpers import failure_message, ingest_patient, make_lake, register_all
 
 
@@ -62,6 +65,26 @@ def _two_patients(folder):
     shutil.copytree(other / "study_1", folder / "study_2")
 
 
+def _enhanced_t2(folder, edit):
+    """The T2 series as one Enhanced MR file, then `edit(index, frame item)` on each frame."""
+    files = _t2_files(folder)
+    data = enhanced_mr_file([f.read_bytes() for f in files], generate_uid(), generate_uid())
+    for f in files:
+        f.unlink()
+    dataset = pydicom.dcmread(io.BytesIO(data))
+    for index, frame in enumerate(dataset.PerFrameFunctionalGroupsSequence):
+        edit(index, frame.FrameContentSequence[0])
+    dataset.save_as(files[0].parent / "enhanced.dcm")
+
+
+def _two_stacks(folder):
+    _enhanced_t2(folder, lambda index, content: setattr(content, "StackID", "1" if index % 2 else "2"))
+
+
+def _repeated_dimension_index(folder):
+    _enhanced_t2(folder, lambda index, content: setattr(content, "DimensionIndexValues", [1, 1 + index // 2]))
+
+
 def _empty(folder):
     shutil.rmtree(folder)
     folder.mkdir()
@@ -78,6 +101,8 @@ CASES = {
     "mixed_series": (_mixed_series, r"mixed|more than one series|series"),
     "empty": (_empty, r"no DICOM"),
     "two_patients": (_two_patients, r"2 different patients \(PatientID differs"),
+    "enhanced_two_stacks": (_two_stacks, r"multi-frame\) holds 2 stacks"),
+    "enhanced_bad_dimension_index": (_repeated_dimension_index, r"dimension indices do not form a volume"),
 }
 
 
