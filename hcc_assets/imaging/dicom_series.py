@@ -376,6 +376,8 @@ def multiframe_problem(dataset: Dataset, views: list[Dataset]) -> str | None:
     echo time, with one per-frame functional group item per frame, and its dimension indices (when
     given) must vary along one dimension only, without repeats."""
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    if "PerFrameFunctionalGroupsSequence" not in dataset:
+        return f"has {frames} frames but no per-frame functional groups (not Enhanced MR), which is not supported"
     if len(views) != frames:
         return f"has {frames} frames but {len(views)} per-frame functional groups"
     if frames < 2:
@@ -685,7 +687,7 @@ def inventory_study(patient_dir: Path) -> StudyInventory:
                 f"one folder mixes {len(uids)} series ({_describe([h[2] for h in headers])}); "
                 "each series must have its own folder"
             )
-        for _position, path, dataset, digest in headers:
+        for position, path, dataset, digest in headers:
             uid = str(dataset.SeriesInstanceUID)
             views = frame_views(dataset)
             entry = by_uid.get(uid)
@@ -702,7 +704,7 @@ def inventory_study(patient_dir: Path) -> StudyInventory:
                 entry.multiframe = True
                 problem = multiframe_problem(dataset, views)
                 if problem and entry.problem is None:
-                    entry.problem = f"file {len(entry.files) + 1} of {total} (multi-frame) {problem}"
+                    entry.problem = f"file {position + 1} of {total} (multi-frame) {problem}"
             entry.files.append(path)
             entry.digests.append(digest)
             entry.slices.extend(SliceGeometry.of(view) for view in views)

@@ -154,3 +154,13 @@ def test_a_lossless_t2_is_preferred_to_a_lossy_one_and_a_lossy_one_is_flagged(tm
     only_lossy = choose_t2_series(inventory_study(patient))
     assert only_lossy.series.series_number == 9
     assert "lossy-compressed (Explicit VR Little Endian, ratio 10): flagged" in only_lossy.reason
+
+
+def test_a_multi_frame_file_without_functional_groups_is_refused(tmp_path):
+    patient = make_study(tmp_path, with_others=False)
+    path = to_enhanced(patient / STUDY_FOLDER / T2_FOLDER)
+    dataset = pydicom.dcmread(path)
+    del dataset.PerFrameFunctionalGroupsSequence
+    dataset.save_as(path)
+    with pytest.raises(PatientInputError, match=r"has 12 frames but no per-frame functional groups"):
+        ingest(patient)
