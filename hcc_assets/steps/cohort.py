@@ -14,7 +14,7 @@ from hcc_assets.featurestore import FeatureStore, reads
 from hcc_assets.intake.dropzone import validate_labels
 from hcc_assets.stats.split import stratified_split
 
-COHORT_VERSION = "2"
+COHORT_VERSION = "3"  # 3: a lossy-compressed chosen T2 leaves the patient out (exclusions stage lossy)
 LABELS_STAGE = "labels"
 LOSSY_STAGE = "lossy"  # labelled, ingested, but its T2 was lossy-compressed: not in the study cohort
 LOSSY_REASON = "the chosen T2 series is lossy-compressed (scans.lossy); ingested and predicted, not trained on"

@@ -31,7 +31,7 @@ from hcc_assets.lake import (
     sha256_bytes,
 )
 
-RAW_SCAN_VERSION = "1"
+RAW_SCAN_VERSION = "2"  # 2: the record gained n_slices, transfer_syntax, lossy, lossy_ratio
 NIFTI_VERSION = "1"
 PREPROCESS_VERSION = "1"
 
