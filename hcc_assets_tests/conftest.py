@@ -6,6 +6,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,15 @@ def liver_model_folder(small_cohort, tmp_path_factory) -> Path:
     from hcc_assets_tests.model_configs import shared_liver_model
 
     return shared_liver_model(tmp_path_factory, small_cohort[0], SMALL_COHORT)
+
+
+@pytest.fixture(scope="session")
+def liver_model_later(small_cohort, tmp_path_factory) -> Callable[[], Path]:
+    """liver_model_folder, fetched when called: a module that ingests first does not wait for the
+    training meanwhile (test_segmentation_assets may be training it on the other worker)."""
+    from hcc_assets_tests.model_configs import shared_liver_model
+
+    return lambda: shared_liver_model(tmp_path_factory, small_cohort[0], SMALL_COHORT)
 
 
 @pytest.fixture
@@ -75,8 +85,7 @@ LONGEST_FIRST = [
     "defs/test_analysis_assets.py",
     "defs/test_segmentation_assets.py",
     "defs/test_prediction_assets.py",
-    "defs/test_refresh_daemon.py",
-    "defs/test_hands_off.py",
+    "defs/test_daemon.py",
     "defs/test_dask_executor.py",
     "defs/test_parallel_runs.py",
     "test_ui_browser.py",

@@ -4,8 +4,10 @@ The settings are cheap versions of the study's: tests check what the platform do
 not how good the model is (the demo and benchmarks/ measure that). `shared_liver_model` trains
 nnU-Net once per pytest session, through the real asset, and hands the folder to every test that
 only needs *a* trained liver model: they register it the way a user plugs in a trained nnU-Net
-(`liver_segmentation_model`'s `model_folder`, mode a). Tests of the training itself
-(test_segmentation_assets, segmentation/test_training_inference) still train their own.
+(`liver_segmentation_model`'s `model_folder`, mode a). test_segmentation_assets, whose subject
+is that very training, trains it in its own lake and publishes it when it comes first, so the
+suite trains it once (nnU-Net's CPU training is deterministic: the same model either way);
+segmentation/test_training_inference trains its own, at other settings.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -75,27 +79,58 @@ def shared_run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
-def shared_liver_model(tmp_path_factory: pytest.TempPathFactory, cohort_source: Path, cohort_settings: dict) -> Path:
-    """The nnU-Net model folder trained with SEGMENTATION_TRAINING on `cohort_source` (ingested,
-    split and trained through the real assets in a scratch lake), once per run: keyed by the hash
-    of the training and cohort settings (each xdist worker synthesizes its own copy of the same
-    cohort), built under a file lock so that the other workers wait for the first."""
+class LiverModelSlot:
+    """The run's shared liver model, while its lock is held: `folder` is the trained model folder,
+    or None until someone publishes one."""
+
+    def __init__(self, shared: Path):
+        self.shared = shared
+        self.done = shared / "done.json"
+
+    @property
+    def folder(self) -> Path | None:
+        return Path(json.loads(self.done.read_text())["folder"]) if self.done.exists() else None
+
+    def publish(self, model_folder: Path) -> Path:
+        """Copy a trained nnU-Net folder in, under nnU-Net's own folder name (<trainer>__<plans>__<configuration>)."""
+        shutil.rmtree(self.shared, ignore_errors=True)
+        folder = self.shared / "model" / Path(model_folder).name
+        shutil.copytree(model_folder, folder)
+        self.done.write_text(json.dumps({"folder": str(folder), "settings": SEGMENTATION_TRAINING}))
+        return folder
+
+
+@contextmanager
+def liver_model_slot(tmp_path_factory: pytest.TempPathFactory, cohort_settings: dict) -> Iterator[LiverModelSlot]:
+    """The slot of the model trained with SEGMENTATION_TRAINING on the cohort `cohort_settings`
+    describes, keyed by the hash of both, under a file lock shared by the xdist workers: whoever
+    holds it trains and publishes, the others wait for the folder. test_segmentation_assets, whose
+    subject is that training, publishes the model it trains when it comes first."""
     from filelock import FileLock  # torch's own dependency
 
     key = hashlib.sha256(json.dumps([SEGMENTATION_TRAINING, cohort_settings], sort_keys=True).encode()).hexdigest()
     shared = shared_run_folder(tmp_path_factory) / f"liver_model_{key[:12]}"
     with FileLock(str(shared) + ".lock"):
-        done = shared / "done.json"
-        if not done.exists():
-            shutil.rmtree(shared, ignore_errors=True)
-            folder = _train_liver_model(shared / "scratch", cohort_source, shared / "model")
-            shutil.rmtree(shared / "scratch", ignore_errors=True)
-            done.write_text(json.dumps({"folder": str(folder), "settings": SEGMENTATION_TRAINING}))
-        return Path(json.loads(done.read_text())["folder"])
+        yield LiverModelSlot(shared)
 
 
-def _train_liver_model(scratch: Path, cohort_source: Path, target: Path) -> Path:
-    """Train in a scratch lake; copy the model folder, under nnU-Net's own folder name, into `target`."""
+def shared_liver_model(tmp_path_factory: pytest.TempPathFactory, cohort_source: Path, cohort_settings: dict) -> Path:
+    """The nnU-Net model folder trained with SEGMENTATION_TRAINING on `cohort_source` (ingested,
+    split and trained through the real assets in a scratch lake), once per run (liver_model_slot;
+    each xdist worker synthesizes its own copy of the same cohort)."""
+    with liver_model_slot(tmp_path_factory, cohort_settings) as slot:
+        if slot.folder is None:
+            scratch = slot.shared.with_name(slot.shared.name + "_scratch")
+            shutil.rmtree(scratch, ignore_errors=True)
+            slot.publish(_train_liver_model(scratch, cohort_source))
+            shutil.rmtree(scratch, ignore_errors=True)
+        folder = slot.folder
+        assert folder is not None
+        return folder
+
+
+def _train_liver_model(scratch: Path, cohort_source: Path) -> Path:
+    """Train in a scratch lake; the model folder in that lake."""
     import dagster as dg
 
     from hcc_assets.defs.cohort import cohort
@@ -127,6 +162,4 @@ def _train_liver_model(scratch: Path, cohort_source: Path, target: Path) -> Path
         assert result.success, failure_message(result)
     model = current_model(lake.store, "liver_segmentation")
     assert model is not None
-    folder = target / Path(model["path"]).name  # <trainer>__<plans>__<configuration>
-    shutil.copytree(model["path"], folder)
-    return folder
+    return Path(model["path"])

@@ -1,4 +1,4 @@
-"""The hands-off flow, shared by test_hands_off.py and benchmarks/new_scan_latency.py:
+"""The hands-off flow, shared by test_daemon.py and benchmarks/new_scan_latency.py:
 
 1. `prepare_lake`: a data lake whose cohort is ingested and whose models are trained and registered
    (in this process, through the real assets, recorded in the lake's own DAGSTER_HOME), so the

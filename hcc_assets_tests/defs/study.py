@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,19 +88,20 @@ def _must(result: dg.ExecuteInProcessResult, what: str) -> None:
         raise AssertionError(f"{what} failed: {failures[:2]}")
 
 
-def run_study(root: Path, seed: int, lesion_contrast: float, liver_model: Path) -> Study:
-    """The graph on a new cohort, with `liver_model` (an nnU-Net folder) as the segmentation model."""
+def run_study(root: Path, seed: int, lesion_contrast: float, liver_model: Callable[[], Path]) -> Study:
+    """The graph on a new cohort, with `liver_model()` (an nnU-Net folder, asked for once the cohort
+    is ingested) as the segmentation model."""
     incoming = root / "incoming"
     patients = synthesize_cohort(incoming, SynthConfig(seed=seed, lesion_contrast=lesion_contrast, **STUDY_COHORT))
     (root / "lake" / "private").mkdir(parents=True)
     (root / "lake" / "private" / "pseudonym.key").write_text(f"study-test-{seed}")
     lake = LakeResource(root=str(root / "lake"), incoming=str(incoming), quiet_seconds=3600)
-    segmentation = {"liver_segmentation_model": {"config": {"model_folder": str(liver_model)}}}
     with dg.instance_for_test() as instance:
         pids = sorted(lake.ready_patients())
         instance.add_dynamic_partitions("patients", pids)
         for pid in pids:
             _must(_run(instance, lake, "ingest", pid), f"ingest {pid}")
+        segmentation = {"liver_segmentation_model": {"config": {"model_folder": str(liver_model())}}}
         _must(_run(instance, lake, "models", **segmentation), "cohort and models")
         for pid in pids:
             _must(_run(instance, lake, "features", pid), f"features {pid}")

@@ -34,9 +34,9 @@ NULL_SEED = 8
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, liver_model_folder):
+def study(tmp_path_factory, liver_model_later):
     with module_scratch(tmp_path_factory, "study_signal") as root:
-        yield run_study(root, SIGNAL_SEED, SIGNAL_CONTRAST, liver_model_folder)
+        yield run_study(root, SIGNAL_SEED, SIGNAL_CONTRAST, liver_model_later)
 
 
 def _wide_radiomics(store, names=None) -> pl.DataFrame:

@@ -1,7 +1,7 @@
 """The automation conditions (hcc_assets.defs.automation) against an instance's event log, tick by
 tick, with Dagster's own evaluator (dg.evaluate_automation_conditions): what each evaluation
 requests after new model versions, a refused retrain, a new patient and the refresh cron. No run
-executes here; the real daemon runs the same conditions in test_refresh_daemon.py."""
+executes here; the real daemon runs the same conditions in test_daemon.py."""
 
 from __future__ import annotations
 

@@ -25,9 +25,11 @@ from hcc_assets.defs.segmentation import (
     liver_segmentation_model,
     radiomic_features,
 )
+from hcc_assets.featurestore.registry import current_model
 from hcc_assets.lake import LIVER_MASK_FILE, DataLake
 from hcc_assets.radiomics import FEATURE_COUNTS, feature_set_version
 from hcc_assets.steps.segmentation import MODELS_DIR
+from hcc_assets_tests.conftest import SMALL_COHORT
 from hcc_assets_tests.defs.helpers import (
     check_figure,
     failure_message,
@@ -35,7 +37,7 @@ from hcc_assets_tests.defs.helpers import (
     materialize_cohort,
     module_platform,
 )
-from hcc_assets_tests.model_configs import SEGMENTATION_TRAINING
+from hcc_assets_tests.model_configs import SEGMENTATION_TRAINING, liver_model_slot
 
 TRAINING = SEGMENTATION_TRAINING  # model_configs: why these settings
 # 3-7 cm lesions (TCGA-LIHC-sized, part of the liver label) make this brief training harder: held-out
@@ -92,13 +94,17 @@ def patient_features(instance, lake, pid, selection=(liver_mask, radiomic_featur
 def platform(small_cohort, tmp_path_factory):
     source, _ = small_cohort
     with module_platform(tmp_path_factory, "segmentation_assets", source) as (_root, lake, instance, pids):
-        for pid in pids:
-            ingest_patient(instance, lake, pid)
-        materialize_cohort(instance, lake)
-        started = time.perf_counter()
-        training = train_model(instance, lake, **TRAINING)
-        seconds = {"training": time.perf_counter() - started}
-        assert training.success, failure_message(training)
+        # the suite's shared liver model is this training: hold its slot, publish it if it is the first
+        with liver_model_slot(tmp_path_factory, SMALL_COHORT) as slot:
+            for pid in pids:
+                ingest_patient(instance, lake, pid)
+            materialize_cohort(instance, lake)
+            started = time.perf_counter()
+            training = train_model(instance, lake, **TRAINING)
+            seconds = {"training": time.perf_counter() - started}
+            assert training.success, failure_message(training)
+            if slot.folder is None:
+                slot.publish(Path(current_model(lake.store, "liver_segmentation")["path"]))
         features = {}
         for pid in pids:
             started = time.perf_counter()

@@ -1,16 +1,24 @@
-"""The refresh under the real Dagster daemon, end to end, by declarative automation alone:
+"""The real Dagster daemon on workspace.yaml (what `make ui` starts), end to end, in one session:
 
-    a new hcc_classifier version -> every patient's deep_embedding and hcc_prediction again, one
-    run per patient (segmentation model kept: masks untouched) -> the analysis once, when those
-    have settled, with the deployment's cohort settings -> every patient's prediction again from
-    the refitted explainable model.
+1. hands-off: a patient folder copied into incoming/ becomes that patient's raw_scan ...
+   hcc_prediction, made with the current models, and rows in the feature store, with no further
+   action: one run of the per-patient pipeline, requested by the drop-zone sensor;
+2. then the refresh, by declarative automation alone: a new hcc_classifier version -> every
+   patient's deep_embedding and hcc_prediction again, one run per patient (segmentation model
+   kept: masks untouched) -> the analysis once, when those have settled, with the deployment's
+   cohort settings -> every patient's prediction again from the refitted explainable model.
 
 The lake is prepared in this process (cohort ingested, both models trained, every patient's
-features and predictions made with classifier v1); once the daemon's automation sensor runs, the
-classifier is retrained here, as a user materializes it from the UI, and the daemon runs everything
-else on its own. That the refresh cron requests exactly this retrain (cohort and classifier in one
-run, the deployment's settings as the config defaults) is test_automation's, through Dagster's own
-evaluation of the conditions: no test waits for a real cron minute.
+features and predictions made with classifier v1; the per-patient run config, a 32x32x16 grid, is
+the deployment file the daemon's runs read: see hands_off.py), recorded in the lake's own
+DAGSTER_HOME, so the daemon finds those patients ingested and the models current. The daemon and
+everything it starts run in their own process group, killed at the end whatever happens. Once the
+daemon's sensors tick, a new patient is dropped; once its rows are in, the classifier is retrained
+here, as a user materializes it from the UI, and the daemon runs everything else on its own. That
+the refresh cron requests exactly this retrain (cohort and classifier in one run, the deployment's
+settings as the config defaults) is test_automation's, through Dagster's own evaluation of the
+conditions: no test waits for a real cron minute. One daemon session for both flows: the daemon,
+its code server and the prepared lake are the slow part, not the flows.
 """
 
 from __future__ import annotations
@@ -27,13 +35,19 @@ import yaml
 from hcc_assets.defs.automation import AUTOMATION_TRIGGER, TRIGGER_TAG
 from hcc_assets.defs.resources import ComputeResource
 from hcc_assets.defs.warm_runs import WARM_PID_TAG
+from hcc_assets.synthetic.cohort import SynthConfig, synthesize_cohort
+from hcc_assets_tests.conftest import SMALL_COHORT
 from hcc_assets_tests.defs.hands_off import (
     CLASSIFIER,
     SEGMENTATION,
     TEST_PATIENT_CONFIG,
     Daemon,
+    drop_patient,
+    format_breakdown,
+    latency_breakdown,
     prepare_lake,
     run_errors,
+    wait_for_rows,
     wait_for_sensor,
 )
 from hcc_assets_tests.model_configs import CLASSIFIER_TRAINING
@@ -59,6 +73,15 @@ COHORT_SETTINGS = {
     }
 }
 TERMINAL = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
+PATIENT_ASSETS = [
+    "raw_scan",
+    "nifti_volume",
+    "preprocessed_volume",
+    "liver_mask",
+    "radiomic_features",
+    "deep_embedding",
+    "hcc_prediction",
+]
 ANALYSIS = {
     "explainable_features",
     "explainability_sweep",
@@ -120,25 +143,74 @@ def _assets(run: dg.DagsterRun) -> set[str]:
     return {key.to_user_string() for key in run.asset_selection or []}
 
 
-def _daemon_runs(instance, daemon, besides: str) -> list[dg.DagsterRun]:
-    """The runs made since the daemon started, besides the run `besides` (the test's own), oldest first."""
-    since = dt.datetime.fromtimestamp(daemon.started_at, dt.UTC)
+def _daemon_runs(instance, since: dt.datetime, besides: str) -> list[dg.DagsterRun]:
+    """The runs made since `since`, besides the run `besides` (the test's own), oldest first."""
     return [r for r in reversed(instance.get_runs(dg.RunsFilter(created_after=since))) if r.run_id != besides]
 
 
+def _check_hands_off(prepared, instance: dg.DagsterInstance, pid: str, runs: list[dg.DagsterRun]) -> None:
+    """The dropped patient: one run, requested by the sensor, of the per-patient pipeline, and rows
+    made with the models that were current when the scan arrived."""
+    assert [(r.job_name, r.status) for r in runs] == [("patient_pipeline", dg.DagsterRunStatus.SUCCESS)]
+    assert runs[0].tags["dagster/sensor_name"] == "incoming_scans_sensor"
+    assert runs[0].tags["hcc_assets/trigger"] == "drop_zone"
+    assert int(runs[0].tags["dagster/priority"]) > 0  # ahead of queued refresh runs
+    # the prepared patients were recognised as ingested: the sensor launched nothing else
+    launched = instance.get_runs(dg.RunsFilter(tags={"dagster/sensor_name": "incoming_scans_sensor"}))
+    assert [r.tags["dagster/partition"] for r in launched] == [pid]
+    assert pid in instance.get_dynamic_partitions("patients")
+    for name in PATIENT_ASSETS:
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(name), asset_partitions=[pid]), limit=1
+        ).records
+        assert records and records[0].run_id == runs[0].run_id, name
+    store = prepared.lake.store
+    assert (
+        store.query("SELECT model_version FROM liver_masks WHERE patient_id = ?", [pid]).item()
+        == prepared.versions[SEGMENTATION]
+    )
+    assert (
+        store.query("SELECT model_version FROM deep_embeddings WHERE patient_id = ?", [pid]).item()
+        == prepared.versions[CLASSIFIER]
+    )
+    assert store.query("SELECT count(*) FROM radiomic_features WHERE patient_id = ?", [pid]).item() > 50
+    assert store.query("SELECT count(*) FROM volumes WHERE patient_id = ?", [pid]).item() == 2  # nifti + preprocessed
+    # its P(HCC) from the current classifier, unlabelled as it is; the LASSO models are not trained
+    # yet in this lake, and the rows say so
+    predictions = {
+        r["model"]: r
+        for r in store.query("SELECT * FROM current_hcc_predictions WHERE patient_id = ?", [pid]).iter_rows(named=True)
+    }
+    assert set(predictions) == {"deep", "radiomic", "explainable"}
+    deep = predictions["deep"]
+    assert deep["status"] == "predicted" and deep["model_version"] == prepared.versions[CLASSIFIER]
+    assert 0.0 <= deep["probability"] <= 1.0 and deep["decision"] == (deep["probability"] > 0.5)
+    assert predictions["radiomic"]["status"] == "unavailable"
+    assert "radiomic_model" in predictions["radiomic"]["reason"]
+    assert store.query("SELECT count(*) FROM cohort_split WHERE patient_id = ?", [pid]).item() == 0
+    # the deployment's run config reached the sensor's run: the volume is on its grid
+    shape = store.query("SELECT shape FROM volumes WHERE patient_id = ? AND kind = 'preprocessed'", [pid]).item()
+    assert list(shape) == [32, 32, 16]
+
+
 @pytest.mark.slow
-def test_a_retrain_makes_automation_refresh_patients_and_analyse_once(
+def test_a_dropped_scan_is_processed_hands_off_then_a_retrain_refreshes_every_patient_and_the_analysis_once(
     small_cohort, liver_model_folder, tmp_path, monkeypatch
 ):
     started = time.time()
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))  # restored after the test
     for name in [n for n in os.environ if n.startswith("HCC_ASSETS_")]:
-        monkeypatch.delenv(name)
+        monkeypatch.delenv(name)  # the prepared lake's own key and settings, as the daemon will see them
     source, _ = small_cohort
     prepared = prepare_lake(
         tmp_path / "lake", source, patient_config=TEST_PATIENT_CONFIG, liver_model=liver_model_folder
     )
+    assert all(prepared.versions.values()), prepared.versions
     _features_and_predictions_with_the_first_classifier(prepared)
+    new_patient = synthesize_cohort(tmp_path / "new", SynthConfig(**{**SMALL_COHORT, "patients": 1, "seed": 99}))[0]
+    pid = prepared.lake.pseudonym(new_patient.patient_key)
+    assert pid not in prepared.patients
+    everyone = sorted([*prepared.patients, pid])
     store = prepared.lake.store
     first = prepared.versions[CLASSIFIER]
     masks_before = store.query("SELECT patient_id, run_id FROM liver_masks ORDER BY 1").rows()
@@ -154,8 +226,28 @@ def test_a_retrain_makes_automation_refresh_patients_and_analyse_once(
     )
     prepared_at = time.time()
     with daemon, prepared.instance() as instance:
+        wait_for_sensor(instance, daemon)  # the daemon is up and has seen the prepared drop zone
         wait_for_sensor(instance, daemon, name="hcc_automation")
         up_at = time.time()
+
+        # 1. hands-off: a new scan in the drop zone
+        dropped = drop_patient(tmp_path / "new" / new_patient.patient_key, prepared.root / "incoming")
+        rows = wait_for_rows(prepared, instance, daemon, pid, timeout_s=240)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            new_patient_runs = instance.get_runs(dg.RunsFilter(tags={"dagster/partition": pid}))
+            if new_patient_runs and all(r.status in TERMINAL for r in new_patient_runs):
+                break
+            time.sleep(0.5)
+        print(
+            f"\nnew scan -> rows, {pid}:\n"
+            + format_breakdown(latency_breakdown(instance, pid, dropped, rows), rows - dropped)
+        )
+        _check_hands_off(prepared, instance, pid, new_patient_runs)
+        masks_before.append((pid, new_patient_runs[0].run_id))
+        hands_off_at = time.time()
+
+        # 2. the refresh: a user retrains the classifier; the automation does the rest
         retrain = dg.materialize(
             ASSETS,
             selection=["cohort", "hcc_classifier"],
@@ -167,6 +259,10 @@ def test_a_retrain_makes_automation_refresh_patients_and_analyse_once(
         assert retrain.success, [e.step_failure_data.error.message for e in retrain.all_events if e.is_step_failure]
         new = store.query("SELECT version FROM models WHERE model_name = ? AND current", [CLASSIFIER]).item()
         retrained_at = time.time()
+        refresh_since = dt.datetime.fromtimestamp(hands_off_at, dt.UTC)
+
+        def refresh_runs() -> list[dg.DagsterRun]:
+            return _daemon_runs(instance, refresh_since, besides=retrain.run_id)
 
         def settled():
             explainable = store.query("SELECT version FROM models WHERE model_name = 'explainable_model' AND current")
@@ -174,26 +270,31 @@ def test_a_retrain_makes_automation_refresh_patients_and_analyse_once(
                 return None
             predictions = store.query("SELECT patient_id, model, model_version FROM current_hcc_predictions")
             done = {(r["model"], r["model_version"]) for r in predictions.iter_rows(named=True)}
-            runs = _daemon_runs(instance, daemon, besides=retrain.run_id)
+            runs = refresh_runs()
             idle = runs and all(r.status in TERMINAL for r in runs)
             wanted = {("deep", new), ("explainable", explainable.item())}
             complete = wanted <= done and predictions.filter(predictions["model_version"] == new).height == len(
-                prepared.patients
+                everyone
             )
             return idle and complete and done
 
         _wait("every patient refreshed and predicted by the refitted models", daemon, instance, settled, timeout_s=900)
         settled_at = time.time()
         print(
-            f"\nprepared in {prepared_at - started:.0f} s; daemon up in {up_at - prepared_at:.0f} s; retrain "
-            f"{retrained_at - up_at:.0f} s; the daemon's refresh settled in {settled_at - retrained_at:.0f} s"
+            f"\nprepared in {prepared_at - started:.0f} s; daemon up in {up_at - prepared_at:.0f} s; hands-off "
+            f"{hands_off_at - up_at:.0f} s; retrain {retrained_at - hands_off_at:.0f} s; the daemon's refresh settled "
+            f"in {settled_at - retrained_at:.0f} s"
         )
         time.sleep(11)  # two more automation ticks: nothing else may be requested
-        runs = _daemon_runs(instance, daemon, besides=retrain.run_id)
+        runs = refresh_runs()
+        all_daemon_runs = _daemon_runs(instance, dt.datetime.fromtimestamp(daemon.started_at, dt.UTC), retrain.run_id)
         evaluations = instance.schedule_storage.get_auto_materialize_asset_evaluations(
             key=dg.AssetKey("deep_embedding"), limit=100
         )
 
+    # the hands-off run was the only run before the retrain
+    refresh_ids = {r.run_id for r in runs}
+    assert [r.run_id for r in all_daemon_runs if r.run_id not in refresh_ids] == [new_patient_runs[0].run_id]
     # the retrain: a new version with its own settings; the automation never retrains by itself
     assert new != first
     params = store.query("SELECT params FROM models WHERE version = ?", [new]).item()
@@ -202,17 +303,17 @@ def test_a_retrain_makes_automation_refresh_patients_and_analyse_once(
     assert registry == {first: False, new: True}  # the old version stays queryable
     assert not [r for r in runs if {"cohort", "hcc_classifier"} & _assets(r)]
     assert {r.tags.get(TRIGGER_TAG) for r in runs} == {AUTOMATION_TRIGGER}
-    # one re-embedding run per patient, embedding and prediction together; masks untouched
+    # one re-embedding run per patient (the dropped one too), embedding and prediction together; masks untouched
     embed_runs = [r for r in runs if "deep_embedding" in _assets(r)]
-    assert sorted(r.tags["dagster/partition"] for r in embed_runs) == sorted(prepared.patients)
+    assert sorted(r.tags["dagster/partition"] for r in embed_runs) == everyone
     assert all(
         _assets(r) == {"deep_embedding", "hcc_prediction"} and r.status == dg.DagsterRunStatus.SUCCESS
         for r in embed_runs
     )
     assert store.query("SELECT DISTINCT model_version FROM deep_embeddings").rows() == [(new,)]
-    assert store.query("SELECT patient_id, run_id FROM liver_masks ORDER BY 1").rows() == masks_before
+    assert store.query("SELECT patient_id, run_id FROM liver_masks ORDER BY 1").rows() == sorted(masks_before)
     assert store.query("SELECT count(*) FROM models WHERE model_name = ? AND current", [SEGMENTATION]).item() == 1
-    # the analysis once, after every refresh had finished, in one run
+    # the analysis once, after every refresh had finished, in one run; the unlabelled patient is not in it
     analysis_runs = [r for r in runs if ANALYSIS & _assets(r)]
     assert [(_assets(r), r.status) for r in analysis_runs] == [(ANALYSIS, dg.DagsterRunStatus.SUCCESS)]
     analysis_created = _created_at(prepared, analysis_runs[0].run_id)
@@ -221,20 +322,24 @@ def test_a_retrain_makes_automation_refresh_patients_and_analyse_once(
         "SELECT n_resamples FROM current_model_metrics WHERE scheme = 'holdout_bootstrap' "
         "AND model = 'deep' AND metric = 'accuracy'"
     ).rows() == [(200,)]  # the deployment's setting
+    assert store.query("SELECT count(*) FROM cohort_split WHERE patient_id = ?", [pid]).item() == 0
     # then the predictions again (the explainable model changed), once per patient, and nothing else
     predict_runs = [r for r in runs if _assets(r) == {"hcc_prediction"}]
-    assert sorted(r.tags["dagster/partition"] for r in predict_runs) == sorted(prepared.patients)
-    assert len(runs) == 2 * len(prepared.patients) + 1
-    # once the daemon's warm process is up (it preloads while the first runs start cold), every run
-    # forks from it (WarmRunLauncher) instead of spawning cold
-    warm = [WARM_PID_TAG in r.tags for r in runs]
-    assert sum(warm) >= len(runs) // 2 and all(warm[warm.index(True) :]), warm
+    assert sorted(r.tags["dagster/partition"] for r in predict_runs) == everyone
+    assert len(runs) == 2 * len(everyone) + 1
+    # the first run the daemon launches starts cold and starts its warm process (it preloads beside
+    # that run); once warm, every run forks from it (WarmRunLauncher) instead of spawning cold
+    warm = [WARM_PID_TAG in r.tags for r in all_daemon_runs]
+    assert sum(warm) >= len(all_daemon_runs) // 2 and all(warm[warm.index(True) :]), warm
     # every patient's P(HCC) from both classifier versions is kept; the current view shows the new one
     versions = store.query(
         "SELECT patient_id, count(DISTINCT model_version) AS n FROM hcc_predictions WHERE model = 'deep' GROUP BY 1"
     )
-    assert versions["n"].to_list() == [2] * len(prepared.patients)
+    assert versions["n"].to_list() == [2] * len(everyone)
     assert set(store.query("SELECT DISTINCT version FROM predictions WHERE model = 'deep'")["version"]) == {first, new}
+    # the dropped patient now has the radiomic and explainable predictions the LASSO models give
+    statuses = dict(store.query("SELECT model, status FROM current_hcc_predictions WHERE patient_id = ?", [pid]).rows())
+    assert statuses["explainable"] == "predicted", statuses
     assert (prepared.root / "reports" / "report.html").exists()
     # the automation's evaluations are recorded (the UI's Automation tab): why each ran or not
     recorded = [e.get_evaluation_with_run_ids() for e in evaluations]
