@@ -139,6 +139,17 @@ def _wait(what: str, daemon: Daemon, instance: dg.DagsterInstance, condition, ti
     raise AssertionError(f"no {what} after {timeout_s:.0f} s; runs {runs}\n{daemon.log_tail()}")
 
 
+def _why_requested(instance: dg.DagsterInstance, run: dg.DagsterRun) -> list[str]:
+    """The automation evaluations that requested `run`: asset and the condition labels that were true."""
+    found = []
+    for key in run.asset_selection or []:
+        for record in instance.schedule_storage.get_auto_materialize_asset_evaluations(key=key, limit=50):
+            evaluation = record.get_evaluation_with_run_ids()
+            if run.run_id in evaluation.run_ids:
+                found.append(f"{key.to_user_string()}: {evaluation.evaluation}"[:3000])
+    return found
+
+
 def _assets(run: dg.DagsterRun) -> set[str]:
     return {key.to_user_string() for key in run.asset_selection or []}
 
@@ -151,7 +162,9 @@ def _daemon_runs(instance, since: dt.datetime, besides: str) -> list[dg.DagsterR
 def _check_hands_off(prepared, instance: dg.DagsterInstance, pid: str, runs: list[dg.DagsterRun]) -> None:
     """The dropped patient: one run, requested by the sensor, of the per-patient pipeline, and rows
     made with the models that were current when the scan arrived."""
-    assert [(r.job_name, r.status) for r in runs] == [("patient_pipeline", dg.DagsterRunStatus.SUCCESS)]
+    assert [(r.job_name, r.status) for r in runs] == [("patient_pipeline", dg.DagsterRunStatus.SUCCESS)], [
+        (r.job_name, sorted(_assets(r)), r.tags.get(TRIGGER_TAG), _why_requested(instance, r)) for r in runs
+    ]
     assert runs[0].tags["dagster/sensor_name"] == "incoming_scans_sensor"
     assert runs[0].tags["hcc_assets/trigger"] == "drop_zone"
     assert int(runs[0].tags["dagster/priority"]) > 0  # ahead of queued refresh runs
