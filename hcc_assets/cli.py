@@ -42,9 +42,13 @@ def cmd_synth(args) -> int:
         matrix=args.matrix,
         transfer_syntax=getattr(args, "transfer_syntax", None) or DEFAULT_TRANSFER_SYNTAX,
         enhanced=bool(getattr(args, "enhanced", False)),
+        follow_up_fraction=getattr(args, "follow_up_fraction", 0.0) or 0.0,
     )
     start = time.perf_counter()
     layout = cast(Layout, getattr(args, "layout", "drop") or "drop")  # argparse's choices are the Layout values
+    if config.follow_up_fraction and layout != "drop":
+        print("synth: --follow-up-fraction is available with the drop layout only", file=sys.stderr)
+        return 2
     if config.enhanced and layout == "chaos":
         print("synth: --enhanced is not available with --layout chaos (one Ground PNG per slice file)", file=sys.stderr)
         return 2
@@ -534,6 +538,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write each series as one multi-frame Enhanced MR file instead of one file per slice "
         "(drop and tcia layouts; combines with --transfer-syntax)",
+    )
+    synth.add_argument(
+        "--follow-up-fraction",
+        type=float,
+        default=0.0,
+        help="this fraction of patients (seeded) also gets a follow-up study 90-400 days later (drop layout): "
+        "ingested as partition <pseudonym>.s2",
     )
     synth.add_argument(
         "--layout",
