@@ -392,27 +392,34 @@ def cmd_predict(args) -> int:
             )
             return 2
     instance = dg.DagsterInstance.get()
-    if pid not in instance.get_dynamic_partitions("patients"):
-        instance.add_dynamic_partitions("patients", [pid])
+    keys = sorted(lake.study_partitions(pid))  # one per study: a follow-up scan is `<pid>.s2`
+    existing = set(instance.get_dynamic_partitions("patients"))
+    if new := [key for key in keys if key not in existing]:
+        instance.add_dynamic_partitions("patients", new)
     started = time.perf_counter()
-    [(_, ok, failure)] = runner.materialize_patients([pid], workers=1, job="patient_pipeline")
-    print(
-        f"patient {pid}: patient_pipeline {'ok' if ok else 'FAILED: ' + failure} in {time.perf_counter() - started:.1f}s"
-    )
-    predictions = reads.patient_predictions(lake.store, pid)
-    if predictions.height == 0:
-        print(f"patient {pid}: no prediction was made (see `hcc-assets status --patient {pid}`)")
-        return 1
-    for row in predictions.iter_rows(named=True):
-        if row["status"] == "predicted":
-            call = "HCC" if row["decision"] else "no HCC"
-            print(
-                f"  {row['model']:11s} P(HCC) = {row['probability']:.3f} -> {call} at {row['threshold']:g} "
-                f"({row['model_name']} {row['model_version']})" + (f"; {row['reason']}" if row["reason"] else "")
-            )
-        else:
-            print(f"  {row['model']:11s} unavailable: {row['reason']}")
-    return 0 if ok else 1
+    results = runner.materialize_patients(keys, workers=1, job="patient_pipeline")
+    code = 0
+    for key, ok, failure in results:
+        print(
+            f"patient {key}: patient_pipeline {'ok' if ok else 'FAILED: ' + failure} "
+            f"in {time.perf_counter() - started:.1f}s"
+        )
+        predictions = reads.patient_predictions(lake.store, key)
+        if predictions.height == 0:
+            print(f"patient {key}: no prediction was made (see `hcc-assets status --patient {key}`)")
+            code = 1
+            continue
+        for row in predictions.iter_rows(named=True):
+            if row["status"] == "predicted":
+                call = "HCC" if row["decision"] else "no HCC"
+                print(
+                    f"  {row['model']:11s} P(HCC) = {row['probability']:.3f} -> {call} at {row['threshold']:g} "
+                    f"({row['model_name']} {row['model_version']})" + (f"; {row['reason']}" if row["reason"] else "")
+                )
+            else:
+                print(f"  {row['model']:11s} unavailable: {row['reason']}")
+        code = code if ok else 1
+    return code
 
 
 def _progress_line(stage: str):

@@ -10,11 +10,11 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from hcc_assets.defs.cohort import cohort as cohort_asset
 from hcc_assets.defs.sensors import incoming_scans_sensor
 from hcc_assets.intake.pseudonym import study_partition_key
 from hcc_assets.synthetic.cohort import FOLLOW_UP_STUDY_DIR, SynthConfig, synthesize_cohort
 from hcc_assets_tests.conftest import SMALL_COHORT
-from hcc_assets.defs.cohort import cohort as cohort_asset
 from hcc_assets_tests.defs.helpers import PATIENT_ASSETS, failure_message, ingest_patient, make_lake
 
 # 6 patients, half of them with a follow-up study 90-400 days after the first
