@@ -113,7 +113,10 @@ class LakeResource(dg.ConfigurableResource):
         """partition key -> study fingerprint, one per study in the patient's drop folder (the
         earliest keeps the bare pseudonym). A folder whose studies cannot be listed (two patients'
         studies) gives its bare pseudonym only: that run fails and says why."""
-        folder = self.patient_folder(patient)
+        try:
+            folder = self.patient_folder(patient)
+        except dg.Failure:  # removed since the drop zone was listed: nothing to run
+            return {}
         try:
             studies = folder_studies(folder)
         except PatientInputError:
