@@ -34,7 +34,6 @@ TABLES: dict[str, str] = {
         patient_id VARCHAR NOT NULL,
         patient VARCHAR NOT NULL,
         study_index INTEGER NOT NULL,
-        n_studies INTEGER NOT NULL,
         days_since_first INTEGER,
         study_key VARCHAR NOT NULL,
         n_series INTEGER NOT NULL,

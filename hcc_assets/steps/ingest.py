@@ -62,7 +62,6 @@ class Study:
     fingerprint: str  # dropzone.study_fingerprint: the sensor compares it with the folder's
     source_key: str  # the drop folder's name: only to look up the source in the label manifests
     ref: dicom_series.StudyRef  # its index among the folder's studies and days since the first
-    n_studies: int
 
 
 @dataclass(frozen=True)
@@ -81,17 +80,16 @@ class RawScanResult:
     days_since_first: int | None
 
 
-def find_study(folder: Path, study_index: int) -> tuple[dicom_series.StudyRef, str, int]:
-    """(the folder's study number `study_index`, its fingerprint, how many studies the folder holds);
-    PatientInputError when it holds fewer studies, or studies of more than one patient."""
+def find_study(folder: Path, study_index: int) -> tuple[dicom_series.StudyRef, str]:
+    """(the folder's study number `study_index`, its fingerprint); PatientInputError when the folder
+    holds fewer studies, or studies of more than one patient."""
     studies = folder_studies(folder)
     if study_index > len(studies):
         raise PatientInputError(
             f"the drop folder holds {len(studies)} study(ies), not a study {study_index} "
             "(a re-delivery removed it); this partition has no input"
         )
-    ref, fingerprint = studies[study_index - 1]
-    return ref, fingerprint, len(studies)
+    return studies[study_index - 1]
 
 
 def read_study(
@@ -105,7 +103,7 @@ def read_study(
     """Inventory the drop folder's study number `study_index` (1 = earliest) and choose its T2
     series; PatientInputError when there is none or it is above `max_voxels` (refused before its
     pixels are read)."""
-    ref, fingerprint, n_studies = find_study(folder, study_index)
+    ref, fingerprint = find_study(folder, study_index)
     inventory = dicom_series.inventory_study(folder, ref.folders)
     choice = dicom_series.choose_t2_series(
         inventory,
@@ -121,7 +119,7 @@ def read_study(
             f"{chosen_series.n_slices} = {voxels:,} voxels, above the limit of {max_voxels:,} "
             "(raw_scan config max_voxels); refused before reading its pixels"
         )
-    return Study(inventory, choice, fingerprint, folder.name, ref, n_studies)
+    return Study(inventory, choice, fingerprint, folder.name, ref)
 
 
 def record_raw_scan(
@@ -184,7 +182,6 @@ def record_raw_scan(
                 "patient_id": patient_id,
                 "patient": split_partition_key(patient_id)[0],
                 "study_index": study.ref.index,
-                "n_studies": study.n_studies,
                 "days_since_first": study.ref.days_since_first,
                 "study_key": study.ref.study_key,
                 "n_series": len(inventory.series),
@@ -194,7 +191,6 @@ def record_raw_scan(
             "patient_id": pl.String,
             "patient": pl.String,
             "study_index": pl.Int32,
-            "n_studies": pl.Int32,
             "days_since_first": pl.Int32,
             "study_key": pl.String,
             "n_series": pl.Int32,
@@ -316,7 +312,7 @@ def read_native_volume(
     series changed since raw_scan or the mask is on another grid."""
     record = json.loads(data_lake.read_bytes(data_lake.patient_file(patient_id, RAW_SCAN_FILE)))
     study_index = split_partition_key(patient_id)[1]
-    ref, _, _ = find_study(folder, study_index)
+    ref, _ = find_study(folder, study_index)
     inventory = dicom_series.inventory_study(folder, ref.folders)
     series = next((s for s in inventory.series if s.series_key == record["chosen_series_key"]), None)
     if series is None or series.checksum != next(

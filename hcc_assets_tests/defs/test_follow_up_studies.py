@@ -84,11 +84,10 @@ def test_two_studies_are_two_partitions_linked_by_pseudonym_without_dates(ingest
     patient = _follow_up_patient(patients)
     pid = lake.pseudonym(patient.patient_key)
     rows = store.query(
-        "SELECT patient, study_index, days_since_first, patient_id, n_studies FROM studies "
-        "WHERE patient = ? ORDER BY study_index",
+        "SELECT patient, study_index, days_since_first, patient_id FROM studies WHERE patient = ? ORDER BY study_index",
         [pid],
     ).rows()
-    assert rows == [(pid, 1, 0, pid, 2), (pid, 2, patient.follow_up_days, f"{pid}.s2", 2)]
+    assert rows == [(pid, 1, 0, pid), (pid, 2, patient.follow_up_days, f"{pid}.s2")]
     assert patient.follow_up_days is not None and patient.follow_up_days > 0
 
     # each study has its own volumes, T2 choice and files, joined to `studies` by partition key
