@@ -42,9 +42,13 @@ def cmd_synth(args) -> int:
         matrix=args.matrix,
         transfer_syntax=getattr(args, "transfer_syntax", None) or DEFAULT_TRANSFER_SYNTAX,
         enhanced=bool(getattr(args, "enhanced", False)),
+        follow_up_fraction=getattr(args, "follow_up_fraction", 0.0) or 0.0,
     )
     start = time.perf_counter()
     layout = cast(Layout, getattr(args, "layout", "drop") or "drop")  # argparse's choices are the Layout values
+    if config.follow_up_fraction and layout != "drop":
+        print("synth: --follow-up-fraction is available with the drop layout only", file=sys.stderr)
+        return 2
     if config.enhanced and layout == "chaos":
         print("synth: --enhanced is not available with --layout chaos (one Ground PNG per slice file)", file=sys.stderr)
         return 2
@@ -388,27 +392,34 @@ def cmd_predict(args) -> int:
             )
             return 2
     instance = dg.DagsterInstance.get()
-    if pid not in instance.get_dynamic_partitions("patients"):
-        instance.add_dynamic_partitions("patients", [pid])
+    keys = sorted(lake.study_partitions(pid))  # one per study: a follow-up scan is `<pid>.s2`
+    existing = set(instance.get_dynamic_partitions("patients"))
+    if new := [key for key in keys if key not in existing]:
+        instance.add_dynamic_partitions("patients", new)
     started = time.perf_counter()
-    [(_, ok, failure)] = runner.materialize_patients([pid], workers=1, job="patient_pipeline")
-    print(
-        f"patient {pid}: patient_pipeline {'ok' if ok else 'FAILED: ' + failure} in {time.perf_counter() - started:.1f}s"
-    )
-    predictions = reads.patient_predictions(lake.store, pid)
-    if predictions.height == 0:
-        print(f"patient {pid}: no prediction was made (see `hcc-assets status --patient {pid}`)")
-        return 1
-    for row in predictions.iter_rows(named=True):
-        if row["status"] == "predicted":
-            call = "HCC" if row["decision"] else "no HCC"
-            print(
-                f"  {row['model']:11s} P(HCC) = {row['probability']:.3f} -> {call} at {row['threshold']:g} "
-                f"({row['model_name']} {row['model_version']})" + (f"; {row['reason']}" if row["reason"] else "")
-            )
-        else:
-            print(f"  {row['model']:11s} unavailable: {row['reason']}")
-    return 0 if ok else 1
+    results = runner.materialize_patients(keys, workers=1, job="patient_pipeline")
+    code = 0
+    for key, ok, failure in results:
+        print(
+            f"patient {key}: patient_pipeline {'ok' if ok else 'FAILED: ' + failure} "
+            f"in {time.perf_counter() - started:.1f}s"
+        )
+        predictions = reads.patient_predictions(lake.store, key)
+        if predictions.height == 0:
+            print(f"patient {key}: no prediction was made (see `hcc-assets status --patient {key}`)")
+            code = 1
+            continue
+        for row in predictions.iter_rows(named=True):
+            if row["status"] == "predicted":
+                call = "HCC" if row["decision"] else "no HCC"
+                print(
+                    f"  {row['model']:11s} P(HCC) = {row['probability']:.3f} -> {call} at {row['threshold']:g} "
+                    f"({row['model_name']} {row['model_version']})" + (f"; {row['reason']}" if row["reason"] else "")
+                )
+            else:
+                print(f"  {row['model']:11s} unavailable: {row['reason']}")
+        code = code if ok else 1
+    return code
 
 
 def _progress_line(stage: str):
@@ -534,6 +545,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write each series as one multi-frame Enhanced MR file instead of one file per slice "
         "(drop and tcia layouts; combines with --transfer-syntax)",
+    )
+    synth.add_argument(
+        "--follow-up-fraction",
+        type=float,
+        default=0.0,
+        help="this fraction of patients (seeded) also gets a follow-up study 90-400 days later (drop layout): "
+        "ingested as partition <pseudonym>.s2",
     )
     synth.add_argument(
         "--layout",

@@ -63,13 +63,14 @@ def cohort_refresh_job() -> dg.JobDefinition:
 
 
 def register_ready_patients(instance: dg.DagsterInstance, skipped: dict[str, str] | None = None) -> list[str]:
-    """Add every complete drop folder's pseudonym as a partition; returns all ready pseudonyms.
-    Unreadable folders go into `skipped` (pseudonym -> reason) when it is given."""
+    """Add every study of every complete drop folder as a partition (the pseudonym; follow-ups
+    `<pseudonym>.s2`, ...); returns all their keys. Unreadable folders go into `skipped` (pseudonym
+    -> reason) when it is given."""
     resources = _defs().resources
     if resources is None:
         raise RuntimeError("the definitions have no resources (expected `lake`)")
     lake = resources["lake"]
-    ready = sorted(lake.ready_patients(skipped=skipped))
+    ready = sorted(key for pid in lake.ready_patients(skipped=skipped) for key in lake.study_partitions(pid))
     existing = set(instance.get_dynamic_partitions("patients"))
     new = [pid for pid in ready if pid not in existing]
     if new:

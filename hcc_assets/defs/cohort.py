@@ -35,7 +35,9 @@ COHORT_CHECKS = [
     "stratified 80:20 train/validation split; feature-store table `cohort_split`. A patient whose "
     "label is not 0/1 or who is listed twice with different labels is left out, with the reason in "
     "`exclusions` (stage labels) and the `labels_valid` check. A patient whose chosen T2 series is "
-    "lossy-compressed is ingested and predicted but left out too (`exclusions` stage lossy).",
+    "lossy-compressed is ingested and predicted but left out too (`exclusions` stage lossy). One study "
+    "per patient is in the cohort: the one the manifest's optional `study` column names, else the "
+    "earliest; follow-up studies are ingested and predicted, not trained on.",
     check_specs=COHORT_CHECKS,
 )
 def cohort(

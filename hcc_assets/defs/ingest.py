@@ -17,6 +17,7 @@ from hcc_assets.defs.partitions import patients_partitions
 from hcc_assets.defs.patient_errors import patient_failure
 from hcc_assets.defs.resources import LakeResource
 from hcc_assets.imaging import preprocess
+from hcc_assets.intake.pseudonym import split_partition_key
 from hcc_assets.lake import DataLake
 from hcc_assets.steps import ingest
 from hcc_assets.steps.ingest import MID_SLICE, NIFTI_VERSION, PREPROCESS_VERSION, RAW_SCAN_VERSION
@@ -72,8 +73,9 @@ def _volume_metadata(data_lake: DataLake, result: ingest.VolumeResult, details: 
     code_version=RAW_SCAN_VERSION,
     group_name="ingest",
     kinds={"dicom"},
-    description="Inventory of the patient's DICOM study (no PHI), the chosen T2-weighted series "
-    "and why, with checksums. Rows in feature-store tables `patients` and `scans`.",
+    description="Inventory of one DICOM study of the patient (no PHI; a follow-up study is partition "
+    "`<pseudonym>.s<n>`), the chosen T2-weighted series and why, with checksums. Rows in feature-store "
+    "tables `patients`, `studies` and `scans`.",
 )
 def raw_scan(
     context: dg.AssetExecutionContext, config: deployed(RawScanConfig, "raw_scan"), lake: LakeResource
@@ -83,7 +85,12 @@ def raw_scan(
     store = lake.store
     with _failures(lake, patient_id, "raw_scan", folder):
         study = ingest.read_study(
-            folder, config.min_slices, config.min_echo_time_ms, config.min_repetition_time_ms, config.max_voxels
+            folder,
+            config.min_slices,
+            config.min_echo_time_ms,
+            config.min_repetition_time_ms,
+            config.max_voxels,
+            study_index=split_partition_key(patient_id)[1],
         )
     result = ingest.record_raw_scan(store, lake.lake, patient_id, study, lake.incoming_dir, context.run.run_id)
     return dg.MaterializeResult(
@@ -95,6 +102,8 @@ def raw_scan(
             "repetition_time_ms": result.repetition_time_ms,
             "n_series": result.n_series,
             "n_files": result.n_files,
+            "study_index": result.study_index,
+            "days_since_first": result.days_since_first,
             "series": markdown_table(result.series, list(ingest.SERIES_COLUMNS)),
             "study_checksum": result.study_checksum,
             # lets the sensor skip folders already ingested from the same bytes

@@ -7,9 +7,16 @@ from pathlib import Path
 
 import dagster as dg
 
+from hcc_assets.core.errors import PatientInputError
 from hcc_assets.featurestore import FeatureStore
-from hcc_assets.intake.dropzone import SkippedFolder, scan_drop_zone
-from hcc_assets.intake.pseudonym import load_or_create_key, load_or_create_key_on, pseudonymize
+from hcc_assets.intake.dropzone import SkippedFolder, folder_fingerprint, folder_studies, scan_drop_zone
+from hcc_assets.intake.pseudonym import (
+    load_or_create_key,
+    load_or_create_key_on,
+    pseudonymize,
+    split_partition_key,
+    study_partition_key,
+)
 from hcc_assets.lake import DataLake, is_local_url, local_path_of
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -91,14 +98,30 @@ class LakeResource(dg.ConfigurableResource):
         return pseudonymize(source_key, self.pseudonym_key())
 
     def patient_folder(self, patient_id: str) -> Path:
-        """The drop folder whose pseudonym is `patient_id` (no name-to-key table is stored)."""
+        """The drop folder of the partition `patient_id` (a pseudonym, or a pseudonym's follow-up
+        study `<pseudonym>.s<n>`); no name-to-key table is stored."""
+        patient, _ = split_partition_key(patient_id)
         key = self.pseudonym_key()
         incoming = self.incoming_dir
         if incoming.is_dir():
             for entry in incoming.iterdir():
-                if entry.is_dir() and pseudonymize(entry.name, key) == patient_id:
+                if entry.is_dir() and pseudonymize(entry.name, key) == patient:
                     return entry
         raise dg.Failure(description=f"patient {patient_id}: no folder for this patient in the drop zone")
+
+    def study_partitions(self, patient: str) -> dict[str, str]:
+        """partition key -> study fingerprint, one per study in the patient's drop folder (the
+        earliest keeps the bare pseudonym). A folder whose studies cannot be listed (two patients'
+        studies) gives its bare pseudonym only: that run fails and says why."""
+        try:
+            folder = self.patient_folder(patient)
+        except dg.Failure:  # removed since the drop zone was listed: nothing to run
+            return {}
+        try:
+            studies = folder_studies(folder)
+        except PatientInputError:
+            return {patient: folder_fingerprint(folder)[0]}
+        return {study_partition_key(patient, study.index): fingerprint for study, fingerprint in studies}
 
     def ready_patients(self, skipped: dict[str, str] | None = None) -> dict[str, tuple[str, str]]:
         """pseudonym -> (fingerprint, how completeness was decided) for complete drop folders;

@@ -25,8 +25,9 @@ NEW_SCAN_PRIORITY = "1"
     minimum_interval_seconds=env_seconds(INTERVAL_ENV, DEFAULT_INTERVAL_S),
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Watches the drop zone. A patient folder is complete when it has a `.complete` "
-    "marker or has been quiet for `quiet_seconds`. Adds its pseudonym as a partition and requests "
-    "one patient_pipeline run (ingest + features from the current models) per (patient, folder fingerprint): "
+    "marker or has been quiet for `quiet_seconds`. Adds one partition per study in it (the earliest is the "
+    "pseudonym, follow-ups `<pseudonym>.s2`, ...) and requests one patient_pipeline run (ingest + features "
+    "from the current models) per (study, study fingerprint): "
     f"the cursor means it never asks twice. At most every ${INTERVAL_ENV} seconds (default {DEFAULT_INTERVAL_S}); "
     "the daemon checks sensors every 5 s.",
 )
@@ -37,10 +38,13 @@ def incoming_scans_sensor(context: dg.SensorEvaluationContext, lake: LakeResourc
     for pid, reason in sorted(unreadable.items()):
         context.log.warning(f"patient {pid}: {reason}")
     changed = {pid: fingerprint for pid, (fingerprint, _) in ready.items() if seen.get(pid) != fingerprint}
+    # one partition per study of a changed folder (a follow-up scan is `<pseudonym>.s2`), each with
+    # its own fingerprint: a follow-up added later runs alone, the earlier studies stay as they are
+    studies = {key: fp for pid in changed for key, fp in lake.study_partitions(pid).items()}
     # A lost or reset cursor must not re-ingest what is already ingested from the same bytes.
-    to_run = {pid: fp for pid, fp in changed.items() if _ingested_fingerprint(context.instance, pid) != fp}
+    to_run = {key: fp for key, fp in studies.items() if _ingested_fingerprint(context.instance, key) != fp}
     existing = set(context.instance.get_dynamic_partitions(PATIENTS_PARTITIONS_NAME))
-    new_partitions = sorted(pid for pid in changed if pid not in existing)
+    new_partitions = sorted(key for key in studies if key not in existing)
     run_requests = [
         dg.RunRequest(
             partition_key=pid,
@@ -51,7 +55,8 @@ def incoming_scans_sensor(context: dg.SensorEvaluationContext, lake: LakeResourc
     ]
     if changed:
         context.log.info(
-            f"{len(changed)} patient folder(s) ready or changed, {len(new_partitions)} new partition(s), "
+            f"{len(changed)} patient folder(s) ready or changed ({len(studies)} studies), "
+            f"{len(new_partitions)} new partition(s), "
             f"{len(to_run)} run(s) requested"
         )
     return dg.SensorResult(

@@ -30,6 +30,14 @@ TABLES: dict[str, str] = {
         t2_series_key VARCHAR NOT NULL,
         ingest_status VARCHAR NOT NULL,
         {PROVENANCE}""",
+    "studies": f"""
+        patient_id VARCHAR NOT NULL,
+        patient VARCHAR NOT NULL,
+        study_index INTEGER NOT NULL,
+        days_since_first INTEGER,
+        study_key VARCHAR NOT NULL,
+        n_series INTEGER NOT NULL,
+        {PROVENANCE}""",
     "scans": f"""
         patient_id VARCHAR NOT NULL,
         series_key VARCHAR NOT NULL,

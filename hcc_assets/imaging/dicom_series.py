@@ -12,6 +12,7 @@ against Rows x Columns x BitsAllocated, because pydicom reads a cut-off file wit
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import io
 import os
@@ -633,8 +634,92 @@ def _int(value) -> int | None:
         return None
 
 
-def inventory_study(patient_dir: Path) -> StudyInventory:
-    """Every image series under `patient_dir`, with checksums; raises PatientInputError on bad files.
+# ---------------------------------------------------------------------------------------------
+# Studies of one patient folder (a follow-up scan is a second study)
+
+STUDY_TAGS = (
+    "SOPClassUID",
+    "SeriesInstanceUID",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "SeriesNumber",
+    "SeriesDescription",
+)
+
+
+@dataclass(frozen=True)
+class StudyRef:
+    """One study of a patient folder, described without PHI: its place in time, not its date."""
+
+    index: int  # 1 = earliest by StudyDate, StudyTime; ties by study_key
+    study_key: str  # sha256 of StudyInstanceUID, first 16 hex ("" when the files have none)
+    days_since_first: int | None  # StudyDate minus the first study's StudyDate; None without dates
+    n_series: int  # series folders of this study
+    folders: tuple[Path, ...] = field(repr=False, compare=False)  # its series folders; never serialized
+
+
+def _study_header(paths: list[Path]) -> Dataset | None:
+    """The header (no pixels) of the folder's first image file that names its study, or None."""
+    for path in paths:
+        try:
+            # force: files without a preamble are DICOM too (read_dicom_bytes); the UIDs below say so
+            dataset = pydicom.dcmread(
+                path, stop_before_pixels=True, specific_tags=[*STUDY_TAGS, *IDENTITY_TAGS], force=True
+            )
+        except Exception:  # not DICOM, cut short: inventory_study says which file and why
+            continue
+        if "SeriesInstanceUID" in dataset and "StudyInstanceUID" in dataset and is_image_object(dataset):
+            return dataset
+    return None
+
+
+def _study_day(dataset: Dataset) -> dt.date | None:
+    try:
+        return dt.datetime.strptime(_text(dataset, "StudyDate")[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def list_studies(patient_dir: Path) -> tuple[StudyRef, ...]:
+    """The studies in a patient folder, earliest first, from one header per series folder.
+
+    Dates are read to order the studies and to count days between them, never returned. Folders
+    whose study cannot be told (no readable DICOM) go with every study, so each study's inventory
+    refuses them. Raises PatientInputError when the folders hold more than one patient's studies."""
+    patient_dir = Path(patient_dir)
+    by_uid: dict[str, list[tuple[Path, Dataset]]] = {}
+    unknown: list[Path] = []
+    for folder, paths in _series_folders(patient_dir) if patient_dir.is_dir() else []:
+        header = _study_header(paths)
+        if header is None:
+            unknown.append(folder)
+        else:
+            by_uid.setdefault(str(header.StudyInstanceUID).strip(), []).append((folder, header))
+    check_one_patient([header for members in by_uid.values() for _, header in members])
+    if len(by_uid) <= 1:  # one study (or none readable): the folder is the study, as it always was
+        folders = [folder for members in by_uid.values() for folder, _ in members] + unknown
+        key = series_key_of(next(iter(by_uid))) if by_uid else ""
+        return (StudyRef(1, key, 0 if by_uid else None, len(folders), tuple(sorted(folders))),)
+
+    def order(uid: str) -> tuple[str, str, str]:
+        first = by_uid[uid][0][1]
+        # a study without a date sorts last: it cannot be placed in time
+        return (_text(first, "StudyDate")[:8] or "99999999", _text(first, "StudyTime"), series_key_of(uid))
+
+    uids = sorted(by_uid, key=order)
+    days = [_study_day(by_uid[uid][0][1]) for uid in uids]
+    studies = []
+    for index, (uid, day) in enumerate(zip(uids, days, strict=True), start=1):
+        folders = [folder for folder, _ in by_uid[uid]]
+        offset = (day - days[0]).days if day is not None and days[0] is not None else None
+        studies.append(StudyRef(index, series_key_of(uid), offset, len(folders), tuple(sorted(folders + unknown))))
+    return tuple(studies)
+
+
+def inventory_study(patient_dir: Path, folders: tuple[Path, ...] | None = None) -> StudyInventory:
+    """Every image series under `patient_dir` (only those in `folders`, one study's series folders
+    from `list_studies`, when given), with checksums; raises PatientInputError on bad files.
 
     File-level problems (not DICOM, truncated, two series in one folder) fail the study: the
     delivery is broken. Geometry problems are recorded per series in `geometry_problem`: a
@@ -645,7 +730,9 @@ def inventory_study(patient_dir: Path) -> StudyInventory:
     if not patient_dir.is_dir():
         raise PatientInputError("the patient folder does not exist")
     by_uid: dict[str, _SeriesFiles] = {}
-    for folder_index, (_folder, paths) in enumerate(_series_folders(patient_dir)):
+    for folder_index, (folder, paths) in enumerate(_series_folders(patient_dir)):
+        if folders is not None and folder not in folders:
+            continue
         headers: list[tuple[int, Path, Dataset, str]] = []
         not_dicom: list[int] = []
         incomplete: list[tuple[int, str]] = []

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hcc_assets.core.files import COMPLETE_MARKER, atomic_write_bytes, publish_folder
+from hcc_assets.imaging.dicom_series import REFERENCE_FOLDER, StudyRef, list_studies
 
 LABEL_MANIFEST_GLOB = "labels*.csv"
 
@@ -57,6 +58,29 @@ def folder_fingerprint(folder: Path) -> tuple[str, float, int]:
             newest = max(newest, stat.st_mtime)
             count += 1
     return digest.hexdigest()[:16], newest, count
+
+
+def study_fingerprint(folder: Path, study: StudyRef) -> str:
+    """folder_fingerprint over one study's own files: its series folders (their files, not their
+    subfolders) and, for the first study, the reference masks (they lie on its grid). A follow-up
+    added to a folder leaves the earlier studies' fingerprints, hence their ingest, as they were."""
+    digest = hashlib.sha256()
+    files = [path for series in study.folders for path in series.iterdir() if path.is_file()]
+    reference = folder / REFERENCE_FOLDER
+    if study.index == 1 and reference.is_dir():
+        files += [path for path in reference.rglob("*") if path.is_file()]
+    for path in sorted(files):
+        if path.name.startswith("."):  # markers: not part of the study
+            continue
+        stat = path.stat()
+        digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def folder_studies(folder: Path) -> list[tuple[StudyRef, str]]:
+    """The studies of a drop folder, earliest first, each with its `study_fingerprint`.
+    PatientInputError when they belong to more than one patient."""
+    return [(study, study_fingerprint(folder, study)) for study in list_studies(folder)]
 
 
 def drop_copy(source: Path, incoming: Path) -> Path:
@@ -170,6 +194,40 @@ def validate_labels(incoming: Path) -> tuple[dict[str, tuple[bool, str | None]],
         hcc, source, _ = entries[-1]
         labels[key] = (hcc == "1", source or None)
     return labels, problems
+
+
+def label_studies(incoming: Path) -> tuple[dict[str, int], list[LabelProblem]]:
+    """The study each patient is labelled (and trained) on, from the optional `study` column of the
+    labels*.csv manifests: its study index (1 = earliest). Returns ({patient_key: index} for rows
+    that name one, problems): an index that is not a whole number >= 1, or different indices for one
+    patient, is a problem; the cohort then leaves the patient out (which study is meant is unknown)."""
+    seen: dict[str, list[tuple[str, str]]] = {}  # key -> [(study, where)]
+    for manifest in sorted(incoming.glob(LABEL_MANIFEST_GLOB)):
+        try:
+            with open(manifest, newline="", encoding="utf-8-sig") as handle:
+                reader = _manifest_reader(handle)
+                if not reader.fieldnames or "study" not in reader.fieldnames:
+                    continue
+                for line, row in enumerate(reader, start=2):
+                    key, study = (row.get("patient_key") or "").strip(), str(row.get("study") or "").strip()
+                    if key and study:
+                        seen.setdefault(key, []).append((study, f"{manifest.name}:{line}"))
+        except (OSError, UnicodeDecodeError, csv.Error):
+            continue  # validate_labels reports the unreadable manifest
+    studies: dict[str, int] = {}
+    problems: list[LabelProblem] = []
+    for key, entries in seen.items():
+        bad = [(study, where) for study, where in entries if not (study.isdigit() and int(study) >= 1)]
+        if bad:
+            study, where = bad[0]
+            shown = study if len(study) <= 12 else study[:12] + "..."
+            problems.append(LabelProblem(key, f"study {shown!r} at {where} is not a study index (1, 2, ...)"))
+        elif len({int(study) for study, _ in entries}) > 1:
+            places = ", ".join(f"{study} at {where}" for study, where in entries)
+            problems.append(LabelProblem(key, f"names different studies ({places})"))
+        else:
+            studies[key] = int(entries[-1][0])
+    return studies, problems
 
 
 def merge_labels(incoming: Path, file_name: str, rows: dict[str, tuple[int, str]]) -> None:

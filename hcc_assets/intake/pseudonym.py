@@ -2,7 +2,8 @@
 
 Drop folders are often named by a medical record number. The platform never uses that name:
 a keyed HMAC turns it into a stable pseudonym (`pt-<12 hex>`), and the key lives outside the
-outputs, so a dictionary of record numbers cannot reverse it.
+outputs, so a dictionary of record numbers cannot reverse it. A folder with several studies (a
+follow-up scan) gives one partition per study: `pt-<12 hex>` for the earliest, `pt-<12 hex>.s2`, ...
 """
 
 from __future__ import annotations
@@ -20,6 +21,26 @@ PREFIX = "pt-"
 def pseudonymize(source_key: str, key: bytes) -> str:
     digest = hmac.new(key, source_key.strip().encode("utf-8"), hashlib.sha256).hexdigest()
     return PREFIX + digest[:12]
+
+
+# A patient's follow-up studies are partitions of their own: `<pseudonym>.s<index>` (index >= 2);
+# the first study keeps the bare pseudonym, so a single-study patient's key is what it always was.
+STUDY_SEPARATOR = ".s"
+
+
+def study_partition_key(patient: str, study_index: int) -> str:
+    """The partition key of the patient's study number `study_index` (1 = earliest)."""
+    if study_index < 1:
+        raise ValueError(f"study index must be at least 1, got {study_index}")
+    return patient if study_index == 1 else f"{patient}{STUDY_SEPARATOR}{study_index}"
+
+
+def split_partition_key(partition_key: str) -> tuple[str, int]:
+    """(patient pseudonym, study index) of a partition key made by `study_partition_key`."""
+    patient, separator, index = partition_key.rpartition(STUDY_SEPARATOR)
+    if separator and patient.startswith(PREFIX) and index.isdigit() and int(index) >= 2:
+        return patient, int(index)
+    return partition_key, 1
 
 
 def load_or_create_key(key_file: Path, env_var: str = "HCC_ASSETS_PSEUDONYM_KEY") -> bytes:

@@ -11,10 +11,11 @@ import polars as pl
 
 from hcc_assets.core.versioning import content_version
 from hcc_assets.featurestore import FeatureStore, reads
-from hcc_assets.intake.dropzone import validate_labels
+from hcc_assets.intake.dropzone import label_studies, validate_labels
+from hcc_assets.intake.pseudonym import split_partition_key, study_partition_key
 from hcc_assets.stats.split import stratified_split
 
-COHORT_VERSION = "3"  # 3: a lossy-compressed chosen T2 leaves the patient out (exclusions stage lossy)
+COHORT_VERSION = "4"  # 4: one study per patient: the manifest's `study`, else the earliest
 LABELS_STAGE = "labels"
 LOSSY_STAGE = "lossy"  # labelled, ingested, but its T2 was lossy-compressed: not in the study cohort
 LOSSY_REASON = "the chosen T2 series is lossy-compressed (scans.lossy); ingested and predicted, not trained on"
@@ -52,10 +53,19 @@ def build_cohort(
     `exclusions` of stage labels with this run's label problems (each also passed to `warn`).
     Patients whose chosen T2 is lossy-compressed are left out, as `exclusions` of stage lossy.
     Labels come from the drop zone's manifests (`incoming`), keyed by drop-folder name: `pseudonym`
-    maps a name to its pseudonym, and messages name pseudonyms only."""
+    maps a name to its pseudonym, and messages name pseudonyms only.
+
+    One study per patient is in the cohort: the one the manifest's optional `study` column names
+    (a study index), else the earliest (the bare pseudonym). The patient's other studies (follow-ups)
+    are ingested and predicted, not trained or evaluated on. Cohort rows are keyed by that study's
+    partition key."""
     ingested = reads.ingested_patients(store)
     by_key, problems = validate_labels(incoming)
-    labels = {pseudonym(key): value for key, value in by_key.items()}
+    named, study_problems = label_studies(incoming)
+    problems += study_problems  # a study that cannot be told excludes the patient, like a bad label
+    by_key = {key: value for key, value in by_key.items() if key not in {p.patient_key for p in study_problems}}
+    # the labelled study of each patient: pt-<id> (earliest) unless the manifest names another
+    labels = {study_partition_key(pseudonym(key), named.get(key, 1)): value for key, value in by_key.items()}
     # messages name pseudonyms only: a drop-folder name can be a record number
     problem_rows = [(pseudonym(p.patient_key) if p.patient_key else "", p.problem) for p in problems]
     for pid, problem in problem_rows:
@@ -104,6 +114,8 @@ def build_cohort(
     ok = all(per_split.get(f"{s}_{c}", 0) > 0 for s in ("train", "validation") for c in ("hcc", "healthy"))
     unknown = sorted(labels.keys() - ingested)
     unlabelled = sorted(ingested - labels.keys())
+    labelled_patients = {split_partition_key(key)[0] for key in labels}
+    other_studies = [key for key in unlabelled if split_partition_key(key)[0] in labelled_patients]
     label_report = [{"patient_id": pid, "problem": problem} for pid, problem in problem_rows] + [
         {"patient_id": pid, "problem": "labelled, but no ingested volume (unknown patient, or ingest failed)"}
         for pid in unknown
@@ -113,6 +125,7 @@ def build_cohort(
         metadata={
             "n_patients": len(included),
             "ingested_without_label": len(unlabelled),
+            "other_studies_of_labelled": len(other_studies),
             "labelled_not_ingested": len(unknown),
             "label_problems": len(problem_rows),
             "lossy_excluded": len(lossy),

@@ -21,7 +21,8 @@ from hcc_assets.core.errors import PatientInputError
 from hcc_assets.featurestore import FeatureStore
 from hcc_assets.imaging import dicom_series, nifti, preprocess, preview
 from hcc_assets.imaging.volume_info import volume_summary
-from hcc_assets.intake.dropzone import folder_fingerprint, read_label_manifests
+from hcc_assets.intake.dropzone import folder_studies, read_label_manifests
+from hcc_assets.intake.pseudonym import split_partition_key
 from hcc_assets.lake import (
     NIFTI_FILE,
     PREPROCESSED_FILE,
@@ -31,7 +32,7 @@ from hcc_assets.lake import (
     sha256_bytes,
 )
 
-RAW_SCAN_VERSION = "2"  # 2: the record gained n_slices, transfer_syntax, lossy, lossy_ratio
+RAW_SCAN_VERSION = "3"  # 3: one study per partition (follow-ups), the record and `studies` name it
 NIFTI_VERSION = "1"
 PREPROCESS_VERSION = "1"
 
@@ -54,12 +55,13 @@ MID_SLICE = "mid_slice"
 
 @dataclass(frozen=True)
 class Study:
-    """The patient's DICOM study, its fingerprint and the chosen T2 series (read_study)."""
+    """One DICOM study of the patient, its fingerprint and the chosen T2 series (read_study)."""
 
     inventory: dicom_series.StudyInventory
     choice: dicom_series.SeriesChoice
-    fingerprint: str
+    fingerprint: str  # dropzone.study_fingerprint: the sensor compares it with the folder's
     source_key: str  # the drop folder's name: only to look up the source in the label manifests
+    ref: dicom_series.StudyRef  # its index among the folder's studies and days since the first
 
 
 @dataclass(frozen=True)
@@ -74,15 +76,35 @@ class RawScanResult:
     series: list[dict]  # one row per series, SERIES_COLUMNS
     study_checksum: str
     drop_fingerprint: str
+    study_index: int
+    days_since_first: int | None
+
+
+def find_study(folder: Path, study_index: int) -> tuple[dicom_series.StudyRef, str]:
+    """(the folder's study number `study_index`, its fingerprint); PatientInputError when the folder
+    holds fewer studies, or studies of more than one patient."""
+    studies = folder_studies(folder)
+    if study_index > len(studies):
+        raise PatientInputError(
+            f"the drop folder holds {len(studies)} study(ies), not a study {study_index} "
+            "(a re-delivery removed it); this partition has no input"
+        )
+    return studies[study_index - 1]
 
 
 def read_study(
-    folder: Path, min_slices: int, min_echo_time_ms: float, min_repetition_time_ms: float, max_voxels: int
+    folder: Path,
+    min_slices: int,
+    min_echo_time_ms: float,
+    min_repetition_time_ms: float,
+    max_voxels: int,
+    study_index: int = 1,
 ) -> Study:
-    """Inventory the drop folder and choose its T2 series; PatientInputError when there is none
-    or it is above `max_voxels` (refused before its pixels are read)."""
-    fingerprint = folder_fingerprint(folder)[0]
-    inventory = dicom_series.inventory_study(folder)
+    """Inventory the drop folder's study number `study_index` (1 = earliest) and choose its T2
+    series; PatientInputError when there is none or it is above `max_voxels` (refused before its
+    pixels are read)."""
+    ref, fingerprint = find_study(folder, study_index)
+    inventory = dicom_series.inventory_study(folder, ref.folders)
     choice = dicom_series.choose_t2_series(
         inventory,
         min_slices=min_slices,
@@ -97,16 +119,18 @@ def read_study(
             f"{chosen_series.n_slices} = {voxels:,} voxels, above the limit of {max_voxels:,} "
             "(raw_scan config max_voxels); refused before reading its pixels"
         )
-    return Study(inventory, choice, fingerprint, folder.name)
+    return Study(inventory, choice, fingerprint, folder.name, ref)
 
 
 def record_raw_scan(
     store: FeatureStore, data_lake: DataLake, patient_id: str, study: Study, incoming: Path, run_id: str
 ) -> RawScanResult:
-    """raw_scan.json in the lake and the patient's `scans` and `patients` rows."""
+    """raw_scan.json in the lake and the partition's `scans`, `patients` and `studies` rows."""
     inventory, choice = study.inventory, study.choice
     record = {
         "patient_id": patient_id,
+        "study_index": study.ref.index,
+        "study_key": study.ref.study_key,
         "study": inventory.to_record(),
         "chosen_series_key": choice.series.series_key,
         "t2_score": choice.t2_score,
@@ -151,6 +175,30 @@ def record_raw_scan(
     store.replace_partition(
         "patients", patient_id, FeatureStore.with_provenance(patient_row, version=version, run_id=run_id)
     )
+    # the study's place in time: an index and a day offset, never its date
+    study_row = pl.DataFrame(
+        [
+            {
+                "patient_id": patient_id,
+                "patient": split_partition_key(patient_id)[0],
+                "study_index": study.ref.index,
+                "days_since_first": study.ref.days_since_first,
+                "study_key": study.ref.study_key,
+                "n_series": len(inventory.series),
+            }
+        ],
+        schema={
+            "patient_id": pl.String,
+            "patient": pl.String,
+            "study_index": pl.Int32,
+            "days_since_first": pl.Int32,
+            "study_key": pl.String,
+            "n_series": pl.Int32,
+        },
+    )
+    store.replace_partition(
+        "studies", patient_id, FeatureStore.with_provenance(study_row, version=version, run_id=run_id)
+    )
 
     chosen = choice.series
     series_table = []
@@ -168,6 +216,8 @@ def record_raw_scan(
         series=series_table,
         study_checksum=chosen.checksum,
         drop_fingerprint=study.fingerprint,
+        study_index=study.ref.index,
+        days_since_first=study.ref.days_since_first,
     )
 
 
@@ -209,7 +259,10 @@ def _source_of(incoming: Path, source_key: str) -> str | None:
 
 # What each step and everything after it in this group writes; removed when the step fails.
 _OUTPUTS_FROM = {
-    "raw_scan": (("patients", "scans", "volumes"), (RAW_SCAN_FILE, NIFTI_FILE, REFERENCE_MASK_FILE, PREPROCESSED_FILE)),
+    "raw_scan": (
+        ("patients", "studies", "scans", "volumes"),
+        (RAW_SCAN_FILE, NIFTI_FILE, REFERENCE_MASK_FILE, PREPROCESSED_FILE),
+    ),
     "nifti_volume": (("volumes",), (NIFTI_FILE, REFERENCE_MASK_FILE, PREPROCESSED_FILE)),
     "preprocessed_volume": ((), (PREPROCESSED_FILE,)),
 }
@@ -254,17 +307,20 @@ class VolumeResult:
 def read_native_volume(
     data_lake: DataLake, patient_id: str, folder: Path
 ) -> tuple[nib.Nifti1Image, nib.Nifti1Image | None]:
-    """The T2 series raw_scan chose, as NIfTI, and the drop's reference mask (None without one);
-    PatientInputError when the series changed since raw_scan or the mask is on another grid."""
+    """The T2 series raw_scan chose, as NIfTI, and the drop's reference mask (None without one, and
+    for a follow-up study: the masks lie on the first study's grid); PatientInputError when the
+    series changed since raw_scan or the mask is on another grid."""
     record = json.loads(data_lake.read_bytes(data_lake.patient_file(patient_id, RAW_SCAN_FILE)))
-    inventory = dicom_series.inventory_study(folder)
+    study_index = split_partition_key(patient_id)[1]
+    ref, _ = find_study(folder, study_index)
+    inventory = dicom_series.inventory_study(folder, ref.folders)
     series = next((s for s in inventory.series if s.series_key == record["chosen_series_key"]), None)
     if series is None or series.checksum != next(
         s["checksum"] for s in record["study"]["series"] if s["series_key"] == record["chosen_series_key"]
     ):
         raise PatientInputError("the chosen T2 series changed since raw_scan; re-materialize raw_scan")
     image = nifti.series_to_nifti(series)
-    return image, _load_reference_mask(folder, image)
+    return image, _load_reference_mask(folder, image) if study_index == 1 else None
 
 
 def record_native_volume(

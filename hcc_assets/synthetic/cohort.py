@@ -7,6 +7,7 @@ phantom (`phantom.py`) in LPS world millimetres, so images, mask and `phantom_la
 
 Layout written under `out_dir` (other modules rely on it):
     <patient_key>/study_1/series_<n>/IM_<hex>.dcm
+    <patient_key>/study_2/series_<n>/IM_<hex>.dcm   a follow-up study (follow_up_fraction; no mask)
     <patient_key>/reference/liver_spleen_mask.nii.gz
     <patient_key>/.complete        written last, when the patient is whole
     labels.csv                     patient_key,hcc,source; merged with an existing file
@@ -76,6 +77,7 @@ log = logging.getLogger(__name__)
 
 LABELS_FILE = "labels.csv"
 STUDY_DIR = "study_1"
+FOLLOW_UP_STUDY_DIR = "study_2"  # a follow-up study (SynthConfig.follow_up_fraction)
 MASK_PATH = Path("reference") / "liver_spleen_mask.nii.gz"
 MAX_STORED = 4095  # BitsStored 12
 
@@ -103,6 +105,9 @@ class SynthConfig(pydantic.BaseModel):
     transfer_syntax: str = DEFAULT_TRANSFER_SYNTAX
     # each series as one multi-frame Enhanced MR file (enhanced.py) instead of one file per slice
     enhanced: bool = False
+    # this fraction of patients (seeded choice) also gets a follow-up study (drop layout): same
+    # patient tags, a new StudyInstanceUID, a StudyDate 90-400 days later, its own series
+    follow_up_fraction: float = pydantic.Field(0.0, ge=0.0, le=1.0)
 
     @pydantic.field_validator("transfer_syntax")
     @classmethod
@@ -129,6 +134,7 @@ class SynthPatient:
     t2_series_dir: Path
     layout: str = "drop"
     layout_id: str = ""  # the patient's folder name in its layout (CHAOS number, TCIA PatientID)
+    follow_up_days: int | None = None  # days from the first study to the follow-up (None: no follow-up)
 
 
 # ---------------------------------------------------------------- seeds and cohort plan
@@ -138,6 +144,7 @@ class SynthPatient:
 _KEYS, _HCC, _OBLIQUE, _TCIA_IDS = 1, 2, 3, 4
 _ANATOMY, _LESIONS, _ACQUISITION, _IDENTITY, _TEXTURE, _NOISE = 11, 12, 13, 14, 15, 16
 _EXTRA_ACQUISITION, _EXTRA_NOISE = 17, 18  # the TCIA layout's extra series (drop bytes unchanged)
+_FOLLOW_UPS, _FOLLOW_UP_IDENTITY, _FOLLOW_UP_NOISE = 5, 19, 20  # own streams: the first study's bytes stay
 
 
 def _cohort_rng(config: SynthConfig, purpose: int) -> np.random.Generator:
@@ -154,6 +161,7 @@ class _Planned:
     key: str
     hcc: bool
     oblique: bool
+    follow_up: bool = False
 
 
 def _chosen(config: SynthConfig, purpose: int, fraction: float) -> set[int]:
@@ -172,7 +180,8 @@ def _plan(config: SynthConfig) -> tuple[_Planned, ...]:
         if key not in keys:
             keys.append(key)
     hcc, oblique = _chosen(config, _HCC, config.hcc_fraction), _chosen(config, _OBLIQUE, config.oblique_fraction)
-    return tuple(_Planned(i, key, i in hcc, i in oblique) for i, key in enumerate(keys))
+    follow_ups = _chosen(config, _FOLLOW_UPS, config.follow_up_fraction)
+    return tuple(_Planned(i, key, i in hcc, i in oblique, i in follow_ups) for i, key in enumerate(keys))
 
 
 @functools.lru_cache(maxsize=64)
@@ -549,6 +558,23 @@ def _identity(config: SynthConfig, planned: _Planned) -> _Identity:
     )
 
 
+@dataclass(frozen=True)
+class _FollowUp:
+    identity: _Identity  # the same patient tags; another date, time and accession number
+    days: int
+
+
+def _follow_up_identity(config: SynthConfig, planned: _Planned, first: _Identity) -> _FollowUp:
+    """The follow-up study's identity: the first study's patient, 90-400 days later."""
+    rng = _patient_rng(config.seed, planned.index, _FOLLOW_UP_IDENTITY)
+    days = int(rng.integers(90, 401))
+    date = (dt.datetime.strptime(first.study_date, "%Y%m%d") + dt.timedelta(days=days)).strftime("%Y%m%d")
+    seconds = int(rng.integers(7 * 3600, 18 * 3600))
+    time = f"{seconds // 3600:02d}{seconds // 60 % 60:02d}{seconds % 60:02d}.{int(rng.integers(0, 1000)):03d}"
+    accession = f"ACC{int(rng.integers(10**6, 10**7))}"
+    return _FollowUp(dataclasses.replace(first, study_date=date, study_time=time, accession=accession), days)
+
+
 # ---------------------------------------------------------------- image synthesis
 
 
@@ -698,8 +724,9 @@ def _ds(value: float, decimals: int = 4) -> str:
 
 
 def _config_digest(config: SynthConfig) -> str:
-    # `enhanced` changes how the acquisition is stored, not the acquisition: same UIDs either way
-    return content_version(config.model_dump_json(exclude={"enhanced"}))
+    # `enhanced` changes how the acquisition is stored, not the acquisition: same UIDs either way;
+    # follow-ups add a study and leave the first one's UIDs (and bytes) as they were
+    return content_version(config.model_dump_json(exclude={"enhanced", "follow_up_fraction"}))
 
 
 def _series_template(
@@ -920,16 +947,24 @@ def _synthesize_patient(
         normal = geometry.slice_normal(acquisition.orientation)
         metadata, t2_dir, file_stems = [], Path(), {}
         extra_noise_rng = _patient_rng(config.seed, planned.index, _EXTRA_NOISE)
-        for series in all_series:
-            rng = extra_noise_rng if series.sequence.contrast in ("dwi", "t1_post") else noise_rng
+
+        def write_series(
+            series: _SeriesAcquisition,
+            study: _Identity,
+            study_uids: dict[str, str],
+            rng: np.random.Generator,
+            relative: Path,
+            tag: tuple[str, ...] = (),
+        ) -> tuple[list[str], int]:
+            """Render and write one series of one study; (file names, bytes). `tag` sets a
+            follow-up study's SOP UIDs apart (empty for the first study: its UIDs as they were)."""
             image = _render(series, tissue, structure, means, lesions, config.lesion_contrast, rng)
             stored = _stored(image[series.first_slice : series.stop_slice], series)
             body = image[tissue > 0]
             window = (float(np.percentile(body[::17], 50)), float(np.percentile(body[::17], 99)) * 1.2)
             template = _series_template(
-                identity, acquisition, series, uids, window, _EXTRA_TAGS.get(series.sequence.contrast)
+                study, acquisition, series, study_uids, window, _EXTRA_TAGS.get(series.sequence.contrast)
             )
-            relative = study_folder / _series_folder(layout, series, uids)
             series_dir = staging / relative
             series_dir.mkdir(parents=True)
             names, size = [], 0
@@ -938,7 +973,7 @@ def _synthesize_patient(
                 position = affine[:3, 3] + k * affine[:3, 2]
                 data = _dicom_bytes(
                     template,
-                    uid(str(series.sequence.number), str(k)),
+                    uid(*tag, str(series.sequence.number), str(k)),
                     series.instance_numbers[row],
                     position,
                     float(position @ normal),
@@ -954,12 +989,18 @@ def _synthesize_patient(
             if config.enhanced:
                 number = str(series.sequence.number)
                 data = encode(
-                    enhanced_mr_file(classic, uid(number, "enhanced"), uid(number, "dimensions")),
+                    enhanced_mr_file(classic, uid(*tag, number, "enhanced"), uid(*tag, number, "dimensions")),
                     config.transfer_syntax,
                 )
                 names.append(_file_name(layout, series, 0))
                 (series_dir / names[-1]).write_bytes(data)
                 size += len(data)
+            return names, size
+
+        for series in all_series:
+            rng = extra_noise_rng if series.sequence.contrast in ("dwi", "t1_post") else noise_rng
+            relative = study_folder / _series_folder(layout, series, uids)
+            names, size = write_series(series, identity, uids, rng, relative)
             file_stems[series.sequence.contrast] = [Path(name).stem for name in names]
             if series.sequence.number == T2_SERIES_NUMBER:
                 t2_dir = relative
@@ -985,6 +1026,16 @@ def _synthesize_patient(
                         "Download Timestamp": "",
                     }
                 )
+        if layout == "drop" and planned.follow_up:
+            follow_up = _follow_up_identity(config, planned, identity)
+            fu_uids: dict[str, str] = {"study": uid("follow-up", "study"), "frame": uid("follow-up", "frame")}
+            fu_uids.update(
+                {f"series{s.sequence.number}": uid("follow-up", "series", str(s.sequence.number)) for s in all_series}
+            )
+            fu_rng = _patient_rng(config.seed, planned.index, _FOLLOW_UP_NOISE)  # new noise, same anatomy
+            for series in all_series:
+                relative = Path(FOLLOW_UP_STUDY_DIR) / f"series_{series.sequence.number}"
+                write_series(series, follow_up.identity, fu_uids, fu_rng, relative, ("follow-up",))
         if layout == "drop":
             (staging / MASK_PATH.parent).mkdir()
             (staging / MASK_PATH).write_bytes(_mask_bytes(TISSUE_TO_LABEL[tissue], acquisition))
@@ -997,14 +1048,19 @@ def _synthesize_patient(
                     (staging / folder / "Ground" / f"{file_stems[contrast][row]}.png").write_bytes(array_png(grey[k]))
         if layout == "drop":
             _merge_synthetic_labels(out_dir, {planned.key: int(planned.hcc)})  # the label is there before the folder
+    follow_up_phi: tuple[str, ...] = ()
+    follow_up_days: int | None = None
+    if layout == "drop" and planned.follow_up:
+        follow_up_phi, follow_up_days = follow_up.identity.phi, follow_up.days
     patient = SynthPatient(
         patient_key=planned.key,
         hcc=planned.hcc,
         n_lesions=len(phantom.lesions),
-        phi=identity.phi,
+        phi=tuple(dict.fromkeys(identity.phi + follow_up_phi)),
         t2_series_dir=final / t2_dir,
         layout=layout,
         layout_id=layout_id,
+        follow_up_days=follow_up_days,
     )
     return patient, metadata
 
@@ -1036,6 +1092,8 @@ def synthesize_cohort(out_dir: Path, config: SynthConfig, layout: Layout = "drop
     """
     if config.enhanced and layout == "chaos":
         raise ValueError("the CHAOS layout has one Ground PNG per slice file: it cannot be written as Enhanced MR")
+    if config.follow_up_fraction and layout != "drop":
+        raise ValueError("follow-up studies are written in the drop layout only")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = layout_config(config, layout)

@@ -27,7 +27,7 @@ def test_no_phi_in_any_output(incoming_copy, tmp_path):
         # the store's text, as SQL returns it (DuckDB compresses strings on disk)
         dump = "\n".join(
             str(lake.store.query(f"SELECT * FROM {table}").rows())
-            for table in ("patients", "scans", "volumes", "cohort_split")
+            for table in ("patients", "studies", "scans", "volumes", "cohort_split")
         ).encode()
         outputs = [p for root in (Path(lake.root), instance_root) for p in root.rglob("*") if p.is_file()]
         assert any(p.name == "nifti_volume.nii.gz" for p in outputs)

@@ -65,21 +65,26 @@ def predicted(small_cohort, liver_model_folder, tmp_path_factory):
         prepared = prepare_lake(
             root / "lake", source, patient_config=TEST_PATIENT_CONFIG, liver_model=liver_model_folder
         )
-        new = synthesize_cohort(root / "new", SynthConfig(**{**SMALL_COHORT, "patients": 1, "seed": 99}))[0]
+        # the unlabelled patient came back for a follow-up scan: its second study is partition <pid>.s2
+        new = synthesize_cohort(
+            root / "new", SynthConfig(**{**SMALL_COHORT, "patients": 1, "seed": 99, "follow_up_fraction": 1.0})
+        )[0]
         shutil.copytree(root / "new" / new.patient_key, prepared.root / "incoming" / new.patient_key)
         lake = prepared.lake
         unlabelled = lake.pseudonym(new.patient_key)
+        follow_up = f"{unlabelled}.s2"
         bad_mask = prepared.patients[0]
         with prepared.instance() as instance:
-            instance.add_dynamic_partitions("patients", [unlabelled])
-            _materialize(
-                lake,
-                instance,
-                ["raw_scan", "nifti_volume", "preprocessed_volume"],
-                unlabelled,
-                TEST_PATIENT_CONFIG["ops"],
-            )
-            for pid in [*prepared.patients, unlabelled]:
+            instance.add_dynamic_partitions("patients", [unlabelled, follow_up])
+            for pid in (unlabelled, follow_up):
+                _materialize(
+                    lake,
+                    instance,
+                    ["raw_scan", "nifti_volume", "preprocessed_volume"],
+                    pid,
+                    TEST_PATIENT_CONFIG["ops"],
+                )
+            for pid in [*prepared.patients, unlabelled, follow_up]:
                 _materialize(
                     lake,
                     instance,
@@ -91,13 +96,15 @@ def predicted(small_cohort, liver_model_folder, tmp_path_factory):
             refused_mask = _materialize(
                 lake, instance, ["liver_mask", "radiomic_features"], bad_mask, {"liver_mask": IMPLAUSIBLE}, ok=False
             )
-            for pid in [*prepared.patients, unlabelled]:
+            for pid in [*prepared.patients, unlabelled, follow_up]:
                 _materialize(lake, instance, ["hcc_prediction"], pid)
             yield dict(
                 prepared=prepared,
                 lake=lake,
                 instance=instance,
                 unlabelled=unlabelled,
+                follow_up=follow_up,
+                follow_up_days=new.follow_up_days,
                 bad_mask=bad_mask,
                 refused_mask=refused_mask,
                 root=root,
@@ -111,7 +118,7 @@ def _current(store: FeatureStore) -> pl.DataFrame:
 def test_every_patient_gets_a_row_per_model_with_the_models_own_probabilities(predicted):
     store, prepared = predicted["lake"].store, predicted["prepared"]
     current = _current(store)
-    everyone = sorted([*prepared.patients, predicted["unlabelled"]])
+    everyone = sorted([*prepared.patients, predicted["unlabelled"], predicted["follow_up"]])
     assert sorted(set(current["patient_id"])) == everyone
     assert current.group_by("patient_id").len()["len"].to_list() == [3] * len(everyone)
     deep = current.filter(pl.col("model") == "deep")
@@ -149,6 +156,29 @@ def test_an_unlabelled_patient_is_predicted_never_trained_on_or_evaluated(predic
         assert pid not in model["training_patients"]
         assert pid not in json.loads(model["training_set"] or "{}").get("patients", [])
     assert store.query("SELECT count(*) FROM predictions WHERE patient_id = ?", [pid]).item() == 0  # evaluation
+
+
+def test_a_follow_up_study_has_its_own_features_and_predictions_linked_to_its_patient(predicted):
+    store, pid, follow_up = predicted["lake"].store, predicted["unlabelled"], predicted["follow_up"]
+    studies = store.query(
+        "SELECT patient_id, study_index, days_since_first FROM studies WHERE patient = ? ORDER BY study_index", [pid]
+    ).rows()
+    assert studies == [(pid, 1, 0), (follow_up, 2, predicted["follow_up_days"])]
+    for table in ("liver_masks", "deep_embeddings", "hcc_predictions"):
+        keys = store.query(f"SELECT DISTINCT patient_id FROM {table} WHERE patient_id IN (?, ?)", [pid, follow_up])
+        assert sorted(keys["patient_id"]) == [pid, follow_up], table
+    features = store.query(
+        "SELECT patient_id, count(*) AS n FROM radiomic_features WHERE patient_id IN (?, ?) GROUP BY 1 ORDER BY 1",
+        [pid, follow_up],
+    ).rows()
+    assert [key for key, _ in features] == [pid, follow_up] and features[0][1] == features[1][1] > 0
+    masks = dict(
+        store.query("SELECT patient_id, sha256 FROM liver_masks WHERE patient_id IN (?, ?)", [pid, follow_up]).rows()
+    )
+    assert masks[pid] != masks[follow_up]  # each study segmented on its own volume
+    rows = _current(store).filter(pl.col("patient_id") == follow_up)
+    assert dict(zip(rows["model"], rows["status"], strict=True))["deep"] == "predicted"
+    assert store.query("SELECT count(*) FROM cohort_split WHERE patient_id = ?", [follow_up]).item() == 0
 
 
 def test_an_implausible_mask_blocks_radiomics_but_not_the_deep_prediction(predicted):
@@ -242,7 +272,10 @@ def test_predict_command_runs_one_folder_through_dagster_and_prints_its_predicti
     from pathlib import Path
 
     prepared, root = predicted["prepared"], predicted["root"]
-    new = synthesize_cohort(root / "walk_in", SynthConfig(**{**SMALL_COHORT, "patients": 1, "seed": 123}))[0]
+    # a walk-in with a follow-up study: both studies go through the pipeline
+    new = synthesize_cohort(
+        root / "walk_in", SynthConfig(**{**SMALL_COHORT, "patients": 1, "seed": 123, "follow_up_fraction": 1.0})
+    )[0]
     folder = root / "walk_in" / new.patient_key
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("HCC_ASSETS_")},
@@ -256,6 +289,7 @@ def test_predict_command_runs_one_folder_through_dagster_and_prints_its_predicti
     assert done.returncode == 0, done.stdout + done.stderr
     pid = predicted["lake"].pseudonym(new.patient_key)
     assert f"patient {pid}: patient_pipeline ok" in done.stdout
+    assert f"patient {pid}.s2: patient_pipeline ok" in done.stdout
     deep_line = next(line for line in done.stdout.splitlines() if line.strip().startswith("deep"))
     assert "P(HCC) = " in deep_line and "hcc_classifier" in deep_line
     assert new.patient_key not in done.stdout  # pseudonyms only

@@ -17,7 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from hcc_assets.core.errors import PatientInputError
 from hcc_assets.imaging import geometry
-from hcc_assets.imaging.dicom_series import choose_t2_series, inventory_study
+from hcc_assets.imaging.dicom_series import choose_t2_series, inventory_study, list_studies, series_key_of
 from hcc_assets.imaging.nifti import series_to_nifti
 
 # Fake PHI written into every fixture file and folder name: none of it may reach a message.
@@ -229,6 +229,47 @@ def test_a_follow_up_study_of_the_same_patient_is_not_an_identity_conflict(tmp_p
         patient / "follow-up" / "6 t2", truth_volume(seed=6), number=6, description="T2_TSE", extra={"PatientID": ""}
     )
     assert sorted(s.series_number for s in inventory_study(patient).series) == [1, 3, 5, 6, 7]
+
+
+def test_studies_are_ordered_by_date_and_counted_in_days_without_naming_a_date(tmp_path):
+    """A follow-up study (written first, in a folder that sorts first) is study 2: the order comes
+    from StudyDate, never folder names; each study's inventory holds its own series only."""
+    patient = make_study(tmp_path)
+    follow_up = {"StudyInstanceUID": "1.2.826.0.1.3680043.8.498.77", "StudyDate": "20190610", "StudyTime": "0815"}
+    write_series(patient / "0 later" / "5 t2", truth_volume(seed=5), number=5, description="T2_TSE", extra=follow_up)
+    first, second = list_studies(patient)
+    assert (first.index, first.days_since_first, first.n_series) == (1, 0, 3)
+    assert (second.index, second.days_since_first, second.n_series) == (2, 90, 1)
+    assert second.study_key == series_key_of("1.2.826.0.1.3680043.8.498.77")
+    assert [s.series_number for s in inventory_study(patient, second.folders).series] == [5]
+    assert [s.series_number for s in inventory_study(patient, first.folders).series] == [1, 3, 7]
+    assert "20190" not in repr((first, second))  # the folders (PHI names) are not in the repr either
+    assert PATIENT_FOLDER not in repr((first, second))
+
+    # the same day and time: the hash of the StudyInstanceUID decides, the same way every time
+    same_day = {**follow_up, "StudyDate": PHI[5], "StudyTime": ""}
+    shutil.rmtree(patient / "0 later")
+    write_series(patient / "0 later" / "5 t2", truth_volume(seed=5), number=5, description="T2_TSE", extra=same_day)
+    studies = list_studies(patient)
+    assert [s.days_since_first for s in studies] == [0, 0]
+    assert [s.study_key for s in studies] == sorted(s.study_key for s in studies)
+
+    # a study without a date sorts last and has no day offset
+    shutil.rmtree(patient / "0 later")
+    undated = {**follow_up, "StudyDate": None}
+    write_series(patient / "0 later" / "5 t2", truth_volume(seed=5), number=5, description="T2_TSE", extra=undated)
+    assert [(s.index, s.n_series, s.days_since_first) for s in list_studies(patient)] == [(1, 3, 0), (2, 1, None)]
+
+
+def test_one_study_is_the_whole_folder_and_two_patients_are_refused_by_the_study_list(tmp_path):
+    patient = make_study(tmp_path)
+    (only,) = list_studies(patient)
+    assert only.index == 1 and only.n_series == 3 and only.days_since_first == 0
+    other = {"PatientID": "MRN0815", "StudyInstanceUID": generate_uid(), "StudyDate": "20200101"}
+    write_series(patient / "other" / "5 t2", truth_volume(seed=5), number=5, description="T2_TSE", extra=other)
+    with pytest.raises(PatientInputError, match="2 different patients") as refused:
+        list_studies(patient)
+    assert_no_phi(str(refused.value), extra=("MRN0815", "20200101"))
 
 
 def test_checksum_changes_with_the_bytes(tmp_path):

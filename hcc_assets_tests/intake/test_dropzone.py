@@ -90,3 +90,31 @@ def test_drop_copy_publishes_a_whole_study_once(tmp_path):
     with pytest.raises(FileExistsError) as refused:
         drop_copy(source, incoming)
     assert "MRN12345" not in str(refused.value)  # folder names can be record numbers
+
+
+def test_study_partition_keys_round_trip_and_leave_the_first_study_bare():
+    from hcc_assets.intake.pseudonym import split_partition_key, study_partition_key
+
+    assert study_partition_key("pt-0123456789ab", 1) == "pt-0123456789ab"
+    assert study_partition_key("pt-0123456789ab", 3) == "pt-0123456789ab.s3"
+    assert split_partition_key("pt-0123456789ab.s3") == ("pt-0123456789ab", 3)
+    assert split_partition_key("pt-0123456789ab") == ("pt-0123456789ab", 1)
+    # anything else is a key of its own (a study index is 2 or more)
+    assert split_partition_key("pt-0123456789ab.s1") == ("pt-0123456789ab.s1", 1)
+    assert split_partition_key("other.s2") == ("other.s2", 1)
+    with pytest.raises(ValueError):
+        study_partition_key("pt-0123456789ab", 0)
+
+
+def test_the_study_column_of_the_manifests(tmp_path):
+    from hcc_assets.intake.dropzone import label_studies
+
+    (tmp_path / "labels.csv").write_text("patient_key,hcc,source\nA,1,x\nB,0,x\n")
+    assert label_studies(tmp_path) == ({}, [])  # no column: every patient's earliest study
+    (tmp_path / "labels_more.csv").write_text("patient_key,hcc,study\nA,1,2\nB,0,two\nC,1,1\nC,1,3\nD,0,\n")
+    studies, problems = label_studies(tmp_path)
+    assert studies == {"A": 2}
+    assert {p.patient_key: p.problem for p in problems} == {
+        "B": "study 'two' at labels_more.csv:3 is not a study index (1, 2, ...)",
+        "C": "names different studies (1 at labels_more.csv:4, 3 at labels_more.csv:5)",
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import datetime
 import hashlib
 from pathlib import Path
 
@@ -215,3 +216,38 @@ def test_lesion_contrast_controls_lesion_signal(tmp_path):
         # Full contrast: T2-hyperintense, and nothing but the lesion voxels changed.
         assert volume1[lesion].mean() / volume1[rim].mean() > 1.3
         assert np.array_equal(volume0[~lesion], volume1[~lesion])
+
+
+def test_a_follow_up_study_is_the_same_patient_later_and_leaves_the_first_study_unchanged(cohort, tmp_path):
+    out, patients = cohort
+    with_follow_ups = synthesize_cohort(tmp_path, SMALL.model_copy(update={"follow_up_fraction": 0.5}))
+    followed = [p for p in with_follow_ups if p.follow_up_days is not None]
+    assert len(followed) == 2 and all(90 <= p.follow_up_days <= 400 for p in followed)
+    assert all(p.follow_up_days is None for p in patients)
+    for plain, patient in zip(patients, with_follow_ups, strict=True):
+        assert plain.patient_key == patient.patient_key
+        first = sorted((tmp_path / patient.patient_key / "study_1").rglob("*"))
+        assert [f.relative_to(tmp_path) for f in first] == [
+            f.relative_to(out) for f in sorted((out / plain.patient_key / "study_1").rglob("*"))
+        ]
+        for path in (p for p in first if p.is_file()):  # the first study's bytes are those of the plain cohort
+            assert path.read_bytes() == (out / path.relative_to(tmp_path)).read_bytes()
+        second = tmp_path / patient.patient_key / "study_2"
+        assert second.is_dir() == (patient.follow_up_days is not None)
+    patient = followed[0]
+    name = sorted((tmp_path / patient.patient_key / "study_1" / "series_5").iterdir())[0].name  # the T2
+    one = pydicom.dcmread(tmp_path / patient.patient_key / "study_1" / "series_5" / name)
+    two = pydicom.dcmread(tmp_path / patient.patient_key / "study_2" / "series_5" / name)  # same slice, later
+    for tag in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex"):
+        assert one.get(tag) == two.get(tag), tag
+    for tag in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "AccessionNumber", "SOPInstanceUID"):
+        assert one.get(tag) != two.get(tag), tag
+    days = (
+        datetime.datetime.strptime(two.StudyDate, "%Y%m%d") - datetime.datetime.strptime(one.StudyDate, "%Y%m%d")
+    ).days
+    assert days == patient.follow_up_days
+    assert two.StudyDate in patient.phi and two.AccessionNumber in patient.phi  # the PHI greps cover it
+    assert one.ImagePositionPatient == two.ImagePositionPatient
+    assert not np.array_equal(one.pixel_array, two.pixel_array)  # new noise
+    with pytest.raises(ValueError, match="drop layout only"):
+        synthesize_cohort(tmp_path / "chaos", SMALL.model_copy(update={"follow_up_fraction": 0.5}), layout="chaos")
