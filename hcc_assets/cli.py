@@ -459,6 +459,14 @@ def cmd_demo(args) -> int:
         return 2
     incoming = Path(lake) / "incoming"
     if not any(incoming.glob("labels*.csv")):
+        from hcc_assets.intake.pseudonym import KEY_FILE_PARTS, write_demo_key
+
+        # a new demo lake of synthetic patients: pseudonyms from the seed, so the same seed gives the
+        # same split and the same Table 1 (a random key would draw another split each time)
+        if write_demo_key(Path(lake).joinpath(*KEY_FILE_PARTS), args.seed):
+            print(
+                f"demo lake: pseudonym key derived from seed {args.seed} (synthetic patients only; never add real scans)"
+            )
         if args.source == "studylike":
             _prepare_studylike(Path(lake), incoming, args.patients, args.seed, args.lesion_contrast)
         else:

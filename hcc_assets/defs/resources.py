@@ -11,6 +11,7 @@ from hcc_assets.core.errors import PatientInputError
 from hcc_assets.featurestore import FeatureStore
 from hcc_assets.intake.dropzone import SkippedFolder, folder_fingerprint, folder_studies, scan_drop_zone
 from hcc_assets.intake.pseudonym import (
+    KEY_FILE_PARTS,
     load_or_create_key,
     load_or_create_key_on,
     pseudonymize,
@@ -90,9 +91,9 @@ class LakeResource(dg.ConfigurableResource):
     def pseudonym_key(self) -> bytes:
         # The key sits beside the lake, never inside an output folder.
         if is_local_url(self.root):
-            return load_or_create_key(local_path_of(self.root) / "private" / "pseudonym.key")
+            return load_or_create_key(local_path_of(self.root).joinpath(*KEY_FILE_PARTS))
         lake = self.lake  # object storage: one key object, created exclusively (or $HCC_ASSETS_PSEUDONYM_KEY)
-        return load_or_create_key_on(lake.fs, lake.path("private", "pseudonym.key"))
+        return load_or_create_key_on(lake.fs, lake.path(*KEY_FILE_PARTS))
 
     def pseudonym(self, source_key: str) -> str:
         return pseudonymize(source_key, self.pseudonym_key())

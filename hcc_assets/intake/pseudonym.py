@@ -68,6 +68,31 @@ def load_or_create_key(key_file: Path, env_var: str = "HCC_ASSETS_PSEUDONYM_KEY"
     raise RuntimeError("pseudonymization key file is empty")
 
 
+KEY_FILE_PARTS = ("private", "pseudonym.key")  # under the lake root, never inside an output folder
+DEMO_KEY_PREFIX = "synthetic-demo-key-seed-"
+
+
+def write_demo_key(key_file: Path, seed: int) -> bool:
+    """Give a new demo lake a key derived from the synthetic cohort's seed, so that two demos with
+    the same seed give the same pseudonyms, hence the same split, models and Table 1 (a random key
+    would give another split each time). Only for lakes of synthetic patients: anyone can derive
+    this key, so pseudonyms made with it protect nothing. An existing key is kept (False)."""
+    if key_file.exists():
+        return False
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as handle:
+        handle.write(f"{DEMO_KEY_PREFIX}{seed}")
+    return True
+
+
+def is_demo_key(key: bytes) -> bool:
+    return key.decode("utf-8", "replace").startswith(DEMO_KEY_PREFIX)
+
+
 def load_or_create_key_on(fs, path: str, env_var: str = "HCC_ASSETS_PSEUDONYM_KEY") -> bytes:
     """The same key for a lake on an fsspec filesystem (object storage): `env_var` when set, else
     the key object at `path`, created once with an exclusive write ("xb") where the filesystem
