@@ -10,7 +10,7 @@ evaluation, per asset and partition, with the sub-condition that was true or fal
                                 (new data version, blocking checks passed: a refused retrain changes
                                 nothing) and none of its inputs is missing or running
     hcc_prediction              the same for any model or input, and for a new patient whose
-                                pipeline run could not make it (e.g. radiomics failed: the deep
+                                pipeline run failed before it (e.g. radiomics failed: the deep
                                 prediction still comes, with the radiomic gap stated)
     analysis (explainable_features, radiomic_model, then the rest in the same run)
                                 once a cohort-level input changed and every per-patient input has
@@ -56,8 +56,23 @@ def _changed() -> AC:
 
 
 def _input_changed() -> AC:
-    """Some input has a new data version, or will be made in this evaluation's same run."""
-    return AC.any_deps_match(_changed() | AC.will_be_requested()).with_label("an input changed")
+    """A model or another cohort-level input has a new data version, or some input will be made in
+    this evaluation's same run.
+
+    A per-patient input's own new version does not count. Those come from the patient's own runs
+    (the drop-zone sensor's patient_pipeline, the CLI's jobs): runs of a job, with no asset
+    selection, so executed_with_root_target cannot see that they make this asset too (it also only
+    looks at the asset's latest materialization, of any patient). Counted, every step of a new
+    patient's pipeline armed `since_last_handled` for the next step, and an evaluation that read
+    the asset records just before that step's materialization but its in-progress state just
+    after (Dagster reads the two at different moments; under load seconds apart) saw it neither
+    running nor updated and requested it again (test_a_new_patients_own_pipeline_run_is_never_duplicated).
+    """
+    per_patient = dg.AssetSelection.groups(*PER_PATIENT_GROUPS)
+    return (
+        AC.any_deps_match(_changed()).ignore(per_patient).with_label("a model changed")
+        | AC.any_deps_match(AC.will_be_requested()).with_label("an input is made in the same run")
+    ).with_label("an input changed")
 
 
 def on_refresh_cron() -> AC:
@@ -77,9 +92,10 @@ def segmentation_retrain() -> AC:
 
 
 def refresh_patient_feature() -> AC:
-    """A per-patient feature again when an input has a new data version (a retrained model, a
-    re-ingested volume) or will be made in the same run; never over missing or running inputs,
-    nor from a model whose blocking checks failed."""
+    """A per-patient feature again when a model it reads has a new data version or an input will
+    be made in the same run (a new mask, then its radiomics); never over missing or running inputs,
+    nor from a model whose blocking checks failed. A re-ingested scan is the drop-zone sensor's:
+    its patient_pipeline run makes everything again."""
     return (
         _input_changed().since_last_handled()
         & ~AC.any_deps_missing()
@@ -90,12 +106,20 @@ def refresh_patient_feature() -> AC:
 
 
 def refresh_prediction(volume: dg.AssetKey) -> AC:
-    """hcc_prediction: as refresh_patient_feature, and also for a partition that is still missing
-    (its pipeline run stopped before it); it only needs the patient's `volume`: a missing
-    embedding or radiomic row becomes an 'unavailable' prediction with the reason."""
+    """hcc_prediction: as refresh_patient_feature, and also for a new partition whose pipeline run
+    failed before it (e.g. radiomics failed); it only needs the patient's `volume`: a missing
+    embedding or radiomic row becomes an 'unavailable' prediction with the reason.
+
+    The new partition's case asks for execution_failed (its latest planned run failed without
+    making it), not merely missing and not in progress: Dagster reads `missing` from the asset
+    records it loaded at the start of the evaluation and in-progress runs afterwards, so while the
+    pipeline run writes the prediction the partition can look both missing and not running."""
     no_volume = AC.any_deps_missing().allow(dg.AssetSelection.assets(volume)).with_label("no preprocessed volume")
+    pipeline_failed = (AC.newly_missing().since_last_handled() & AC.execution_failed()).with_label(
+        "new partition, its pipeline run failed before the prediction"
+    )
     return (
-        (AC.newly_missing() | _input_changed()).since_last_handled()
+        (_input_changed().since_last_handled() | pipeline_failed)
         & ~no_volume
         & ~AC.any_deps_in_progress()
         & ~AC.in_progress()

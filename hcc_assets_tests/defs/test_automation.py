@@ -9,6 +9,10 @@ import datetime as dt
 
 import dagster as dg
 import pytest
+from dagster._core.definitions.declarative_automation.automation_condition_evaluator import (
+    AutomationConditionEvaluator,
+)
+from dagster._core.events import DagsterEvent, DagsterEventType, StepMaterializationData
 
 from hcc_assets.definitions import defs
 
@@ -76,6 +80,59 @@ class Ticks:
             if partitions:
                 requested[name] = set(partitions)
         return requested
+
+
+class PipelineRun:
+    """A patient_pipeline run as the drop-zone sensor makes it (the job, no asset selection; its
+    materializations planned when it is created), whose events are stored as its steps would."""
+
+    def __init__(self, instance, partition: str):
+        self.instance, self.partition = instance, partition
+        self.run = instance.create_run_for_job(
+            defs.resolve_job_def("patient_pipeline"),
+            tags={"dagster/partition": partition, "hcc_assets/trigger": "drop_zone"},
+            status=dg.DagsterRunStatus.NOT_STARTED,
+        )
+
+    def _event(self, event_type: DagsterEventType, step: str | None = None, data=None) -> None:
+        event = DagsterEvent(event_type.value, job_name=self.run.job_name, step_key=step, event_specific_data=data)
+        self.instance.report_dagster_event(event, run_id=self.run.run_id)
+
+    def start(self) -> None:
+        self._event(DagsterEventType.RUN_START)
+
+    def materialize(self, name: str) -> None:
+        materialization = dg.AssetMaterialization(
+            asset_key=name, partition=self.partition, tags={"dagster/data_version": "v1"}
+        )
+        self._event(DagsterEventType.ASSET_MATERIALIZATION, name, StepMaterializationData(materialization))
+        if name == "liver_mask":
+            for check in MASK_CHECKS:
+                evaluation = dg.AssetCheckEvaluation(
+                    asset_key=KEY(name), check_name=check, passed=True, partition=self.partition
+                )
+                self._event(DagsterEventType.ASSET_CHECK_EVALUATION, name, evaluation)
+
+    def succeed(self) -> None:
+        self._event(DagsterEventType.RUN_SUCCESS)
+
+    def fail(self) -> None:
+        self._event(DagsterEventType.RUN_FAILURE)
+
+
+def _during(monkeypatch, tick: Ticks, event) -> dict[str, set]:
+    """An evaluation during which `event` happens: after Dagster's evaluator read the asset records
+    (its view of what was materialized) and before it asks which runs are in progress. On the real
+    daemon that is a step of a run finishing while the automation sensor evaluates, under load."""
+    prefetch = AutomationConditionEvaluator.prefetch
+
+    def prefetch_then_event(self: AutomationConditionEvaluator) -> None:
+        prefetch(self)
+        event()
+
+    with monkeypatch.context() as patched:
+        patched.setattr(AutomationConditionEvaluator, "prefetch", prefetch_then_event)
+        return tick()
 
 
 @pytest.fixture
@@ -150,13 +207,49 @@ def test_a_new_patient_whose_pipeline_stopped_before_its_prediction_is_predicted
     instance, tick = settled
     instance.add_dynamic_partitions("patients", ["p3"])
     assert tick() == {}  # no volume yet: the drop-zone sensor's run is still ingesting it
+    run = PipelineRun(instance, "p3")
+    run.start()
     for name in ("raw_scan", "nifti_volume", "preprocessed_volume", "liver_mask", "deep_embedding"):
-        _materialize(instance, name, "v1", "p3")  # radiomics failed, so the run skipped the prediction
-    # (runless events look like updates from outside a pipeline run, so the mask's inputs also read as
-    # changed here; in a real pipeline run they are ignored: executed_with_root_target)
-    assert tick()["hcc_prediction"] == {"p3"}
+        run.materialize(name)
+    assert tick() == {}  # the run may still make the prediction
+    run.fail()  # radiomics failed, so the run skipped the prediction
+    assert tick() == {"hcc_prediction": {"p3"}}  # the deep prediction, the radiomic gap stated
     _materialize(instance, "hcc_prediction", "v1", "p3")
-    assert "hcc_prediction" not in tick()
+    assert tick() == {}
+
+
+def test_a_patient_whose_prediction_was_never_attempted_is_left_to_whoever_runs_it(settled):
+    """Ingested by a job without the prediction (the CLI's patient_ingest and patient_features
+    runs, which run patient_predictions themselves): nothing failed, the automation waits."""
+    instance, tick = settled
+    instance.add_dynamic_partitions("patients", ["p3"])
+    assert tick() == {}
+    for name in ("raw_scan", "nifti_volume", "preprocessed_volume", "liver_mask", "deep_embedding"):
+        _materialize(instance, name, "v1", "p3")
+    assert tick() == {}
+
+
+@pytest.mark.parametrize("mid_tick", [False, True], ids=["steps-between-ticks", "steps-during-ticks"])
+def test_a_new_patients_own_pipeline_run_is_never_duplicated(settled, monkeypatch, mid_tick):
+    """The drop-zone sensor adds the partition, then its patient_pipeline run makes every
+    per-patient asset: the automation requests nothing for it, whenever its evaluations fall: before
+    the run exists, while it is queued, between its steps, or (mid_tick) while each step finishes."""
+    instance, tick = settled
+    instance.add_dynamic_partitions("patients", ["p3"])
+    assert tick() == {}  # before the sensor created the run
+    run = PipelineRun(instance, "p3")
+    assert tick() == {}  # queued
+    run.start()
+    assert tick() == {}
+    for name in PER_PATIENT:
+        if mid_tick:
+            assert _during(monkeypatch, tick, lambda name=name: run.materialize(name)) == {}, name
+        else:
+            run.materialize(name)
+        assert tick() == {}, name
+    run.succeed()
+    assert tick() == {}
+    assert tick() == {}
 
 
 def test_the_refresh_cron_retrains_cohort_and_classifier_not_a_trained_segmentation_model():
