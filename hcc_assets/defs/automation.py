@@ -8,9 +8,10 @@ evaluation, per asset and partition, with the sub-condition that was true or fal
     liver_mask, radiomic_features, deep_embedding
                                 a patient's partition again when a model it was made with changes
                                 (new data version, blocking checks passed: a refused retrain changes
-                                nothing) and none of its inputs is missing or running
+                                nothing) and none of its inputs is missing or running, in two
+                                evaluations in a row (`_held`: never a duplicate of a running step)
     hcc_prediction              the same for any model or input, and for a new patient whose
-                                pipeline run failed before it (e.g. radiomics failed: the deep
+                                pipeline run could not make it (e.g. radiomics failed: the deep
                                 prediction still comes, with the radiomic gap stated)
     analysis (explainable_features, radiomic_model, then the rest in the same run)
                                 once a cohort-level input changed and every per-patient input has
@@ -56,23 +57,8 @@ def _changed() -> AC:
 
 
 def _input_changed() -> AC:
-    """A model or another cohort-level input has a new data version, or some input will be made in
-    this evaluation's same run.
-
-    A per-patient input's own new version does not count. Those come from the patient's own runs
-    (the drop-zone sensor's patient_pipeline, the CLI's jobs): runs of a job, with no asset
-    selection, so executed_with_root_target cannot see that they make this asset too (it also only
-    looks at the asset's latest materialization, of any patient). Counted, every step of a new
-    patient's pipeline armed `since_last_handled` for the next step, and an evaluation that read
-    the asset records just before that step's materialization but its in-progress state just
-    after (Dagster reads the two at different moments; under load seconds apart) saw it neither
-    running nor updated and requested it again (test_a_new_patients_own_pipeline_run_is_never_duplicated).
-    """
-    per_patient = dg.AssetSelection.groups(*PER_PATIENT_GROUPS)
-    return (
-        AC.any_deps_match(_changed()).ignore(per_patient).with_label("a model changed")
-        | AC.any_deps_match(AC.will_be_requested()).with_label("an input is made in the same run")
-    ).with_label("an input changed")
+    """Some input has a new data version, or will be made in this evaluation's same run."""
+    return AC.any_deps_match(_changed() | AC.will_be_requested()).with_label("an input changed")
 
 
 def on_refresh_cron() -> AC:
@@ -91,51 +77,60 @@ def segmentation_retrain() -> AC:
     return (on_refresh_cron() & AC.missing()).with_label(f"on cron {refresh_cron()}, only when never trained")
 
 
+def _held(condition: AC, label: str) -> AC:
+    """`condition` once it has held in two evaluations in a row (one automation tick later), or at
+    once when an input is requested in this same evaluation (a new mask, then its radiomics and
+    prediction in that run: the input passed this rule itself).
+
+    Why: an evaluation reads the asset records when it starts and asks which runs are in progress
+    later (two reads; seconds apart under load). A step of a patient's own pipeline run that
+    finishes in between looks, for that one evaluation, neither made nor running, and its partition
+    would be requested again (test_automation's steps-during-ticks case). The next evaluation sees
+    the materialization, which resets `since_last_handled`; a real refresh still holds then."""
+    with_an_input = AC.any_deps_match(AC.will_be_requested()).with_label("an input is requested now")
+    return (condition & (~condition.newly_true() | with_an_input)).with_label(label)
+
+
 def refresh_patient_feature() -> AC:
-    """A per-patient feature again when a model it reads has a new data version or an input will
-    be made in the same run (a new mask, then its radiomics); never over missing or running inputs,
-    nor from a model whose blocking checks failed. A re-ingested scan is the drop-zone sensor's:
-    its patient_pipeline run makes everything again."""
-    return (
+    """A per-patient feature again when an input has a new data version (a retrained model, a
+    re-ingested volume) or will be made in the same run; never over missing or running inputs,
+    nor from a model whose blocking checks failed."""
+    due = (
         _input_changed().since_last_handled()
         & ~AC.any_deps_missing()
         & ~AC.any_deps_in_progress()
         & ~AC.in_progress()
         & AC.all_deps_blocking_checks_passed()
-    ).with_label("refresh when an input changes")
+    ).with_label("an input changed, and nothing it needs is missing or running")
+    return _held(due, "refresh when an input changes")
 
 
 def refresh_prediction(volume: dg.AssetKey) -> AC:
-    """hcc_prediction: as refresh_patient_feature, and also for a new partition whose pipeline run
-    failed before it (e.g. radiomics failed); it only needs the patient's `volume`: a missing
-    embedding or radiomic row becomes an 'unavailable' prediction with the reason.
-
-    The new partition's case asks for execution_failed (its latest planned run failed without
-    making it), not merely missing and not in progress: Dagster reads `missing` from the asset
-    records it loaded at the start of the evaluation and in-progress runs afterwards, so while the
-    pipeline run writes the prediction the partition can look both missing and not running."""
+    """hcc_prediction: as refresh_patient_feature, and also for a partition that is still missing
+    (its pipeline run stopped before it); it only needs the patient's `volume`: a missing
+    embedding or radiomic row becomes an 'unavailable' prediction with the reason."""
     no_volume = AC.any_deps_missing().allow(dg.AssetSelection.assets(volume)).with_label("no preprocessed volume")
-    pipeline_failed = (AC.newly_missing().since_last_handled() & AC.execution_failed()).with_label(
-        "new partition, its pipeline run failed before the prediction"
-    )
-    return (
-        (_input_changed().since_last_handled() | pipeline_failed)
+    due = (
+        (AC.newly_missing() | _input_changed()).since_last_handled()
         & ~no_volume
         & ~AC.any_deps_in_progress()
         & ~AC.in_progress()
-    ).with_label("predict when a model or an input changes")
+    ).with_label("a model or an input changed, or the partition is new, and nothing it needs is running")
+    return _held(due, "predict when a model or an input changes")
 
 
 def analyse_when_settled() -> AC:
     """The top of the analysis (explainable_features, radiomic_model): after a cohort-level input
     (cohort, a model) has a new data version, once no per-patient input is running. The change
-    must be at least one evaluation old, so that the per-patient refreshes it causes (requested in
-    that evaluation, in runs of their own) are already seen as running."""
+    must be at least two evaluations old: the per-patient refreshes it causes are requested in the
+    evaluation after the change (_held), in runs of their own, and are seen as running from the next."""
     cohort_level = dg.AssetSelection.groups(*COHORT_LEVEL_GROUPS)
     changed_now = AC.any_deps_match(_changed()).allow(cohort_level).with_label("a cohort-level input changed")
+    # two evaluations old: the refreshes it causes are requested in the second (_held)
+    changed_before = (changed_now.since_last_handled() & ~changed_now).with_label("a cohort-level input changed before")
     return (
-        changed_now.since_last_handled()
-        & ~changed_now
+        changed_before
+        & ~changed_before.newly_true()
         & ~AC.any_deps_in_progress()
         & ~AC.in_progress()
         & AC.all_deps_blocking_checks_passed()
