@@ -61,8 +61,38 @@ def ingest_patient(instance, lake, pid, raise_on_error=True) -> dg.ExecuteInProc
     )
 
 
-def materialize_cohort(instance, lake) -> dg.ExecuteInProcessResult:
-    return dg.materialize([cohort, *PATIENT_ASSETS], selection=[cohort], instance=instance, resources={"lake": lake})
+# every per-patient asset, in pipeline order (asset names)
+PER_PATIENT_ASSET_NAMES = [
+    "raw_scan",
+    "nifti_volume",
+    "preprocessed_volume",
+    "liver_mask",
+    "radiomic_features",
+    "deep_embedding",
+    "hcc_prediction",
+]
+
+
+def materialize_cohort(instance, lake, raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
+    return dg.materialize(
+        [cohort, *PATIENT_ASSETS],
+        selection=[cohort],
+        instance=instance,
+        resources={"lake": lake},
+        raise_on_error=raise_on_error,
+    )
+
+
+def sensor_tick(instance, lake, cursor):
+    """One evaluation of the drop-zone sensor through Dagster's build context; the partitions it
+    asks for are added, as the daemon would."""
+    from hcc_assets.defs.sensors import incoming_scans_sensor
+
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"lake": lake})
+    result = incoming_scans_sensor(context)
+    for request in result.dynamic_partitions_requests:
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    return result
 
 
 def failure_message(result: dg.ExecuteInProcessResult) -> str:

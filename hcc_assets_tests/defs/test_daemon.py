@@ -50,6 +50,7 @@ from hcc_assets_tests.defs.hands_off import (
     wait_for_rows,
     wait_for_sensor,
 )
+from hcc_assets_tests.defs.helpers import PER_PATIENT_ASSET_NAMES
 from hcc_assets_tests.model_configs import CLASSIFIER_TRAINING
 
 # The retrain differs from the prepared classifier: a new version. It must pass the blocking
@@ -73,15 +74,6 @@ COHORT_SETTINGS = {
     }
 }
 TERMINAL = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
-PATIENT_ASSETS = [
-    "raw_scan",
-    "nifti_volume",
-    "preprocessed_volume",
-    "liver_mask",
-    "radiomic_features",
-    "deep_embedding",
-    "hcc_prediction",
-]
 ANALYSIS = {
     "explainable_features",
     "explainability_sweep",
@@ -172,7 +164,7 @@ def _check_hands_off(prepared, instance: dg.DagsterInstance, pid: str, runs: lis
     launched = instance.get_runs(dg.RunsFilter(tags={"dagster/sensor_name": "incoming_scans_sensor"}))
     assert [r.tags["dagster/partition"] for r in launched] == [pid]
     assert pid in instance.get_dynamic_partitions("patients")
-    for name in PATIENT_ASSETS:
+    for name in PER_PATIENT_ASSET_NAMES:
         records = instance.fetch_materializations(
             dg.AssetRecordsFilter(asset_key=dg.AssetKey(name), asset_partitions=[pid]), limit=1
         ).records

@@ -10,12 +10,16 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from hcc_assets.defs.cohort import cohort as cohort_asset
-from hcc_assets.defs.sensors import incoming_scans_sensor
 from hcc_assets.intake.pseudonym import study_partition_key
 from hcc_assets.synthetic.cohort import FOLLOW_UP_STUDY_DIR, SynthConfig, synthesize_cohort
 from hcc_assets_tests.conftest import SMALL_COHORT
-from hcc_assets_tests.defs.helpers import PATIENT_ASSETS, failure_message, ingest_patient, make_lake
+from hcc_assets_tests.defs.helpers import (
+    failure_message,
+    ingest_patient,
+    make_lake,
+    materialize_cohort,
+    sensor_tick,
+)
 
 # 6 patients, half of them with a follow-up study 90-400 days after the first
 FOLLOW_UP_COHORT = {**SMALL_COHORT, "patients": 6, "seed": 23, "follow_up_fraction": 0.5}
@@ -39,29 +43,15 @@ def ingested(follow_up_cohort, tmp_path_factory):
     shutil.copytree(source, incoming)
     lake = make_lake(root, incoming)
     with dg.instance_for_test() as instance:
-        tick = _tick(instance, lake, None)
+        tick = sensor_tick(instance, lake, None)
         keys = sorted(r.partition_key for r in tick.run_requests)
         results = {key: ingest_patient(instance, lake, key) for key in keys}
         yield instance, lake, patients, results
 
 
-def _tick(instance, lake, cursor):
-    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"lake": lake})
-    result = incoming_scans_sensor(context)
-    for request in result.dynamic_partitions_requests:
-        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-    return result
-
-
 def _split(instance, lake) -> dg.ExecuteInProcessResult:
     """The cohort asset; its blocking both-classes check may fail on 6 patients: the split is written anyway."""
-    result = dg.materialize(
-        [cohort_asset, *PATIENT_ASSETS],
-        selection=[cohort_asset],
-        instance=instance,
-        resources={"lake": lake},
-        raise_on_error=False,
-    )
+    result = materialize_cohort(instance, lake, raise_on_error=False)
     assert result.asset_materializations_for_node("cohort"), "cohort did not materialize"
     return result
 
@@ -142,7 +132,7 @@ def test_sensor_requests_every_study_and_a_redelivered_follow_up_alone(follow_up
     lake = make_lake(tmp_path, incoming)
     pid = lake.pseudonym(patient.patient_key)
     with dg.instance_for_test() as instance:
-        first = _tick(instance, lake, None)
+        first = sensor_tick(instance, lake, None)
         assert [r.partition_key for r in first.run_requests] == [pid]
         assert ingest_patient(instance, lake, pid).success
 
@@ -150,17 +140,17 @@ def test_sensor_requests_every_study_and_a_redelivered_follow_up_alone(follow_up
         shutil.copytree(
             source / patient.patient_key / FOLLOW_UP_STUDY_DIR, incoming / patient.patient_key / FOLLOW_UP_STUDY_DIR
         )
-        second = _tick(instance, lake, first.cursor)
+        second = sensor_tick(instance, lake, first.cursor)
         assert [r.partition_key for r in second.run_requests] == [f"{pid}.s2"]
         assert sorted(instance.get_dynamic_partitions("patients")) == [pid, f"{pid}.s2"]
         assert not any(patient.patient_key in (r.run_key or "") for r in second.run_requests)
-        assert _tick(instance, lake, second.cursor).run_requests == []
+        assert sensor_tick(instance, lake, second.cursor).run_requests == []
 
         # a lost cursor: both studies of a fresh two-study folder become partitions and runs
         other = next(p for p in patients if p.follow_up_days is not None and p is not patient)
         shutil.copytree(source / other.patient_key, incoming / other.patient_key)
         other_pid = lake.pseudonym(other.patient_key)
-        reset = _tick(instance, lake, None)
+        reset = sensor_tick(instance, lake, None)
         assert sorted(r.partition_key for r in reset.run_requests) == sorted(
             [f"{pid}.s2", other_pid, f"{other_pid}.s2"]
         )
@@ -177,7 +167,7 @@ def test_two_patients_in_one_folder_are_still_refused(follow_up_cohort, tmp_path
     lake = make_lake(tmp_path, incoming)
     pid = lake.pseudonym(patient.patient_key)
     with dg.instance_for_test() as instance:
-        tick = _tick(instance, lake, None)
+        tick = sensor_tick(instance, lake, None)
         assert [r.partition_key for r in tick.run_requests] == [pid]  # the bare pseudonym: its run says why
         result = ingest_patient(instance, lake, pid, raise_on_error=False)
         message = failure_message(result)

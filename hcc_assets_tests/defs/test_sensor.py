@@ -5,18 +5,9 @@ import shutil
 
 import dagster as dg
 
-from hcc_assets.defs.sensors import incoming_scans_sensor
 from hcc_assets.synthetic.cohort import SynthConfig, synthesize_cohort
 from hcc_assets_tests.conftest import SMALL_COHORT
-from hcc_assets_tests.defs.helpers import ingest_patient, make_lake
-
-
-def _tick(instance, lake, cursor):
-    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"lake": lake})
-    result = incoming_scans_sensor(context)
-    for request in result.dynamic_partitions_requests:
-        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-    return result
+from hcc_assets_tests.defs.helpers import ingest_patient, make_lake, sensor_tick
 
 
 def test_sensor_registers_requests_once_and_picks_up_new_patients(incoming_copy, tmp_path):
@@ -28,24 +19,24 @@ def test_sensor_registers_requests_once_and_picks_up_new_patients(incoming_copy,
     lake = make_lake(tmp_path, incoming)
     expected = sorted(lake.pseudonym(p.patient_key) for p in patients)
     with dg.instance_for_test() as instance:
-        first = _tick(instance, lake, None)
+        first = sensor_tick(instance, lake, None)
         assert sorted(r.partition_key for r in first.run_requests) == expected
         assert sorted(instance.get_dynamic_partitions("patients")) == expected
         assert all(r.run_key and r.run_key.startswith(r.partition_key) for r in first.run_requests)
         assert not any(p.patient_key in first.cursor for p in patients)  # the cursor holds pseudonyms only
 
-        second = _tick(instance, lake, first.cursor)
+        second = sensor_tick(instance, lake, first.cursor)
         assert second.run_requests == [] and second.dynamic_partitions_requests == []
 
         extra = synthesize_cohort(tmp_path / "more", SynthConfig(**{**SMALL_COHORT, "patients": 1, "seed": 99}))[0]
         shutil.copytree(tmp_path / "more" / extra.patient_key, incoming / extra.patient_key)
-        third = _tick(instance, lake, second.cursor)
+        third = sensor_tick(instance, lake, second.cursor)
         assert [r.partition_key for r in third.run_requests] == [lake.pseudonym(extra.patient_key)]
 
         # a lost cursor does not re-ingest a patient already ingested from the same bytes
         done = expected[0]
         assert ingest_patient(instance, lake, done).success
-        reset = _tick(instance, lake, None)
+        reset = sensor_tick(instance, lake, None)
         requested = {r.partition_key for r in reset.run_requests}
         assert done not in requested and len(requested) == len(expected)
         assert set(json.loads(reset.cursor)) >= set(expected)
