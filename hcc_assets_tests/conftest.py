@@ -85,7 +85,7 @@ LONGEST_FIRST = [
     "defs/test_analysis_assets.py",
     "defs/test_segmentation_assets.py",
     "defs/test_prediction_assets.py",
-    "defs/test_dask_executor.py",  # before the daemon's: the two together (12+ processes) run 4-7x slower
+    "defs/test_dask_executor.py",
     "defs/test_daemon.py",
     "defs/test_parallel_runs.py",
     "test_ui_browser.py",
