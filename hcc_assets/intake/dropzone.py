@@ -43,6 +43,12 @@ def _raise(error: OSError) -> None:
     raise error
 
 
+def _file_entry(path: Path, folder: Path) -> tuple[bytes, float]:
+    """One file's line of a fingerprint (relative name, size, mtime) and its mtime."""
+    stat = path.stat()
+    return f"{os.path.relpath(path, folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode(), stat.st_mtime
+
+
 def folder_fingerprint(folder: Path) -> tuple[str, float, int]:
     """(digest of relative names, sizes and mtimes; newest mtime; file count). Raises OSError when
     any folder inside cannot be listed (os.walk would silently leave it out)."""
@@ -52,10 +58,9 @@ def folder_fingerprint(folder: Path) -> tuple[str, float, int]:
     for root, dirs, files in os.walk(folder, onerror=_raise):
         dirs.sort()
         for name in sorted(files):
-            stat = os.stat(os.path.join(root, name))
-            rel = os.path.relpath(os.path.join(root, name), folder)
-            digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-            newest = max(newest, stat.st_mtime)
+            line, mtime = _file_entry(Path(root, name), folder)
+            digest.update(line)
+            newest = max(newest, mtime)
             count += 1
     return digest.hexdigest()[:16], newest, count
 
@@ -72,8 +77,7 @@ def study_fingerprint(folder: Path, study: StudyRef) -> str:
     for path in sorted(files):
         if path.name.startswith("."):  # markers: not part of the study
             continue
-        stat = path.stat()
-        digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(_file_entry(path, folder)[0])
     return digest.hexdigest()[:16]
 
 
