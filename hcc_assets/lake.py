@@ -169,7 +169,7 @@ class DataLake:
 
 def nifti_bytes(image: nib.Nifti1Image) -> bytes:
     """Gzipped NIfTI-1 with mtime 0, so identical volumes give identical bytes."""
-    return gzip.compress(image.to_bytes(), compresslevel=6, mtime=0)
+    return gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)
 
 
 def nifti_from_bytes(data: bytes) -> nib.Nifti1Image:

@@ -11,11 +11,13 @@ same jobs defined with dagster-dask's executor (hcc_assets.dask_definitions).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 
 import dagster as dg
 
@@ -125,6 +127,20 @@ def _run_patient(
     return patient_id, result.success, failure
 
 
+@contextmanager
+def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """Worker processes to pass to several `materialize_patients` calls in a row (ingest, features,
+    predictions), so each worker imports Dagster, the definitions, torch and the models once rather
+    than once per stage; None for one worker (runs in this process)."""
+    if workers <= 1:
+        yield None
+        return
+    os.environ.update(THREAD_ENV)  # inherited by the spawned workers before torch loads
+    context = multiprocessing.get_context("spawn")  # never fork a process that holds torch threads
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        yield pool
+
+
 def materialize_patients(
     patient_ids: list[str],
     workers: int = 2,
@@ -133,11 +149,13 @@ def materialize_patients(
     progress: Callable[[int, int, tuple[str, bool, str], float], None] | None = None,
     dask_address: str = "",
     assets: tuple[str, ...] | None = None,
+    pool: ProcessPoolExecutor | None = None,
 ) -> list[tuple[str, bool, str]]:
     """Run `job` for each patient, one run per patient; returns (patient_id, success, first error
     line) in input order. `progress(done, total, result, elapsed_s)` is called as each run ends.
     executor: in_process | multiprocess | dask (steps on the Dask scheduler at `dask_address`).
-    `assets`: only these assets of the job (default: all)."""
+    `assets`: only these assets of the job (default: all). `pool`: the `worker_pool(workers)` to
+    run in (default: a pool of `workers` for this call only)."""
     os.environ.update(THREAD_ENV)  # inherited by the spawned workers before torch loads
     n = len(patient_ids)
     threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
@@ -152,14 +170,15 @@ def materialize_patients(
     if workers <= 1:
         for pid in patient_ids:
             finished(_run_patient(pid, executor, job, threads, dask_address, assets))
-    else:
-        context = multiprocessing.get_context("spawn")  # never fork a process that holds torch threads
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            futures = [
-                pool.submit(_run_patient, pid, executor, job, threads, dask_address, assets) for pid in patient_ids
-            ]
-            for future in as_completed(futures):
-                finished(future.result())
+        return [results[pid] for pid in patient_ids]
+    with contextlib.ExitStack() as own:
+        runs_in = pool or own.enter_context(worker_pool(workers))
+        assert runs_in is not None
+        futures = [
+            runs_in.submit(_run_patient, pid, executor, job, threads, dask_address, assets) for pid in patient_ids
+        ]
+        for future in as_completed(futures):
+            finished(future.result())
     return [results[pid] for pid in patient_ids]
 
 

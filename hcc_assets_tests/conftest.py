@@ -71,6 +71,7 @@ INTEGRATION_MODULES = {
     "deep/test_train.py",
     "segmentation/test_training_inference.py",
     "intake/test_receiver.py",
+    "test_cli_materialize.py",
     "test_ui_browser.py",
     "test_webserver.py",
 }

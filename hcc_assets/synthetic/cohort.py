@@ -46,7 +46,11 @@ import functools
 import gzip
 import io
 import logging
+import multiprocessing
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Literal
 
@@ -1082,8 +1086,13 @@ def _merge_metadata(out_dir: Path, rows: list[dict[str, str]]) -> None:
     atomic_write_bytes(path, buffer.getvalue().encode())
 
 
-def synthesize_cohort(out_dir: Path, config: SynthConfig, layout: Layout = "drop") -> list[SynthPatient]:
+def synthesize_cohort(
+    out_dir: Path, config: SynthConfig, layout: Layout = "drop", workers: int = 1
+) -> list[SynthPatient]:
     """Write the synthetic cohort under `out_dir` (see module docstring) and describe it.
+
+    `workers` > 1 writes patients in that many processes at once; each patient draws from its own
+    seeded generators, so the files are the same bytes as with one.
 
     A patient folder that already exists is replaced as a whole; other content of `out_dir`
     is left alone except for labels.csv (drop) or metadata.csv (tcia), which gain (or update)
@@ -1098,9 +1107,15 @@ def synthesize_cohort(out_dir: Path, config: SynthConfig, layout: Layout = "drop
     out_dir.mkdir(parents=True, exist_ok=True)
     config = layout_config(config, layout)
     plan = _plan(config)
+    results: Iterable[tuple[SynthPatient, list[dict[str, str]]]]
+    if workers > 1 and len(plan) > 1:
+        context = multiprocessing.get_context("spawn")  # the caller may hold threads: never fork
+        with ProcessPoolExecutor(max_workers=min(workers, len(plan)), mp_context=context) as pool:
+            results = list(pool.map(_synthesize_patient, repeat(out_dir), repeat(config), plan, repeat(layout)))
+    else:
+        results = (_synthesize_patient(out_dir, config, planned, layout) for planned in plan)
     patients, metadata = [], []
-    for number, planned in enumerate(plan, start=1):
-        patient, rows = _synthesize_patient(out_dir, config, planned, layout)
+    for number, (planned, (patient, rows)) in enumerate(zip(plan, results), start=1):
         patients.append(patient)
         metadata.extend(rows)
         log.info(

@@ -134,6 +134,15 @@ def test_same_config_gives_identical_bytes(cohort, tmp_path):
     assert not list(out.glob(".*partial"))
 
 
+def test_patients_written_in_two_processes_are_the_same_bytes(cohort, tmp_path):
+    out, patients = cohort
+    parallel = tmp_path / "parallel"
+    described = synthesize_cohort(parallel, SMALL, workers=2)
+    assert [p.patient_key for p in described] == [p.patient_key for p in patients]
+    assert [p.hcc for p in described] == [p.hcc for p in patients]
+    assert tree_digest(parallel) == tree_digest(out)
+
+
 def test_reference_mask_overlays_t2_volume(cohort):
     out, patients = cohort
     for patient in patients:
