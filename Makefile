@@ -7,7 +7,7 @@ LAKE ?= data_lake
 # synthetic (default) or studylike: CHAOS-layout healthy + TCGA-LIHC-layout HCC through the importers
 DEMO_SOURCE ?= synthetic
 # lesion signal of the synthetic cohort (hcc-assets demo --help); 0 = a null cohort
-DEMO_LESION_CONTRAST ?= 1.5
+DEMO_LESION_CONTRAST ?= 1.25
 # OpenMP busy-waiting makes 2-thread torch ~10x slower on these CPUs; set before torch starts.
 export OMP_WAIT_POLICY := PASSIVE
 export PIP_DISABLE_PIP_VERSION_CHECK := 1

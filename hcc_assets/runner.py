@@ -17,7 +17,6 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
 
 import dagster as dg
 
@@ -127,7 +126,7 @@ def _run_patient(
     return patient_id, result.success, failure
 
 
-@contextmanager
+@contextlib.contextmanager
 def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
     """Worker processes to pass to several `materialize_patients` calls in a row (ingest, features,
     predictions), so each worker imports Dagster, the definitions, torch and the models once rather
