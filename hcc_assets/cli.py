@@ -205,13 +205,15 @@ def cmd_materialize(args, stages: list[tuple[str, float]] | None = None) -> int:
         print(f"patient {pid}: {reason}; skipped", flush=True)
     stages.append(("start-up (definitions, partitions)", time.perf_counter() - begun))
     with runner.worker_pool(args.workers) as pool:  # one set of worker processes for every per-patient stage
-        ok = _materialize_stages(args, runner, ready, stages, pool)
+        ok = _materialize_stages(args, ready, stages, pool)
     _print_stages(stages)
     return 0 if ok else 1
 
 
-def _materialize_stages(args, runner, ready: list[str], stages: list[tuple[str, float]], pool) -> bool:
+def _materialize_stages(args, ready: list[str], stages: list[tuple[str, float]], pool) -> bool:
     """The stages of `cmd_materialize` after start-up; True when every stage that ran succeeded."""
+    from hcc_assets import runner
+
     start = time.perf_counter()
     # --dask-address: each run's steps go to that Dask scheduler (hcc_assets.dask_definitions)
     on_dask = {"executor": "dask", "dask_address": args.dask_address} if getattr(args, "dask_address", None) else {}

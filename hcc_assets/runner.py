@@ -126,6 +126,12 @@ def _run_patient(
     return patient_id, result.success, failure
 
 
+def _spawned_pool(workers: int) -> ProcessPoolExecutor:
+    os.environ.update(THREAD_ENV)  # inherited by the spawned workers before torch loads
+    context = multiprocessing.get_context("spawn")  # never fork a process that holds torch threads
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
+
+
 @contextlib.contextmanager
 def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
     """Worker processes to pass to several `materialize_patients` calls in a row (ingest, features,
@@ -134,9 +140,7 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
     if workers <= 1:
         yield None
         return
-    os.environ.update(THREAD_ENV)  # inherited by the spawned workers before torch loads
-    context = multiprocessing.get_context("spawn")  # never fork a process that holds torch threads
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with _spawned_pool(workers) as pool:
         yield pool
 
 
@@ -171,8 +175,7 @@ def materialize_patients(
             finished(_run_patient(pid, executor, job, threads, dask_address, assets))
         return [results[pid] for pid in patient_ids]
     with contextlib.ExitStack() as own:
-        runs_in = pool or own.enter_context(worker_pool(workers))
-        assert runs_in is not None
+        runs_in = pool or own.enter_context(_spawned_pool(workers))
         futures = [
             runs_in.submit(_run_patient, pid, executor, job, threads, dask_address, assets) for pid in patient_ids
         ]
