@@ -11,8 +11,7 @@ from typing import cast
 
 
 def _lake_root(args) -> str:
-    from hcc_assets.defs.resources import default_lake_root
-    from hcc_assets.lake import is_local_url
+    from hcc_assets.lake import default_lake_root, is_local_url
 
     root = getattr(args, "lake", None)
     if root:
@@ -23,12 +22,12 @@ def _lake_root(args) -> str:
 
 def _incoming(args) -> Path:
     """--out, else the lake's drop zone ($HCC_ASSETS_INCOMING, or <lake>/incoming for a local lake)."""
-    from hcc_assets.defs.resources import default_lake_resource
+    from hcc_assets.lake import LakeSettings
 
     if getattr(args, "out", None):
         return Path(args.out)
     _lake_root(args)
-    return default_lake_resource().incoming_dir
+    return LakeSettings.from_environment().incoming_dir
 
 
 def cmd_synth(args) -> int:
@@ -124,13 +123,14 @@ def cmd_receive(args) -> int:
 
 def _store(args):
     """The feature store the settings name, or --catalog/--data, at --snapshot/--as-of if given."""
-    from hcc_assets.defs.resources import default_lake_resource
     from hcc_assets.featurestore import FeatureStore
+    from hcc_assets.lake import LakeSettings
 
     _lake_root(args)
-    resource = default_lake_resource()
+    settings = LakeSettings.from_environment()
+    # --catalog/--data first: a catalog named on the command line needs no lake root's default
     store = FeatureStore(
-        args.catalog or resource.feature_store_catalog, args.data or resource.feature_store_data or None
+        args.catalog or settings.feature_store_catalog, args.data or settings.feature_store_data or None
     )
     if getattr(args, "snapshot", None) is not None or getattr(args, "as_of", None):
         store = store.at(snapshot=args.snapshot, time=args.as_of)

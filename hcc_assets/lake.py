@@ -19,6 +19,7 @@ import gzip
 import hashlib
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
@@ -51,6 +52,74 @@ def local_path_of(url: str | os.PathLike[str]) -> Path:
     if not is_local_url(url):
         raise ValueError(f"{url} is not on the local filesystem")
     return Path(fsspec.core.strip_protocol(str(url)))
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_lake_root() -> str:
+    """$HCC_ASSETS_LAKE, else the project's data_lake/ folder."""
+    return os.environ.get("HCC_ASSETS_LAKE", str(PROJECT_ROOT / "data_lake"))
+
+
+@dataclass(frozen=True)
+class LakeSettings:
+    """Where data lives: the lake root (local folder or fsspec URL), the drop zone and the
+    feature store. `incoming` defaults to <root>/incoming; it is read-only to the platform.
+
+    The feature store is a DuckLake: `feature_store` is its catalog (a SQLite file path, default
+    <root>/feature_store.sqlite, or `postgres:dbname=... host=...`) and `feature_store_data` the
+    folder or object-store URL of its Parquet files (default <root>/feature_store/). The lake root
+    may be remote (s3://bucket/hcc, gs://..., memory://...); the drop zone is a local or mounted
+    folder (the DICOM readers walk it), so with a remote root `incoming` and `feature_store` must be
+    set: there is no default for them under a remote root. See docs/scaling.md.
+
+    Plain (no Dagster) so that the command line resolves the same places without loading the
+    orchestration layer: `hcc-assets sql` starts in half the time."""
+
+    root: str
+    incoming: str = ""
+    feature_store: str = ""
+    feature_store_data: str = ""
+
+    @classmethod
+    def from_environment(cls) -> LakeSettings:
+        """$HCC_ASSETS_LAKE (root), $HCC_ASSETS_INCOMING and $HCC_ASSETS_FEATURE_STORE (both required
+        when the root is remote), $HCC_ASSETS_FEATURE_STORE_DATA (the feature store's data path)."""
+        return cls(
+            root=default_lake_root(),
+            incoming=os.environ.get("HCC_ASSETS_INCOMING", ""),
+            feature_store=os.environ.get("HCC_ASSETS_FEATURE_STORE", ""),
+            feature_store_data=os.environ.get("HCC_ASSETS_FEATURE_STORE_DATA", ""),
+        )
+
+    @property
+    def incoming_dir(self) -> Path:
+        """The drop zone: a local or mounted folder (the sensor and the DICOM readers walk it)."""
+        if self.incoming:
+            if not is_local_url(self.incoming):
+                raise ValueError(f"LakeResource.incoming {self.incoming!r} must be a local or mounted folder")
+            return local_path_of(self.incoming)
+        if not is_local_url(self.root):
+            raise ValueError(
+                f"the data lake root {self.root!r} is not a local folder: set LakeResource.incoming "
+                "($HCC_ASSETS_INCOMING) to the local or mounted drop-zone folder"
+            )
+        return local_path_of(self.root) / "incoming"
+
+    @property
+    def feature_store_catalog(self) -> str:
+        """The DuckLake catalog: `feature_store`, else <root>/feature_store.sqlite for a local root."""
+        if self.feature_store:
+            return self.feature_store
+        if not is_local_url(self.root):
+            raise ValueError(
+                f"the data lake root {self.root!r} is not a local folder: set LakeResource.feature_store "
+                "($HCC_ASSETS_FEATURE_STORE) to the DuckLake catalog, e.g. "
+                "postgres:dbname=hcc host=db.example.org user=hcc, and feature_store_data "
+                "($HCC_ASSETS_FEATURE_STORE_DATA) to where its Parquet files go"
+            )
+        return str(local_path_of(self.root) / "feature_store.sqlite")
 
 
 class DataLake:

@@ -92,7 +92,32 @@ LONGEST_FIRST = [
     "test_ui_browser.py",
     "defs/test_postgres.py",
     "defs/test_deep_assets.py",
+    # the unit tier's longest
+    "featurestore/test_ducklake.py",
+    "featurestore/test_store.py",
+    "steps/test_ingest.py",
+    "segmentation/test_dataset_and_plans.py",
+    "featurestore/test_radiomic_vectors.py",
 ]
+
+
+def _is_integration_module(module: str) -> bool:
+    """Whole modules of the integration tier, by path relative to hcc_assets_tests/."""
+    return (module.startswith("defs/") and module not in UNIT_MODULES_IN_DEFS) or module in INTEGRATION_MODULES
+
+
+def pytest_ignore_collect(collection_path, config):
+    """Under `-m "not integration"` (make test-fast) the integration modules are not even imported:
+    their imports (Dagster's definitions, dask, the study helpers) cost each worker seconds."""
+    if "".join(str(config.getoption("markexpr", "")).split()) != "notintegration":
+        return None
+    if collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
+        return None
+    try:
+        module = collection_path.relative_to(Path(__file__).parent).as_posix()
+    except ValueError:
+        return None
+    return True if _is_integration_module(module) else None
 
 
 def pytest_collection_modifyitems(config, items):
@@ -100,8 +125,7 @@ def pytest_collection_modifyitems(config, items):
     modules = {id(item): Path(item.fspath).relative_to(root).as_posix() for item in items}
     for item in items:
         module = modules[id(item)]
-        in_defs = module.startswith("defs/") and module not in UNIT_MODULES_IN_DEFS
-        if in_defs or module in INTEGRATION_MODULES or item.get_closest_marker("slow"):
+        if _is_integration_module(module) or item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.integration)
     rank = {module: i for i, module in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(modules[id(item)], len(rank)))  # stable: file order otherwise

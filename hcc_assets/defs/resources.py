@@ -18,13 +18,7 @@ from hcc_assets.intake.pseudonym import (
     split_partition_key,
     study_partition_key,
 )
-from hcc_assets.lake import DataLake, is_local_url, local_path_of
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-def default_lake_root() -> str:
-    return os.environ.get("HCC_ASSETS_LAKE", str(PROJECT_ROOT / "data_lake"))
+from hcc_assets.lake import DataLake, LakeSettings, is_local_url, local_path_of
 
 
 def env_seconds(name: str, default: int) -> int:
@@ -36,15 +30,9 @@ def env_seconds(name: str, default: int) -> int:
 
 
 class LakeResource(dg.ConfigurableResource):
-    """Where data lives: the lake root (local folder or fsspec URL), the drop zone and the
-    feature store. `incoming` defaults to <root>/incoming; it is read-only to the platform.
-
-    The feature store is a DuckLake: `feature_store` is its catalog (a SQLite file path, default
-    <root>/feature_store.sqlite, or `postgres:dbname=... host=...`) and `feature_store_data` the
-    folder or object-store URL of its Parquet files (default <root>/feature_store/). The lake root
-    may be remote (s3://bucket/hcc, gs://..., memory://...); the drop zone is a local or mounted
-    folder (the DICOM readers walk it), so with a remote root `incoming` and `feature_store` must be
-    set: there is no default for them under a remote root. See docs/scaling.md."""
+    """The lake's settings (`hcc_assets.lake.LakeSettings`, which says what each one means) as a
+    Dagster resource, with the pseudonym key and the drop zone's folders. `quiet_seconds`: how long
+    a drop folder must be unchanged before it counts as complete."""
 
     root: str
     incoming: str = ""
@@ -53,36 +41,20 @@ class LakeResource(dg.ConfigurableResource):
     quiet_seconds: float = 60.0
 
     @property
+    def settings(self) -> LakeSettings:
+        return LakeSettings(self.root, self.incoming, self.feature_store, self.feature_store_data)
+
+    @property
     def lake(self) -> DataLake:
         return DataLake(self.root)
 
     @property
     def incoming_dir(self) -> Path:
-        """The drop zone: a local or mounted folder (the sensor and the DICOM readers walk it)."""
-        if self.incoming:
-            if not is_local_url(self.incoming):
-                raise ValueError(f"LakeResource.incoming {self.incoming!r} must be a local or mounted folder")
-            return local_path_of(self.incoming)
-        if not is_local_url(self.root):
-            raise ValueError(
-                f"the data lake root {self.root!r} is not a local folder: set LakeResource.incoming "
-                "($HCC_ASSETS_INCOMING) to the local or mounted drop-zone folder"
-            )
-        return local_path_of(self.root) / "incoming"
+        return self.settings.incoming_dir
 
     @property
     def feature_store_catalog(self) -> str:
-        """The DuckLake catalog: `feature_store`, else <root>/feature_store.sqlite for a local root."""
-        if self.feature_store:
-            return self.feature_store
-        if not is_local_url(self.root):
-            raise ValueError(
-                f"the data lake root {self.root!r} is not a local folder: set LakeResource.feature_store "
-                "($HCC_ASSETS_FEATURE_STORE) to the DuckLake catalog, e.g. "
-                "postgres:dbname=hcc host=db.example.org user=hcc, and feature_store_data "
-                "($HCC_ASSETS_FEATURE_STORE_DATA) to where its Parquet files go"
-            )
-        return str(local_path_of(self.root) / "feature_store.sqlite")
+        return self.settings.feature_store_catalog
 
     @property
     def store(self) -> FeatureStore:
@@ -139,14 +111,13 @@ class LakeResource(dg.ConfigurableResource):
 
 
 def default_lake_resource() -> LakeResource:
-    """The lake as the environment sets it (read when the definitions load): $HCC_ASSETS_LAKE (root),
-    $HCC_ASSETS_INCOMING and $HCC_ASSETS_FEATURE_STORE (both required when the root is remote),
-    $HCC_ASSETS_FEATURE_STORE_DATA (the feature store's data path)."""
+    """The lake as the environment sets it (read when the definitions load): `LakeSettings.from_environment`."""
+    settings = LakeSettings.from_environment()
     return LakeResource(
-        root=default_lake_root(),
-        incoming=os.environ.get("HCC_ASSETS_INCOMING", ""),
-        feature_store=os.environ.get("HCC_ASSETS_FEATURE_STORE", ""),
-        feature_store_data=os.environ.get("HCC_ASSETS_FEATURE_STORE_DATA", ""),
+        root=settings.root,
+        incoming=settings.incoming,
+        feature_store=settings.feature_store,
+        feature_store_data=settings.feature_store_data,
     )
 
 

@@ -908,9 +908,10 @@ def _file_name(layout: str, series: _SeriesAcquisition, row: int) -> str:
 
 
 def _synthesize_patient(
-    out_dir: Path, config: SynthConfig, planned: _Planned, layout: str = "drop"
+    out_dir: Path, config: SynthConfig, planned: _Planned, layout: str = "drop", merge_label: bool = True
 ) -> tuple[SynthPatient, list[dict[str, str]]]:
-    """Write one patient in `layout`; returns it and (tcia) its metadata.csv rows."""
+    """Write one patient in `layout`; returns it and (tcia) its metadata.csv rows. `merge_label`
+    False: the caller has put the patient's labels.csv row in already (parallel writers)."""
     phantom = _phantom(config.seed, planned.index, planned.hcc)
     acquisition = _acquisition(config, planned, phantom)
     identity = _identity(config, planned)
@@ -1050,7 +1051,7 @@ def _synthesize_patient(
                 (staging / folder / "Ground").mkdir(parents=True)
                 for row, k in enumerate(range(series.first_slice, series.stop_slice)):
                     (staging / folder / "Ground" / f"{file_stems[contrast][row]}.png").write_bytes(array_png(grey[k]))
-        if layout == "drop":
+        if layout == "drop" and merge_label:
             _merge_synthetic_labels(out_dir, {planned.key: int(planned.hcc)})  # the label is there before the folder
     follow_up_phi: tuple[str, ...] = ()
     follow_up_days: int | None = None
@@ -1109,9 +1110,15 @@ def synthesize_cohort(
     plan = _plan(config)
     results: Iterable[tuple[SynthPatient, list[dict[str, str]]]]
     if workers > 1 and len(plan) > 1:
+        # labels.csv is read, changed and rewritten: processes merging their own rows at once would
+        # lose each other's. All rows go in here first, so each label is still there before its folder.
+        if layout == "drop":
+            _merge_synthetic_labels(out_dir, {planned.key: int(planned.hcc) for planned in plan})
         context = multiprocessing.get_context("spawn")  # the caller may hold threads: never fork
         with ProcessPoolExecutor(max_workers=min(workers, len(plan)), mp_context=context) as pool:
-            results = list(pool.map(_synthesize_patient, repeat(out_dir), repeat(config), plan, repeat(layout)))
+            results = list(
+                pool.map(_synthesize_patient, repeat(out_dir), repeat(config), plan, repeat(layout), repeat(False))
+            )
     else:
         results = (_synthesize_patient(out_dir, config, planned, layout) for planned in plan)
     patients, metadata = [], []
