@@ -1,9 +1,21 @@
 import hashlib
 
 import pytest
-import torch
 
-from hcc_assets.deep import SEEDED_RANDOM_INIT, CheckpointMismatchError, build_classifier, load_medicalnet_checkpoint
+
+@pytest.fixture(scope="module", autouse=True)
+def _import_torch_and_monai():
+    """torch and MONAI take seconds to import: they load when these tests run, not when each
+    pytest-xdist worker collects this module (the unit tier's start-up)."""
+    global torch, SEEDED_RANDOM_INIT, CheckpointMismatchError, build_classifier, load_medicalnet_checkpoint
+    import torch
+
+    from hcc_assets.deep import (
+        SEEDED_RANDOM_INIT,
+        CheckpointMismatchError,
+        build_classifier,
+        load_medicalnet_checkpoint,
+    )
 
 
 def write_medicalnet_file(model, path, edit=None):

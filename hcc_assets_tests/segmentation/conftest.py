@@ -16,35 +16,51 @@ TRAINING_CASES = 6
 
 
 @dataclass
-class TrainedModel:
-    folder: Path  # nnU-Net's model folder
+class PlannedDataset:
     raw_dir: Path
     preprocessed_dir: Path
     plans_file: Path
 
 
-@pytest.fixture(scope="session")
-def trained_model(tmp_path_factory) -> TrainedModel:
-    """One short nnU-Net training for the whole run, shared by pytest-xdist workers via a lock."""
+@dataclass
+class TrainedModel(PlannedDataset):
+    folder: Path  # nnU-Net's model folder
+
+
+def _shared_once(tmp_path_factory, name: str, make) -> dict:
+    """`make(folder)` run once for the whole run, shared by pytest-xdist workers via a lock."""
     shared = shared_run_folder(tmp_path_factory)
-    root = shared / "segmentation_model"
-    with FileLock(str(shared / "segmentation_model.lock")):
+    root = shared / name
+    with FileLock(str(shared / f"{name}.lock")):
         done = root / "done.json"
         if not done.exists():
-            done.write_text(json.dumps(_train(root)))
-        return TrainedModel(**{field: Path(path) for field, path in json.loads(done.read_text()).items()})
+            done.write_text(json.dumps(make(root)))
+        return {field: Path(path) for field, path in json.loads(done.read_text()).items()}
 
 
-def _train(root: Path) -> dict:
+@pytest.fixture(scope="session")
+def planned_dataset(tmp_path_factory) -> PlannedDataset:
+    """The tiny cases as an nnU-Net raw dataset, planned and preprocessed once for the whole run:
+    the planning tests need no training."""
+    return PlannedDataset(**_shared_once(tmp_path_factory, "segmentation_dataset", _plan))
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory, planned_dataset) -> TrainedModel:
+    """One short nnU-Net training on `planned_dataset` for the whole run (training reads the plans
+    and the preprocessed data, it never changes them)."""
+
+    def make(root: Path) -> dict:
+        folder = train(SegmentationTrainingConfig(**TRAINING), planned_dataset.preprocessed_dir, root / "results")
+        return {"folder": str(folder)}
+
+    return TrainedModel(**vars(planned_dataset), **_shared_once(tmp_path_factory, "segmentation_model", make))
+
+
+def _plan(root: Path) -> dict:
     config = SegmentationTrainingConfig(**TRAINING)
     cases = write_cases(root / "cases", TRAINING_CASES)
-    raw, preprocessed, results = root / "raw", root / "preprocessed", root / "results"
+    raw, preprocessed = root / "raw", root / "preprocessed"
     build_raw_dataset(cases, raw, config.dataset_id, config.dataset_name)
     plans_file = plan_and_preprocess(config, raw, preprocessed)
-    folder = train(config, preprocessed, results)
-    return {
-        "folder": str(folder),
-        "raw_dir": str(raw),
-        "preprocessed_dir": str(preprocessed),
-        "plans_file": str(plans_file),
-    }
+    return {"raw_dir": str(raw), "preprocessed_dir": str(preprocessed), "plans_file": str(plans_file)}

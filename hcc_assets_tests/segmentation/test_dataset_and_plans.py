@@ -62,13 +62,13 @@ def test_raw_dataset_rejects_bad_case_ids(tmp_path):
         build_raw_dataset([("../x", case[1], case[2])], tmp_path / "raw", 7, "Tiny")
 
 
-def test_3d_cpu_configuration_builds_a_network_for_its_patch(trained_model, tmp_path):
+def test_3d_cpu_configuration_builds_a_network_for_its_patch(planned_dataset, tmp_path):
     import torch
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     plans_file = tmp_path / "plans.json"
-    shutil.copy(trained_model.plans_file, plans_file)
+    shutil.copy(planned_dataset.plans_file, plans_file)
     config = SegmentationTrainingConfig(configuration="3d_cpu", patch_size=(16, 32, 32), batch_size=2)
     add_cpu_configuration(plans_file, config)
     resolved = PlansManager(json.loads(plans_file.read_text())).get_configuration("3d_cpu")
@@ -89,9 +89,9 @@ def test_3d_cpu_configuration_builds_a_network_for_its_patch(trained_model, tmp_
         assert network(torch.zeros(1, 1, 16, 32, 32)).shape == (1, 3, 16, 32, 32)
 
 
-def test_a_coarser_spacing_gets_its_own_data_and_a_matching_patch(trained_model, tmp_path):
+def test_a_coarser_spacing_gets_its_own_data_and_a_matching_patch(planned_dataset, tmp_path):
     plans_file = tmp_path / "plans.json"
-    shutil.copy(trained_model.plans_file, plans_file)
+    shutil.copy(planned_dataset.plans_file, plans_file)
     reduced = add_cpu_configuration(plans_file, SegmentationTrainingConfig(spacing=(12.0, 12.0)))
     # The tiny cases are 48x48 at 6 mm: 24x24 at 12 mm, which nnU-Net's topology keeps.
     assert reduced["spacing"] == [12.0, 12.0] and reduced["patch_size"] == [24, 24]
