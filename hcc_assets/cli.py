@@ -220,20 +220,19 @@ def _materialize_stages(args, ready: list[str], stages: list[tuple[str, float]],
     results = runner.materialize_patients(
         ready, workers=args.workers, progress=_progress_line("ingest"), pool=pool, **on_dask
     )
-    _report("ingested", results, time.perf_counter() - start, args.workers)
-    stages.append(("ingest (one run per patient)", time.perf_counter() - start))
+    _report("ingested", results, _stage_done(stages, "ingest (one run per patient)", start), args.workers)
     if not args.cohort:
         return True
     ingested = [pid for pid, ok, _ in results if ok]
     start = time.perf_counter()
     print("cohort assets (split, segmentation model, classifier): running; progress in the log lines", flush=True)
     cohort_ok = runner.materialize_cohort()
-    stages.append(("cohort split, segmentation model, classifier", time.perf_counter() - start))
+    cohort_seconds = _stage_done(stages, "cohort split, segmentation model, classifier", start)
     classifier = _classifier_state()
     refused = classifier["refused"]
     print(
         f"cohort assets (split, models): {'ok' if cohort_ok else 'FAILED (see the run in the UI)' if not refused else 'done'}"
-        f" in {time.perf_counter() - start:.1f}s"
+        f" in {cohort_seconds:.1f}s"
     )
     if refused:  # a quality gate said no: a result to report, not a crash
         print(
@@ -260,8 +259,8 @@ def _materialize_stages(args, ready: list[str], stages: list[tuple[str, float]],
             assets=assets,
             pool=pool,
         )
-        _report("model-derived features for", features, time.perf_counter() - start, args.workers)
-        stages.append(("liver masks, radiomics, deep embeddings", time.perf_counter() - start))
+        elapsed = _stage_done(stages, "liver masks, radiomics, deep embeddings", start)
+        _report("model-derived features for", features, elapsed, args.workers)
         features_ok = all(ok for _, ok, _ in features)
     analysis_ok = True
     if runner.has_assets("analysis_refresh"):
@@ -269,10 +268,10 @@ def _materialize_stages(args, ready: list[str], stages: list[tuple[str, float]],
         deep_only = {"explainable_features", "explainability_sweep", "explainable_model"}
         analysis = None if usable else [a for a in runner.asset_names("analysis_refresh") if a not in deep_only]
         analysis_ok = runner.materialize_cohort("analysis_refresh", assets=analysis)
-        stages.append(("analysis (LASSO models, metrics, report)", time.perf_counter() - start))
+        elapsed = _stage_done(stages, "analysis (LASSO models, metrics, report)", start)
         print(
             f"analysis (explainable features, LASSO models, metrics, coefficients, report): "
-            f"{'ok' if analysis_ok else 'FAILED (see the run in the UI)'} in {time.perf_counter() - start:.1f}s"
+            f"{'ok' if analysis_ok else 'FAILED (see the run in the UI)'} in {elapsed:.1f}s"
             + ("" if usable else " (explainable arm skipped: no usable classifier)")
         )
     predictions_ok = True
@@ -286,11 +285,17 @@ def _materialize_stages(args, ready: list[str], stages: list[tuple[str, float]],
             progress=_progress_line("predictions"),
             pool=pool,
         )
-        _report("predictions for", predicted, time.perf_counter() - start, args.workers)
-        stages.append(("predictions", time.perf_counter() - start))
+        _report("predictions for", predicted, _stage_done(stages, "predictions", start), args.workers)
         predictions_ok = all(ok for _, ok, _ in predicted)
         _print_prediction_summary()
     return bool((cohort_ok or refused) and features_ok and analysis_ok and predictions_ok)
+
+
+def _stage_done(stages: list[tuple[str, float]], label: str, start: float) -> float:
+    """Record a stage that began at `start` (time.perf_counter) in `stages`; its wall seconds."""
+    elapsed = time.perf_counter() - start
+    stages.append((label, elapsed))
+    return elapsed
 
 
 def _print_stages(stages: list[tuple[str, float]]) -> None:

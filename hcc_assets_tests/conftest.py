@@ -51,6 +51,27 @@ def incoming_copy(small_cohort, tmp_path) -> tuple[Path, list]:
 
 
 @pytest.fixture
+def hcc_command(capsys, monkeypatch) -> Callable[..., tuple[int, str, str]]:
+    """`hcc-assets ARGS...` run in the test's process: (exit code, stdout, stderr). Starting no
+    interpreter saves seconds per call; the installed entry point, as a process of its own, runs in
+    test_ducklake's test_the_sql_command_reads_while_writers_commit. `--lake` sets $HCC_ASSETS_LAKE
+    (as it must for the Definitions): it is put back after the test."""
+    from hcc_assets import cli
+
+    if "HCC_ASSETS_LAKE" in os.environ:
+        monkeypatch.setenv("HCC_ASSETS_LAKE", os.environ["HCC_ASSETS_LAKE"])
+    else:
+        monkeypatch.delenv("HCC_ASSETS_LAKE", raising=False)
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = cli.main(list(argv))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+@pytest.fixture
 def memory_root():
     """A fresh root on fsspec's in-process memory filesystem (a non-local data lake), removed after."""
     import uuid

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -112,13 +113,7 @@ class LakeResource(dg.ConfigurableResource):
 
 def default_lake_resource() -> LakeResource:
     """The lake as the environment sets it (read when the definitions load): `LakeSettings.from_environment`."""
-    settings = LakeSettings.from_environment()
-    return LakeResource(
-        root=settings.root,
-        incoming=settings.incoming,
-        feature_store=settings.feature_store,
-        feature_store_data=settings.feature_store_data,
-    )
+    return LakeResource(**dataclasses.asdict(LakeSettings.from_environment()))
 
 
 class ComputeResource(dg.ConfigurableResource):

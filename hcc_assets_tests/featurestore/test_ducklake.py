@@ -17,7 +17,6 @@ import numpy as np
 import polars as pl
 import pytest
 
-from hcc_assets import cli
 from hcc_assets.featurestore import FeatureStore, FeatureStoreError
 from hcc_assets.featurestore.maintenance import RetentionPolicy, data_file_count, maintain
 from hcc_assets.featurestore.queries import radiomics_matrix
@@ -25,14 +24,6 @@ from hcc_assets.featurestore.registry import RADIOMICS, matrix_spec, model_row, 
 from hcc_assets.featurestore.schema import TABLES
 
 NAMES = ["original_firstorder_Mean", "original_glcm_Idm", "original_shape_Volume"]
-
-
-def _command(capsys, *argv: str) -> tuple[int, str, str]:
-    """`hcc-assets ...` in this process: exit code, stdout, stderr. The installed entry point itself,
-    as a process of its own, runs in test_the_sql_command_reads_while_writers_commit."""
-    code = cli.main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _features(pid: str, values: list[float], version: str = "fs1", run: str = "r") -> pl.DataFrame:
@@ -70,7 +61,7 @@ def _scans(pid: str, n: int, run: str) -> pl.DataFrame:
     )
 
 
-def test_rematerializing_keeps_the_old_rows_readable_by_version_and_by_time(tmp_path, capsys):
+def test_rematerializing_keeps_the_old_rows_readable_by_version_and_by_time(tmp_path, hcc_command):
     store = FeatureStore(tmp_path / "fs.sqlite")
     store.replace_partition("radiomic_features", "pt-a", _features("pt-a", [1.0, 2.0, 3.0], run="first"))
     first = store.current_snapshot()
@@ -90,8 +81,7 @@ def test_rematerializing_keeps_the_old_rows_readable_by_version_and_by_time(tmp_
             past.replace_partition("radiomic_features", "pt-a", _features("pt-a", [0.0] * 3))
     # the same through SQL, as documented: AT (VERSION => n) and `hcc-assets sql --as-of`
     assert store.query(f"SELECT sum(value) FROM radiomic_features AT (VERSION => {first})").item() == 6.0
-    code, out, err = _command(
-        capsys,
+    code, out, err = hcc_command(
         "sql",
         "SELECT sum(value) AS s FROM radiomic_features",
         "--catalog",
@@ -175,7 +165,7 @@ def test_history_tables_keep_every_model_version_and_current_views_show_the_curr
     ) == ("m2", 0.7, "m1", 0.2)
 
 
-def test_a_model_reads_back_the_exact_training_set_it_saw(tmp_path, capsys):
+def test_a_model_reads_back_the_exact_training_set_it_saw(tmp_path, hcc_command):
     store = FeatureStore(tmp_path / "fs.sqlite")
     rng = np.random.default_rng(0)
     pids = [f"pt-{i:02d}" for i in range(8)]
@@ -219,12 +209,12 @@ def test_a_model_reads_back_the_exact_training_set_it_saw(tmp_path, capsys):
     assert current.patient_ids != train.patient_ids or not np.array_equal(current.values, train.values)
     # the CLI writes the same matrix
     cli = tmp_path / "cli.csv"
-    code, _, err = _command(
-        capsys, "training-set", "--model", "r1", "--out", str(cli), "--catalog", str(tmp_path / "fs.sqlite")
+    code, _, err = hcc_command(
+        "training-set", "--model", "r1", "--out", str(cli), "--catalog", str(tmp_path / "fs.sqlite")
     )
     assert code == 0, err
     assert cli.read_bytes() == saved.read_bytes()
-    code, _, err = _command(capsys, "training-set", "--model", "nope", "--catalog", str(tmp_path / "fs.sqlite"))
+    code, _, err = hcc_command("training-set", "--model", "nope", "--catalog", str(tmp_path / "fs.sqlite"))
     assert code == 2 and "no model version 'nope'" in err
 
 
@@ -343,7 +333,7 @@ def test_an_unreachable_postgres_catalog_fails_naming_the_setting(tmp_path):
     assert not list((tmp_path / "data").rglob("*.parquet"))
 
 
-def test_an_old_single_file_store_is_refused_and_migrates(tmp_path, capsys, monkeypatch):
+def test_an_old_single_file_store_is_refused_and_migrates(tmp_path, hcc_command):
     old = tmp_path / "feature_store.duckdb"
     con = duckdb.connect(str(old))
     for table in ("scans", "radiomic_features", "models"):
@@ -363,8 +353,7 @@ def test_an_old_single_file_store_is_refused_and_migrates(tmp_path, capsys, monk
     with pytest.raises(FeatureStoreError, match="migrate-store --from"):
         lake.store.query("SELECT 1")  # found in the lake beside the new default catalog
     assert not (tmp_path / "feature_store.sqlite").exists()
-    monkeypatch.setenv("HCC_ASSETS_LAKE", str(tmp_path))  # --lake sets it: restored after the test
-    code, _, err = _command(capsys, "--lake", str(tmp_path), "migrate-store", "--from", str(old))
+    code, _, err = hcc_command("--lake", str(tmp_path), "migrate-store", "--from", str(old))
     assert code == 0, err
     store = lake.store
     assert store.query("SELECT patient_id, series_key FROM scans").rows() == [("pt-a", "s0")]

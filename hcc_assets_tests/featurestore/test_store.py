@@ -5,7 +5,6 @@ import duckdb
 import polars as pl
 import pytest
 
-from hcc_assets import cli
 from hcc_assets.featurestore import FeatureStore, FeatureStoreError
 
 
@@ -77,22 +76,14 @@ def test_parallel_writer_processes_never_hit_the_duckdb_lock(tmp_path):
     assert counts["n"].to_list() == [3, 3, 3, 3]
 
 
-def _sql_command(capsys, *argv: str) -> tuple[int, str, str]:
-    """`hcc-assets sql ...` in this process (the entry point itself runs in test_ducklake's
-    subprocess tests): exit code, stdout, stderr."""
-    code = cli.main(["sql", *argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_sql_command_formats(tmp_path, capsys):
+def test_sql_command_formats(tmp_path, hcc_command):
     path = tmp_path / "fs.sqlite"
     store = FeatureStore(path)
     store.replace_partition("scans", "pt-a", FeatureStore.with_provenance(_rows("pt-a", 2), version="v1", run_id="r1"))
     query = "SELECT patient_id, series_key, pixel_spacing_mm FROM scans ORDER BY series_key"
 
     def run(*extra: str) -> str:
-        code, out, err = _sql_command(capsys, query, "--db", str(path), *extra)
+        code, out, err = hcc_command("sql", query, "--db", str(path), *extra)
         assert code == 0, err
         return out
 
@@ -102,7 +93,7 @@ def test_sql_command_formats(tmp_path, capsys):
     records = json.loads(run("--format", "json"))
     assert [r["series_key"] for r in records] == ["a0", "a1"]
     assert "pt-a" in run()
-    code, _, err = _sql_command(capsys, "SELEKT 1", "--db", str(path))
+    code, _, err = hcc_command("sql", "SELEKT 1", "--db", str(path))
     assert code == 2 and "error" in err and "Traceback" not in err
 
 
@@ -141,13 +132,13 @@ def test_wide_views_follow_their_long_tables(tmp_path):
         "SELECT 1; DROP TABLE scans",
     ],
 )
-def test_sql_command_refuses_writes_with_a_clear_message(tmp_path, capsys, statement):
+def test_sql_command_refuses_writes_with_a_clear_message(tmp_path, hcc_command, statement):
     path = tmp_path / "fs.sqlite"
     FeatureStore(path).replace_partition(
         "scans", "pt-a", FeatureStore.with_provenance(_rows("pt-a", 2), version="v", run_id="r")
     )
     out, export = tmp_path / "leak.csv", tmp_path / "export"
-    code, _, err = _sql_command(capsys, statement.format(out=out, dir=export), "--db", str(path))
+    code, _, err = hcc_command("sql", statement.format(out=out, dir=export), "--db", str(path))
     assert code == 2
     assert "read-only" in err and "Traceback" not in err
     assert not out.exists() and not export.exists()
