@@ -100,15 +100,15 @@ UNIT_MODULES_IN_DEFS = {"defs/test_sensor.py", "defs/test_figure_metadata.py"}
 
 
 # The longest modules, longest first. pytest-xdist (--dist loadfile --no-loadscope-reorder) hands out
-# whole modules in collection order, two to each worker to start with: the long ones first keep
-# one worker from running a long module alone at the end. test_segmentation_assets trains its own
-# model while the other worker trains the shared one (model_configs.shared_liver_model).
+# whole modules in collection order: the long ones first keep one worker from running a long module
+# alone at the end. test_daemon comes second: most of its 5 minutes is waiting for daemon ticks,
+# which overlaps the study's training on the other worker instead of idling a core at the end.
 LONGEST_FIRST = [
     "defs/test_analysis_assets.py",
+    "defs/test_daemon.py",
     "defs/test_segmentation_assets.py",
     "defs/test_prediction_assets.py",
     "defs/test_dask_executor.py",
-    "defs/test_daemon.py",
     "defs/test_parallel_runs.py",
     "test_ui_browser.py",
     "defs/test_postgres.py",
