@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import ListedColormap
-from matplotlib.figure import Figure
 
 from hcc_assets.core.figures import figure_png
 from hcc_assets.imaging.preprocess import resample_mask_like
 
 # label 1 liver, 2 spleen, anything higher shares the last colour
-MASK_COLOURS = ListedColormap(["#ff7f0e", "#1f77b4", "#2ca02c"])
+MASK_COLOURS = ("#ff7f0e", "#1f77b4", "#2ca02c")
 
 
 def radiological_axial_slice(image: nib.Nifti1Image, index: int | None = None) -> np.ndarray:
@@ -34,6 +31,12 @@ def radiological_axial_slice(image: nib.Nifti1Image, index: int | None = None) -
 
 
 def mid_slice_png(image: nib.Nifti1Image, mask: nib.Nifti1Image | None = None, title: str = "") -> bytes:
+    # matplotlib is imported when a figure is drawn (0.6 s), not by every process that loads the
+    # Dagster definitions through this module
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
     canonical = nib.as_closest_canonical(image)
     plane = radiological_axial_slice(canonical)
     zooms = canonical.header.get_zooms()[:3]
@@ -53,7 +56,15 @@ def mid_slice_png(image: nib.Nifti1Image, mask: nib.Nifti1Image | None = None, t
             on_grid = resample_mask_like(mask, image)
         labels = radiological_axial_slice(on_grid).astype(np.int16)
         overlay = np.ma.masked_equal(np.clip(labels, 0, 3), 0)
-        axes.imshow(overlay - 1, cmap=MASK_COLOURS, vmin=0, vmax=2, alpha=0.4, aspect=aspect, interpolation="nearest")
+        axes.imshow(
+            overlay - 1,
+            cmap=ListedColormap(MASK_COLOURS),
+            vmin=0,
+            vmax=2,
+            alpha=0.4,
+            aspect=aspect,
+            interpolation="nearest",
+        )
     axes.set_axis_off()
     axes.text(0.01, 0.5, "R", color="yellow", transform=axes.transAxes, va="center", fontsize=9)
     if title:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 
 def stratified_split(
@@ -14,6 +13,10 @@ def stratified_split(
     Patients are sorted first, so the result depends only on the set of patients and the seed,
     not on the order they arrived in.
     """
+    # imported here: scikit-learn (with SciPy's stats) takes a second to import, and every process
+    # that loads the Dagster definitions imports this module, most without ever splitting a cohort
+    from sklearn.model_selection import train_test_split
+
     if len(patient_ids) != len(labels):
         raise ValueError("patient_ids and labels differ in length")
     order = np.argsort(patient_ids)
