@@ -49,6 +49,11 @@ PRELOAD = (
     "hcc_assets.segmentation.nnunet_env:import_trainer_modules",
     "nnunetv2.inference.predict_from_raw_data",
     "radiomics.featureextractor",
+    # imported where they are used (figures, the cohort split, the LASSO models), so load them here
+    "matplotlib.backends.backend_agg",
+    "matplotlib.figure",
+    "sklearn.linear_model",
+    "sklearn.model_selection",
 )
 WARM_PID_TAG = "hcc/warm_run_pid"
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
