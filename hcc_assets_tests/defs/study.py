@@ -19,6 +19,7 @@ from hcc_assets.defs import analysis, cohort, deep, ingest, predictions, segment
 from hcc_assets.defs.resources import ComputeResource, LakeResource
 from hcc_assets.featurestore import FeatureStore
 from hcc_assets.synthetic.cohort import LABELS_FILE, SynthConfig, synthesize_cohort
+from hcc_assets_tests.defs.helpers import in_memory_instance
 from hcc_assets_tests.model_configs import STUDY_CLASSIFIER_TRAINING, TEST_GRID, UNTRAINED_CLASSIFIER
 
 ALL_ASSETS = dg.load_assets_from_modules([ingest, cohort, segmentation, deep, analysis, predictions])
@@ -96,7 +97,7 @@ def run_study(root: Path, seed: int, lesion_contrast: float, liver_model: Callab
     (root / "lake" / "private").mkdir(parents=True)
     (root / "lake" / "private" / "pseudonym.key").write_text(f"study-test-{seed}")
     lake = LakeResource(root=str(root / "lake"), incoming=str(incoming), quiet_seconds=3600)
-    with dg.instance_for_test() as instance:
+    with in_memory_instance() as instance:
         pids = sorted(lake.ready_patients())
         instance.add_dynamic_partitions("patients", pids)
         for pid in pids:
@@ -140,7 +141,7 @@ def relabel_without_signal(study: Study, seed: int) -> dg.ExecuteInProcessResult
         writer.writeheader()
         writer.writerows(rows)
     accept = {"hcc_classifier": {"config": {**UNTRAINED_CLASSIFIER, "accept_below_chance": True}}}
-    with dg.instance_for_test() as instance:
+    with in_memory_instance() as instance:
         instance.add_dynamic_partitions("patients", study.pids)
         models = _run(instance, study.lake, "retrain", **accept)
         if not models.success:

@@ -16,7 +16,7 @@ from hcc_assets.defs.cohort import cohort
 from hcc_assets.defs.resources import ComputeResource, LakeResource
 from hcc_assets.synthetic.cohort import SynthConfig, synthesize_cohort
 from hcc_assets_tests.conftest import SMALL_COHORT
-from hcc_assets_tests.defs.helpers import PATIENT_ASSETS, check_figure, failure_message
+from hcc_assets_tests.defs.helpers import PATIENT_ASSETS, check_figure, failure_message, in_memory_instance
 from hcc_assets_tests.model_configs import UNTRAINED_CLASSIFIER
 from hcc_assets_tests.scratch import module_scratch
 
@@ -70,7 +70,7 @@ def data_version(result, asset) -> str:
 def trained(small_cohort, tmp_path_factory):
     """Ingest 8 patients, split, a deep_embedding attempt before any classifier, train, embed all."""
     source, _ = small_cohort
-    with module_scratch(tmp_path_factory, "deep") as root, dg.instance_for_test() as instance:
+    with module_scratch(tmp_path_factory, "deep") as root, in_memory_instance() as instance:
         incoming = root / "incoming"
         shutil.copytree(source, incoming)
         (root / "lake" / "private").mkdir(parents=True)
