@@ -5,11 +5,19 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+# A shell that starts the suite in the background (`make test &` in a script) ignores SIGINT in it.
+# Dagster gives SIGTERM the handler SIGINT has in every step process (setup_interrupt_handlers), so
+# SIGTERM is then ignored too, inherited by each step's compute-log `tail -F`, which outlives its
+# terminate(): a 30 s wait per log stream (the Dask test went from 45 s to 240 s) and leaked tails.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Small geometry keeps the suite fast; the demo uses the full 256x256 cohort.
 SMALL_COHORT = dict(patients=8, seed=11, matrix=64, slices_min=12, slices_max=16, oblique_fraction=0.5)
