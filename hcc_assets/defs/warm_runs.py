@@ -3,8 +3,8 @@ definitions, torch, nnU-Net and pyradiomics.
 
 Why by hand: Dagster's DefaultRunLauncher asks the code server to *spawn* a fresh interpreter per run
 (`multiprocessing.get_context("spawn")` in dagster._grpc.server, not configurable), and that process
-then imports the definitions (about 4 s here) and, in liver_mask, nnU-Net and torch (about 3 s more).
-For a scan that should have its P(HCC) in 15 s, those 7 s are half the budget. Dagster's multiprocess
+then imports the definitions (about 3 s here) and, in liver_mask, nnU-Net and torch (about 3 s more).
+For a scan that should have its P(HCC) in 15 s, those 6 s are nearly half the budget. Dagster's multiprocess
 *executor* offers a forkserver with preloaded modules, but only for steps inside a run; nothing in
 Dagster does it for the run worker itself, so this module does: a "zygote" process imports once and
 forks one child per run, which executes the run exactly as `dagster api execute_run` does.
