@@ -1,7 +1,7 @@
 """The automation conditions (hcc_assets.defs.automation) against an instance's event log, tick by
-tick, with Dagster's own evaluation of a daemon tick: what each evaluation
-requests after new model versions, a refused retrain, a new patient and the refresh cron. No run
-executes here; the real daemon runs the same conditions in test_daemon.py."""
+tick, with Dagster's own evaluation of a daemon tick: what each evaluation requests after new model
+versions, a refused retrain, a new patient and the refresh cron. No run executes here; the real
+daemon runs the same conditions in test_daemon.py."""
 
 from __future__ import annotations
 
@@ -70,6 +70,7 @@ class Ticks:
         self.instance = instance
         self.cursor = serialize_value(AssetDaemonCursor.empty())
         self.graph = defs.resolve_asset_graph()
+        self.names = set(PER_PATIENT_ASSET_NAMES + COHORT_LEVEL)
 
     def __call__(self, when: dt.datetime | None = None) -> dict[str, set]:
         cursor = deserialize_value(self.cursor, AssetDaemonCursor)
@@ -88,11 +89,10 @@ class Ticks:
         )
         run_requests, new_cursor, _ = tick.evaluate()
         self.cursor = serialize_value(new_cursor)
-        names = set(PER_PATIENT_ASSET_NAMES + COHORT_LEVEL)
         requested: dict[str, set] = {}
         for request in run_requests:
             for key in request.asset_selection or []:
-                if key.to_user_string() in names:
+                if key.to_user_string() in self.names:
                     requested.setdefault(key.to_user_string(), set()).add(request.partition_key)
         return requested
 
