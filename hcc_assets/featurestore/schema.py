@@ -247,11 +247,6 @@ TABLES: dict[str, str] = {
         related_handcrafted VARCHAR,
         status VARCHAR NOT NULL,
         {PROVENANCE}""",
-    # -- bookkeeping: one row per partition being written (see store.py: why claims) --------
-    "write_claims": """
-        table_name VARCHAR NOT NULL,
-        partition_key VARCHAR NOT NULL,
-        claimed_at TIMESTAMPTZ NOT NULL""",
 }
 
 # History tables: rows of every model version are kept; a write replaces only the rows of the

@@ -1,15 +1,15 @@
 """The feature store: a DuckLake (catalog + Parquet data files) that many processes write at once.
 
-Concurrency comes from DuckLake's own transactions, not from locks of ours. Every write is one
-transaction (delete the partition's rows, insert the new ones, refresh what derives from them);
-when it collides with another writer's commit (a DuckLake "Transaction conflict", or SQLite's
-"database is locked" on the one-machine catalog) the whole transaction is run again from a fresh
-connection, with a bounded, jittered back-off, and fails with a FeatureStoreError after that.
-
-Two first writes of the same partition would not collide by themselves (each only inserts), so
-every write also replaces that partition's row in `write_claims`: two writers of one partition then
-both delete the same claim row, DuckLake refuses the second commit, and its retry deletes the
-first one's rows before inserting its own. Never two sets of rows for a partition.
+Every write is one DuckLake transaction: delete the partition's rows, insert the new ones, refresh
+what derives from them. The platform's writers take the catalog's write lock for each transaction
+(StoreLocation.exclusive_writes; why: a DuckLake 1.4.4 commit race), so commits never overlap and a
+write's DELETE always sees the previous writer's committed rows, first writes of a partition
+included: never two sets of rows for a partition. A transaction that still collides with another
+writer's commit (a writer outside the platform: DuckLake's "Transaction conflict", or SQLite's
+"database is locked") is run again from a fresh connection, with a bounded, jittered back-off, and
+fails with a FeatureStoreError after that. (Until 2026-12 every write also rewrote a per-partition
+row of a `write_claims` table, so that two first writes would conflict without the lock; under
+the lock that was 60% of each write's cost and guarded nothing: benchmarks/store_write_latency.py.)
 
 Nothing is forgotten: every commit is a snapshot. `at(snapshot=...)` or `at(time=...)` gives a
 read-only store as it was then (DuckLake time travel), and each registered model records the
@@ -368,14 +368,11 @@ class FeatureStore:
         replace_versions."""
         self._check_table(table)
         where, params = self._where(match)
+        patients = None
         if "patient_id" in match:  # derived rows to refresh: the matched patient and those written
             written = rows["patient_id"].unique().to_list() if "patient_id" in rows.columns else []
             patients = {match["patient_id"], *written}
-            claims = sorted(f"{p}|{self._claim_suffix(match)}" for p in patients)
-        else:
-            patients = None
-            claims = [self._claim_suffix(match) or "*"]
-        return self._replace(table, where, params, rows, patients, claims)
+        return self._replace(table, where, params, rows, patients)
 
     def replace_partitions(self, table: str, rows: pl.DataFrame, match: dict[str, object] | None = None) -> int:
         """Bulk form of replace_partition: replace the rows (only those equal to `match`, when
@@ -388,14 +385,8 @@ class FeatureStore:
             raise FeatureStoreError(f"rows for {table} need a patient_id")
         where, params = self._where(match or {})
         patients = rows["patient_id"].cast(pl.String).unique().sort().to_list()
-        suffix = self._claim_suffix(match or {})
         return self._replace(
-            table,
-            f"{where} AND patient_id IN (SELECT patient_id FROM written_patients)",
-            params,
-            rows,
-            patients,
-            [f"{p}|{suffix}" for p in patients],
+            table, f"{where} AND patient_id IN (SELECT patient_id FROM written_patients)", params, rows, patients
         )
 
     def replace_versions(self, table: str, rows: pl.DataFrame) -> int:
@@ -407,8 +398,7 @@ class FeatureStore:
         pairs = rows.select(keys).unique().sort(keys)
         where = " OR ".join("(" + " AND ".join(f"{k} = ?" for k in keys) + ")" for _ in range(pairs.height)) or "FALSE"
         params = [value for row in pairs.iter_rows() for value in row]
-        claims = ["|".join(str(v) for v in row) for row in pairs.iter_rows()] or ["*"]
-        return self._replace(table, where, params, rows, None, claims)
+        return self._replace(table, where, params, rows, None)
 
     def replace_patient_versions(self, table: str, patient_id: str, rows: pl.DataFrame) -> int:
         """Replace the patient's rows with the key values in `rows` (PATIENT_HISTORY_KEYS; NULL
@@ -423,25 +413,16 @@ class FeatureStore:
             "(" + " AND ".join(f"{k} IS NOT DISTINCT FROM ?" for k in keys) + ")" for _ in range(pairs.height)
         )
         params = [patient_id] + [value for row in pairs.iter_rows() for value in row]
-        return self._replace(table, f"patient_id = ? AND ({match})", params, rows, {patient_id}, [f"{patient_id}|"])
+        return self._replace(table, f"patient_id = ? AND ({match})", params, rows, {patient_id})
 
-    @staticmethod
-    def _claim_suffix(match: dict[str, object]) -> str:
-        return ",".join(f"{k}={v}" for k, v in sorted(match.items()) if k != "patient_id")
-
-    def _replace(self, table: str, where: str, params: list, rows: pl.DataFrame, patients, claims: list[str]) -> int:
-        """Claim the partitions, delete `where`, insert `rows`, refresh what derives from `table`
-        for `patients` (None: all), rebuild its views; one transaction, retried on conflict."""
+    def _replace(self, table: str, where: str, params: list, rows: pl.DataFrame, patients) -> int:
+        """Delete `where`, insert `rows`, refresh what derives from `table` for `patients` (None:
+        all), rebuild its views; one transaction, retried on conflict."""
         self.ensure_schema()
         incoming = rows.to_arrow() if rows.height else None
-        claim_rows = pa.table(
-            {"table_name": pa.array([table] * len(claims), pa.string()), "partition_key": pa.array(claims, pa.string())}
-        )
-        self._ensure_claims(claim_rows)
         written = pa.table({"patient_id": pa.array(sorted(patients), pa.string())}) if patients is not None else None
 
         def body(con: duckdb.DuckDBPyConnection) -> int:
-            self._replace_claims(con, claim_rows)
             if written is not None:
                 con.register("written_patients", written)
             con.execute(f"DELETE FROM {table} WHERE {where}", params)
@@ -456,33 +437,6 @@ class FeatureStore:
 
         return self.transaction(body, what=f"write {table}")
 
-    @staticmethod
-    def _replace_claims(con: duckdb.DuckDBPyConnection, claim_rows: pa.Table) -> None:
-        """Inside a write: delete and re-insert the partitions' claim rows, so that a concurrent
-        write of the same partitions conflicts with this one (see the module docstring)."""
-        con.register("claimed", claim_rows)
-        con.execute(
-            "DELETE FROM write_claims WHERE (table_name, partition_key) IN "
-            "(SELECT table_name, partition_key FROM claimed)"
-        )
-        con.execute(
-            "INSERT INTO write_claims SELECT table_name, partition_key, ? FROM claimed", [dt.datetime.now(dt.UTC)]
-        )
-
-    def _ensure_claims(self, claim_rows: pa.Table) -> None:
-        """Make sure each claim row exists before the write that replaces it (a separate commit,
-        only when one is missing): the writes then conflict on it instead of both inserting."""
-
-        def body(con: duckdb.DuckDBPyConnection) -> None:
-            con.register("claimed", claim_rows)
-            con.execute(
-                "INSERT INTO write_claims SELECT c.table_name, c.partition_key, ? FROM claimed c "
-                "WHERE (c.table_name, c.partition_key) NOT IN (SELECT table_name, partition_key FROM write_claims)",
-                [dt.datetime.now(dt.UTC)],
-            )
-
-        self.transaction(body, what="claim partitions")
-
     def register_model(self, row: pl.DataFrame, data_snapshot: int | None = None, current: bool = True) -> int:
         """Register one model version (a `models` row with provenance) as the current one of its
         name, recording `data_snapshot`, the snapshot its training data was read at (default: the
@@ -496,12 +450,9 @@ class FeatureStore:
         incoming = row.with_columns(
             pl.lit(current).alias("current"), pl.lit(snapshot, dtype=pl.Int64).alias("data_snapshot")
         ).to_arrow()
-        claim_rows = pa.table({"table_name": ["models"], "partition_key": [name]})
         self.ensure_schema()
-        self._ensure_claims(claim_rows)
 
         def body(con: duckdb.DuckDBPyConnection) -> None:
-            self._replace_claims(con, claim_rows)
             if current:
                 con.execute("UPDATE models SET current = false WHERE model_name = ? AND current", [name])
             con.execute("DELETE FROM models WHERE model_name = ? AND version = ?", [name, version])
