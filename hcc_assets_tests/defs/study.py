@@ -66,6 +66,7 @@ GROUPS = {
         "report",
     ],
     "predictions": ["hcc_prediction"],
+    "radiomic_model": ["radiomic_model"],  # the LASSO on radiomics alone: its fit writes its predictions
 }
 
 

@@ -366,8 +366,8 @@ def test_patients_whose_radiomics_failed_are_excluded_from_the_radiomic_model(st
         ),
         match={"stage": "radiomics"},
     )
-    with dg.instance_for_test() as instance:
-        result = _run(instance, study.lake, "analysis")
+    with dg.instance_for_test() as instance:  # the radiomic model alone: the rest of the analysis is not its subject
+        result = _run(instance, study.lake, "radiomic_model")
         assert result.success
     materialization = result.asset_materializations_for_node("radiomic_model")[0]
     assert materialization.metadata["n_excluded"].value == 1
