@@ -28,7 +28,7 @@ def migrate_duckdb_file(source: Path, store: FeatureStore) -> dict[str, int]:
     try:
         present = {r[0] for r in old.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
         frames = {}
-        for table in [t for t in TABLES if t in present and t != "write_claims"]:
+        for table in [t for t in TABLES if t in present]:
             frames[table] = old.execute(f"SELECT * FROM {table}").fetch_arrow_table()
     finally:
         old.close()

@@ -7,9 +7,8 @@ write's DELETE always sees the previous writer's committed rows, first writes of
 included: never two sets of rows for a partition. A transaction that still collides with another
 writer's commit (a writer outside the platform: DuckLake's "Transaction conflict", or SQLite's
 "database is locked") is run again from a fresh connection, with a bounded, jittered back-off, and
-fails with a FeatureStoreError after that. (Until 2026-12 every write also rewrote a per-partition
-row of a `write_claims` table, so that two first writes would conflict without the lock; under
-the lock that was 60% of each write's cost and guarded nothing: benchmarks/store_write_latency.py.)
+fails with a FeatureStoreError after that. No per-partition bookkeeping rows are needed to make
+two first writes conflict: the lock already orders them (docs/feature_store.md).
 
 Nothing is forgotten: every commit is a snapshot. `at(snapshot=...)` or `at(time=...)` gives a
 read-only store as it was then (DuckLake time travel), and each registered model records the
@@ -23,7 +22,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -415,7 +414,9 @@ class FeatureStore:
         params = [patient_id] + [value for row in pairs.iter_rows() for value in row]
         return self._replace(table, f"patient_id = ? AND ({match})", params, rows, {patient_id})
 
-    def _replace(self, table: str, where: str, params: list, rows: pl.DataFrame, patients) -> int:
+    def _replace(
+        self, table: str, where: str, params: list, rows: pl.DataFrame, patients: Collection[str] | None
+    ) -> int:
         """Delete `where`, insert `rows`, refresh what derives from `table` for `patients` (None:
         all), rebuild its views; one transaction, retried on conflict."""
         self.ensure_schema()
