@@ -68,6 +68,9 @@ class LiverSegmentationModelConfig(dg.Config):
     # Target spacing in mm, nnU-Net's axis order (2 values for 2d_cpu, 3 for 3d_cpu); [] keeps the
     # planner's (native) spacing. 3.2x3.2 halves a 256x256 ~1.5 mm slice: ~4x faster, Dice ~0.92.
     spacing: list[float] = [3.2, 3.2]
+    # Patch in voxels, same axis order; [] keeps the planner's (the median image at that spacing).
+    # A patch that covers every slice of the cohort makes inference one window per slice.
+    patch_size: list[int] = []
     seed: int = 12345
     max_training_cases: int = 0  # 0: every eligible patient
     # Leave the cohort's validation patients out of segmentation training (when `cohort_split`
@@ -84,6 +87,7 @@ class LiverSegmentationModelConfig(dg.Config):
             batch_size=self.batch_size,
             initial_lr=self.initial_lr,
             spacing=tuple(self.spacing) or None,
+            patch_size=tuple(self.patch_size) or None,
             seed=self.seed,
             device=device,
             num_threads=threads,

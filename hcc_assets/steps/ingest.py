@@ -9,6 +9,8 @@ The imaging package does the work; bad input raises PatientInputError.
 from __future__ import annotations
 
 import json
+import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -92,6 +94,40 @@ def find_study(folder: Path, study_index: int) -> tuple[dicom_series.StudyRef, s
     return studies[study_index - 1]
 
 
+def _folder_signature(folder: Path) -> tuple[tuple[str, int, int, int, int], ...]:
+    """Every file under `folder` as (path, inode, size, mtime, ctime), in walk order: writing,
+    replacing, adding or removing a file changes it (a re-delivery does all of these)."""
+    entries = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            info = os.stat(path)
+            entries.append((path, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns))
+    return tuple(entries)
+
+
+_last_study: tuple[tuple, tuple[dicom_series.StudyRef, str, dicom_series.StudyInventory]] | None = None
+_last_study_lock = threading.Lock()
+
+
+def inventoried_study(folder: Path, study_index: int) -> tuple[dicom_series.StudyRef, str, dicom_series.StudyInventory]:
+    """find_study and the study's inventory (headers and checksums of its files), reused when the
+    same process asks again for the same study and no file under the folder changed since:
+    raw_scan and then nifti_volume inventory the same study in one run, and reading every header a
+    second time costs as much as the first (~0.15 s a patient). Only the last study is kept."""
+    global _last_study
+    key = (str(folder), study_index, _folder_signature(folder))
+    with _last_study_lock:
+        if _last_study is not None and _last_study[0] == key:
+            return _last_study[1]
+    ref, fingerprint = find_study(folder, study_index)
+    study = (ref, fingerprint, dicom_series.inventory_study(folder, ref.folders))
+    with _last_study_lock:
+        _last_study = (key, study)
+    return study
+
+
 def read_study(
     folder: Path,
     min_slices: int,
@@ -103,8 +139,7 @@ def read_study(
     """Inventory the drop folder's study number `study_index` (1 = earliest) and choose its T2
     series; PatientInputError when there is none or it is above `max_voxels` (refused before its
     pixels are read)."""
-    ref, fingerprint = find_study(folder, study_index)
-    inventory = dicom_series.inventory_study(folder, ref.folders)
+    ref, fingerprint, inventory = inventoried_study(folder, study_index)
     choice = dicom_series.choose_t2_series(
         inventory,
         min_slices=min_slices,
@@ -312,8 +347,7 @@ def read_native_volume(
     series changed since raw_scan or the mask is on another grid."""
     record = json.loads(data_lake.read_bytes(data_lake.patient_file(patient_id, RAW_SCAN_FILE)))
     study_index = split_partition_key(patient_id)[1]
-    ref, _ = find_study(folder, study_index)
-    inventory = dicom_series.inventory_study(folder, ref.folders)
+    _, _, inventory = inventoried_study(folder, study_index)
     series = next((s for s in inventory.series if s.series_key == record["chosen_series_key"]), None)
     if series is None or series.checksum != next(
         s["checksum"] for s in record["study"]["series"] if s["series_key"] == record["chosen_series_key"]

@@ -105,6 +105,23 @@ def test_a_series_changed_since_raw_scan_is_refused(lake):
         ingest.read_native_volume(data_lake, patient_id, folders[0])
 
 
+def test_a_file_rewritten_in_place_after_raw_scan_is_seen_by_nifti_volume(lake):
+    """The study inventory raw_scan read is reused by nifti_volume in the same process only while
+    no file changed: one chosen-series file rewritten with the same size is noticed."""
+    incoming, folders, data_lake, store = lake
+    folder = folders[0]
+    study = ingest.read_study(folder, **LIMITS)
+    assert ingest.inventoried_study(folder, 1)[2] is study.inventory  # unchanged: not read again
+    patient_id = _id(folder.name)
+    ingest.record_raw_scan(store, data_lake, patient_id, study, incoming, "run-1")
+    victim = study.choice.series.files[0]
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF  # the last pixel byte: same size, same header
+    victim.write_bytes(bytes(data))
+    with pytest.raises(PatientInputError, match="the chosen T2 series changed since raw_scan"):
+        ingest.read_native_volume(data_lake, patient_id, folder)
+
+
 def test_forget_outputs_removes_the_step_and_what_follows_it(lake):
     incoming, folders, data_lake, store = lake
     patient_id, _raw, native, preprocessed = _ingest(store, data_lake, incoming, folders[0])
