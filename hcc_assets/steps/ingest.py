@@ -9,8 +9,6 @@ The imaging package does the work; bad input raises PatientInputError.
 from __future__ import annotations
 
 import json
-import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -23,7 +21,7 @@ from hcc_assets.core.errors import PatientInputError
 from hcc_assets.featurestore import FeatureStore
 from hcc_assets.imaging import dicom_series, nifti, preprocess, preview
 from hcc_assets.imaging.volume_info import volume_summary
-from hcc_assets.intake.dropzone import folder_studies, read_label_manifests
+from hcc_assets.intake.dropzone import folder_fingerprint, folder_studies, read_label_manifests
 from hcc_assets.intake.pseudonym import split_partition_key
 from hcc_assets.lake import (
     NIFTI_FILE,
@@ -94,36 +92,26 @@ def find_study(folder: Path, study_index: int) -> tuple[dicom_series.StudyRef, s
     return studies[study_index - 1]
 
 
-def _folder_signature(folder: Path) -> tuple[tuple[str, int, int, int, int], ...]:
-    """Every file under `folder` as (path, inode, size, mtime, ctime), in walk order: writing,
-    replacing, adding or removing a file changes it (a re-delivery does all of these)."""
-    entries = []
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            info = os.stat(path)
-            entries.append((path, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns))
-    return tuple(entries)
-
-
 _last_study: tuple[tuple, tuple[dicom_series.StudyRef, str, dicom_series.StudyInventory]] | None = None
-_last_study_lock = threading.Lock()
 
 
 def inventoried_study(folder: Path, study_index: int) -> tuple[dicom_series.StudyRef, str, dicom_series.StudyInventory]:
     """find_study and the study's inventory (headers and checksums of its files), reused when the
-    same process asks again for the same study and no file under the folder changed since:
-    raw_scan and then nifti_volume inventory the same study in one run, and reading every header a
-    second time costs as much as the first (~0.15 s a patient). Only the last study is kept."""
+    same process asks again for the same study and the folder's `folder_fingerprint` (every file's
+    name, size and mtime, as the drop-zone sensor sees a re-delivery) is unchanged: raw_scan and
+    then nifti_volume inventory the same study in one run, and reading every header a second time
+    costs as much as the first (~0.15 s a patient). Only the last study is kept."""
     global _last_study
-    key = (str(folder), study_index, _folder_signature(folder))
-    with _last_study_lock:
-        if _last_study is not None and _last_study[0] == key:
-            return _last_study[1]
+    try:
+        key: tuple | None = (str(folder), study_index, folder_fingerprint(folder))
+    except OSError:  # a folder that cannot be listed: the reads below say what is wrong
+        key = None
+    last = _last_study  # one read: another thread may replace it meanwhile
+    if key is not None and last is not None and last[0] == key:
+        return last[1]
     ref, fingerprint = find_study(folder, study_index)
     study = (ref, fingerprint, dicom_series.inventory_study(folder, ref.folders))
-    with _last_study_lock:
+    if key is not None:
         _last_study = (key, study)
     return study
 
