@@ -19,7 +19,8 @@ class LiverSegmenter:
     """Build once per process from a model folder, then `predict` volume after volume.
 
     On CPU the predictor runs without test-time mirroring (it would multiply the work by up to 8
-    for a few hundredths of Dice) and keeps everything in host memory.
+    for a few hundredths of Dice) and keeps everything in host memory. Small windows go through
+    the network several at a time (batched_windows).
     """
 
     def __init__(
@@ -31,14 +32,15 @@ class LiverSegmenter:
         use_mirroring: bool | None = None,
     ):
         import torch
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        from .batched_windows import BatchedWindowPredictor
 
         self.info: ModelInfo = validate_model_folder(model_folder)
         self.device = torch.device(device)
         if num_threads:
             torch.set_num_threads(num_threads)  # process-wide, like torch itself
         on_cpu = self.device.type == "cpu"
-        self._predictor = nnUNetPredictor(
+        self._predictor = BatchedWindowPredictor(
             tile_step_size=tile_step_size,
             use_gaussian=True,
             use_mirroring=(not on_cpu) if use_mirroring is None else use_mirroring,

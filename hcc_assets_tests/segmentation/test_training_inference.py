@@ -77,3 +77,26 @@ def test_prediction_survives_a_save_and_load(segmenter, tmp_path):
     loaded = nib.load(tmp_path / "mask.nii.gz")
     assert np.array_equal(np.asarray(loaded.dataobj), np.asarray(mask.dataobj))
     assert np.allclose(loaded.affine, image.affine, atol=1e-5)
+
+
+def test_batched_windows_give_nnunets_own_logits(segmenter, monkeypatch):
+    """batched_windows changes only how many windows go through the network at once: nnU-Net's own
+    one-window loop gives the same logits and mask. Small batches force several passes, the last one
+    partial, so the batching's edges are crossed."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from hcc_assets.segmentation import batched_windows
+
+    predictor = segmenter._predictor
+    image, _ = synthetic_case(seed=111)
+    data = torch.from_numpy(np.asarray(image.dataobj, dtype=np.float32).transpose(2, 1, 0)[None].copy())
+    slicers = predictor._internal_get_sliding_window_slicers(data.shape[1:])
+    assert len(slicers) > 3
+    patch_voxels = int(np.prod(predictor.configuration_manager.patch_size))
+    monkeypatch.setattr(batched_windows, "WINDOW_BATCH_VOXELS", 3 * patch_voxels)
+    batched = predictor._internal_predict_sliding_window_return_logits(data, slicers, False)
+    one_by_one = nnUNetPredictor._internal_predict_sliding_window_return_logits(predictor, data, slicers, False)
+    assert batched.shape == one_by_one.shape
+    assert torch.allclose(batched.float(), one_by_one.float(), atol=1e-2), (batched - one_by_one).abs().max()
+    assert torch.equal(batched.argmax(0), one_by_one.argmax(0))
