@@ -361,17 +361,28 @@ class FeatureStore:
             pl.lit(now).alias("materialized_at"),
         )
 
-    def replace_where(self, table: str, match: dict[str, object], rows: pl.DataFrame) -> int:
+    def replace_where(
+        self,
+        table: str,
+        match: dict[str, object],
+        rows: pl.DataFrame,
+        also_delete: dict[str, dict[str, object]] | None = None,
+    ) -> int:
         """Delete the rows of `table` equal to `match` (all rows when empty) and insert `rows`,
         in one transaction. Every write in the store goes through here, replace_partitions or
-        replace_versions."""
+        replace_versions. `also_delete`: rows of other tables (table -> match) deleted in the same
+        transaction, e.g. an exclusion that the new rows make obsolete."""
         self._check_table(table)
         where, params = self._where(match)
+        deletes = []
+        for other, other_match in (also_delete or {}).items():
+            self._check_table(other)
+            deletes.append((other, *self._where(other_match)))
         patients = None
         if "patient_id" in match:  # derived rows to refresh: the matched patient and those written
             written = rows["patient_id"].unique().to_list() if "patient_id" in rows.columns else []
             patients = {match["patient_id"], *written}
-        return self._replace(table, where, params, rows, patients)
+        return self._replace(table, where, params, rows, patients, deletes)
 
     def replace_partitions(self, table: str, rows: pl.DataFrame, match: dict[str, object] | None = None) -> int:
         """Bulk form of replace_partition: replace the rows (only those equal to `match`, when
@@ -415,10 +426,17 @@ class FeatureStore:
         return self._replace(table, f"patient_id = ? AND ({match})", params, rows, {patient_id})
 
     def _replace(
-        self, table: str, where: str, params: list, rows: pl.DataFrame, patients: Collection[str] | None
+        self,
+        table: str,
+        where: str,
+        params: list,
+        rows: pl.DataFrame,
+        patients: Collection[str] | None,
+        deletes: Collection[tuple[str, str, list]] = (),
     ) -> int:
         """Delete `where`, insert `rows`, refresh what derives from `table` for `patients` (None:
-        all), rebuild its views; one transaction, retried on conflict."""
+        all), rebuild its views, and run `deletes` ((table, where, params) of tables without derived
+        tables or views); one transaction, retried on conflict."""
         self.ensure_schema()
         incoming = rows.to_arrow() if rows.height else None
         written = pa.table({"patient_id": pa.array(sorted(patients), pa.string())}) if patients is not None else None
@@ -434,6 +452,8 @@ class FeatureStore:
             for refresh in DERIVED_REFRESHERS.get(table, ()):
                 refresh(con, scope)
             self._refresh_views(table, con)
+            for other, other_where, other_params in deletes:
+                con.execute(f"DELETE FROM {other} WHERE {other_where}", other_params)
             return rows.height
 
         return self.transaction(body, what=f"write {table}")
@@ -467,12 +487,22 @@ class FeatureStore:
         self.replace_where(table, {"patient_id": patient_id, **(match or {})}, pl.DataFrame())
 
     def replace_partition(
-        self, table: str, patient_id: str, rows: pl.DataFrame, match: dict[str, object] | None = None
+        self,
+        table: str,
+        patient_id: str,
+        rows: pl.DataFrame,
+        match: dict[str, object] | None = None,
+        also_delete: dict[str, dict[str, object]] | None = None,
     ) -> int:
-        """Replace the patient's rows in `table` (only those equal to `match`, when given)."""
+        """Replace the patient's rows in `table` (only those equal to `match`, when given), and
+        delete the patient's rows of other tables that `also_delete` names (table -> match) in the
+        same transaction."""
         if rows.height and set(rows["patient_id"].unique().to_list()) != {patient_id}:
             raise FeatureStoreError(f"rows for {table} must all belong to patient {patient_id}")
-        return self.replace_where(table, {"patient_id": patient_id, **(match or {})}, rows)
+        others = {
+            other: {"patient_id": patient_id, **other_match} for other, other_match in (also_delete or {}).items()
+        }
+        return self.replace_where(table, {"patient_id": patient_id, **(match or {})}, rows, others)
 
     def replace_table(self, table: str, rows: pl.DataFrame) -> int:
         """Replace every row of a cohort-level table, atomically."""

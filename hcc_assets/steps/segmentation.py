@@ -585,7 +585,8 @@ class RadiomicFeatures:
 def record_radiomics(
     store: FeatureStore, patient_id: str, features: dict[str, float], feature_set: str, run_id: str
 ) -> RadiomicFeatures:
-    """The patient's `radiomic_features` rows (long table), and any radiomics exclusion cleared."""
+    """The patient's `radiomic_features` rows (long table), and any radiomics exclusion cleared, in
+    one transaction."""
     names = sorted(features)
     rows = pl.DataFrame(
         {
@@ -600,6 +601,6 @@ def record_radiomics(
         "radiomic_features",
         patient_id,
         FeatureStore.with_provenance(rows, version=f"radiomic_features@{RADIOMIC_FEATURES_VERSION}", run_id=run_id),
+        also_delete={"exclusions": {"stage": RADIOMICS_STAGE}},
     )
-    store.replace_where("exclusions", {"patient_id": patient_id, "stage": RADIOMICS_STAGE}, pl.DataFrame())
     return RadiomicFeatures(feature_set, features)

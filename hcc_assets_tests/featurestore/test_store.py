@@ -47,6 +47,33 @@ def test_rows_of_another_patient_are_refused(tmp_path):
         store.table("no_such_table")
 
 
+def _exclusion(patient_id: str, stage: str) -> pl.DataFrame:
+    row = pl.DataFrame([{"patient_id": patient_id, "stage": stage, "reason": "no liver"}])
+    return FeatureStore.with_provenance(row, version="v", run_id="r0")
+
+
+def test_rows_and_the_deletes_that_go_with_them_commit_together_or_not_at_all(tmp_path):
+    store = FeatureStore(tmp_path / "fs.sqlite")
+    for pid in ("pt-a", "pt-b"):
+        for stage in ("radiomics", "segmentation"):
+            store.replace_partition("exclusions", pid, _exclusion(pid, stage), match={"stage": stage})
+    scans = FeatureStore.with_provenance(_rows("pt-a", 2), version="v1", run_id="r1")
+    # a write that fails (a column the table lacks) deletes nothing either
+    with pytest.raises(FeatureStoreError, match="scans"):
+        store.replace_partition(
+            "scans", "pt-a", scans.with_columns(pl.lit(1).alias("no_such_column")), also_delete={"exclusions": {}}
+        )
+    assert store.query("SELECT count(*) FROM exclusions").item() == 4
+    assert store.query("SELECT count(*) FROM scans").item() == 0
+    # a write that succeeds deletes only the patient's rows that match
+    store.replace_partition("scans", "pt-a", scans, also_delete={"exclusions": {"stage": "radiomics"}})
+    left = store.query("SELECT patient_id, stage FROM exclusions ORDER BY ALL").rows()
+    assert left == [("pt-a", "segmentation"), ("pt-b", "radiomics"), ("pt-b", "segmentation")]
+    assert store.query("SELECT count(*) FROM scans").item() == 2
+    with pytest.raises(FeatureStoreError, match="unknown"):
+        store.replace_partition("scans", "pt-a", scans, also_delete={"no_such_table": {}})
+
+
 def test_queries_are_read_only(tmp_path):
     store = FeatureStore(tmp_path / "fs.sqlite")
     assert store.query("SELECT count(*) AS n FROM patients")["n"][0] == 0
