@@ -3,10 +3,11 @@
 nnU-Net 2.x runs one window per forward pass. On a CPU, small windows spend most of their time in
 the per-call overhead of the network's ~100 modules, not in arithmetic: for the test-size 2-D
 model (16x64 windows, 64-256 per volume), 128 windows took 1.11 s one at a time and 0.29 s in
-one batch (one thread); the demo's 160x160 windows take 103 ms one at a time, 74 ms in fours. nnU-Net has no batch option for this, and MONAI's
-`sliding_window_inference` (which has one) places and weights the windows its own way, so the
-masks would change. This keeps nnU-Net's own window placement, Gaussian weighting and
-half-precision accumulation, in the same order, and batches only the forward pass.
+one batch (one thread); the demo's 160x160 windows take 103 ms one at a time, 74 ms in fours.
+nnU-Net has no batch option for this, and MONAI's `sliding_window_inference` (which has one)
+places and weights the windows its own way, so the masks would change. This keeps nnU-Net's own
+window placement, Gaussian weighting and half-precision accumulation, in the same order, and
+batches only the forward pass.
 """
 
 from __future__ import annotations
