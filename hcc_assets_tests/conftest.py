@@ -109,16 +109,16 @@ UNIT_MODULES_IN_DEFS = {"defs/test_sensor.py", "defs/test_figure_metadata.py"}
 
 # The longest modules, longest first. pytest-xdist (--dist loadfile --no-loadscope-reorder) hands out
 # whole modules in collection order: the long ones first keep one worker from running a long module
-# alone at the end. test_segmentation_assets comes second, so that it starts at once on the other
-# worker: its training is the suite's shared liver model (model_configs.liver_model_slot), which it
-# publishes when it trains first. Any module that needs that model before it (test_daemon used to
-# come second) trains the same model once more in a scratch lake, a minute of one core. xdist gives a
-# worker its next module when it has 2 tests or fewer left, so test_daemon follows on that worker
-# while the study still runs on the other.
+# alone at the end. test_daemon comes second: most of its 5 minutes is waiting for daemon ticks,
+# which overlaps the study's training on the other worker instead of idling a core at the end.
+# Its fixture then trains the shared liver model, and test_segmentation_assets trains the same model
+# again (that training is its subject). Putting test_segmentation_assets second saves that minute of
+# one core, but two fresh-clone runs were 32 and 48 s slower: test_daemon then ran beside
+# test_prediction_assets' set-up, which took 111-118 s instead of 63 (2026-12-03).
 LONGEST_FIRST = [
     "defs/test_analysis_assets.py",
-    "defs/test_segmentation_assets.py",
     "defs/test_daemon.py",
+    "defs/test_segmentation_assets.py",
     "defs/test_prediction_assets.py",
     "defs/test_dask_executor.py",
     "defs/test_parallel_runs.py",
