@@ -113,8 +113,9 @@ UNIT_MODULES_IN_DEFS = {"defs/test_sensor.py", "defs/test_figure_metadata.py"}
 # which overlaps the study's training on the other worker instead of idling a core at the end.
 # Its fixture then trains the shared liver model, and test_segmentation_assets trains the same model
 # again (that training is its subject). Putting test_segmentation_assets second saves that minute of
-# one core, but two fresh-clone runs were 32 and 48 s slower: test_daemon then ran beside
-# test_prediction_assets' set-up, which took 111-118 s instead of 63 (2026-12-03).
+# one core, but did not shorten the suite: pytest took 811 and 827 s with it, 779 and 839 s with this
+# order (fresh clones, 2026-12-03), and test_daemon then ran beside test_prediction_assets' set-up,
+# which took 111-118 s instead of 63-71.
 LONGEST_FIRST = [
     "defs/test_analysis_assets.py",
     "defs/test_daemon.py",
