@@ -46,8 +46,9 @@ class BatchedWindowPredictor(nnUNetPredictor):
             windows = slicers[start : start + per_pass]
             batch = torch.stack([data[window] for window in windows]).to(self.device)
             predictions = self._internal_maybe_mirror_and_predict(batch).to(results_device)
+            predictions *= gaussian  # once for the batch (broadcast over windows and classes)
             for window, prediction in zip(windows, predictions):
-                logits[window] += prediction * gaussian
+                logits[window] += prediction
                 weights[window[1:]] += gaussian
         torch.div(logits, weights, out=logits)
         if torch.any(torch.isinf(logits)):
