@@ -108,18 +108,18 @@ UNIT_MODULES_IN_DEFS = {"defs/test_sensor.py", "defs/test_figure_metadata.py"}
 
 
 # The longest modules, longest first. pytest-xdist (--dist loadfile --no-loadscope-reorder) hands out
-# whole modules in collection order: the long ones first keep one worker from running a long module
-# alone at the end. test_daemon comes second: most of its 5 minutes is waiting for daemon ticks,
-# which overlaps the study's training on the other worker instead of idling a core at the end.
-# Its fixture then trains the shared liver model, and test_segmentation_assets trains the same model
-# again (that training is its subject). Putting test_segmentation_assets second saves that minute of
-# one core, but did not shorten the suite: pytest took 811 and 827 s with it, 779 and 839 s with this
-# order (fresh clones, 2026-12-03), and test_daemon then ran beside test_prediction_assets' set-up,
-# which took 111-118 s instead of 63-71.
+# whole modules in collection order, and gives a worker the next module as soon as its current one has
+# 2 tests or fewer left to run (a worker needs the next test in hand to run one): so a one-test module
+# such as test_daemon takes the module after it along. The long ones first keep one worker from
+# running a long module alone at the end.
+# test_segmentation_assets comes second: its subject is training the nnU-Net liver model, and it
+# publishes that model as the suite's shared one (model_configs.liver_model_slot), so nothing else
+# trains it. With test_daemon second, test_daemon's fixture trained the shared model, and
+# test_segmentation_assets, handed out with it, trained the same model again on the same worker.
 LONGEST_FIRST = [
     "defs/test_analysis_assets.py",
-    "defs/test_daemon.py",
     "defs/test_segmentation_assets.py",
+    "defs/test_daemon.py",
     "defs/test_prediction_assets.py",
     "defs/test_dask_executor.py",
     "defs/test_parallel_runs.py",
