@@ -143,6 +143,7 @@ def _train_liver_model(scratch: Path, cohort_source: Path) -> Path:
     from hcc_assets_tests.defs.helpers import (
         PATIENT_ASSETS,
         failure_message,
+        in_memory_instance,
         ingest_patient,
         make_lake,
         register_all,
@@ -151,7 +152,7 @@ def _train_liver_model(scratch: Path, cohort_source: Path) -> Path:
     incoming = scratch / "incoming"
     shutil.copytree(cohort_source, incoming)
     lake = make_lake(scratch, incoming)
-    with dg.instance_for_test() as instance:
+    with in_memory_instance() as instance:
         for pid in register_all(instance, lake):
             ingest_patient(instance, lake, pid)
         result = dg.materialize(

@@ -4,7 +4,6 @@ import io
 import re
 import shutil
 
-import dagster as dg
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
@@ -12,7 +11,7 @@ from pydicom.uid import generate_uid
 from hcc_assets.imaging.dicom_series import inventory_study
 from hcc_assets.lake import DataLake
 from hcc_assets.synthetic.enhanced import enhanced_mr_file
-from hcc_assets_tests.defs.helpers import failure_message, ingest_patient, make_lake, register_all
+from hcc_assets_tests.defs.helpers import failure_message, in_memory_instance, ingest_patient, make_lake, register_all
 
 
 def _t2_files(folder):
@@ -119,7 +118,7 @@ def test_bad_inputs_fail_alone_with_clear_phi_free_errors(incoming_copy, tmp_pat
     lake = make_lake(tmp_path, incoming)
     data_lake = DataLake(lake.root)
     phi = {s for p in patients for s in p.phi} | {p.patient_key for p in patients} | set(bad_keys.values())
-    with dg.instance_for_test() as instance:
+    with in_memory_instance() as instance:
         register_all(instance, lake)
         for name, (_, cause) in CASES.items():
             pid = lake.pseudonym(bad_keys[name])
@@ -142,7 +141,7 @@ def test_a_study_that_breaks_after_ingest_is_forgotten(incoming_copy, tmp_path, 
     incoming, patients = incoming_copy
     lake = make_lake(tmp_path, incoming)
     key = patients[2].patient_key
-    with dg.instance_for_test() as instance:
+    with in_memory_instance() as instance:
         register_all(instance, lake)
         pid = lake.pseudonym(key)
         assert ingest_patient(instance, lake, pid).success

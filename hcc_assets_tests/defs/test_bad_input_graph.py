@@ -11,7 +11,14 @@ import pytest
 from hcc_assets.core.errors import PatientInputError
 from hcc_assets.defs.cohort import cohort
 from hcc_assets.imaging.dicom_series import inventory_study
-from hcc_assets_tests.defs.helpers import PATIENT_ASSETS, failure_message, ingest_patient, make_lake, register_all
+from hcc_assets_tests.defs.helpers import (
+    PATIENT_ASSETS,
+    failure_message,
+    in_memory_instance,
+    ingest_patient,
+    make_lake,
+    register_all,
+)
 
 
 def _t2_files(folder: Path) -> list[Path]:
@@ -26,7 +33,7 @@ def test_non_finite_intensities_are_refused(incoming_copy, tmp_path):
     dataset.RescaleSlope = "1e400"  # a valid DS string that overflows to inf
     dataset.save_as(victim)
     lake = make_lake(tmp_path, incoming)
-    with dg.instance_for_test() as instance:
+    with in_memory_instance() as instance:
         register_all(instance, lake)
         pid = lake.pseudonym(key)
         result = ingest_patient(instance, lake, pid, raise_on_error=False)
@@ -42,7 +49,7 @@ def test_non_finite_intensities_are_refused(incoming_copy, tmp_path):
 def test_an_absurdly_large_series_is_refused_before_reading_pixels(incoming_copy, tmp_path):
     incoming, patients = incoming_copy
     lake = make_lake(tmp_path, incoming)
-    with dg.instance_for_test() as instance:
+    with in_memory_instance() as instance:
         register_all(instance, lake)
         pid = lake.pseudonym(patients[0].patient_key)
         result = dg.materialize(
@@ -70,7 +77,7 @@ def test_bad_label_manifests_exclude_only_the_patients_concerned(incoming_copy, 
         "NOT-IN-DROP-ZONE,1,synthetic\n"
     )
     lake = make_lake(tmp_path, incoming)
-    with dg.instance_for_test() as instance:
+    with in_memory_instance() as instance:
         pids = register_all(instance, lake)
         for pid in pids:
             assert ingest_patient(instance, lake, pid).success

@@ -206,7 +206,7 @@ def test_a_retrain_below_chance_is_refused_and_the_previous_version_stays_in_use
     shutil.copytree(trained["root"] / "lake", root)
     lake = LakeResource(root=str(root), incoming=trained["lake"].incoming, quiet_seconds=3600)
     previous = lake.store.query("SELECT version FROM models WHERE model_name = 'hcc_classifier' AND current").item()
-    with dg.instance_for_test() as instance:
+    with in_memory_instance() as instance:
         instance.add_dynamic_partitions("patients", trained["pids"])
         result = train(instance, lake, raise_on_error=False, **NO_LEARNING)
         checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
@@ -231,7 +231,7 @@ def test_a_classifier_below_chance_accepted_on_purpose_still_needs_a_second_yes(
     root = tmp_path / "lake"
     shutil.copytree(trained["root"] / "lake", root)
     lake = LakeResource(root=str(root), incoming=trained["lake"].incoming, quiet_seconds=3600)
-    with dg.instance_for_test() as instance:
+    with in_memory_instance() as instance:
         instance.add_dynamic_partitions("patients", trained["pids"])
         train(instance, lake, raise_on_error=False, **{**NO_LEARNING, "accept_below_chance": True})
         metrics = json.loads(
@@ -265,7 +265,7 @@ def test_a_corrupt_or_incompatible_checkpoint_fails_the_partition_clearly(traine
     deep._CLASSIFIERS.clear()  # this process cached the good model; a fresh worker would not have it
     pid = trained["pids"][0]
     before = lake.store.query("SELECT embedding FROM deep_embeddings WHERE patient_id = ?", [pid])
-    with dg.instance_for_test() as instance:
+    with in_memory_instance() as instance:
         instance.add_dynamic_partitions("patients", trained["pids"])
         result = embed(instance, lake, pid, raise_on_error=False)
     assert not result.success

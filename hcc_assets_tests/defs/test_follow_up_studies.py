@@ -15,6 +15,7 @@ from hcc_assets.synthetic.cohort import FOLLOW_UP_STUDY_DIR, SynthConfig, synthe
 from hcc_assets_tests.conftest import SMALL_COHORT
 from hcc_assets_tests.defs.helpers import (
     failure_message,
+    in_memory_instance,
     ingest_patient,
     make_lake,
     materialize_cohort,
@@ -42,7 +43,7 @@ def ingested(follow_up_cohort, tmp_path_factory):
     incoming = root / "incoming"
     shutil.copytree(source, incoming)
     lake = make_lake(root, incoming)
-    with dg.instance_for_test() as instance:
+    with in_memory_instance() as instance:
         tick = sensor_tick(instance, lake, None)
         keys = sorted(r.partition_key for r in tick.run_requests)
         results = {key: ingest_patient(instance, lake, key) for key in keys}
@@ -131,7 +132,7 @@ def test_sensor_requests_every_study_and_a_redelivered_follow_up_alone(follow_up
     shutil.rmtree(incoming / patient.patient_key / FOLLOW_UP_STUDY_DIR)
     lake = make_lake(tmp_path, incoming)
     pid = lake.pseudonym(patient.patient_key)
-    with dg.instance_for_test() as instance:
+    with in_memory_instance() as instance:
         first = sensor_tick(instance, lake, None)
         assert [r.partition_key for r in first.run_requests] == [pid]
         assert ingest_patient(instance, lake, pid).success
@@ -166,7 +167,7 @@ def test_two_patients_in_one_folder_are_still_refused(follow_up_cohort, tmp_path
     shutil.copytree(source / other.patient_key / "study_1", incoming / patient.patient_key / "other_study")
     lake = make_lake(tmp_path, incoming)
     pid = lake.pseudonym(patient.patient_key)
-    with dg.instance_for_test() as instance:
+    with in_memory_instance() as instance:
         tick = sensor_tick(instance, lake, None)
         assert [r.partition_key for r in tick.run_requests] == [pid]  # the bare pseudonym: its run says why
         result = ingest_patient(instance, lake, pid, raise_on_error=False)
