@@ -140,30 +140,23 @@ def _train_liver_model(scratch: Path, cohort_source: Path) -> Path:
     from hcc_assets.defs.resources import ComputeResource
     from hcc_assets.defs.segmentation import liver_segmentation_model
     from hcc_assets.featurestore.registry import current_model
-    from hcc_assets_tests.defs.helpers import (
-        PATIENT_ASSETS,
-        failure_message,
-        in_memory_instance,
-        ingest_patient,
-        make_lake,
-        register_all,
-    )
+    from hcc_assets_tests.defs import helpers
 
     incoming = scratch / "incoming"
     shutil.copytree(cohort_source, incoming)
-    lake = make_lake(scratch, incoming)
-    with in_memory_instance() as instance:
-        for pid in register_all(instance, lake):
-            ingest_patient(instance, lake, pid)
+    lake = helpers.make_lake(scratch, incoming)
+    with helpers.in_memory_instance() as instance:
+        for pid in helpers.register_all(instance, lake):
+            helpers.ingest_patient(instance, lake, pid)
         result = dg.materialize(
-            [cohort, liver_segmentation_model, *PATIENT_ASSETS],
+            [cohort, liver_segmentation_model, *helpers.PATIENT_ASSETS],
             selection=[cohort, liver_segmentation_model],
             instance=instance,
             resources={"lake": lake, "compute": ComputeResource(device="cpu", cpu_threads=1)},
             run_config={"ops": {"liver_segmentation_model": {"config": SEGMENTATION_TRAINING}}},
             raise_on_error=False,
         )
-        assert result.success, failure_message(result)
+        assert result.success, helpers.failure_message(result)
     model = current_model(lake.store, "liver_segmentation")
     assert model is not None
     return Path(model["path"])
