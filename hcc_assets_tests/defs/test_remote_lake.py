@@ -66,6 +66,8 @@ def test_patient_chain_and_segmentation_on_a_memory_lake(small_cohort, tmp_path,
     resources = {"lake": lake, "compute": ComputeResource(device="cpu", cpu_threads=1)}
     fs, data_lake = fsspec.filesystem("memory"), DataLake(memory_root)
 
+    # on-disk instance, made before staging is patched: an in-memory one makes its compute-log folder
+    # in the staging folder during the runs, and the test requires staging to end up empty
     with dg.instance_for_test() as instance:
         staging = tmp_path / "tmp"  # every staged copy goes here and must be gone afterwards
         staging.mkdir()
