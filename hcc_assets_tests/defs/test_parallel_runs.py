@@ -1,5 +1,6 @@
 """Four patients materialized at once, each in its own run process, all writing the same DuckLake
-feature store, twice in a row (the second round replaces rows while the other runs write): no run
+feature store, twice in a row (the second round, in the same four worker processes, replaces rows
+while the other runs write): no run
 may fail (commits are serialized by the store's write lock), and each round leaves exactly one set
 of rows per patient. Concurrent runs of the multiprocess executor (every step its own process) are
 test_dask_executor's first half."""
@@ -35,13 +36,14 @@ def test_parallel_multiprocess_runs_share_the_feature_store(incoming_copy, tmp_p
         pids = runner.register_ready_patients(instance)[:4]
         store = FeatureStore(Path({str(lake_root)!r}) / "feature_store.sqlite")
         ok = True
-        for round_ in ("first", "again"):
-            results = runner.materialize_patients(pids, workers=4, executor="in_process")
-            counts = {{table: store.query(f"SELECT count(*) FROM {{table}}").item()
-                      for table in ("patients", "scans", "volumes")}}
-            runs = store.query("SELECT count(DISTINCT run_id) FROM scans").item()
-            print(json.dumps({{"round": round_, "results": results, "counts": counts, "runs": runs}}))
-            ok = ok and all(success for _, success, _ in results)
+        with runner.worker_pool(4) as pool:  # both rounds in the same 4 processes, as the CLI's stages are
+            for round_ in ("first", "again"):
+                results = runner.materialize_patients(pids, workers=4, executor="in_process", pool=pool)
+                counts = {{table: store.query(f"SELECT count(*) FROM {{table}}").item()
+                          for table in ("patients", "scans", "volumes")}}
+                runs = store.query("SELECT count(DISTINCT run_id) FROM scans").item()
+                print(json.dumps({{"round": round_, "results": results, "counts": counts, "runs": runs}}))
+                ok = ok and all(success for _, success, _ in results)
         sys.exit(0 if ok else 1)
         """
     )
