@@ -12,7 +12,7 @@ DEMO_LESION_CONTRAST ?= 1.25
 export OMP_WAIT_POLICY := PASSIVE
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install lock demo test test-fast lint ui clean-lake
+.PHONY: install lock demo test test-fast lint lint-fast ui clean-lake
 
 # Every package from requirements.lock (exact versions, sha256-checked), then the patched pyradiomics
 # build and the project itself without dependencies: two installs a month apart are the same.
@@ -47,20 +47,20 @@ demo: install
 	@echo "Table 1 (validation patients; estimate [95% bootstrap CI]); report: $(LAKE)/reports/report.html"
 	$(BIN)/hcc-assets --lake $(LAKE) sql "SELECT model, scheme, n, accuracy, precision, recall, f1, roc_auc FROM table_1"
 
-# ruff (lint and format), the import contracts between the layers, and mypy
-lint: install
+# ruff (lint and format) and the import contracts between the layers: seconds
+lint-fast: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+
+# lint-fast, then mypy
+lint: lint-fast
 	$(BIN)/mypy
 
-# The lint of `make lint`, with mypy (about 45 s of CPU without its cache, as in a fresh clone) run
+# `make lint`, with mypy (about 45 s of CPU without its cache, as in a fresh clone) run
 # niced beside the suite: it takes the CPU the suite leaves idle while it waits on daemons, servers
 # and the browser. Its verdict counts as the tests' does; its report follows theirs.
-test: install
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
-	$(BIN)/lint-imports
+test: lint-fast
 	@nice -n 10 $(BIN)/mypy > $(VENV)/mypy.log 2>&1 & mypy=$$!; \
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --timeout 1800 --durations=15; tests=$$?; \
 	wait $$mypy; typed=$$?; echo "mypy:"; cat $(VENV)/mypy.log; \

@@ -1,9 +1,8 @@
 """Four patients materialized at once, each in its own run process, all writing the same DuckLake
 feature store, twice in a row (the second round, in the same four worker processes, replaces rows
-while the other runs write): no run
-may fail (commits are serialized by the store's write lock), and each round leaves exactly one set
-of rows per patient. Concurrent runs of the multiprocess executor (every step its own process) are
-test_dask_executor's first half."""
+while the other runs write): no run may fail (commits are serialized by the store's write lock),
+and each round leaves exactly one set of rows per patient. Concurrent runs of the multiprocess
+executor (every step its own process) are test_dask_executor's first half."""
 
 import json
 import os
