@@ -4,7 +4,7 @@ real Dagster daemon, with where the time went (sensor tick, run queue, run start
 the instance's event log.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/new_scan_latency.py [--mode dev|daemon] \\
-        [--drops 2] [--matrix 256] [--depth 50] [--seg-epochs 12] [--sensor-interval 1] [--keep DIR [--reuse]]
+        [--drops 2] [--matrix 256] [--depth 50] [--seg-epochs 8] [--sensor-interval 1] [--keep DIR [--reuse]]
 
 What it sets up (a temporary lake, not data_lake/): 8 synthetic patients of the same geometry as the
 drops ingested on the default 128x128x64 grid, the default nnU-Net configuration (reduced 2d_cpu,
@@ -38,7 +38,7 @@ def main() -> int:
     parser.add_argument("--drops", type=int, default=2)
     parser.add_argument("--matrix", type=int, default=256, help="in-plane pixels of the dropped patients")
     parser.add_argument("--depth", type=int, default=50, choices=[10, 18, 34, 50])
-    parser.add_argument("--seg-epochs", type=int, default=12)
+    parser.add_argument("--seg-epochs", type=int, default=8)
     parser.add_argument("--sensor-interval", type=int, default=1)
     parser.add_argument("--keep", help="build the lake in this folder and keep it (default: a temporary one)")
     parser.add_argument("--reuse", action="store_true", help="with --keep: use the lake already there")

@@ -8,7 +8,7 @@ nnU-Net dataset, plans and model live in a temporary folder.
 
     make demo LAKE=/tmp/lake    # or any lake with an ingested cohort and cohort_split
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/segmentation_config.py --lake /tmp/lake \\
-        --spacing 3.2 3.2 --epochs 12 --iterations 40 [--patch 128 128] [--base-features 16] \\
+        --spacing 3.2 3.2 --epochs 8 --iterations 40 [--patch 128 128] [--base-features 16] \\
         [--max-features 256] [--batch 8] [--lr 0.02] [--threads 2]
 """
 
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--configuration", default="2d_cpu")
     parser.add_argument("--spacing", type=float, nargs="*", default=[3.2, 3.2])
     parser.add_argument("--patch", type=int, nargs="*", default=None)
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--iterations", type=int, default=40)
     parser.add_argument("--val-iterations", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8)

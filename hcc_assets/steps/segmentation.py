@@ -51,7 +51,7 @@ from hcc_assets.segmentation.config import LABEL_LIVER
 if TYPE_CHECKING:
     import nibabel as nib
 
-SEGMENTATION_MODEL_VERSION = "1"
+SEGMENTATION_MODEL_VERSION = "2"  # 2: HccCpuTrainer augments in one anatomical frame
 LIVER_MASK_VERSION = "1"
 RADIOMIC_FEATURES_VERSION = "1"
 

@@ -11,8 +11,13 @@ variables HCC_NNUNET_EPOCHS / HCC_NNUNET_ITERATIONS / HCC_NNUNET_VAL_ITERATIONS 
 import os
 from collections.abc import Callable
 
+import numpy as np
 import torch
+from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+# nnU-Net's own range for 2-D patches that are not square; also covers scanner obliquity
+MAX_ROTATION_DEG = 15.0
 
 
 class HccCpuTrainer(nnUNetTrainer):
@@ -28,6 +33,29 @@ class HccCpuTrainer(nnUNetTrainer):
         self.num_epochs = int(os.environ.get("HCC_NNUNET_EPOCHS", 5))
         self.num_iterations_per_epoch = int(os.environ.get("HCC_NNUNET_ITERATIONS", 40))
         self.num_val_iterations_per_epoch = int(os.environ.get("HCC_NNUNET_VAL_ITERATIONS", 5))
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        """Augmentation for anatomy seen in one frame: rotations up to MAX_ROTATION_DEG, no mirroring.
+
+        nnU-Net's generic defaults rotate square 2-D patches by up to 180 degrees and mirror every
+        axis, to suit any data. Ours reach the network in one anatomical frame (every reader
+        reorients to RAS), where the liver is always on the patient's right and the spine behind:
+        upside-down and mirrored slices teach the network nothing it will meet, and on a short CPU
+        schedule they slow learning down (demo cohort, 12 x 40 iterations: validation liver Dice
+        mean 0.906 -> 0.938; training loss at epoch 6 as low as it was at epoch 12). No mirroring
+        is nnU-Net's own nnUNetTrainerNoMirroring; it also turns test-time mirroring off, which
+        would only average in views the network never learned.
+        """
+        _, dummy_2d, _, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        limit = np.deg2rad(MAX_ROTATION_DEG)
+        rotation = (-limit, limit)
+        patch_size = self.configuration_manager.patch_size
+        dim = len(patch_size)
+        initial_patch_size = get_patch_size(patch_size[-dim:], rotation, rotation, rotation, (0.85, 1.25))
+        if dummy_2d:
+            initial_patch_size[0] = patch_size[0]
+        self.inference_allowed_mirroring_axes = None
+        return rotation, dummy_2d, initial_patch_size, None
 
     # Set by the caller (hcc_assets.segmentation.train): called with one line per epoch.
     progress_callback: Callable[[str], None] | None = None
