@@ -50,6 +50,33 @@ def test_validate_model_folder_accepts_the_trained_model(trained_model):
     assert info.checkpoint_sha256 == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
 
 
+def test_augmentation_stays_in_the_anatomical_frame(trained_model, tmp_path):
+    """Volumes reach the network reoriented to RAS: rotations up to 15 degrees, no mirroring in
+    training, and the model tells the predictor not to mirror either."""
+    import torch
+
+    from hcc_assets.segmentation.nnunet_env import nnunet_environment
+
+    checkpoint = torch.load(
+        trained_model.folder / "fold_all" / "checkpoint_final.pth", map_location="cpu", weights_only=False
+    )
+    assert checkpoint["inference_allowed_mirroring_axes"] is None
+    with nnunet_environment(preprocessed=trained_model.preprocessed_dir, results=tmp_path):
+        from hcc_assets.segmentation.nnunet_trainers.hcc_cpu_trainer import HccCpuTrainer
+
+        trainer = HccCpuTrainer(
+            plans={**json.loads(trained_model.plans_file.read_text()), "continue_training": False},  # nnU-Net 2.8
+            configuration="2d_cpu",
+            fold="all",
+            dataset_json=json.loads((trained_model.folder / "dataset.json").read_text()),
+            device=torch.device("cpu"),
+        )
+        rotation, _, initial_patch, mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    assert mirror_axes is None and trainer.inference_allowed_mirroring_axes is None
+    assert rotation == pytest.approx((-np.deg2rad(15), np.deg2rad(15)))
+    assert all(side >= patch for side, patch in zip(initial_patch, trainer.configuration_manager.patch_size))
+
+
 @pytest.fixture(scope="module")
 def segmenter(trained_model):
     return LiverSegmenter(trained_model.folder, device="cpu")
