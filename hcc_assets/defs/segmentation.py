@@ -12,9 +12,10 @@ applies its own, documented resampling and discretization (see `radiomics/params
 
 The default segmentation model is trained in the platform with a **reduced CPU configuration**
 (`2d_cpu`: nnU-Net's 2d plans with batch 8, 16..256 features, 3.2x3.2 mm in-plane spacing, 8
-epochs x 40 iterations at lr 0.02, augmented in one anatomical frame). It is a few-minute stand-in for a full nnU-Net, not one: for the full
-model train `3d_fullres` with the standard `nnUNetTrainer` on a GPU (`nnUNetv2_train <dataset>
-3d_fullres all`) and point `model_folder` at the result (mode a).
+epochs x 40 iterations at lr 0.02, augmented in one anatomical frame). It is a few-minute
+stand-in for a full nnU-Net, not one: for the full model train `3d_fullres` with the standard
+`nnUNetTrainer` on a GPU (`nnUNetv2_train <dataset> 3d_fullres all`) and point `model_folder` at
+the result (mode a).
 """
 
 import time

@@ -38,8 +38,8 @@ class HccCpuTrainer(nnUNetTrainer):
         """Augmentation for anatomy seen in one frame: rotations up to MAX_ROTATION_DEG, no mirroring.
 
         nnU-Net's generic defaults rotate square 2-D patches by up to 180 degrees and mirror every
-        axis, to suit any data. Ours reach the network in one anatomical frame (every reader
-        reorients to RAS), where the liver is always on the patient's right and the spine behind:
+        axis, to suit any data. Ours reach the network in one anatomical frame (the raw dataset
+        asks for NibabelIOWithReorient, which reorients every volume to RAS), where the liver is always on the patient's right and the spine behind:
         upside-down and mirrored slices teach the network nothing it will meet, and on a short CPU
         schedule they slow learning down (demo cohort, 12 x 40 iterations: validation liver Dice
         mean 0.906 -> 0.938; training loss at epoch 6 as low as it was at epoch 12). No mirroring
