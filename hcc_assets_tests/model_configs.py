@@ -25,7 +25,8 @@ import pytest
 # Native-spacing 2d_cpu (the 64-matrix phantom has ~6-7 mm pixels: the default 3.2 mm would upsample
 # it). With pixels coarser than the slice gap nnU-Net slices the 2d network sagittally (16x64), a
 # harder problem than axial 256x256: 6 x 20 iterations gave liver Dice ~0.6 even on training
-# patients; 12 x 25 at lr 0.02 (~25 s on 1 thread) gives 0.82-0.86 on the held-out patients.
+# patients; 12 x 25 at lr 0.02 (~25 s on 1 thread) gave 0.82-0.86 on the held-out patients (with
+# nnU-Net's generic augmentation, before HccCpuTrainer kept one anatomical frame).
 # The planner's patch is the median slice (14x64): a 15-16 slice volume then takes two overlapping
 # windows per slice at inference; 16x64 covers every volume of the small cohorts in one.
 SEGMENTATION_TRAINING = {
