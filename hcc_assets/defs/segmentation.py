@@ -44,8 +44,9 @@ from hcc_assets.steps.segmentation import (
 
 CPU_NOTE = (
     "The default model is a REDUCED CPU configuration of nnU-Net v2 (`2d_cpu`: the 2d plans with batch 8, "
-    "16..256 features per stage, in-plane spacing 3.2x3.2 mm, 8 epochs x 40 iterations at lr 0.02, rotations up to 15 degrees and no mirroring, no final "
-    "validation): minutes on 2 CPU cores, not nnU-Net's full 1000-epoch schedule. For the full model, on a GPU: "
+    "16..256 features per stage, in-plane spacing 3.2x3.2 mm, 8 epochs x 40 iterations at lr 0.02, "
+    "rotations up to 15 degrees and no mirroring, no final validation): minutes on 2 CPU cores, not nnU-Net's "
+    "full 1000-epoch schedule. For the full model, on a GPU: "
     "build the same raw dataset, `nnUNetv2_plan_and_preprocess -d 501 --verify_dataset_integrity`, "
     "`nnUNetv2_train 501 3d_fullres all` (standard nnUNetTrainer), then materialize this asset with "
     "`model_folder` = `<nnUNet_results>/Dataset501_HccLiver/nnUNetTrainer__nnUNetPlans__3d_fullres` (mode a)."

@@ -47,8 +47,7 @@ def train(
             torch.set_num_threads(config.num_threads)
         _seed_everything(config.seed)
         dataset_dir = Path(preprocessed_dir) / dataset_folder_name(config.dataset_id, config.dataset_name)
-        plans = json.loads((dataset_dir / f"{PLANS_NAME}.json").read_text())
-        plans["continue_training"] = False  # nnU-Net 2.8's trainer pops this key
+        plans = trainer_plans(dataset_dir / f"{PLANS_NAME}.json")
         dataset_json = json.loads((dataset_dir / "dataset.json").read_text())
         trainer = HccCpuTrainer(
             plans=plans,
@@ -76,6 +75,11 @@ def train(
     assert model_folder.name == f"{TRAINER_NAME}__{PLANS_NAME}__{config.configuration}"
     _write_summary(model_folder / TRAINING_SUMMARY, config, trainer, seconds)
     return model_folder
+
+
+def trainer_plans(plans_file: Path | str) -> dict:
+    """A plans file as nnU-Net's trainer takes it: nnU-Net 2.8's trainer pops "continue_training"."""
+    return {**json.loads(Path(plans_file).read_text()), "continue_training": False}
 
 
 def _seed_everything(seed: int) -> None:

@@ -56,6 +56,7 @@ def test_augmentation_stays_in_the_anatomical_frame(trained_model, tmp_path):
     import torch
 
     from hcc_assets.segmentation.nnunet_env import nnunet_environment
+    from hcc_assets.segmentation.training import trainer_plans
 
     checkpoint = torch.load(
         trained_model.folder / "fold_all" / "checkpoint_final.pth", map_location="cpu", weights_only=False
@@ -65,7 +66,7 @@ def test_augmentation_stays_in_the_anatomical_frame(trained_model, tmp_path):
         from hcc_assets.segmentation.nnunet_trainers.hcc_cpu_trainer import HccCpuTrainer
 
         trainer = HccCpuTrainer(
-            plans={**json.loads(trained_model.plans_file.read_text()), "continue_training": False},  # nnU-Net 2.8
+            plans=trainer_plans(trained_model.plans_file),
             configuration="2d_cpu",
             fold="all",
             dataset_json=json.loads((trained_model.folder / "dataset.json").read_text()),

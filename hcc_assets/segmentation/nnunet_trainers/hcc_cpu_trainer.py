@@ -18,6 +18,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 # nnU-Net's own range for 2-D patches that are not square; also covers scanner obliquity
 MAX_ROTATION_DEG = 15.0
+# the scaling range nnU-Net's trainer sizes its initial (pre-rotation) patch for
+_SCALE_RANGE = (0.85, 1.25)
 
 
 class HccCpuTrainer(nnUNetTrainer):
@@ -39,9 +41,9 @@ class HccCpuTrainer(nnUNetTrainer):
 
         nnU-Net's generic defaults rotate square 2-D patches by up to 180 degrees and mirror every
         axis, to suit any data. Ours reach the network in one anatomical frame (the raw dataset
-        asks for NibabelIOWithReorient, which reorients every volume to RAS), where the liver is always on the patient's right and the spine behind:
-        upside-down and mirrored slices teach the network nothing it will meet, and on a short CPU
-        schedule they slow learning down (demo cohort, 12 x 40 iterations: validation liver Dice
+        asks for NibabelIOWithReorient, which reorients every volume to RAS), where the liver is
+        always on the patient's right and the spine behind: upside-down and mirrored slices teach
+        the network nothing it will meet, and on a short CPU schedule they slow learning down (demo cohort, 12 x 40 iterations: validation liver Dice
         mean 0.906 -> 0.938; training loss at epoch 6 as low as it was at epoch 12). No mirroring
         is nnU-Net's own nnUNetTrainerNoMirroring; it also turns test-time mirroring off, which
         would only average in views the network never learned.
@@ -50,8 +52,7 @@ class HccCpuTrainer(nnUNetTrainer):
         limit = np.deg2rad(MAX_ROTATION_DEG)
         rotation = (-limit, limit)
         patch_size = self.configuration_manager.patch_size
-        dim = len(patch_size)
-        initial_patch_size = get_patch_size(patch_size[-dim:], rotation, rotation, rotation, (0.85, 1.25))
+        initial_patch_size = get_patch_size(patch_size, rotation, rotation, rotation, _SCALE_RANGE)
         if dummy_2d:
             initial_patch_size[0] = patch_size[0]
         self.inference_allowed_mirroring_axes = None
