@@ -72,6 +72,9 @@ UNTRAINED_CLASSIFIER = {
     "batch_size": 4,
     "seed": 0,
 }
+# torch threads of every in-process materialization in the tests: one core per xdist worker
+# (`make test` runs `-n 2` on 2 cores), so two workers never oversubscribe the machine.
+TEST_CPU_THREADS = 1
 # The grid of the tests' preprocessed volumes (the classifier's input): layer4 of a ResNet still
 # sees one voxel.
 TEST_GRID = [32, 32, 16]
@@ -153,7 +156,7 @@ def _train_liver_model(scratch: Path, cohort_source: Path) -> Path:
             [cohort, liver_segmentation_model, *helpers.PATIENT_ASSETS],
             selection=[cohort, liver_segmentation_model],
             instance=instance,
-            resources={"lake": lake, "compute": ComputeResource(device="cpu", cpu_threads=1)},
+            resources={"lake": lake, "compute": ComputeResource(device="cpu", cpu_threads=TEST_CPU_THREADS)},
             run_config={"ops": {"liver_segmentation_model": {"config": SEGMENTATION_TRAINING}}},
             raise_on_error=False,
         )

@@ -51,7 +51,7 @@ from hcc_assets_tests.defs.hands_off import (
     wait_for_sensor,
 )
 from hcc_assets_tests.defs.helpers import PER_PATIENT_ASSET_NAMES
-from hcc_assets_tests.model_configs import CLASSIFIER_TRAINING
+from hcc_assets_tests.model_configs import CLASSIFIER_TRAINING, TEST_CPU_THREADS
 
 # The retrain differs from the prepared classifier: a new version. It must pass the blocking
 # beats-chance check on training data with the weights of its best validation-loss epoch, and with
@@ -93,7 +93,7 @@ ASSETS = dg.load_assets_from_modules(
 
 
 def _features_and_predictions_with_the_first_classifier(prepared) -> None:
-    resources = {"lake": prepared.lake, "compute": ComputeResource(device="cpu", cpu_threads=2)}
+    resources = {"lake": prepared.lake, "compute": ComputeResource(device="cpu", cpu_threads=TEST_CPU_THREADS)}
     with prepared.instance() as instance:
         for pid in prepared.patients:
             result = dg.materialize(
@@ -208,7 +208,11 @@ def test_a_dropped_scan_is_processed_hands_off_then_a_retrain_refreshes_every_pa
         monkeypatch.delenv(name)  # the prepared lake's own key and settings, as the daemon will see them
     source, _ = small_cohort
     prepared = prepare_lake(
-        tmp_path / "lake", source, patient_config=TEST_PATIENT_CONFIG, liver_model=liver_model_folder
+        tmp_path / "lake",
+        source,
+        patient_config=TEST_PATIENT_CONFIG,
+        liver_model=liver_model_folder,
+        threads=TEST_CPU_THREADS,
     )
     assert all(prepared.versions.values()), prepared.versions
     _features_and_predictions_with_the_first_classifier(prepared)
@@ -257,7 +261,7 @@ def test_a_dropped_scan_is_processed_hands_off_then_a_retrain_refreshes_every_pa
             ASSETS,
             selection=["cohort", "hcc_classifier"],
             instance=instance,
-            resources={"lake": prepared.lake, "compute": ComputeResource(device="cpu", cpu_threads=2)},
+            resources={"lake": prepared.lake, "compute": ComputeResource(device="cpu", cpu_threads=TEST_CPU_THREADS)},
             run_config={"ops": {"hcc_classifier": {"config": RETRAIN}}},
             raise_on_error=False,
         )

@@ -23,7 +23,7 @@ from hcc_assets.steps.prediction import predict_patient
 from hcc_assets.synthetic.cohort import SynthConfig, synthesize_cohort
 from hcc_assets_tests.conftest import SMALL_COHORT
 from hcc_assets_tests.defs.hands_off import TEST_PATIENT_CONFIG, prepare_lake
-from hcc_assets_tests.model_configs import CLASSIFIER_TRAINING, UNTRAINED_CLASSIFIER
+from hcc_assets_tests.model_configs import CLASSIFIER_TRAINING, TEST_CPU_THREADS, UNTRAINED_CLASSIFIER
 from hcc_assets_tests.scratch import module_scratch
 
 ASSETS = dg.load_assets_from_modules(
@@ -44,7 +44,7 @@ def _materialize(lake, instance, selection, partition_key=None, ops=None, ok=Tru
         selection=selection,
         partition_key=partition_key,
         instance=instance,
-        resources={"lake": lake, "compute": ComputeResource(device="cpu", cpu_threads=2)},
+        resources={"lake": lake, "compute": ComputeResource(device="cpu", cpu_threads=TEST_CPU_THREADS)},
         run_config={"ops": {k: v for k, v in (ops or {}).items() if k in selection}},
         raise_on_error=False,
     )
@@ -63,7 +63,11 @@ def predicted(small_cohort, liver_model_folder, tmp_path_factory):
         for name in [n for n in os.environ if n.startswith("HCC_ASSETS_")]:
             patch.delenv(name)
         prepared = prepare_lake(
-            root / "lake", source, patient_config=TEST_PATIENT_CONFIG, liver_model=liver_model_folder
+            root / "lake",
+            source,
+            patient_config=TEST_PATIENT_CONFIG,
+            liver_model=liver_model_folder,
+            threads=TEST_CPU_THREADS,
         )
         # the unlabelled patient came back for a follow-up scan: its second study is partition <pid>.s2
         new = synthesize_cohort(

@@ -24,6 +24,7 @@ from hcc_assets.lake import LIVER_MASK_FILE, NIFTI_FILE, PREPROCESSED_FILE, RAW_
 from hcc_assets.radiomics import MIN_ROI_VOXELS
 from hcc_assets.steps import segmentation as segmentation_steps
 from hcc_assets_tests.defs.helpers import PATIENT_ASSETS, failure_message
+from hcc_assets_tests.model_configs import TEST_CPU_THREADS
 
 # Enough to get a non-empty liver label on the 64-matrix phantom in a few seconds; quality is not the point.
 TINY_TRAINING = {
@@ -63,7 +64,7 @@ def test_patient_chain_and_segmentation_on_a_memory_lake(small_cohort, tmp_path,
     monkeypatch.chdir(work)
     monkeypatch.delenv("HCC_ASSETS_PSEUDONYM_KEY", raising=False)
     lake = LakeResource(root=memory_root, incoming=str(incoming), feature_store=str(store_file), quiet_seconds=3600)
-    resources = {"lake": lake, "compute": ComputeResource(device="cpu", cpu_threads=1)}
+    resources = {"lake": lake, "compute": ComputeResource(device="cpu", cpu_threads=TEST_CPU_THREADS)}
     fs, data_lake = fsspec.filesystem("memory"), DataLake(memory_root)
 
     # on-disk instance, made before staging is patched: an in-memory one makes its compute-log folder

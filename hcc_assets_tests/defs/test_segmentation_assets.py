@@ -37,7 +37,7 @@ from hcc_assets_tests.defs.helpers import (
     materialize_cohort,
     module_platform,
 )
-from hcc_assets_tests.model_configs import SEGMENTATION_TRAINING, liver_model_slot
+from hcc_assets_tests.model_configs import SEGMENTATION_TRAINING, TEST_CPU_THREADS, liver_model_slot
 
 TRAINING = SEGMENTATION_TRAINING  # model_configs: why these settings
 # 3-7 cm lesions (TCGA-LIHC-sized, part of the liver label) make this brief training harder: held-out
@@ -66,7 +66,7 @@ class Platform:
 
 
 def resources(lake: LakeResource) -> dict:
-    return {"lake": lake, "compute": ComputeResource(device="cpu", cpu_threads=1)}
+    return {"lake": lake, "compute": ComputeResource(device="cpu", cpu_threads=TEST_CPU_THREADS)}
 
 
 def train_model(instance, lake, **config) -> dg.ExecuteInProcessResult:
