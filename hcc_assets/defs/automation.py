@@ -14,8 +14,9 @@ evaluation, per asset and partition, with the sub-condition that was true or fal
                                 pipeline run could not make it (e.g. radiomics failed: the deep
                                 prediction still comes, with the radiomic gap stated)
     analysis (explainable_features, radiomic_model, then the rest in the same run)
-                                once a cohort-level input changed and every per-patient input has
-                                settled (nothing running); failed partitions do not hold it back
+                                once a cohort-level input changed and every per-patient input and
+                                prediction has settled (nothing running, in two evaluations in a
+                                row); failed partitions do not hold it back
 
 New scans are the drop-zone sensor's (sensors.py): it adds the partition and requests the whole
 per-patient pipeline at once, prediction included, which is faster than any automation tick.
@@ -38,6 +39,7 @@ TRIGGER_TAG = "hcc_assets/trigger"
 AUTOMATION_TRIGGER = "automation"
 
 PER_PATIENT_GROUPS = ("ingest", "features", "predictions")
+PREDICTION = dg.AssetKey("hcc_prediction")  # downstream of the analysis, which waits for it (analyse_when_settled)
 COHORT_LEVEL_GROUPS = ("cohort", "models")
 ANALYSIS_GROUP = "analysis"
 
@@ -121,20 +123,30 @@ def refresh_prediction(volume: dg.AssetKey) -> AC:
 
 def analyse_when_settled() -> AC:
     """The top of the analysis (explainable_features, radiomic_model): after a cohort-level input
-    (cohort, a model) has a new data version, once no per-patient input is running. The change
-    must be at least two evaluations old: the per-patient refreshes it causes are requested in the
-    evaluation after the change (_held), in runs of their own, and are seen as running from the next."""
+    (cohort, a model) has a new data version, once no per-patient input and no patient's
+    prediction is running, in two evaluations in a row. The per-patient refreshes a change causes
+    are requested in the evaluation after it (_held), in runs of their own, and are seen as
+    running from the next: the second evaluation sees them.
+
+    Why the predictions, which the analysis does not read: a prediction made while the analysis
+    refits the explainable model, and first seen in the same evaluation as that model, counts as
+    handled after it (`since_last_handled`), and its patient would never be predicted by the refit.
+    Why twice: a refresh run that ends between an evaluation's two reads (see _held) looks neither
+    running nor done; the next evaluation sees its prediction before the analysis is requested.
+    One `newly_true` only: Dagster keys a newly_true's memory by its operand's operator, not the
+    operand itself, so two over different AND conditions of one asset would share it."""
     cohort_level = dg.AssetSelection.groups(*COHORT_LEVEL_GROUPS)
     changed_now = AC.any_deps_match(_changed()).allow(cohort_level).with_label("a cohort-level input changed")
-    # two evaluations old: the refreshes it causes are requested in the second (_held)
     changed_before = (changed_now.since_last_handled() & ~changed_now).with_label("a cohort-level input changed before")
-    return (
+    predicting = AC.asset_matches(PREDICTION, AC.in_progress()).with_label("a patient's prediction is running")
+    settled = (
         changed_before
-        & ~changed_before.newly_true()
         & ~AC.any_deps_in_progress()
+        & ~predicting
         & ~AC.in_progress()
         & AC.all_deps_blocking_checks_passed()
-    ).with_label("analyse once per-patient inputs settle")
+    ).with_label("a cohort-level input changed, and nothing per patient is running")
+    return (settled & ~settled.newly_true()).with_label("analyse once per-patient inputs settle")
 
 
 def follow_analysis() -> AC:

@@ -276,18 +276,24 @@ def sensor_ticks(instance: dg.DagsterInstance, name: str, limit: int = 100) -> l
 
 
 def wait_for_sensor(
-    instance: dg.DagsterInstance, daemon: Daemon, name: str = "incoming_scans_sensor", timeout_s: float = 180.0
+    instance: dg.DagsterInstance,
+    daemon: Daemon,
+    name: str = "incoming_scans_sensor",
+    timeout_s: float = 180.0,
+    since: float | None = None,
+    ticks: int = 1,
 ) -> float:
-    """Block until the sensor has finished a tick of this daemon (the daemon and its code server are up)."""
-    since = daemon.started_at
+    """Block until the sensor has finished `ticks` ticks that started after `since` (default: the
+    daemon's start, so one tick means the daemon and its code server are up)."""
+    since = daemon.started_at if since is None else since
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         daemon.check_alive()
-        ticks = [t for t in sensor_ticks(instance, name, limit=5) if t.end_timestamp and t.timestamp >= since]
-        if ticks:
+        done = [t for t in sensor_ticks(instance, name, limit=ticks + 5) if t.end_timestamp and t.timestamp >= since]
+        if len(done) >= ticks:
             return time.time()
         time.sleep(0.5)
-    raise AssertionError(f"sensor {name} did not tick within {timeout_s:.0f} s:\n{daemon.log_tail()}")
+    raise AssertionError(f"sensor {name}: not {ticks} tick(s) within {timeout_s:.0f} s:\n{daemon.log_tail()}")
 
 
 def drop_patient(source: Path, incoming: Path) -> float:

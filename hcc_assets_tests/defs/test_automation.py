@@ -99,14 +99,17 @@ class Ticks:
 
 class PipelineRun:
     """A patient_pipeline run as the drop-zone sensor makes it (the job, no asset selection; its
-    materializations planned when it is created), whose events are stored as its steps would."""
+    materializations planned when it is created), whose events are stored as its steps would.
+    With `assets`: a run of just those assets, as the automation requests a patient's refresh."""
 
-    def __init__(self, instance, partition: str):
+    def __init__(self, instance, partition: str, assets: list[str] | None = None):
         self.instance, self.partition = instance, partition
+        trigger = "automation" if assets else "drop_zone"
         self.run = instance.create_run_for_job(
             defs.resolve_job_def("patient_pipeline"),
-            tags={"dagster/partition": partition, "hcc_assets/trigger": "drop_zone"},
+            tags={"dagster/partition": partition, "hcc_assets/trigger": trigger},
             status=dg.DagsterRunStatus.NOT_STARTED,
+            asset_selection={KEY(name) for name in assets} if assets else None,
         )
 
     def _event(self, event_type: DagsterEventType, step: str | None = None, data=None) -> None:
@@ -182,12 +185,42 @@ def test_a_new_classifier_refreshes_patients_then_the_analysis_once_they_settle(
     assert tick() == {"deep_embedding": {"p1"}, "hcc_prediction": {"p1"}}
     _materialize(instance, "deep_embedding", "v2", "p1")
     _materialize(instance, "hcc_prediction", "v2", "p1")
-    # settled: the whole analysis, in one evaluation (one run)
+    # settled since the previous evaluation: the whole analysis, in one evaluation (one run)
     assert tick() == {name: {None} for name in ANALYSIS - {"radiomic_model"}}
     for name in ANALYSIS - {"radiomic_model"}:
         _materialize(instance, name, "v2")
     assert tick() == {}
     assert tick() == {"hcc_prediction": {"p1"}}  # the refitted explainable model predicts again
+    _materialize(instance, "hcc_prediction", "v3", "p1")
+    assert tick() == {}
+
+
+def test_a_refresh_run_that_ends_during_an_evaluation_still_gets_the_refitted_models_prediction(settled, monkeypatch):
+    """The last patient refresh ends while an evaluation runs, after Dagster read the asset records
+    and before it asked which runs are in progress (seen on the real daemon, test_daemon): that
+    evaluation sees nothing running, yet not the patient's new prediction. The analysis waits one
+    more evaluation, which sees that prediction; otherwise the prediction and the refitted
+    explainable model reach the same evaluation, and the patient is never predicted by that model."""
+    instance, tick = settled
+    _materialize(instance, "hcc_classifier", "v2")
+    _check(instance, "hcc_classifier", "beats_chance_on_training", True)
+    assert tick() == {}
+    assert tick() == {"deep_embedding": {"p1"}, "hcc_prediction": {"p1"}}
+    refresh = PipelineRun(instance, "p1", ["deep_embedding", "hcc_prediction"])
+    refresh.start()
+    refresh.materialize("deep_embedding")
+    assert tick() == {}  # the embedding is made, the prediction still running
+
+    def prediction_made_and_run_ended() -> None:
+        refresh.materialize("hcc_prediction")
+        refresh.succeed()
+
+    assert _during(monkeypatch, tick, prediction_made_and_run_ended) == {}  # looks settled: held
+    assert tick() == {name: {None} for name in ANALYSIS - {"radiomic_model"}}  # sees the prediction
+    for name in ANALYSIS - {"radiomic_model"}:
+        _materialize(instance, name, "v2")
+    assert tick() == {}
+    assert tick() == {"hcc_prediction": {"p1"}}  # the refitted explainable model predicts p1 again
     _materialize(instance, "hcc_prediction", "v3", "p1")
     assert tick() == {}
 

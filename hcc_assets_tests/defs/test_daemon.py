@@ -296,7 +296,8 @@ def test_a_dropped_scan_is_processed_hands_off_then_a_retrain_refreshes_every_pa
             f"{hands_off_at - up_at:.0f} s; retrain {retrained_at - hands_off_at:.0f} s; the daemon's refresh settled "
             f"in {settled_at - retrained_at:.0f} s"
         )
-        time.sleep(11)  # two more automation ticks: nothing else may be requested
+        # two more automation ticks, whole: nothing else may be requested
+        wait_for_sensor(instance, daemon, name="hcc_automation", since=settled_at, ticks=2, timeout_s=120)
         runs = refresh_runs()
         all_daemon_runs = _daemon_runs(instance, dt.datetime.fromtimestamp(daemon.started_at, dt.UTC), retrain.run_id)
         evaluations = instance.schedule_storage.get_auto_materialize_asset_evaluations(
