@@ -110,11 +110,16 @@ def refresh_patient_feature() -> AC:
 def refresh_prediction(volume: dg.AssetKey) -> AC:
     """hcc_prediction: as refresh_patient_feature, and also for a partition that is still missing
     (its pipeline run stopped before it); it only needs the patient's `volume`: a missing
-    embedding or radiomic row becomes an 'unavailable' prediction with the reason."""
+    embedding or radiomic row becomes an 'unavailable' prediction with the reason. A model whose
+    blocking check failed does re-run it (each prediction says which version is still in use), but
+    not while that check is still running: the embedding waits for the check, and the prediction
+    must become due with it to go in the same run (a retrain stores its model, then its check)."""
+    checking = AC.any_deps_match(AC.any_checks_match(AC.in_progress())).with_label("an input's check is running")
     no_volume = AC.any_deps_missing().allow(dg.AssetSelection.assets(volume)).with_label("no preprocessed volume")
     due = (
         (AC.newly_missing() | _input_changed()).since_last_handled()
         & ~no_volume
+        & ~checking
         & ~AC.any_deps_in_progress()
         & ~AC.in_progress()
     ).with_label("a model or an input changed, or the partition is new, and nothing it needs is running")
@@ -133,14 +138,24 @@ def analyse_when_settled() -> AC:
     handled after it (`since_last_handled`), and its patient would never be predicted by the refit.
     Why twice: a refresh run that ends between an evaluation's two reads (see _held) looks neither
     running nor done; the next evaluation sees its prediction before the analysis is requested.
+    Why not in the evaluation that first sees a cohort-level input's blocking check: a retrain
+    stores its model, then its check; an evaluation in between sees the change with the check
+    running, and the per-patient refreshes become due only once the check is seen (then held one
+    evaluation, like this), so counting from the check keeps the analysis one evaluation behind them.
     One `newly_true` only: Dagster keys a newly_true's memory by its operand's operator, not the
     operand itself, so two over different AND conditions of one asset would share it."""
     cohort_level = dg.AssetSelection.groups(*COHORT_LEVEL_GROUPS)
     changed_now = AC.any_deps_match(_changed()).allow(cohort_level).with_label("a cohort-level input changed")
     changed_before = (changed_now.since_last_handled() & ~changed_now).with_label("a cohort-level input changed before")
     predicting = AC.asset_matches(PREDICTION, AC.in_progress()).with_label("a patient's prediction is running")
+    checked_now = (
+        AC.any_deps_match(AC.any_checks_match(AC.newly_updated(), blocking_only=True))
+        .allow(cohort_level)
+        .with_label("a cohort-level input's check was just evaluated")
+    )
     settled = (
         changed_before
+        & ~checked_now
         & ~AC.any_deps_in_progress()
         & ~predicting
         & ~AC.in_progress()

@@ -100,14 +100,16 @@ class Ticks:
 class PipelineRun:
     """A patient_pipeline run as the drop-zone sensor makes it (the job, no asset selection; its
     materializations planned when it is created), whose events are stored as its steps would.
-    With `assets`: a run of just those assets, as the automation requests a patient's refresh."""
+    With `assets`: a run of just those assets, as the automation requests a patient's refresh;
+    with no partition, a run of cohort_refresh (a retrain, e.g. `assets=["hcc_classifier"]`, which
+    plans its check too)."""
 
-    def __init__(self, instance, partition: str, assets: list[str] | None = None):
+    def __init__(self, instance, partition: str | None, assets: list[str] | None = None):
         self.instance, self.partition = instance, partition
         trigger = "automation" if assets else "drop_zone"
         self.run = instance.create_run_for_job(
-            defs.resolve_job_def("patient_pipeline"),
-            tags={"dagster/partition": partition, "hcc_assets/trigger": trigger},
+            defs.resolve_job_def("patient_pipeline" if partition else "cohort_refresh"),
+            tags={"dagster/partition": partition, "hcc_assets/trigger": trigger} if partition else {},
             status=dg.DagsterRunStatus.NOT_STARTED,
             asset_selection={KEY(name) for name in assets} if assets else None,
         )
@@ -119,9 +121,9 @@ class PipelineRun:
     def start(self) -> None:
         self._event(DagsterEventType.RUN_START)
 
-    def materialize(self, name: str) -> None:
+    def materialize(self, name: str, version: str = "v1") -> None:
         materialization = dg.AssetMaterialization(
-            asset_key=name, partition=self.partition, tags={"dagster/data_version": "v1"}
+            asset_key=name, partition=self.partition, tags={"dagster/data_version": version}
         )
         self._event(DagsterEventType.ASSET_MATERIALIZATION, name, StepMaterializationData(materialization))
         if name == "liver_mask":
@@ -130,6 +132,10 @@ class PipelineRun:
                     asset_key=KEY(name), check_name=check, passed=True, partition=self.partition
                 )
                 self._event(DagsterEventType.ASSET_CHECK_EVALUATION, name, evaluation)
+
+    def check(self, asset: str, check: str, passed: bool) -> None:
+        evaluation = dg.AssetCheckEvaluation(asset_key=KEY(asset), check_name=check, passed=passed)
+        self._event(DagsterEventType.ASSET_CHECK_EVALUATION, asset, evaluation)
 
     def succeed(self) -> None:
         self._event(DagsterEventType.RUN_SUCCESS)
@@ -223,6 +229,32 @@ def test_a_refresh_run_that_ends_during_an_evaluation_still_gets_the_refitted_mo
     assert tick() == {"hcc_prediction": {"p1"}}  # the refitted explainable model predicts p1 again
     _materialize(instance, "hcc_prediction", "v3", "p1")
     assert tick() == {}
+
+
+def test_a_retrain_refreshes_embedding_and_prediction_together_even_while_its_check_runs(settled):
+    """The retrain run stores the new classifier, then (a fraction of a second later, more under
+    load) its blocking check. Evaluations in between see a new model whose check is running: the
+    embedding waits for the check, and so must the prediction, or they are requested apart (seen on
+    the real daemon, test_daemon: one prediction-only run per patient, one tick before its
+    embedding). The analysis stays one evaluation behind both, as without the wait."""
+    instance, tick = settled
+    retrain = PipelineRun(instance, None, ["hcc_classifier"])
+    retrain.start()
+    retrain.materialize("hcc_classifier", "v2")
+    assert tick() == {}
+    assert tick() == {}  # its check is still running: nothing is due yet
+    retrain.check("hcc_classifier", "beats_chance_on_training", True)
+    retrain.succeed()
+    assert tick() == {}  # due from now, held one evaluation (_held)
+    assert tick() == {"deep_embedding": {"p1"}, "hcc_prediction": {"p1"}}  # one run, without the analysis
+    refresh = PipelineRun(instance, "p1", ["deep_embedding", "hcc_prediction"])
+    refresh.start()
+    assert tick() == {}  # the refresh runs
+    refresh.materialize("deep_embedding", "v2")
+    refresh.materialize("hcc_prediction", "v2")
+    refresh.succeed()
+    assert tick() == {}  # settled once: held
+    assert tick() == {name: {None} for name in ANALYSIS - {"radiomic_model"}}
 
 
 def test_a_retrain_that_keeps_its_version_or_is_refused_changes_nothing(settled):
