@@ -14,7 +14,7 @@ Preprocessed cohorts are kept under `--cache` (keyed by seed, contrast, patients
 radius range), so a rerun skips synthesis.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/classifier_separation.py \\
-        --seeds 7 8 --lesion-contrast 1 --null-seeds 7 [--threads 1] [--cache /tmp/sep_cache]
+        --seeds 7 8 --lesion-contrast 1 --null-seeds 7 [--lungs] [--threads 1] [--cache /tmp/sep_cache]
 """
 
 import os
@@ -44,14 +44,16 @@ COHORT_SPLIT_SEED = 20230601  # hcc_assets.defs.cohort.CohortConfig.seed
 VALIDATION_FRACTION = 0.2
 
 
-def preprocessed_cohort(seed: int, contrast: float, patients: int, cache: Path) -> dict[str, np.ndarray]:
+def preprocessed_cohort(
+    seed: int, contrast: float, patients: int, cache: Path, lungs: bool = False
+) -> dict[str, np.ndarray]:
     """Volumes (N, 128, 128, 64), labels, validation flags and lesion voxel counts of one cohort."""
     lo, hi = phantom.LESION_RADIUS
-    path = cache / f"cohort_s{seed}_c{contrast:g}_n{patients}_r{lo:g}-{hi:g}.npz"
+    path = cache / f"cohort_s{seed}_c{contrast:g}_n{patients}_r{lo:g}-{hi:g}{'_lungs' if lungs else ''}.npz"
     if path.exists():
         with np.load(path) as stored:
             return dict(stored)
-    config = synth.SynthConfig(patients=patients, seed=seed, lesion_contrast=contrast)
+    config = synth.SynthConfig(patients=patients, seed=seed, lesion_contrast=contrast, lungs=lungs)
     settings = preprocess.PreprocessConfig()
     volumes, labels, ids, lesion_voxels = [], [], [], []
     with tempfile.TemporaryDirectory() as folder:
@@ -128,6 +130,7 @@ def main() -> None:
     parser.add_argument("--lesion-contrast", type=float, default=1.0, help="of the signal cohorts")
     parser.add_argument("--null-seeds", type=int, nargs="*", default=[7], help="null cohorts (lesion contrast 0)")
     parser.add_argument("--patients", type=int, default=40)
+    parser.add_argument("--lungs", action="store_true", help="cohorts with lung bases (SynthConfig.lungs; make demo's)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "hcc_classifier_separation"))
     parser.add_argument("--min-epochs", type=int, help="override the study's (quick looks only)")
@@ -144,7 +147,7 @@ def main() -> None:
     data = {}
     for name, seed, contrast in cohorts:
         started = time.perf_counter()
-        data[name] = preprocessed_cohort(seed, contrast, args.patients, cache)
+        data[name] = preprocessed_cohort(seed, contrast, args.patients, cache, args.lungs)
         prepared = time.perf_counter() - started
         if prepared > 1:
             print(f"  ({name}: synthesized and preprocessed in {prepared:.0f} s)", flush=True)

@@ -42,6 +42,7 @@ def cmd_synth(args) -> int:
         transfer_syntax=getattr(args, "transfer_syntax", None) or DEFAULT_TRANSFER_SYNTAX,
         enhanced=bool(getattr(args, "enhanced", False)),
         follow_up_fraction=getattr(args, "follow_up_fraction", 0.0) or 0.0,
+        lungs=bool(getattr(args, "lungs", False)),
     )
     start = time.perf_counter()
     layout = cast(Layout, getattr(args, "layout", "drop") or "drop")  # argparse's choices are the Layout values
@@ -513,7 +514,7 @@ def cmd_demo(args) -> int:
                 f"demo lake: pseudonym key derived from seed {args.seed} (synthetic patients only; never add real scans)"
             )
         if args.source == "studylike":
-            _prepare_studylike(Path(lake), incoming, args.patients, args.seed, args.lesion_contrast)
+            _prepare_studylike(Path(lake), incoming, args.patients, args.seed, args.lesion_contrast, args.lungs)
         else:
             cmd_synth(
                 argparse.Namespace(
@@ -524,13 +525,16 @@ def cmd_demo(args) -> int:
                     out=str(incoming),
                     layout="drop",
                     workers=args.workers,
+                    lungs=args.lungs,
                 )
             )
         stages.append((f"{args.source} cohort written", time.perf_counter() - begun))
     return cmd_materialize(argparse.Namespace(lake=lake, workers=args.workers, cohort=True), stages)
 
 
-def _prepare_studylike(lake: Path, incoming: Path, patients: int, seed: int, lesion_contrast: float) -> None:
+def _prepare_studylike(
+    lake: Path, incoming: Path, patients: int, seed: int, lesion_contrast: float, lungs: bool = False
+) -> None:
     """The study's mix: CHAOS-layout healthy and TCGA-LIHC-layout HCC patients, written as
     the downloads would be and brought in through the importers (what a real user runs)."""
     from hcc_assets.intake.sources import import_chaos, import_tcia
@@ -539,7 +543,13 @@ def _prepare_studylike(lake: Path, incoming: Path, patients: int, seed: int, les
     half = patients // 2
     cmd_synth(
         argparse.Namespace(
-            patients=half, seed=seed, lesion_contrast=1.0, matrix=256, out=str(sources / "CHAOS" / "MR"), layout="chaos"
+            patients=half,
+            seed=seed,
+            lesion_contrast=1.0,
+            matrix=256,
+            out=str(sources / "CHAOS" / "MR"),
+            layout="chaos",
+            lungs=lungs,
         )
     )
     cmd_synth(
@@ -550,6 +560,7 @@ def _prepare_studylike(lake: Path, incoming: Path, patients: int, seed: int, les
             matrix=256,
             out=str(sources / "TCIA"),
             layout="tcia",
+            lungs=lungs,
         )
     )
     start = time.perf_counter()
@@ -601,6 +612,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write each series as one multi-frame Enhanced MR file instead of one file per slice "
         "(drop and tcia layouts; combines with --transfer-syntax)",
+    )
+    synth.add_argument(
+        "--lungs",
+        action="store_true",
+        help="add the lung bases above the diaphragm (dark on T2); default: soft tissue above the liver dome",
     )
     synth.add_argument(
         "--follow-up-fraction",
@@ -732,6 +748,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="lesion signal of the synthetic cohort: T2 lesion/liver 1 + contrast x (0.5-1); 1 = 1.5-2x (subtle), "
         f"{DEMO_LESION_CONTRAST:g} = 1.6-2.25x (default: the arms of Table 1 differ), 2 = 2-3x (the deep arm "
         "separates it perfectly), 0 = a null cohort (labels without signal); see benchmarks/classifier_separation.py",
+    )
+    demo.add_argument(
+        "--lungs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the cohort's anatomy has lung bases above the diaphragm, dark on T2 as on a real scan; "
+        "--no-lungs: soft tissue above the liver dome (the synthesizer's default, which the tests use)",
     )
     demo.add_argument(
         "--source",

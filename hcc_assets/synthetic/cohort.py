@@ -112,6 +112,8 @@ class SynthConfig(pydantic.BaseModel):
     # this fraction of patients (seeded choice) also gets a follow-up study (drop layout): same
     # patient tags, a new StudyInstanceUID, a StudyDate 90-400 days later, its own series
     follow_up_fraction: float = pydantic.Field(0.0, ge=0.0, le=1.0)
+    # the lung bases above the diaphragm (phantom.random_phantom); off: soft tissue above the liver
+    lungs: bool = False
 
     @pydantic.field_validator("transfer_syntax")
     @classmethod
@@ -189,10 +191,10 @@ def _plan(config: SynthConfig) -> tuple[_Planned, ...]:
 
 
 @functools.lru_cache(maxsize=64)
-def _phantom(seed: int, index: int, hcc: bool) -> Phantom:
+def _phantom(seed: int, index: int, hcc: bool, lungs: bool = False) -> Phantom:
     lesion_rng = _patient_rng(seed, index, _LESIONS)
     n_lesions = int(lesion_rng.integers(1, 4)) if hcc else 0
-    phantom = random_phantom(_patient_rng(seed, index, _ANATOMY), lesion_rng, n_lesions)
+    phantom = random_phantom(_patient_rng(seed, index, _ANATOMY), lesion_rng, n_lesions, lungs)
     if hcc and not phantom.lesions:
         raise RuntimeError(f"could not place a lesion for synthetic patient #{index}")
     return phantom
@@ -227,7 +229,7 @@ def patient_phantom(config: SynthConfig, patient_key: str) -> Phantom:
     """The phantom behind a synthesized patient (anatomy does not depend on matrix or slices)."""
     for planned in _plan(config):
         if planned.key == patient_key:
-            return _phantom(config.seed, planned.index, planned.hcc)
+            return _phantom(config.seed, planned.index, planned.hcc, config.lungs)
     raise KeyError("patient key is not part of this synthetic cohort")
 
 
@@ -912,7 +914,7 @@ def _synthesize_patient(
 ) -> tuple[SynthPatient, list[dict[str, str]]]:
     """Write one patient in `layout`; returns it and (tcia) its metadata.csv rows. `merge_label`
     False: the caller has put the patient's labels.csv row in already (parallel writers)."""
-    phantom = _phantom(config.seed, planned.index, planned.hcc)
+    phantom = _phantom(config.seed, planned.index, planned.hcc, config.lungs)
     acquisition = _acquisition(config, planned, phantom)
     identity = _identity(config, planned)
     layout_id = {"drop": planned.key, "chaos": str(planned.index + 1)}.get(layout) or _tcia_ids(config)[planned.index]

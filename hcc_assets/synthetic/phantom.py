@@ -299,11 +299,15 @@ def _circle(x: float, y: float, radius_x: float, radius_y: float | None = None) 
     return Prism(np.array([x, y]), np.array([radius_x, radius_y or radius_x]), np.zeros((3, 2)))
 
 
-def random_phantom(anatomy_rng: np.random.Generator, lesion_rng: np.random.Generator, n_lesions: int) -> Phantom:
+def random_phantom(
+    anatomy_rng: np.random.Generator, lesion_rng: np.random.Generator, n_lesions: int, lungs: bool = False
+) -> Phantom:
     """A plausible abdomen with per-patient size, shape and position; `n_lesions` HCC lesions.
 
     Anatomy and lesions draw from separate generators so a patient's organs do not change
-    with whether (or how many) lesions they get.
+    with whether (or how many) lesions they get. `lungs`: the lung bases above the diaphragm
+    (signal void, as on T2), drawn after every other organ, so the rest of the anatomy is the
+    same with or without them; without them the slices above the liver dome show soft tissue.
     """
     u = anatomy_rng.uniform
     body_x, body_y = u(-10, 10), u(-10, 10)
@@ -352,6 +356,31 @@ def random_phantom(anatomy_rng: np.random.Generator, lesion_rng: np.random.Gener
     )
 
     soft_only = (Tissue.SOFT,)
+    # Lung bases, painted last over soft tissue only: each dips 20-60 mm below its dome of liver or
+    # spleen, which it leaves whole, so it wraps the dome as the costophrenic recesses do, inside
+    # the body wall (the fat ring), spine and vessels.
+    lung_layers = (
+        tuple(
+            Layer(
+                Tissue.AIR,
+                over=soft_only,
+                shape=_blob(
+                    anatomy_rng,
+                    [body_x + side * u(50, 70), body_y + u(-5, 15), top + u(50, 70)],
+                    [u(55, 70), u(70, 90), u(90, 110)],
+                    8,
+                    0.05,
+                ),
+            )
+            for side, top in (
+                (-1, right_lobe.center[2] + right_lobe.semi_axes[2]),
+                (1, spleen.center[2] + spleen.semi_axes[2]),
+            )
+        )
+        if lungs
+        else ()
+    )
+
     layers = (
         Layer(Tissue.SOFT, outer),
         *(Layer(Tissue.FAT, k.grown(8.0), over=soft_only) for k in kidneys),  # perirenal fat
@@ -363,8 +392,9 @@ def random_phantom(anatomy_rng: np.random.Generator, lesion_rng: np.random.Gener
         Layer(Tissue.VESSEL, ivc),
         Layer(Tissue.BONE, spine),
         Layer(Tissue.CSF, canal),
-        # Last: the fat ring clips organs that reach the body wall.
+        # Then the fat ring clips organs that reach the body wall.
         Layer(Tissue.FAT, Outside(inner, outer), over=tuple(t for t in Tissue if t != Tissue.AIR)),
+        *lung_layers,
     )
     center = np.array([body_x, body_y, z_liver])
     anatomy = Phantom(layers=layers, lesions=(), center=center)

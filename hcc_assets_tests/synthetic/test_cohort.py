@@ -15,7 +15,8 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from scipy import ndimage
 
 from hcc_assets.imaging import geometry
-from hcc_assets.synthetic.cohort import SynthConfig, phantom_labels, synthesize_cohort
+from hcc_assets.synthetic.cohort import SynthConfig, patient_phantom, phantom_labels, synthesize_cohort
+from hcc_assets.synthetic.phantom import Tissue
 
 SMALL = SynthConfig(patients=4, seed=3, matrix=64, slices_min=8, slices_max=12)
 
@@ -260,3 +261,32 @@ def test_a_follow_up_study_is_the_same_patient_later_and_leaves_the_first_study_
     assert not np.array_equal(one.pixel_array, two.pixel_array)  # new noise
     with pytest.raises(ValueError, match="drop layout only"):
         synthesize_cohort(tmp_path / "chaos", SMALL.model_copy(update={"follow_up_fraction": 0.5}), layout="chaos")
+
+
+def test_lungs_darken_soft_tissue_above_the_diaphragm_and_change_nothing_else(tmp_path):
+    """`lungs`: the lung bases replace soft tissue above the liver and spleen domes, dark on T2 as on
+    a real scan; every organ, lesion, reference label and the other signals stay as without them."""
+    base = dict(patients=3, seed=4, hcc_fraction=0.5, matrix=64, slices_min=40, slices_max=44)
+    plain, lungs = SynthConfig(**base), SynthConfig(lungs=True, **base)
+    for before, after in zip(
+        synthesize_cohort(tmp_path / "plain", plain), synthesize_cohort(tmp_path / "lungs", lungs)
+    ):
+        _, volume0, affine = read_series(before.t2_series_dir)
+        _, volume1, affine1 = read_series(after.t2_series_dir)
+        assert np.array_equal(affine, affine1)
+        points = voxel_centers(affine, volume0.shape)
+        tissue0, lesion0 = patient_phantom(plain, before.patient_key).tissue_at(points)
+        tissue1, lesion1 = patient_phantom(lungs, after.patient_key).tissue_at(points)
+        lung = tissue0 != tissue1
+        assert lung.sum() > 0.02 * lung.size  # the slab reaches above the dome
+        assert np.all(tissue0[lung] == Tissue.SOFT) and np.all(tissue1[lung] == Tissue.AIR)
+        assert np.array_equal(lesion0, lesion1)
+        assert np.array_equal(
+            phantom_labels(plain, before.patient_key, points), phantom_labels(lungs, after.patient_key, points)
+        )
+        # above the liver: each lung voxel lies higher (LPS z: head) than the liver's lowest point
+        liver_z = points[..., 2][tissue1 == Tissue.LIVER]
+        assert np.percentile(points[..., 2][lung], 5) > np.percentile(liver_z, 50)
+        liver = volume1[tissue1 == Tissue.LIVER].mean()
+        assert volume1[lung].mean() < 0.2 * liver  # a signal void on T2
+        assert np.array_equal(volume0[~lung], volume1[~lung])  # no other voxel moved
