@@ -356,30 +356,8 @@ def random_phantom(
     )
 
     soft_only = (Tissue.SOFT,)
-    # Lung bases, painted last over soft tissue only: each dips 20-60 mm below its dome of liver or
-    # spleen, which it leaves whole, so it wraps the dome as the costophrenic recesses do, inside
-    # the body wall (the fat ring), spine and vessels.
-    lung_layers = (
-        tuple(
-            Layer(
-                Tissue.AIR,
-                over=soft_only,
-                shape=_blob(
-                    anatomy_rng,
-                    [body_x + side * u(50, 70), body_y + u(-5, 15), top + u(50, 70)],
-                    [u(55, 70), u(70, 90), u(90, 110)],
-                    8,
-                    0.05,
-                ),
-            )
-            for side, top in (
-                (-1, right_lobe.center[2] + right_lobe.semi_axes[2]),
-                (1, spleen.center[2] + spleen.semi_axes[2]),
-            )
-        )
-        if lungs
-        else ()
-    )
+    domes = (_top(right_lobe), _top(spleen))
+    lung_layers = _lung_bases(anatomy_rng, body_x, body_y, domes) if lungs else ()
 
     layers = (
         Layer(Tissue.SOFT, outer),
@@ -400,6 +378,34 @@ def random_phantom(
     anatomy = Phantom(layers=layers, lesions=(), center=center)
     lesions = _place_lesions(anatomy, right_lobe, lesion_rng, n_lesions, z_liver)
     return Phantom(layers=layers, lesions=lesions, center=center)
+
+
+def _top(blob: Blob) -> float:
+    """Height (LPS z) of a blob's dome, ignoring its tilt and surface waves."""
+    return float(blob.center[2] + blob.semi_axes[2])
+
+
+def _lung_bases(
+    anatomy_rng: np.random.Generator, body_x: float, body_y: float, domes: tuple[float, float]
+) -> tuple[Layer, ...]:
+    """Right and left lung bases, painted last over soft tissue only: each dips 20-60 mm below its
+    dome (liver, spleen), which it leaves whole, so it wraps the dome as the costophrenic recesses
+    do, inside the body wall (the fat ring), spine and vessels."""
+    u = anatomy_rng.uniform
+    return tuple(
+        Layer(
+            Tissue.AIR,
+            over=(Tissue.SOFT,),
+            shape=_blob(
+                anatomy_rng,
+                [body_x + side * u(50, 70), body_y + u(-5, 15), top + u(50, 70)],
+                [u(55, 70), u(70, 90), u(90, 110)],
+                8,
+                0.05,
+            ),
+        )
+        for side, top in zip((-1, 1), domes)
+    )
 
 
 def _sphere_directions(n: int) -> np.ndarray:
