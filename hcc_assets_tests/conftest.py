@@ -50,6 +50,24 @@ def liver_model_later(small_cohort, tmp_path_factory) -> Callable[[], Path]:
     return lambda: shared_liver_model(tmp_path_factory, small_cohort[0], SMALL_COHORT)
 
 
+@pytest.fixture(scope="session")
+def prepared_lake(small_cohort, liver_model_folder, tmp_path_factory):
+    """The hands-off lake (hands_off.shared_prepared_lake: the small cohort ingested on the test grid,
+    both models registered, every patient's mask, radiomics and embedding), built once per run and
+    shared by the xdist workers; read-only: take a copy (hands_off.copy_prepared)."""
+    from hcc_assets_tests.defs.hands_off import TEST_PATIENT_CONFIG, shared_prepared_lake
+    from hcc_assets_tests.model_configs import TEST_CPU_THREADS, shared_run_folder
+
+    return shared_prepared_lake(
+        shared_run_folder(tmp_path_factory),
+        small_cohort[0],
+        SMALL_COHORT,
+        liver_model_folder,
+        TEST_PATIENT_CONFIG,
+        TEST_CPU_THREADS,
+    )
+
+
 @pytest.fixture
 def incoming_copy(small_cohort, tmp_path) -> tuple[Path, list]:
     incoming, patients = small_cohort

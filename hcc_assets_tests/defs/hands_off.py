@@ -23,7 +23,9 @@ flow matters. The benchmark keeps the default 128x128x64 grid and the default de
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import os
 import shutil
 import signal
@@ -186,6 +188,82 @@ def prepare_lake(
         )
     versions = {name: current_version(lake.store, name) for name in (SEGMENTATION, CLASSIFIER)}
     return PreparedLake(lake_root, home, patients, versions, seconds)
+
+
+# what every prepared patient has in the suite's shared prepared lake, beyond prepare_lake's ingest
+PREPARED_FEATURES = ["liver_mask", "radiomic_features", "deep_embedding"]
+
+
+def shared_prepared_lake(
+    shared_folder: Path,
+    cohort_source: Path,
+    cohort_settings: dict,
+    liver_model: Path,
+    patient_config: dict,
+    threads: int,
+) -> PreparedLake:
+    """`prepare_lake` plus every patient's PREPARED_FEATURES (one run per patient), made once per
+    pytest run in `shared_folder` (common to the xdist workers; whoever takes the file lock first
+    builds it from its copy of the cohort `cohort_settings` describes, the others wait) and never
+    changed after: tests take their own `copy_prepared` of
+    it. test_daemon and test_prediction_assets start from the same lake, so the suite prepares it
+    once instead of twice. Its DAGSTER_HOME lies beside the lake, in the folder; the environment
+    (DAGSTER_HOME, HCC_ASSETS_*) is put back when it is built."""
+    import pytest
+    from filelock import FileLock  # torch's own dependency
+
+    from hcc_assets.defs.resources import ComputeResource
+
+    key = hashlib.sha256(
+        json.dumps([cohort_settings, str(liver_model), patient_config, CLASSIFIER_TRAINING], sort_keys=True).encode()
+    ).hexdigest()[:12]
+    folder = shared_folder / f"prepared_lake_{key}"
+    done = folder / "prepared.json"
+    with FileLock(str(folder) + ".lock"):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("DAGSTER_HOME", str(folder / "dagster_home"))
+                for name in [n for n in os.environ if n.startswith("HCC_ASSETS_")]:
+                    patch.delenv(name)  # the lake's own key and settings, as a daemon on it will see them
+                prepared = prepare_lake(
+                    folder / "lake",
+                    cohort_source,
+                    patient_config=patient_config,
+                    liver_model=liver_model,
+                    threads=threads,
+                )
+                assets = dg.load_assets_from_modules(
+                    [importlib.import_module(f"hcc_assets.defs.{name}") for name in ("ingest", "segmentation", "deep")]
+                )
+                resources = {"lake": prepared.lake, "compute": ComputeResource(device="cpu", cpu_threads=threads)}
+                ops = {k: v for k, v in patient_config.get("ops", {}).items() if k in PREPARED_FEATURES}
+                with prepared.instance() as instance:
+                    for pid in prepared.patients:
+                        result = dg.materialize(
+                            assets,
+                            selection=PREPARED_FEATURES,
+                            partition_key=pid,
+                            instance=instance,
+                            resources=resources,
+                            run_config={"ops": ops},
+                            raise_on_error=False,
+                        )
+                        _must(result, f"features of {pid}")
+            done.write_text(json.dumps({"patients": prepared.patients, "versions": prepared.versions}))
+    recorded = json.loads(done.read_text())
+    return PreparedLake(folder / "lake", folder / "dagster_home", recorded["patients"], recorded["versions"])
+
+
+def copy_prepared(template: PreparedLake, lake_root: Path, home: Path) -> PreparedLake:
+    """A test's own copy of a prepared lake and its DAGSTER_HOME (whose storage follows
+    $DAGSTER_HOME: set it to `home` before opening the instance). The feature store finds its data
+    files in the copy (DuckLake's data path follows the lake); the models registry keeps the
+    template's model folders, which stay until the pytest run ends, and a model trained in the
+    copy goes into the copy."""
+    shutil.copytree(template.root, lake_root)
+    shutil.copytree(template.home, home)
+    return PreparedLake(Path(lake_root), Path(home), list(template.patients), dict(template.versions))
 
 
 def _free_port() -> int:

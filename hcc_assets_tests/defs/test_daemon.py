@@ -8,10 +8,10 @@
    kept: masks untouched) -> the analysis once, when those have settled, with the deployment's
    cohort settings -> every patient's prediction again from the refitted explainable model.
 
-The lake is prepared in this process (cohort ingested, both models trained, every patient's
-features and predictions made with classifier v1; the per-patient run config, a 32x32x16 grid, is
-the deployment file the daemon's runs read: see hands_off.py), recorded in the lake's own
-DAGSTER_HOME, so the daemon finds those patients ingested and the models current. The daemon and
+The lake is a copy of the suite's prepared lake (conftest.prepared_lake: cohort ingested, both
+models trained, every patient's features made with classifier v1; the per-patient run config, a
+32x32x16 grid, is the deployment file the daemon's runs read: see hands_off.py), with its
+DAGSTER_HOME, in which this process then predicts every patient with classifier v1, so the daemon finds those patients ingested and the models current. The daemon and
 everything it starts run in their own process group, killed at the end whatever happens. Once the
 daemon's sensors tick, a new patient is dropped; once its rows are in, the classifier is retrained
 here, as a user materializes it from the UI, and the daemon runs everything else on its own. That
@@ -40,12 +40,11 @@ from hcc_assets_tests.conftest import SMALL_COHORT
 from hcc_assets_tests.defs.hands_off import (
     CLASSIFIER,
     SEGMENTATION,
-    TEST_PATIENT_CONFIG,
     Daemon,
+    copy_prepared,
     drop_patient,
     format_breakdown,
     latency_breakdown,
-    prepare_lake,
     run_errors,
     wait_for_rows,
     wait_for_sensor,
@@ -92,18 +91,12 @@ ASSETS = dg.load_assets_from_modules(
 )
 
 
-def _features_and_predictions_with_the_first_classifier(prepared) -> None:
+def _predictions_with_the_first_classifier(prepared) -> None:
     resources = {"lake": prepared.lake, "compute": ComputeResource(device="cpu", cpu_threads=TEST_CPU_THREADS)}
     with prepared.instance() as instance:
         for pid in prepared.patients:
             result = dg.materialize(
-                ASSETS,
-                selection=["liver_mask", "radiomic_features", "deep_embedding", "hcc_prediction"],
-                partition_key=pid,
-                instance=instance,
-                resources=resources,
-                run_config={"ops": {"deep_embedding": TEST_PATIENT_CONFIG["ops"]["deep_embedding"]}},
-                raise_on_error=False,
+                ASSETS, selection=["hcc_prediction"], partition_key=pid, instance=instance, resources=resources
             )
             assert result.success, [e.step_failure_data.error.message for e in result.all_events if e.is_step_failure]
 
@@ -200,22 +193,15 @@ def _check_hands_off(prepared, instance: dg.DagsterInstance, pid: str, runs: lis
 
 @pytest.mark.slow
 def test_a_dropped_scan_is_processed_hands_off_then_a_retrain_refreshes_every_patient_and_the_analysis_once(
-    small_cohort, liver_model_folder, tmp_path, monkeypatch
+    prepared_lake, tmp_path, monkeypatch
 ):
     started = time.time()
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))  # restored after the test
     for name in [n for n in os.environ if n.startswith("HCC_ASSETS_")]:
         monkeypatch.delenv(name)  # the prepared lake's own key and settings, as the daemon will see them
-    source, _ = small_cohort
-    prepared = prepare_lake(
-        tmp_path / "lake",
-        source,
-        patient_config=TEST_PATIENT_CONFIG,
-        liver_model=liver_model_folder,
-        threads=TEST_CPU_THREADS,
-    )
+    prepared = copy_prepared(prepared_lake, tmp_path / "lake", tmp_path / "dagster_home")
     assert all(prepared.versions.values()), prepared.versions
-    _features_and_predictions_with_the_first_classifier(prepared)
+    _predictions_with_the_first_classifier(prepared)
     new_patient = synthesize_cohort(tmp_path / "new", SynthConfig(**{**SMALL_COHORT, "patients": 1, "seed": 99}))[0]
     pid = prepared.lake.pseudonym(new_patient.patient_key)
     assert pid not in prepared.patients

@@ -22,7 +22,7 @@ from hcc_assets.featurestore import FeatureStore, registry
 from hcc_assets.steps.prediction import predict_patient
 from hcc_assets.synthetic.cohort import SynthConfig, synthesize_cohort
 from hcc_assets_tests.conftest import SMALL_COHORT
-from hcc_assets_tests.defs.hands_off import TEST_PATIENT_CONFIG, prepare_lake
+from hcc_assets_tests.defs.hands_off import TEST_PATIENT_CONFIG, copy_prepared
 from hcc_assets_tests.model_configs import CLASSIFIER_TRAINING, TEST_CPU_THREADS, UNTRAINED_CLASSIFIER
 from hcc_assets_tests.scratch import module_scratch
 
@@ -54,21 +54,15 @@ def _materialize(lake, instance, selection, partition_key=None, ops=None, ok=Tru
 
 
 @pytest.fixture(scope="module")
-def predicted(small_cohort, liver_model_folder, tmp_path_factory):
-    """The lake after: every patient's features, radiomic_model, then hcc_prediction for all,
-    including one unlabelled patient and one whose mask the blocking checks refuse."""
-    source, _ = small_cohort
+def predicted(prepared_lake, tmp_path_factory):
+    """The lake after: every patient's features (the prepared lake's, conftest.prepared_lake, and
+    the new patient's), radiomic_model, then hcc_prediction for all, including one unlabelled
+    patient and one whose mask the blocking checks refuse."""
     with module_scratch(tmp_path_factory, "predictions") as root, pytest.MonkeyPatch.context() as patch:
         patch.setenv("DAGSTER_HOME", str(root / "dagster_home"))
         for name in [n for n in os.environ if n.startswith("HCC_ASSETS_")]:
             patch.delenv(name)
-        prepared = prepare_lake(
-            root / "lake",
-            source,
-            patient_config=TEST_PATIENT_CONFIG,
-            liver_model=liver_model_folder,
-            threads=TEST_CPU_THREADS,
-        )
+        prepared = copy_prepared(prepared_lake, root / "lake", root / "dagster_home")
         # the unlabelled patient came back for a follow-up scan: its second study is partition <pid>.s2
         new = synthesize_cohort(
             root / "new", SynthConfig(**{**SMALL_COHORT, "patients": 1, "seed": 99, "follow_up_fraction": 1.0})
@@ -88,7 +82,7 @@ def predicted(small_cohort, liver_model_folder, tmp_path_factory):
                     pid,
                     TEST_PATIENT_CONFIG["ops"],
                 )
-            for pid in [*prepared.patients, unlabelled, follow_up]:
+            for pid in (unlabelled, follow_up):
                 _materialize(
                     lake,
                     instance,
