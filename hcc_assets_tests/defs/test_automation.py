@@ -19,7 +19,7 @@ from dagster._core.events import DagsterEvent, DagsterEventType, StepMaterializa
 from dagster_shared.serdes import deserialize_value, serialize_value
 
 from hcc_assets.definitions import defs
-from hcc_assets_tests.defs.helpers import PER_PATIENT_ASSET_NAMES
+from hcc_assets_tests.defs.helpers import PER_PATIENT_ASSET_NAMES, in_memory_instance
 
 KEY = dg.AssetKey
 COHORT_LEVEL = [
@@ -163,7 +163,7 @@ def _during(monkeypatch, tick: Ticks, event) -> dict[str, set]:
 def settled():
     """Two patients, p1 fully processed, p2 whose ingest failed (no preprocessed volume); every
     cohort-level asset materialized; the first evaluation done."""
-    with dg.instance_for_test() as instance:
+    with in_memory_instance() as instance:
         instance.add_dynamic_partitions("patients", ["p1", "p2"])
         for name in PER_PATIENT_ASSET_NAMES:
             _materialize(instance, name, "v1", "p1")
@@ -323,7 +323,7 @@ def test_a_new_patients_own_pipeline_run_is_never_duplicated(settled, monkeypatc
 
 def test_the_refresh_cron_retrains_cohort_and_classifier_not_a_trained_segmentation_model():
     sunday_2am = dt.datetime(2026, 11, 29, 2, 0, tzinfo=dt.UTC)
-    with dg.instance_for_test() as instance:
+    with in_memory_instance() as instance:
         for name in COHORT_LEVEL:
             _materialize(instance, name, "v1")
         tick = Ticks(instance)
@@ -335,7 +335,7 @@ def test_the_refresh_cron_retrains_cohort_and_classifier_not_a_trained_segmentat
 
 def test_the_refresh_cron_trains_a_segmentation_model_that_was_never_trained():
     sunday_2am = dt.datetime(2026, 11, 29, 2, 0, tzinfo=dt.UTC)
-    with dg.instance_for_test() as instance:
+    with in_memory_instance() as instance:
         tick = Ticks(instance)
         assert tick(sunday_2am - dt.timedelta(minutes=1)) == {}
         assert tick(sunday_2am + dt.timedelta(minutes=1)) == {

@@ -24,7 +24,7 @@ import polars as pl
 import pytest
 
 from hcc_assets.lake import NIFTI_FILE, PATIENTS, STALE_TEMP_SECONDS, DataLake
-from hcc_assets_tests.defs.helpers import PATIENT_ASSETS, ingest_patient, make_lake, register_all
+from hcc_assets_tests.defs.helpers import PATIENT_ASSETS, in_memory_instance, ingest_patient, make_lake, register_all
 
 INGEST_TABLES = ("patients", "scans", "volumes")
 
@@ -179,7 +179,7 @@ def test_rematerializing_a_partition_twice_gives_identical_rows_and_files(incomi
     incoming, _ = incoming_copy
     lake = make_lake(tmp_path, incoming)
     lake_root, store = Path(lake.root), lake.store
-    with dg.instance_for_test() as instance:
+    with in_memory_instance() as instance:
         pid, bystander = register_all(instance, lake)[:2]
         for patient in (pid, bystander):
             assert ingest_patient(instance, lake, patient).success

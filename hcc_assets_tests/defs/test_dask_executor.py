@@ -62,32 +62,37 @@ def test_dask_executor_matches_multiprocess(small_cohort, tmp_path, monkeypatch)
     instance = dg.DagsterInstance.get()
     instance.add_dynamic_partitions("patients", pids)
 
-    # 1. the multiprocess executor (each step its own process), two runs at once
-    started = time.perf_counter()
-    results = runner.materialize_patients(pids, workers=2, executor="multiprocess")
-    multiprocess_s = time.perf_counter() - started
-    assert all(ok for _, ok, _ in results), results
-    multiprocess_tables, multiprocess_files = _snapshot(lake_root, store_file)
-    assert multiprocess_tables["volumes"].height == 2 * N_PATIENTS and len(multiprocess_files) >= 3 * N_PATIENTS
-    first_runs = set(_run_ids(instance, "patient_ingest"))
-
-    # 2. wipe the outputs (keep the pseudonym key), then the same runs on a Dask cluster
-    shutil.rmtree(lake_root / "patients")
-    for path in lake_root.glob("feature_store.sqlite*"):
-        path.unlink()
-    shutil.rmtree(lake_root / "feature_store")
-    with (
-        distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", worker_dashboard_address=None
-        ) as cluster,
-        distributed.Client(cluster) as client,
-    ):
-        worker_pids = set(client.run(os.getpid).values())
-        assert len(worker_pids) == 2
+    # both rounds' runs start in the same two worker processes, as the CLI's stages do (each imports
+    # Dagster and the definitions once); the feature store they write is wiped in between
+    with runner.worker_pool(2) as pool:
+        # 1. the multiprocess executor (each step its own process), two runs at once
         started = time.perf_counter()
-        results = runner.materialize_patients(pids, workers=2, executor="dask", dask_address=cluster.scheduler_address)
-        dask_s = time.perf_counter() - started
+        results = runner.materialize_patients(pids, workers=2, executor="multiprocess", pool=pool)
+        multiprocess_s = time.perf_counter() - started
         assert all(ok for _, ok, _ in results), results
+        multiprocess_tables, multiprocess_files = _snapshot(lake_root, store_file)
+        assert multiprocess_tables["volumes"].height == 2 * N_PATIENTS and len(multiprocess_files) >= 3 * N_PATIENTS
+        first_runs = set(_run_ids(instance, "patient_ingest"))
+
+        # 2. wipe the outputs (keep the pseudonym key), then the same runs on a Dask cluster
+        shutil.rmtree(lake_root / "patients")
+        for path in lake_root.glob("feature_store.sqlite*"):
+            path.unlink()
+        shutil.rmtree(lake_root / "feature_store")
+        with (
+            distributed.LocalCluster(
+                n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", worker_dashboard_address=None
+            ) as cluster,
+            distributed.Client(cluster) as client,
+        ):
+            worker_pids = set(client.run(os.getpid).values())
+            assert len(worker_pids) == 2
+            started = time.perf_counter()
+            results = runner.materialize_patients(
+                pids, workers=2, executor="dask", dask_address=cluster.scheduler_address, pool=pool
+            )
+            dask_s = time.perf_counter() - started
+            assert all(ok for _, ok, _ in results), results
     dask_tables, dask_files = _snapshot(lake_root, store_file)
 
     # every step of both (concurrent) Dask runs ran, each in a worker of the cluster: upstream

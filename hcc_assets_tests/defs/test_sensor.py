@@ -3,11 +3,9 @@
 import json
 import shutil
 
-import dagster as dg
-
 from hcc_assets.synthetic.cohort import SynthConfig, synthesize_cohort
 from hcc_assets_tests.conftest import SMALL_COHORT
-from hcc_assets_tests.defs.helpers import ingest_patient, make_lake, sensor_tick
+from hcc_assets_tests.defs.helpers import in_memory_instance, ingest_patient, make_lake, sensor_tick
 
 
 def test_sensor_registers_requests_once_and_picks_up_new_patients(incoming_copy, tmp_path):
@@ -18,7 +16,7 @@ def test_sensor_registers_requests_once_and_picks_up_new_patients(incoming_copy,
     (partial / ".complete").unlink()
     lake = make_lake(tmp_path, incoming)
     expected = sorted(lake.pseudonym(p.patient_key) for p in patients)
-    with dg.instance_for_test() as instance:
+    with in_memory_instance() as instance:
         first = sensor_tick(instance, lake, None)
         assert sorted(r.partition_key for r in first.run_requests) == expected
         assert sorted(instance.get_dynamic_partitions("patients")) == expected
