@@ -105,6 +105,7 @@ def prepare_lake(
     liver_model: Path | None = None,
     classifier: dict | None = None,
     threads: int = 2,
+    features: list[str] | None = None,
 ) -> PreparedLake:
     """Copy the cohort into <lake>/incoming, ingest it with the per-patient run config, split it and train
     both models with cheap training configs, recorded in the instance at $DAGSTER_HOME (set by
@@ -114,7 +115,8 @@ def prepare_lake(
     the cohort's ingest. `liver_model`: a trained nnU-Net folder to register (mode a, as a user plugs
     one in; the tests pass the suite's shared model) instead of training one with `segmentation`.
     The classifier may fail its beats-chance check (it is registered as current anyway:
-    accept_below_chance)."""
+    accept_below_chance). `features`: per-patient assets to materialize for every patient once the
+    models are in (one run per patient, with the per-patient run config)."""
     from hcc_assets.defs.resources import ComputeResource, LakeResource
     from hcc_assets.featurestore.registry import current_version
     from hcc_assets.instance import ensure_dagster_home
@@ -186,6 +188,9 @@ def prepare_lake(
             config={"hcc_classifier": {"config": classifier or CLASSIFIER_TRAINING}},
             tolerate_check="beats_chance_on_training",
         )
+        if features:
+            for pid in patients:
+                materialize(features, f"features {pid}", pid, config=patient_config.get("ops"))
     versions = {name: current_version(lake.store, name) for name in (SEGMENTATION, CLASSIFIER)}
     return PreparedLake(lake_root, home, patients, versions, seconds)
 
@@ -205,14 +210,11 @@ def shared_prepared_lake(
     """`prepare_lake` plus every patient's PREPARED_FEATURES (one run per patient), made once per
     pytest run in `shared_folder` (common to the xdist workers; whoever takes the file lock first
     builds it from its copy of the cohort `cohort_settings` describes, the others wait) and never
-    changed after: tests take their own `copy_prepared` of
-    it. test_daemon and test_prediction_assets start from the same lake, so the suite prepares it
-    once instead of twice. Its DAGSTER_HOME lies beside the lake, in the folder; the environment
+    changed after: tests take their own `copy_prepared` of it. test_daemon and
+    test_prediction_assets start from the same lake, so the suite prepares it once, not twice. Its DAGSTER_HOME lies beside the lake, in the folder; the environment
     (DAGSTER_HOME, HCC_ASSETS_*) is put back when it is built."""
     import pytest
     from filelock import FileLock  # torch's own dependency
-
-    from hcc_assets.defs.resources import ComputeResource
 
     key = hashlib.sha256(
         json.dumps([cohort_settings, str(liver_model), patient_config, CLASSIFIER_TRAINING], sort_keys=True).encode()
@@ -232,24 +234,8 @@ def shared_prepared_lake(
                     patient_config=patient_config,
                     liver_model=liver_model,
                     threads=threads,
+                    features=PREPARED_FEATURES,
                 )
-                assets = dg.load_assets_from_modules(
-                    [importlib.import_module(f"hcc_assets.defs.{name}") for name in ("ingest", "segmentation", "deep")]
-                )
-                resources = {"lake": prepared.lake, "compute": ComputeResource(device="cpu", cpu_threads=threads)}
-                ops = {k: v for k, v in patient_config.get("ops", {}).items() if k in PREPARED_FEATURES}
-                with prepared.instance() as instance:
-                    for pid in prepared.patients:
-                        result = dg.materialize(
-                            assets,
-                            selection=PREPARED_FEATURES,
-                            partition_key=pid,
-                            instance=instance,
-                            resources=resources,
-                            run_config={"ops": ops},
-                            raise_on_error=False,
-                        )
-                        _must(result, f"features of {pid}")
             done.write_text(json.dumps({"patients": prepared.patients, "versions": prepared.versions}))
     recorded = json.loads(done.read_text())
     return PreparedLake(folder / "lake", folder / "dagster_home", recorded["patients"], recorded["versions"])
