@@ -211,8 +211,9 @@ def shared_prepared_lake(
     pytest run in `shared_folder` (common to the xdist workers; whoever takes the file lock first
     builds it from its copy of the cohort `cohort_settings` describes, the others wait) and never
     changed after: tests take their own `copy_prepared` of it. test_daemon and
-    test_prediction_assets start from the same lake, so the suite prepares it once, not twice. Its DAGSTER_HOME lies beside the lake, in the folder; the environment
-    (DAGSTER_HOME, HCC_ASSETS_*) is put back when it is built."""
+    test_prediction_assets start from the same lake, so the suite prepares it once, not twice.
+    Its DAGSTER_HOME lies beside the lake, in the folder; the environment (DAGSTER_HOME,
+    HCC_ASSETS_*) is put back when it is built."""
     import pytest
     from filelock import FileLock  # torch's own dependency
 
