@@ -134,7 +134,6 @@ INTEGRATION_MODULES = {
     "intake/test_receiver.py",
     "test_cli_materialize.py",
     "test_ui_browser.py",
-    "test_webserver.py",
 }
 UNIT_MODULES_IN_DEFS = {"defs/test_sensor.py", "defs/test_figure_metadata.py"}
 

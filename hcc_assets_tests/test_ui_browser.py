@@ -1,10 +1,10 @@
 """The Dagster UI in a real browser (headless Debian Chromium driven by Playwright).
 
 The webserver is started as `make ui` starts it (`dagster dev -w workspace.yaml -h <host from the
-Makefile>`, on a free port) on a temporary lake holding two synthetic patients. The test then does
-what a researcher does: looks at the lineage, materializes one patient's ingest assets by clicking,
-waits for the run and finds the mid-slice figure in the asset's metadata: the path of the PNG in
-the lake and its inline thumbnail. Screenshots of every step go to $HCC_ASSETS_TEST_ARTIFACTS
+Makefile>`, on a free port) on a temporary lake holding two synthetic patients. The test checks the
+asset lineage the webserver serves over GraphQL, then does what a researcher does: looks at the
+lineage, materializes one patient's ingest assets by clicking, waits for the run and finds the
+mid-slice figure in the asset's metadata: the path of the PNG in the lake and its inline thumbnail. Screenshots of every step go to $HCC_ASSETS_TEST_ARTIFACTS
 (default hcc_assets_tests/artifacts/ui/, git-ignored), with the webserver log and the timings.
 
 Chromium comes from Debian (`apt-get install chromium`; .ci/run installs it when missing); never
@@ -40,6 +40,7 @@ STARTUP_S = 180  # `dagster dev` on 2 busy cores: 15-60 s
 RUN_S = 240  # one patient's ingest run: about 40 s here, queue and step subprocesses included
 UI_MS = 60_000  # Playwright waits (the UI polls GraphQL every few seconds)
 TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
+ASSET_GRAPH = "{ assetNodes { assetKey { path } dependencyKeys { path } isPartitioned groupName } }"
 
 
 def _browser_or_skip() -> None:
@@ -241,6 +242,13 @@ def test_ui_in_browser_materializes_one_patient(ui_lake):
         listeners = _listening(server.pid)
         assert (host, port) in listeners, listeners
         assert all(_is_loopback(address) for address, _ in listeners), listeners
+        # the asset lineage the UI draws, as the webserver serves it over GraphQL
+        nodes = {"/".join(n["assetKey"]["path"]): n for n in _graphql(base, ASSET_GRAPH)["assetNodes"]}
+        deps = {name: {"/".join(d["path"]) for d in node["dependencyKeys"]} for name, node in nodes.items()}
+        assert deps["nifti_volume"] == {"raw_scan"}
+        assert deps["preprocessed_volume"] == {"nifti_volume"}
+        assert "preprocessed_volume" in deps["cohort"]
+        assert nodes["raw_scan"]["isPartitioned"] and not nodes["cohort"]["isPartitioned"]
 
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
