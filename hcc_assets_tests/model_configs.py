@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -86,6 +86,22 @@ def shared_run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
+def built_once(folder: Path, build: Callable[[Path], dict]) -> dict:
+    """`build(folder)` run once per pytest run, whichever xdist worker takes the file lock beside
+    `folder` first; the others wait, and every caller gets the record it returned (JSON, kept in
+    `folder`/done.json). A folder without that record is a build that did not finish: built again."""
+    from filelock import FileLock  # torch's own dependency
+
+    done = folder / "done.json"
+    with FileLock(str(folder) + ".lock"):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            record = build(folder)
+            done.write_text(json.dumps(record))
+        return json.loads(done.read_text())
+
+
 class LiverModelSlot:
     """The run's shared liver model, while its lock is held: `folder` is the trained model folder,
     or None until someone publishes one."""
@@ -112,7 +128,8 @@ def liver_model_slot(tmp_path_factory: pytest.TempPathFactory, cohort_settings: 
     """The slot of the model trained with SEGMENTATION_TRAINING on the cohort `cohort_settings`
     describes, keyed by the hash of both, under a file lock shared by the xdist workers: whoever
     holds it trains and publishes, the others wait for the folder. test_segmentation_assets, whose
-    subject is that training, publishes the model it trains when it comes first."""
+    subject is that training, publishes the model it trains when it comes first. Not `built_once`:
+    that test trains while holding the slot whether or not the model is already there."""
     from filelock import FileLock  # torch's own dependency
 
     key = hashlib.sha256(json.dumps([SEGMENTATION_TRAINING, cohort_settings], sort_keys=True).encode()).hexdigest()

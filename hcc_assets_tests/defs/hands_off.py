@@ -40,7 +40,7 @@ import dagster as dg
 import yaml
 from dagster import DagsterEventType
 
-from hcc_assets_tests.model_configs import CLASSIFIER_TRAINING, SEGMENTATION_TRAINING, TEST_GRID
+from hcc_assets_tests.model_configs import CLASSIFIER_TRAINING, SEGMENTATION_TRAINING, TEST_GRID, built_once
 
 ROOT = Path(__file__).resolve().parents[2]
 PSEUDONYM_KEY = "hands-off-test"
@@ -215,30 +215,27 @@ def shared_prepared_lake(
     Its DAGSTER_HOME lies beside the lake, in the folder; the environment (DAGSTER_HOME,
     HCC_ASSETS_*) is put back when it is built."""
     import pytest
-    from filelock import FileLock  # torch's own dependency
+
+    def build(folder: Path) -> dict:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("DAGSTER_HOME", str(folder / "dagster_home"))
+            for name in [n for n in os.environ if n.startswith("HCC_ASSETS_")]:
+                patch.delenv(name)  # the lake's own key and settings, as a daemon on it will see them
+            prepared = prepare_lake(
+                folder / "lake",
+                cohort_source,
+                patient_config=patient_config,
+                liver_model=liver_model,
+                threads=threads,
+                features=PREPARED_FEATURES,
+            )
+        return {"patients": prepared.patients, "versions": prepared.versions}
 
     key = hashlib.sha256(
         json.dumps([cohort_settings, str(liver_model), patient_config, CLASSIFIER_TRAINING], sort_keys=True).encode()
     ).hexdigest()[:12]
     folder = shared_folder / f"prepared_lake_{key}"
-    done = folder / "prepared.json"
-    with FileLock(str(folder) + ".lock"):
-        if not done.exists():
-            shutil.rmtree(folder, ignore_errors=True)
-            with pytest.MonkeyPatch.context() as patch:
-                patch.setenv("DAGSTER_HOME", str(folder / "dagster_home"))
-                for name in [n for n in os.environ if n.startswith("HCC_ASSETS_")]:
-                    patch.delenv(name)  # the lake's own key and settings, as a daemon on it will see them
-                prepared = prepare_lake(
-                    folder / "lake",
-                    cohort_source,
-                    patient_config=patient_config,
-                    liver_model=liver_model,
-                    threads=threads,
-                    features=PREPARED_FEATURES,
-                )
-            done.write_text(json.dumps({"patients": prepared.patients, "versions": prepared.versions}))
-    recorded = json.loads(done.read_text())
+    recorded = built_once(folder, build)
     return PreparedLake(folder / "lake", folder / "dagster_home", recorded["patients"], recorded["versions"])
 
 

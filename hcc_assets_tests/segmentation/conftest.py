@@ -1,12 +1,10 @@
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from filelock import FileLock  # torch's own dependency
 
 from hcc_assets.segmentation import SegmentationTrainingConfig, build_raw_dataset, plan_and_preprocess, train
-from hcc_assets_tests.model_configs import shared_run_folder
+from hcc_assets_tests.model_configs import built_once, shared_run_folder
 from hcc_assets_tests.segmentation.synthetic import write_cases
 
 # Six 48x48x16 cases and 6 x 20 iterations of 2d_cpu: held-out Dice 0.90-0.95 (liver) and
@@ -27,15 +25,10 @@ class TrainedModel(PlannedDataset):
     folder: Path  # nnU-Net's model folder
 
 
-def _shared_once(tmp_path_factory, name: str, make) -> dict:
-    """`make(folder)` run once for the whole run, shared by pytest-xdist workers via a lock."""
-    shared = shared_run_folder(tmp_path_factory)
-    root = shared / name
-    with FileLock(str(shared / f"{name}.lock")):
-        done = root / "done.json"
-        if not done.exists():
-            done.write_text(json.dumps(make(root)))
-        return {field: Path(path) for field, path in json.loads(done.read_text()).items()}
+def _shared_once(tmp_path_factory, name: str, make) -> dict[str, Path]:
+    """`make(folder)`'s paths, made once for the whole run (model_configs.built_once)."""
+    record = built_once(shared_run_folder(tmp_path_factory) / name, make)
+    return {field: Path(path) for field, path in record.items()}
 
 
 @pytest.fixture(scope="session")
