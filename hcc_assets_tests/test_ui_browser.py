@@ -4,8 +4,9 @@ The webserver is started as `make ui` starts it (`dagster dev -w workspace.yaml 
 Makefile>`, on a free port) on a temporary lake holding two synthetic patients. The test checks the
 asset lineage the webserver serves over GraphQL, then does what a researcher does: looks at the
 lineage, materializes one patient's ingest assets by clicking, waits for the run and finds the
-mid-slice figure in the asset's metadata: the path of the PNG in the lake and its inline thumbnail. Screenshots of every step go to $HCC_ASSETS_TEST_ARTIFACTS
-(default hcc_assets_tests/artifacts/ui/, git-ignored), with the webserver log and the timings.
+mid-slice figure in the asset's metadata: the path of the PNG in the lake and its inline thumbnail.
+Screenshots of every step go to $HCC_ASSETS_TEST_ARTIFACTS (default hcc_assets_tests/artifacts/ui/,
+git-ignored), with the webserver log and the timings.
 
 Chromium comes from Debian (`apt-get install chromium`; .ci/run installs it when missing); never
 from `playwright install`. Without it the test is skipped on a developer machine, and fails where
