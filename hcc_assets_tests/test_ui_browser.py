@@ -41,7 +41,7 @@ STARTUP_S = 180  # `dagster dev` on 2 busy cores: 15-60 s
 RUN_S = 240  # one patient's ingest run: about 40 s here, queue and step subprocesses included
 UI_MS = 60_000  # Playwright waits (the UI polls GraphQL every few seconds)
 TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
-ASSET_GRAPH = "{ assetNodes { assetKey { path } dependencyKeys { path } isPartitioned groupName } }"
+ASSET_GRAPH = "{ assetNodes { assetKey { path } dependencyKeys { path } isPartitioned } }"
 
 
 def _browser_or_skip() -> None:

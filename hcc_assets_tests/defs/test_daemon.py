@@ -12,9 +12,10 @@ The lake is a copy of the suite's prepared lake (conftest.prepared_lake: cohort 
 models trained, every patient's features made with classifier v1; the per-patient run config, a
 32x32x16 grid, is the deployment file the daemon's runs read: see hands_off.py), with its
 DAGSTER_HOME, in which this process then predicts every patient with classifier v1, so the daemon
-finds those patients ingested and the models current. The daemon and everything it starts run in their own process group, killed at the end whatever happens. Once the
-daemon's sensors tick, a new patient is dropped; once its rows are in, the classifier is retrained
-here, as a user materializes it from the UI, and the daemon runs everything else on its own. That
+finds those patients ingested and the models current. The daemon and everything it starts run in
+their own process group, killed at the end whatever happens. Once the daemon's sensors tick, a
+new patient is dropped; once its rows are in, the classifier is retrained here, as a user
+materializes it from the UI, and the daemon runs everything else on its own. That
 the refresh cron requests exactly this retrain (cohort and classifier in one run, the deployment's
 settings as the config defaults) is test_automation's, through Dagster's own evaluation of the
 conditions: no test waits for a real cron minute. One daemon session for both flows: the daemon,
