@@ -12,7 +12,7 @@ DEMO_LESION_CONTRAST ?= 1.25
 export OMP_WAIT_POLICY := PASSIVE
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install lock demo test test-fast lint lint-fast ui clean-lake
+.PHONY: install lock demo test test-fast lint lint-fast ui clean-lake bytecode
 
 # Every package from requirements.lock (exact versions, sha256-checked), then the patched pyradiomics
 # build and the project itself without dependencies: two installs a month apart are the same.
@@ -25,6 +25,13 @@ $(BIN)/.installed: pyproject.toml requirements.lock scripts/install_pyradiomics.
 	touch $@
 
 install: $(BIN)/.installed
+
+# Every process of the suite and of the demo imports hcc_assets. Where PYTHONDONTWRITEBYTECODE is
+# set (as on these machines) each would compile its modules again (about 0.25 s of CPU per process,
+# hundreds of processes per `make test`); compileall writes the bytecode once, whatever that variable
+# says, and skips files that did not change.
+bytecode: install
+	$(BIN)/python -m compileall -q -j 0 hcc_assets hcc_assets_tests benchmarks
 
 # A fresh resolve of pyproject.toml in a scratch venv (the newest releases its bounds allow, the
 # Dagster family and DuckDB pins, torch from this machine's disk), checked, then written to
@@ -41,7 +48,7 @@ lock:
 	$(LOCK_VENV)/bin/python scripts/lock.py --python $(LOCK_VENV)/bin/python --out requirements.lock
 	rm -rf $(LOCK_VENV)
 
-demo: install
+demo: bytecode
 	$(BIN)/hcc-assets --lake $(LAKE) demo --source $(DEMO_SOURCE) --lesion-contrast $(DEMO_LESION_CONTRAST)
 	$(BIN)/hcc-assets --lake $(LAKE) sql "SELECT c.patient_id, c.hcc, c.split, s.description AS t2_series, s.echo_time_ms AS te_ms, v.shape AS model_grid, round(m.liver_ml) AS liver_ml, round(m.dice_liver, 3) AS dice, (SELECT count(*) FROM radiomic_features r WHERE r.patient_id = c.patient_id) AS n_radiomic, e.patient_id IS NOT NULL AS has_embedding FROM cohort_split c JOIN scans s ON s.patient_id = c.patient_id AND s.chosen JOIN volumes v ON v.patient_id = c.patient_id AND v.kind = 'preprocessed' LEFT JOIN liver_masks m ON m.patient_id = c.patient_id LEFT JOIN deep_embeddings e ON e.patient_id = c.patient_id ORDER BY c.patient_id"
 	@echo "Table 1 (validation patients; estimate [95% bootstrap CI]); report: $(LAKE)/reports/report.html"
@@ -60,14 +67,14 @@ lint: lint-fast
 # `make lint`, with mypy (about 45 s of CPU without its cache, as in a fresh clone) run
 # niced beside the suite: it takes the CPU the suite leaves idle while it waits on daemons, servers
 # and the browser. Its verdict counts as the tests' does; its report follows theirs.
-test: lint-fast
+test: lint-fast bytecode
 	@nice -n 10 $(BIN)/mypy > $(VENV)/mypy.log 2>&1 & mypy=$$!; \
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --timeout 1800 --durations=15; tests=$$?; \
 	wait $$mypy; typed=$$?; echo "mypy:"; cat $(VENV)/mypy.log; \
 	exit $$(( tests || typed ))
 
 # the unit tier: domain, steps, storage, sensors and schedules through Dagster's build contexts
-test-fast: install
+test-fast: bytecode
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --timeout 600 -m "not integration"
 
 ui: install
