@@ -9,7 +9,7 @@ nnU-Net dataset, plans and model live in a temporary folder.
     make demo LAKE=/tmp/lake    # or any lake with an ingested cohort and cohort_split
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/segmentation_config.py --lake /tmp/lake \\
         --spacing 3.2 3.2 --epochs 8 --iterations 40 [--patch 128 128] [--base-features 16] \\
-        [--max-features 256] [--batch 8] [--lr 0.02] [--threads 2]
+        [--max-features 256] [--batch 8] [--lr 0.02] [--threads 2] [--cpu-bf16 auto|on|off]
 """
 
 import os
@@ -56,6 +56,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-2)
     parser.add_argument("--seed", type=int, default=12345)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--cpu-bf16",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="forward pass and loss in bfloat16 on the CPU (cpu_bf16; auto: where the CPU has bfloat16 instructions)",
+    )
     args = parser.parse_args()
     os.environ["HCC_ASSETS_LAKE"] = args.lake
 
@@ -93,6 +99,7 @@ def main() -> None:
         initial_lr=args.lr,
         seed=args.seed,
         num_threads=args.threads,
+        cpu_bf16={"auto": None, "on": True, "off": False}[args.cpu_bf16],
     )
     print(f"{len(training)} training, {len(validation)} validation patients; {config.model_dump(mode='json')}")
     with tempfile.TemporaryDirectory(prefix="seg-bench-") as work:

@@ -37,6 +37,10 @@ SEGMENTATION_TRAINING = {
     "spacing": [],
     "patch_size": [16, 64],
     "seed": 7,
+    # float32 on every CPU: the suite's masks, and the radiomic claims on them, then do not depend on
+    # whether the CPU has bfloat16 instructions (the default, None, uses them where it does); the
+    # bfloat16 step has its own test (segmentation/test_training_inference)
+    "cpu_bf16": False,
 }
 # A depth-10 classifier for a few epochs: enough for the flows that need *a* classifier; it may
 # stay below chance (accept_below_chance), the gate has its own tests (test_deep_assets).

@@ -39,6 +39,11 @@ class SegmentationTrainingConfig(pydantic.BaseModel):
     seed: int = 12345
     device: str = "cpu"
     num_threads: int | None = pydantic.Field(None, ge=1)  # torch threads; None leaves torch's default
+    # Forward pass and loss in bfloat16 on a CPU (torch.autocast; weights, gradients and the SGD update
+    # stay float32). nnU-Net autocasts on CUDA only: on CPUs without bfloat16 instructions it is
+    # slower. With them (AVX512-BF16 or AMX) a 2d_cpu training took 245 s instead of 436 s at equal
+    # held-out Dice (README, liver_segmentation_model). None: on where the CPU has them (uses_cpu_bf16).
+    cpu_bf16: bool | None = None
     data_augmentation_workers: int = pydantic.Field(0, ge=0)  # nnUNet_n_proc_DA; 0 = in-process
     preprocessing_workers: int = pydantic.Field(1, ge=1)
     # The final validation predicts every validation case with mirroring: minutes on CPU.
@@ -58,3 +63,17 @@ class MaskQualityConfig(pydantic.BaseModel):
 
     liver_volume_ml_min: float = 500.0
     liver_volume_ml_max: float = 4000.0
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX tiles), as torch reports it."""
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def uses_cpu_bf16(config: SegmentationTrainingConfig) -> bool:
+    """`config.cpu_bf16` resolved: never off the CPU; None means where the CPU has bfloat16 instructions."""
+    if config.device != "cpu":
+        return False
+    return cpu_has_native_bf16() if config.cpu_bf16 is None else config.cpu_bf16

@@ -46,7 +46,7 @@ from hcc_assets.segmentation import (
     train,
     validate_model_folder,
 )
-from hcc_assets.segmentation.config import LABEL_LIVER
+from hcc_assets.segmentation.config import LABEL_LIVER, uses_cpu_bf16
 
 if TYPE_CHECKING:
     import nibabel as nib
@@ -158,10 +158,14 @@ def train_model(
             final=True,
         )
     digests = dict(zip(volumes["patient_id"], volumes["sha256"]))
+    # cpu_bf16 as it will run, and only when on: models trained before it existed keep their versions
+    training = settings.model_dump(mode="json", exclude={"device", "num_threads", "cpu_bf16"})
+    if uses_cpu_bf16(settings):
+        training["cpu_bf16"] = True
     identity: dict[str, Any] = {
         "code_version": SEGMENTATION_MODEL_VERSION,
         "nnunetv2": package_version("nnunetv2"),
-        "training": settings.model_dump(mode="json", exclude={"device", "num_threads"}),
+        "training": training,
         "cases": [[pid, digests[pid]] for pid in cases],
     }
     model_version = content_version(identity, length=SHORT)

@@ -34,6 +34,7 @@ TINY_TRAINING = {
     "initial_lr": 0.02,
     "spacing": [],
     "seed": 7,
+    "cpu_bf16": False,  # float32 on every CPU, as model_configs.SEGMENTATION_TRAINING
     "max_training_cases": 2,
     "hold_out_validation_split": False,
 }

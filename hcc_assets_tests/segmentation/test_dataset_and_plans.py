@@ -99,3 +99,15 @@ def test_a_coarser_spacing_gets_its_own_data_and_a_matching_patch(planned_datase
     assert reduced["architecture"]["arch_kwargs"]["n_stages"] == len(reduced["architecture"]["arch_kwargs"]["strides"])
     with pytest.raises(ValueError, match="needs 2 values"):
         add_cpu_configuration(plans_file, SegmentationTrainingConfig(spacing=(3.0, 3.0, 3.0)))
+
+
+def test_cpu_bf16_is_used_on_the_cpu_only_and_by_default_where_the_cpu_has_bfloat16(monkeypatch):
+    from hcc_assets.segmentation import config as segmentation_config
+
+    uses = segmentation_config.uses_cpu_bf16
+    assert not uses(SegmentationTrainingConfig(device="cuda", cpu_bf16=True))  # CUDA: nnU-Net's own AMP
+    assert uses(SegmentationTrainingConfig(cpu_bf16=True))
+    assert not uses(SegmentationTrainingConfig(cpu_bf16=False))
+    for native in (True, False):
+        monkeypatch.setattr(segmentation_config, "cpu_has_native_bf16", lambda native=native: native)
+        assert uses(SegmentationTrainingConfig()) is native

@@ -128,3 +128,52 @@ def test_batched_windows_give_nnunets_own_logits(segmenter, monkeypatch):
     assert batched.shape == one_by_one.shape
     assert torch.allclose(batched.float(), one_by_one.float(), atol=1e-2), (batched - one_by_one).abs().max()
     assert torch.equal(batched.argmax(0), one_by_one.argmax(0))
+
+
+def test_cpu_bf16_runs_the_forward_pass_in_bfloat16_keeps_float32_weights_and_is_repeatable(planned_dataset, tmp_path):
+    """SegmentationTrainingConfig.cpu_bf16: one training step from the same weights and batch, in
+    float32 and in bfloat16 (twice): the network's first convolution computes in bfloat16 only when
+    asked, the parameters stay float32, the loss agrees with float32's to bfloat16's precision, and
+    the same step gives the same weights."""
+    import torch
+
+    from hcc_assets.segmentation.nnunet_env import nnunet_environment
+    from hcc_assets.segmentation.training import trainer_plans
+
+    dataset_json = json.loads((planned_dataset.preprocessed_dir / "Dataset501_HccLiver" / "dataset.json").read_text())
+
+    def one_step(cpu_bf16: bool):
+        torch.manual_seed(0)  # the same initial weights for every trainer
+        with nnunet_environment(preprocessed=planned_dataset.preprocessed_dir, results=tmp_path):
+            from hcc_assets.segmentation.nnunet_trainers.hcc_cpu_trainer import HccCpuTrainer
+
+            trainer = HccCpuTrainer(
+                plans=trainer_plans(planned_dataset.plans_file),
+                configuration="2d_cpu",
+                fold="all",
+                dataset_json=dataset_json,
+                device=torch.device("cpu"),
+            )
+            trainer.initialize()
+        trainer.cpu_bf16 = cpu_bf16
+        patch = list(trainer.configuration_manager.patch_size)
+        data = torch.randn(2, 1, *patch, generator=torch.Generator().manual_seed(1))
+        label = (data > 0.5).float()
+        targets = [
+            torch.nn.functional.interpolate(label, size=[max(1, round(p * s)) for p, s in zip(patch, scale)])
+            for scale in trainer._get_deep_supervision_scales()
+        ]
+        computed_in = []
+        first_conv = next(m for m in trainer.network.modules() if isinstance(m, torch.nn.Conv2d))
+        first_conv.register_forward_hook(lambda module, inputs, output: computed_in.append(output.dtype))
+        loss = float(trainer.train_step({"data": data, "target": targets})["loss"])
+        return computed_in, loss, {name: p.detach().clone() for name, p in trainer.network.named_parameters()}
+
+    fp32_dtypes, fp32_loss, fp32_weights = one_step(False)
+    bf16_dtypes, bf16_loss, bf16_weights = one_step(True)
+    _, again_loss, again_weights = one_step(True)
+    assert fp32_dtypes == [torch.float32] and bf16_dtypes == [torch.bfloat16]
+    assert all(w.dtype == torch.float32 for w in [*fp32_weights.values(), *bf16_weights.values()])
+    assert np.isfinite(bf16_loss) and bf16_loss == pytest.approx(fp32_loss, rel=0.02)
+    assert any(not torch.equal(bf16_weights[n], fp32_weights[n]) for n in fp32_weights)  # bfloat16 did compute
+    assert again_loss == bf16_loss and all(torch.equal(again_weights[n], bf16_weights[n]) for n in bf16_weights)
