@@ -41,7 +41,7 @@ class SegmentationTrainingConfig(pydantic.BaseModel):
     num_threads: int | None = pydantic.Field(None, ge=1)  # torch threads; None leaves torch's default
     # Forward pass and loss in bfloat16 on a CPU (torch.autocast; weights, gradients and the SGD update
     # stay float32). nnU-Net autocasts on CUDA only: on CPUs without bfloat16 instructions it is
-    # slower. With them (AVX512-BF16 or AMX) a 2d_cpu training took 245 s instead of 436 s at equal
+    # slower. With them (AVX512-BF16 or AMX) a 2d_cpu training took 245 s instead of 433 s at equal
     # held-out Dice (README, liver_segmentation_model). None: on where the CPU has them (uses_cpu_bf16).
     cpu_bf16: bool | None = None
     data_augmentation_workers: int = pydantic.Field(0, ge=0)  # nnUNet_n_proc_DA; 0 = in-process
@@ -66,10 +66,12 @@ class MaskQualityConfig(pydantic.BaseModel):
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX tiles), as torch reports it."""
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX tiles), as torch reports it.
+    torch offers only private queries for this; a torch without them counts as no."""
     import torch
 
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    queries = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(query() for query in queries if query is not None)
 
 
 def uses_cpu_bf16(config: SegmentationTrainingConfig) -> bool:
