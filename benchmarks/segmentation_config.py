@@ -60,7 +60,7 @@ def main() -> None:
         "--cpu-bf16",
         choices=["auto", "on", "off"],
         default="auto",
-        help="forward pass and loss in bfloat16 on the CPU (cpu_bf16; auto: where the CPU has bfloat16 instructions)",
+        help="the forward pass in bfloat16 on the CPU (cpu_bf16; auto: where the CPU has bfloat16 instructions)",
     )
     args = parser.parse_args()
     os.environ["HCC_ASSETS_LAKE"] = args.lake

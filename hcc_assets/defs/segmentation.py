@@ -82,7 +82,7 @@ class LiverSegmentationModelConfig(dg.Config):
     # exists), so their Dice in `liver_masks` is measured on unseen patients.
     hold_out_validation_split: bool = True
     force_retrain: bool = False  # same version folder present: reuse it unless this is set
-    # forward pass and loss in bfloat16 on a CPU; unset: where the CPU has bfloat16 instructions
+    # the network's forward pass in bfloat16 on a CPU; unset: where the CPU has bfloat16 instructions
     # (AVX512-BF16 or AMX): 245 s instead of 433 s of training at equal Dice (SegmentationTrainingConfig)
     cpu_bf16: bool | None = None
 

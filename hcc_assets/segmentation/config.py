@@ -39,10 +39,11 @@ class SegmentationTrainingConfig(pydantic.BaseModel):
     seed: int = 12345
     device: str = "cpu"
     num_threads: int | None = pydantic.Field(None, ge=1)  # torch threads; None leaves torch's default
-    # Forward pass and loss in bfloat16 on a CPU (torch.autocast; weights, gradients and the SGD update
-    # stay float32). nnU-Net autocasts on CUDA only: on CPUs without bfloat16 instructions it is
-    # slower. With them (AVX512-BF16 or AMX) a 2d_cpu training took 245 s instead of 433 s at equal
-    # held-out Dice (README, liver_segmentation_model). None: on where the CPU has them (uses_cpu_bf16).
+    # The network's forward pass in bfloat16 on a CPU (torch.autocast; the loss, weights, gradients
+    # and the SGD update stay float32). nnU-Net autocasts on CUDA only: on CPUs without bfloat16
+    # instructions it is slower. With them (AVX512-BF16 or AMX) a 2d_cpu training took 245 s instead
+    # of 433 s at equal held-out Dice (README, liver_segmentation_model). None: on where the CPU has
+    # them (uses_cpu_bf16).
     cpu_bf16: bool | None = None
     data_augmentation_workers: int = pydantic.Field(0, ge=0)  # nnUNet_n_proc_DA; 0 = in-process
     preprocessing_workers: int = pydantic.Field(1, ge=1)

@@ -36,7 +36,8 @@ def train(
     `hcc_training_summary.json` (schedule, seconds per epoch, last losses and pseudo Dice).
     `progress` receives one line per epoch (losses, pseudo Dice, seconds, ETA).
     """
-    config = config.model_copy(update={"cpu_bf16": uses_cpu_bf16(config)})  # the summary records what ran
+    cpu_bf16 = uses_cpu_bf16(config)
+    config = config.model_copy(update={"cpu_bf16": cpu_bf16})  # the summary records what ran
     with nnunet_environment(
         preprocessed=preprocessed_dir, results=results_dir, nnUNet_n_proc_DA=str(config.data_augmentation_workers)
     ):
@@ -61,7 +62,7 @@ def train(
         trainer.num_iterations_per_epoch = config.iterations_per_epoch
         trainer.num_val_iterations_per_epoch = config.val_iterations_per_epoch
         trainer.initial_lr = config.initial_lr
-        trainer.cpu_bf16 = uses_cpu_bf16(config)
+        trainer.cpu_bf16 = cpu_bf16
         trainer.progress_callback = progress
 
         started = time.perf_counter()

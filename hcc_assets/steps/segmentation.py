@@ -160,8 +160,7 @@ def train_model(
     digests = dict(zip(volumes["patient_id"], volumes["sha256"]))
     # cpu_bf16 as it will run, and only when on: models trained before it existed keep their versions
     training = settings.model_dump(mode="json", exclude={"device", "num_threads", "cpu_bf16"})
-    if uses_cpu_bf16(settings):
-        training["cpu_bf16"] = True
+    training |= {"cpu_bf16": True} if uses_cpu_bf16(settings) else {}
     identity: dict[str, Any] = {
         "code_version": SEGMENTATION_MODEL_VERSION,
         "nnunetv2": package_version("nnunetv2"),

@@ -60,29 +60,23 @@ class HccCpuTrainer(nnUNetTrainer):
 
     # Set by the caller (hcc_assets.segmentation.train): called with one line per epoch.
     progress_callback: Callable[[str], None] | None = None
-    # Set by the caller (SegmentationTrainingConfig.cpu_bf16): the forward pass and loss in bfloat16 on a CPU.
+    # Set by the caller (SegmentationTrainingConfig.cpu_bf16): the forward pass in bfloat16 on a CPU.
     cpu_bf16: bool = False
 
     def train_step(self, batch: dict) -> dict:
-        """nnU-Net's step, with the forward pass and loss under CPU bfloat16 autocast when `cpu_bf16`.
+        """nnU-Net's own step; with `cpu_bf16` on a CPU, its network's forward pass in bfloat16.
 
         nnU-Net autocasts on CUDA only (on CPUs without bfloat16 instructions autocast is slower).
-        Weights, gradients, gradient clipping and the SGD update stay float32, as with AMP on a GPU;
-        CPU bfloat16 needs no gradient scaler (its exponent range is float32's)."""
+        The network is wrapped for this one step only (checkpoints save the unwrapped one); the loss,
+        gradients, clipping and the SGD update stay nnU-Net's, in float32, as with AMP on a GPU."""
         if not (self.cpu_bf16 and self.device.type == "cpu"):
             return super().train_step(batch)
-        data = batch["data"].to(self.device)
-        target = batch["target"]
-        target = [t.to(self.device) for t in target] if isinstance(target, list) else target.to(self.device)
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            output = self.network(data)
-        output = [o.float() for o in output] if isinstance(output, (list, tuple)) else output.float()
-        loss = self.loss(output, target)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-        self.optimizer.step()
-        return {"loss": loss.detach().cpu().numpy()}
+        network = self.network  # type: ignore[has-type]  # set by nnU-Net's initialize(), unannotated
+        self.network = _Bfloat16Forward(network)
+        try:
+            return super().train_step(batch)
+        finally:
+            self.network = network
 
     def on_epoch_end(self):
         # The progress plot costs a matplotlib figure per epoch; draw it after the last one only.
@@ -108,3 +102,16 @@ class HccCpuTrainer(nnUNetTrainer):
             f"train loss {log['train_losses'][-1]:.4f}, val loss {log['val_losses'][-1]:.4f}, "
             f"pseudo Dice [{dice}], {seconds:.1f} s, ETA {remaining:.0f} s"
         )
+
+
+class _Bfloat16Forward(torch.nn.Module):
+    """`network`'s forward pass under CPU bfloat16 autocast, its outputs back in float32 for the loss."""
+
+    def __init__(self, network: torch.nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, data: torch.Tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = self.network(data)
+        return [o.float() for o in output] if isinstance(output, (list, tuple)) else output.float()
