@@ -64,18 +64,27 @@ lint-fast: install
 lint: lint-fast
 	$(BIN)/mypy
 
+# The suite's scratch space (TMPDIR, so pytest's tmp_path: every test lake, DuckLake catalog, Dagster
+# instance and Postgres server) on the RAM disk where the machine has one with room (4 GiB; the
+# suite uses under 1): SQLite, DuckLake and Dagster commit with fsync, which on a virtual disk stalls
+# the writing test while its core idles, and on tmpfs returns at once. Measured on 2 cores:
+# `make test` 7m02s with /tmp on the disk, 6m07s on /dev/shm (README). Empty: the default folder.
+TEST_TMPDIR ?= $(shell avail=$$(df -Pk /dev/shm 2>/dev/null | awk 'NR == 2 {print $$4}'); \
+	[ -d /dev/shm ] && [ -w /dev/shm ] && [ "$${avail:-0}" -ge 4194304 ] && echo /dev/shm/hcc-assets-tests-$$(id -u))
+TEST_ENV := $(if $(TEST_TMPDIR),mkdir -p $(TEST_TMPDIR) && TMPDIR=$(TEST_TMPDIR))
+
 # `make lint`, with mypy (about 45 s of CPU without its cache, as in a fresh clone) run
 # niced beside the suite: it takes the CPU the suite leaves idle while it waits on daemons, servers
 # and the browser. Its verdict counts as the tests' does; its report follows theirs.
 test: lint-fast bytecode
 	@nice -n 10 $(BIN)/mypy > $(VENV)/mypy.log 2>&1 & mypy=$$!; \
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --timeout 1800 --durations=15; tests=$$?; \
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --timeout 1800 --durations=15; tests=$$?; \
 	wait $$mypy; typed=$$?; echo "mypy:"; cat $(VENV)/mypy.log; \
 	exit $$(( tests || typed ))
 
 # the unit tier: domain, steps, storage, sensors and schedules through Dagster's build contexts
 test-fast: bytecode
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --timeout 600 -m "not integration"
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --timeout 600 -m "not integration"
 
 ui: install
 	$(BIN)/python -c "from hcc_assets.instance import ensure_dagster_home; ensure_dagster_home('$(LAKE)')"
