@@ -196,7 +196,8 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(modules[id(item)], len(rank)))  # stable: file order otherwise
 
 
-# Free disk where the tests write, reported at the end: a run that fails for lack of disk says so.
+# Free space where the tests write (TMPDIR: `make test` puts it on /dev/shm where there is room),
+# reported at the end: a run that fails for lack of space says so.
 _free_disk_gib: dict[str, float] = {}
 LOW_DISK_GIB = 1.0
 
@@ -219,12 +220,12 @@ def pytest_terminal_summary(terminalreporter):
         return
     start, lowest = _free_disk_gib["start"], _free_disk_gib["lowest"]
     terminalreporter.write_line(
-        f"free disk at {tempfile.gettempdir()}: {start:.1f} GiB at the start, "
+        f"free space at {tempfile.gettempdir()}: {start:.1f} GiB at the start, "
         f"{lowest:.1f} GiB at the lowest (sampled after each test)"
     )
     if lowest < LOW_DISK_GIB:
         terminalreporter.write_line(
-            f"WARNING: under {LOW_DISK_GIB:.0f} GiB of free disk: failures above may be writes that ran out of space",
+            f"WARNING: under {LOW_DISK_GIB:.0f} GiB of free space: failures above may be writes that ran out of space",
             red=True,
         )
 
