@@ -79,6 +79,17 @@ UNTRAINED_CLASSIFIER = {
 # torch threads of every in-process materialization in the tests: one core per xdist worker
 # (`make test` runs `-n 2` on 2 cores), so two workers never oversubscribe the machine.
 TEST_CPU_THREADS = 1
+
+
+def suite_compute(threads: int = TEST_CPU_THREADS):
+    """The suite's `compute` resource: the CPU, `threads` torch threads, and float32 on every CPU
+    (mixed_precision off: no bfloat16 trunk where the CPU has it), so the suite's classifiers, like
+    its nnU-Net trainings (cpu_bf16 off), do not depend on the CPU's instructions."""
+    from hcc_assets.defs.resources import ComputeResource
+
+    return ComputeResource(device="cpu", cpu_threads=threads, mixed_precision=False)
+
+
 # The grid of the tests' preprocessed volumes (the classifier's input): layer4 of a ResNet still
 # sees one voxel.
 TEST_GRID = [32, 32, 16]
@@ -162,7 +173,6 @@ def _train_liver_model(scratch: Path, cohort_source: Path) -> Path:
     import dagster as dg
 
     from hcc_assets.defs.cohort import cohort
-    from hcc_assets.defs.resources import ComputeResource
     from hcc_assets.defs.segmentation import liver_segmentation_model
     from hcc_assets.featurestore.registry import current_model
     from hcc_assets_tests.defs import helpers
@@ -177,7 +187,7 @@ def _train_liver_model(scratch: Path, cohort_source: Path) -> Path:
             [cohort, liver_segmentation_model, *helpers.PATIENT_ASSETS],
             selection=[cohort, liver_segmentation_model],
             instance=instance,
-            resources={"lake": lake, "compute": ComputeResource(device="cpu", cpu_threads=TEST_CPU_THREADS)},
+            resources={"lake": lake, "compute": suite_compute()},
             run_config={"ops": {"liver_segmentation_model": {"config": SEGMENTATION_TRAINING}}},
             raise_on_error=False,
         )

@@ -79,6 +79,13 @@ def _dilate_like_medicalnet(trunk: ResNet) -> None:
                 block.downsample = functools.partial(shortcut.func, **{**shortcut.keywords, "stride": 1})
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX tiles), as torch reports
+    it; torch offers only private queries for this, and a torch without them counts as no."""
+    queries = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(query() for query in queries if query is not None)
+
+
 class HCCResNet(nn.Module):
     """3D ResNet trunk -> global average pool -> Linear(features, 128) -> activation -> Linear(128, 1).
 
@@ -102,6 +109,7 @@ class HCCResNet(nn.Module):
         self.activation = nn.ReLU() if head_activation == "relu" else nn.Identity()
         self.output = nn.Linear(embedding_dim, 1)
         self.init_description = SEEDED_RANDOM_INIT
+        self.bfloat16_on_cpu = False  # see use_bfloat16_on_cpu
         self.architecture = dict(
             depth=depth, embedding_dim=embedding_dim, head_activation=head_activation, layout=layout
         )
@@ -133,12 +141,28 @@ class HCCResNet(nn.Module):
             module.eval()
         return self
 
+    def use_bfloat16_on_cpu(self, enabled: bool) -> None:
+        """Compute the frozen trunk (conv1..layer3) in bfloat16 on channels-last volumes when it runs
+        on a CPU with bfloat16 instructions (AVX512-BF16 or AMX): 8 volumes 128x128x64 in 1.4 s
+        instead of 3.4 s on 2 cores. Only the frozen, forward-only part: its results are the same
+        on every run, while bfloat16 weight gradients in layer4 were not (oneDNN, 2 of 2 repeated
+        trainings differed), so layer4 and the head always train and run in float32."""
+        self.bfloat16_on_cpu = enabled and cpu_has_native_bf16()
+        layout = torch.channels_last_3d if self.bfloat16_on_cpu else torch.contiguous_format
+        for module in self.frozen_modules():
+            module.to(memory_format=layout)
+
     def frozen_features(self, volumes: torch.Tensor) -> torch.Tensor:
-        """conv1..layer3: the activations the trunk cache stores. Input (N, 1, X, Y, Z)."""
+        """conv1..layer3: the activations the trunk cache stores, float32. Input (N, 1, X, Y, Z)."""
         trunk = self.trunk
-        x = trunk.act(trunk.bn1(trunk.conv1(volumes)))
-        x = trunk.maxpool(x)
-        return trunk.layer3(trunk.layer2(trunk.layer1(x)))
+        in_bf16 = self.bfloat16_on_cpu and volumes.device.type == "cpu"
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=in_bf16):
+            if in_bf16:
+                volumes = volumes.contiguous(memory_format=torch.channels_last_3d)
+            x = trunk.act(trunk.bn1(trunk.conv1(volumes)))
+            x = trunk.maxpool(x)
+            x = trunk.layer3(trunk.layer2(trunk.layer1(x)))
+        return x.to(torch.float32, memory_format=torch.contiguous_format) if in_bf16 else x
 
     def head(self, frozen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """layer4 -> pool -> 128-unit layer -> output, from `frozen_features`: (logits (N,), embedding (N, 128))."""

@@ -22,7 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from hcc_assets.core.files import atomic_write
-from hcc_assets.deep.network import Depth, HCCResNet, HeadActivation, TrunkLayout, build_classifier
+from hcc_assets.deep.network import (
+    Depth,
+    HCCResNet,
+    HeadActivation,
+    TrunkLayout,
+    build_classifier,
+    cpu_has_native_bf16,
+)
 
 CHECKPOINT_NAME = "classifier.pt"
 SUMMARY_NAME = "classifier.json"
@@ -50,7 +57,11 @@ class ClassifierConfig(BaseModel):
     medicalnet_checkpoint: str | None = Field(None, description="local MedicalNet .pth; None = seeded-random trunk")
     use_trunk_cache: bool = True
     device: str = "cpu"
-    amp: bool = Field(False, description="mixed precision; only takes effect on cuda")
+    amp: bool = Field(
+        False,
+        description="mixed precision: autocast on cuda (bfloat16, else float16); on a CPU, bfloat16 autocast on "
+        "channels-last volumes where the CPU has bfloat16 instructions (AVX512-BF16 or AMX), else no effect",
+    )
 
     @model_validator(mode="after")
     def _epochs_ordered(self) -> ClassifierConfig:
@@ -127,8 +138,17 @@ def _as_labels(labels: Sequence | np.ndarray, count: int, what: str) -> torch.Te
 # training
 
 
+def cpu_bf16_active(device: torch.device | str, amp: bool) -> bool:
+    """Whether `amp` means a bfloat16 frozen trunk on this CPU: asked for, on a CPU, and the CPU
+    computes bfloat16 in hardware. Without those instructions autocast would be slower than
+    float32, so it stays off there."""
+    return amp and torch.device(device).type == "cpu" and cpu_has_native_bf16()
+
+
 def _mixed_precision(device: torch.device, enabled: bool) -> tuple[Callable, torch.amp.GradScaler]:
-    """Autocast + gradient scaler: bfloat16 where the GPU has it (no scaling needed), float16 otherwise."""
+    """Autocast + gradient scaler for training on a GPU: bfloat16 where the GPU has it (no scaling
+    needed), float16 otherwise. On a CPU training stays float32 (amp there means a bfloat16 frozen
+    trunk only, see HCCResNet.use_bfloat16_on_cpu)."""
     use_amp = enabled and device.type == "cuda"
     dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and dtype == torch.float16)
@@ -154,7 +174,11 @@ def _batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def cache_frozen_features(
-    model: HCCResNet, volumes: torch.Tensor, batch_size: int, device: torch.device, autocast=contextlib.nullcontext
+    model: HCCResNet,
+    volumes: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    autocast=contextlib.nullcontext,
 ) -> torch.Tensor:
     """conv1..layer3 once per volume, kept on `device` as float32.
 
@@ -203,6 +227,7 @@ def train_classifier(
         medicalnet_checkpoint=checkpoint or config.medicalnet_checkpoint,
     ).to(device_)
     autocast, scaler = _mixed_precision(device_, config.amp)
+    model.use_bfloat16_on_cpu(cpu_bf16_active(device_, config.amp))
 
     started = _synchronized_clock(device_)
     if config.use_trunk_cache:
@@ -320,6 +345,8 @@ def _epoch_line(history: list[EpochRecord], config: ClassifierConfig, best_epoch
 
 @torch.no_grad()
 def _run(model: HCCResNet, volumes: VolumesLike, batch_size: int, device: str) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and embeddings, float32 (the frozen trunk in bfloat16 where the model trained so on a
+    CPU and this CPU has it, see HCCResNet.use_bfloat16_on_cpu)."""
     device_ = torch.device(device)
     model.to(device_).eval()
     batch = as_volume_batch(volumes)
@@ -398,6 +425,8 @@ def load_model(folder: str | Path, device: str = "cpu") -> TrainingResult:
         model = HCCResNet(**stored["architecture"])
     model.load_state_dict(stored["state_dict"], strict=True)
     model.init_description = stored["init"]
+    # the frozen trunk as in training: bfloat16 where the model trained so on a CPU (and this CPU has it)
+    model.use_bfloat16_on_cpu(bool(stored["config"].get("amp")) and stored.get("device", "cpu").startswith("cpu"))
     return TrainingResult(
         model=model.to(torch.device(device)).eval(),
         config=ClassifierConfig(**stored["config"]),

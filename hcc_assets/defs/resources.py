@@ -118,7 +118,9 @@ def default_lake_resource() -> LakeResource:
 
 class ComputeResource(dg.ConfigurableResource):
     """The one place that chooses where torch runs. `device`: auto | cpu | cuda:N (auto picks
-    cuda when present). Mixed precision only ever applies on a GPU."""
+    cuda when present). `mixed_precision`: autocast on a GPU, and bfloat16 on a CPU that computes
+    it in hardware (AVX512-BF16 or AMX; elsewhere it has no effect): the classifier's trunk cache
+    and epochs about 1.5x faster there (hcc_assets.deep.train)."""
 
     device: str = "auto"
     cpu_threads: int = 2
@@ -134,7 +136,10 @@ class ComputeResource(dg.ConfigurableResource):
         return self.device
 
     def use_amp(self) -> bool:
-        return self.mixed_precision and self.torch_device().startswith("cuda")
+        from hcc_assets.deep import cpu_bf16_active
+
+        device = self.torch_device()
+        return self.mixed_precision and (device.startswith("cuda") or cpu_bf16_active(device, True))
 
     def configure_threads(self) -> None:
         import torch

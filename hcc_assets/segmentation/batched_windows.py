@@ -25,7 +25,19 @@ WINDOW_BATCH_VOXELS = 2**17
 
 
 class BatchedWindowPredictor(nnUNetPredictor):
-    """An nnUNetPredictor whose sliding window sends up to WINDOW_BATCH_VOXELS of windows at once."""
+    """An nnUNetPredictor whose sliding window sends up to WINDOW_BATCH_VOXELS of windows at once.
+
+    With `cpu_bf16` (set by LiverSegmenter for models trained in bfloat16 on a CPU that has it), each
+    forward pass runs under CPU bfloat16 autocast, as the model trained; the logits return to
+    nnU-Net's accumulation as float32 and everything after is unchanged."""
+
+    cpu_bf16: bool = False
+
+    def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.cpu_bf16:
+            return super()._internal_maybe_mirror_and_predict(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return super()._internal_maybe_mirror_and_predict(x).float()
 
     @torch.inference_mode()
     def _internal_predict_sliding_window_return_logits(self, data, slicers, do_on_device: bool = True):

@@ -148,3 +148,40 @@ def test_plot_history_is_a_png(trained):
     png = plot_history(trained.history, best_epoch=trained.best_epoch)
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     assert plot_history([asdict(r) for r in trained.history]).startswith(b"\x89PNG")
+
+
+def test_amp_on_a_cpu_means_bfloat16_only_where_the_cpu_has_it(monkeypatch):
+    from hcc_assets.deep import cpu_bf16_active
+
+    assert not cpu_bf16_active("cpu", amp=False)
+    assert not cpu_bf16_active("cuda:0", amp=True)  # CUDA: autocast of its own
+    for has_it in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda has_it=has_it: has_it, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+        assert cpu_bf16_active("cpu", amp=True) is has_it
+
+
+@pytest.mark.skipif(
+    not __import__("hcc_assets.deep", fromlist=["cpu_bf16_active"]).cpu_bf16_active("cpu", True),
+    reason="this CPU has no bfloat16 instructions: amp has no effect on it",
+)
+def test_amp_on_a_cpu_computes_the_frozen_trunk_in_bfloat16_repeatably(train_cohort, val_cohort, tmp_path):
+    """amp on a CPU with bfloat16 instructions: the frozen trunk (the cache) in bfloat16, layer4 and
+    the head in float32. The same seed gives the same weights, and a saved and reloaded model
+    embeds exactly as the trained one (its trunk runs in bfloat16 again)."""
+    config = ClassifierConfig(**TINY, amp=True)
+    first, second = (train_classifier(*train_cohort, *val_cohort, config) for _ in range(2))
+    for name, value in first.model.state_dict().items():
+        assert torch.equal(value, second.model.state_dict()[name]), name
+    assert all(p.dtype == torch.float32 for p in first.model.parameters())
+    volumes = val_cohort[0]
+    save_model(first, tmp_path / "model")
+    loaded = load_model(tmp_path / "model")
+    assert first.model.bfloat16_on_cpu and loaded.model.bfloat16_on_cpu
+    in_bf16 = embed(loaded.model, volumes, batch_size=1)
+    assert np.array_equal(in_bf16, embed(first.model, volumes, batch_size=1))
+    # bfloat16 inputs to the trunk's convolutions: close to the float32 network's embeddings, not equal
+    loaded.model.use_bfloat16_on_cpu(False)
+    in_fp32 = embed(loaded.model, volumes, batch_size=1)
+    assert not np.array_equal(in_bf16, in_fp32)
+    assert np.abs(in_bf16 - in_fp32).max() < 0.05 * np.abs(in_fp32).max()

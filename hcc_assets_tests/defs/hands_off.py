@@ -40,7 +40,13 @@ import dagster as dg
 import yaml
 from dagster import DagsterEventType
 
-from hcc_assets_tests.model_configs import CLASSIFIER_TRAINING, SEGMENTATION_TRAINING, TEST_GRID, built_once
+from hcc_assets_tests.model_configs import (
+    CLASSIFIER_TRAINING,
+    SEGMENTATION_TRAINING,
+    TEST_GRID,
+    built_once,
+    suite_compute,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 PSEUDONYM_KEY = "hands-off-test"
@@ -117,7 +123,7 @@ def prepare_lake(
     The classifier may fail its beats-chance check (it is registered as current anyway:
     accept_below_chance). `features`: per-patient assets to materialize for every patient once the
     models are in (one run per patient, with the per-patient run config)."""
-    from hcc_assets.defs.resources import ComputeResource, LakeResource
+    from hcc_assets.defs.resources import LakeResource
     from hcc_assets.featurestore.registry import current_version
     from hcc_assets.instance import ensure_dagster_home
 
@@ -127,7 +133,7 @@ def prepare_lake(
     (lake_root / "private" / "pseudonym.key").write_text(PSEUDONYM_KEY)
     shutil.copytree(cohort_source, lake_root / "incoming")
     lake = LakeResource(root=str(lake_root), quiet_seconds=60)
-    resources = {"lake": lake, "compute": ComputeResource(device="cpu", cpu_threads=threads)}
+    resources = {"lake": lake, "compute": suite_compute(threads)}
     assets = dg.load_assets_from_modules(
         [
             importlib.import_module(f"hcc_assets.defs.{name}")

@@ -16,15 +16,15 @@ from pathlib import Path
 import dagster as dg
 
 from hcc_assets.defs import analysis, cohort, deep, ingest, predictions, segmentation
-from hcc_assets.defs.resources import ComputeResource, LakeResource
+from hcc_assets.defs.resources import LakeResource
 from hcc_assets.featurestore import FeatureStore
 from hcc_assets.synthetic.cohort import LABELS_FILE, SynthConfig, synthesize_cohort
 from hcc_assets_tests.defs.helpers import in_memory_instance
 from hcc_assets_tests.model_configs import (
     STUDY_CLASSIFIER_TRAINING,
-    TEST_CPU_THREADS,
     TEST_GRID,
     UNTRAINED_CLASSIFIER,
+    suite_compute,
 )
 
 ALL_ASSETS = dg.load_assets_from_modules([ingest, cohort, segmentation, deep, analysis, predictions])
@@ -83,7 +83,7 @@ def _run(instance, lake, group: str, partition_key=None, **config) -> dg.Execute
         selection=names,
         partition_key=partition_key,
         instance=instance,
-        resources={"lake": lake, "compute": ComputeResource(device="cpu", cpu_threads=TEST_CPU_THREADS)},
+        resources={"lake": lake, "compute": suite_compute()},
         run_config={"ops": ops},
         raise_on_error=False,
     )

@@ -34,7 +34,6 @@ import pytest
 import yaml
 
 from hcc_assets.defs.automation import AUTOMATION_TRIGGER, TRIGGER_TAG
-from hcc_assets.defs.resources import ComputeResource
 from hcc_assets.defs.warm_runs import WARM_PID_TAG
 from hcc_assets.synthetic.cohort import SynthConfig, synthesize_cohort
 from hcc_assets_tests.conftest import SMALL_COHORT
@@ -51,7 +50,7 @@ from hcc_assets_tests.defs.hands_off import (
     wait_for_sensor,
 )
 from hcc_assets_tests.defs.helpers import PER_PATIENT_ASSET_NAMES
-from hcc_assets_tests.model_configs import CLASSIFIER_TRAINING, TEST_CPU_THREADS
+from hcc_assets_tests.model_configs import CLASSIFIER_TRAINING, suite_compute
 
 # The retrain differs from the prepared classifier: a new version. It must pass the blocking
 # beats-chance check on training data with the weights of its best validation-loss epoch, and with
@@ -93,7 +92,7 @@ ASSETS = dg.load_assets_from_modules(
 
 
 def _predictions_with_the_first_classifier(prepared) -> None:
-    resources = {"lake": prepared.lake, "compute": ComputeResource(device="cpu", cpu_threads=TEST_CPU_THREADS)}
+    resources = {"lake": prepared.lake, "compute": suite_compute()}
     with prepared.instance() as instance:
         for pid in prepared.patients:
             result = dg.materialize(
@@ -248,7 +247,7 @@ def test_a_dropped_scan_is_processed_hands_off_then_a_retrain_refreshes_every_pa
             ASSETS,
             selection=["cohort", "hcc_classifier"],
             instance=instance,
-            resources={"lake": prepared.lake, "compute": ComputeResource(device="cpu", cpu_threads=TEST_CPU_THREADS)},
+            resources={"lake": prepared.lake, "compute": suite_compute()},
             run_config={"ops": {"hcc_classifier": {"config": RETRAIN}}},
             raise_on_error=False,
         )

@@ -17,7 +17,7 @@ from hcc_assets.defs.resources import ComputeResource, LakeResource
 from hcc_assets.synthetic.cohort import SynthConfig, synthesize_cohort
 from hcc_assets_tests.conftest import SMALL_COHORT
 from hcc_assets_tests.defs.helpers import PATIENT_ASSETS, check_figure, failure_message, in_memory_instance
-from hcc_assets_tests.model_configs import TEST_CPU_THREADS, UNTRAINED_CLASSIFIER
+from hcc_assets_tests.model_configs import UNTRAINED_CLASSIFIER, suite_compute
 from hcc_assets_tests.scratch import module_scratch
 
 SHAPE = [32, 32, 16]
@@ -32,7 +32,7 @@ NO_LEARNING = UNTRAINED_CLASSIFIER
 
 
 def _compute() -> ComputeResource:
-    return ComputeResource(device="cpu", cpu_threads=TEST_CPU_THREADS)
+    return suite_compute()
 
 
 def ingest(instance, lake, pid) -> None:

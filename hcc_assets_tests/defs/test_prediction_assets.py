@@ -17,13 +17,12 @@ import numpy as np
 import polars as pl
 import pytest
 
-from hcc_assets.defs.resources import ComputeResource
 from hcc_assets.featurestore import FeatureStore, registry
 from hcc_assets.steps.prediction import predict_patient
 from hcc_assets.synthetic.cohort import SynthConfig, synthesize_cohort
 from hcc_assets_tests.conftest import SMALL_COHORT
 from hcc_assets_tests.defs.hands_off import TEST_PATIENT_CONFIG, copy_prepared
-from hcc_assets_tests.model_configs import CLASSIFIER_TRAINING, TEST_CPU_THREADS, UNTRAINED_CLASSIFIER
+from hcc_assets_tests.model_configs import CLASSIFIER_TRAINING, UNTRAINED_CLASSIFIER, suite_compute
 from hcc_assets_tests.scratch import module_scratch
 
 ASSETS = dg.load_assets_from_modules(
@@ -44,7 +43,7 @@ def _materialize(lake, instance, selection, partition_key=None, ops=None, ok=Tru
         selection=selection,
         partition_key=partition_key,
         instance=instance,
-        resources={"lake": lake, "compute": ComputeResource(device="cpu", cpu_threads=TEST_CPU_THREADS)},
+        resources={"lake": lake, "compute": suite_compute()},
         run_config={"ops": {k: v for k, v in (ops or {}).items() if k in selection}},
         raise_on_error=False,
     )

@@ -17,14 +17,14 @@ import fsspec
 import pytest
 
 from hcc_assets.defs.cohort import cohort
-from hcc_assets.defs.resources import ComputeResource, LakeResource
+from hcc_assets.defs.resources import LakeResource
 from hcc_assets.defs.segmentation import liver_mask, liver_segmentation_model, radiomic_features
 from hcc_assets.featurestore import FeatureStoreError
 from hcc_assets.lake import LIVER_MASK_FILE, NIFTI_FILE, PREPROCESSED_FILE, RAW_SCAN_FILE, REFERENCE_MASK_FILE, DataLake
 from hcc_assets.radiomics import MIN_ROI_VOXELS
 from hcc_assets.steps import segmentation as segmentation_steps
 from hcc_assets_tests.defs.helpers import PATIENT_ASSETS, failure_message
-from hcc_assets_tests.model_configs import TEST_CPU_THREADS
+from hcc_assets_tests.model_configs import suite_compute
 
 # Enough to get a non-empty liver label on the 64-matrix phantom in a few seconds; quality is not the point.
 TINY_TRAINING = {
@@ -65,7 +65,7 @@ def test_patient_chain_and_segmentation_on_a_memory_lake(small_cohort, tmp_path,
     monkeypatch.chdir(work)
     monkeypatch.delenv("HCC_ASSETS_PSEUDONYM_KEY", raising=False)
     lake = LakeResource(root=memory_root, incoming=str(incoming), feature_store=str(store_file), quiet_seconds=3600)
-    resources = {"lake": lake, "compute": ComputeResource(device="cpu", cpu_threads=TEST_CPU_THREADS)}
+    resources = {"lake": lake, "compute": suite_compute()}
     fs, data_lake = fsspec.filesystem("memory"), DataLake(memory_root)
 
     # on-disk instance, made before staging is patched: an in-memory one makes its compute-log folder

@@ -19,7 +19,7 @@ import pytest
 
 from hcc_assets.defs.cohort import cohort
 from hcc_assets.defs.ingest import nifti_volume
-from hcc_assets.defs.resources import ComputeResource, LakeResource
+from hcc_assets.defs.resources import LakeResource
 from hcc_assets.defs.segmentation import (
     liver_mask,
     liver_segmentation_model,
@@ -37,7 +37,7 @@ from hcc_assets_tests.defs.helpers import (
     materialize_cohort,
     module_platform,
 )
-from hcc_assets_tests.model_configs import SEGMENTATION_TRAINING, TEST_CPU_THREADS, liver_model_slot
+from hcc_assets_tests.model_configs import SEGMENTATION_TRAINING, liver_model_slot, suite_compute
 
 TRAINING = SEGMENTATION_TRAINING  # model_configs: why these settings
 # 3-7 cm lesions (TCGA-LIHC-sized, part of the liver label) make this brief training harder: held-out
@@ -66,7 +66,7 @@ class Platform:
 
 
 def resources(lake: LakeResource) -> dict:
-    return {"lake": lake, "compute": ComputeResource(device="cpu", cpu_threads=TEST_CPU_THREADS)}
+    return {"lake": lake, "compute": suite_compute()}
 
 
 def train_model(instance, lake, **config) -> dg.ExecuteInProcessResult:

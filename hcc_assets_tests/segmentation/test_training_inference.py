@@ -177,3 +177,34 @@ def test_cpu_bf16_runs_the_forward_pass_in_bfloat16_keeps_float32_weights_and_is
     assert np.isfinite(bf16_loss) and bf16_loss == pytest.approx(fp32_loss, rel=0.02)
     assert any(not torch.equal(bf16_weights[n], fp32_weights[n]) for n in fp32_weights)  # bfloat16 did compute
     assert again_loss == bf16_loss and all(torch.equal(again_weights[n], bf16_weights[n]) for n in bf16_weights)
+
+
+def test_a_model_trained_in_bfloat16_predicts_in_bfloat16_where_the_cpu_has_it(trained_model, tmp_path, monkeypatch):
+    """The training summary says how the model trained; a model trained with cpu_bf16 predicts under
+    bfloat16 autocast where the CPU has bfloat16 instructions (the same mask up to edge voxels), and
+    in float32 where it has not; a user's folder without our summary stays float32."""
+    import shutil
+
+    from hcc_assets.segmentation import inference
+
+    copy = tmp_path / trained_model.folder.name
+    shutil.copytree(trained_model.folder, copy)
+    summary = json.loads((copy / TRAINING_SUMMARY).read_text())
+    summary["config"]["cpu_bf16"] = True
+    (copy / TRAINING_SUMMARY).write_text(json.dumps(summary))
+    assert inference.trained_in_cpu_bf16(copy) and not inference.trained_in_cpu_bf16(trained_model.folder)
+    (tmp_path / "user").mkdir()
+    assert not inference.trained_in_cpu_bf16(tmp_path / "user")
+
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
+    assert not LiverSegmenter(copy, device="cpu").cpu_bf16
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
+    in_bf16 = LiverSegmenter(copy, device="cpu")
+    assert in_bf16.cpu_bf16 and in_bf16._predictor.cpu_bf16
+    image, reference = synthetic_case(seed=112)
+    masks = [
+        np.asarray(s.predict(image).dataobj) for s in (in_bf16, LiverSegmenter(trained_model.folder, device="cpu"))
+    ]
+    assert np.array_equal(masks[0], np.asarray(in_bf16.predict(image).dataobj))  # repeatable
+    assert np.mean(masks[0] != masks[1]) < 0.01  # bfloat16 moves a few edge voxels at most
+    assert mask_quality(in_bf16.predict(image), reference)["dice_liver"] > 0.8
