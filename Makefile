@@ -10,6 +10,11 @@ DEMO_SOURCE ?= synthetic
 DEMO_LESION_CONTRAST ?= 1.25
 # OpenMP busy-waiting makes 2-thread torch ~10x slower on these CPUs; set before torch starts.
 export OMP_WAIT_POLICY := PASSIVE
+# ...but a thread that sleeps at once pays a wake-up at every parallel region, and nnU-Net's 2-D
+# network runs hundreds per step: waiting threads spin this many times (microseconds) first. On 2
+# idle cores a demo nnU-Net epoch took 14.2-15.6 s instead of 15.9-17.1 s, masks 7% faster
+# (benchmarks/segmentation_config.py, 2026-12-04). Threads of one core each never wait.
+export GOMP_SPINCOUNT := 10000
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install lock demo test test-fast lint lint-fast ui clean-lake bytecode

@@ -14,7 +14,7 @@ Preprocessed cohorts are kept under `--cache` (keyed by seed, contrast, patients
 radius range), so a rerun skips synthesis.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/classifier_separation.py \\
-        --seeds 7 8 --lesion-contrast 1 --null-seeds 7 [--lungs] [--threads 1] [--cache /tmp/sep_cache]
+        --seeds 7 8 --lesion-contrast 1 --null-seeds 7 [--lungs] [--threads 1] [--cache /tmp/sep_cache] [--amp]
 """
 
 import os
@@ -33,7 +33,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from hcc_assets.deep import ClassifierConfig, train_classifier
+from hcc_assets.deep import ClassifierConfig, cpu_bf16_active, train_classifier
 from hcc_assets.deep.train import _run
 from hcc_assets.imaging import dicom_series, nifti, preprocess
 from hcc_assets.stats.split import stratified_split
@@ -135,11 +135,17 @@ def main() -> None:
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "hcc_classifier_separation"))
     parser.add_argument("--min-epochs", type=int, help="override the study's (quick looks only)")
     parser.add_argument("--max-epochs", type=int)
+    parser.add_argument(
+        "--amp",
+        action="store_true",
+        help="the frozen trunk in bfloat16 where the CPU has it (the platform's default there: compute.mixed_precision)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     overrides = {k: v for k, v in (("min_epochs", args.min_epochs), ("max_epochs", args.max_epochs)) if v}
-    config = ClassifierConfig(**overrides)
-    print(f"ClassifierConfig: {config.model_dump(exclude={'medicalnet_checkpoint', 'device', 'amp'})}")
+    config = ClassifierConfig(**overrides, amp=args.amp)
+    print(f"ClassifierConfig: {config.model_dump(exclude={'medicalnet_checkpoint', 'device'})}")
+    print(f"frozen trunk in bfloat16: {cpu_bf16_active('cpu', config.amp)}")
     print(f"lesion radius {phantom.LESION_RADIUS} mm, torch threads {torch.get_num_threads()}", flush=True)
     cache = Path(args.cache)
     cohorts = [(f"signal seed {s} contrast {args.lesion_contrast:g}", s, args.lesion_contrast) for s in args.seeds]
