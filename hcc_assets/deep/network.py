@@ -81,7 +81,8 @@ def _dilate_like_medicalnet(trunk: ResNet) -> None:
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX tiles), as torch reports
-    it; torch offers only private queries for this, and a torch without them counts as no."""
+    it; torch offers only private queries for this, and a torch without them counts as no. (The
+    segmentation package asks the same; domain packages do not import each other.)"""
     queries = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
     return any(query() for query in queries if query is not None)
 

@@ -59,8 +59,9 @@ class ClassifierConfig(BaseModel):
     device: str = "cpu"
     amp: bool = Field(
         False,
-        description="mixed precision: autocast on cuda (bfloat16, else float16); on a CPU, bfloat16 autocast on "
-        "channels-last volumes where the CPU has bfloat16 instructions (AVX512-BF16 or AMX), else no effect",
+        description="mixed precision: training under autocast on cuda (bfloat16, else float16); on a CPU with "
+        "bfloat16 instructions (AVX512-BF16 or AMX) the frozen trunk in bfloat16 while training stays float32 "
+        "(HCCResNet.use_bfloat16_on_cpu); no effect on other CPUs",
     )
 
     @model_validator(mode="after")

@@ -119,8 +119,9 @@ def default_lake_resource() -> LakeResource:
 class ComputeResource(dg.ConfigurableResource):
     """The one place that chooses where torch runs. `device`: auto | cpu | cuda:N (auto picks
     cuda when present). `mixed_precision`: autocast on a GPU, and bfloat16 on a CPU that computes
-    it in hardware (AVX512-BF16 or AMX; elsewhere it has no effect): the classifier's trunk cache
-    and epochs about 1.5x faster there (hcc_assets.deep.train)."""
+    it in hardware (AVX512-BF16 or AMX; elsewhere it has no effect): there the classifier's frozen
+    trunk (its cache, the cohort's P(HCC), every embedding) runs about 2.5x faster; its training
+    stays float32 (hcc_assets.deep.network.HCCResNet.use_bfloat16_on_cpu)."""
 
     device: str = "auto"
     cpu_threads: int = 2

@@ -52,7 +52,8 @@ if TYPE_CHECKING:
     import nibabel as nib
 
 SEGMENTATION_MODEL_VERSION = "2"  # 2: HccCpuTrainer augments in one anatomical frame
-LIVER_MASK_VERSION = "1"
+# 2: a model trained in bfloat16 on a CPU predicts in bfloat16 where the CPU has it (inference.py)
+LIVER_MASK_VERSION = "2"
 RADIOMIC_FEATURES_VERSION = "1"
 
 MODEL_NAME = "liver_segmentation"
