@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import nibabel as nib
@@ -12,6 +11,7 @@ from nibabel.orientations import io_orientation
 from .config import LABEL_LIVER, LABEL_SPLEEN, cpu_has_native_bf16
 from .model_folder import ModelInfo, validate_model_folder
 from .nnunet_env import nnunet_environment
+from .training import trained_in_cpu_bf16
 
 _AFFINE_TOLERANCE_MM = 1e-4
 
@@ -58,12 +58,16 @@ class LiverSegmenter:
         # A model trained with bfloat16 forward passes on a CPU (our training summary says so)
         # predicts the same way where this CPU has bfloat16 instructions: 2d_cpu masks of the demo
         # in about half the time; other models, and other CPUs, stay in float32.
-        self.cpu_bf16 = on_cpu and trained_in_cpu_bf16(self.info.path) and cpu_has_native_bf16()
-        self._predictor.cpu_bf16 = self.cpu_bf16
+        self._predictor.cpu_bf16 = on_cpu and trained_in_cpu_bf16(self.info.path) and cpu_has_native_bf16()
         # The model's label values -> ours (liver 1, spleen 2, anything else background).
         self._to_our_labels = np.zeros(max(self.info.labels.values()) + 1, np.uint8)
         for name, value in self.info.labels.items():
             self._to_our_labels[value] = {"liver": LABEL_LIVER, "spleen": LABEL_SPLEEN}.get(name.lower(), 0)
+
+    @property
+    def cpu_bf16(self) -> bool:
+        """Whether the forward passes run in bfloat16 (see __init__)."""
+        return self._predictor.cpu_bf16
 
     def predict(self, image: nib.Nifti1Image) -> nib.Nifti1Image:
         """uint8 mask (0 background, 1 liver, 2 spleen) on exactly `image`'s grid, whatever its
@@ -91,18 +95,6 @@ class LiverSegmenter:
         mask.set_qform(image.affine, code=1)
         mask.set_sform(image.affine, code=1)
         return mask
-
-
-def trained_in_cpu_bf16(model_folder: Path | str) -> bool:
-    """Whether our training summary in the model folder records bfloat16 forward passes on a CPU
-    (False for folders without one: user-supplied models)."""
-    from .training import TRAINING_SUMMARY
-
-    summary = Path(model_folder) / TRAINING_SUMMARY
-    if not summary.is_file():
-        return False
-    config = json.loads(summary.read_text()).get("config", {})
-    return bool(config.get("cpu_bf16")) and config.get("device", "cpu") == "cpu"
 
 
 def _inverse(ornt: np.ndarray) -> np.ndarray:

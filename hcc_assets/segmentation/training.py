@@ -108,3 +108,13 @@ def _write_summary(path: Path, config: SegmentationTrainingConfig, trainer, seco
         "pseudo_dice_per_label": [[float(d) for d in dice] for dice in log["dice_per_class_or_region"]],
     }
     atomic_write_text(path, json.dumps(summary, indent=2))
+
+
+def trained_in_cpu_bf16(model_folder: Path | str) -> bool:
+    """Whether the training summary (`_write_summary`) in a model folder records bfloat16 forward
+    passes on a CPU; False for folders without one (user-supplied models)."""
+    summary = Path(model_folder) / TRAINING_SUMMARY
+    if not summary.is_file():
+        return False
+    config = json.loads(summary.read_text()).get("config", {})
+    return bool(config.get("cpu_bf16")) and config.get("device", "cpu") == "cpu"

@@ -13,7 +13,7 @@ import pytest
 
 from hcc_assets.defs import deep
 from hcc_assets.defs.cohort import cohort
-from hcc_assets.defs.resources import ComputeResource, LakeResource
+from hcc_assets.defs.resources import LakeResource
 from hcc_assets.synthetic.cohort import SynthConfig, synthesize_cohort
 from hcc_assets_tests.conftest import SMALL_COHORT
 from hcc_assets_tests.defs.helpers import PATIENT_ASSETS, check_figure, failure_message, in_memory_instance
@@ -31,10 +31,6 @@ PSEUDONYM_KEY = "hcc-deep-assets-test"
 NO_LEARNING = UNTRAINED_CLASSIFIER
 
 
-def _compute() -> ComputeResource:
-    return suite_compute()
-
-
 def ingest(instance, lake, pid) -> None:
     result = dg.materialize(
         PATIENT_ASSETS, partition_key=pid, instance=instance, resources={"lake": lake}, run_config=INGEST_CONFIG
@@ -46,7 +42,7 @@ def train(instance, lake, raise_on_error=True, **config) -> dg.ExecuteInProcessR
     return dg.materialize(
         [deep.hcc_classifier],
         instance=instance,
-        resources={"lake": lake, "compute": _compute()},
+        resources={"lake": lake, "compute": suite_compute()},
         run_config={"ops": {"hcc_classifier": {"config": config}}},
         raise_on_error=raise_on_error,
     )
@@ -57,7 +53,7 @@ def embed(instance, lake, pid, raise_on_error=True) -> dg.ExecuteInProcessResult
         [deep.deep_embedding],
         partition_key=pid,
         instance=instance,
-        resources={"lake": lake, "compute": _compute()},
+        resources={"lake": lake, "compute": suite_compute()},
         raise_on_error=raise_on_error,
     )
 
