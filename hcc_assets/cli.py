@@ -390,18 +390,19 @@ def _last_failures(instance, patients: list[str]) -> dict[str, str]:
     """patient -> first error line of its newest run, where that run failed."""
     import dagster as dg
 
+    from hcc_assets import runner
+
     failures = {}
     for pid in patients:
         records = instance.get_run_records(dg.RunsFilter(tags={"dagster/partition": pid}), limit=1)
         if not records or records[0].dagster_run.status != dg.DagsterRunStatus.FAILURE:
             continue
-        run_id = records[0].dagster_run.run_id
-        for record in instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.STEP_FAILURE).records:
-            error = record.event_log_entry.dagster_event.step_failure_data.error
-            failures[pid] = error.message.strip().splitlines()[0] if error else "step failed"
-            break
-        else:
-            failures[pid] = "run failed"
+        kinds = {dg.DagsterEventType.STEP_FAILURE, dg.DagsterEventType.ASSET_CHECK_EVALUATION}
+        events = [
+            e.dagster_event for e in instance.all_logs(records[0].dagster_run.run_id, of_type=kinds) if e.dagster_event
+        ]
+        steps_failed = any(e.is_step_failure for e in events)
+        failures[pid] = (runner.failure_line(events) or "step failed") if steps_failed else "run failed"
     return failures
 
 

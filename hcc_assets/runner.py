@@ -127,13 +127,38 @@ def _run_patient(
         asset_selection=[dg.AssetKey(name) for name in assets] if assets else None,
         raise_on_error=False,
     )
-    failure = ""
-    if not result.success:
-        for event in result.all_events:
-            if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
-                failure = event.step_failure_data.error.message.strip().splitlines()[0]
-                break
-    return patient_id, result.success, failure
+    return patient_id, result.success, "" if result.success else failure_line(result.all_events)
+
+
+def failure_line(events: list[dg.DagsterEvent]) -> str:
+    """The first step failure's first line; for a failed blocking asset check (whose own message
+    names neither the check nor the reason) the failed checks with their metadata instead."""
+    for event in events:
+        if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
+            error = event.step_failure_data.error
+            if error.cls_name == "DagsterAssetCheckFailedError":
+                checks = [
+                    describe_failed_check(e.asset_check_evaluation_data)
+                    for e in events
+                    if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
+                    and not e.asset_check_evaluation_data.passed
+                    and e.asset_check_evaluation_data.severity == dg.AssetCheckSeverity.ERROR
+                ]
+                if checks:
+                    return "; ".join(checks)
+            return error.message.strip().splitlines()[0]
+    return ""
+
+
+def describe_failed_check(evaluation) -> str:
+    """`asset: blocking check NAME failed (key value, ...)`, from an AssetCheckEvaluation."""
+    values = ", ".join(
+        f"{key} {getattr(value, 'value', value)}" for key, value in sorted((evaluation.metadata or {}).items())
+    )
+    why = evaluation.description or values
+    return f"{evaluation.asset_key.to_user_string()}: blocking check {evaluation.check_name} failed" + (
+        f" ({why})" if why else ""
+    )
 
 
 def _spawned_pool(workers: int) -> ProcessPoolExecutor:

@@ -140,9 +140,19 @@ class SeriesInfo:
 class StudyInventory:
     series: tuple[SeriesInfo, ...]  # sorted by series number, then key
     n_files: int
+    # files left out: not DICOM in a folder without images (a README, an index page or a viewer
+    # on exported media), and second copies of an instance already read (same SOPInstanceUID, same pixels)
+    n_companion_files: int = 0
+    n_duplicate_files: int = 0
 
     def to_record(self) -> dict:
-        return {"n_files": self.n_files, "n_series": len(self.series), "series": [s.to_record() for s in self.series]}
+        record = {"n_files": self.n_files, "n_series": len(self.series), "series": [s.to_record() for s in self.series]}
+        # only when there are any, so the records (and data versions) of ordinary studies stay as they were
+        if self.n_companion_files:
+            record["n_companion_files"] = self.n_companion_files
+        if self.n_duplicate_files:
+            record["n_duplicate_files"] = self.n_duplicate_files
+        return record
 
 
 @dataclass(frozen=True)
@@ -722,14 +732,20 @@ def inventory_study(patient_dir: Path, folders: tuple[Path, ...] | None = None) 
     from `list_studies`, when given), with checksums; raises PatientInputError on bad files.
 
     File-level problems (not DICOM, truncated, two series in one folder) fail the study: the
-    delivery is broken. Geometry problems are recorded per series in `geometry_problem`: a
-    scout series with three orientations must not block the study, but the T2 choice rejects
-    a series that has one.
+    delivery is broken. Two exceptions are what exports always carry, not breakage: non-DICOM
+    files in a folder that holds no DICOM images (a README, DICOMDIR's viewer, an index page at the
+    root of exported media) are left out and counted, and a second file of an instance already read
+    (same SOPInstanceUID and the same pixel data, e.g. exported twice) is left out and counted; a
+    second file with that SOPInstanceUID and other pixels fails the study. Geometry problems are
+    recorded per series in `geometry_problem`: a scout series with three orientations must not
+    block the study, but the T2 choice rejects a series that has one.
     """
     patient_dir = Path(patient_dir)
     if not patient_dir.is_dir():
         raise PatientInputError("the patient folder does not exist")
     by_uid: dict[str, _SeriesFiles] = {}
+    instances: dict[str, tuple[str, str]] = {}  # SOPInstanceUID -> (pixel digest, where it was read)
+    companions = duplicates = 0
     for folder_index, (folder, paths) in enumerate(_series_folders(patient_dir)):
         if folders is not None and folder not in folders:
             continue
@@ -760,6 +776,9 @@ def inventory_study(patient_dir: Path, folders: tuple[Path, ...] | None = None) 
             headers.append((position, path, dataset, hashlib.sha256(data).hexdigest()))
         total = len(paths)
         where = f"the folder of {_describe([h[2] for h in headers])}" if headers else "a folder with no DICOM images"
+        if not_dicom and not headers and not incomplete:  # media companions (README, viewer): no series here
+            companions += len(not_dicom)
+            not_dicom = []
         if not_dicom:
             positions = ", ".join(str(p + 1) for p in not_dicom[:5]) + (", ..." if len(not_dicom) > 5 else "")
             files, verb = ("file", "is") if len(not_dicom) == 1 else ("files", "are")
@@ -776,6 +795,9 @@ def inventory_study(patient_dir: Path, folders: tuple[Path, ...] | None = None) 
             )
         for position, path, dataset, digest in headers:
             uid = str(dataset.SeriesInstanceUID)
+            if _is_copy_of_read_instance(dataset, instances, f"file {position + 1} of {total} in {where}"):
+                duplicates += 1
+                continue
             views = frame_views(dataset)
             entry = by_uid.get(uid)
             if entry is None:
@@ -803,7 +825,27 @@ def inventory_study(patient_dir: Path, folders: tuple[Path, ...] | None = None) 
         (_series_info(uid, entry) for uid, entry in by_uid.items()),
         key=lambda s: (s.series_number is None, s.series_number or 0, s.series_key),
     )
-    return StudyInventory(tuple(series), sum(s.n_files for s in series))
+    return StudyInventory(tuple(series), sum(s.n_files for s in series), companions, duplicates)
+
+
+def _is_copy_of_read_instance(dataset: Dataset, instances: dict[str, tuple[str, str]], where: str) -> bool:
+    """True when an instance with this SOPInstanceUID and the same pixel data was read already;
+    records the instance otherwise. The same UID with other pixels is two objects claiming one
+    identity: PatientInputError."""
+    sop_uid = _text(dataset, "SOPInstanceUID")
+    if not sop_uid:
+        return False
+    pixels = hashlib.sha256(dataset.PixelData or b"").hexdigest()
+    seen = instances.get(sop_uid)
+    if seen is None:
+        instances[sop_uid] = (pixels, where)
+        return False
+    if seen[0] != pixels:
+        raise PatientInputError(
+            f"{where} and {seen[1]} carry the same SOPInstanceUID with different pixel data; "
+            "one instance must not be delivered in two versions"
+        )
+    return True
 
 
 def _series_info(uid: str, entry: _SeriesFiles) -> SeriesInfo:

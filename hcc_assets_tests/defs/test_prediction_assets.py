@@ -17,6 +17,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from hcc_assets import runner
 from hcc_assets.featurestore import FeatureStore, registry
 from hcc_assets.steps.prediction import predict_patient
 from hcc_assets.synthetic.cohort import SynthConfig, synthesize_cohort
@@ -182,6 +183,10 @@ def test_an_implausible_mask_blocks_radiomics_but_not_the_deep_prediction(predic
     store, pid, result = predicted["lake"].store, predicted["bad_mask"], predicted["refused_mask"]
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
     assert checks["liver_volume_plausible"] is False
+    # what `hcc-assets materialize/predict/status` print for the run: the check and its numbers
+    assert runner.failure_line(result.all_events).startswith(
+        "liver_mask: blocking check liver_volume_plausible failed (liver_ml "
+    )
     assert not [
         e
         for e in result.all_events

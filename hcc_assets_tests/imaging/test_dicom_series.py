@@ -454,7 +454,20 @@ def _inconsistent_size(root):
     return patient
 
 
+def _same_instance_other_pixels(root):
+    patient = make_study(root)
+    folder = patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12"
+    dataset = pydicom.dcmread(sorted(folder.iterdir())[4])
+    dataset.PixelData = (dataset.pixel_array + 1).astype(dataset.pixel_array.dtype).tobytes()
+    dataset.save_as(folder / "ZZ_resent.dcm")
+    return patient
+
+
 BROKEN_STUDIES = {
+    "same_instance_other_pixels": (
+        _same_instance_other_pixels,
+        ["same SOPInstanceUID with different pixel data", "file 13 of 13", "file 5 of 13", 'series #3 "T2_SPIR"'],
+    ),
     "empty": (_empty, ["no DICOM image files"]),
     "non_dicom_file": (_non_dicom_file, ["not DICOM", 'series #3 "T2_SPIR"', "file 13 of 13"]),
     "cut_pixel_data": (_cut_pixel_data, ["truncated", "PixelData is cut short", "of 12", 'series #3 "T2_SPIR"']),
@@ -501,6 +514,37 @@ def test_a_broken_scout_does_not_block_the_study(tmp_path):
     scout = next(s for s in inventory.series if s.series_number == 0)
     assert "inconsistent ImageOrientationPatient" in scout.geometry_problem
     assert choice.series.series_number == 3 and image.shape == (16, 12, 12)
+
+
+def test_exported_media_companions_and_second_copies_are_left_out_and_counted(tmp_path):
+    """What a CD/PACS export carries besides the series: a README and a viewer's files in folders
+    without images, and an instance exported twice. The study reads as without them."""
+    patient = make_study(tmp_path)
+    plain_inventory, plain_choice, plain = ingest(patient)
+    (patient / "README.TXT").write_text("exported by PACS for MRN4711\n")
+    (patient / STUDY_FOLDER / "VIEWER").mkdir()
+    (patient / STUDY_FOLDER / "VIEWER" / "viewer.exe").write_bytes(b"MZ\x90\x00 not DICOM")
+    t2_folder = patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12"
+    for path in sorted(t2_folder.iterdir())[:2]:
+        shutil.copy(path, t2_folder / f"copy of {path.name}")
+
+    inventory, choice, image = ingest(patient)
+
+    assert (inventory.n_companion_files, inventory.n_duplicate_files) == (2, 2)
+    record = inventory.to_record()
+    assert (record["n_companion_files"], record["n_duplicate_files"]) == (2, 2)
+    assert "n_companion_files" not in plain_inventory.to_record()  # ordinary studies' records unchanged
+    assert choice.series.n_files == 12 and choice.series.checksum == plain_choice.series.checksum
+    assert np.array_equal(np.asarray(image.dataobj), np.asarray(plain.dataobj))
+    assert np.allclose(image.affine, plain.affine)
+
+
+def test_a_non_dicom_file_beside_images_still_fails_the_study(tmp_path):
+    # in a series folder it may be a broken transfer of that series: not a companion
+    patient = make_study(tmp_path)
+    (patient / STUDY_FOLDER / "1 T1 in phase" / "README.TXT").write_text("hello")
+    with pytest.raises(PatientInputError, match="not DICOM"):
+        ingest(patient)
 
 
 def test_raw_dicom_without_preamble_is_read(tmp_path):
