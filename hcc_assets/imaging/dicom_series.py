@@ -12,6 +12,7 @@ against Rows x Columns x BitsAllocated, because pydicom reads a cut-off file wit
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import hashlib
 import io
@@ -101,6 +102,15 @@ class SeriesInfo:
     geometry_problem: str | None  # why the slices do not form one regular stack, if they don't
     checksum: str  # sha256 over the sorted per-file sha256 digests
     files: tuple[Path, ...] = field(repr=False, compare=False)  # in name order; never serialized
+    # A classic series whose files carry several echo times (a dual-echo acquisition) is split into
+    # one series per echo: `series_key` then names the echo, `uid_key` (sha256 of the SeriesInstanceUID,
+    # else equal to series_key) the DICOM series, and `echo_of_files_ms` is the echo's TE.
+    uid_key: str = field(default="", compare=False)
+    echo_of_files_ms: float | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.uid_key:
+            object.__setattr__(self, "uid_key", self.series_key)
 
     @property
     def label(self) -> str:
@@ -260,6 +270,11 @@ def _text(dataset: Dataset, keyword: str) -> str:
     if isinstance(value, pydicom.multival.MultiValue):
         return "\\".join(str(v) for v in value)
     return str(value).strip()
+
+
+def echo_time_ms(dataset: Dataset) -> float | None:
+    """EchoTime as a number (None when absent or not a number): what splits a series by echo."""
+    return _number(dataset, "EchoTime")
 
 
 def _number(dataset: Dataset, keyword: str) -> float | None:
@@ -585,6 +600,7 @@ class _SeriesFiles:
     digests: list[str] = field(default_factory=list)
     slices: list[SliceGeometry] = field(default_factory=list)  # per frame: one per classic file
     compressions: list[Compression] = field(default_factory=list)
+    echo_times: list[float | None] = field(default_factory=list)  # per file
     multiframe: bool = False
     problem: str | None = None  # why a multi-frame file is not one volume (the first such file)
 
@@ -818,11 +834,12 @@ def inventory_study(patient_dir: Path, folders: tuple[Path, ...] | None = None) 
             entry.digests.append(digest)
             entry.slices.extend(SliceGeometry.of(view) for view in views)
             entry.compressions.append(compression_of(dataset))
+            entry.echo_times.append(echo_time_ms(dataset))
     if not by_uid:
         raise PatientInputError("no DICOM image files found in the patient folder")
     check_one_patient([entry.first for entry in by_uid.values()])
     series = sorted(
-        (_series_info(uid, entry) for uid, entry in by_uid.items()),
+        (info for uid, entry in by_uid.items() for info in _series_infos(uid, entry)),
         key=lambda s: (s.series_number is None, s.series_number or 0, s.series_key),
     )
     return StudyInventory(tuple(series), sum(s.n_files for s in series), companions, duplicates)
@@ -848,7 +865,34 @@ def _is_copy_of_read_instance(dataset: Dataset, instances: dict[str, tuple[str, 
     return True
 
 
-def _series_info(uid: str, entry: _SeriesFiles) -> SeriesInfo:
+def _series_infos(uid: str, entry: _SeriesFiles) -> list[SeriesInfo]:
+    """One SeriesInfo per series; one per echo for a classic series whose files carry several echo
+    times (a dual-echo PD/T2 or multi-echo T2 acquisition stored as one series, which dcm2niix also
+    splits): each echo is a volume of its own, and the T2 choice weighs each by its own TE. Enhanced
+    files keep one series (several echoes in one file are refused, see multiframe_problem)."""
+    echoes = sorted({te for te in entry.echo_times if te is not None})
+    if entry.multiframe or len(echoes) < 2 or None in entry.echo_times:
+        return [_series_info(uid, entry)]
+    infos, description = [], _text(entry.first, "SeriesDescription")
+    for number, echo in enumerate(echoes, start=1):
+        keep = [i for i, te in enumerate(entry.echo_times) if te == echo]
+        header = copy.deepcopy(entry.first)  # a header without pixels; Dataset.copy() shares its elements
+        header.EchoTime = echo
+        header.SeriesDescription = f"{description} (echo {number} of {len(echoes)})"
+        part = _SeriesFiles(
+            entry.folder_index,
+            header,
+            files=[entry.files[i] for i in keep],
+            digests=[entry.digests[i] for i in keep],
+            slices=[entry.slices[i] for i in keep],
+            compressions=[entry.compressions[i] for i in keep],
+            echo_times=[echo] * len(keep),
+        )
+        infos.append(_series_info(uid, part, echo=echo))
+    return infos
+
+
+def _series_info(uid: str, entry: _SeriesFiles, echo: float | None = None) -> SeriesInfo:
     header = entry.first
     number = _int(header.get("SeriesNumber"))
     description = _text(header, "SeriesDescription")
@@ -862,7 +906,7 @@ def _series_info(uid: str, entry: _SeriesFiles) -> SeriesInfo:
     first = entry.slices[0]
     ratios = [c.ratio for c in entry.compressions if c.ratio is not None]
     return SeriesInfo(
-        series_key=series_key_of(uid),
+        series_key=series_key_of(uid if echo is None else f"{uid} echo {echo:g}"),
         series_number=number,
         description=description,
         modality=_text(header, "Modality"),
@@ -888,6 +932,8 @@ def _series_info(uid: str, entry: _SeriesFiles) -> SeriesInfo:
         geometry_problem=problem,
         checksum=hashlib.sha256("".join(sorted(entry.digests)).encode()).hexdigest(),
         files=tuple(entry.files),
+        uid_key=series_key_of(uid),
+        echo_of_files_ms=echo,
     )
 
 

@@ -17,6 +17,7 @@ from hcc_assets.core.errors import PatientInputError
 from hcc_assets.imaging.dicom_series import (
     SeriesInfo,
     SliceGeometry,
+    echo_time_ms,
     frame_views,
     incompleteness,
     is_image_object,
@@ -52,7 +53,9 @@ def series_to_nifti(series: SeriesInfo, *, max_gap_ratio: float = 1.5) -> nib.Ni
             raise PatientInputError(f"{where} is no longer a readable DICOM image")
         if problem := incompleteness(dataset):
             raise PatientInputError(f"truncated DICOM file: {where}: {problem}")
-        if series_key_of(str(dataset.SeriesInstanceUID)) != series.series_key:
+        if series_key_of(str(dataset.SeriesInstanceUID)) != series.uid_key or (
+            series.echo_of_files_ms is not None and echo_time_ms(dataset) != series.echo_of_files_ms
+        ):
             raise PatientInputError(f"{where} now belongs to another series; re-run the inventory")
         datasets.append(dataset)
     if hashlib.sha256("".join(sorted(digests)).encode()).hexdigest() != series.checksum:

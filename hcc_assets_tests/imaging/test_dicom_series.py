@@ -547,6 +547,27 @@ def test_a_non_dicom_file_beside_images_still_fails_the_study(tmp_path):
         ingest(patient)
 
 
+def test_a_dual_echo_series_is_split_by_echo_and_the_t2_echo_chosen(tmp_path):
+    """PD (TE 20) and T2 (TE 100) echoes in one series, at the same positions: one volume per echo,
+    the T2 echo chosen by its own TE, and its volume is the one a single-echo series gives."""
+    patient = make_study(tmp_path, with_others=False)
+    t2_folder = patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12"
+    single = ingest(patient)[2]
+    uid = str(pydicom.dcmread(next(t2_folder.iterdir())).SeriesInstanceUID)
+    write_series(t2_folder, truth_volume(slices=12, seed=5), echo_time=20.0, series_uid=uid, name_prefix="PD")
+
+    inventory, choice, image = ingest(patient)
+
+    echoes = sorted((s.echo_time_ms, s.description, s.n_files) for s in inventory.series)
+    assert echoes == [(20.0, "T2_SPIR (echo 1 of 2)", 12), (85.0, "T2_SPIR (echo 2 of 2)", 12)]
+    assert len({s.series_key for s in inventory.series}) == 2
+    assert {s.uid_key for s in inventory.series} == {series_key_of(uid)}
+    assert choice.series.echo_time_ms == 85.0 and "echo 2 of 2" in choice.reason
+    assert "TE 20 ms < 60" in choice.reason  # the PD echo, rejected by its own TE
+    assert np.array_equal(np.asarray(image.dataobj), np.asarray(single.dataobj))
+    assert np.allclose(image.affine, single.affine)
+
+
 def test_raw_dicom_without_preamble_is_read(tmp_path):
     patient = make_study(tmp_path, with_others=False)
     for path in (patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12").iterdir():
