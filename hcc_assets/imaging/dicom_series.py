@@ -747,8 +747,9 @@ def inventory_study(patient_dir: Path, folders: tuple[Path, ...] | None = None) 
     """Every image series under `patient_dir` (only those in `folders`, one study's series folders
     from `list_studies`, when given), with checksums; raises PatientInputError on bad files.
 
-    File-level problems (not DICOM, truncated, two series in one folder) fail the study: the
-    delivery is broken. Two exceptions are what exports always carry, not breakage: non-DICOM
+    File-level problems (not DICOM, truncated, two studies in one folder) fail the study: the
+    delivery is broken. Several series of one study may share a folder (a flat export). Two
+    exceptions are what exports always carry, not breakage: non-DICOM
     files in a folder that holds no DICOM images (a README, DICOMDIR's viewer, an index page at the
     root of exported media) are left out and counted, and a second file of an instance already read
     (same SOPInstanceUID and the same pixel data, e.g. exported twice) is left out and counted; a
@@ -803,11 +804,13 @@ def inventory_study(patient_dir: Path, folders: tuple[Path, ...] | None = None) 
             position, problem = incomplete[0]
             more = f" (and {len(incomplete) - 1} more files)" if len(incomplete) > 1 else ""
             raise PatientInputError(f"truncated DICOM file: file {position + 1} of {total} in {where}: {problem}{more}")
-        uids = {str(h[2].SeriesInstanceUID) for h in headers}
-        if len(uids) > 1:
+        # Several series in one folder (a flat export) are read series by series; several studies
+        # in one folder are not: the study list reads one header per folder and would merge them.
+        studies = {_text(h[2], "StudyInstanceUID") for h in headers}
+        if len(studies) > 1:
             raise PatientInputError(
-                f"one folder mixes {len(uids)} series ({_describe([h[2] for h in headers])}); "
-                "each series must have its own folder"
+                f"one folder mixes {len(studies)} studies ({_describe([h[2] for h in headers])}); "
+                "each study's files must be in folders of their own"
             )
         for position, path, dataset, digest in headers:
             uid = str(dataset.SeriesInstanceUID)

@@ -425,7 +425,7 @@ def _one_slice(root):
     return patient
 
 
-def _mixed_folder(root):
+def _mixed_studies_folder(root):
     patient = make_study(root)
     write_series(
         patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12",
@@ -433,6 +433,7 @@ def _mixed_folder(root):
         number=4,
         description="T2_SPIR_REPEAT",
         name_prefix="REP",
+        extra={"StudyInstanceUID": "1.2.826.0.1.3680043.8.498.99"},
     )
     return patient
 
@@ -479,7 +480,10 @@ BROKEN_STUDIES = {
     "missing_slice": (_missing_slice, ["missing slice", "10.00 mm", "median spacing 5.00 mm"]),
     "duplicate_position": (_duplicate_position, ["duplicate slice position", "files 6 and 7 of 12"]),
     "one_slice": (_one_slice, ["1 slice, need >= 10", 'series #3 "T2_SPIR"']),
-    "mixed_folder": (_mixed_folder, ["mixes 2 series", 'series #3 "T2_SPIR"', 'series #4 "T2_SPIR_REPEAT"']),
+    "mixed_studies_folder": (
+        _mixed_studies_folder,
+        ["mixes 2 studies", 'series #3 "T2_SPIR"', 'series #4 "T2_SPIR_REPEAT"'],
+    ),
     "inconsistent_orientation": (_inconsistent_orientation, ["inconsistent ImageOrientationPatient"]),
     "inconsistent_spacing": (_inconsistent_spacing, ["inconsistent PixelSpacing", "1.5x1.3 mm"]),
     "inconsistent_size": (_inconsistent_size, ["inconsistent Rows x Columns", "16x12"]),
@@ -545,6 +549,24 @@ def test_a_non_dicom_file_beside_images_still_fails_the_study(tmp_path):
     (patient / STUDY_FOLDER / "1 T1 in phase" / "README.TXT").write_text("hello")
     with pytest.raises(PatientInputError, match="not DICOM"):
         ingest(patient)
+
+
+def test_a_flat_export_with_every_series_in_one_folder_reads_as_the_foldered_study(tmp_path):
+    patient = make_study(tmp_path)
+    foldered_inventory, foldered_choice, foldered = ingest(patient)
+    flat = patient / STUDY_FOLDER / "DICOM"
+    flat.mkdir()
+    for number, folder in enumerate(sorted(p for p in (patient / STUDY_FOLDER).iterdir() if p != flat)):
+        for path in folder.iterdir():
+            path.rename(flat / f"S{number}_{path.name}")
+        folder.rmdir()
+
+    inventory, choice, image = ingest(patient)
+
+    assert [s.series_key for s in inventory.series] == [s.series_key for s in foldered_inventory.series]
+    assert [s.checksum for s in inventory.series] == [s.checksum for s in foldered_inventory.series]
+    assert choice.series.series_key == foldered_choice.series.series_key
+    assert np.array_equal(np.asarray(image.dataobj), np.asarray(foldered.dataobj))
 
 
 def test_a_dual_echo_series_is_split_by_echo_and_the_t2_echo_chosen(tmp_path):
