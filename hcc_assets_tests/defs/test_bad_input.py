@@ -49,11 +49,14 @@ def _one_slice(folder):
         f.unlink()
 
 
-def _mixed_series(folder):
+def _mixed_studies(folder):
+    """Files of another study of this patient in the T2 folder (a flat folder of one study is fine)."""
     t2_dir = _t2_files(folder)[0].parent
     t1 = next(s for s in inventory_study(folder).series if (s.echo_time_ms or 99) < 10)
     for i, f in enumerate(t1.files):
-        shutil.copy(f, t2_dir / f"mixed_{i}.dcm")
+        dataset = pydicom.dcmread(f)
+        dataset.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.77"
+        dataset.save_as(t2_dir / f"mixed_{i}.dcm")
 
 
 def _two_patients(folder):
@@ -97,7 +100,7 @@ CASES = {
     "missing_slice": (_missing_middle_slice, r"missing|gap"),
     "no_t2": (_no_t2, r"T2"),
     "one_slice": (_one_slice, r"1 slice|slices"),
-    "mixed_series": (_mixed_series, r"mixed|more than one series|series"),
+    "mixed_studies": (_mixed_studies, r"one folder mixes 2 studies"),
     "empty": (_empty, r"no DICOM"),
     "two_patients": (_two_patients, r"2 different patients \(PatientID differs"),
     "enhanced_two_stacks": (_two_stacks, r"multi-frame\) holds 2 stacks"),
