@@ -397,15 +397,20 @@ def frame_views(dataset: Dataset) -> list[Dataset]:
     return views
 
 
-def multiframe_problem(dataset: Dataset, views: list[Dataset]) -> str | None:
+def multiframe_problem(dataset: Dataset, views: list[Dataset], echo: float | None = None) -> str | None:
     """Why a multi-frame file is not one volume, or None: it must hold one stack of frames at one
     echo time, with one per-frame functional group item per frame, and its dimension indices (when
-    given) must vary along one dimension only, without repeats."""
+    given) must vary along one dimension only, without repeats. With `echo`, only the frames of
+    that echo time are judged (a multi-echo file is read as one volume per echo, see
+    `_series_infos`)."""
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
     if "PerFrameFunctionalGroupsSequence" not in dataset:
         return f"has {frames} frames but no per-frame functional groups (not Enhanced MR), which is not supported"
     if len(views) != frames:
         return f"has {frames} frames but {len(views)} per-frame functional groups"
+    if echo is not None:
+        views = [view for view in views if echo_time_ms(view) == echo]
+        frames = len(views)
     if frames < 2:
         return None
     stacks = sorted({str(view.StackID) for view in views if "StackID" in view})
@@ -600,9 +605,11 @@ class _SeriesFiles:
     digests: list[str] = field(default_factory=list)
     slices: list[SliceGeometry] = field(default_factory=list)  # per frame: one per classic file
     compressions: list[Compression] = field(default_factory=list)
-    echo_times: list[float | None] = field(default_factory=list)  # per file
+    echo_times: list[float | None] = field(default_factory=list)  # per frame, as `slices`
+    frame_files: list[int] = field(default_factory=list)  # per frame: its file's index in `files`
     multiframe: bool = False
     problem: str | None = None  # why a multi-frame file is not one volume (the first such file)
+    echo_problems: dict[float, str] = field(default_factory=dict)  # the same, per echo of multi-echo files
 
 
 def _series_folders(patient_dir: Path) -> list[tuple[Path, list[Path]]]:
@@ -828,16 +835,23 @@ def inventory_study(patient_dir: Path, folders: tuple[Path, ...] | None = None) 
                 entry = by_uid[uid] = _SeriesFiles(folder_index, header)
             elif entry.folder_index != folder_index:
                 raise PatientInputError(f"{_describe([dataset])} is split across several folders")
+            echoes = [echo_time_ms(view) for view in views]
             if is_multiframe(dataset):
                 entry.multiframe = True
-                problem = multiframe_problem(dataset, views)
-                if problem and entry.problem is None:
-                    entry.problem = f"file {position + 1} of {total} (multi-frame) {problem}"
+                distinct = sorted({te for te in echoes if te is not None})
+                for echo in distinct if len(distinct) > 1 and None not in echoes else [None]:
+                    problem = multiframe_problem(dataset, views, echo)
+                    where_in = f"file {position + 1} of {total} (multi-frame) {problem}"
+                    if problem and echo is not None:
+                        entry.echo_problems.setdefault(echo, where_in)
+                    elif problem and entry.problem is None:
+                        entry.problem = where_in
+            entry.frame_files.extend([len(entry.files)] * len(views))
             entry.files.append(path)
             entry.digests.append(digest)
             entry.slices.extend(SliceGeometry.of(view) for view in views)
             entry.compressions.append(compression_of(dataset))
-            entry.echo_times.append(echo_time_ms(dataset))
+            entry.echo_times.extend(echoes)
     if not by_uid:
         raise PatientInputError("no DICOM image files found in the patient folder")
     check_one_patient([entry.first for entry in by_uid.values()])
@@ -869,27 +883,31 @@ def _is_copy_of_read_instance(dataset: Dataset, instances: dict[str, tuple[str, 
 
 
 def _series_infos(uid: str, entry: _SeriesFiles) -> list[SeriesInfo]:
-    """One SeriesInfo per series; one per echo for a classic series whose files carry several echo
-    times (a dual-echo PD/T2 or multi-echo T2 acquisition stored as one series, which dcm2niix also
-    splits): each echo is a volume of its own, and the T2 choice weighs each by its own TE. Enhanced
-    files keep one series (several echoes in one file are refused, see multiframe_problem)."""
+    """One SeriesInfo per series; one per echo for a series whose frames carry several echo times
+    (a dual-echo PD/T2 or multi-echo T2 acquisition stored as one series of classic files, which
+    dcm2niix also splits, or as Enhanced MR frames with their own MREchoSequence): each echo is a
+    volume of its own, and the T2 choice weighs each by its own TE."""
     echoes = sorted({te for te in entry.echo_times if te is not None})
-    if entry.multiframe or len(echoes) < 2 or None in entry.echo_times:
+    if len(echoes) < 2 or None in entry.echo_times:
         return [_series_info(uid, entry)]
     infos, description = [], _text(entry.first, "SeriesDescription")
     for number, echo in enumerate(echoes, start=1):
-        keep = [i for i, te in enumerate(entry.echo_times) if te == echo]
+        frames = [i for i, te in enumerate(entry.echo_times) if te == echo]
+        files = sorted({entry.frame_files[i] for i in frames})  # a multi-echo file serves every echo
         header = copy.deepcopy(entry.first)  # a header without pixels; Dataset.copy() shares its elements
         header.EchoTime = echo
         header.SeriesDescription = f"{description} (echo {number} of {len(echoes)})"
         part = _SeriesFiles(
             entry.folder_index,
             header,
-            files=[entry.files[i] for i in keep],
-            digests=[entry.digests[i] for i in keep],
-            slices=[entry.slices[i] for i in keep],
-            compressions=[entry.compressions[i] for i in keep],
-            echo_times=[echo] * len(keep),
+            files=[entry.files[i] for i in files],
+            digests=[entry.digests[i] for i in files],
+            slices=[entry.slices[i] for i in frames],
+            compressions=[entry.compressions[i] for i in files],
+            echo_times=[echo] * len(frames),
+            frame_files=[files.index(entry.frame_files[i]) for i in frames],
+            multiframe=entry.multiframe,
+            problem=entry.problem or entry.echo_problems.get(echo),
         )
         infos.append(_series_info(uid, part, echo=echo))
     return infos

@@ -53,21 +53,23 @@ def series_to_nifti(series: SeriesInfo, *, max_gap_ratio: float = 1.5) -> nib.Ni
             raise PatientInputError(f"{where} is no longer a readable DICOM image")
         if problem := incompleteness(dataset):
             raise PatientInputError(f"truncated DICOM file: {where}: {problem}")
-        if series_key_of(str(dataset.SeriesInstanceUID)) != series.uid_key or (
-            series.echo_of_files_ms is not None and echo_time_ms(dataset) != series.echo_of_files_ms
-        ):
+        if series_key_of(str(dataset.SeriesInstanceUID)) != series.uid_key:
             raise PatientInputError(f"{where} now belongs to another series; re-run the inventory")
         datasets.append(dataset)
     if hashlib.sha256("".join(sorted(digests)).encode()).hexdigest() != series.checksum:
         raise PatientInputError(f"the files of {label} changed since the inventory; re-run it")
 
     # one entry per frame: (file index, frame index, its classic-looking header); a classic file is one frame
+    # a series split by echo (see dicom_series._series_infos) takes its echo's frames only
+    echo = series.echo_of_files_ms
     frames: list[tuple[int, int, Dataset]] = []
     for index, dataset in enumerate(datasets):
         views = frame_views(dataset)
-        if is_multiframe(dataset) and (problem := multiframe_problem(dataset, views)):
+        if is_multiframe(dataset) and (problem := multiframe_problem(dataset, views, echo)):
             raise PatientInputError(f"{label}: file {index + 1} of {count} (multi-frame) {problem}")
-        frames.extend((index, frame, view) for frame, view in enumerate(views))
+        frames.extend(
+            (index, frame, view) for frame, view in enumerate(views) if echo is None or echo_time_ms(view) == echo
+        )
     n = len(frames)
     if n < 2:
         raise PatientInputError(f"{label} has {n} slice{'s' if n != 1 else ''}; a volume needs at least 2")

@@ -117,7 +117,8 @@ NOT_ONE_VOLUME = {
     "two_stacks": (_two_stacks, "holds 2 stacks (StackID 1, 2); one file must hold one volume"),
     "repeated_index": (_repeated_index, "dimension indices do not form a volume: frames repeat"),
     "two_dimensions": (_two_dimensions, "dimension indices do not form a volume: they vary along 2 dimensions"),
-    "two_echo_times": (_two_echo_times, "mixes 2 echo times (85, 170 ms)"),
+    # frames of two echoes whose in-stack positions run over the whole file, not per echo
+    "two_echo_times": (_two_echo_times, "InStackPositionNumber is not 1 to 6, once each"),
     "tilted_frame": (_tilted_frame, "inconsistent ImageOrientationPatient: frame 5 of 12 differs from frame 1"),
 }
 
@@ -131,7 +132,7 @@ def test_a_multi_frame_file_that_is_not_one_volume_is_refused(tmp_path, case):
         ingest(patient)
     message = str(raised.value)
     assert reason in message, message
-    assert 'series #3 "T2_SPIR"' in message and "unusable" in message
+    assert 'series #3 "T2_SPIR' in message and "unusable" in message
     assert_no_phi(message)
 
 
@@ -164,3 +165,34 @@ def test_a_multi_frame_file_without_functional_groups_is_refused(tmp_path):
     dataset.save_as(path)
     with pytest.raises(PatientInputError, match=r"has 12 frames but no per-frame functional groups"):
         ingest(patient)
+
+
+def test_a_two_echo_enhanced_file_gives_one_volume_per_echo_and_the_t2_echo_is_chosen(tmp_path):
+    """PD (TE 20) and T2 (TE 85) frames in one Enhanced MR file, in-stack positions and dimension
+    indices per echo (stack, position, echo): split by the frames' own MREchoSequence like the
+    classic dual-echo series, voxel for voxel."""
+    patient = make_study(tmp_path, with_others=False)
+    folder = patient / STUDY_FOLDER / T2_FOLDER
+    uid = str(pydicom.dcmread(next(folder.iterdir())).SeriesInstanceUID)
+    write_series(folder, truth_volume(slices=12, seed=5), echo_time=20.0, series_uid=uid, name_prefix="PD")
+    classic_inventory, classic_choice, classic_image = ingest(patient)
+    path = to_enhanced(folder)
+    dataset = pydicom.dcmread(path)
+    frames = dataset.PerFrameFunctionalGroupsSequence
+    echo_of = [float(frame.MREchoSequence[0].EffectiveEchoTime) for frame in frames]
+    z_of = [float(frame.PlanePositionSequence[0].ImagePositionPatient[2]) for frame in frames]
+    for index, frame in enumerate(frames):
+        same_echo = sorted(z for z, te in zip(z_of, echo_of, strict=True) if te == echo_of[index])
+        position = same_echo.index(z_of[index]) + 1
+        frame.FrameContentSequence[0].InStackPositionNumber = position
+        frame.FrameContentSequence[0].DimensionIndexValues = [1, position, 1 + (echo_of[index] == 85.0)]
+    dataset.save_as(path)
+
+    inventory, choice, image = ingest(patient)
+
+    described = sorted((s.echo_time_ms, s.description, s.n_files, s.n_slices) for s in inventory.series)
+    assert described == [(20.0, "T2_SPIR (echo 1 of 2)", 1, 12), (85.0, "T2_SPIR (echo 2 of 2)", 1, 12)]
+    assert [s.series_key for s in inventory.series] == [s.series_key for s in classic_inventory.series]
+    assert choice.series.series_key == classic_choice.series.series_key and choice.series.echo_time_ms == 85.0
+    assert np.array_equal(np.asarray(image.dataobj), np.asarray(classic_image.dataobj))
+    assert np.array_equal(image.affine, classic_image.affine)
