@@ -15,7 +15,7 @@ import contextlib
 import multiprocessing
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import dagster as dg
@@ -142,7 +142,7 @@ def _run_patient(
     return patient_id, result.success, "" if result.success else failure_line(result.all_events)
 
 
-def failure_line(events: list[dg.DagsterEvent]) -> str:
+def failure_line(events: Sequence[dg.DagsterEvent]) -> str:
     """The first step failure's first line; for a failed blocking asset check (whose own message
     names neither the check nor the reason) the failed checks with their metadata instead."""
     for event in events:
