@@ -102,9 +102,9 @@ class SeriesInfo:
     geometry_problem: str | None  # why the slices do not form one regular stack, if they don't
     checksum: str  # sha256 over the sorted per-file sha256 digests
     files: tuple[Path, ...] = field(repr=False, compare=False)  # in name order; never serialized
-    # A classic series whose files carry several echo times (a dual-echo acquisition) is split into
-    # one series per echo: `series_key` then names the echo, `uid_key` (sha256 of the SeriesInstanceUID,
-    # else equal to series_key) the DICOM series, and `echo_of_files_ms` is the echo's TE.
+    # A series whose slices (classic files or Enhanced MR frames) carry several echo times is split
+    # into one series per echo (_series_infos): `series_key` then names the echo, `uid_key` (sha256 of
+    # the SeriesInstanceUID, else equal to series_key) the DICOM series, `echo_of_files_ms` the TE.
     uid_key: str = field(default="", compare=False)
     echo_of_files_ms: float | None = field(default=None, compare=False)
 
@@ -609,7 +609,7 @@ class _SeriesFiles:
     frame_files: list[int] = field(default_factory=list)  # per frame: its file's index in `files`
     multiframe: bool = False
     problem: str | None = None  # why a multi-frame file is not one volume (the first such file)
-    echo_problems: dict[float, str] = field(default_factory=dict)  # the same, per echo of multi-echo files
+    echo_problems: dict[float, str] = field(default_factory=dict)  # the same for the frames of one echo
 
 
 def _series_folders(patient_dir: Path) -> list[tuple[Path, list[Path]]]:
@@ -755,14 +755,13 @@ def inventory_study(patient_dir: Path, folders: tuple[Path, ...] | None = None) 
     from `list_studies`, when given), with checksums; raises PatientInputError on bad files.
 
     File-level problems (not DICOM, truncated, two studies in one folder) fail the study: the
-    delivery is broken. Several series of one study may share a folder (a flat export). Two
-    exceptions are what exports always carry, not breakage: non-DICOM
-    files in a folder that holds no DICOM images (a README, DICOMDIR's viewer, an index page at the
-    root of exported media) are left out and counted, and a second file of an instance already read
-    (same SOPInstanceUID and the same pixel data, e.g. exported twice) is left out and counted; a
-    second file with that SOPInstanceUID and other pixels fails the study. Geometry problems are
-    recorded per series in `geometry_problem`: a scout series with three orientations must not
-    block the study, but the T2 choice rejects a series that has one.
+    delivery is broken. Several series of one study may share a folder (a flat export). What
+    exported media always carry is left out and counted, not breakage: files that are not DICOM in
+    a folder holding no DICOM image (a README, a viewer, an index page), and a second file of an
+    instance already read (same SOPInstanceUID, same pixel data); the same SOPInstanceUID with other
+    pixels fails the study. Geometry problems are recorded per series in `geometry_problem`: a
+    scout series with three orientations must not block the study, but the T2 choice rejects a
+    series that has one.
     """
     patient_dir = Path(patient_dir)
     if not patient_dir.is_dir():
@@ -838,14 +837,13 @@ def inventory_study(patient_dir: Path, folders: tuple[Path, ...] | None = None) 
             echoes = [echo_time_ms(view) for view in views]
             if is_multiframe(dataset):
                 entry.multiframe = True
-                distinct = sorted({te for te in echoes if te is not None})
-                for echo in distinct if len(distinct) > 1 and None not in echoes else [None]:
-                    problem = multiframe_problem(dataset, views, echo)
-                    where_in = f"file {position + 1} of {total} (multi-frame) {problem}"
-                    if problem and echo is not None:
-                        entry.echo_problems.setdefault(echo, where_in)
-                    elif problem and entry.problem is None:
-                        entry.problem = where_in
+                which = f"file {position + 1} of {total} (multi-frame)"
+                # judged whole (the series as one volume) and echo by echo (the series split by echo)
+                if (problem := multiframe_problem(dataset, views)) and entry.problem is None:
+                    entry.problem = f"{which} {problem}"
+                for echo in sorted({te for te in echoes if te is not None}):
+                    if problem := multiframe_problem(dataset, views, echo):
+                        entry.echo_problems.setdefault(echo, f"{which} {problem}")
             entry.frame_files.extend([len(entry.files)] * len(views))
             entry.files.append(path)
             entry.digests.append(digest)
@@ -907,7 +905,7 @@ def _series_infos(uid: str, entry: _SeriesFiles) -> list[SeriesInfo]:
             echo_times=[echo] * len(frames),
             frame_files=[files.index(entry.frame_files[i]) for i in frames],
             multiframe=entry.multiframe,
-            problem=entry.problem or entry.echo_problems.get(echo),
+            problem=entry.echo_problems.get(echo),
         )
         infos.append(_series_info(uid, part, echo=echo))
     return infos
