@@ -42,6 +42,11 @@ NON_IMAGE_SOP_CLASS_PREFIXES = (
     "1.2.840.10008.5.1.4.1.1.11.",
     "1.2.840.10008.5.1.4.1.1.66",
 )
+# The image classes ingest reads (MR, Enhanced MR, Legacy Converted Enhanced MR): a file of one of these
+# without pixel data is a truncated slice, never an object to skip.
+MR_IMAGE_SOP_CLASSES = frozenset(
+    {"1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.4"}
+)
 # Transfer syntaxes that may discard information: JPEG baseline / extended, JPEG-LS near-lossless,
 # JPEG 2000 (the non-"lossless only" one), HTJ2K (not the lossless-only ones), MPEG/HEVC video.
 LOSSY_TRANSFER_SYNTAXES = frozenset(
@@ -236,8 +241,15 @@ def _is_number(value) -> bool:
 
 
 def is_image_object(dataset: Dataset) -> bool:
-    """False only for known non-image objects: a cut file without a SOP class is an image to check."""
-    return not sop_class_of(dataset).startswith(NON_IMAGE_SOP_CLASS_PREFIXES)
+    """False for the known non-image classes, and for an object of any class but MR's that carries no
+    pixel data: the vendors' private objects that exports put beside the images (Siemens CSA
+    Non-Image, Philips private series data), spectroscopy, encapsulated PDF reports. An MR image,
+    or a cut file whose SOP class is missing, is an image to check (without pixels: truncated).
+    Read with stop_before_pixels, every class but MR's counts as no image."""
+    sop_class = sop_class_of(dataset)
+    if sop_class.startswith(NON_IMAGE_SOP_CLASS_PREFIXES):
+        return False
+    return not sop_class or sop_class in MR_IMAGE_SOP_CLASSES or "PixelData" in dataset
 
 
 def incompleteness(dataset: Dataset) -> str | None:

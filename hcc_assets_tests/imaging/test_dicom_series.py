@@ -543,6 +543,43 @@ def test_exported_media_companions_and_second_copies_are_left_out_and_counted(tm
     assert np.allclose(image.affine, plain.affine)
 
 
+def _pixel_less_object(path: Path, sop_class: str, like: Path, same_series: bool = False) -> None:
+    reference = pydicom.dcmread(like, stop_before_pixels=True)
+    dataset = Dataset()
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.MediaStorageSOPClassUID = sop_class
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID = generate_uid()
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset.SOPClassUID = sop_class
+    for keyword in ("PatientID", "StudyInstanceUID", *(["SeriesInstanceUID"] if same_series else [])):
+        setattr(dataset, keyword, reference.get(keyword))
+    dataset.SeriesInstanceUID = dataset.get("SeriesInstanceUID") or generate_uid()
+    dataset.Modality, dataset.SeriesNumber, dataset.SeriesDescription = "MR", 99, "PhoenixZIPReport"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dataset.save_as(path, enforce_file_format=True)
+
+
+def test_vendor_objects_without_pixels_are_skipped_but_a_cut_mr_slice_is_not(tmp_path):
+    """Siemens CSA Non-Image (its own series), Philips private series data (inside the T2 series) and
+    an encapsulated PDF: DICOM, but no slices. An MR image without pixels is a truncated slice."""
+    patient = make_study(tmp_path, with_others=False)
+    t2_folder = patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12"
+    plain_inventory, plain_choice, plain = ingest(patient)
+    like = next(t2_folder.iterdir())
+    _pixel_less_object(patient / STUDY_FOLDER / "99 report" / "csa.dcm", "1.3.12.2.1107.5.9.1", like)
+    _pixel_less_object(t2_folder / "XX_private.dcm", "1.3.46.670589.11.0.0.12.1", like, same_series=True)
+    _pixel_less_object(patient / STUDY_FOLDER / "pdf" / "doc.dcm", "1.2.840.10008.5.1.4.1.1.104.1", like)
+
+    inventory, choice, image = ingest(patient)
+
+    assert [s.series_key for s in inventory.series] == [s.series_key for s in plain_inventory.series]
+    assert choice.series.checksum == plain_choice.series.checksum
+    assert np.array_equal(np.asarray(image.dataobj), np.asarray(plain.dataobj))
+    _pixel_less_object(t2_folder / "YY_cut.dcm", str(MRImageStorage), like, same_series=True)
+    with pytest.raises(PatientInputError, match=r"truncated DICOM file: .* lacks Rows"):
+        ingest(patient)
+
+
 def test_a_non_dicom_file_beside_images_still_fails_the_study(tmp_path):
     # in a series folder it may be a broken transfer of that series: not a companion
     patient = make_study(tmp_path)
