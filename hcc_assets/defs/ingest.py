@@ -106,6 +106,7 @@ def raw_scan(
             "days_since_first": result.days_since_first,
             "series": markdown_table(result.series, list(ingest.SERIES_COLUMNS)),
             "study_checksum": result.study_checksum,
+            **({"files_left_out": dg.MetadataValue.json(result.n_files_left_out)} if result.n_files_left_out else {}),
             # lets the sensor skip folders already ingested from the same bytes
             "drop_fingerprint": result.drop_fingerprint,
         },

@@ -78,6 +78,7 @@ class RawScanResult:
     drop_fingerprint: str
     study_index: int
     days_since_first: int | None
+    n_files_left_out: dict[str, int]  # companion files, second copies (only those that occurred)
 
 
 def find_study(folder: Path, study_index: int) -> tuple[dicom_series.StudyRef, str]:
@@ -241,6 +242,14 @@ def record_raw_scan(
         drop_fingerprint=study.fingerprint,
         study_index=study.ref.index,
         days_since_first=study.ref.days_since_first,
+        n_files_left_out={
+            key: count
+            for key, count in (
+                ("companion files (not DICOM, no images in their folder)", inventory.n_companion_files),
+                ("second copies of an instance", inventory.n_duplicate_files),
+            )
+            if count
+        },
     )
 
 

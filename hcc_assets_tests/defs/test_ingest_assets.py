@@ -1,11 +1,13 @@
 """Real Dagster materializations of the per-patient and cohort assets on a synthetic cohort."""
 
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from hcc_assets.imaging.dicom_series import choose_t2_series, inventory_study
 from hcc_assets.lake import DataLake
 from hcc_assets_tests.defs.helpers import check_figure, ingest_patient, materialize_cohort, module_platform
 
@@ -48,6 +50,7 @@ def test_every_patient_gets_volumes_rows_and_radiologist_metadata(ingested):
         assert checks == {"geometry_plausible": True, "grid_and_intensity": True}
         record = json.loads(data_lake.read_bytes(data_lake.patient_file(pid, "raw_scan.json")))
         assert len(record["study"]["series"]) == 3
+        assert "files_left_out" not in raw.metadata and "n_companion_files" not in record["study"]
 
     scans = store.query("SELECT patient_id, count(*) AS n, sum(chosen::INT) AS chosen FROM scans GROUP BY 1")
     assert sorted(scans["patient_id"]) == pids
@@ -88,3 +91,29 @@ def test_cohort_split_is_stratified_and_stored(ingested):
     assert materialize_cohort(instance, lake).success
     again = lake.store.query("SELECT split FROM cohort_split ORDER BY patient_id")["split"].to_list()
     assert again == first  # seeded
+
+
+def test_a_readme_and_copied_slices_are_left_out_shown_and_change_no_volume(ingested):
+    """An export's README beside the study and two slices exported twice: raw_scan says what it left
+    out (metadata and raw_scan.json); the volumes keep their bytes and data versions."""
+    instance, lake, pids, results, patients = ingested
+    pid = pids[-1]
+    folder = next(lake.incoming_dir / p.patient_key for p in patients if lake.pseudonym(p.patient_key) == pid)
+    (folder / "README.TXT").write_text("exported for MRN 4711\n")
+    t2_files = choose_t2_series(inventory_study(folder)).series.files
+    for path in t2_files[:2]:
+        shutil.copy(path, path.with_name(f"copy_{path.name}"))
+
+    again = ingest_patient(instance, lake, pid)
+
+    raw = again.asset_materializations_for_node("raw_scan")[0]
+    assert raw.metadata["files_left_out"].value == {
+        "companion files (not DICOM, no images in their folder)": 1,
+        "second copies of an instance": 2,
+    }
+    data_lake = DataLake(lake.root)
+    record = json.loads(data_lake.read_bytes(data_lake.patient_file(pid, "raw_scan.json")))
+    assert (record["study"]["n_companion_files"], record["study"]["n_duplicate_files"]) == (1, 2)
+    for asset in ("nifti_volume", "preprocessed_volume"):
+        old = results[pid].asset_materializations_for_node(asset)[0].tags["dagster/data_version"]
+        assert again.asset_materializations_for_node(asset)[0].tags["dagster/data_version"] == old, asset
