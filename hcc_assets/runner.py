@@ -150,7 +150,7 @@ def failure_line(events: Sequence[dg.DagsterEvent]) -> str:
             error = event.step_failure_data.error
             if error.cls_name == "DagsterAssetCheckFailedError":
                 checks = [
-                    describe_failed_check(e.asset_check_evaluation_data)
+                    _describe_failed_check(e.asset_check_evaluation_data)
                     for e in events
                     if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
                     and not e.asset_check_evaluation_data.passed
@@ -162,7 +162,7 @@ def failure_line(events: Sequence[dg.DagsterEvent]) -> str:
     return ""
 
 
-def describe_failed_check(evaluation) -> str:
+def _describe_failed_check(evaluation) -> str:
     """`asset: blocking check NAME failed (key value, ...)`, from an AssetCheckEvaluation."""
     values = ", ".join(
         f"{key} {getattr(value, 'value', value)}" for key, value in sorted((evaluation.metadata or {}).items())

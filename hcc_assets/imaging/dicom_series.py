@@ -109,13 +109,9 @@ class SeriesInfo:
     files: tuple[Path, ...] = field(repr=False, compare=False)  # in name order; never serialized
     # A series whose slices (classic files or Enhanced MR frames) carry several echo times is split
     # into one series per echo (_series_infos): `series_key` then names the echo, `uid_key` (sha256 of
-    # the SeriesInstanceUID, else equal to series_key) the DICOM series, `echo_of_files_ms` the TE.
-    uid_key: str = field(default="", compare=False)
+    # the SeriesInstanceUID; series_key itself when not split) the DICOM series, `echo_of_files_ms` the TE.
+    uid_key: str = field(compare=False)
     echo_of_files_ms: float | None = field(default=None, compare=False)
-
-    def __post_init__(self) -> None:
-        if not self.uid_key:
-            object.__setattr__(self, "uid_key", self.series_key)
 
     @property
     def label(self) -> str:
