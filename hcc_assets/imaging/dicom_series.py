@@ -285,6 +285,40 @@ def echo_time_ms(dataset: Dataset) -> float | None:
     return _number(dataset, "EchoTime")
 
 
+def image_type_of(dataset: Dataset) -> str:
+    """ImageType (a frame's own FrameType in a flattened Enhanced MR view), its values upper-cased
+    and stripped, "\\"-joined: what tells water from fat or magnitude from phase in one series."""
+    return "\\".join(
+        part.strip().upper()
+        for part in _text(dataset, "FrameType" if "FrameType" in dataset else "ImageType").split("\\")
+    )
+
+
+# ImageType values by which vendors mark images that are not the anatomy a T2-weighted volume
+# shows: Dixon fat, opposed-phase and fat-fraction images, and the phase, real and imaginary parts
+# of complex data (Philips writes "P_SE", Siemens "P", Siemens Dixon "DIXON\\FAT").
+_COMPONENTS = {
+    "water": {"W", "WATER"},
+    "in phase": {"IP", "IN_PHASE", "INPHASE"},
+    "opposed phase": {"OP", "OUT_PHASE", "OPP_PHASE", "OPPOSED_PHASE", "OUT_OF_PHASE", "OPPOSED"},
+    "fat": {"F", "FAT"},
+    "fat fraction": {"FF", "FAT_FRACTION", "FATFRACTION"},
+    "phase": {"P", "PHASE", "PHASE MAP"},
+    "real": {"R", "REAL"},
+    "imaginary": {"I", "IMAGINARY"},
+    "magnitude": {"M", "MAGNITUDE"},
+}
+_NOT_ANATOMY = ("opposed phase", "fat", "fat fraction", "phase", "real", "imaginary")
+
+
+def image_components(image_type: str) -> list[str]:
+    """The named components an ImageType marks, in _COMPONENTS' order. Philips' "M_SE" / "P_FFE"
+    count by their first letter."""
+    values = {part.strip().upper() for part in image_type.split("\\")}
+    values |= {value.split("_", 1)[0] for value in values if value[:2] in ("M_", "P_", "R_", "I_")}
+    return [name for name, marks in _COMPONENTS.items() if values & marks]
+
+
 def _number(dataset: Dataset, keyword: str) -> float | None:
     value = dataset.get(keyword)
     if value is None or value == "":
@@ -618,6 +652,7 @@ class _SeriesFiles:
     multiframe: bool = False
     problem: str | None = None  # why a multi-frame file is not one volume (the first such file)
     echo_problems: dict[float, str] = field(default_factory=dict)  # the same for the frames of one echo
+    image_types: list[str] = field(default_factory=list)  # per frame, as `slices` (image_type_of)
 
 
 def _series_folders(patient_dir: Path) -> list[tuple[Path, list[Path]]]:
@@ -858,6 +893,7 @@ def inventory_study(patient_dir: Path, folders: tuple[Path, ...] | None = None) 
             entry.slices.extend(SliceGeometry.of(view) for view in views)
             entry.compressions.append(compression_of(dataset))
             entry.echo_times.extend(echoes)
+            entry.image_types.extend(image_type_of(view) for view in views)
     if not by_uid:
         raise PatientInputError("no DICOM image files found in the patient folder")
     check_one_patient([entry.first for entry in by_uid.values()])
@@ -889,20 +925,44 @@ def _is_copy_of_read_instance(dataset: Dataset, instances: dict[str, tuple[str, 
 
 
 def _series_infos(uid: str, entry: _SeriesFiles) -> list[SeriesInfo]:
-    """One SeriesInfo per series; one per echo for a series whose frames carry several echo times
-    (a dual-echo PD/T2 or multi-echo T2 acquisition stored as one series of classic files, which
-    dcm2niix also splits, or as Enhanced MR frames with their own MREchoSequence): each echo is a
-    volume of its own, and the T2 choice weighs each by its own TE."""
+    """One SeriesInfo per volume of the series, as dcm2niix splits them:
+
+    - one per echo when its frames carry several echo times (a dual-echo PD/T2 or multi-echo T2
+      acquisition stored as one series of classic files, or as Enhanced MR frames with their own
+      MREchoSequence): the T2 choice weighs each echo by its own TE;
+    - one per image type when classic files of several ImageTypes lie at the same positions (Dixon
+      water and fat images, magnitude and phase, in one series): the T2 choice rejects the fat,
+      opposed-phase, phase, real and imaginary volumes. Only then: a series whose ImageType merely
+      varies between slices of one stack stays whole.
+    """
     echoes = sorted({te for te in entry.echo_times if te is not None})
-    if len(echoes) < 2 or None in entry.echo_times:
+    by_echo = len(echoes) > 1 and None not in entry.echo_times
+    positions = [slice_.position for slice_ in entry.slices]
+    by_type = (
+        not entry.multiframe
+        and len(set(entry.image_types)) > 1
+        and None not in positions
+        and len(set(positions)) < len(positions)
+    )
+    if not (by_echo or by_type):
         return [_series_info(uid, entry)]
+    volume_keys = [
+        (te if by_echo else None, kind if by_type else None)
+        for te, kind in zip(entry.echo_times, entry.image_types, strict=True)
+    ]
     infos, description = [], _text(entry.first, "SeriesDescription")
-    for number, echo in enumerate(echoes, start=1):
-        frames = [i for i, te in enumerate(entry.echo_times) if te == echo]
+    for echo, kind in sorted(set(volume_keys), key=lambda key: (key[0] or 0.0, key[1] or "")):
+        frames = [i for i, key in enumerate(volume_keys) if key == (echo, kind)]
         files = sorted({entry.frame_files[i] for i in frames})  # a multi-echo file serves every echo
         header = copy.deepcopy(entry.first)  # a header without pixels; Dataset.copy() shares its elements
-        header.EchoTime = echo
-        header.SeriesDescription = f"{description} (echo {number} of {len(echoes)})"
+        names = []
+        if echo is not None:
+            header.EchoTime = echo
+            names.append(f"echo {echoes.index(echo) + 1} of {len(echoes)}")
+        if kind is not None:
+            header.ImageType = kind.split("\\")
+            names.append(", ".join(image_components(kind)) or kind)
+        header.SeriesDescription = f"{description} ({'; '.join(names)})"
         part = _SeriesFiles(
             entry.folder_index,
             header,
@@ -910,16 +970,19 @@ def _series_infos(uid: str, entry: _SeriesFiles) -> list[SeriesInfo]:
             digests=[entry.digests[i] for i in files],
             slices=[entry.slices[i] for i in frames],
             compressions=[entry.compressions[i] for i in files],
-            echo_times=[echo] * len(frames),
+            echo_times=[entry.echo_times[i] for i in frames],
             frame_files=[files.index(entry.frame_files[i]) for i in frames],
             multiframe=entry.multiframe,
-            problem=entry.echo_problems.get(echo),
+            problem=entry.echo_problems.get(echo) if echo is not None else entry.problem,
+            image_types=[entry.image_types[i] for i in frames],
         )
-        infos.append(_series_info(uid, part, echo=echo))
+        # an echo keeps the key it had before image types were told apart
+        name = uid + (f" echo {echo:g}" if echo is not None else "") + (f" image type {kind}" if kind else "")
+        infos.append(_series_info(uid, part, echo=echo, key_name=name))
     return infos
 
 
-def _series_info(uid: str, entry: _SeriesFiles, echo: float | None = None) -> SeriesInfo:
+def _series_info(uid: str, entry: _SeriesFiles, echo: float | None = None, key_name: str | None = None) -> SeriesInfo:
     header = entry.first
     number = _int(header.get("SeriesNumber"))
     description = _text(header, "SeriesDescription")
@@ -933,7 +996,7 @@ def _series_info(uid: str, entry: _SeriesFiles, echo: float | None = None) -> Se
     first = entry.slices[0]
     ratios = [c.ratio for c in entry.compressions if c.ratio is not None]
     return SeriesInfo(
-        series_key=series_key_of(uid if echo is None else f"{uid} echo {echo:g}"),
+        series_key=series_key_of(key_name or uid),
         series_number=number,
         description=description,
         modality=_text(header, "Modality"),
@@ -1003,6 +1066,7 @@ def _t2_score(series: SeriesInfo) -> float:
     score += 0.3 * (_sequence_kind(series) == "spin echo")
     score += 0.3 * ("T2" in series.description.upper())
     score += 0.2 * _is_axial(series)
+    score += 0.1 * ("water" in image_components(series.image_type))  # fat-suppressed, as the study's T2-SPIR
     score += min(series.n_slices, 200) / 1000.0  # more slices break ties
     return round(score, 4)
 
@@ -1031,6 +1095,8 @@ def choose_t2_series(
             weighting.append(f"TR {_fmt(tr)} ms < {min_repetition_time_ms:g}")
         if diffusion := _diffusion_hint(series):
             weighting.append(diffusion)
+        if not_anatomy := [name for name in image_components(series.image_type) if name in _NOT_ANATOMY]:
+            weighting.append(f"{' and '.join(not_anatomy)} image (ImageType {series.image_type})")
         if series.contrast_agent:
             weighting.append("contrast agent given")
         usability: list[str] = []  # T2-weighted, but not a usable volume

@@ -627,6 +627,67 @@ def test_a_dual_echo_series_is_split_by_echo_and_the_t2_echo_chosen(tmp_path):
     assert np.allclose(image.affine, single.affine)
 
 
+@pytest.mark.parametrize(
+    ("second_type", "second_name", "first_type", "first_name"),
+    [
+        # Philips mDIXON written as one series: water and fat images at every position
+        (["DERIVED", "PRIMARY", "F", "FAT"], "fat", ["DERIVED", "PRIMARY", "W", "WATER"], "water"),
+        # magnitude and phase of one acquisition in one series (Philips "P_SE", Siemens "P")
+        (["ORIGINAL", "PRIMARY", "P_SE", "P", "SE"], "phase", ["ORIGINAL", "PRIMARY", "M_SE", "M", "SE"], "magnitude"),
+    ],
+)
+def test_a_series_of_two_image_types_at_the_same_positions_is_split_and_the_anatomy_chosen(
+    tmp_path, second_type, second_name, first_type, first_name
+):
+    """Two kinds of image at every position of one series: one volume per ImageType (as dcm2niix
+    splits them), the fat or phase volume rejected by its ImageType whatever its TE, and the chosen
+    volume is the one a series of only those images gives."""
+    patient = make_study(tmp_path, with_others=False, t2={"extra": {"ImageType": first_type}})
+    t2_folder = patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12"
+    single = ingest(patient)[2]
+    uid = str(pydicom.dcmread(next(t2_folder.iterdir())).SeriesInstanceUID)
+    write_series(t2_folder, truth_volume(seed=7), series_uid=uid, name_prefix="X", extra={"ImageType": second_type})
+    inventory, choice, image = ingest(patient)
+
+    assert sorted(s.description for s in inventory.series) == sorted(
+        [f"T2_SPIR ({first_name})", f"T2_SPIR ({second_name})"]
+    )
+    assert [s.n_files for s in inventory.series] == [12, 12]
+    assert len({s.series_key for s in inventory.series}) == 2 and {s.uid_key for s in inventory.series} == {
+        series_key_of(uid)
+    }
+    assert choice.series.description == f"T2_SPIR ({first_name})"
+    second_image_type = "\\".join(second_type)
+    assert f'"T2_SPIR ({second_name})" {second_name} image (ImageType {second_image_type})' in choice.reason
+    assert np.array_equal(np.asarray(image.dataobj), np.asarray(single.dataobj))
+    assert np.allclose(image.affine, single.affine)
+
+
+def test_an_image_type_that_varies_along_one_stack_does_not_split_the_series(tmp_path):
+    """Slices at distinct positions whose ImageType differs (a vendor flag on some slices) are one
+    volume: a split by ImageType needs images of several types at the same positions."""
+    flagged = {k: {"ImageType": ["ORIGINAL", "PRIMARY", "M", "ND", "NORM"]} for k in (0, 5)}
+    patient = make_study(tmp_path, with_others=False, t2={"per_slice": flagged})
+    inventory, choice, image = ingest(patient)
+    assert [(s.description, s.n_files) for s in inventory.series] == [("T2_SPIR", 12)]
+    assert image.shape[2] == 12
+
+
+def test_a_phase_series_of_its_own_is_not_taken_for_the_t2(tmp_path):
+    """A phase series next to its magnitude series has the same TE, TR, description and slices;
+    only ImageType tells them apart. Written first (lower series number), it must still lose."""
+    patient = make_study(tmp_path, with_others=False, t2={"extra": {"ImageType": ["ORIGINAL", "PRIMARY", "M", "ND"]}})
+    write_series(
+        patient / STUDY_FOLDER / "2 phase",
+        truth_volume(seed=3),
+        number=2,
+        extra={"ImageType": ["ORIGINAL", "PRIMARY", "P", "ND"]},
+    )
+    choice = choose_t2_series(inventory_study(patient))
+    assert choice.series.series_number == 3
+    assert '#2 "T2_SPIR" phase image (ImageType ORIGINAL\\PRIMARY\\P\\ND)' in choice.reason
+
+
 def test_raw_dicom_without_preamble_is_read(tmp_path):
     patient = make_study(tmp_path, with_others=False)
     for path in (patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12").iterdir():
