@@ -196,6 +196,8 @@ class LiverMaskConfig(dg.Config):
     liver_volume_ml_max: float = 4000.0
     min_largest_component_fraction: float = 0.9
     min_dice_liver: float = 0.9
+    # a liver cut by the field of view: its largest share on a face of the volume (warning only)
+    max_liver_at_edge_fraction: float = 0.05
 
     def thresholds(self) -> steps.MaskThresholds:
         return steps.MaskThresholds(
@@ -203,6 +205,7 @@ class LiverMaskConfig(dg.Config):
             liver_volume_ml_max=self.liver_volume_ml_max,
             min_largest_component_fraction=self.min_largest_component_fraction,
             min_dice_liver=self.min_dice_liver,
+            max_liver_at_edge_fraction=self.max_liver_at_edge_fraction,
         )
 
 
@@ -240,6 +243,14 @@ LIVER_MASK_CHECKS = [
         "single_main_component",
         asset="liver_mask",
         description="the largest connected liver component holds >= 90% of liver voxels",
+    ),
+    # Warning only: a scan that ends mid-liver still shows the liver it covers; its shape features
+    # describe that part, which the reader should know.
+    dg.AssetCheckSpec(
+        "liver_within_field_of_view",
+        asset="liver_mask",
+        description="at most 5% of the liver's largest cross-section lies on a face of the scanned volume "
+        "(a liver cut off by the field of view, warning)",
     ),
     dg.AssetCheckSpec(
         "dice_vs_reference",

@@ -95,6 +95,8 @@ TABLES: dict[str, str] = {
         largest_component_fraction DOUBLE,
         dice_liver DOUBLE,
         dice_spleen DOUBLE,
+        liver_at_edge_fraction DOUBLE,
+        liver_at_edge VARCHAR,
         {PROVENANCE}""",
     "radiomic_features": f"""
         patient_id VARCHAR NOT NULL,

@@ -653,6 +653,17 @@ class _SeriesFiles:
     problem: str | None = None  # why a multi-frame file is not one volume (the first such file)
     echo_problems: dict[float, str] = field(default_factory=dict)  # the same for the frames of one echo
     image_types: list[str] = field(default_factory=list)  # per frame, as `slices` (image_type_of)
+    first_of_type: dict[str, Dataset] = field(default_factory=dict)  # classic files: image type -> header
+
+
+def _header_of(dataset: Dataset, views: list[Dataset]) -> Dataset:
+    """The header of a file (of its first frame), without pixels: a study can have thousands of
+    files. A classic file's copy shares its elements, so the file's dataset loses its pixels too."""
+    if views[0] is not dataset:
+        return views[0]  # built without the pixels
+    header = dataset.copy()
+    del header.PixelData
+    return header
 
 
 def _series_folders(patient_dir: Path) -> list[tuple[Path, list[Path]]]:
@@ -868,15 +879,18 @@ def inventory_study(patient_dir: Path, folders: tuple[Path, ...] | None = None) 
                 continue
             views = frame_views(dataset)
             entry = by_uid.get(uid)
+            # the header of the series' first file, and of the first classic file of each image type
+            # (should the series split by type); made once per file, as it drops the file's pixels
+            kind, classic = image_type_of(dataset), not is_multiframe(dataset)
             if entry is None:
-                if views[0] is dataset:
-                    header = dataset.copy()
-                    del header.PixelData  # keep headers only: a study can have thousands of files
-                else:
-                    header = views[0]  # built without the pixels
-                entry = by_uid[uid] = _SeriesFiles(folder_index, header)
+                header = _header_of(dataset, views)
+                entry = by_uid[uid] = _SeriesFiles(
+                    folder_index, header, first_of_type={kind: header} if classic else {}
+                )
             elif entry.folder_index != folder_index:
                 raise PatientInputError(f"{_describe([dataset])} is split across several folders")
+            elif classic and kind not in entry.first_of_type:
+                entry.first_of_type[kind] = _header_of(dataset, views)
             echoes = [echo_time_ms(view) for view in views]
             if is_multiframe(dataset):
                 entry.multiframe = True
@@ -954,13 +968,14 @@ def _series_infos(uid: str, entry: _SeriesFiles) -> list[SeriesInfo]:
     for echo, kind in sorted(set(volume_keys), key=lambda key: (key[0] or 0.0, key[1] or "")):
         frames = [i for i, key in enumerate(volume_keys) if key == (echo, kind)]
         files = sorted({entry.frame_files[i] for i in frames})  # a multi-echo file serves every echo
-        header = copy.deepcopy(entry.first)  # a header without pixels; Dataset.copy() shares its elements
+        # the first header of its image type (its own b-value, sequence name, ...), else of the series;
+        # without pixels. Dataset.copy() would share its elements: deepcopy.
+        header = copy.deepcopy(entry.first_of_type[kind] if kind is not None else entry.first)
         names = []
         if echo is not None:
             header.EchoTime = echo
             names.append(f"echo {echoes.index(echo) + 1} of {len(echoes)}")
         if kind is not None:
-            header.ImageType = kind.split("\\")
             names.append(", ".join(image_components(kind)) or kind)
         header.SeriesDescription = f"{description} ({'; '.join(names)})"
         part = _SeriesFiles(

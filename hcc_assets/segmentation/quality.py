@@ -1,4 +1,4 @@
-"""What a reader checks on a liver mask: size, plausibility, fragments, agreement; and Figure 1."""
+"""What a reader checks on a liver mask: size, plausibility, fragments, coverage, agreement; and Figure 1."""
 
 from __future__ import annotations
 
@@ -11,6 +11,28 @@ from hcc_assets.core.figures import array_png
 from .config import LABEL_LIVER, LABEL_SPLEEN, MaskQualityConfig
 
 _AFFINE_TOLERANCE_MM = 1e-3
+# the native volume's axes as the NIfTI writer lays them out: (columns, rows, slices)
+_AXIS_NAMES = ("column", "row", "slice")
+
+
+def liver_at_edge(liver: np.ndarray) -> tuple[float, str]:
+    """How much of the liver the scan's field of view cuts off, and where: over the six faces of
+    the volume, the most liver voxels on one face as a share of the liver's largest cross-section
+    parallel to it, with that face ("slice 1 of 26"); (0.0, "") for an empty mask or a liver clear
+    of every face. A dome that just reaches the top slice gives a few percent; a field of view that
+    ends mid-liver gives tens of percent, and then radiomic shape features (volume, surface,
+    diameters) describe only the part that was scanned."""
+    worst, where = 0.0, ""
+    for axis, name in enumerate(_AXIS_NAMES):
+        areas = liver.sum(axis=tuple(other for other in range(3) if other != axis))
+        peak = int(areas.max()) if areas.size else 0
+        if peak == 0:
+            continue
+        for index in (0, len(areas) - 1):
+            share = float(areas[index]) / peak
+            if share > worst:
+                worst, where = share, f"{name} {index + 1} of {len(areas)}"
+    return round(worst, 4), where
 
 
 def mask_quality(
@@ -38,6 +60,7 @@ def mask_quality(
         "liver_volume_plausible": config.liver_volume_ml_min <= liver_ml <= config.liver_volume_ml_max,
         "liver_volume_range_ml": [config.liver_volume_ml_min, config.liver_volume_ml_max],
         "liver_components": int(count),
+        **dict(zip(("liver_at_edge_fraction", "liver_at_edge"), liver_at_edge(liver), strict=True)),
         "liver_largest_component_fraction": round(float(sizes.max() / liver_voxels), 6) if count else 0.0,
         "spleen_voxels": spleen_voxels,
         "spleen_volume_ml": round(spleen_voxels * voxel_ml, 3),

@@ -328,6 +328,7 @@ class MaskThresholds:
     liver_volume_ml_max: float
     min_largest_component_fraction: float
     min_dice_liver: float
+    max_liver_at_edge_fraction: float = 0.05
 
     @property
     def volume_range(self) -> list[float]:
@@ -378,8 +379,8 @@ def mask_problem(quality: dict, range_ml: list[float]) -> str | None:
 
 
 def mask_checks(quality: dict, has_reference: bool, thresholds: MaskThresholds) -> list[CheckOutcome]:
-    """mask_not_empty, liver_volume_plausible (blocking errors); single_main_component and, where a
-    reference mask exists, dice_vs_reference (warnings)."""
+    """mask_not_empty, liver_volume_plausible (blocking errors); single_main_component,
+    liver_within_field_of_view and, where a reference mask exists, dice_vs_reference (warnings)."""
     fraction = quality["liver_largest_component_fraction"]
     if not has_reference:
         dice = CheckOutcome("dice_vs_reference", True, {"reference": "no reference"})
@@ -408,6 +409,16 @@ def mask_checks(quality: dict, has_reference: bool, thresholds: MaskThresholds) 
                 "largest_component_fraction": fraction,
                 "components": quality["liver_components"],
                 "threshold": thresholds.min_largest_component_fraction,
+            },
+            warn=True,
+        ),
+        CheckOutcome(
+            "liver_within_field_of_view",
+            quality["liver_at_edge_fraction"] <= thresholds.max_liver_at_edge_fraction,
+            {
+                "liver_at_edge_fraction": quality["liver_at_edge_fraction"],
+                "edge": quality["liver_at_edge"] or "none",
+                "threshold": thresholds.max_liver_at_edge_fraction,
             },
             warn=True,
         ),
@@ -444,6 +455,10 @@ class LiverMask:
             "largest_component_fraction": q["liver_largest_component_fraction"],
             "dice_liver": q["dice_liver"],
             "dice_spleen": q["dice_spleen"],
+            # the field of view's cut through the liver (liver_within_field_of_view); NULL in rows
+            # written before it was measured
+            "liver_at_edge_fraction": q["liver_at_edge_fraction"],
+            "liver_at_edge": q["liver_at_edge"] or None,
         }
 
     def metadata(self) -> dict[str, Any]:

@@ -663,12 +663,46 @@ def test_a_series_of_two_image_types_at_the_same_positions_is_split_and_the_anat
     assert np.allclose(image.affine, single.affine)
 
 
+def test_each_image_type_of_a_split_series_is_described_by_its_own_header(tmp_path):
+    """A diffusion series holding b = 0 images and the b = 800 trace at every position (as Siemens
+    writes it): split by ImageType, each part carries its own b-value, and neither is a T2."""
+    patient = tmp_path / "p"
+    uid = generate_uid()
+    for prefix, image_type, b_value, seed in (
+        ("B0", ["ORIGINAL", "PRIMARY", "M", "ND"], 0, 1),
+        ("TR", ["DERIVED", "PRIMARY", "DIFFUSION", "TRACEW"], 800, 2),
+    ):
+        write_series(
+            patient / "dwi",
+            truth_volume(seed=seed),
+            number=7,
+            description="ep2d_diff_b0_800",
+            echo_time=80,
+            repetition_time=4000,
+            scanning_sequence="EP",
+            sequence_name="*ep_b0_800",
+            series_uid=uid,
+            name_prefix=prefix,
+            extra={"ImageType": image_type, "DiffusionBValue": b_value},
+        )
+    write_series(patient / "t2", truth_volume(seed=3), number=3)
+    inventory = inventory_study(patient)
+    parts = {s.description: s.diffusion_b_value for s in inventory.series if s.series_number == 7}
+    assert parts == {
+        "ep2d_diff_b0_800 (magnitude)": 0.0,
+        "ep2d_diff_b0_800 (DERIVED\\PRIMARY\\DIFFUSION\\TRACEW)": 800.0,
+    }
+    choice = choose_t2_series(inventory)
+    assert choice.series.series_number == 3
+    assert "diffusion (b = 800)" in choice.reason and "diffusion sequence '*ep_b0_800'" in choice.reason
+
+
 def test_an_image_type_that_varies_along_one_stack_does_not_split_the_series(tmp_path):
     """Slices at distinct positions whose ImageType differs (a vendor flag on some slices) are one
     volume: a split by ImageType needs images of several types at the same positions."""
     flagged = {k: {"ImageType": ["ORIGINAL", "PRIMARY", "M", "ND", "NORM"]} for k in (0, 5)}
     patient = make_study(tmp_path, with_others=False, t2={"per_slice": flagged})
-    inventory, choice, image = ingest(patient)
+    inventory, _choice, image = ingest(patient)
     assert [(s.description, s.n_files) for s in inventory.series] == [("T2_SPIR", 12)]
     assert image.shape[2] == 12
 

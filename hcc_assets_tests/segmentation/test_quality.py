@@ -32,6 +32,23 @@ def test_volume_components_and_plausibility():
     ]
 
 
+def test_a_liver_cut_by_the_field_of_view_is_measured_at_the_face_it_touches():
+    data = np.zeros((40, 30, 20), np.uint8)
+    data[10:30, 5:25, 3:15] = 1  # clear of every face
+    assert mask_quality(labels_image(data))["liver_at_edge_fraction"] == 0.0
+    assert mask_quality(labels_image(data))["liver_at_edge"] == ""
+    data[12:28, 8:22, 0:3] = 1  # the scan starts below the dome: 16 x 14 of the 20 x 20 cross-section
+    quality = mask_quality(labels_image(data))
+    assert quality["liver_at_edge_fraction"] == pytest.approx(16 * 14 / 400, abs=1e-4)
+    assert quality["liver_at_edge"] == "slice 1 of 20"
+    data[10:30, 29, 3:15] = 1  # and a slab on the last row (240 voxels; the widest row holds 240 + 48)
+    quality = mask_quality(labels_image(data))
+    assert quality["liver_at_edge"] == "row 30 of 30"
+    assert quality["liver_at_edge_fraction"] == pytest.approx(240 / 288, abs=1e-4)
+    empty = mask_quality(labels_image(np.zeros((5, 5, 5), np.uint8)))
+    assert (empty["liver_at_edge_fraction"], empty["liver_at_edge"]) == (0.0, "")
+
+
 def test_volume_uses_the_true_voxel_size_of_an_oblique_grid():
     angle = np.deg2rad(20)
     rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])

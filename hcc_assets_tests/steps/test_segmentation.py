@@ -25,6 +25,8 @@ def _quality(**overrides) -> dict:
         "liver_volume_plausible": True,
         "liver_components": 1,
         "liver_largest_component_fraction": 1.0,
+        "liver_at_edge_fraction": 0.0,
+        "liver_at_edge": "",
         "dice_liver": None,
         "dice_spleen": None,
     }
@@ -62,10 +64,21 @@ def test_the_problem_follows_the_plausibility_flag_not_the_range():
 
 def test_mask_checks_without_reference():
     checks = {c.name: c for c in steps.mask_checks(_quality(), False, THRESHOLDS)}
-    assert list(checks) == ["mask_not_empty", "liver_volume_plausible", "single_main_component", "dice_vs_reference"]
+    assert list(checks) == [
+        "mask_not_empty",
+        "liver_volume_plausible",
+        "single_main_component",
+        "liver_within_field_of_view",
+        "dice_vs_reference",
+    ]
     assert all(c.passed for c in checks.values())
-    assert [c.warn for c in checks.values()] == [False, False, True, False]
+    assert [c.warn for c in checks.values()] == [False, False, True, True, False]
     assert checks["dice_vs_reference"].metadata == {"reference": "no reference"}
+    assert checks["liver_within_field_of_view"].metadata == {
+        "liver_at_edge_fraction": 0.0,
+        "edge": "none",
+        "threshold": 0.05,
+    }
     assert checks["liver_volume_plausible"].metadata == {"liver_ml": 1500.0, "range_ml": [500.0, 4000.0]}
 
 
@@ -77,10 +90,14 @@ def test_mask_checks_fail_on_an_empty_fragmented_mask_with_poor_dice():
         liver_largest_component_fraction=0.5,
         dice_liver=0.8,
         dice_spleen=0.7,
+        liver_at_edge_fraction=0.28,
+        liver_at_edge="slice 1 of 26",
     )
     checks = {c.name: c for c in steps.mask_checks(quality, True, THRESHOLDS)}
     assert not any(c.passed for c in checks.values())
     assert checks["dice_vs_reference"].warn and checks["single_main_component"].warn
+    assert checks["liver_within_field_of_view"].warn
+    assert checks["liver_within_field_of_view"].metadata["edge"] == "slice 1 of 26"
     assert checks["dice_vs_reference"].metadata == {"dice_liver": 0.8, "dice_spleen": 0.7, "threshold": 0.9}
     assert checks["single_main_component"].metadata == {
         "largest_component_fraction": 0.5,
@@ -90,9 +107,12 @@ def test_mask_checks_fail_on_an_empty_fragmented_mask_with_poor_dice():
 
 
 def test_thresholds_are_inclusive():
-    quality = _quality(liver_largest_component_fraction=0.9, dice_liver=0.9, dice_spleen=0.5)
+    quality = _quality(
+        liver_largest_component_fraction=0.9, dice_liver=0.9, dice_spleen=0.5, liver_at_edge_fraction=0.05
+    )
     checks = {c.name: c for c in steps.mask_checks(quality, True, THRESHOLDS)}
     assert checks["single_main_component"].passed and checks["dice_vs_reference"].passed
+    assert checks["liver_within_field_of_view"].passed
 
 
 # -- grid check ------------------------------------------------------------------------------
