@@ -386,6 +386,19 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _check_warnings(instance, partition: str) -> list[str]:
+    """The failed warning checks of the partition's newest run (see runner.check_warnings)."""
+    import dagster as dg
+
+    from hcc_assets import runner
+
+    records = instance.get_run_records(dg.RunsFilter(tags={"dagster/partition": partition}), limit=1)
+    if not records:
+        return []
+    logs = instance.all_logs(records[0].dagster_run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+    return runner.check_warnings([e.dagster_event for e in logs if e.dagster_event])
+
+
 def _last_failures(instance, patients: list[str]) -> dict[str, str]:
     """patient -> first error line of its newest run, where that run failed."""
     import dagster as dg
@@ -448,6 +461,8 @@ def cmd_predict(args) -> int:
             f"patient {key}: patient_pipeline {'ok' if ok else 'FAILED: ' + failure} "
             f"in {time.perf_counter() - started:.1f}s"
         )
+        for warning in _check_warnings(instance, key):
+            print(f"  warning: {warning}")
         predictions = reads.patient_predictions(lake.store, key)
         if predictions.height == 0:
             print(f"patient {key}: no prediction was made (see `hcc-assets status --patient {key}`)")

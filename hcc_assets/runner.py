@@ -162,13 +162,25 @@ def failure_line(events: Sequence[dg.DagsterEvent]) -> str:
     return ""
 
 
-def _describe_failed_check(evaluation) -> str:
+def check_warnings(events: Sequence[dg.DagsterEvent]) -> list[str]:
+    """One line per failed warning check among `events` (a liver cut off by the field of view, a
+    fragmented mask, a low Dice): the patient's results stand, but its reader should know."""
+    return [
+        _describe_failed_check(e.asset_check_evaluation_data, "check")
+        for e in events
+        if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
+        and not e.asset_check_evaluation_data.passed
+        and e.asset_check_evaluation_data.severity == dg.AssetCheckSeverity.WARN
+    ]
+
+
+def _describe_failed_check(evaluation, kind: str = "blocking check") -> str:
     """`asset: blocking check NAME failed (key value, ...)`, from an AssetCheckEvaluation."""
     values = ", ".join(
         f"{key} {getattr(value, 'value', value)}" for key, value in sorted((evaluation.metadata or {}).items())
     )
     why = evaluation.description or values
-    return f"{evaluation.asset_key.to_user_string()}: blocking check {evaluation.check_name} failed" + (
+    return f"{evaluation.asset_key.to_user_string()}: {kind} {evaluation.check_name} failed" + (
         f" ({why})" if why else ""
     )
 

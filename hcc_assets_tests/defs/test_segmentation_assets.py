@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from hcc_assets import runner
 from hcc_assets.defs.cohort import cohort
 from hcc_assets.defs.ingest import nifti_volume
 from hcc_assets.defs.resources import LakeResource
@@ -185,6 +186,11 @@ def test_masks_are_on_the_native_grid_with_checks_and_dice(platform):
             "features_finite",
         }
         assert checks["mask_not_empty"].passed and checks["features_finite"].passed
+        # what `hcc-assets predict` prints under the patient: its failed warning checks, with their numbers
+        warned = sorted(c.check_name for c in checks.values() if not c.passed and c.severity.value == "WARN")
+        lines = runner.check_warnings(result.all_events)
+        assert sorted(line.split(" check ", 1)[1].split(" failed", 1)[0] for line in lines) == warned
+        assert all(line.startswith("liver_mask: check ") for line in lines)
         meta = _metadata(result, liver_mask)
         check_figure(
             meta,
