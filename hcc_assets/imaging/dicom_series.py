@@ -17,6 +17,7 @@ import datetime as dt
 import hashlib
 import io
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1073,6 +1074,14 @@ def _is_axial(series: SeriesInfo) -> bool:
     return len(series.orientation) == 6 and abs(slice_normal(series.orientation)[2]) > 0.8
 
 
+# Fat suppression as series descriptions name it (SPIR: the study's Philips T2; SPAIR, STIR, ...).
+_FAT_SUPPRESSED = re.compile(r"(?<![A-Z])(FS|SPIR|SPAIR|STIR|FAT ?SAT|FATSAT|FAT ?SUP\w*|SFS)(?![A-Z])")
+
+
+def _is_fat_suppressed(series: SeriesInfo) -> bool:
+    return bool(_FAT_SUPPRESSED.search(series.description.upper().replace("_", " ")))
+
+
 def _t2_score(series: SeriesInfo) -> float:
     """Higher is more like the study's T2 series; only compared among accepted candidates."""
     te = series.echo_time_ms or 0.0
@@ -1081,7 +1090,8 @@ def _t2_score(series: SeriesInfo) -> float:
     score += 0.3 * (_sequence_kind(series) == "spin echo")
     score += 0.3 * ("T2" in series.description.upper())
     score += 0.2 * _is_axial(series)
-    score += 0.1 * ("water" in image_components(series.image_type))  # fat-suppressed, as the study's T2-SPIR
+    # fat-suppressed, as the study's T2-SPIR: by its description, or a Dixon water image
+    score += 0.1 * (_is_fat_suppressed(series) or "water" in image_components(series.image_type))
     score += min(series.n_slices, 200) / 1000.0  # more slices break ties
     return round(score, 4)
 
@@ -1153,8 +1163,13 @@ def choose_t2_series(
             f"no T2-weighted series in the study (need MR, TE >= {min_echo_time_ms:g} ms, "
             f"TR >= {min_repetition_time_ms:g} ms, no diffusion, no contrast); found: {found}"
         )
-    # a lossless series is preferred to a lossy one whatever their scores: lossy pixels are a last resort
-    best, chosen = max(accepted, key=lambda pair: (not pair[0]["lossy"], pair[0]["score"]))
+    # a lossless series is preferred to a lossy one whatever their scores: lossy pixels are a last resort.
+    # Between equal scores the later series wins: a sequence is repeated when the first run failed
+    # (breathing, motion), so the repeat is the one the radiologist reads.
+    best, chosen = max(
+        accepted,
+        key=lambda pair: (not pair[0]["lossy"], pair[0]["score"], pair[1].series_number or 0, pair[1].series_key),
+    )
     others = [
         f'#{_fmt(c["series_number"])} "{c["description"]}" '
         + (
@@ -1163,6 +1178,8 @@ def choose_t2_series(
             else "T2-weighted but lossy-compressed; a lossless series is preferred"
             if c["lossy"] and not best["lossy"]
             else f"T2-weighted but scored {c['score']:g} < {best['score']:g}"
+            if c["score"] < best["score"]
+            else f"T2-weighted and scored {c['score']:g} too; the later series is preferred (a repeat)"
         )
         for c in candidates
         if c is not best

@@ -32,7 +32,9 @@ from hcc_assets.lake import (
     sha256_bytes,
 )
 
-RAW_SCAN_VERSION = "3"  # 3: one study per partition (follow-ups), the record and `studies` name it
+# 3: one study per partition (follow-ups), the record and `studies` name it; 4: the T2 choice tells
+# image types apart (Dixon fat, phase), prefers fat suppression and, between equals, the later series
+RAW_SCAN_VERSION = "4"
 NIFTI_VERSION = "1"
 PREPROCESS_VERSION = "1"
 

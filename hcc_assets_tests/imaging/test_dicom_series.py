@@ -346,6 +346,21 @@ def test_prefers_the_axial_spin_echo_t2(tmp_path):
     assert '#2 "HASTE_COR" T2-weighted but scored' in choice.reason
 
 
+def test_a_repeated_t2_is_preferred_to_the_first_run_and_fat_suppression_to_none(tmp_path):
+    """Between equal candidates the later series wins (a sequence is repeated when the first run
+    failed); a fat-suppressed T2 (the study's T2-SPIR) beats one without, whatever their order."""
+    patient = tmp_path / "p"
+    write_series(patient / "first", truth_volume(), number=4, description="T2_TSE_AX")
+    write_series(patient / "repeat", truth_volume(seed=1), number=9, description="T2_TSE_AX")
+    choice = choose_t2_series(inventory_study(patient))
+    assert choice.series.series_number == 9
+    assert '#4 "T2_TSE_AX" T2-weighted and scored' in choice.reason and "the later series is preferred" in choice.reason
+    write_series(patient / "fs", truth_volume(seed=2), number=2, description="t2_tse_fs_tra")
+    choice = choose_t2_series(inventory_study(patient))
+    assert choice.series.series_number == 2
+    assert '#9 "T2_TSE_AX" T2-weighted but scored' in choice.reason
+
+
 def test_no_t2_lists_what_was_found(tmp_path):
     patient = tmp_path / PATIENT_FOLDER
     write_series(
