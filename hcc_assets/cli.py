@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import cast
 
@@ -429,18 +430,22 @@ def cmd_predict(args) -> int:
     from hcc_assets import runner
     from hcc_assets.defs.resources import default_lake_resource
     from hcc_assets.featurestore import reads
-    from hcc_assets.intake.dropzone import drop_copy
+    from hcc_assets.intake.dropzone import ArchiveError, drop_archive, drop_copy
 
     source = Path(args.folder).resolve()
-    if not source.is_dir():
-        print(f"error: {args.folder} is not a folder", file=sys.stderr)
+    archive = source.is_file() and zipfile.is_zipfile(source)
+    if not source.is_dir() and not archive:
+        print(f"error: {args.folder} is neither a folder nor a ZIP archive", file=sys.stderr)
         return 2
     lake = default_lake_resource()
     incoming = lake.incoming_dir.resolve()
-    pid = lake.pseudonym(source.name)
-    if source.parent != incoming:
+    pid = lake.pseudonym(source.stem if archive else source.name)
+    if source.parent != incoming or archive:
         try:
-            drop_copy(source, incoming)
+            (drop_archive if archive else drop_copy)(source, incoming)
+        except ArchiveError as error:
+            print(f"error: {error} (patient {pid})", file=sys.stderr)
+            return 2
         except FileExistsError as error:
             print(
                 f"error: {error} (patient {pid}); predict that one with its path in the drop zone, or rename "
@@ -748,8 +753,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument(
         "folder",
-        help="the patient's study folder (DICOM files, any layout); copied into the "
-        "drop zone unless it is already there",
+        help="the patient's study folder (DICOM files, any layout), or a ZIP archive of it (a PACS or "
+        "viewer export); copied (unpacked) into the drop zone unless it is already there",
     )
     predict.set_defaults(func=cmd_predict)
 

@@ -15,7 +15,9 @@ import hashlib
 import io
 import os
 import shutil
+import stat
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +100,45 @@ def drop_copy(source: Path, incoming: Path) -> Path:
     with publish_folder(target, hidden_prefix=".drop-", replace=False) as staging:
         shutil.copytree(source, staging, dirs_exist_ok=True)
     return target
+
+
+class ArchiveError(ValueError):
+    """A ZIP export that cannot be unpacked safely; the message names no member (names may be PHI)."""
+
+
+def drop_archive(archive: Path, incoming: Path) -> Path:
+    """Unpack the ZIP archive `archive` (a PACS web export, a viewer's "download study") into the
+    drop zone as `incoming/<its name without .zip>`, published as drop_copy publishes a folder.
+
+    zipfile itself strips absolute paths and ".." from member names, so nothing lands outside the
+    folder; left to check here: symbolic-link members (zipfile would write their target as a file)
+    are left out, and an archive whose members would not fit on the drop zone's disk, or that is
+    password-protected or corrupt, is refused (ArchiveError) before anything is written.
+    FileExistsError for a name the drop zone already holds.
+    """
+    target = incoming / archive.stem
+    if target.exists():
+        raise FileExistsError("the drop zone already holds a study folder of this name")
+    try:
+        with zipfile.ZipFile(archive) as bundle:
+            members = [m for m in bundle.infolist() if not m.is_dir() and not _is_symlink(m)]
+            if any(m.flag_bits & 0x1 for m in members):
+                raise ArchiveError("the archive is password-protected; export it without a password")
+            needed = sum(m.file_size for m in members)
+            incoming.mkdir(parents=True, exist_ok=True)
+            if needed > shutil.disk_usage(incoming).free:
+                raise ArchiveError(
+                    f"the archive unpacks to {needed / 2**30:.1f} GiB, more than the drop zone's free space"
+                )
+            with publish_folder(target, hidden_prefix=".drop-", replace=False) as staging:
+                bundle.extractall(staging, members)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as error:
+        raise ArchiveError(f"the archive is damaged ({type(error).__name__})") from None
+    return target
+
+
+def _is_symlink(member: zipfile.ZipInfo) -> bool:
+    return stat.S_ISLNK(member.external_attr >> 16)
 
 
 def scan_drop_zone(

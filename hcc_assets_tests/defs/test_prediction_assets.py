@@ -268,7 +268,9 @@ def test_with_no_usable_classifier_the_prediction_says_why(tmp_path):
 
 
 def test_predict_command_runs_one_folder_through_dagster_and_prints_its_predictions(predicted):
-    """`hcc-assets predict <folder>`, as a user runs it (its own process, the lake's settings)."""
+    """`hcc-assets predict <export.zip>`, as a user runs it (its own process, the lake's settings):
+    a PACS's ZIP export is unpacked into the drop zone and ingested like the folder it holds."""
+    import shutil
     import subprocess
     import sys
     from pathlib import Path
@@ -279,6 +281,7 @@ def test_predict_command_runs_one_folder_through_dagster_and_prints_its_predicti
         root / "walk_in", SynthConfig(**{**SMALL_COHORT, "patients": 1, "seed": 123, "follow_up_fraction": 1.0})
     )[0]
     folder = root / "walk_in" / new.patient_key
+    archive = Path(shutil.make_archive(str(root / "zips" / new.patient_key), "zip", root / "walk_in", new.patient_key))
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("HCC_ASSETS_")},
         "DAGSTER_HOME": str(prepared.home),
@@ -286,8 +289,8 @@ def test_predict_command_runs_one_folder_through_dagster_and_prints_its_predicti
         "OMP_WAIT_POLICY": "PASSIVE",
         "HCC_ASSETS_PATIENT_RUN_CONFIG": str(prepared.root / "patient_run_config.yaml"),
     }
-    command = [str(Path(sys.executable).parent / "hcc-assets"), "predict", str(folder)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    command = [str(Path(sys.executable).parent / "hcc-assets"), "predict"]
+    done = subprocess.run([*command, str(archive)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     pid = predicted["lake"].pseudonym(new.patient_key)
     assert f"patient {pid}: patient_pipeline ok" in done.stdout
@@ -303,7 +306,7 @@ def test_predict_command_runs_one_folder_through_dagster_and_prints_its_predicti
     )
     assert dict(rows.rows())["deep"] == "predicted"
     assert (prepared.root / "incoming" / new.patient_key / ".complete").exists()
-    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    again = subprocess.run([*command, str(folder)], env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 2 and "already holds a study folder of this name" in again.stderr
 
 

@@ -92,6 +92,79 @@ def test_drop_copy_publishes_a_whole_study_once(tmp_path):
     assert "MRN12345" not in str(refused.value)  # folder names can be record numbers
 
 
+def _zip_folder(folder, archive, extra=()):
+    """`folder` zipped as a PACS web export does (one top folder), plus `extra` (ZipInfo, bytes)."""
+    import zipfile
+
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as bundle:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                bundle.write(path, f"EXPORT/{path.relative_to(folder)}")
+        for info, data in extra:
+            bundle.writestr(info, data)
+    return archive
+
+
+def test_a_zip_export_unpacks_into_the_drop_zone_as_the_folder_would_arrive(tmp_path):
+    """A zipped study (with a macOS resource fork, a symbolic link and a member that climbs out
+    with '..') ingests as the folder it was made from: same series, same checksums."""
+    import stat
+    import zipfile
+
+    from hcc_assets.imaging.dicom_series import inventory_study
+    from hcc_assets.intake.dropzone import COMPLETE_MARKER, drop_archive
+    from hcc_assets_tests.imaging.test_dicom_series import make_study
+
+    patient = make_study(tmp_path / "export")
+    link = zipfile.ZipInfo("EXPORT/link")
+    link.external_attr = (stat.S_IFLNK | 0o777) << 16
+    extra = [
+        (zipfile.ZipInfo("__MACOSX/EXPORT/._IM0001"), b"\0\5\26\7 resource fork"),
+        (link, b"/etc/passwd"),
+        (zipfile.ZipInfo("../../escaped.txt"), b"outside?"),
+    ]
+    archive = _zip_folder(patient, tmp_path / "MRN4711.zip", extra)
+    incoming = tmp_path / "incoming"
+
+    target = drop_archive(archive, incoming)
+
+    assert target == incoming / "MRN4711" and (target / COMPLETE_MARKER).exists()
+    assert not (target / "EXPORT" / "link").exists()  # a link's target path is no file of the study
+    assert (target / "escaped.txt").exists() and not (tmp_path / "escaped.txt").exists()
+    assert sorted(p.name for p in incoming.iterdir()) == ["MRN4711"]  # no staging folder left
+    unpacked, original = inventory_study(target), inventory_study(patient)
+    assert [(s.series_key, s.checksum) for s in unpacked.series] == [
+        (s.series_key, s.checksum) for s in original.series
+    ]
+    with pytest.raises(FileExistsError):
+        drop_archive(archive, incoming)
+
+
+def test_a_damaged_or_password_protected_zip_is_refused_before_anything_is_written(tmp_path):
+    import zipfile
+
+    from hcc_assets.intake.dropzone import ArchiveError, drop_archive
+
+    incoming = tmp_path / "incoming"
+    good = tmp_path / "source"
+    good.mkdir()
+    (good / "IM0001").write_bytes(b"x" * 4096)
+    damaged = _zip_folder(good, tmp_path / "MRN1.zip")
+    damaged.write_bytes(damaged.read_bytes()[:-30])  # cut short: the central directory is gone
+    with pytest.raises(ArchiveError, match="damaged"):
+        drop_archive(damaged, incoming)
+    locked = _zip_folder(good, tmp_path / "MRN2.zip")
+    data = bytearray(locked.read_bytes())  # set the "encrypted" flag as an encrypting tool writes it
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        data[data.index(signature) + offset] |= 0x1
+    locked.write_bytes(bytes(data))
+    assert zipfile.ZipFile(locked).infolist()[0].flag_bits & 0x1
+    with pytest.raises(ArchiveError, match="password-protected") as refused:
+        drop_archive(locked, incoming)
+    assert "MRN2" not in str(refused.value) and "IM0001" not in str(refused.value)
+    assert not incoming.exists() or not any(incoming.iterdir())
+
+
 def test_study_partition_keys_round_trip_and_leave_the_first_study_bare():
     from hcc_assets.intake.pseudonym import split_partition_key, study_partition_key
 
