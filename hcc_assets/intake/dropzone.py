@@ -102,6 +102,9 @@ def drop_copy(source: Path, incoming: Path) -> Path:
     return target
 
 
+UNPACKED_ARCHIVES = ".unpacked"  # where a drop zone's ZIP archives go once unpacked (hidden: not scanned)
+
+
 class ArchiveError(ValueError):
     """A ZIP export that cannot be unpacked safely; the message names no member (names may be PHI)."""
 
@@ -114,7 +117,8 @@ def drop_archive(archive: Path, incoming: Path) -> Path:
     folder; left to check here: symbolic-link members (zipfile would write their target as a file)
     are left out, and an archive whose members would not fit on the drop zone's disk, or that is
     password-protected or corrupt, is refused (ArchiveError) before anything is written.
-    FileExistsError for a name the drop zone already holds.
+    FileExistsError for a name the drop zone already holds. An archive lying in the drop zone
+    itself is moved to UNPACKED_ARCHIVES once unpacked, so no later scan unpacks it again.
     """
     target = incoming / archive.stem
     if target.exists():
@@ -134,6 +138,9 @@ def drop_archive(archive: Path, incoming: Path) -> Path:
                 bundle.extractall(staging, members)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as error:
         raise ArchiveError(f"the archive is damaged ({type(error).__name__})") from None
+    if archive.resolve().parent == incoming.resolve():
+        (incoming / UNPACKED_ARCHIVES).mkdir(exist_ok=True)
+        os.replace(archive, incoming / UNPACKED_ARCHIVES / archive.name)
     return target
 
 
@@ -141,14 +148,40 @@ def _is_symlink(member: zipfile.ZipInfo) -> bool:
     return stat.S_ISLNK(member.external_attr >> 16)
 
 
+def _unpack_dropped_archive(archive: Path, incoming: Path, quiet_seconds: float, now: float) -> str | None:
+    """Unpack a ZIP archive lying in the drop zone (drop_archive) once nothing has written to it for
+    `quiet_seconds` (it may still be arriving), then move it to UNPACKED_ARCHIVES; why not, or None."""
+    if now - archive.stat().st_mtime < quiet_seconds:
+        return None
+    try:
+        drop_archive(archive, incoming)
+    except ArchiveError as error:
+        return f"ZIP archive not unpacked: {error}"
+    except FileExistsError:
+        return "ZIP archive not unpacked: a study folder of its name is already in the drop zone"
+    return None
+
+
 def scan_drop_zone(
     incoming: Path, quiet_seconds: float = 60.0, now: float | None = None, skipped: list[SkippedFolder] | None = None
 ) -> list[DropFolder]:
     """Complete patient folders under `incoming`, sorted by folder name. Folders that cannot be
-    read are left out and, when `skipped` is given, appended to it with the reason."""
+    read are left out and, when `skipped` is given, appended to it with the reason.
+
+    A ZIP archive in the drop zone (a PACS export saved there) is unpacked first into a folder of its
+    name, once it has been quiet for `quiet_seconds`, and moved to `.unpacked/`; one that cannot be
+    unpacked stays and is reported in `skipped`."""
     if not incoming.is_dir():
         return []
     now = time.time() if now is None else now
+    for entry in sorted(incoming.iterdir()):
+        if entry.suffix.lower() == ".zip" and entry.is_file() and not entry.name.startswith("."):
+            try:
+                why = _unpack_dropped_archive(entry, incoming, quiet_seconds, now)
+            except OSError as error:
+                why = f"ZIP archive not unpacked ({error.strerror or type(error).__name__})"
+            if why and skipped is not None:
+                skipped.append(SkippedFolder(entry.stem, why))
     ready = []
     for entry in sorted(incoming.iterdir()):
         if not entry.is_dir() or entry.name.startswith("."):

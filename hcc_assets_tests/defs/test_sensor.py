@@ -1,7 +1,9 @@
 """The drop-zone sensor on a real instance, through build_sensor_context."""
 
 import json
+import os
 import shutil
+import time
 
 from hcc_assets.synthetic.cohort import SynthConfig, synthesize_cohort
 from hcc_assets_tests.conftest import SMALL_COHORT
@@ -38,3 +40,13 @@ def test_sensor_registers_requests_once_and_picks_up_new_patients(incoming_copy,
         requested = {r.partition_key for r in reset.run_requests}
         assert done not in requested and len(requested) == len(expected)
         assert set(json.loads(reset.cursor)) >= set(expected)
+
+        # a PACS's ZIP export saved into the drop zone: unpacked once quiet, then requested like a folder
+        zipped = synthesize_cohort(tmp_path / "zipped", SynthConfig(**{**SMALL_COHORT, "patients": 1, "seed": 98}))[0]
+        archive = shutil.make_archive(
+            str(incoming / zipped.patient_key), "zip", tmp_path / "zipped", zipped.patient_key
+        )
+        os.utime(archive, (time.time() - 3600, time.time() - 3600))
+        fourth = sensor_tick(instance, lake, reset.cursor)
+        assert [r.partition_key for r in fourth.run_requests] == [lake.pseudonym(zipped.patient_key)]
+        assert not os.path.exists(archive) and (incoming / zipped.patient_key / ".complete").exists()

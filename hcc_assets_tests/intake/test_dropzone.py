@@ -140,6 +140,36 @@ def test_a_zip_export_unpacks_into_the_drop_zone_as_the_folder_would_arrive(tmp_
         drop_archive(archive, incoming)
 
 
+def test_a_zip_saved_into_the_drop_zone_is_unpacked_by_the_scan_once_quiet(tmp_path):
+    """What the sensor sees: a ZIP export saved into incoming/ becomes a complete folder of its name
+    once nothing has written to it for the quiet period; a damaged one is reported, not half-read."""
+    from hcc_assets.intake.dropzone import UNPACKED_ARCHIVES, SkippedFolder
+
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "IM0001").write_bytes(b"x" * 4096)
+    archive = _zip_folder(source, incoming / "MRN77.zip")
+    skipped: list[SkippedFolder] = []
+    assert scan_drop_zone(incoming, quiet_seconds=60, skipped=skipped) == [] and skipped == []  # still arriving
+    assert archive.exists()
+
+    ready = scan_drop_zone(incoming, quiet_seconds=60, now=time.time() + 61, skipped=skipped)
+
+    assert [(f.source_key, f.complete_by) for f in ready] == [("MRN77", "marker")] and skipped == []
+    assert (incoming / "MRN77" / "EXPORT" / "IM0001").read_bytes() == b"x" * 4096
+    assert not archive.exists() and (incoming / UNPACKED_ARCHIVES / "MRN77.zip").exists()
+    broken = incoming / "MRN78.zip"
+    broken.write_bytes(b"PK\x03\x04 not really a zip")
+    later = scan_drop_zone(incoming, quiet_seconds=60, now=time.time() + 61, skipped=skipped)
+    assert [f.source_key for f in later] == ["MRN77"]
+    assert [(s.source_key, s.reason) for s in skipped] == [
+        ("MRN78", "ZIP archive not unpacked: the archive is damaged (BadZipFile)")
+    ]
+    assert broken.exists()
+
+
 def test_a_damaged_or_password_protected_zip_is_refused_before_anything_is_written(tmp_path):
     import zipfile
 
