@@ -258,14 +258,25 @@ def asset_names(job: str) -> list[str]:
     return sorted(key.to_user_string() for key in _defs().resolve_job_def(job).asset_layer.executable_asset_keys)
 
 
-def materialize_cohort(job: str = "cohort_refresh", assets: list[str] | None = None) -> bool:
-    """Run a cohort-level job (only `assets` of it, when given) in this process; True on success."""
+def materialize_cohort(
+    job: str = "cohort_refresh", assets: list[str] | None = None, steps: list[tuple[str, float]] | None = None
+) -> bool:
+    """Run a cohort-level job (only `assets` of it, when given) in this process; True on success.
+    `steps`, when given, receives (step, wall seconds) for each step that ran, in start order."""
+    instance = dg.DagsterInstance.get()
     result = dg.execute_job(
         dg.reconstructable(COHORT_JOBS[job]),
-        instance=dg.DagsterInstance.get(),
+        instance=instance,
         run_config=EXECUTORS["in_process"],
         tags={"hcc_assets/trigger": "cli"},
         asset_selection=[dg.AssetKey(name) for name in assets] if assets else None,
         raise_on_error=False,
     )
+    if steps is not None:
+        timed = [
+            (s.start_time, s.step_key, s.end_time - s.start_time)
+            for s in instance.get_run_step_stats(result.run_id)
+            if s.start_time is not None and s.end_time is not None
+        ]
+        steps += [(key, seconds) for _, key, seconds in sorted(timed)]
     return result.success

@@ -44,3 +44,19 @@ def test_a_worker_pool_serves_several_stages_with_the_same_processes():
     assert os.getpid() not in first | second
     with runner.worker_pool(1) as in_this_process:
         assert in_this_process is None
+
+
+def test_the_breakdown_shows_a_stages_steps_under_it_without_counting_them_twice(capsys):
+    from hcc_assets.cli import DETAIL, _print_stages
+
+    _print_stages(
+        [
+            ("ingest (one run per patient)", 30.0),
+            ("cohort split, segmentation model, classifier", 270.0),
+            (f"{DETAIL}hcc_classifier", 100.0),
+            (f"{DETAIL}liver_segmentation_model", 168.0),
+        ]
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[3].split() == ["of", "which", "hcc_classifier", "100.0", "33.3%"]
+    assert lines[-1].split() == ["total", "300.0"]
