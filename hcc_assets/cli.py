@@ -392,17 +392,29 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _newest_run(instance, partition: str):
+    """The newest run of a partition (any job), or None."""
+    import dagster as dg
+
+    records = instance.get_run_records(dg.RunsFilter(tags={"dagster/partition": partition}), limit=1)
+    return records[0].dagster_run if records else None
+
+
+def _run_events(instance, run_id: str, kinds: set) -> list:
+    """The run's Dagster events of these types."""
+    return [e.dagster_event for e in instance.all_logs(run_id, of_type=kinds) if e.dagster_event]
+
+
 def _check_warnings(instance, partition: str) -> list[str]:
     """The failed warning checks of the partition's newest run (see runner.check_warnings)."""
     import dagster as dg
 
     from hcc_assets import runner
 
-    records = instance.get_run_records(dg.RunsFilter(tags={"dagster/partition": partition}), limit=1)
-    if not records:
+    run = _newest_run(instance, partition)
+    if run is None:
         return []
-    logs = instance.all_logs(records[0].dagster_run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
-    return runner.check_warnings([e.dagster_event for e in logs if e.dagster_event])
+    return runner.check_warnings(_run_events(instance, run.run_id, {dg.DagsterEventType.ASSET_CHECK_EVALUATION}))
 
 
 def _last_failures(instance, patients: list[str]) -> dict[str, str]:
@@ -413,13 +425,11 @@ def _last_failures(instance, patients: list[str]) -> dict[str, str]:
 
     failures = {}
     for pid in patients:
-        records = instance.get_run_records(dg.RunsFilter(tags={"dagster/partition": pid}), limit=1)
-        if not records or records[0].dagster_run.status != dg.DagsterRunStatus.FAILURE:
+        run = _newest_run(instance, pid)
+        if run is None or run.status != dg.DagsterRunStatus.FAILURE:
             continue
         kinds = {dg.DagsterEventType.STEP_FAILURE, dg.DagsterEventType.ASSET_CHECK_EVALUATION}
-        events = [
-            e.dagster_event for e in instance.all_logs(records[0].dagster_run.run_id, of_type=kinds) if e.dagster_event
-        ]
+        events = _run_events(instance, run.run_id, kinds)
         steps_failed = any(e.is_step_failure for e in events)
         failures[pid] = (runner.failure_line(events) or "step failed") if steps_failed else "run failed"
     return failures

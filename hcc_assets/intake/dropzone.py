@@ -149,8 +149,9 @@ def _is_symlink(member: zipfile.ZipInfo) -> bool:
 
 
 def _unpack_dropped_archive(archive: Path, incoming: Path, quiet_seconds: float, now: float) -> str | None:
-    """Unpack a ZIP archive lying in the drop zone (drop_archive) once nothing has written to it for
-    `quiet_seconds` (it may still be arriving), then move it to UNPACKED_ARCHIVES; why not, or None."""
+    """Unpack a ZIP archive lying in the drop zone (drop_archive, which also moves it to
+    UNPACKED_ARCHIVES) once nothing has written to it for `quiet_seconds` (it may still be
+    arriving); why it was not, or None."""
     if now - archive.stat().st_mtime < quiet_seconds:
         return None
     try:

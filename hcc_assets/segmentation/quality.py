@@ -52,6 +52,7 @@ def mask_quality(
     spleen_voxels = int(np.count_nonzero(labels == LABEL_SPLEEN))
     liver_ml = liver_voxels * voxel_ml
 
+    at_edge_fraction, at_edge = liver_at_edge(liver)
     components, count = ndimage.label(liver)
     sizes = np.bincount(components.ravel())[1:] if count else np.zeros(0, int)
     result = {
@@ -60,7 +61,8 @@ def mask_quality(
         "liver_volume_plausible": config.liver_volume_ml_min <= liver_ml <= config.liver_volume_ml_max,
         "liver_volume_range_ml": [config.liver_volume_ml_min, config.liver_volume_ml_max],
         "liver_components": int(count),
-        **dict(zip(("liver_at_edge_fraction", "liver_at_edge"), liver_at_edge(liver), strict=True)),
+        "liver_at_edge_fraction": at_edge_fraction,
+        "liver_at_edge": at_edge,
         "liver_largest_component_fraction": round(float(sizes.max() / liver_voxels), 6) if count else 0.0,
         "spleen_voxels": spleen_voxels,
         "spleen_volume_ml": round(spleen_voxels * voxel_ml, 3),
