@@ -113,6 +113,9 @@ class SeriesInfo:
     # the SeriesInstanceUID; series_key itself when not split) the DICOM series, `echo_of_files_ms` the TE.
     uid_key: str = field(compare=False)
     echo_of_files_ms: float | None = field(default=None, compare=False)
+    # A multi-frame series split by image type (_series_infos) takes the frames of this type only
+    # (image_type_of); a classic one holds only that type's files and keeps None.
+    image_type_of_frames: str | None = field(default=None, compare=False)
 
     @property
     def label(self) -> str:
@@ -287,12 +290,14 @@ def echo_time_ms(dataset: Dataset) -> float | None:
 
 
 def image_type_of(dataset: Dataset) -> str:
-    """ImageType (a frame's own FrameType in a flattened Enhanced MR view), its values upper-cased
-    and stripped, "\\"-joined: what tells water from fat or magnitude from phase in one series."""
-    return "\\".join(
-        part.strip().upper()
-        for part in _text(dataset, "FrameType" if "FrameType" in dataset else "ImageType").split("\\")
-    )
+    """ImageType, its values upper-cased and stripped, "\\"-joined: what tells water from fat or
+    magnitude from phase in one series. In a flattened Enhanced MR view, the frame's own FrameType
+    followed by its ComplexImageComponent (MAGNITUDE, PHASE, REAL, IMAGINARY), the tag by which
+    Enhanced MR marks magnitude and phase frames."""
+    enhanced = "FrameType" in dataset
+    values = [part.strip().upper() for part in _text(dataset, "FrameType" if enhanced else "ImageType").split("\\")]
+    component = _text(dataset, "ComplexImageComponent").upper() if enhanced else ""
+    return "\\".join([*values, component] if component and component not in values else values)
 
 
 # ImageType values by which vendors mark images that are not the anatomy a T2-weighted volume
@@ -407,9 +412,11 @@ def frame_views(dataset: Dataset) -> list[Dataset]:
     ImagePositionPatient becomes ImagePositionPatient, ...), with EffectiveEchoTime as EchoTime.
     A single-frame file gives itself.
 
-    Written with pydicom by hand: pydicom has no functional-group accessor, and highdicom (which
-    has one) is not a dependency. Flattening lets every check and the NIfTI writer treat a frame
-    exactly as a classic file, so both forms of one acquisition give the same volume.
+    Written with pydicom by hand: pydicom has no functional-group accessor, and highdicom, which
+    parses the groups, reads only a whole single-stack volume (`Image.get_volume`), not the frames
+    of one echo or one frame type, nor a frame's tags as a header. Flattening lets every check and
+    the NIfTI writer treat a frame exactly as a classic file, so both forms of one acquisition give
+    the same volume; the tests compare it with highdicom's (test_enhanced_mr).
     """
     per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
     if per_frame is None:
@@ -440,19 +447,22 @@ def frame_views(dataset: Dataset) -> list[Dataset]:
     return views
 
 
-def multiframe_problem(dataset: Dataset, views: list[Dataset], echo: float | None = None) -> str | None:
+def multiframe_problem(
+    dataset: Dataset, views: list[Dataset], echo: float | None = None, image_type: str | None = None
+) -> str | None:
     """Why a multi-frame file is not one volume, or None: it must hold one stack of frames at one
     echo time, with one per-frame functional group item per frame, and its dimension indices (when
-    given) must vary along one dimension only, without repeats. With `echo`, only the frames of
-    that echo time are judged (a multi-echo file is read as one volume per echo, see
+    given) must vary along one dimension only, without repeats. With `echo` and/or `image_type`,
+    only the frames of that echo time and frame type are judged (a file of several echoes, or of
+    several kinds of image at the same positions, is read as one volume per echo and kind, see
     `_series_infos`)."""
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
     if "PerFrameFunctionalGroupsSequence" not in dataset:
         return f"has {frames} frames but no per-frame functional groups (not Enhanced MR), which is not supported"
     if len(views) != frames:
         return f"has {frames} frames but {len(views)} per-frame functional groups"
-    if echo is not None:
-        views = [view for view in views if echo_time_ms(view) == echo]
+    if echo is not None or image_type is not None:
+        views = [view for view in views if is_frame_of(view, echo, image_type)]
         frames = len(views)
     if frames < 2:
         return None
@@ -479,6 +489,12 @@ def multiframe_problem(dataset: Dataset, views: list[Dataset], echo: float | Non
     if positions and sorted(positions) != list(range(1, frames + 1)):
         return f"dimension indices do not form a volume: InStackPositionNumber is not 1 to {frames}, once each"
     return None
+
+
+def is_frame_of(view: Dataset, echo: float | None, image_type: str | None) -> bool:
+    """Whether a frame belongs to the volume of echo time `echo` and image type `image_type` (None:
+    any)."""
+    return (echo is None or echo_time_ms(view) == echo) and (image_type is None or image_type_of(view) == image_type)
 
 
 def _values(value) -> list:
@@ -652,9 +668,10 @@ class _SeriesFiles:
     frame_files: list[int] = field(default_factory=list)  # per frame: its file's index in `files`
     multiframe: bool = False
     problem: str | None = None  # why a multi-frame file is not one volume (the first such file)
-    echo_problems: dict[float, str] = field(default_factory=dict)  # the same for the frames of one echo
+    # the same for the frames of one echo and/or image type: (echo or None, image type or None) -> why
+    volume_problems: dict[tuple[float | None, str | None], str] = field(default_factory=dict)
     image_types: list[str] = field(default_factory=list)  # per frame, as `slices` (image_type_of)
-    first_of_type: dict[str, Dataset] = field(default_factory=dict)  # classic files: image type -> header
+    first_of_type: dict[str, Dataset] = field(default_factory=dict)  # image type -> header of its first frame
 
 
 def _header_of(dataset: Dataset, views: list[Dataset]) -> Dataset:
@@ -880,35 +897,41 @@ def inventory_study(patient_dir: Path, folders: tuple[Path, ...] | None = None) 
                 continue
             views = frame_views(dataset)
             entry = by_uid.get(uid)
-            # the header of the series' first file, and of the first classic file of each image type
-            # (should the series split by type); made once per file, as it drops the file's pixels
-            kind, classic = image_type_of(dataset), not is_multiframe(dataset)
+            new_series = entry is None
             if entry is None:
-                header = _header_of(dataset, views)
-                entry = by_uid[uid] = _SeriesFiles(
-                    folder_index, header, first_of_type={kind: header} if classic else {}
-                )
+                entry = by_uid[uid] = _SeriesFiles(folder_index, _header_of(dataset, views))
             elif entry.folder_index != folder_index:
                 raise PatientInputError(f"{_describe([dataset])} is split across several folders")
-            elif classic and kind not in entry.first_of_type:
-                entry.first_of_type[kind] = _header_of(dataset, views)
+            # the header of the first frame of each image type (should the series split by type): a
+            # frame's view has no pixels; a classic file's header drops them, so it is made once per file
+            kinds = [image_type_of(view) for view in views]
+            multiframe = is_multiframe(dataset)
+            for index, kind in enumerate(kinds):
+                if kind not in entry.first_of_type:
+                    entry.first_of_type[kind] = (
+                        views[index] if multiframe else entry.first if new_series else _header_of(dataset, views)
+                    )
             echoes = [echo_time_ms(view) for view in views]
-            if is_multiframe(dataset):
+            if multiframe:
                 entry.multiframe = True
                 which = f"file {position + 1} of {total} (multi-frame)"
-                # judged whole (the series as one volume) and echo by echo (the series split by echo)
+                # judged whole (the series as one volume) and volume by volume (the series split by
+                # echo, by image type or by both)
                 if (problem := multiframe_problem(dataset, views)) and entry.problem is None:
                     entry.problem = f"{which} {problem}"
-                for echo in sorted({te for te in echoes if te is not None}):
-                    if problem := multiframe_problem(dataset, views, echo):
-                        entry.echo_problems.setdefault(echo, f"{which} {problem}")
+                for volume in sorted(
+                    {key for te, kind in zip(echoes, kinds) for key in ((te, None), (None, kind), (te, kind))},
+                    key=lambda key: (key[0] or 0.0, key[1] or ""),
+                ):
+                    if problem := multiframe_problem(dataset, views, *volume):
+                        entry.volume_problems.setdefault(volume, f"{which} {problem}")
             entry.frame_files.extend([len(entry.files)] * len(views))
             entry.files.append(path)
             entry.digests.append(digest)
             entry.slices.extend(SliceGeometry.of(view) for view in views)
             entry.compressions.append(compression_of(dataset))
             entry.echo_times.extend(echoes)
-            entry.image_types.extend(image_type_of(view) for view in views)
+            entry.image_types.extend(kinds)
     if not by_uid:
         raise PatientInputError("no DICOM image files found in the patient folder")
     check_one_patient([entry.first for entry in by_uid.values()])
@@ -945,20 +968,16 @@ def _series_infos(uid: str, entry: _SeriesFiles) -> list[SeriesInfo]:
     - one per echo when its frames carry several echo times (a dual-echo PD/T2 or multi-echo T2
       acquisition stored as one series of classic files, or as Enhanced MR frames with their own
       MREchoSequence): the T2 choice weighs each echo by its own TE;
-    - one per image type when classic files of several ImageTypes lie at the same positions (Dixon
-      water and fat images, magnitude and phase, in one series): the T2 choice rejects the fat,
+    - one per image type when frames of several image types lie at the same positions (Dixon water
+      and fat images, magnitude and phase, in one series of classic files by their ImageType, or in
+      one Enhanced MR file by each frame's FrameType): the T2 choice rejects the fat,
       opposed-phase, phase, real and imaginary volumes. Only then: a series whose ImageType merely
       varies between slices of one stack stays whole.
     """
     echoes = sorted({te for te in entry.echo_times if te is not None})
     by_echo = len(echoes) > 1 and None not in entry.echo_times
     positions = [slice_.position for slice_ in entry.slices]
-    by_type = (
-        not entry.multiframe
-        and len(set(entry.image_types)) > 1
-        and None not in positions
-        and len(set(positions)) < len(positions)
-    )
+    by_type = len(set(entry.image_types)) > 1 and None not in positions and len(set(positions)) < len(positions)
     if not (by_echo or by_type):
         return [_series_info(uid, entry)]
     volume_keys = [
@@ -989,16 +1008,23 @@ def _series_infos(uid: str, entry: _SeriesFiles) -> list[SeriesInfo]:
             echo_times=[entry.echo_times[i] for i in frames],
             frame_files=[files.index(entry.frame_files[i]) for i in frames],
             multiframe=entry.multiframe,
-            problem=entry.echo_problems.get(echo) if echo is not None else entry.problem,
+            problem=entry.volume_problems.get((echo, kind)),
             image_types=[entry.image_types[i] for i in frames],
         )
         # an echo keeps the key it had before image types were told apart
         name = uid + (f" echo {echo:g}" if echo is not None else "") + (f" image type {kind}" if kind else "")
-        infos.append(_series_info(uid, part, echo=echo, key_name=name))
+        frame_type = kind if entry.multiframe else None  # classic parts hold only their type's files
+        infos.append(_series_info(uid, part, echo=echo, key_name=name, image_type_of_frames=frame_type))
     return infos
 
 
-def _series_info(uid: str, entry: _SeriesFiles, echo: float | None = None, key_name: str | None = None) -> SeriesInfo:
+def _series_info(
+    uid: str,
+    entry: _SeriesFiles,
+    echo: float | None = None,
+    key_name: str | None = None,
+    image_type_of_frames: str | None = None,
+) -> SeriesInfo:
     header = entry.first
     number = _int(header.get("SeriesNumber"))
     description = _text(header, "SeriesDescription")
@@ -1020,7 +1046,9 @@ def _series_info(uid: str, entry: _SeriesFiles, echo: float | None = None, key_n
         repetition_time_ms=_number(header, "RepetitionTime"),
         sequence_name=_text(header, "SequenceName"),
         scanning_sequence=_text(header, "ScanningSequence"),
-        image_type=_text(header, "ImageType"),
+        # a frame's own type where the series is Enhanced MR: the file's ImageType says MIXED when
+        # its frames differ
+        image_type=image_type_of(header) if "FrameType" in header else _text(header, "ImageType"),
         diffusion_b_value=diffusion_b_value(header),
         contrast_agent=bool(_text(header, "ContrastBolusAgent")) or "ContrastBolusAgentSequence" in header,
         n_files=len(entry.files),
@@ -1040,6 +1068,7 @@ def _series_info(uid: str, entry: _SeriesFiles, echo: float | None = None, key_n
         files=tuple(entry.files),
         uid_key=series_key_of(uid),
         echo_of_files_ms=echo,
+        image_type_of_frames=image_type_of_frames,
     )
 
 

@@ -17,9 +17,9 @@ from hcc_assets.core.errors import PatientInputError
 from hcc_assets.imaging.dicom_series import (
     SeriesInfo,
     SliceGeometry,
-    echo_time_ms,
     frame_views,
     incompleteness,
+    is_frame_of,
     is_image_object,
     is_multiframe,
     multiframe_problem,
@@ -60,16 +60,14 @@ def series_to_nifti(series: SeriesInfo, *, max_gap_ratio: float = 1.5) -> nib.Ni
         raise PatientInputError(f"the files of {label} changed since the inventory; re-run it")
 
     # one entry per frame: (file index, frame index, its classic-looking header); a classic file is one frame
-    # a series split by echo (see dicom_series._series_infos) takes its echo's frames only
-    echo = series.echo_of_files_ms
+    # a series split by echo or image type (see dicom_series._series_infos) takes its own frames only
+    echo, kind = series.echo_of_files_ms, series.image_type_of_frames
     frames: list[tuple[int, int, Dataset]] = []
     for index, dataset in enumerate(datasets):
         views = frame_views(dataset)
-        if is_multiframe(dataset) and (problem := multiframe_problem(dataset, views, echo)):
+        if is_multiframe(dataset) and (problem := multiframe_problem(dataset, views, echo, kind)):
             raise PatientInputError(f"{label}: file {index + 1} of {count} (multi-frame) {problem}")
-        frames.extend(
-            (index, frame, view) for frame, view in enumerate(views) if echo is None or echo_time_ms(view) == echo
-        )
+        frames.extend((index, frame, view) for frame, view in enumerate(views) if is_frame_of(view, echo, kind))
     n = len(frames)
     if n < 2:
         raise PatientInputError(f"{label} has {n} slice{'s' if n != 1 else ''}; a volume needs at least 2")

@@ -33,8 +33,9 @@ from hcc_assets.lake import (
 )
 
 # 3: one study per partition (follow-ups), the record and `studies` name it; 4: the T2 choice tells
-# image types apart (Dixon fat, phase), prefers fat suppression and, between equals, the later series
-RAW_SCAN_VERSION = "4"
+# image types apart (Dixon fat, phase), prefers fat suppression and, between equals, the later series;
+# 5: Enhanced MR frames split by their own frame type, whose image type `scans` records
+RAW_SCAN_VERSION = "5"
 NIFTI_VERSION = "1"
 PREPROCESS_VERSION = "1"
 

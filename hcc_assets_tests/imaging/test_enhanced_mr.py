@@ -1,11 +1,14 @@
 """Enhanced MR (one multi-frame file per series, per-frame functional groups) on the hand-written
-studies of test_dicom_series: the same volume as the classic files, the same T2 choice, and clear
-refusals of files that hold more than one volume. Lossy series are flagged and come second."""
+studies of test_dicom_series: the same volume as the classic files and as highdicom reads it, the
+same T2 choice, and clear refusals of files that hold more than one volume. Lossy series are
+flagged and come second."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import highdicom
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -15,6 +18,7 @@ from hcc_assets.core.errors import PatientInputError
 from hcc_assets.imaging.dicom_series import choose_t2_series, inventory_study
 from hcc_assets.synthetic.enhanced import enhanced_mr_file
 from hcc_assets_tests.imaging.test_dicom_series import (
+    AXIAL,
     STUDY_FOLDER,
     assert_no_phi,
     ingest,
@@ -22,6 +26,7 @@ from hcc_assets_tests.imaging.test_dicom_series import (
     truth_volume,
     write_series,
 )
+from hcc_assets_tests.imaging.test_nifti import oblique_orientation
 
 T2_FOLDER = "3 T2 SPIR 2019-03-12"
 LEGACY_CONVERTED_ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.4"
@@ -65,6 +70,32 @@ def test_an_enhanced_series_gives_the_classic_volume(tmp_path):
     assert choice.t2_score == classic_choice.t2_score
     assert "12 slices, one multi-frame (enhanced) file" in choice.reason
     assert inventory.n_files == 1
+
+
+@pytest.mark.parametrize(
+    "orientation", [AXIAL, (1.0, 0.0, 0.0, 0.0, 0.0, -1.0), oblique_orientation()], ids=["axial", "coronal", "oblique"]
+)
+def test_an_enhanced_file_gives_the_volume_highdicom_reads(tmp_path, orientation):
+    """Our functional-group reading (dicom_series.frame_views) against highdicom's own
+    (Image.get_volume: frames sorted by PlanePositionSequence, rescale from
+    PixelValueTransformationSequence, geometry from the shared and per-frame groups): the same
+    voxels on the same grid, compared in the closest canonical orientation."""
+    patient = make_study(tmp_path, with_others=False, t2={"orientation": orientation})
+    path = to_enhanced(patient / STUDY_FOLDER / T2_FOLDER)
+    # the study writes a deliberately wrong SpacingBetweenSlices (we measure the spacing from the
+    # positions); highdicom takes it as a hint and refuses the volume, so it goes
+    dataset = pydicom.dcmread(path)
+    del dataset.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SpacingBetweenSlices
+    dataset.save_as(path)
+
+    ours = nib.as_closest_canonical(ingest(patient)[2])
+    volume = highdicom.Image.from_dataset(pydicom.dcmread(path), copy=False).get_volume(dtype=np.float32)
+    theirs = nib.as_closest_canonical(volume.to_nibabel())
+
+    assert ours.shape == theirs.shape == (16, 12, 12)
+    assert np.array_equal(np.asarray(ours.dataobj), np.asarray(theirs.dataobj))
+    # highdicom normalises direction cosines written to 6 decimals; ours keeps them as written
+    assert np.allclose(ours.affine, theirs.affine, atol=1e-2)
 
 
 def test_a_legacy_converted_enhanced_file_is_read_too(tmp_path):
@@ -196,3 +227,81 @@ def test_a_two_echo_enhanced_file_gives_one_volume_per_echo_and_the_t2_echo_is_c
     assert choice.series.series_key == classic_choice.series.series_key and choice.series.echo_time_ms == 85.0
     assert np.array_equal(np.asarray(image.dataobj), np.asarray(classic_image.dataobj))
     assert np.array_equal(image.affine, classic_image.affine)
+
+
+def test_magnitude_and_phase_frames_of_one_enhanced_file_are_split_and_the_magnitude_chosen(tmp_path):
+    """Magnitude and phase frames at every position of one Enhanced MR file, told apart only by their
+    own MRImageFrameTypeSequence (FrameType, ComplexImageComponent) while the file's ImageType says
+    MIXED: one volume per frame type, the phase volume rejected, and the magnitude volume voxel for
+    voxel the one a file of magnitude frames alone gives."""
+    magnitude_type = ["ORIGINAL", "PRIMARY", "M_SE", "M"]
+    patient = make_study(tmp_path, with_others=False, t2={"extra": {"ImageType": magnitude_type}})
+    folder = patient / STUDY_FOLDER / T2_FOLDER
+    single_inventory, _, single = ingest(patient)
+    uid = str(pydicom.dcmread(next(folder.iterdir())).SeriesInstanceUID)
+    write_series(
+        folder,
+        truth_volume(seed=7),
+        series_uid=uid,
+        name_prefix="PH",
+        extra={"ImageType": ["ORIGINAL", "PRIMARY", "P_SE", "P"]},
+    )
+    frame_types = [list(pydicom.dcmread(f, stop_before_pixels=True).ImageType) for f in sorted(folder.iterdir())]
+    path = to_enhanced(folder)
+    dataset = pydicom.dcmread(path)
+    dataset.ImageType = ["ORIGINAL", "PRIMARY", "M_SE", "MIXED"]
+    del dataset.SharedFunctionalGroupsSequence[0].MRImageFrameTypeSequence
+    frames = dataset.PerFrameFunctionalGroupsSequence
+    z_of = [float(frame.PlanePositionSequence[0].ImagePositionPatient[2]) for frame in frames]
+    for index, frame in enumerate(frames):
+        frame_type = pydicom.Dataset()
+        frame_type.FrameType = frame_types[index]
+        frame_type.ComplexImageComponent = "PHASE" if "P" in frame_types[index] else "MAGNITUDE"
+        frame.MRImageFrameTypeSequence = pydicom.Sequence([frame_type])
+        same_type = sorted(z for z, kind in zip(z_of, frame_types, strict=True) if kind == frame_types[index])
+        position = same_type.index(z_of[index]) + 1
+        frame.FrameContentSequence[0].InStackPositionNumber = position
+        frame.FrameContentSequence[0].DimensionIndexValues = [1, position, 1 + ("P" in frame_types[index])]
+    dataset.save_as(path)
+
+    inventory, choice, image = ingest(patient)
+
+    described = sorted((s.description, s.image_type, s.n_files, s.n_slices) for s in inventory.series)
+    assert described == [
+        ("T2_SPIR (magnitude)", "ORIGINAL\\PRIMARY\\M_SE\\M\\MAGNITUDE", 1, 12),
+        ("T2_SPIR (phase)", "ORIGINAL\\PRIMARY\\P_SE\\P\\PHASE", 1, 12),
+    ]
+    assert {s.uid_key for s in inventory.series} == {single_inventory.series[0].uid_key}
+    assert choice.series.description == "T2_SPIR (magnitude)"
+    assert '"T2_SPIR (phase)" phase image (ImageType ORIGINAL\\PRIMARY\\P_SE\\P\\PHASE)' in choice.reason
+    assert np.array_equal(np.asarray(image.dataobj), np.asarray(single.dataobj))
+    assert np.array_equal(image.affine, single.affine)
+
+
+def test_frames_of_two_types_whose_positions_run_over_the_whole_file_are_refused(tmp_path):
+    """The same file with in-stack positions numbered over all 24 frames, not per frame type: each
+    type's frames are not one volume's, and the patient fails with the reason."""
+    patient = make_study(tmp_path, with_others=False, t2={"extra": {"ImageType": ["ORIGINAL", "PRIMARY", "M", "ND"]}})
+    folder = patient / STUDY_FOLDER / T2_FOLDER
+    uid = str(pydicom.dcmread(next(folder.iterdir())).SeriesInstanceUID)
+    write_series(
+        folder,
+        truth_volume(seed=7),
+        series_uid=uid,
+        name_prefix="PH",
+        extra={"ImageType": ["ORIGINAL", "PRIMARY", "P", "ND"]},
+    )
+    frame_types = [list(pydicom.dcmread(f, stop_before_pixels=True).ImageType) for f in sorted(folder.iterdir())]
+    path = to_enhanced(folder)
+
+    def per_frame_type(index, frame):
+        frame_type = pydicom.Dataset()
+        frame_type.FrameType = frame_types[index]
+        frame.MRImageFrameTypeSequence = pydicom.Sequence([frame_type])
+
+    edit_frames(path, per_frame_type)
+    with pytest.raises(PatientInputError) as raised:
+        ingest(patient)
+    message = str(raised.value)
+    assert "InStackPositionNumber is not 1 to 12, once each" in message and "T2_SPIR (magnitude)" in message, message
+    assert_no_phi(message)
