@@ -370,10 +370,15 @@ def cmd_status(args) -> int:
     except Exception as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    failures = _last_failures(dg.DagsterInstance.get(), frame["patient_id"].to_list())
-    states = patient_states(frame, failures)
-    if args.patient:
-        states = [s for s in states if s.patient_id in set(args.patient)]
+    from hcc_assets import runner
+
+    instance = dg.DagsterInstance.get()
+    patients = [p for p in frame["patient_id"].to_list() if not args.patient or p in set(args.patient)]
+    states = patient_states(
+        frame.filter(frame["patient_id"].is_in(patients)),
+        _last_failures(instance, patients),
+        runner.latest_check_warnings(instance, patients),
+    )
     print(format_states(states))
     classifier = _classifier_state()
     if classifier["current"] is None:

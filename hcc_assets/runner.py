@@ -174,6 +174,46 @@ def check_warnings(events: Sequence[dg.DagsterEvent]) -> list[str]:
     ]
 
 
+def latest_check_warnings(instance: dg.DagsterInstance, partitions: Sequence[str]) -> dict[str, list[str]]:
+    """partition -> one line per failed warning check among the newest evaluation of each check of
+    a partitioned asset: what `check_warnings` tells of one run, over every run of the partition
+    (the features run that checked the mask is not the partition's newest run once its predictions
+    ran). Dagster records check executions without their partition, so each is placed by its run's
+    partition tag: per check, the newest executions of all partitions, page by page, until each
+    wanted partition has its own."""
+    wanted, found = set(partitions), {}
+    run_partition: dict[str, str | None] = {}
+    graph = _defs().resolve_asset_graph()
+    for check_key in sorted(graph.asset_check_keys, key=lambda key: key.to_user_string()):
+        if graph.get(check_key.asset_key).partitions_def is None:
+            continue
+        # partition -> its newest evaluation; None where the newest execution was planned but not
+        # evaluated (its run failed first): no verdict on the current asset
+        latest: dict[str, dg.AssetCheckEvaluation | None] = {}
+        cursor = None
+        while len(latest) < len(wanted):
+            records = instance.event_log_storage.get_asset_check_execution_history(
+                check_key, limit=max(100, 4 * len(wanted)), cursor=cursor
+            )
+            if not records:
+                break
+            cursor = records[-1].id
+            if unknown := list({r.run_id for r in records} - run_partition.keys()):
+                for run_record in instance.get_run_records(dg.RunsFilter(run_ids=unknown)):
+                    run = run_record.dagster_run
+                    run_partition[run.run_id] = run.tags.get("dagster/partition")
+            for record in records:
+                partition = run_partition.get(record.run_id)
+                if partition in wanted and partition not in latest:
+                    event = record.event.dagster_event if record.event else None
+                    evaluated = event is not None and event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
+                    latest[partition] = event.asset_check_evaluation_data if evaluated else None
+        for partition, evaluation in latest.items():
+            if evaluation and not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.WARN:
+                found.setdefault(partition, []).append(_describe_failed_check(evaluation, "check"))
+    return found
+
+
 def _describe_failed_check(evaluation, kind: str = "blocking check") -> str:
     """`asset: blocking check NAME failed (key value, ...)`, from an AssetCheckEvaluation."""
     values = ", ".join(

@@ -39,8 +39,11 @@ def _versioned(made_with: str | None, current: str | None) -> str:
     return CURRENT if current is None or made_with == current else STALE
 
 
-def patient_states(status: pl.DataFrame, failures: dict[str, str]) -> list[PatientState]:
-    """One PatientState per row of reads.patient_status; `failures`: patient -> last run error."""
+def patient_states(
+    status: pl.DataFrame, failures: dict[str, str], warnings: dict[str, list[str]] | None = None
+) -> list[PatientState]:
+    """One PatientState per row of reads.patient_status; `failures`: patient -> last run error;
+    `warnings`: patient -> its failed warning checks (the results stand; the reader should know)."""
     states = []
     for row in status.iter_rows(named=True):
         problems = []
@@ -65,6 +68,7 @@ def patient_states(status: pl.DataFrame, failures: dict[str, str]) -> list[Patie
             problems.append(f"unavailable predictions: {row['prediction_gaps']}")
         if row["patient_id"] in failures:
             problems.append(f"last run failed: {failures[row['patient_id']]}")
+        problems += [f"warning: {warning}" for warning in (warnings or {}).get(row["patient_id"], [])]
         split = row["split"] or "unlabelled"
         states.append(
             PatientState(row["patient_id"], split, mask, radiomics, embedding, row["predictions"] or "", problems)

@@ -341,5 +341,10 @@ def test_status_command_says_per_patient_what_is_current_stale_or_failed(predict
     stale = [line for line in by_patient.values() if line.split()[2] == "stale"]
     assert stale and any("embedding from classifier" in line for line in lines)
     assert f"{len(by_patient)} patients: " in lines[-2]
+    # each patient's failed warning checks (a liver cut off by the field of view, a low Dice) under it
+    with prepared.instance() as instance:
+        warned = runner.latest_check_warnings(instance, list(by_patient))
+    printed = {line.strip() for line in lines if line.startswith("    warning: ")}
+    assert printed == {f"warning: {line}" for lines_of in warned.values() for line in lines_of}
     # the refused retrain of the test above: the version in use and why the other was refused
     assert lines[-1].endswith("(beats_chance_on_training)") and "in use; retrain" in lines[-1]

@@ -201,6 +201,17 @@ def test_masks_are_on_the_native_grid_with_checks_and_dice(platform):
         )
         assert meta["dice_liver"] == masks.filter(patient_id=pid)["dice_liver"].item()
 
+    # what `hcc-assets status` lists under each patient: the same lines, found from the check
+    # history (Dagster records no partition on a check execution: each is placed by its run)
+    in_runs = {
+        pid: sorted(lines)
+        for pid in platform.pids
+        if (lines := runner.check_warnings(platform.features[pid].all_events))
+    }
+    found = runner.latest_check_warnings(platform.instance, platform.pids)
+    assert {pid: sorted(lines) for pid, lines in found.items()} == in_runs
+    assert in_runs, "the suite's cohort has masks that warn (cut off by the field of view, low Dice)"
+
     assert masks["dice_liver"].is_not_null().all() and masks["dice_spleen"].is_not_null().all()
     held_out = store.query(
         "SELECT m.patient_id, dice_liver FROM liver_masks m JOIN cohort_split c "
