@@ -181,7 +181,7 @@ def latest_check_warnings(instance: dg.DagsterInstance, partitions: Sequence[str
     ran). Dagster records check executions without their partition, so each is placed by its run's
     partition tag: per check, the newest executions of all partitions, page by page, until each
     wanted partition has its own."""
-    wanted, found = set(partitions), {}
+    wanted, found = set(partitions), dict[str, list[str]]()
     run_partition: dict[str, str | None] = {}
     graph = _defs().resolve_asset_graph()
     for check_key in sorted(graph.asset_check_keys, key=lambda key: key.to_user_string()):
@@ -207,7 +207,7 @@ def latest_check_warnings(instance: dg.DagsterInstance, partitions: Sequence[str
                 if partition in wanted and partition not in latest:
                     event = record.event.dagster_event if record.event else None
                     evaluated = event is not None and event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
-                    latest[partition] = event.asset_check_evaluation_data if evaluated else None
+                    latest[partition] = event.asset_check_evaluation_data if event and evaluated else None
         for partition, evaluation in latest.items():
             if evaluation and not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.WARN:
                 found.setdefault(partition, []).append(_describe_failed_check(evaluation, "check"))
