@@ -101,6 +101,8 @@ def series_to_nifti(series: SeriesInfo, *, max_gap_ratio: float = 1.5) -> nib.Ni
             )
         slab = volume[:, :, k]
         slab[...] = pixels.T
+        if mirrored := grey_scale_mirror(view):  # MONOCHROME1: the brightest signal is stored lowest
+            np.subtract(np.float32(mirrored), slab, out=slab)
         if slope != 1.0 or intercept != 0.0:
             slab *= np.float32(slope)
             slab += np.float32(intercept)
@@ -112,6 +114,30 @@ def series_to_nifti(series: SeriesInfo, *, max_gap_ratio: float = 1.5) -> nib.Ni
     require_finite(volume, label)
     affine = affine_ras(stack.orientation, stack.first_position, stack.pixel_spacing, stack.slice_spacing)
     return make_nifti(volume, affine)
+
+
+def grey_scale_mirror(view: Dataset) -> int | None:
+    """For a slice whose stored values run from white to black (MONOCHROME1, or a Presentation LUT
+    Shape INVERSE), the sum of the lowest and highest storable value: `sum - stored` puts them in
+    MONOCHROME2 order, bright signal high, before the rescale, so the rest of the pipeline (z-scores,
+    radiomics, the networks) sees the signal the way every other scan carries it. None for the usual
+    MONOCHROME2 (or a Presentation LUT Shape IDENTITY).
+
+    highdicom converts MONOCHROME1 frames the same way (mirrored within the stored range, then
+    rescaled) and the tests compare with it; pydicom's apply_presentation_lut leaves MONOCHROME1 alone.
+    """
+    shape = _text_of(view, "PresentationLUTShape").upper()
+    inverted = shape == "INVERSE" if shape else _text_of(view, "PhotometricInterpretation").upper() == "MONOCHROME1"
+    if not inverted:
+        return None
+    bits = int(view.get("BitsStored", view.get("BitsAllocated", 16)) or 16)
+    if int(view.get("PixelRepresentation", 0) or 0):  # signed: -2^(bits-1) .. 2^(bits-1) - 1
+        return -1
+    return (1 << bits) - 1
+
+
+def _text_of(view: Dataset, keyword: str) -> str:
+    return str(view.get(keyword, "") or "").strip()
 
 
 def _pixels(dataset: Dataset, where: str) -> np.ndarray:

@@ -36,7 +36,7 @@ from hcc_assets.lake import (
 # image types apart (Dixon fat, phase), prefers fat suppression and, between equals, the later series;
 # 5: Enhanced MR frames split by their own frame type, whose image type `scans` records
 RAW_SCAN_VERSION = "5"
-NIFTI_VERSION = "1"
+NIFTI_VERSION = "2"  # 2: MONOCHROME1 slices mirrored to MONOCHROME2 order (bright signal high)
 PREPROCESS_VERSION = "1"
 
 REFERENCE_MASK_SOURCE = ("reference", "liver_spleen_mask.nii.gz")

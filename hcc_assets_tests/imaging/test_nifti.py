@@ -180,3 +180,28 @@ def test_synth_t2_agrees_with_dcm2niix_and_reference_mask(synth_pair, tmp_path, 
     assert labels.max() == 2 and data[labels == 1].mean() > 5 * np.median(data[labels == 0])
     assert data[labels == 1].std() < data[np.flip(labels, 0) == 1].std()
     assert not any(secret.encode() in ours.header.binaryblock for secret in patient.phi)
+
+
+@pytest.mark.parametrize(("bits", "signed"), [(12, False), (16, True)], ids=["unsigned 12-bit", "signed 16-bit"])
+def test_a_monochrome1_series_gives_the_signal_of_its_monochrome2_twin(tmp_path, bits, signed):
+    """MONOCHROME1 stores the brightest signal lowest: the same acquisition written both ways gives
+    the same volume (mirrored within the stored range, then rescaled), and highdicom, which converts
+    MONOCHROME1 the same way, reads the same voxels."""
+    import highdicom
+
+    truth = truth_volume()
+    ours = series_to_nifti(only_series(write_series(tmp_path / "m2" / "s" / "t2", truth).parent.parent))
+    # stored = lowest + highest storable value - signal; a signed 16-bit value's bits as uint16
+    mirrored = ((-1 - truth.astype(np.int32)) if signed else ((1 << bits) - 1 - truth.astype(np.int32))) & 0xFFFF
+    bits_tags = {"BitsStored": bits, "HighBit": bits - 1, "PixelRepresentation": int(signed)}
+    folder = write_series(
+        tmp_path / "m1" / "s" / "t2",
+        mirrored.astype(np.uint16),
+        extra={"PhotometricInterpretation": "MONOCHROME1", "SpacingBetweenSlices": None, **bits_tags},
+    )
+    inverted = series_to_nifti(only_series(folder.parent.parent))
+    assert np.array_equal(np.asarray(inverted.dataobj), np.asarray(ours.dataobj))
+    assert np.array_equal(inverted.affine, ours.affine)
+
+    theirs = highdicom.get_volume_from_series([pydicom.dcmread(f) for f in folder.iterdir()], dtype=np.float32)
+    assert_same_volume(inverted, theirs.to_nibabel())
