@@ -101,7 +101,7 @@ def series_to_nifti(series: SeriesInfo, *, max_gap_ratio: float = 1.5) -> nib.Ni
             )
         slab = volume[:, :, k]
         slab[...] = pixels.T
-        if mirrored := grey_scale_mirror(view):  # MONOCHROME1: the brightest signal is stored lowest
+        if (mirrored := grey_scale_mirror(view)) is not None:  # MONOCHROME1: bright signal stored low
             np.subtract(np.float32(mirrored), slab, out=slab)
         if slope != 1.0 or intercept != 0.0:
             slab *= np.float32(slope)
