@@ -84,7 +84,10 @@ def test_ingest_steps_write_the_lake_files_and_rows_they_report(lake):
         sha256_bytes(data_lake.read_bytes(data_lake.patient_file(patient_id, PREPROCESSED_FILE))),
     ]
     settings_hash = sha256_bytes(SMALL_GRID.model_dump_json().encode())[:8]
-    assert volumes["version"].to_list() == ["nifti_volume@1", f"preprocessed_volume@1+{settings_hash}"]
+    assert volumes["version"].to_list() == [
+        f"nifti_volume@{ingest.NIFTI_VERSION}",
+        f"preprocessed_volume@{ingest.PREPROCESS_VERSION}+{settings_hash}",
+    ]
 
 
 def test_a_series_above_max_voxels_is_refused_before_its_pixels_are_read(lake):
