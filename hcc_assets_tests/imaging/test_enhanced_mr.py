@@ -229,6 +229,15 @@ def test_a_two_echo_enhanced_file_gives_one_volume_per_echo_and_the_t2_echo_is_c
     assert np.array_equal(image.affine, classic_image.affine)
 
 
+def with_phase_frames(folder: Path, phase_type: list[str]) -> tuple[Path, list[list[str]]]:
+    """Add phase images at the positions of the magnitude series in `folder`, then make the whole
+    series one Enhanced MR file; returns it and the ImageType of each frame (file-name order)."""
+    uid = str(pydicom.dcmread(next(folder.iterdir())).SeriesInstanceUID)
+    write_series(folder, truth_volume(seed=7), series_uid=uid, name_prefix="PH", extra={"ImageType": phase_type})
+    frame_types = [list(pydicom.dcmread(f, stop_before_pixels=True).ImageType) for f in sorted(folder.iterdir())]
+    return to_enhanced(folder), frame_types
+
+
 def test_magnitude_and_phase_frames_of_one_enhanced_file_are_split_and_the_magnitude_chosen(tmp_path):
     """Magnitude and phase frames at every position of one Enhanced MR file, told apart only by their
     own MRImageFrameTypeSequence (FrameType, ComplexImageComponent) while the file's ImageType says
@@ -238,16 +247,7 @@ def test_magnitude_and_phase_frames_of_one_enhanced_file_are_split_and_the_magni
     patient = make_study(tmp_path, with_others=False, t2={"extra": {"ImageType": magnitude_type}})
     folder = patient / STUDY_FOLDER / T2_FOLDER
     single_inventory, _, single = ingest(patient)
-    uid = str(pydicom.dcmread(next(folder.iterdir())).SeriesInstanceUID)
-    write_series(
-        folder,
-        truth_volume(seed=7),
-        series_uid=uid,
-        name_prefix="PH",
-        extra={"ImageType": ["ORIGINAL", "PRIMARY", "P_SE", "P"]},
-    )
-    frame_types = [list(pydicom.dcmread(f, stop_before_pixels=True).ImageType) for f in sorted(folder.iterdir())]
-    path = to_enhanced(folder)
+    path, frame_types = with_phase_frames(folder, ["ORIGINAL", "PRIMARY", "P_SE", "P"])
     dataset = pydicom.dcmread(path)
     dataset.ImageType = ["ORIGINAL", "PRIMARY", "M_SE", "MIXED"]
     del dataset.SharedFunctionalGroupsSequence[0].MRImageFrameTypeSequence
@@ -282,17 +282,7 @@ def test_frames_of_two_types_whose_positions_run_over_the_whole_file_are_refused
     """The same file with in-stack positions numbered over all 24 frames, not per frame type: each
     type's frames are not one volume's, and the patient fails with the reason."""
     patient = make_study(tmp_path, with_others=False, t2={"extra": {"ImageType": ["ORIGINAL", "PRIMARY", "M", "ND"]}})
-    folder = patient / STUDY_FOLDER / T2_FOLDER
-    uid = str(pydicom.dcmread(next(folder.iterdir())).SeriesInstanceUID)
-    write_series(
-        folder,
-        truth_volume(seed=7),
-        series_uid=uid,
-        name_prefix="PH",
-        extra={"ImageType": ["ORIGINAL", "PRIMARY", "P", "ND"]},
-    )
-    frame_types = [list(pydicom.dcmread(f, stop_before_pixels=True).ImageType) for f in sorted(folder.iterdir())]
-    path = to_enhanced(folder)
+    path, frame_types = with_phase_frames(patient / STUDY_FOLDER / T2_FOLDER, ["ORIGINAL", "PRIMARY", "P", "ND"])
 
     def per_frame_type(index, frame):
         frame_type = pydicom.Dataset()
