@@ -151,6 +151,18 @@ class SeriesInfo:
         }
 
 
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+@dataclass(frozen=True)
+class SegmentationFile:
+    """A DICOM Segmentation (SEG) object found beside the images: a reference mask drawn on the
+    series it references (imaging/dicom_seg.py reads it)."""
+
+    path: Path = field(repr=False)  # never serialized
+    referenced_series_keys: frozenset[str]  # series_key_of each ReferencedSeriesSequence SeriesInstanceUID
+
+
 @dataclass(frozen=True)
 class StudyInventory:
     series: tuple[SeriesInfo, ...]  # sorted by series number, then key
@@ -159,6 +171,9 @@ class StudyInventory:
     # on exported media), and second copies of an instance already read (same SOPInstanceUID, same pixels)
     n_companion_files: int = 0
     n_duplicate_files: int = 0
+    # DICOM SEG objects of the study (not image series: not in `series`, nor in the record); the
+    # drop fingerprint covers their files, so a new or changed SEG re-runs raw_scan
+    segmentations: tuple[SegmentationFile, ...] = ()
 
     def to_record(self) -> dict:
         record = {"n_files": self.n_files, "n_series": len(self.series), "series": [s.to_record() for s in self.series]}
@@ -839,6 +854,7 @@ def inventory_study(patient_dir: Path, folders: tuple[Path, ...] | None = None) 
     if not patient_dir.is_dir():
         raise PatientInputError("the patient folder does not exist")
     by_uid: dict[str, _SeriesFiles] = {}
+    segmentations: list[SegmentationFile] = []
     instances: dict[str, tuple[str, str]] = {}  # SOPInstanceUID -> (pixel digest, where it was read)
     companions = duplicates = 0
     for folder_index, (folder, paths) in enumerate(_series_folders(patient_dir)):
@@ -862,6 +878,8 @@ def inventory_study(patient_dir: Path, folders: tuple[Path, ...] | None = None) 
                     not_dicom.append(position)
                 continue
             if not is_image_object(dataset):
+                if sop_class_of(dataset) == SEGMENTATION_STORAGE:
+                    segmentations.append(SegmentationFile(path, _referenced_series_keys(dataset)))
                 continue
             problem = incompleteness(dataset)
             if problem:
@@ -939,7 +957,16 @@ def inventory_study(patient_dir: Path, folders: tuple[Path, ...] | None = None) 
         (info for uid, entry in by_uid.items() for info in _series_infos(uid, entry)),
         key=lambda s: (s.series_number is None, s.series_number or 0, s.series_key),
     )
-    return StudyInventory(tuple(series), sum(s.n_files for s in series), companions, duplicates)
+    return StudyInventory(tuple(series), sum(s.n_files for s in series), companions, duplicates, tuple(segmentations))
+
+
+def _referenced_series_keys(dataset: Dataset) -> frozenset[str]:
+    """series_key_of every series a SEG object says it was drawn on (ReferencedSeriesSequence)."""
+    return frozenset(
+        series_key_of(str(item.SeriesInstanceUID).strip())
+        for item in dataset.get("ReferencedSeriesSequence", [])
+        if "SeriesInstanceUID" in item
+    )
 
 
 def _is_copy_of_read_instance(dataset: Dataset, instances: dict[str, tuple[str, str]], where: str) -> bool:

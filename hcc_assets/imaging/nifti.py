@@ -37,6 +37,14 @@ def series_to_nifti(series: SeriesInfo, *, max_gap_ratio: float = 1.5) -> nib.Ni
     slices do not form one regular stack (gap > `max_gap_ratio` x the median spacing, duplicates,
     inconsistent orientation/size/spacing, missing position).
     """
+    return series_to_volume(series, max_gap_ratio=max_gap_ratio)[0]
+
+
+def series_to_volume(
+    series: SeriesInfo, *, max_gap_ratio: float = 1.5
+) -> tuple[nib.Nifti1Image, list[tuple[str, int]]]:
+    """`series_to_nifti`'s volume and, for each of its slices k, where it came from: (SOPInstanceUID,
+    frame number from 1); what a DICOM SEG drawn on the series refers to (imaging/dicom_seg.py)."""
     label = series.label
     count = len(series.files)
     datasets: list[Dataset] = []
@@ -83,8 +91,10 @@ def series_to_nifti(series: SeriesInfo, *, max_gap_ratio: float = 1.5) -> nib.Ni
         frames_left[index] += 1
     decoded: dict[int, np.ndarray] = {}  # the pixels of the files being placed, (frames, rows, columns)
     volume = np.empty((columns, rows, n), dtype=np.float32)
+    sources: list[tuple[str, int]] = []
     for k, slot in enumerate(stack.order):
         index, frame, view = frames[slot]
+        sources.append((str(view.get("SOPInstanceUID", "")), frame + 1))
         where = f"file {index + 1} of {count} in {label}"
         if index not in decoded:
             dataset = pending[index]
@@ -113,7 +123,7 @@ def series_to_nifti(series: SeriesInfo, *, max_gap_ratio: float = 1.5) -> nib.Ni
 
     require_finite(volume, label)
     affine = affine_ras(stack.orientation, stack.first_position, stack.pixel_spacing, stack.slice_spacing)
-    return make_nifti(volume, affine)
+    return make_nifti(volume, affine), sources
 
 
 def grey_scale_mirror(view: Dataset) -> int | None:

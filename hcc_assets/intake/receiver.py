@@ -76,6 +76,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # pynetdicom g
     EnhancedMRImageStorage,
     LegacyConvertedEnhancedMRImageStorage,
     MRImageStorage,
+    SegmentationStorage,
     Verification,
 )
 
@@ -105,7 +106,13 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     JPEGLSNearLossless,
     JPEG2000,
 ]
-STORAGE_SOP_CLASSES = [MRImageStorage, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage]
+# the images, and DICOM SEG objects drawn on them: a reference mask as a viewer saves it (imaging/dicom_seg.py)
+STORAGE_SOP_CLASSES = [
+    MRImageStorage,
+    EnhancedMRImageStorage,
+    LegacyConvertedEnhancedMRImageStorage,
+    SegmentationStorage,
+]
 
 log = logging.getLogger("hcc_assets.intake.receiver")
 

@@ -19,7 +19,7 @@ import polars as pl
 
 from hcc_assets.core.errors import PatientInputError
 from hcc_assets.featurestore import FeatureStore
-from hcc_assets.imaging import dicom_series, nifti, preprocess, preview
+from hcc_assets.imaging import dicom_seg, dicom_series, nifti, preprocess, preview
 from hcc_assets.imaging.volume_info import volume_summary
 from hcc_assets.intake.dropzone import folder_fingerprint, folder_studies, read_label_manifests
 from hcc_assets.intake.pseudonym import split_partition_key
@@ -36,7 +36,8 @@ from hcc_assets.lake import (
 # image types apart (Dixon fat, phase), prefers fat suppression and, between equals, the later series;
 # 5: Enhanced MR frames split by their own frame type, whose image type `scans` records
 RAW_SCAN_VERSION = "5"
-NIFTI_VERSION = "2"  # 2: MONOCHROME1 slices mirrored to MONOCHROME2 order (bright signal high)
+# 2: MONOCHROME1 slices mirrored to MONOCHROME2 order (bright signal high); reference masks from DICOM SEG
+NIFTI_VERSION = "2"
 PREPROCESS_VERSION = "1"
 
 REFERENCE_MASK_SOURCE = ("reference", "liver_spleen_mask.nii.gz")
@@ -342,9 +343,10 @@ class VolumeResult:
 def read_native_volume(
     data_lake: DataLake, patient_id: str, folder: Path
 ) -> tuple[nib.Nifti1Image, nib.Nifti1Image | None]:
-    """The T2 series raw_scan chose, as NIfTI, and the drop's reference mask (None without one, and
-    for a follow-up study: the masks lie on the first study's grid); PatientInputError when the
-    series changed since raw_scan or the mask is on another grid."""
+    """The T2 series raw_scan chose, as NIfTI, and the drop's reference mask, or None: the NIfTI
+    beside the study (first study only: it lies on the first study's grid), else a DICOM SEG of the
+    study drawn on that series (imaging/dicom_seg.py). PatientInputError when the series changed
+    since raw_scan or the mask is on another grid."""
     record = json.loads(data_lake.read_bytes(data_lake.patient_file(patient_id, RAW_SCAN_FILE)))
     study_index = split_partition_key(patient_id)[1]
     _, _, inventory = inventoried_study(folder, study_index)
@@ -353,8 +355,12 @@ def read_native_volume(
         s["checksum"] for s in record["study"]["series"] if s["series_key"] == record["chosen_series_key"]
     ):
         raise PatientInputError("the chosen T2 series changed since raw_scan; re-materialize raw_scan")
-    image = nifti.series_to_nifti(series)
-    return image, _load_reference_mask(folder, image) if study_index == 1 else None
+    image, sources = nifti.series_to_volume(series)
+    reference = _load_reference_mask(folder, image) if study_index == 1 else None
+    if reference is None:
+        labels = dicom_seg.reference_mask_from_seg(inventory.segmentations, series, sources)
+        reference = _on_grid(labels, image) if labels is not None else None
+    return image, reference
 
 
 def record_native_volume(
@@ -465,8 +471,12 @@ def _load_reference_mask(folder: Path, image: nib.Nifti1Image) -> nib.Nifti1Imag
         raise PatientInputError(
             f"reference mask grid {mask.shape[:3]} does not match the T2 volume {image.shape[:3]} (shape or affine)"
         )
-    data = np.asarray(mask.dataobj).astype(np.uint8)
-    clean = nib.Nifti1Image(data, image.affine)
+    return _on_grid(np.asarray(mask.dataobj).astype(np.uint8), image)
+
+
+def _on_grid(labels: np.ndarray, image: nib.Nifti1Image) -> nib.Nifti1Image:
+    """A uint8 label volume with the T2 volume's affine and a fresh header."""
+    clean = nib.Nifti1Image(labels, image.affine)
     clean.set_qform(image.affine, code=1)
     clean.set_sform(image.affine, code=1)
     return clean

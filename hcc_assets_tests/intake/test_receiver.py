@@ -255,13 +255,22 @@ def test_compressed_transfer_syntaxes_are_received_as_sent_and_decode_to_the_sam
 def test_enhanced_and_lossy_studies_are_received_and_the_lossy_one_is_flagged(tmp_path):
     """An Enhanced MR patient (one multi-frame file per series) and a JPEG 2000 (lossy) patient, each
     sent by a storage SCU that proposes only its SOP class and syntax: both are negotiated and land;
-    the enhanced T2 decodes to the classic patient's volume, the lossy T2 is flagged lossy."""
+    the enhanced T2 decodes to the classic patient's volume, the lossy T2 is flagged lossy. A DICOM
+    SEG drawn on the enhanced T2, sent afterwards, lands beside it and names that series."""
     import numpy as np
     from pydicom.uid import JPEG2000, ExplicitVRLittleEndian
-    from pynetdicom.sop_class import EnhancedMRImageStorage
+    from pynetdicom.sop_class import EnhancedMRImageStorage, SegmentationStorage
 
     from hcc_assets.imaging.dicom_series import choose_t2_series, inventory_study
-    from hcc_assets.imaging.nifti import series_to_nifti
+    from hcc_assets.imaging.nifti import series_to_nifti, series_to_volume
+    from hcc_assets_tests.imaging.test_dicom_seg import write_seg
+
+    def sent_t2_folder(sent: list[Path]) -> Path:
+        return next(
+            path.parent
+            for path in sent
+            if "T2" in str(pydicom.dcmread(path, stop_before_pixels=True).SeriesDescription)
+        )
 
     incoming = tmp_path / "incoming"
     one = CONFIG.model_copy(update={"patients": 1, "slices_min": 10, "slices_max": 11, "seed": 60})
@@ -287,6 +296,18 @@ def test_enhanced_and_lossy_studies_are_received_and_the_lossy_one_is_flagged(tm
             assert len(sorted(folder.rglob("*.dcm"))) == len(sent), name
             choice = choose_t2_series(inventory_study(folder))
             if name == "enhanced":
+                # then a reference mask drawn on its T2 as a viewer saves it: a DICOM SEG, sent alone
+                seg = write_seg(
+                    tmp_path / "seg", sent_t2_folder(sent), np.ones(series_to_volume(choice.series)[0].shape, np.uint8)
+                )
+                ae = AE(ae_title="TESTSCU")
+                ae.add_requested_context(SegmentationStorage, [ExplicitVRLittleEndian])
+                assoc = ae.associate("127.0.0.1", port, ae_title="HCC_ASSETS")
+                assert assoc.is_established and assoc.send_c_store(pydicom.dcmread(seg)).Status == 0
+                assoc.release()
+                assert wait_for(lambda folder=folder: len(inventory_study(folder).segmentations) == 1)
+                (landed,) = inventory_study(folder).segmentations
+                assert landed.referenced_series_keys == {choice.series.uid_key}
                 assert choice.series.n_files == 1 and len(sent) == 3  # one file per series
                 image = series_to_nifti(choice.series)
                 reference = series_to_nifti(

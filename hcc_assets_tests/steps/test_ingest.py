@@ -218,3 +218,29 @@ def test_a_patient_whose_t2_is_lossy_is_ingested_flagged_and_left_out_of_the_coh
     again = build_cohort(store, incoming, _id, 0.25, 7, "run-2")
     assert again.metadata["n_patients"] == len(folders) and again.metadata["lossy_excluded"] == 0
     assert store.query("SELECT count(*) FROM exclusions").item() == 0
+
+
+def test_a_dicom_seg_in_place_of_the_nifti_reference_gives_the_same_reference_mask(lake):
+    """A drop whose reference mask comes as a DICOM SEG drawn on its T2 series (as a hospital viewer
+    saves it) instead of reference/liver_spleen_mask.nii.gz: nifti_volume writes the same mask."""
+    import nibabel as nib
+    import numpy as np
+
+    from hcc_assets.imaging import dicom_series
+    from hcc_assets_tests.imaging.test_dicom_seg import write_seg
+
+    incoming, folders, data_lake, store = lake
+    folder = next(f for f in folders if (f / "reference" / "liver_spleen_mask.nii.gz").exists())
+    nifti_reference = folder / "reference" / "liver_spleen_mask.nii.gz"
+    expected = np.asarray(nib.load(nifti_reference).dataobj).astype(np.uint8)
+    assert set(np.unique(expected)) == {0, 1, 2}
+    t2 = dicom_series.choose_t2_series(dicom_series.inventory_study(folder)).series
+    write_seg(t2.files[0].parent.parent / "seg", t2.files[0].parent, expected)
+    nifti_reference.unlink()
+
+    patient_id, _raw, native, _preprocessed = _ingest(store, data_lake, incoming, folder)
+
+    assert native.has_reference_mask
+    written = nib.load(data_lake.patient_file(patient_id, REFERENCE_MASK_FILE))
+    assert np.array_equal(np.asarray(written.dataobj), expected)
+    assert np.allclose(written.affine, nib.load(data_lake.patient_file(patient_id, NIFTI_FILE)).affine)

@@ -1,0 +1,99 @@
+"""A reference liver (and spleen) mask from a DICOM Segmentation object drawn on the T2 series.
+
+Hospitals annotate in viewers that save DICOM SEG (3D Slicer, OHIF, ...), not NIfTI. A SEG beside
+the study's images that references the chosen T2 series and has a liver segment becomes the
+patient's reference mask, on exactly the T2 volume's grid: highdicom reads the SEG and gives its
+pixels per source image (`get_pixels_by_source_instance` / `get_pixels_by_source_frame`), which are
+placed slice by slice in the volume's order (`nifti.series_to_volume`'s sources). Nothing of the
+SEG but its pixels and segment codes is kept; messages name segments by number only (their labels
+are free text).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydicom.sr.codedict import codes
+
+from hcc_assets.core.errors import PatientInputError
+from hcc_assets.imaging.dicom_series import SegmentationFile, SeriesInfo
+
+LABEL_LIVER, LABEL_SPLEEN = 1, 2  # segmentation.config's labels (imaging does not import it)
+# SNOMED CT codes of the segmented property type, then the segment label as a fallback
+_ORGANS = {
+    LABEL_LIVER: (codes.SCT.Liver.value, "liver"),
+    LABEL_SPLEEN: (codes.SCT.Spleen.value, "spleen"),
+}
+
+
+def reference_mask_from_seg(
+    segmentations: tuple[SegmentationFile, ...], series: SeriesInfo, sources: list[tuple[str, int]]
+) -> np.ndarray | None:
+    """The label volume (uint8, liver 1, spleen 2, on the volume's (columns, rows, slices) grid) of
+    the one SEG that references `series` and has a liver segment; None when there is none.
+    `sources`: per slice of the volume, (SOPInstanceUID, frame number) of its image.
+
+    PatientInputError when several SEGs label the series' liver, or a SEG's organs overlap, or its
+    frames cannot be placed on the series' images."""
+    import highdicom
+
+    drawn_on_series = [seg for seg in segmentations if series.uid_key in seg.referenced_series_keys]
+    found = []
+    for number, candidate in enumerate(drawn_on_series, start=1):
+        try:
+            seg = highdicom.seg.segread(candidate.path)
+        except Exception as error:  # a damaged SEG: say so, without its path
+            raise PatientInputError(
+                f"DICOM SEG {number} of {len(drawn_on_series)} on {series.label} cannot be read ({type(error).__name__})"
+            ) from None
+        organs = _organ_segments(seg)
+        if LABEL_LIVER in organs:
+            found.append((seg, organs))
+    if not found:
+        return None
+    if len(found) > 1:
+        raise PatientInputError(
+            f"{len(found)} DICOM SEG objects label the liver of {series.label}; keep one as the reference"
+        )
+    seg, organs = found[0]
+    label_of = sorted(organs)  # labels in segment order below
+    numbers = [organs[label] for label in label_of]
+    try:
+        pixels = _pixels_per_slice(seg, sources, numbers)  # (slices, rows, columns, segments)
+    except (ValueError, KeyError, IndexError, RuntimeError) as error:
+        raise PatientInputError(
+            f"the DICOM SEG of {series.label} cannot be placed on its images ({type(error).__name__}: "
+            f"{str(error)[:120]})"
+        ) from None
+    present = pixels > (0.5 if pixels.dtype.kind == "f" else 0)
+    if (present.sum(axis=-1) > 1).any():
+        raise PatientInputError(
+            f"the DICOM SEG of {series.label} has overlapping segments {', '.join(map(str, numbers))} (liver, spleen)"
+        )
+    labels = np.zeros(present.shape[:3], dtype=np.uint8)
+    for channel, label in enumerate(label_of):
+        labels[present[..., channel]] = label
+    return np.ascontiguousarray(labels.transpose(2, 1, 0))  # (slices, rows, columns) -> the volume's axes
+
+
+def _organ_segments(seg) -> dict[int, int]:
+    """label -> segment number, by the segment's property type code, else its label."""
+    found: dict[int, int] = {}
+    for description in seg.SegmentSequence:
+        codes_of = {str(item.CodeValue) for item in description.get("SegmentedPropertyTypeCodeSequence", [])}
+        text = str(description.get("SegmentLabel", "")).strip().lower()
+        for label, (code, name) in _ORGANS.items():
+            if label not in found and (code in codes_of or text == name):
+                found[label] = int(description.SegmentNumber)
+    return found
+
+
+def _pixels_per_slice(seg, sources: list[tuple[str, int]], numbers: list[int]) -> np.ndarray:
+    """The SEG's pixels of `numbers` for each source slice, in the volume's slice order; slices the
+    SEG leaves out (it omits empty frames) are zero."""
+    instances = [uid for uid, _ in sources]
+    common = {"segment_numbers": numbers, "combine_segments": False, "assert_missing_frames_are_empty": True}
+    if len(set(instances)) == len(instances):  # classic images: one slice per instance
+        return seg.get_pixels_by_source_instance(instances, **common)
+    if len(set(instances)) == 1:  # one multi-frame (Enhanced MR) image
+        return seg.get_pixels_by_source_frame(instances[0], [frame for _, frame in sources], **common)
+    raise ValueError("the slices come from several multi-frame images")

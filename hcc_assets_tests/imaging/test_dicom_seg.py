@@ -1,0 +1,170 @@
+"""Reference masks from DICOM SEG objects (imaging/dicom_seg.py), written with highdicom on the
+hand-written studies of test_dicom_series: the label volume a SEG drawn on the T2 series gives is the
+one it was drawn from, on the classic and the enhanced form; SEGs of other series or of other
+structures are ignored; ambiguous ones are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom
+import numpy as np
+import pydicom
+import pytest
+from pydicom.sr.codedict import codes
+
+from hcc_assets.core.errors import PatientInputError
+from hcc_assets.imaging.dicom_seg import reference_mask_from_seg
+from hcc_assets.imaging.dicom_series import choose_t2_series, inventory_study
+from hcc_assets.imaging.nifti import series_to_volume
+from hcc_assets_tests.imaging.test_dicom_series import STUDY_FOLDER, assert_no_phi, make_study
+from hcc_assets_tests.imaging.test_enhanced_mr import T2_FOLDER, to_enhanced
+
+LIVER = (1, "Liver", codes.SCT.Liver)
+SPLEEN = (2, "Spleen", codes.SCT.Spleen)
+LESION = (3, "Lesion", codes.SCT.Neoplasm)
+
+
+def truth_labels(shape: tuple[int, int, int]) -> np.ndarray:
+    """liver 1, spleen 2 and a lesion 3 (inside the liver) on the volume's (columns, rows, slices) grid."""
+    labels = np.zeros(shape, np.uint8)
+    labels[2:9, 3:10, 2:8] = 1
+    labels[11:15, 1:5, 4:10] = 2
+    labels[4:6, 5:7, 4:6] = 3
+    return labels
+
+
+# type 2 attributes highdicom copies from the source images: the test studies leave some out
+_COPIED = ("PatientSex", "PatientBirthDate", "StudyTime", "StudyID", "ReferringPhysicianName", "AccessionNumber")
+
+
+def write_seg(
+    folder: Path,
+    source_folder: Path,
+    labels: np.ndarray,
+    segments=(LIVER, SPLEEN),
+    *,
+    fractional: bool = False,
+    name: str = "seg.dcm",
+    masks: dict[int, np.ndarray] | None = None,
+) -> Path:
+    """A SEG drawn on the images of `source_folder` (classic files, or one Enhanced MR file) whose
+    segment showing label n (LIVER, SPLEEN, LESION) covers the voxels where `labels` == n, or `masks[n]`
+    where given (on the volume's grid)."""
+    sources = [pydicom.dcmread(f) for f in sorted(source_folder.iterdir())]
+    for dataset in sources:
+        for keyword in _COPIED:
+            dataset.setdefault(keyword, "")
+    inventory = inventory_study(source_folder)
+    (series,) = inventory.series
+    _, slice_sources = series_to_volume(series)
+    # the source frames in highdicom's order (source_images, then their frames) -> the volume's slice k
+    slice_of = {source: k for k, source in enumerate(slice_sources)}
+    frames = [
+        (str(dataset.SOPInstanceUID), frame)
+        for dataset in sources
+        for frame in range(1, int(dataset.get("NumberOfFrames", 1) or 1) + 1)
+    ]
+    drawn = [(masks or {}).get(number, labels == number) for number, _, _ in segments]
+    pixel_array = np.stack(
+        [np.stack([mask[:, :, slice_of[frame]].T for frame in frames]) for mask in drawn], axis=-1
+    ).astype(np.uint8)  # (frames, rows, columns, segments)
+    seg = highdicom.seg.Segmentation(
+        source_images=sources,
+        pixel_array=pixel_array.astype(np.float32) if fractional else pixel_array,
+        segmentation_type="FRACTIONAL" if fractional else "BINARY",
+        segment_descriptions=[
+            highdicom.seg.SegmentDescription(
+                segment_number=position,  # SEG numbers its segments from 1, whatever they show
+                segment_label=label,
+                segmented_property_category=codes.SCT.Organ
+                if number < 3
+                else codes.SCT.MorphologicallyAbnormalStructure,
+                segmented_property_type=code,
+                algorithm_type=highdicom.seg.SegmentAlgorithmTypeValues.MANUAL,
+            )
+            for position, (number, label, code) in enumerate(segments, start=1)
+        ],
+        series_instance_uid=highdicom.UID(),
+        series_number=99,
+        sop_instance_uid=highdicom.UID(),
+        instance_number=1,
+        manufacturer="hcc-assets tests",
+        manufacturer_model_name="test",
+        software_versions="1",
+        device_serial_number="1",
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    seg.save_as(folder / name)
+    return folder / name
+
+
+def reference_of(patient: Path) -> np.ndarray | None:
+    """What nifti_volume reads: the chosen T2's volume and the label volume of its SEG."""
+    inventory = inventory_study(patient)
+    series = choose_t2_series(inventory).series
+    image, sources = series_to_volume(series)
+    labels = reference_mask_from_seg(inventory.segmentations, series, sources)
+    assert labels is None or labels.shape == image.shape
+    return labels
+
+
+def test_a_seg_drawn_on_the_t2_series_gives_its_labels_and_others_are_ignored(tmp_path):
+    patient = make_study(tmp_path)
+    study = patient / STUDY_FOLDER
+    labels = truth_labels((16, 12, 12))
+    assert reference_of(patient) is None  # no SEG: no reference
+    # drawn on other series or of other structures: not the T2's liver
+    write_seg(study / "98 SEG T1", study / "1 T1 in phase", labels)
+    write_seg(study / "97 SEG lesion", study / T2_FOLDER, labels, segments=(LESION,))
+    assert reference_of(patient) is None
+    # the reference: liver and spleen (and a lesion segment, left out), its frames in their own folder
+    liver_with_lesion = (labels == 1) | (labels == 3)
+    write_seg(
+        study / "99 SEG", study / T2_FOLDER, labels, segments=(LIVER, SPLEEN, LESION), masks={1: liver_with_lesion}
+    )
+    found = reference_of(patient)
+    assert found is not None and found.dtype == np.uint8
+    # liver 1 (its lesion included, as drawn), spleen 2; the lesion segment itself is not read
+    assert np.array_equal(found, np.where(labels == 3, 1, labels))
+
+
+def test_a_seg_drawn_on_an_enhanced_t2_gives_the_same_labels(tmp_path):
+    classic = make_study(tmp_path / "classic", with_others=False)
+    enhanced = make_study(tmp_path / "enhanced", with_others=False)
+    to_enhanced(enhanced / STUDY_FOLDER / T2_FOLDER)
+    labels = truth_labels((16, 12, 12))
+    for patient in (classic, enhanced):
+        write_seg(patient / STUDY_FOLDER / "99 SEG", patient / STUDY_FOLDER / T2_FOLDER, labels)
+    assert np.array_equal(reference_of(enhanced), reference_of(classic))
+    assert set(np.unique(reference_of(enhanced))) == {0, 1, 2}
+
+
+def test_a_fractional_seg_is_read_at_one_half(tmp_path):
+    patient = make_study(tmp_path, with_others=False)
+    labels = truth_labels((16, 12, 12))
+    write_seg(patient / STUDY_FOLDER / "99 SEG", patient / STUDY_FOLDER / T2_FOLDER, labels, fractional=True)
+    assert np.array_equal(reference_of(patient), np.where(labels == 3, 0, labels))
+
+
+def test_two_segs_of_the_liver_are_refused(tmp_path):
+    patient = make_study(tmp_path, with_others=False)
+    labels = truth_labels((16, 12, 12))
+    for name in ("a.dcm", "b.dcm"):
+        write_seg(patient / STUDY_FOLDER / "99 SEG", patient / STUDY_FOLDER / T2_FOLDER, labels, name=name)
+    with pytest.raises(
+        PatientInputError, match=r'2 DICOM SEG objects label the liver of series #3 "T2_SPIR"'
+    ) as raised:
+        reference_of(patient)
+    assert_no_phi(str(raised.value))
+
+
+def test_a_seg_whose_liver_and_spleen_overlap_is_refused(tmp_path):
+    patient = make_study(tmp_path, with_others=False)
+    labels = truth_labels((16, 12, 12))
+    spleen_over_liver = (labels == 2) | (labels == 1)
+    write_seg(
+        patient / STUDY_FOLDER / "99 SEG", patient / STUDY_FOLDER / T2_FOLDER, labels, masks={2: spleen_over_liver}
+    )
+    with pytest.raises(PatientInputError, match="overlapping segments 1, 2"):
+        reference_of(patient)
