@@ -59,7 +59,7 @@ def reference_mask_from_seg(
     numbers = [organs[label] for label in label_of]
     try:
         pixels = _pixels_per_slice(seg, sources, numbers)  # (slices, rows, columns, segments)
-    except (ValueError, KeyError, IndexError, RuntimeError) as error:
+    except Exception as error:  # highdicom's reasons vary (references, geometry, frames): name it, per patient
         raise PatientInputError(
             f"the DICOM SEG of {series.label} cannot be placed on its images ({type(error).__name__}: "
             f"{str(error)[:120]})"
