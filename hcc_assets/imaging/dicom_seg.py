@@ -4,13 +4,15 @@ Hospitals annotate in viewers that save DICOM SEG (3D Slicer, OHIF, ...), not NI
 the study's images that references the chosen T2 series and has a liver segment becomes the
 patient's reference mask, on exactly the T2 volume's grid: highdicom reads the SEG and gives its
 pixels per source image (`get_pixels_by_source_instance` / `get_pixels_by_source_frame`), which are
-placed slice by slice in the volume's order (`nifti.series_to_volume`'s sources). Nothing of the
+placed slice by slice in the volume's order (`nifti.series_to_volume`'s sources); a SEG whose frames
+do not name their source images is placed by its own geometry (`get_volume`). Nothing of the
 SEG but its pixels and segment codes is kept; messages name segments by number only (their labels
 are free text).
 """
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 from pydicom.sr.codedict import codes
 
@@ -26,9 +28,12 @@ _ORGANS = {
 
 
 def reference_mask_from_seg(
-    segmentations: tuple[SegmentationFile, ...], series: SeriesInfo, sources: list[tuple[str, int]]
+    segmentations: tuple[SegmentationFile, ...],
+    series: SeriesInfo,
+    image: nib.Nifti1Image,
+    sources: list[tuple[str, int]],
 ) -> np.ndarray | None:
-    """The label volume (uint8, liver 1, spleen 2, on the volume's (columns, rows, slices) grid) of
+    """The label volume (uint8, liver 1, spleen 2, on the grid of `image`, the series' volume) of
     the one SEG that references `series` and has a liver segment; None when there is none.
     `sources`: per slice of the volume, (SOPInstanceUID, frame number) of its image.
 
@@ -58,12 +63,15 @@ def reference_mask_from_seg(
     label_of = sorted(organs)  # labels in segment order below
     numbers = [organs[label] for label in label_of]
     try:
-        pixels = _pixels_per_slice(seg, sources, numbers)  # (slices, rows, columns, segments)
-    except Exception as error:  # highdicom's reasons vary (references, geometry, frames): name it, per patient
-        raise PatientInputError(
-            f"the DICOM SEG of {series.label} cannot be placed on its images ({type(error).__name__}: "
-            f"{str(error)[:120]})"
-        ) from None
+        pixels = _pixels_by_source(seg, sources, numbers)
+    except Exception:  # a SEG without per-frame source references: place it by position
+        try:
+            pixels = _pixels_by_position(seg, numbers, image)
+        except Exception as error:  # highdicom's reasons vary (geometry, frames): name it, per patient
+            raise PatientInputError(
+                f"the DICOM SEG of {series.label} cannot be placed on its images ({type(error).__name__}: "
+                f"{str(error)[:120]})"
+            ) from None
     present = pixels > (0.5 if pixels.dtype.kind == "f" else 0)
     if (present.sum(axis=-1) > 1).any():
         raise PatientInputError(
@@ -72,7 +80,7 @@ def reference_mask_from_seg(
     labels = np.zeros(present.shape[:3], dtype=np.uint8)
     for channel, label in enumerate(label_of):
         labels[present[..., channel]] = label
-    return np.ascontiguousarray(labels.transpose(2, 1, 0))  # (slices, rows, columns) -> the volume's axes
+    return labels
 
 
 def _organ_segments(seg) -> dict[int, int]:
@@ -87,13 +95,41 @@ def _organ_segments(seg) -> dict[int, int]:
     return found
 
 
-def _pixels_per_slice(seg, sources: list[tuple[str, int]], numbers: list[int]) -> np.ndarray:
-    """The SEG's pixels of `numbers` for each source slice, in the volume's slice order; slices the
-    SEG leaves out (it omits empty frames) are zero."""
+def _pixels_by_source(seg, sources: list[tuple[str, int]], numbers: list[int]) -> np.ndarray:
+    """The SEG's pixels of `numbers` on the volume's grid, (columns, rows, slices, segments), from
+    each frame's reference to its source image (DerivationImageSequence); slices the SEG leaves out
+    (it omits empty frames) are zero."""
     instances = [uid for uid, _ in sources]
     common = {"segment_numbers": numbers, "combine_segments": False, "assert_missing_frames_are_empty": True}
     if len(set(instances)) == len(instances):  # classic images: one slice per instance
-        return seg.get_pixels_by_source_instance(instances, **common)
-    if len(set(instances)) == 1:  # one multi-frame (Enhanced MR) image
-        return seg.get_pixels_by_source_frame(instances[0], [frame for _, frame in sources], **common)
-    raise ValueError("the slices come from several multi-frame images")
+        pixels = seg.get_pixels_by_source_instance(instances, **common)
+    elif len(set(instances)) == 1:  # one multi-frame (Enhanced MR) image
+        pixels = seg.get_pixels_by_source_frame(instances[0], [frame for _, frame in sources], **common)
+    else:
+        raise ValueError("the slices come from several multi-frame images")
+    return pixels.transpose(2, 1, 0, 3)  # (slices, rows, columns) -> the volume's axes
+
+
+def _pixels_by_position(seg, numbers: list[int], image: nib.Nifti1Image) -> np.ndarray:
+    """The same from the SEG's own geometry (highdicom's `get_volume`: its frames' plane positions),
+    for SEGs whose frames do not reference their source images. Its voxels must be the T2 volume's
+    voxels, in any axis order or direction: nothing is resampled."""
+    volume = seg.get_volume(segment_numbers=numbers, combine_segments=False)
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
+    to_ours = np.linalg.inv(image.affine) @ lps_to_ras @ volume.affine  # SEG (slice, row, column) -> our (i, j, k)
+    axes, offset = to_ours[:3, :3], to_ours[:3, 3]
+    if not (
+        np.allclose(axes, np.round(axes), atol=1e-3)
+        and (np.abs(np.round(axes)).sum(axis=0) == 1).all()
+        and (np.abs(np.round(axes)).sum(axis=1) == 1).all()
+        and np.allclose(offset, np.round(offset), atol=1e-2)
+    ):
+        raise ValueError("its frames do not lie on the T2 volume's voxels")
+    array = volume.array.reshape(*volume.array.shape[:3], len(numbers))
+    where = np.indices(array.shape[:3], dtype=np.int32).reshape(3, -1)
+    ours = (np.round(axes).astype(np.int32) @ where) + np.round(offset).astype(np.int32)[:, None]
+    if (ours < 0).any() or (ours >= np.array(image.shape[:3])[:, None]).any():
+        raise ValueError("its frames reach outside the T2 volume")
+    pixels = np.zeros((*image.shape[:3], len(numbers)), dtype=array.dtype)
+    pixels[ours[0], ours[1], ours[2]] = array.reshape(-1, len(numbers))
+    return pixels

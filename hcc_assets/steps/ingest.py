@@ -358,7 +358,7 @@ def read_native_volume(
     image, sources = nifti.series_to_volume(series)
     reference = _load_reference_mask(folder, image) if study_index == 1 else None
     if reference is None:
-        labels = dicom_seg.reference_mask_from_seg(inventory.segmentations, series, sources)
+        labels = dicom_seg.reference_mask_from_seg(inventory.segmentations, series, image, sources)
         reference = _on_grid(labels, image) if labels is not None else None
     return image, reference
 

@@ -104,7 +104,7 @@ def reference_of(patient: Path) -> np.ndarray | None:
     inventory = inventory_study(patient)
     series = choose_t2_series(inventory).series
     image, sources = series_to_volume(series)
-    labels = reference_mask_from_seg(inventory.segmentations, series, sources)
+    labels = reference_mask_from_seg(inventory.segmentations, series, image, sources)
     assert labels is None or labels.shape == image.shape
     return labels
 
@@ -167,4 +167,35 @@ def test_a_seg_whose_liver_and_spleen_overlap_is_refused(tmp_path):
         patient / STUDY_FOLDER / "99 SEG", patient / STUDY_FOLDER / T2_FOLDER, labels, masks={2: spleen_over_liver}
     )
     with pytest.raises(PatientInputError, match="overlapping segments 1, 2"):
+        reference_of(patient)
+
+
+@pytest.mark.parametrize("t2_form", ["classic", "enhanced"])
+def test_a_seg_without_source_references_is_placed_by_its_plane_positions(tmp_path, t2_form):
+    """Some tools write SEG frames with plane positions but without DerivationImageSequence: the
+    mask is placed by the SEG's own geometry, on the same voxels, or refused when they differ."""
+    patient = make_study(tmp_path, with_others=False)
+    if t2_form == "enhanced":
+        to_enhanced(patient / STUDY_FOLDER / T2_FOLDER)
+    labels = truth_labels((16, 12, 12))
+    path = write_seg(patient / STUDY_FOLDER / "99 SEG", patient / STUDY_FOLDER / T2_FOLDER, labels)
+    dataset = pydicom.dcmread(path)
+    for frame in dataset.PerFrameFunctionalGroupsSequence:
+        del frame.DerivationImageSequence
+    # highdicom copied the test study's deliberately wrong SpacingBetweenSlices (99): a hint it trusts
+    del dataset.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SpacingBetweenSlices
+    dataset.save_as(path)
+    assert np.array_equal(reference_of(patient), np.where(labels == 3, 0, labels))
+
+    # moved by half a pixel: not on the T2's voxels
+    for frame in dataset.PerFrameFunctionalGroupsSequence:
+        position = frame.PlanePositionSequence[0]
+        position.ImagePositionPatient = [
+            float(position.ImagePositionPatient[0]) + 0.6,
+            *position.ImagePositionPatient[1:],
+        ]
+    dataset.save_as(path)
+    with pytest.raises(
+        PatientInputError, match=r"cannot be placed on its images .*do not lie on the T2 volume's voxels"
+    ):
         reference_of(patient)
