@@ -44,11 +44,15 @@ def cmd_synth(args) -> int:
         enhanced=bool(getattr(args, "enhanced", False)),
         follow_up_fraction=getattr(args, "follow_up_fraction", 0.0) or 0.0,
         lungs=bool(getattr(args, "lungs", False)),
+        reference=getattr(args, "reference", None) or "nifti",
     )
     start = time.perf_counter()
     layout = cast(Layout, getattr(args, "layout", "drop") or "drop")  # argparse's choices are the Layout values
     if config.follow_up_fraction and layout != "drop":
         print("synth: --follow-up-fraction is available with the drop layout only", file=sys.stderr)
+        return 2
+    if config.reference == "seg" and layout != "drop":
+        print("synth: --reference seg is available with the drop layout only", file=sys.stderr)
         return 2
     if config.enhanced and layout == "chaos":
         print("synth: --enhanced is not available with --layout chaos (one Ground PNG per slice file)", file=sys.stderr)
@@ -658,6 +662,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--lungs",
         action="store_true",
         help="add the lung bases above the diaphragm (dark on T2); default: soft tissue above the liver dome",
+    )
+    synth.add_argument(
+        "--reference",
+        choices=["nifti", "seg"],
+        default="nifti",
+        help="the drop layout's reference liver/spleen mask: reference/liver_spleen_mask.nii.gz, or a DICOM SEG "
+        "drawn on the T2 series (as annotation tools save it)",
     )
     synth.add_argument(
         "--follow-up-fraction",

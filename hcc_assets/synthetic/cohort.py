@@ -70,6 +70,7 @@ from hcc_assets.imaging import geometry
 from hcc_assets.intake.dropzone import merge_labels
 from hcc_assets.synthetic.enhanced import enhanced_mr_file
 from hcc_assets.synthetic.phantom import TISSUE_TO_LABEL, Phantom, Tissue, random_phantom, rotation_matrix
+from hcc_assets.synthetic.seg import seg_bytes
 from hcc_assets.synthetic.transfer_syntax import (
     DEFAULT_TRANSFER_SYNTAX,
     LOSSY_TRANSFER_SYNTAXES,
@@ -83,6 +84,7 @@ LABELS_FILE = "labels.csv"
 STUDY_DIR = "study_1"
 FOLLOW_UP_STUDY_DIR = "study_2"  # a follow-up study (SynthConfig.follow_up_fraction)
 MASK_PATH = Path("reference") / "liver_spleen_mask.nii.gz"
+SEG_SERIES_FOLDER = "series_seg"  # `reference="seg"`: the SEG drawn on the T2, in a series folder of its own
 MAX_STORED = 4095  # BitsStored 12
 
 Layout = Literal["drop", "chaos", "tcia"]
@@ -114,6 +116,9 @@ class SynthConfig(pydantic.BaseModel):
     follow_up_fraction: float = pydantic.Field(0.0, ge=0.0, le=1.0)
     # the lung bases above the diaphragm (phantom.random_phantom); off: soft tissue above the liver
     lungs: bool = False
+    # how the drop layout's reference mask is written: reference/liver_spleen_mask.nii.gz, or a DICOM
+    # SEG drawn on the T2 series (synthetic/seg.py), as an annotation tool saves it
+    reference: Literal["nifti", "seg"] = "nifti"
 
     @pydantic.field_validator("transfer_syntax")
     @classmethod
@@ -732,7 +737,8 @@ def _ds(value: float, decimals: int = 4) -> str:
 def _config_digest(config: SynthConfig) -> str:
     # `enhanced` changes how the acquisition is stored, not the acquisition: same UIDs either way;
     # follow-ups add a study and leave the first one's UIDs (and bytes) as they were
-    return content_version(config.model_dump_json(exclude={"enhanced", "follow_up_fraction"}))
+    # the reference's format changes how the mask is stored, not the images: same UIDs either way
+    return content_version(config.model_dump_json(exclude={"enhanced", "follow_up_fraction", "reference"}))
 
 
 def _series_template(
@@ -1043,7 +1049,13 @@ def _synthesize_patient(
             for series in all_series:
                 relative = Path(FOLLOW_UP_STUDY_DIR) / f"series_{series.sequence.number}"
                 write_series(series, follow_up.identity, fu_uids, fu_rng, relative, ("follow-up",))
-        if layout == "drop":
+        if layout == "drop" and config.reference == "seg":
+            seg_dir = staging / t2_dir.parent / SEG_SERIES_FOLDER  # beside the T2, in its study
+            seg_dir.mkdir(parents=True)
+            labels = np.ascontiguousarray(TISSUE_TO_LABEL[tissue].transpose(2, 1, 0))  # (i, j, k): the volume's
+            seg = seg_bytes(staging / t2_dir, labels, series_uid=uid("seg", "series"), sop_uid=uid("seg", "instance"))
+            (seg_dir / "seg.dcm").write_bytes(seg)
+        elif layout == "drop":
             (staging / MASK_PATH.parent).mkdir()
             (staging / MASK_PATH).write_bytes(_mask_bytes(TISSUE_TO_LABEL[tissue], acquisition))
         elif layout == "chaos":

@@ -17,11 +17,10 @@ from hcc_assets.core.errors import PatientInputError
 from hcc_assets.imaging.dicom_seg import reference_mask_from_seg
 from hcc_assets.imaging.dicom_series import choose_t2_series, inventory_study
 from hcc_assets.imaging.nifti import series_to_volume
+from hcc_assets.synthetic.seg import LIVER, SPLEEN, seg_bytes
 from hcc_assets_tests.imaging.test_dicom_series import STUDY_FOLDER, assert_no_phi, make_study
 from hcc_assets_tests.imaging.test_enhanced_mr import T2_FOLDER, to_enhanced
 
-LIVER = (1, "Liver", codes.SCT.Liver)
-SPLEEN = (2, "Spleen", codes.SCT.Spleen)
 LESION = (3, "Lesion", codes.SCT.Neoplasm)
 
 
@@ -34,10 +33,6 @@ def truth_labels(shape: tuple[int, int, int]) -> np.ndarray:
     return labels
 
 
-# type 2 attributes highdicom copies from the source images: the test studies leave some out
-_COPIED = ("PatientSex", "PatientBirthDate", "StudyTime", "StudyID", "ReferringPhysicianName", "AccessionNumber")
-
-
 def write_seg(
     folder: Path,
     source_folder: Path,
@@ -48,54 +43,18 @@ def write_seg(
     name: str = "seg.dcm",
     masks: dict[int, np.ndarray] | None = None,
 ) -> Path:
-    """A SEG drawn on the images of `source_folder` (classic files, or one Enhanced MR file) whose
-    segment showing label n (LIVER, SPLEEN, LESION) covers the voxels where `labels` == n, or `masks[n]`
-    where given (on the volume's grid)."""
-    sources = [pydicom.dcmread(f) for f in sorted(source_folder.iterdir())]
-    for dataset in sources:
-        for keyword in _COPIED:
-            dataset.setdefault(keyword, "")
-    inventory = inventory_study(source_folder)
-    (series,) = inventory.series
-    _, slice_sources = series_to_volume(series)
-    # the source frames in highdicom's order (source_images, then their frames) -> the volume's slice k
-    slice_of = {source: k for k, source in enumerate(slice_sources)}
-    frames = [
-        (str(dataset.SOPInstanceUID), frame)
-        for dataset in sources
-        for frame in range(1, int(dataset.get("NumberOfFrames", 1) or 1) + 1)
-    ]
-    drawn = [(masks or {}).get(number, labels == number) for number, _, _ in segments]
-    pixel_array = np.stack(
-        [np.stack([mask[:, :, slice_of[frame]].T for frame in frames]) for mask in drawn], axis=-1
-    ).astype(np.uint8)  # (frames, rows, columns, segments)
-    seg = highdicom.seg.Segmentation(
-        source_images=sources,
-        pixel_array=pixel_array.astype(np.float32) if fractional else pixel_array,
-        segmentation_type="FRACTIONAL" if fractional else "BINARY",
-        segment_descriptions=[
-            highdicom.seg.SegmentDescription(
-                segment_number=position,  # SEG numbers its segments from 1, whatever they show
-                segment_label=label,
-                segmented_property_category=codes.SCT.Organ
-                if number < 3
-                else codes.SCT.MorphologicallyAbnormalStructure,
-                segmented_property_type=code,
-                algorithm_type=highdicom.seg.SegmentAlgorithmTypeValues.MANUAL,
-            )
-            for position, (number, label, code) in enumerate(segments, start=1)
-        ],
-        series_instance_uid=highdicom.UID(),
-        series_number=99,
-        sop_instance_uid=highdicom.UID(),
-        instance_number=1,
-        manufacturer="hcc-assets tests",
-        manufacturer_model_name="test",
-        software_versions="1",
-        device_serial_number="1",
+    """A SEG (synthetic.seg) drawn on the one series in `source_folder`, saved as `folder`/`name`."""
+    data = seg_bytes(
+        source_folder,
+        labels,
+        series_uid=highdicom.UID(),
+        sop_uid=highdicom.UID(),
+        segments=segments,
+        masks=masks,
+        fractional=fractional,
     )
     folder.mkdir(parents=True, exist_ok=True)
-    seg.save_as(folder / name)
+    (folder / name).write_bytes(data)
     return folder / name
 
 
