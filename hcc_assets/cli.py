@@ -543,6 +543,9 @@ def cmd_demo(args) -> int:
     from hcc_assets.lake import is_local_url
 
     lake = _lake_root(args)
+    if args.source == "studylike" and args.reference != "nifti":
+        print("error: --reference seg is available with --source synthetic only", file=sys.stderr)
+        return 2
     if not is_local_url(lake):  # the demo synthesizes its drop zone and instance under the lake folder
         print(f"error: the demo needs a local lake folder, not {lake}; see docs/scaling.md", file=sys.stderr)
         return 2
@@ -571,6 +574,7 @@ def cmd_demo(args) -> int:
                     layout="drop",
                     workers=args.workers,
                     lungs=args.lungs,
+                    reference=args.reference,
                 )
             )
         stages.append((f"{args.source} cohort written", time.perf_counter() - begun))
@@ -813,6 +817,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["synthetic", "studylike"],
         default="synthetic",
         help="synthetic: drop-zone cohort; studylike: CHAOS + TCGA-LIHC layouts through the importers",
+    )
+    demo.add_argument(
+        "--reference",
+        choices=["nifti", "seg"],
+        default="nifti",
+        help="the synthetic source's reference masks: NIfTI files, or DICOM SEG objects drawn on the T2 series "
+        "(the same masks: the same models and Table 1)",
     )
     demo.set_defaults(func=cmd_demo)
     return parser
