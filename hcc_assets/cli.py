@@ -6,7 +6,6 @@ import argparse
 import os
 import sys
 import time
-import zipfile
 from pathlib import Path
 from typing import cast
 
@@ -454,16 +453,16 @@ def cmd_predict(args) -> int:
     from hcc_assets import runner
     from hcc_assets.defs.resources import default_lake_resource
     from hcc_assets.featurestore import reads
-    from hcc_assets.intake.dropzone import ArchiveError, drop_archive, drop_copy
+    from hcc_assets.intake.dropzone import ArchiveError, archive_stem, drop_archive, drop_copy, is_archive
 
     source = Path(args.folder).resolve()
-    archive = source.is_file() and zipfile.is_zipfile(source)
+    archive = is_archive(source)
     if not source.is_dir() and not archive:
-        print(f"error: {args.folder} is neither a folder nor a ZIP archive", file=sys.stderr)
+        print(f"error: {args.folder} is neither a folder nor a ZIP or TAR archive", file=sys.stderr)
         return 2
     lake = default_lake_resource()
     incoming = lake.incoming_dir.resolve()
-    pid = lake.pseudonym(source.stem if archive else source.name)
+    pid = lake.pseudonym((archive_stem(source) or source.stem) if archive else source.name)
     if source.parent != incoming or archive:
         try:
             (drop_archive if archive else drop_copy)(source, incoming)
@@ -788,8 +787,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument(
         "folder",
-        help="the patient's study folder (DICOM files, any layout), or a ZIP archive of it (a PACS or "
-        "viewer export); copied (unpacked) into the drop zone unless it is already there",
+        help="the patient's study folder (DICOM files, any layout), or a ZIP or TAR archive of it (a PACS, "
+        "viewer or research-archive export; .tar.gz, .tgz, .tar.bz2, .tar.xz too); copied (unpacked) into the "
+        "drop zone unless it is already there",
     )
     predict.set_defaults(func=cmd_predict)
 

@@ -16,6 +16,7 @@ import io
 import os
 import shutil
 import stat
+import tarfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -106,42 +107,87 @@ UNPACKED_ARCHIVES = ".unpacked"  # where a drop zone's ZIP archives go once unpa
 
 
 class ArchiveError(ValueError):
-    """A ZIP export that cannot be unpacked safely; the message names no member (names may be PHI)."""
+    """An export archive that cannot be unpacked safely; the message names no member (names may be PHI)."""
+
+
+# What an export archive's name may end with (ZIP from PACS web exports and viewers; TAR, plain or
+# compressed, from research archives such as XNAT): the drop folder takes the name without it.
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+
+
+def archive_stem(path: Path) -> str | None:
+    """The archive's name without its archive suffix, or None when the name has none."""
+    name = path.name
+    suffix = next((s for s in sorted(ARCHIVE_SUFFIXES, key=len, reverse=True) if name.lower().endswith(s)), None)
+    return name[: -len(suffix)] if suffix and len(name) > len(suffix) else None
+
+
+def is_archive(path: Path) -> bool:
+    """An export archive by its name and its content (ZIP or TAR), not a folder."""
+    return path.is_file() and archive_stem(path) is not None and (zipfile.is_zipfile(path) or tarfile.is_tarfile(path))
 
 
 def drop_archive(archive: Path, incoming: Path) -> Path:
-    """Unpack the ZIP archive `archive` (a PACS web export, a viewer's "download study") into the
-    drop zone as `incoming/<its name without .zip>`, published as drop_copy publishes a folder.
+    """Unpack the export archive `archive` (ZIP: a PACS web export, a viewer's "download study";
+    TAR, plain or gzip/bzip2/xz-compressed: a research archive's download) into the drop zone as
+    `incoming/<its name without the archive suffix>`, published as drop_copy publishes a folder.
 
-    zipfile itself strips absolute paths and ".." from member names, so nothing lands outside the
-    folder; left to check here: symbolic-link members (zipfile would write their target as a file)
-    are left out, and an archive whose members would not fit on the drop zone's disk, or that is
-    password-protected or corrupt, is refused (ArchiveError) before anything is written.
-    FileExistsError for a name the drop zone already holds. An archive lying in the drop zone
-    itself is moved to UNPACKED_ARCHIVES once unpacked, so no later scan unpacks it again.
+    Only regular files (and folders) are taken: link members, devices and the like are left out.
+    zipfile strips absolute paths and ".." from member names; tarfile's "data" extraction filter
+    refuses them, and such a TAR is refused whole. An archive whose members would not fit on the
+    drop zone's disk, or that is password-protected or corrupt, is refused (ArchiveError) before
+    anything is written. FileExistsError for a name the drop zone already holds. An archive lying
+    in the drop zone itself is moved to UNPACKED_ARCHIVES once unpacked, so no later scan unpacks it
+    again.
     """
-    target = incoming / archive.stem
+    stem = archive_stem(archive) or archive.stem
+    target = incoming / stem
     if target.exists():
         raise FileExistsError("the drop zone already holds a study folder of this name")
+    if archive.name.lower().endswith(".zip") or zipfile.is_zipfile(archive):
+        _unpack_zip(archive, incoming, target)
+    elif archive_stem(archive) is not None or tarfile.is_tarfile(archive):
+        _unpack_tar(archive, incoming, target)
+    else:
+        raise ArchiveError("the file is neither a ZIP nor a TAR archive")
+    if archive.resolve().parent == incoming.resolve():
+        (incoming / UNPACKED_ARCHIVES).mkdir(exist_ok=True)
+        os.replace(archive, incoming / UNPACKED_ARCHIVES / archive.name)
+    return target
+
+
+def _unpack_zip(archive: Path, incoming: Path, target: Path) -> None:
     try:
         with zipfile.ZipFile(archive) as bundle:
             members = [m for m in bundle.infolist() if not m.is_dir() and not _is_symlink(m)]
             if any(m.flag_bits & 0x1 for m in members):
                 raise ArchiveError("the archive is password-protected; export it without a password")
-            needed = sum(m.file_size for m in members)
-            incoming.mkdir(parents=True, exist_ok=True)
-            if needed > shutil.disk_usage(incoming).free:
-                raise ArchiveError(
-                    f"the archive unpacks to {needed / 2**30:.1f} GiB, more than the drop zone's free space"
-                )
+            _check_room(incoming, sum(m.file_size for m in members))
             with publish_folder(target, hidden_prefix=".drop-", replace=False) as staging:
                 bundle.extractall(staging, members)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as error:
         raise ArchiveError(f"the archive is damaged ({type(error).__name__})") from None
-    if archive.resolve().parent == incoming.resolve():
-        (incoming / UNPACKED_ARCHIVES).mkdir(exist_ok=True)
-        os.replace(archive, incoming / UNPACKED_ARCHIVES / archive.name)
-    return target
+
+
+def _unpack_tar(archive: Path, incoming: Path, target: Path) -> None:
+    try:
+        with tarfile.open(archive) as bundle:
+            members = [m for m in bundle.getmembers() if m.isfile() or m.isdir()]
+            _check_room(incoming, sum(m.size for m in members if m.isfile()))
+            with publish_folder(target, hidden_prefix=".drop-", replace=False) as staging:
+                bundle.extractall(staging, members, filter="data")
+    except tarfile.FilterError as error:  # an absolute path or ".." in a member name
+        raise ArchiveError(
+            f"the archive has members that would land outside its folder ({type(error).__name__})"
+        ) from None
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise ArchiveError(f"the archive is damaged ({type(error).__name__})") from None
+
+
+def _check_room(incoming: Path, needed: int) -> None:
+    incoming.mkdir(parents=True, exist_ok=True)
+    if needed > shutil.disk_usage(incoming).free:
+        raise ArchiveError(f"the archive unpacks to {needed / 2**30:.1f} GiB, more than the drop zone's free space")
 
 
 def _is_symlink(member: zipfile.ZipInfo) -> bool:
@@ -149,17 +195,18 @@ def _is_symlink(member: zipfile.ZipInfo) -> bool:
 
 
 def _unpack_dropped_archive(archive: Path, incoming: Path, quiet_seconds: float, now: float) -> str | None:
-    """Unpack a ZIP archive lying in the drop zone (drop_archive, which also moves it to
+    """Unpack an export archive lying in the drop zone (drop_archive, which also moves it to
     UNPACKED_ARCHIVES) once nothing has written to it for `quiet_seconds` (it may still be
     arriving); why it was not, or None."""
     if now - archive.stat().st_mtime < quiet_seconds:
         return None
+    kind = "ZIP" if archive.name.lower().endswith(".zip") else "TAR"
     try:
         drop_archive(archive, incoming)
     except ArchiveError as error:
-        return f"ZIP archive not unpacked: {error}"
+        return f"{kind} archive not unpacked: {error}"
     except FileExistsError:
-        return "ZIP archive not unpacked: a study folder of its name is already in the drop zone"
+        return f"{kind} archive not unpacked: a study folder of its name is already in the drop zone"
     return None
 
 
@@ -169,20 +216,21 @@ def scan_drop_zone(
     """Complete patient folders under `incoming`, sorted by folder name. Folders that cannot be
     read are left out and, when `skipped` is given, appended to it with the reason.
 
-    A ZIP archive in the drop zone (a PACS export saved there) is unpacked first into a folder of its
-    name, once it has been quiet for `quiet_seconds`, and moved to `.unpacked/`; one that cannot be
-    unpacked stays and is reported in `skipped`."""
+    An export archive in the drop zone (ZIP or TAR, ARCHIVE_SUFFIXES) is unpacked first into a folder
+    of its name, once it has been quiet for `quiet_seconds`, and moved to `.unpacked/`; one that
+    cannot be unpacked stays and is reported in `skipped`."""
     if not incoming.is_dir():
         return []
     now = time.time() if now is None else now
     for entry in sorted(incoming.iterdir()):
-        if entry.suffix.lower() == ".zip" and entry.is_file() and not entry.name.startswith("."):
+        stem = archive_stem(entry)
+        if stem is not None and entry.is_file() and not entry.name.startswith("."):
             try:
                 why = _unpack_dropped_archive(entry, incoming, quiet_seconds, now)
             except OSError as error:
-                why = f"ZIP archive not unpacked ({error.strerror or type(error).__name__})"
+                why = f"archive not unpacked ({error.strerror or type(error).__name__})"
             if why and skipped is not None:
-                skipped.append(SkippedFolder(entry.stem, why))
+                skipped.append(SkippedFolder(stem, why))
     ready = []
     for entry in sorted(incoming.iterdir()):
         if not entry.is_dir() or entry.name.startswith("."):

@@ -195,6 +195,71 @@ def test_a_damaged_or_password_protected_zip_is_refused_before_anything_is_writt
     assert not incoming.exists() or not any(incoming.iterdir())
 
 
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz", ".tgz", ".tar.xz"])
+def test_a_tar_export_unpacks_into_the_drop_zone_as_the_folder_would_arrive(tmp_path, suffix):
+    """A research archive's TAR download (plain or compressed), with a symbolic link and a device
+    member beside the study: ingests as the folder it was made from; the scan unpacks it too."""
+    import tarfile
+
+    from hcc_assets.imaging.dicom_series import inventory_study
+    from hcc_assets.intake.dropzone import COMPLETE_MARKER, UNPACKED_ARCHIVES, drop_archive
+    from hcc_assets_tests.imaging.test_dicom_series import make_study
+
+    patient = make_study(tmp_path / "export")
+    mode = {".tar": "w", ".tar.gz": "w:gz", ".tgz": "w:gz", ".tar.xz": "w:xz"}[suffix]
+    archive = tmp_path / f"MRN4711{suffix}"
+    with tarfile.open(archive, mode) as bundle:
+        bundle.add(patient, arcname="EXPORT")
+        link = tarfile.TarInfo("EXPORT/link")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        device = tarfile.TarInfo("EXPORT/device")
+        device.type = tarfile.CHRTYPE
+        bundle.addfile(link)
+        bundle.addfile(device)
+    incoming = tmp_path / "incoming"
+
+    target = drop_archive(archive, incoming)
+
+    assert target == incoming / "MRN4711" and (target / COMPLETE_MARKER).exists()
+    assert not (target / "EXPORT" / "link").exists() and not (target / "EXPORT" / "device").exists()
+    unpacked, original = inventory_study(target), inventory_study(patient)
+    assert [(s.series_key, s.checksum) for s in unpacked.series] == [
+        (s.series_key, s.checksum) for s in original.series
+    ]
+    # saved into the drop zone instead: the scan unpacks it once quiet, as a ZIP
+    dropped = tmp_path / "dropped"
+    dropped.mkdir()
+    (dropped / archive.name).write_bytes(archive.read_bytes())
+    ready = scan_drop_zone(dropped, quiet_seconds=60, now=time.time() + 61)
+    assert [f.source_key for f in ready] == ["MRN4711"]
+    assert (dropped / UNPACKED_ARCHIVES / archive.name).exists()
+
+
+def test_a_tar_whose_members_climb_out_of_its_folder_is_refused_whole(tmp_path):
+    import io
+    import tarfile
+
+    from hcc_assets.intake.dropzone import ArchiveError, drop_archive
+
+    archive = tmp_path / "MRN9.tar.gz"
+    with tarfile.open(archive, "w:gz") as bundle:
+        for name in ("EXPORT/IM0001", "../../escaped.dcm"):
+            member = tarfile.TarInfo(name)
+            member.size = 4
+            bundle.addfile(member, io.BytesIO(b"DICM"))
+    incoming = tmp_path / "incoming"
+    with pytest.raises(ArchiveError, match="members that would land outside its folder") as refused:
+        drop_archive(archive, incoming)
+    assert "escaped" not in str(refused.value) and "MRN9" not in str(refused.value)
+    assert not (tmp_path / "escaped.dcm").exists() and not any(
+        p for p in incoming.iterdir() if not p.name.startswith(".")
+    )
+    damaged = tmp_path / "MRN10.tar.gz"
+    damaged.write_bytes(archive.read_bytes()[:40])
+    with pytest.raises(ArchiveError, match="damaged"):
+        drop_archive(damaged, incoming)
+
+
 def test_study_partition_keys_round_trip_and_leave_the_first_study_bare():
     from hcc_assets.intake.pseudonym import split_partition_key, study_partition_key
 
