@@ -18,6 +18,7 @@ from pydicom.sr.codedict import codes
 
 from hcc_assets.core.errors import PatientInputError
 from hcc_assets.imaging.dicom_series import SegmentationFile, SeriesInfo
+from hcc_assets.imaging.geometry import LPS_TO_RAS, onto_grid
 
 LABEL_LIVER, LABEL_SPLEEN = 1, 2  # segmentation.config's labels (imaging does not import it)
 # SNOMED CT codes of the segmented property type, then the segment label as a fallback
@@ -113,23 +114,7 @@ def _pixels_by_source(seg, sources: list[tuple[str, int]], numbers: list[int]) -
 def _pixels_by_position(seg, numbers: list[int], image: nib.Nifti1Image) -> np.ndarray:
     """The same from the SEG's own geometry (highdicom's `get_volume`: its frames' plane positions),
     for SEGs whose frames do not reference their source images. Its voxels must be the T2 volume's
-    voxels, in any axis order or direction: nothing is resampled."""
+    voxels, in any axis order or direction: nothing is resampled (geometry.onto_grid)."""
     volume = seg.get_volume(segment_numbers=numbers, combine_segments=False)
-    lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
-    to_ours = np.linalg.inv(image.affine) @ lps_to_ras @ volume.affine  # SEG (slice, row, column) -> our (i, j, k)
-    axes, offset = to_ours[:3, :3], to_ours[:3, 3]
-    if not (
-        np.allclose(axes, np.round(axes), atol=1e-3)
-        and (np.abs(np.round(axes)).sum(axis=0) == 1).all()
-        and (np.abs(np.round(axes)).sum(axis=1) == 1).all()
-        and np.allclose(offset, np.round(offset), atol=1e-2)
-    ):
-        raise ValueError("its frames do not lie on the T2 volume's voxels")
-    array = volume.array.reshape(*volume.array.shape[:3], len(numbers))
-    where = np.indices(array.shape[:3], dtype=np.int32).reshape(3, -1)
-    ours = (np.round(axes).astype(np.int32) @ where) + np.round(offset).astype(np.int32)[:, None]
-    if (ours < 0).any() or (ours >= np.array(image.shape[:3])[:, None]).any():
-        raise ValueError("its frames reach outside the T2 volume")
-    pixels = np.zeros((*image.shape[:3], len(numbers)), dtype=array.dtype)
-    pixels[ours[0], ours[1], ours[2]] = array.reshape(-1, len(numbers))
-    return pixels
+    array = volume.array.reshape(*volume.array.shape[:3], len(numbers))  # (slice, row, column, segment)
+    return onto_grid(array, LPS_TO_RAS @ volume.affine, image.shape[:3], image.affine)

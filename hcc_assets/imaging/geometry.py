@@ -55,3 +55,31 @@ def affine_ras(
 ) -> np.ndarray:
     """Same as `affine_lps`, expressed in RAS as NIfTI expects."""
     return LPS_TO_RAS @ affine_lps(orientation, first_position, pixel_spacing, slice_spacing)
+
+
+def onto_grid(data: np.ndarray, affine: np.ndarray, shape: Sequence[int], target_affine: np.ndarray) -> np.ndarray:
+    """`data` (first three axes on the voxels of `affine`; any axes after them carried along) placed
+    on the grid of `shape` and `target_affine` (both affines RAS or both LPS) without resampling:
+    its voxels must be the target's voxels, in any axis order and direction (a mask saved by a tool
+    that flips rows, as dcm2niix does, or a SEG that runs its frames the other way). Target voxels
+    it does not cover are 0. ValueError when its voxels are not the target's, or reach outside.
+
+    Written by hand: nibabel's orientation tools (io_orientation, apply_orientation) reorder the
+    axes of a whole array to an orientation, not onto another image's grid with an offset."""
+    to_target = np.linalg.inv(target_affine) @ affine  # source (a, b, c) -> target (i, j, k)
+    axes, offset = to_target[:3, :3], to_target[:3, 3]
+    whole_axes = np.round(axes)
+    if not (
+        np.allclose(axes, whole_axes, atol=1e-3)
+        and (np.abs(whole_axes).sum(axis=0) == 1).all()
+        and (np.abs(whole_axes).sum(axis=1) == 1).all()
+        and np.allclose(offset, np.round(offset), atol=1e-2)
+    ):
+        raise ValueError("its voxels are not the T2 volume's voxels")
+    where = np.indices(data.shape[:3], dtype=np.int64).reshape(3, -1)
+    index = whole_axes.astype(np.int64) @ where + np.round(offset).astype(np.int64)[:, None]
+    if (index < 0).any() or (index >= np.asarray(shape[:3])[:, None]).any():
+        raise ValueError("it reaches outside the T2 volume")
+    placed = np.zeros((*shape[:3], *data.shape[3:]), dtype=data.dtype)
+    placed[index[0], index[1], index[2]] = data.reshape(-1, *data.shape[3:])
+    return placed

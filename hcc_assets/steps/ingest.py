@@ -19,7 +19,7 @@ import polars as pl
 
 from hcc_assets.core.errors import PatientInputError
 from hcc_assets.featurestore import FeatureStore
-from hcc_assets.imaging import dicom_seg, dicom_series, nifti, preprocess, preview
+from hcc_assets.imaging import dicom_seg, dicom_series, geometry, nifti, preprocess, preview
 from hcc_assets.imaging.volume_info import volume_summary
 from hcc_assets.intake.dropzone import folder_fingerprint, folder_studies, read_label_manifests
 from hcc_assets.intake.pseudonym import split_partition_key
@@ -467,11 +467,18 @@ def _load_reference_mask(folder: Path, image: nib.Nifti1Image) -> nib.Nifti1Imag
     if not source.exists():
         return None
     mask = cast(nib.Nifti1Image, nib.load(source))  # nib.load is typed as the base FileBasedImage
-    if mask.shape[:3] != image.shape[:3] or not np.allclose(mask.affine, image.affine, atol=1e-3):
+    labels = np.asarray(mask.dataobj).astype(np.uint8)
+    if mask.shape[:3] == image.shape[:3] and np.allclose(mask.affine, image.affine, atol=1e-3):
+        return _on_grid(labels, image)
+    try:  # the same voxels in another axis order or direction (a tool that flips rows, as dcm2niix does)
+        return _on_grid(
+            geometry.onto_grid(labels, mask.affine, image.shape[:3], image.affine),
+            image,
+        )
+    except ValueError:
         raise PatientInputError(
             f"reference mask grid {mask.shape[:3]} does not match the T2 volume {image.shape[:3]} (shape or affine)"
-        )
-    return _on_grid(np.asarray(mask.dataobj).astype(np.uint8), image)
+        ) from None
 
 
 def _on_grid(labels: np.ndarray, image: nib.Nifti1Image) -> nib.Nifti1Image:

@@ -155,6 +155,6 @@ def test_a_seg_without_source_references_is_placed_by_its_plane_positions(tmp_pa
         ]
     dataset.save_as(path)
     with pytest.raises(
-        PatientInputError, match=r"cannot be placed on its images .*do not lie on the T2 volume's voxels"
+        PatientInputError, match=r"cannot be placed on its images .*its voxels are not the T2 volume's voxels"
     ):
         reference_of(patient)

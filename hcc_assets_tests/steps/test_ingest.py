@@ -244,3 +244,34 @@ def test_a_dicom_seg_in_place_of_the_nifti_reference_gives_the_same_reference_ma
     written = nib.load(data_lake.patient_file(patient_id, REFERENCE_MASK_FILE))
     assert np.array_equal(np.asarray(written.dataobj), expected)
     assert np.allclose(written.affine, nib.load(data_lake.patient_file(patient_id, NIFTI_FILE)).affine)
+
+
+def test_a_nifti_reference_saved_in_another_axis_order_is_put_on_the_t2_grid(lake):
+    """A reference mask drawn on a dcm2niix conversion (rows flipped) or saved by a tool in another
+    axis order: the same voxels, so it is placed on the T2 grid; one shifted by half a voxel is not."""
+    import nibabel as nib
+    import numpy as np
+
+    incoming, folders, data_lake, store = lake
+    folder = next(f for f in folders if (f / "reference" / "liver_spleen_mask.nii.gz").exists())
+    path = folder / "reference" / "liver_spleen_mask.nii.gz"
+    original = nib.load(path)
+    expected = np.asarray(original.dataobj).astype(np.uint8)
+    # rows flipped and the first two axes swapped: a voxel-for-voxel reordering with its own affine
+    flip = np.eye(4)
+    flip[1, 1], flip[1, 3] = -1, expected.shape[1] - 1
+    swap = np.eye(4)[[1, 0, 2, 3]]
+    reordered = np.flip(expected, axis=1).transpose(1, 0, 2)
+    nib.save(nib.Nifti1Image(reordered, original.affine @ flip @ swap), path)
+
+    patient_id, _raw, native, _preprocessed = _ingest(store, data_lake, incoming, folder)
+
+    assert native.has_reference_mask
+    written = nib.load(data_lake.patient_file(patient_id, REFERENCE_MASK_FILE))
+    assert np.array_equal(np.asarray(written.dataobj), expected)
+
+    shifted = original.affine.copy()
+    shifted[:3, 3] += original.affine[:3, 0] / 2  # half a voxel along i: not the T2's voxels
+    nib.save(nib.Nifti1Image(expected, shifted), path)
+    with pytest.raises(PatientInputError, match=r"reference mask grid .* does not match the T2 volume"):
+        ingest.read_native_volume(data_lake, patient_id, folder)
