@@ -64,8 +64,10 @@ def onto_grid(data: np.ndarray, affine: np.ndarray, shape: Sequence[int], target
     that flips rows, as dcm2niix does, or a SEG that runs its frames the other way). Target voxels
     it does not cover are 0. ValueError when its voxels are not the target's, or reach outside.
 
-    Written by hand: nibabel's orientation tools (io_orientation, apply_orientation) reorder the
-    axes of a whole array to an orientation, not onto another image's grid with an offset."""
+    Written by hand: nibabel's orientation tools (io_orientation, apply_orientation) reorder a whole
+    array's axes, not onto another image's grid with an offset, and nibabel.processing's
+    resample_from_to interpolates, so it would also take a mask half a voxel off; a reference mask
+    must be the T2's voxels or be refused."""
     to_target = np.linalg.inv(target_affine) @ affine  # source (a, b, c) -> target (i, j, k)
     axes, offset = to_target[:3, :3], to_target[:3, 3]
     whole_axes = np.round(axes)
