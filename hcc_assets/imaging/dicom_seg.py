@@ -17,7 +17,7 @@ import numpy as np
 from pydicom.sr.codedict import codes
 
 from hcc_assets.core.errors import PatientInputError
-from hcc_assets.imaging.dicom_series import SegmentationFile, SeriesInfo
+from hcc_assets.imaging.dicom_series import AnnotationFile, SeriesInfo
 from hcc_assets.imaging.geometry import LPS_TO_RAS, onto_grid
 
 LABEL_LIVER, LABEL_SPLEEN = 1, 2  # segmentation.config's labels (imaging does not import it)
@@ -29,7 +29,7 @@ _ORGANS = {
 
 
 def reference_mask_from_seg(
-    segmentations: tuple[SegmentationFile, ...],
+    annotations: tuple[AnnotationFile, ...],
     series: SeriesInfo,
     image: nib.Nifti1Image,
     sources: list[tuple[str, int]],
@@ -42,7 +42,7 @@ def reference_mask_from_seg(
     frames cannot be placed on the series' images."""
     import highdicom
 
-    drawn_on_series = [seg for seg in segmentations if series.uid_key in seg.referenced_series_keys]
+    drawn_on_series = [a for a in annotations if a.kind == "seg" and series.uid_key in a.referenced_series_keys]
     found = []
     for number, candidate in enumerate(drawn_on_series, start=1):
         try:

@@ -152,15 +152,21 @@ class SeriesInfo:
 
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+_ANNOTATION_KINDS: dict[str, Literal["seg", "rtstruct"]] = {
+    SEGMENTATION_STORAGE: "seg",
+    RT_STRUCTURE_SET_STORAGE: "rtstruct",
+}
 
 
 @dataclass(frozen=True)
-class SegmentationFile:
-    """A DICOM Segmentation (SEG) object found beside the images: a reference mask drawn on the
-    series it references (imaging/dicom_seg.py reads it)."""
+class AnnotationFile:
+    """A DICOM SEG or RT Structure Set found beside the images: a reference mask drawn on the series
+    it references (imaging/dicom_seg.py, imaging/dicom_rtstruct.py read them)."""
 
     path: Path = field(repr=False)  # never serialized
-    referenced_series_keys: frozenset[str]  # series_key_of each ReferencedSeriesSequence SeriesInstanceUID
+    kind: Literal["seg", "rtstruct"]
+    referenced_series_keys: frozenset[str]  # series_key_of each series it says it was drawn on
 
 
 @dataclass(frozen=True)
@@ -171,9 +177,9 @@ class StudyInventory:
     # on exported media), and second copies of an instance already read (same SOPInstanceUID, same pixels)
     n_companion_files: int = 0
     n_duplicate_files: int = 0
-    # DICOM SEG objects of the study (not image series: not in `series`, nor in the record); the
-    # drop fingerprint covers their files, so a new or changed SEG re-runs raw_scan
-    segmentations: tuple[SegmentationFile, ...] = ()
+    # DICOM SEG and RT Structure Set objects of the study (not image series: not in `series`, nor
+    # in the record); the drop fingerprint covers their files, so a new or changed one re-runs raw_scan
+    annotations: tuple[AnnotationFile, ...] = ()
 
     def to_record(self) -> dict:
         record = {"n_files": self.n_files, "n_series": len(self.series), "series": [s.to_record() for s in self.series]}
@@ -854,7 +860,7 @@ def inventory_study(patient_dir: Path, folders: tuple[Path, ...] | None = None) 
     if not patient_dir.is_dir():
         raise PatientInputError("the patient folder does not exist")
     by_uid: dict[str, _SeriesFiles] = {}
-    segmentations: list[SegmentationFile] = []
+    annotations: list[AnnotationFile] = []
     instances: dict[str, tuple[str, str]] = {}  # SOPInstanceUID -> (pixel digest, where it was read)
     companions = duplicates = 0
     for folder_index, (folder, paths) in enumerate(_series_folders(patient_dir)):
@@ -878,8 +884,8 @@ def inventory_study(patient_dir: Path, folders: tuple[Path, ...] | None = None) 
                     not_dicom.append(position)
                 continue
             if not is_image_object(dataset):
-                if sop_class_of(dataset) == SEGMENTATION_STORAGE:
-                    segmentations.append(SegmentationFile(path, _referenced_series_keys(dataset)))
+                if annotation := _ANNOTATION_KINDS.get(sop_class_of(dataset)):
+                    annotations.append(AnnotationFile(path, annotation, _referenced_series_keys(dataset)))
                 continue
             problem = incompleteness(dataset)
             if problem:
@@ -957,15 +963,19 @@ def inventory_study(patient_dir: Path, folders: tuple[Path, ...] | None = None) 
         (info for uid, entry in by_uid.items() for info in _series_infos(uid, entry)),
         key=lambda s: (s.series_number is None, s.series_number or 0, s.series_key),
     )
-    return StudyInventory(tuple(series), sum(s.n_files for s in series), companions, duplicates, tuple(segmentations))
+    return StudyInventory(tuple(series), sum(s.n_files for s in series), companions, duplicates, tuple(annotations))
 
 
 def _referenced_series_keys(dataset: Dataset) -> frozenset[str]:
-    """series_key_of every series a SEG object says it was drawn on (ReferencedSeriesSequence)."""
+    """series_key_of every series a SEG (ReferencedSeriesSequence) or an RT Structure Set
+    (ReferencedFrameOfReferenceSequence > RTReferencedStudySequence > RTReferencedSeriesSequence)
+    says it was drawn on."""
+    items = list(dataset.get("ReferencedSeriesSequence", []))
+    for frame in dataset.get("ReferencedFrameOfReferenceSequence", []):
+        for study in frame.get("RTReferencedStudySequence", []):
+            items += list(study.get("RTReferencedSeriesSequence", []))
     return frozenset(
-        series_key_of(str(item.SeriesInstanceUID).strip())
-        for item in dataset.get("ReferencedSeriesSequence", [])
-        if "SeriesInstanceUID" in item
+        series_key_of(str(item.SeriesInstanceUID).strip()) for item in items if "SeriesInstanceUID" in item
     )
 
 

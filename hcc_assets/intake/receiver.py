@@ -76,6 +76,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # pynetdicom g
     EnhancedMRImageStorage,
     LegacyConvertedEnhancedMRImageStorage,
     MRImageStorage,
+    RTStructureSetStorage,
     SegmentationStorage,
     Verification,
 )
@@ -106,12 +107,14 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     JPEGLSNearLossless,
     JPEG2000,
 ]
-# the images, and DICOM SEG objects drawn on them: a reference mask as a viewer saves it (imaging/dicom_seg.py)
+# the images, and DICOM SEG and RT Structure Set objects drawn on them: a reference mask as an
+# annotation or contouring tool saves it (imaging/dicom_seg.py, imaging/dicom_rtstruct.py)
 STORAGE_SOP_CLASSES = [
     MRImageStorage,
     EnhancedMRImageStorage,
     LegacyConvertedEnhancedMRImageStorage,
     SegmentationStorage,
+    RTStructureSetStorage,
 ]
 
 log = logging.getLogger("hcc_assets.intake.receiver")

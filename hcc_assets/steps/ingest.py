@@ -19,7 +19,7 @@ import polars as pl
 
 from hcc_assets.core.errors import PatientInputError
 from hcc_assets.featurestore import FeatureStore
-from hcc_assets.imaging import dicom_seg, dicom_series, geometry, nifti, preprocess, preview
+from hcc_assets.imaging import dicom_rtstruct, dicom_seg, dicom_series, geometry, nifti, preprocess, preview
 from hcc_assets.imaging.volume_info import volume_summary
 from hcc_assets.intake.dropzone import folder_fingerprint, folder_studies, read_label_manifests
 from hcc_assets.intake.pseudonym import split_partition_key
@@ -345,8 +345,9 @@ def read_native_volume(
 ) -> tuple[nib.Nifti1Image, nib.Nifti1Image | None]:
     """The T2 series raw_scan chose, as NIfTI, and the drop's reference mask, or None: the NIfTI
     beside the study (first study only: it lies on the first study's grid), else a DICOM SEG of the
-    study drawn on that series (imaging/dicom_seg.py). PatientInputError when the series changed
-    since raw_scan or the mask is on another grid."""
+    study drawn on that series (imaging/dicom_seg.py), else an RT Structure Set contouring it
+    (imaging/dicom_rtstruct.py). PatientInputError when the series changed since raw_scan or the
+    mask is on another grid."""
     record = json.loads(data_lake.read_bytes(data_lake.patient_file(patient_id, RAW_SCAN_FILE)))
     study_index = split_partition_key(patient_id)[1]
     _, _, inventory = inventoried_study(folder, study_index)
@@ -358,7 +359,9 @@ def read_native_volume(
     image, sources = nifti.series_to_volume(series)
     reference = _load_reference_mask(folder, image) if study_index == 1 else None
     if reference is None:
-        labels = dicom_seg.reference_mask_from_seg(inventory.segmentations, series, image, sources)
+        labels = dicom_seg.reference_mask_from_seg(inventory.annotations, series, image, sources)
+        if labels is None:
+            labels = dicom_rtstruct.reference_mask_from_rtstruct(inventory.annotations, series, image)
         reference = _on_grid(labels, image) if labels is not None else None
     return image, reference
 

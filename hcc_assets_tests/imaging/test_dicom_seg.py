@@ -63,7 +63,7 @@ def reference_of(patient: Path) -> np.ndarray | None:
     inventory = inventory_study(patient)
     series = choose_t2_series(inventory).series
     image, sources = series_to_volume(series)
-    labels = reference_mask_from_seg(inventory.segmentations, series, image, sources)
+    labels = reference_mask_from_seg(inventory.annotations, series, image, sources)
     assert labels is None or labels.shape == image.shape
     return labels
 

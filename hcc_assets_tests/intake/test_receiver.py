@@ -256,13 +256,15 @@ def test_enhanced_and_lossy_studies_are_received_and_the_lossy_one_is_flagged(tm
     """An Enhanced MR patient (one multi-frame file per series) and a JPEG 2000 (lossy) patient, each
     sent by a storage SCU that proposes only its SOP class and syntax: both are negotiated and land;
     the enhanced T2 decodes to the classic patient's volume, the lossy T2 is flagged lossy. A DICOM
-    SEG drawn on the enhanced T2, sent afterwards, lands beside it and names that series."""
+    SEG and an RT Structure Set drawn on the enhanced T2, sent afterwards, land beside it and name
+    that series."""
     import numpy as np
     from pydicom.uid import JPEG2000, ExplicitVRLittleEndian
-    from pynetdicom.sop_class import EnhancedMRImageStorage, SegmentationStorage
+    from pynetdicom.sop_class import EnhancedMRImageStorage, RTStructureSetStorage, SegmentationStorage
 
     from hcc_assets.imaging.dicom_series import choose_t2_series, inventory_study
     from hcc_assets.imaging.nifti import series_to_nifti, series_to_volume
+    from hcc_assets_tests.imaging.test_dicom_rtstruct import write_rtstruct
     from hcc_assets_tests.imaging.test_dicom_seg import write_seg
 
     def sent_t2_folder(sent: list[Path]) -> Path:
@@ -305,9 +307,17 @@ def test_enhanced_and_lossy_studies_are_received_and_the_lossy_one_is_flagged(tm
                 assoc = ae.associate("127.0.0.1", port, ae_title="HCC_ASSETS")
                 assert assoc.is_established and assoc.send_c_store(pydicom.dcmread(seg)).Status == 0
                 assoc.release()
-                assert wait_for(lambda folder=folder: len(inventory_study(folder).segmentations) == 1)
-                (landed,) = inventory_study(folder).segmentations
-                assert landed.referenced_series_keys == {choice.series.uid_key}
+                # and contours of it as a contouring tool saves them: an RT Structure Set
+                rtstruct = write_rtstruct(tmp_path / "rtstruct", tmp_path / name / patient.patient_key)
+                ae = AE(ae_title="TESTSCU")
+                ae.add_requested_context(RTStructureSetStorage, [ExplicitVRLittleEndian])
+                assoc = ae.associate("127.0.0.1", port, ae_title="HCC_ASSETS")
+                assert assoc.is_established and assoc.send_c_store(pydicom.dcmread(rtstruct)).Status == 0
+                assoc.release()
+                assert wait_for(lambda folder=folder: len(inventory_study(folder).annotations) == 2)
+                landed = inventory_study(folder).annotations
+                assert sorted(a.kind for a in landed) == ["rtstruct", "seg"]
+                assert all(a.referenced_series_keys == {choice.series.uid_key} for a in landed)
                 assert choice.series.n_files == 1 and len(sent) == 3  # one file per series
                 image = series_to_nifti(choice.series)
                 reference = series_to_nifti(

@@ -275,3 +275,24 @@ def test_a_nifti_reference_saved_in_another_axis_order_is_put_on_the_t2_grid(lak
     nib.save(nib.Nifti1Image(expected, shifted), path)
     with pytest.raises(PatientInputError, match=r"reference mask grid .* does not match the T2 volume"):
         ingest.read_native_volume(data_lake, patient_id, folder)
+
+
+def test_an_rt_structure_set_in_place_of_the_nifti_reference_becomes_the_reference_mask(lake):
+    """A drop whose reference comes as an RT Structure Set contouring its T2 (as a contouring tool
+    saves it): nifti_volume fills the contours onto the T2 grid and writes them as the mask."""
+    import nibabel as nib
+    import numpy as np
+
+    from hcc_assets_tests.imaging.test_dicom_rtstruct import truth, write_rtstruct
+
+    incoming, folders, data_lake, store = lake
+    folder = next(f for f in folders if (f / "reference" / "liver_spleen_mask.nii.gz").exists())
+    shape = nib.load(folder / "reference" / "liver_spleen_mask.nii.gz").shape
+    (folder / "reference" / "liver_spleen_mask.nii.gz").unlink()
+    write_rtstruct(folder / "rtstruct", folder)
+
+    patient_id, _raw, native, _preprocessed = _ingest(store, data_lake, incoming, folder)
+
+    assert native.has_reference_mask
+    written = nib.load(data_lake.patient_file(patient_id, REFERENCE_MASK_FILE))
+    assert np.array_equal(np.asarray(written.dataobj), truth(shape=shape))
