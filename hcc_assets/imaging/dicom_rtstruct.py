@@ -21,7 +21,7 @@ import numpy as np
 from pydicom import dcmread
 
 from hcc_assets.core.errors import PatientInputError
-from hcc_assets.imaging.dicom_series import AnnotationFile, SeriesInfo
+from hcc_assets.imaging.dicom_series import AnnotationFile, SeriesInfo, liver_annotation
 from hcc_assets.imaging.geometry import LPS_TO_RAS
 
 ORGANS = {1: "liver", 2: "spleen"}  # label -> ROIName, matched exactly but for case and spaces
@@ -36,26 +36,12 @@ def reference_mask_from_rtstruct(
 
     PatientInputError when several structure sets contour the series' liver, a contour does not lie
     on a slice of the series, or the liver and spleen ROIs overlap."""
-    drawn_on_series = [a for a in annotations if a.kind == "rtstruct" and series.uid_key in a.referenced_series_keys]
-    found = []
-    for number, candidate in enumerate(drawn_on_series, start=1):
-        try:
-            structure_set = dcmread(candidate.path)
-        except Exception as error:  # a damaged file: say so, without its path
-            raise PatientInputError(
-                f"RT Structure Set {number} of {len(drawn_on_series)} on {series.label} cannot be read "
-                f"({type(error).__name__})"
-            ) from None
-        organs = _organ_rois(structure_set)
-        if 1 in organs:
-            found.append((structure_set, organs))
-    if not found:
+    found = liver_annotation(
+        annotations, "rtstruct", series, dcmread, _organ_rois, ("RT Structure Set", "RT Structure Sets contour")
+    )
+    if found is None:
         return None
-    if len(found) > 1:
-        raise PatientInputError(
-            f"{len(found)} RT Structure Sets contour the liver of {series.label}; keep one as the reference"
-        )
-    structure_set, organs = found[0]
+    structure_set, organs = found
     labels = np.zeros(image.shape[:3], dtype=np.uint8)
     for label, roi_number in sorted(organs.items()):
         mask = _filled_roi(structure_set, roi_number, image, series.label)

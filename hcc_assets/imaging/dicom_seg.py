@@ -17,7 +17,7 @@ import numpy as np
 from pydicom.sr.codedict import codes
 
 from hcc_assets.core.errors import PatientInputError
-from hcc_assets.imaging.dicom_series import AnnotationFile, SeriesInfo
+from hcc_assets.imaging.dicom_series import AnnotationFile, SeriesInfo, liver_annotation
 from hcc_assets.imaging.geometry import LPS_TO_RAS, onto_grid
 
 LABEL_LIVER, LABEL_SPLEEN = 1, 2  # segmentation.config's labels (imaging does not import it)
@@ -42,25 +42,12 @@ def reference_mask_from_seg(
     frames cannot be placed on the series' images."""
     import highdicom
 
-    drawn_on_series = [a for a in annotations if a.kind == "seg" and series.uid_key in a.referenced_series_keys]
-    found = []
-    for number, candidate in enumerate(drawn_on_series, start=1):
-        try:
-            seg = highdicom.seg.segread(candidate.path)
-        except Exception as error:  # a damaged SEG: say so, without its path
-            raise PatientInputError(
-                f"DICOM SEG {number} of {len(drawn_on_series)} on {series.label} cannot be read ({type(error).__name__})"
-            ) from None
-        organs = _organ_segments(seg)
-        if LABEL_LIVER in organs:
-            found.append((seg, organs))
-    if not found:
+    found = liver_annotation(
+        annotations, "seg", series, highdicom.seg.segread, _organ_segments, ("DICOM SEG", "DICOM SEG objects label")
+    )
+    if found is None:
         return None
-    if len(found) > 1:
-        raise PatientInputError(
-            f"{len(found)} DICOM SEG objects label the liver of {series.label}; keep one as the reference"
-        )
-    seg, organs = found[0]
+    seg, organs = found
     label_of = sorted(organs)  # labels in segment order below
     numbers = [organs[label] for label in label_of]
     try:

@@ -19,6 +19,7 @@ import io
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple, TypeVar, overload
@@ -167,6 +168,37 @@ class AnnotationFile:
     path: Path = field(repr=False)  # never serialized
     kind: Literal["seg", "rtstruct"]
     referenced_series_keys: frozenset[str]  # series_key_of each series it says it was drawn on
+
+
+_A = TypeVar("_A")
+
+
+def liver_annotation(
+    annotations: tuple[AnnotationFile, ...],
+    kind: Literal["seg", "rtstruct"],
+    series: SeriesInfo,
+    read: Callable[[Path], _A],
+    organs_of: Callable[[_A], dict[int, int]],
+    names: tuple[str, str],
+) -> tuple[_A, dict[int, int]] | None:
+    """The one annotation of `kind` drawn on `series` whose organs (label -> segment or ROI number,
+    `organs_of`) include the liver (label 1), read with `read`; None when there is none.
+    PatientInputError, naming no path, when one cannot be read or several have a liver. `names`:
+    how messages call one such object and several ("DICOM SEG", "DICOM SEG objects label")."""
+    drawn_on_series = [a for a in annotations if a.kind == kind and series.uid_key in a.referenced_series_keys]
+    found = []
+    for number, candidate in enumerate(drawn_on_series, start=1):
+        try:
+            annotation = read(candidate.path)
+        except Exception as error:  # a damaged file: say so, without its path
+            raise PatientInputError(
+                f"{names[0]} {number} of {len(drawn_on_series)} on {series.label} cannot be read ({type(error).__name__})"
+            ) from None
+        if 1 in (organs := organs_of(annotation)):
+            found.append((annotation, organs))
+    if len(found) > 1:
+        raise PatientInputError(f"{len(found)} {names[1]} the liver of {series.label}; keep one as the reference")
+    return found[0] if found else None
 
 
 @dataclass(frozen=True)
