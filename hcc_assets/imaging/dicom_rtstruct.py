@@ -21,10 +21,9 @@ import numpy as np
 from pydicom import dcmread
 
 from hcc_assets.core.errors import PatientInputError
-from hcc_assets.imaging.dicom_series import AnnotationFile, SeriesInfo, liver_annotation
+from hcc_assets.imaging.dicom_series import REFERENCE_ORGANS, AnnotationFile, SeriesInfo, liver_annotation
 from hcc_assets.imaging.geometry import LPS_TO_RAS
 
-ORGANS = {1: "liver", 2: "spleen"}  # label -> ROIName, matched exactly but for case and spaces
 ON_SLICE_TOLERANCE = 0.1  # of the slice spacing: how far a contour's points may lie off a slice
 
 
@@ -55,11 +54,11 @@ def reference_mask_from_rtstruct(
 
 
 def _organ_rois(structure_set) -> dict[int, int]:
-    """label -> ROINumber of the ROIs named like an organ of ORGANS."""
+    """label -> ROINumber of the ROIs named like an organ of REFERENCE_ORGANS (case and spaces aside)."""
     found: dict[int, int] = {}
     for roi in structure_set.get("StructureSetROISequence", []):
         name = " ".join(str(roi.get("ROIName", "")).split()).lower()
-        for label, organ in ORGANS.items():
+        for label, organ in REFERENCE_ORGANS.items():
             if name == organ and label not in found:
                 found[label] = int(roi.ROINumber)
     return found

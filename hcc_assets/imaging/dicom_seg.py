@@ -17,15 +17,18 @@ import numpy as np
 from pydicom.sr.codedict import codes
 
 from hcc_assets.core.errors import PatientInputError
-from hcc_assets.imaging.dicom_series import AnnotationFile, SeriesInfo, liver_annotation
+from hcc_assets.imaging.dicom_series import (
+    LABEL_LIVER,
+    LABEL_SPLEEN,
+    REFERENCE_ORGANS,
+    AnnotationFile,
+    SeriesInfo,
+    liver_annotation,
+)
 from hcc_assets.imaging.geometry import LPS_TO_RAS, onto_grid
 
-LABEL_LIVER, LABEL_SPLEEN = 1, 2  # segmentation.config's labels (imaging does not import it)
-# SNOMED CT codes of the segmented property type, then the segment label as a fallback
-_ORGANS = {
-    LABEL_LIVER: (codes.SCT.Liver.value, "liver"),
-    LABEL_SPLEEN: (codes.SCT.Spleen.value, "spleen"),
-}
+# SNOMED CT codes of the segmented property type; the segment label (REFERENCE_ORGANS) as a fallback
+_CODES = {LABEL_LIVER: codes.SCT.Liver.value, LABEL_SPLEEN: codes.SCT.Spleen.value}
 
 
 def reference_mask_from_seg(
@@ -77,8 +80,8 @@ def _organ_segments(seg) -> dict[int, int]:
     for description in seg.SegmentSequence:
         codes_of = {str(item.CodeValue) for item in description.get("SegmentedPropertyTypeCodeSequence", [])}
         text = str(description.get("SegmentLabel", "")).strip().lower()
-        for label, (code, name) in _ORGANS.items():
-            if label not in found and (code in codes_of or text == name):
+        for label, name in REFERENCE_ORGANS.items():
+            if label not in found and (_CODES[label] in codes_of or text == name):
                 found[label] = int(description.SegmentNumber)
     return found
 

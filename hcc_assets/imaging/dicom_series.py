@@ -170,6 +170,11 @@ class AnnotationFile:
     referenced_series_keys: frozenset[str]  # series_key_of each series it says it was drawn on
 
 
+# The reference masks' labels: segmentation.config's LABELS, which imaging, its sibling, may not
+# import. An annotation's organs are told by these names (RT Structure Set ROI names, SEG labels).
+LABEL_LIVER, LABEL_SPLEEN = 1, 2
+REFERENCE_ORGANS = {LABEL_LIVER: "liver", LABEL_SPLEEN: "spleen"}
+
 _A = TypeVar("_A")
 
 
@@ -182,7 +187,7 @@ def liver_annotation(
     names: tuple[str, str],
 ) -> tuple[_A, dict[int, int]] | None:
     """The one annotation of `kind` drawn on `series` whose organs (label -> segment or ROI number,
-    `organs_of`) include the liver (label 1), read with `read`; None when there is none.
+    `organs_of`) include the liver (LABEL_LIVER), read with `read`; None when there is none.
     PatientInputError, naming no path, when one cannot be read or several have a liver. `names`:
     how messages call one such object and several ("DICOM SEG", "DICOM SEG objects label")."""
     drawn_on_series = [a for a in annotations if a.kind == kind and series.uid_key in a.referenced_series_keys]
@@ -194,7 +199,7 @@ def liver_annotation(
             raise PatientInputError(
                 f"{names[0]} {number} of {len(drawn_on_series)} on {series.label} cannot be read ({type(error).__name__})"
             ) from None
-        if 1 in (organs := organs_of(annotation)):
+        if LABEL_LIVER in (organs := organs_of(annotation)):
             found.append((annotation, organs))
     if len(found) > 1:
         raise PatientInputError(f"{len(found)} {names[1]} the liver of {series.label}; keep one as the reference")
@@ -280,7 +285,7 @@ def compression_of(dataset: Dataset) -> Compression:
     or LossyImageCompression "01" (an earlier lossy step, e.g. before a lossless re-encoding)."""
     meta = getattr(dataset, "file_meta", None)
     syntax = str((meta.get("TransferSyntaxUID") if meta is not None else None) or "")
-    flagged = _text(dataset, "LossyImageCompression") == "01"
+    flagged = tag_text(dataset, "LossyImageCompression") == "01"
     steps = [float(v) for v in _values(dataset.get("LossyImageCompressionRatio") or []) if _is_number(v)]
     ratio = float(np.prod(steps)) if steps else None
     return Compression(syntax, flagged or syntax in LOSSY_TRANSFER_SYNTAXES, ratio)
@@ -328,7 +333,8 @@ def incompleteness(dataset: Dataset) -> str | None:
     return None
 
 
-def _text(dataset: Dataset, keyword: str) -> str:
+def tag_text(dataset: Dataset, keyword: str) -> str:
+    """A tag's value as stripped text ("" when absent), a multi-value "\\"-joined."""
     value = dataset.get(keyword)
     if value is None:
         return ""
@@ -348,8 +354,8 @@ def image_type_of(dataset: Dataset) -> str:
     followed by its ComplexImageComponent (MAGNITUDE, PHASE, REAL, IMAGINARY), the tag by which
     Enhanced MR marks magnitude and phase frames."""
     enhanced = "FrameType" in dataset
-    values = [part.strip().upper() for part in _text(dataset, "FrameType" if enhanced else "ImageType").split("\\")]
-    component = _text(dataset, "ComplexImageComponent").upper() if enhanced else ""
+    values = [part.strip().upper() for part in tag_text(dataset, "FrameType" if enhanced else "ImageType").split("\\")]
+    component = tag_text(dataset, "ComplexImageComponent").upper() if enhanced else ""
     return "\\".join([*values, component] if component and component not in values else values)
 
 
@@ -758,7 +764,7 @@ IDENTITY_TAGS = ("PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientS
 def _identity_digest(dataset: Dataset, keyword: str) -> str | None:
     """sha256 of the tag's normalized value (None when absent or empty): identities are compared by
     digest, and the values themselves never reach a message, a record or a log."""
-    value = _text(dataset, keyword).upper()
+    value = tag_text(dataset, keyword).upper()
     return hashlib.sha256(value.encode()).hexdigest() if value else None
 
 
@@ -781,7 +787,7 @@ def check_one_patient(headers: list[Dataset]) -> None:
 
 
 def _describe(datasets: list[Dataset]) -> str:
-    labels = sorted({series_label(_int(d.get("SeriesNumber")), _text(d, "SeriesDescription")) for d in datasets})
+    labels = sorted({series_label(_int(d.get("SeriesNumber")), tag_text(d, "SeriesDescription")) for d in datasets})
     return " and ".join(labels)
 
 
@@ -834,7 +840,7 @@ def _study_header(paths: list[Path]) -> Dataset | None:
 
 def _study_day(dataset: Dataset) -> dt.date | None:
     try:
-        return dt.datetime.strptime(_text(dataset, "StudyDate")[:8], "%Y%m%d").date()
+        return dt.datetime.strptime(tag_text(dataset, "StudyDate")[:8], "%Y%m%d").date()
     except ValueError:
         return None
 
@@ -863,7 +869,7 @@ def list_studies(patient_dir: Path) -> tuple[StudyRef, ...]:
     def order(uid: str) -> tuple[str, str, str]:
         first = by_uid[uid][0][1]
         # a study without a date sorts last: it cannot be placed in time
-        return (_text(first, "StudyDate")[:8] or "99999999", _text(first, "StudyTime"), series_key_of(uid))
+        return (tag_text(first, "StudyDate")[:8] or "99999999", tag_text(first, "StudyTime"), series_key_of(uid))
 
     uids = sorted(by_uid, key=order)
     days = [_study_day(by_uid[uid][0][1]) for uid in uids]
@@ -940,7 +946,7 @@ def inventory_study(patient_dir: Path, folders: tuple[Path, ...] | None = None) 
             raise PatientInputError(f"truncated DICOM file: file {position + 1} of {total} in {where}: {problem}{more}")
         # Several series in one folder (a flat export) are read series by series; several studies
         # in one folder are not: the study list reads one header per folder and would merge them.
-        studies = {_text(h[2], "StudyInstanceUID") for h in headers}
+        studies = {tag_text(h[2], "StudyInstanceUID") for h in headers}
         if len(studies) > 1:
             raise PatientInputError(
                 f"one folder mixes {len(studies)} studies ({_describe([h[2] for h in headers])}); "
@@ -1015,7 +1021,7 @@ def _is_copy_of_read_instance(dataset: Dataset, instances: dict[str, tuple[str, 
     """True when an instance with this SOPInstanceUID and the same pixel data was read already;
     records the instance otherwise. The same UID with other pixels is two objects claiming one
     identity: PatientInputError."""
-    sop_uid = _text(dataset, "SOPInstanceUID")
+    sop_uid = tag_text(dataset, "SOPInstanceUID")
     if not sop_uid:
         return False
     pixels = hashlib.sha256(dataset.PixelData or b"").hexdigest()
@@ -1053,7 +1059,7 @@ def _series_infos(uid: str, entry: _SeriesFiles) -> list[SeriesInfo]:
         (te if by_echo else None, kind if by_type else None)
         for te, kind in zip(entry.echo_times, entry.image_types, strict=True)
     ]
-    infos, description = [], _text(entry.first, "SeriesDescription")
+    infos, description = [], tag_text(entry.first, "SeriesDescription")
     for echo, kind in sorted(set(volume_keys), key=lambda key: (key[0] or 0.0, key[1] or "")):
         frames = [i for i, key in enumerate(volume_keys) if key == (echo, kind)]
         files = sorted({entry.frame_files[i] for i in frames})  # a multi-echo file serves every echo
@@ -1096,7 +1102,7 @@ def _series_info(
 ) -> SeriesInfo:
     header = entry.first
     number = _int(header.get("SeriesNumber"))
-    description = _text(header, "SeriesDescription")
+    description = tag_text(header, "SeriesDescription")
     problem, spacing = entry.problem, None
     if problem is None:
         try:
@@ -1110,16 +1116,16 @@ def _series_info(
         series_key=series_key_of(key_name or uid),
         series_number=number,
         description=description,
-        modality=_text(header, "Modality"),
+        modality=tag_text(header, "Modality"),
         echo_time_ms=_number(header, "EchoTime"),
         repetition_time_ms=_number(header, "RepetitionTime"),
-        sequence_name=_text(header, "SequenceName"),
-        scanning_sequence=_text(header, "ScanningSequence"),
+        sequence_name=tag_text(header, "SequenceName"),
+        scanning_sequence=tag_text(header, "ScanningSequence"),
         # a frame's own type where the series is Enhanced MR: the file's ImageType says MIXED when
         # its frames differ
-        image_type=image_type_of(header) if "FrameType" in header else _text(header, "ImageType"),
+        image_type=image_type_of(header) if "FrameType" in header else tag_text(header, "ImageType"),
         diffusion_b_value=diffusion_b_value(header),
-        contrast_agent=bool(_text(header, "ContrastBolusAgent")) or "ContrastBolusAgentSequence" in header,
+        contrast_agent=bool(tag_text(header, "ContrastBolusAgent")) or "ContrastBolusAgentSequence" in header,
         n_files=len(entry.files),
         n_slices=len(entry.slices),
         transfer_syntax="\\".join(sorted({c.transfer_syntax for c in entry.compressions})),

@@ -26,6 +26,7 @@ from hcc_assets.imaging.dicom_series import (
     read_dicom_bytes,
     series_key_of,
     stack_slices,
+    tag_text,
 )
 from hcc_assets.imaging.geometry import affine_ras
 
@@ -136,18 +137,14 @@ def grey_scale_mirror(view: Dataset) -> int | None:
     highdicom converts MONOCHROME1 frames the same way (mirrored within the stored range, then
     rescaled) and the tests compare with it; pydicom's apply_presentation_lut leaves MONOCHROME1 alone.
     """
-    shape = _text_of(view, "PresentationLUTShape").upper()
-    inverted = shape == "INVERSE" if shape else _text_of(view, "PhotometricInterpretation").upper() == "MONOCHROME1"
+    shape = tag_text(view, "PresentationLUTShape").upper()
+    inverted = shape == "INVERSE" if shape else tag_text(view, "PhotometricInterpretation").upper() == "MONOCHROME1"
     if not inverted:
         return None
     bits = int(view.get("BitsStored", view.get("BitsAllocated", 16)) or 16)
     if int(view.get("PixelRepresentation", 0) or 0):  # signed: -2^(bits-1) .. 2^(bits-1) - 1
         return -1
     return (1 << bits) - 1
-
-
-def _text_of(view: Dataset, keyword: str) -> str:
-    return str(view.get(keyword, "") or "").strip()
 
 
 def _pixels(dataset: Dataset, where: str) -> np.ndarray:
