@@ -20,7 +20,7 @@ import os
 import re
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, NamedTuple, TypeVar, overload
 
@@ -117,10 +117,18 @@ class SeriesInfo:
     # A multi-frame series split by image type (_series_infos) takes the frames of this type only
     # (image_type_of); a classic one holds only that type's files and keeps None.
     image_type_of_frames: str | None = field(default=None, compare=False)
+    # One acquisition written as several series (stations, breath-holds: _joined_acquisitions): the
+    # series_key of each part, in position order; empty for every other series.
+    part_keys: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def label(self) -> str:
         return series_label(self.series_number, self.description)
+
+    @property
+    def uid_keys(self) -> tuple[str, ...]:
+        """series_key_of the SeriesInstanceUID of every DICOM series whose files this volume takes."""
+        return self.part_keys or (self.uid_key,)
 
     def to_record(self) -> dict:
         return {
@@ -149,6 +157,8 @@ class SeriesInfo:
             "orientation": list(self.orientation),
             "geometry_problem": self.geometry_problem,
             "checksum": self.checksum,
+            # only for a joined series, so the records (and data versions) of all others stay as they were
+            **({"joined_from": list(self.part_keys)} if self.part_keys else {}),
         }
 
 
@@ -190,7 +200,9 @@ def liver_annotation(
     `organs_of`) include the liver (LABEL_LIVER), read with `read`; None when there is none.
     PatientInputError, naming no path, when one cannot be read or several have a liver. `names`:
     how messages call one such object and several ("DICOM SEG", "DICOM SEG objects label")."""
-    drawn_on_series = [a for a in annotations if a.kind == kind and series.uid_key in a.referenced_series_keys]
+    drawn_on_series = [
+        a for a in annotations if a.kind == kind and any(key in a.referenced_series_keys for key in series.uid_keys)
+    ]
     found = []
     for number, candidate in enumerate(drawn_on_series, start=1):
         try:
@@ -997,11 +1009,13 @@ def inventory_study(patient_dir: Path, folders: tuple[Path, ...] | None = None) 
     if not by_uid:
         raise PatientInputError("no DICOM image files found in the patient folder")
     check_one_patient([entry.first for entry in by_uid.values()])
+    volumes = [info for uid, entry in by_uid.items() for info in _series_infos(uid, entry)]
+    n_files = sum(s.n_files for s in volumes)  # a joined series adds no files
     series = sorted(
-        (info for uid, entry in by_uid.items() for info in _series_infos(uid, entry)),
+        volumes + _joined_acquisitions(by_uid, volumes),
         key=lambda s: (s.series_number is None, s.series_number or 0, s.series_key),
     )
-    return StudyInventory(tuple(series), sum(s.n_files for s in series), companions, duplicates, tuple(annotations))
+    return StudyInventory(tuple(series), n_files, companions, duplicates, tuple(annotations))
 
 
 def _referenced_series_keys(dataset: Dataset) -> frozenset[str]:
@@ -1091,6 +1105,93 @@ def _series_infos(uid: str, entry: _SeriesFiles) -> list[SeriesInfo]:
         frame_type = kind if entry.multiframe else None  # classic parts hold only their type's files
         infos.append(_series_info(uid, part, echo=echo, key_name=name, image_type_of_frames=frame_type))
     return infos
+
+
+# Tags on which the parts of one acquisition written as several series agree (besides the matrix,
+# pixel spacing and orientation, which order_slices checks).
+_ACQUISITION_TAGS = (
+    "FrameOfReferenceUID",
+    "Modality",
+    "SeriesDescription",
+    "ProtocolName",
+    "SequenceName",
+    "ScanningSequence",
+    "ImageType",
+    "EchoTime",
+    "RepetitionTime",
+    "ContrastBolusAgent",
+)
+# A joined series' slices, junctions included, are evenly spaced within this fraction of the spacing.
+JOIN_SPACING_TOLERANCE = 0.05
+
+
+def _joined_acquisitions(by_uid: dict[str, _SeriesFiles], volumes: list[SeriesInfo]) -> list[SeriesInfo]:
+    """One series more for each acquisition the scanner wrote as several series, its parts joined.
+
+    A T2 acquired in two breath-holds, or in stations along the body, may come as one series per
+    part: the same protocol, description, TE/TR, matrix, orientation and frame of reference, each
+    part covering its own stretch of the body. Each part alone is a regular stack, so without this
+    the T2 choice would take one part, half a liver. dcm2niix and highdicom do not join series (they
+    convert each SeriesInstanceUID on its own), hence this: series that agree on every
+    `_ACQUISITION_TAGS` are joined when they lie one after another along the slice normal without
+    overlap and their slices, the junctions included, are evenly spaced (within
+    JOIN_SPACING_TOLERANCE). Overlapping parts (a repeat, or stations that overlap and would need
+    blending) and parts with a gap are not joined: each stays a series of its own. The parts stay in
+    the inventory; the joined series is one more candidate, which the T2 choice prefers for its
+    slices.
+    """
+    uid_of_key = {series_key_of(uid): uid for uid in by_uid}
+    whole = {  # series that are one volume each: not split by echo or image type, a regular stack
+        uid_of_key[info.uid_key]: info
+        for info in volumes
+        if info.series_key == info.uid_key and info.geometry_problem is None and info.n_slices >= 2
+    }
+    groups: dict[tuple, list[str]] = {}
+    for uid in whole:
+        header = by_uid[uid].first
+        identity = tuple(tag_text(header, keyword) for keyword in _ACQUISITION_TAGS)
+        if identity[0]:  # without a frame of reference two series' positions cannot be compared
+            groups.setdefault(identity, []).append(uid)
+    joined = []
+    for uids in groups.values():
+        if len(uids) > 1 and (chain := _acquisition_chain(by_uid, uids)):
+            joined.append(_joined_series(by_uid, whole, chain))
+    return joined
+
+
+def _acquisition_chain(by_uid: dict[str, _SeriesFiles], uids: list[str]) -> list[str] | None:
+    """`uids` in position order when they lie one after another as one evenly spaced stack; else None."""
+    slices = [slice_ for uid in uids for slice_ in by_uid[uid].slices]
+    try:  # also checks the matrix, pixel spacing and orientation, and that no part overlaps another
+        stack = order_slices(slices, max_gap_ratio=1.0 + JOIN_SPACING_TOLERANCE)
+    except GeometryProblem:
+        return None
+    owner = [uid for uid in uids for _ in by_uid[uid].slices]
+    in_order = [owner[index] for index in stack.order]
+    chain = [uid for rank, uid in enumerate(in_order) if rank == 0 or in_order[rank - 1] != uid]
+    # a part that comes back after another one is interleaved with it, not one after another
+    return chain if len(chain) == len(uids) else None
+
+
+def _joined_series(by_uid: dict[str, _SeriesFiles], whole: dict[str, SeriesInfo], chain: list[str]) -> SeriesInfo:
+    parts = [by_uid[uid] for uid in chain]
+    header = copy.deepcopy(parts[0].first)  # the first part's header, without pixels
+    numbers = " and ".join(
+        f"#{whole[uid].series_number if whole[uid].series_number is not None else '?'}" for uid in chain
+    )
+    header.SeriesDescription = f"{tag_text(header, 'SeriesDescription')} (series {numbers} joined)"
+    joined = _SeriesFiles(parts[0].folder_index, header, multiframe=any(part.multiframe for part in parts))
+    for part in parts:
+        offset = len(joined.files)
+        joined.frame_files.extend(offset + index for index in part.frame_files)
+        joined.files.extend(part.files)
+        joined.digests.extend(part.digests)
+        joined.slices.extend(part.slices)
+        joined.compressions.extend(part.compressions)
+        joined.echo_times.extend(part.echo_times)
+        joined.image_types.extend(part.image_types)
+    name = "joined " + " + ".join(chain)
+    return replace(_series_info(name, joined), part_keys=tuple(whole[uid].series_key for uid in chain))
 
 
 def _series_info(
@@ -1277,7 +1378,9 @@ def choose_t2_series(
     others = [
         f'#{_fmt(c["series_number"])} "{c["description"]}" '
         + (
-            c["why"]
+            "a part of the joined series chosen"
+            if c["series_key"] in chosen.part_keys
+            else c["why"]
             if not c["accepted"]
             else "T2-weighted but lossy-compressed; a lossless series is preferred"
             if c["lossy"] and not best["lossy"]
@@ -1300,6 +1403,8 @@ def _acceptance(series: SeriesInfo, min_te: float, min_tr: float) -> str:
     if kind := _sequence_kind(series):
         parts.append(kind)
     parts.append(f"{series.n_slices} slices")
+    if series.part_keys:
+        parts.append(f"joined from {len(series.part_keys)} series, one after another along the slice normal")
     if series.n_files == 1 and series.n_slices > 1:
         parts.append("one multi-frame (enhanced) file")
     if series.lossy:

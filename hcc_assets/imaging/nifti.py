@@ -62,7 +62,7 @@ def series_to_volume(
             raise PatientInputError(f"{where} is no longer a readable DICOM image")
         if problem := incompleteness(dataset):
             raise PatientInputError(f"truncated DICOM file: {where}: {problem}")
-        if series_key_of(str(dataset.SeriesInstanceUID)) != series.uid_key:
+        if series_key_of(str(dataset.SeriesInstanceUID)) not in series.uid_keys:
             raise PatientInputError(f"{where} now belongs to another series; re-run the inventory")
         datasets.append(dataset)
     if hashlib.sha256("".join(sorted(digests)).encode()).hexdigest() != series.checksum:

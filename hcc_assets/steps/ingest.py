@@ -34,8 +34,9 @@ from hcc_assets.lake import (
 
 # 3: one study per partition (follow-ups), the record and `studies` name it; 4: the T2 choice tells
 # image types apart (Dixon fat, phase), prefers fat suppression and, between equals, the later series;
-# 5: Enhanced MR frames split by their own frame type, whose image type `scans` records
-RAW_SCAN_VERSION = "5"
+# 5: Enhanced MR frames split by their own frame type, whose image type `scans` records; 6: an
+# acquisition written as several series one after another (breath-holds, stations) is joined
+RAW_SCAN_VERSION = "6"
 # 2: MONOCHROME1 slices mirrored to MONOCHROME2 order (bright signal high); reference masks from DICOM SEG
 NIFTI_VERSION = "2"
 PREPROCESS_VERSION = "1"

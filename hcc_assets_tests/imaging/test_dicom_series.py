@@ -737,6 +737,72 @@ def test_a_phase_series_of_its_own_is_not_taken_for_the_t2(tmp_path):
     assert '#2 "T2_SPIR" phase image (ImageType ORIGINAL\\PRIMARY\\P\\ND)' in choice.reason
 
 
+T2_FOLDER = "3 T2 SPIR 2019-03-12"
+
+
+def write_t2_in_parts(patient: Path, parts: list[range], **tags_per_part: list) -> None:
+    """The study's 24-slice T2 acquisition written again as one series per part (series 3, 4, ...):
+    part i holds the slices in parts[i]; `tags_per_part[keyword][i]` is part i's value of a
+    write_series argument."""
+    folder = patient / STUDY_FOLDER / T2_FOLDER
+    shutil.rmtree(folder)
+    for i, keep in enumerate(parts):
+        write_series(
+            patient / STUDY_FOLDER / f"{3 + i} T2 part",
+            truth_volume(slices=24),
+            number=3 + i,
+            drop_slices=tuple(k for k in range(24) if k not in keep),
+            **{keyword: values[i] for keyword, values in tags_per_part.items()},
+        )
+
+
+def test_a_t2_written_as_two_series_one_after_another_is_joined(tmp_path):
+    """A T2 acquired in two breath-holds and sent as two series (upper and lower abdomen): each part
+    alone is a regular stack, half the liver. The joined series is chosen, and its volume is the one
+    the acquisition written as one series gives, voxel for voxel, with the same affine."""
+    patient = make_study(tmp_path, with_others=False, slices=24)
+    single = ingest(patient)[2]
+    write_t2_in_parts(patient, [range(0, 12), range(12, 24)])
+
+    inventory, choice, image = ingest(patient)
+
+    parts = [s for s in inventory.series if not s.part_keys]
+    (joined,) = [s for s in inventory.series if s.part_keys]
+    assert [(s.series_number, s.n_slices) for s in parts] == [(3, 12), (4, 12)]
+    assert (joined.series_number, joined.description, joined.n_slices) == (3, "T2_SPIR (series #3 and #4 joined)", 24)
+    assert joined.part_keys == tuple(s.series_key for s in parts)  # the lower part first
+    assert inventory.n_files == 24  # the joined series adds no files
+    assert choice.series == joined
+    assert "joined from 2 series" in choice.reason and choice.reason.count("a part of the joined series chosen") == 2
+    assert np.array_equal(np.asarray(image.dataobj), np.asarray(single.dataobj))
+    assert np.allclose(image.affine, single.affine, atol=1e-5)
+    assert joined.to_record()["joined_from"] == list(joined.part_keys)
+    assert "joined_from" not in parts[0].to_record()
+    assert_no_phi(json.dumps(inventory.to_record()) + choice.reason)
+
+
+@pytest.mark.parametrize(
+    ("parts", "tags", "why"),
+    [
+        ([range(0, 14), range(12, 24)], {}, "overlapping parts: a repeat, or stations that would need blending"),
+        ([range(0, 11), range(12, 24)], {}, "a slice missing between the parts"),
+        ([range(0, 24, 2), range(1, 24, 2)], {}, "interleaved parts"),
+        ([range(0, 12), range(12, 24)], {"echo_time": [85.0, 100.0]}, "another echo time"),
+        (
+            [range(0, 12), range(12, 24)],
+            {"extra": [{}, {"FrameOfReferenceUID": "1.2.826.0.1.3680043.8.498.3"}]},
+            "another frame of reference: the patient was positioned again",
+        ),
+    ],
+)
+def test_series_that_are_not_one_acquisition_one_after_another_are_not_joined(tmp_path, parts, tags, why):
+    patient = make_study(tmp_path, with_others=False, slices=24)
+    write_t2_in_parts(patient, parts, **tags)
+    inventory, choice, image = ingest(patient)
+    assert [s.series_number for s in inventory.series] == [3, 4], why
+    assert not choice.series.part_keys and image.shape[2] == choice.series.n_slices < 24, why
+
+
 def test_raw_dicom_without_preamble_is_read(tmp_path):
     patient = make_study(tmp_path, with_others=False)
     for path in (patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12").iterdir():
