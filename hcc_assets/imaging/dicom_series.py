@@ -200,9 +200,8 @@ def liver_annotation(
     `organs_of`) include the liver (LABEL_LIVER), read with `read`; None when there is none.
     PatientInputError, naming no path, when one cannot be read or several have a liver. `names`:
     how messages call one such object and several ("DICOM SEG", "DICOM SEG objects label")."""
-    drawn_on_series = [
-        a for a in annotations if a.kind == kind and any(key in a.referenced_series_keys for key in series.uid_keys)
-    ]
+    # a joined series' annotation must reference every part: one drawn on a part covers only its stretch
+    drawn_on_series = [a for a in annotations if a.kind == kind and a.referenced_series_keys >= set(series.uid_keys)]
     found = []
     for number, candidate in enumerate(drawn_on_series, start=1):
         try:

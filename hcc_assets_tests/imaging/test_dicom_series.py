@@ -17,7 +17,14 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from hcc_assets.core.errors import PatientInputError
 from hcc_assets.imaging import geometry
-from hcc_assets.imaging.dicom_series import choose_t2_series, inventory_study, list_studies, series_key_of
+from hcc_assets.imaging.dicom_series import (
+    AnnotationFile,
+    choose_t2_series,
+    inventory_study,
+    list_studies,
+    liver_annotation,
+    series_key_of,
+)
 from hcc_assets.imaging.nifti import series_to_nifti
 
 # Fake PHI written into every fixture file and folder name: none of it may reach a message.
@@ -779,6 +786,20 @@ def test_a_t2_written_as_two_series_one_after_another_is_joined(tmp_path):
     assert joined.to_record()["joined_from"] == list(joined.part_keys)
     assert "joined_from" not in parts[0].to_record()
     assert_no_phi(json.dumps(inventory.to_record()) + choice.reason)
+
+
+def test_an_annotation_of_a_joined_series_must_reference_every_part(tmp_path):
+    """A SEG or RT Structure Set drawn on one part covers only that part's stretch of the liver."""
+    patient = make_study(tmp_path, with_others=False, slices=24)
+    write_t2_in_parts(patient, [range(0, 12), range(12, 24)])
+    (joined,) = [s for s in inventory_study(patient).series if s.part_keys]
+    lower, upper = joined.part_keys
+    annotations = tuple(
+        AnnotationFile(Path(name), "seg", frozenset(keys))
+        for name, keys in (("lower only", {lower}), ("both parts", {lower, upper}), ("other", {"0" * 16}))
+    )
+    found = liver_annotation(annotations, "seg", joined, lambda path: path.name, lambda _: {1: 1}, ("SEG", "SEGs of"))
+    assert found == ("both parts", {1: 1})
 
 
 @pytest.mark.parametrize(
