@@ -7,7 +7,7 @@ radiomics.feature_set_version()   # 'pyradiomics-3.1.0-<params sha256[:12]>'
 Rule: a volume and its mask in, features out; never imports dagster, the feature store or the lake.
 """
 
-from .conversion import to_sitk
+from .conversion import standard_axial_order, to_sitk
 from .extraction import (
     FEATURE_COUNTS,
     MIN_ROI_VOXELS,
@@ -27,6 +27,7 @@ __all__ = [
     "RadiomicsError",
     "extract",
     "feature_set_version",
+    "standard_axial_order",
     "study_features",
     "to_sitk",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from nibabel.orientations import apply_orientation, inv_ornt_aff
 
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -36,3 +37,40 @@ def to_sitk(
     itk.SetDirection((linear / spacing).ravel().tolist())  # row-major; column j = index axis j
     itk.SetOrigin((_RAS_TO_LPS @ image.affine[:3, 3]).tolist())
     return itk
+
+
+def standard_axial_order(affine: np.ndarray) -> np.ndarray:
+    """The nibabel orientation transform (one row per axis: new axis, flip) that stores a volume in
+    the voxel order of a standard axial DICOM series, keeping its slice axis last.
+
+    Why: pyradiomics defines some features by the voxel array's axes. Maximum2DDiameterRow and
+    Column are taken in the planes of two index axes, and the mesh features triangulate the mask in
+    voxel order. The same anatomy stored transposed (readout and phase swapped), mirrored (a
+    feet-first position) or rotated (a prone one) would otherwise give other values: a demo study
+    stored transposed swapped the two diameters and moved the radiomic P(HCC) from 0.930 to 0.978.
+    nibabel's as_closest_canonical is not used: it would also move the slice axis of a coronal or
+    sagittal series, and force2D texture (params.yaml) must stay in the acquired planes.
+
+    The slice axis stays last. The two in-plane axes are ordered by the patient axis each runs
+    closest to (x, then y, then z), and every axis points toward +LPS (left, posterior, superior),
+    as an axial series of a supine, head-first patient is stored (IOP 1\\0\\0\\0\\1\\0, slices
+    ascending): such a series maps onto itself.
+    """
+    lps = np.diag([-1.0, -1.0, 1.0]) @ np.asarray(affine, dtype=float)[:3, :3]
+    nearest = [int(np.argmax(np.abs(lps[:, axis]))) for axis in range(3)]
+    in_plane = [0, 1] if nearest[0] <= nearest[1] else [1, 0]  # new axis of input axes 0 and 1
+    return np.array(
+        [[new_axis, 1.0 if lps[nearest[axis], axis] > 0 else -1.0] for axis, new_axis in enumerate([*in_plane, 2])]
+    )
+
+
+def in_standard_axial_order(
+    image: nib.spatialimages.SpatialImage, *arrays: np.ndarray
+) -> tuple[nib.spatialimages.SpatialImage, tuple[np.ndarray, ...]]:
+    """`arrays` (each on `image`'s grid) in `image`'s `standard_axial_order` (views, no copies), and
+    an image with the affine that goes with them; `image` and `arrays` themselves when already so."""
+    ornt = standard_axial_order(image.affine)
+    if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
+        return image, arrays
+    reordered = tuple(apply_orientation(array, ornt) for array in arrays)
+    return nib.Nifti1Image(reordered[0], image.affine @ inv_ornt_aff(ornt, arrays[0].shape)), reordered

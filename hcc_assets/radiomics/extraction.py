@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from .conversion import to_sitk, voxels
+from .conversion import in_standard_axial_order, to_sitk, voxels
 
 PARAMS_PATH = Path(__file__).with_name("params.yaml")
 # Features per class with PARAMS_PATH (pyradiomics 3.1.0 default-enabled features).
@@ -46,7 +46,8 @@ def extract(
 ) -> dict[str, float]:
     """`original_<class>_<feature>` -> value for the ROI `mask == label` of `image`.
 
-    Takes nibabel or SimpleITK images (the mask on the image's grid). Raises RadiomicsError with
+    Takes nibabel or SimpleITK images (the mask on the image's grid); nibabel images are read in
+    the voxel order of a standard axial series (conversion.standard_axial_order). Raises RadiomicsError with
     a reason for an unusable input: grid mismatch, missing label, too few voxels, non-finite
     intensities, a pyradiomics failure, or non-finite features.
     """
@@ -57,7 +58,9 @@ def extract(
     elif not isinstance(image, sitk.Image) and not isinstance(mask, sitk.Image):
         image_array, mask_array = voxels(image, np.float32), voxels(mask, np.uint8)
         _check_same_grid(image, mask, image_array.shape, mask_array.shape)
-        sitk_image, sitk_mask = to_sitk(image, image_array), to_sitk(mask, mask_array)
+        # the same anatomy gives the same features however its acquisition stored the voxels
+        grid, (image_array, mask_array) = in_standard_axial_order(image, image_array, mask_array)
+        sitk_image, sitk_mask = to_sitk(grid, image_array), to_sitk(grid, mask_array)
         sitk_mask.CopyInformation(sitk_image)  # one grid (checked above): no float noise for pyradiomics
     else:
         raise TypeError("image and mask must both be nibabel or both be SimpleITK images")

@@ -127,3 +127,54 @@ def test_mixed_image_types_are_refused(liver_volume):
     image, mask = liver_volume
     with pytest.raises(TypeError):
         radiomics.extract(radiomics.to_sitk(image), mask)
+
+
+# The same anatomy in other voxel orders, each with the affine that goes with it (nibabel
+# orientation transforms: one row per axis, new axis and flip).
+OTHER_VOXEL_ORDERS = {
+    "transposed (readout and phase swapped)": [[1, 1], [0, 1], [2, 1]],
+    "columns mirrored (feet-first)": [[0, -1], [1, 1], [2, 1]],
+    "rotated 180 degrees (prone)": [[0, -1], [1, -1], [2, 1]],
+    "slices descending": [[0, 1], [1, 1], [2, -1]],
+    "transposed and mirrored": [[1, -1], [0, 1], [2, -1]],
+}
+
+
+@pytest.mark.parametrize("order", OTHER_VOXEL_ORDERS)
+def test_the_same_anatomy_in_another_voxel_order_gives_the_same_features(order):
+    """pyradiomics measures Maximum2DDiameterRow/Column in index planes and triangulates the mesh in
+    voxel order; the extraction reads every volume in one standard order first."""
+    affine = np.diag([-3.0, -4.0, 8.0, 1.0])  # as an axial DICOM series is stored: LPS, slices ascending
+    image, ellipsoid = textured_liver(shape=(44, 36, 12), affine=affine)
+    lobe = np.asarray(ellipsoid.dataobj).copy()
+    lobe[30:40, 4:14, 1:5] = 1  # no symmetry: every reordering moves the mask
+    mask = nib.Nifti1Image(lobe, affine)
+    ornt = np.array(OTHER_VOXEL_ORDERS[order])
+    stored_image, stored_mask = image.as_reoriented(ornt), mask.as_reoriented(ornt)
+    assert not np.array_equal(np.asarray(stored_mask.dataobj), np.asarray(mask.dataobj))
+
+    standard, stored = radiomics.extract(image, mask), radiomics.extract(stored_image, stored_mask)
+
+    assert stored.keys() == standard.keys()
+    for name in standard:
+        assert stored[name] == pytest.approx(standard[name], rel=1e-9, abs=1e-12), name
+    if order.startswith("transposed"):  # pyradiomics on the stored voxels: the two diameters swap
+        as_stored = radiomics.extract(radiomics.to_sitk(stored_image), radiomics.to_sitk(stored_mask, dtype=np.uint8))
+        assert as_stored["original_shape_Maximum2DDiameterRow"] == pytest.approx(
+            standard["original_shape_Maximum2DDiameterColumn"]
+        )
+        assert as_stored["original_shape_Maximum2DDiameterRow"] != pytest.approx(
+            standard["original_shape_Maximum2DDiameterRow"]
+        )
+
+
+def test_the_standard_order_keeps_the_slice_axis_of_any_plane():
+    """force2D texture stays in the acquired planes: the slice axis stays last, also for a coronal
+    and a sagittal series; an axial series stored the standard way is left as it is."""
+    axial = np.diag([-1.5, -1.5, 5.0, 1.0])
+    coronal = np.array([[-1.5, 0, 0, 0], [0, 0, 5.0, 0], [0, -1.5, 0, 0], [0, 0, 0, 1]])  # rows L, columns I, slices A
+    sagittal = np.array([[0, 0, 5.0, 0], [1.5, 0, 0, 0], [0, -1.5, 0, 0], [0, 0, 0, 1]])  # rows P, columns I, slices R
+    assert radiomics.standard_axial_order(axial).tolist() == [[0, 1], [1, 1], [2, 1]]
+    for affine in (coronal, sagittal):
+        assert radiomics.standard_axial_order(affine)[2, 0] == 2
+    assert radiomics.standard_axial_order(coronal).tolist() == [[0, 1], [1, -1], [2, -1]]
