@@ -79,7 +79,9 @@ class LiverSegmenter:
         # Same voxel order as the reader the model was trained with (see dataset.py).
         ornt = io_orientation(image.affine) if self.info.reorient_to_ras else np.array([[0, 1], [1, 1], [2, 1]])
         model_view = image.as_reoriented(ornt)
-        data = np.asarray(model_view.dataobj, dtype=np.float32).transpose(2, 1, 0)[None]  # c, z, y, x
+        # c, z, y, x, in one memory layout whatever the stored order: nnU-Net's normalisation sums
+        # in memory order, and a transposed storage of a demo study changed 17 mask voxels otherwise
+        data = np.ascontiguousarray(np.asarray(model_view.dataobj, dtype=np.float32).transpose(2, 1, 0)[None])
         spacing = [float(z) for z in model_view.header.get_zooms()[:3][::-1]]
 
         labels = self._predictor.predict_single_npy_array(data, {"spacing": spacing})

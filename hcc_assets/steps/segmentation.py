@@ -53,7 +53,8 @@ if TYPE_CHECKING:
 
 SEGMENTATION_MODEL_VERSION = "2"  # 2: HccCpuTrainer augments in one anatomical frame
 # 2: a model trained in bfloat16 on a CPU predicts in bfloat16 where the CPU has it (inference.py)
-LIVER_MASK_VERSION = "2"
+# 3: the model's input in one memory layout, so another stored voxel order gives the same mask
+LIVER_MASK_VERSION = "3"
 # 2: image and mask read in the voxel order of a standard axial series (radiomics.standard_axial_order)
 RADIOMIC_FEATURES_VERSION = "2"
 

@@ -98,6 +98,24 @@ def test_prediction_is_on_the_image_grid_and_finds_the_liver(segmenter, storage)
     assert quality["dice_spleen"] > 0.7, quality
 
 
+@pytest.mark.parametrize(
+    "ornt",
+    [[[1, 1], [0, 1], [2, 1]], [[0, -1], [1, 1], [2, 1]], [[1, -1], [0, -1], [2, -1]]],
+    ids=["transposed", "mirrored", "transposed-rotated-descending"],
+)
+def test_the_same_anatomy_stored_in_another_voxel_order_gets_the_same_mask(segmenter, ornt):
+    """Readout and phase swapped, a feet-first or prone position, descending slices: the voxels the
+    model sees are the same, and so is the mask, voxel for voxel, once put back in one order."""
+    image, _ = synthetic_case(seed=112, shape=(52, 44, 16), lps_storage=True)
+    stored = image.as_reoriented(np.array(ornt))
+    assert not np.array_equal(np.asarray(stored.dataobj), np.asarray(image.dataobj))
+    standard, other = segmenter.predict(image), segmenter.predict(stored)
+    assert np.array_equal(other.affine, stored.affine)
+    assert np.array_equal(
+        np.asarray(nib.as_closest_canonical(other).dataobj), np.asarray(nib.as_closest_canonical(standard).dataobj)
+    )
+
+
 def test_prediction_survives_a_save_and_load(segmenter, tmp_path):
     image, _ = synthetic_case(seed=110)
     mask = segmenter.predict(image)
