@@ -1175,9 +1175,7 @@ def _acquisition_chain(by_uid: dict[str, _SeriesFiles], uids: list[str]) -> list
 def _joined_series(by_uid: dict[str, _SeriesFiles], whole: dict[str, SeriesInfo], chain: list[str]) -> SeriesInfo:
     parts = [by_uid[uid] for uid in chain]
     header = copy.deepcopy(parts[0].first)  # the first part's header, without pixels
-    numbers = " and ".join(
-        f"#{whole[uid].series_number if whole[uid].series_number is not None else '?'}" for uid in chain
-    )
+    numbers = " and ".join(f"#{_fmt(whole[uid].series_number)}" for uid in chain)
     header.SeriesDescription = f"{tag_text(header, 'SeriesDescription')} (series {numbers} joined)"
     joined = _SeriesFiles(parts[0].folder_index, header, multiframe=any(part.multiframe for part in parts))
     for part in parts:

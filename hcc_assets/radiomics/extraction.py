@@ -47,9 +47,9 @@ def extract(
     """`original_<class>_<feature>` -> value for the ROI `mask == label` of `image`.
 
     Takes nibabel or SimpleITK images (the mask on the image's grid); nibabel images are read in
-    the voxel order of a standard axial series (conversion.standard_axial_order). Raises RadiomicsError with
-    a reason for an unusable input: grid mismatch, missing label, too few voxels, non-finite
-    intensities, a pyradiomics failure, or non-finite features.
+    the voxel order of a standard axial series (conversion.standard_axial_order). Raises
+    RadiomicsError with a reason for an unusable input: grid mismatch, missing label, too few
+    voxels, non-finite intensities, a pyradiomics failure, or non-finite features.
     """
     params = _params(params_path)
     if isinstance(image, sitk.Image) and isinstance(mask, sitk.Image):  # pyradiomics checks their geometry
