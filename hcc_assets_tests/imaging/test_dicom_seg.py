@@ -18,8 +18,8 @@ from hcc_assets.imaging.dicom_seg import reference_mask_from_seg
 from hcc_assets.imaging.dicom_series import choose_t2_series, inventory_study
 from hcc_assets.imaging.nifti import series_to_volume
 from hcc_assets.synthetic.seg import LIVER, SPLEEN, seg_bytes
-from hcc_assets_tests.imaging.test_dicom_series import STUDY_FOLDER, assert_no_phi, make_study
-from hcc_assets_tests.imaging.test_enhanced_mr import T2_FOLDER, to_enhanced
+from hcc_assets_tests.imaging.test_dicom_series import STUDY_FOLDER, T2_FOLDER, assert_no_phi, make_study
+from hcc_assets_tests.imaging.test_enhanced_mr import to_enhanced
 
 LESION = (3, "Lesion", codes.SCT.Neoplasm)
 

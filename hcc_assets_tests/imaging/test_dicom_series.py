@@ -31,6 +31,7 @@ from hcc_assets.imaging.nifti import series_to_nifti
 PHI = ("DOE^JANE", "DOE", "JANE", "MRN4711", "19610203", "20190312", "ST EXAMPLE HOSPITAL", "ACC99123")
 PATIENT_FOLDER = "MRN4711"
 STUDY_FOLDER = "20190312 MR ABDOMEN"
+T2_FOLDER = "3 T2 SPIR 2019-03-12"  # make_study's T2 series
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
@@ -165,7 +166,7 @@ def make_study(root: Path, *, t2: dict | None = None, with_others: bool = True, 
             sequence_name="*ep_b800t",
             extra={"DiffusionBValue": 800},
         )
-    write_series(study / "3 T2 SPIR 2019-03-12", truth_volume(slices=slices), **(t2 or {}))
+    write_series(study / T2_FOLDER, truth_volume(slices=slices), **(t2 or {}))
     (patient / ".complete").write_bytes(b"")
     (patient / "reference").mkdir(exist_ok=True)
     (patient / "reference" / "liver_spleen_mask.nii.gz").write_bytes(b"not DICOM, skipped")
@@ -395,13 +396,13 @@ def _empty(root):
 
 def _non_dicom_file(root):
     patient = make_study(root)
-    (patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12" / "notes MRN4711.txt").write_text("hello")
+    (patient / STUDY_FOLDER / T2_FOLDER / "notes MRN4711.txt").write_text("hello")
     return patient
 
 
 def _cut_pixel_data(root):
     patient = make_study(root)
-    path = sorted((patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12").iterdir())[5]
+    path = sorted((patient / STUDY_FOLDER / T2_FOLDER).iterdir())[5]
     path.write_bytes(path.read_bytes()[:-40])
     return patient
 
@@ -415,7 +416,7 @@ def _cut_header(root):
 
 def _cut_inside_meta(root):
     patient = make_study(root)
-    path = sorted((patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12").iterdir())[0]
+    path = sorted((patient / STUDY_FOLDER / T2_FOLDER).iterdir())[0]
     path.write_bytes(path.read_bytes()[:150])
     return patient
 
@@ -442,7 +443,7 @@ def _duplicate_position(root):
 
 def _one_slice(root):
     patient = make_study(root, with_others=False)
-    for path in sorted((patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12").iterdir())[1:]:
+    for path in sorted((patient / STUDY_FOLDER / T2_FOLDER).iterdir())[1:]:
         path.unlink()
     return patient
 
@@ -450,7 +451,7 @@ def _one_slice(root):
 def _mixed_studies_folder(root):
     patient = make_study(root)
     write_series(
-        patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12",
+        patient / STUDY_FOLDER / T2_FOLDER,
         truth_volume(slices=3),
         number=4,
         description="T2_SPIR_REPEAT",
@@ -470,7 +471,7 @@ def _inconsistent_spacing(root):
 
 def _inconsistent_size(root):
     patient = make_study(root)
-    path = sorted((patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12").iterdir())[2]
+    path = sorted((patient / STUDY_FOLDER / T2_FOLDER).iterdir())[2]
     dataset = pydicom.dcmread(path)
     dataset.Rows, dataset.Columns = 16, 12  # same byte count, other matrix
     dataset.save_as(path)
@@ -479,7 +480,7 @@ def _inconsistent_size(root):
 
 def _same_instance_other_pixels(root):
     patient = make_study(root)
-    folder = patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12"
+    folder = patient / STUDY_FOLDER / T2_FOLDER
     dataset = pydicom.dcmread(sorted(folder.iterdir())[4])
     dataset.PixelData = (dataset.pixel_array + 1).astype(dataset.pixel_array.dtype).tobytes()
     dataset.save_as(folder / "ZZ_resent.dcm")
@@ -550,7 +551,7 @@ def test_exported_media_companions_and_second_copies_are_left_out_and_counted(tm
     (patient / "README.TXT").write_text("exported by PACS for MRN4711\n")
     (patient / STUDY_FOLDER / "VIEWER").mkdir()
     (patient / STUDY_FOLDER / "VIEWER" / "viewer.exe").write_bytes(b"MZ\x90\x00 not DICOM")
-    t2_folder = patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12"
+    t2_folder = patient / STUDY_FOLDER / T2_FOLDER
     for path in sorted(t2_folder.iterdir())[:2]:
         shutil.copy(path, t2_folder / f"copy of {path.name}")
 
@@ -585,7 +586,7 @@ def test_vendor_objects_without_pixels_are_skipped_but_a_cut_mr_slice_is_not(tmp
     """Siemens CSA Non-Image (its own series), Philips private series data (inside the T2 series) and
     an encapsulated PDF: DICOM, but no slices. An MR image without pixels is a truncated slice."""
     patient = make_study(tmp_path, with_others=False)
-    t2_folder = patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12"
+    t2_folder = patient / STUDY_FOLDER / T2_FOLDER
     plain_inventory, plain_choice, plain = ingest(patient)
     like = next(t2_folder.iterdir())
     _pixel_less_object(patient / STUDY_FOLDER / "99 report" / "csa.dcm", "1.3.12.2.1107.5.9.1", like)
@@ -632,7 +633,7 @@ def test_a_dual_echo_series_is_split_by_echo_and_the_t2_echo_chosen(tmp_path):
     """PD (TE 20) and T2 (TE 100) echoes in one series, at the same positions: one volume per echo,
     the T2 echo chosen by its own TE, and its volume is the one a single-echo series gives."""
     patient = make_study(tmp_path, with_others=False)
-    t2_folder = patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12"
+    t2_folder = patient / STUDY_FOLDER / T2_FOLDER
     single = ingest(patient)[2]
     uid = str(pydicom.dcmread(next(t2_folder.iterdir())).SeriesInstanceUID)
     write_series(t2_folder, truth_volume(slices=12, seed=5), echo_time=20.0, series_uid=uid, name_prefix="PD")
@@ -665,7 +666,7 @@ def test_a_series_of_two_image_types_at_the_same_positions_is_split_and_the_anat
     splits them), the fat or phase volume rejected by its ImageType whatever its TE, and the chosen
     volume is the one a series of only those images gives."""
     patient = make_study(tmp_path, with_others=False, t2={"extra": {"ImageType": first_type}})
-    t2_folder = patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12"
+    t2_folder = patient / STUDY_FOLDER / T2_FOLDER
     single = ingest(patient)[2]
     uid = str(pydicom.dcmread(next(t2_folder.iterdir())).SeriesInstanceUID)
     write_series(t2_folder, truth_volume(seed=7), series_uid=uid, name_prefix="X", extra={"ImageType": second_type})
@@ -742,9 +743,6 @@ def test_a_phase_series_of_its_own_is_not_taken_for_the_t2(tmp_path):
     choice = choose_t2_series(inventory_study(patient))
     assert choice.series.series_number == 3
     assert '#2 "T2_SPIR" phase image (ImageType ORIGINAL\\PRIMARY\\P\\ND)' in choice.reason
-
-
-T2_FOLDER = "3 T2 SPIR 2019-03-12"
 
 
 def write_t2_in_parts(patient: Path, parts: list[range], **tags_per_part: list) -> None:
@@ -826,7 +824,7 @@ def test_series_that_are_not_one_acquisition_one_after_another_are_not_joined(tm
 
 def test_raw_dicom_without_preamble_is_read(tmp_path):
     patient = make_study(tmp_path, with_others=False)
-    for path in (patient / STUDY_FOLDER / "3 T2 SPIR 2019-03-12").iterdir():
+    for path in (patient / STUDY_FOLDER / T2_FOLDER).iterdir():
         dataset = pydicom.dcmread(path)
         dataset.file_meta, dataset.preamble = FileMetaDataset(), None
         dataset.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=False)

@@ -20,15 +20,16 @@ from hcc_assets.synthetic.enhanced import enhanced_mr_file
 from hcc_assets_tests.imaging.test_dicom_series import (
     AXIAL,
     STUDY_FOLDER,
+    T2_FOLDER,
     assert_no_phi,
     ingest,
     make_study,
     truth_volume,
     write_series,
+    write_t2_in_parts,
 )
 from hcc_assets_tests.imaging.test_nifti import oblique_orientation
 
-T2_FOLDER = "3 T2 SPIR 2019-03-12"
 LEGACY_CONVERTED_ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.4"
 
 
@@ -295,3 +296,20 @@ def test_frames_of_two_types_whose_positions_run_over_the_whole_file_are_refused
     message = str(raised.value)
     assert "InStackPositionNumber is not 1 to 12, once each" in message and "T2_SPIR (magnitude)" in message, message
     assert_no_phi(message)
+
+
+def test_a_t2_sent_as_two_enhanced_files_one_per_breath_hold_is_joined(tmp_path):
+    """Each part of the acquisition one Enhanced MR file of its own series: joined frame by frame into
+    the volume the acquisition written as one series of classic files gives."""
+    patient = make_study(tmp_path, with_others=False, slices=24)
+    single = ingest(patient)[2]
+    write_t2_in_parts(patient, [range(0, 12), range(12, 24)])
+    for part in ("3 T2 part", "4 T2 part"):
+        to_enhanced(patient / STUDY_FOLDER / part)
+
+    _inventory, choice, image = ingest(patient)
+
+    assert (choice.series.n_files, choice.series.n_slices, len(choice.series.part_keys)) == (2, 24, 2)
+    assert "joined from 2 series" in choice.reason
+    assert np.array_equal(np.asarray(image.dataobj), np.asarray(single.dataobj))
+    assert np.allclose(image.affine, single.affine, atol=1e-5)
