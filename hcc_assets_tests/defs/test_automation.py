@@ -386,6 +386,34 @@ def test_deployment_settings_become_the_asset_config_defaults(monkeypatch, tmp_p
         deployment._op_settings.cache_clear()
 
 
+def test_the_shipped_fast_demo_settings_name_real_fields_and_change_only_what_they_say(monkeypatch):
+    """deploy/fast_demo.yaml (make demo DEMO_SETTINGS=...): nnU-Net at 4 mm, the classifier for 20
+    epochs; every other default as it was."""
+    from pathlib import Path
+
+    from hcc_assets.defs import deployment
+    from hcc_assets.defs.deep import HccClassifierConfig
+    from hcc_assets.defs.segmentation import LiverSegmentationModelConfig
+
+    settings = Path(__file__).resolve().parents[2] / "deploy" / "fast_demo.yaml"
+    monkeypatch.setenv(deployment.COHORT_RUN_CONFIG_ENV, str(settings))
+    monkeypatch.delenv(deployment.PATIENT_RUN_CONFIG_ENV, raising=False)
+    deployment._op_settings.cache_clear()
+    try:
+        segmentation = deployment.deployed(LiverSegmentationModelConfig, "liver_segmentation_model")()
+        classifier = deployment.deployed(HccClassifierConfig, "hcc_classifier")()
+        assert segmentation.spacing == [4.0, 4.0] and LiverSegmentationModelConfig().spacing == [3.2, 3.2]
+        assert (classifier.min_epochs, classifier.max_epochs) == (20, 20)
+        assert segmentation.model_dump(exclude={"spacing"}) == LiverSegmentationModelConfig().model_dump(
+            exclude={"spacing"}
+        )
+        assert classifier.model_dump(exclude={"min_epochs", "max_epochs"}) == HccClassifierConfig().model_dump(
+            exclude={"min_epochs", "max_epochs"}
+        )
+    finally:
+        deployment._op_settings.cache_clear()
+
+
 def test_refresh_cron_comes_from_the_environment(monkeypatch):
     from hcc_assets.defs.automation import refresh_cron
 
