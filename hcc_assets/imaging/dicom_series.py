@@ -16,6 +16,7 @@ import copy
 import datetime as dt
 import hashlib
 import io
+import itertools
 import os
 import re
 import struct
@@ -1135,9 +1136,9 @@ def _joined_acquisitions(by_uid: dict[str, _SeriesFiles], volumes: list[SeriesIn
     `_ACQUISITION_TAGS` are joined when they lie one after another along the slice normal without
     overlap and their slices, the junctions included, are evenly spaced (within
     JOIN_SPACING_TOLERANCE). Overlapping parts (a repeat, or stations that overlap and would need
-    blending) and parts with a gap are not joined: each stays a series of its own. The parts stay in
-    the inventory; the joined series is one more candidate, which the T2 choice prefers for its
-    slices.
+    blending) and parts with a gap are not joined; of a part acquired twice, the later run is
+    joined (`_best_chain`). The parts stay in the inventory; the joined series is one more
+    candidate, which the T2 choice prefers for its slices.
     """
     uid_of_key = {series_key_of(uid): uid for uid in by_uid}
     whole = {  # series that are one volume each: not split by echo or image type, a regular stack
@@ -1153,9 +1154,33 @@ def _joined_acquisitions(by_uid: dict[str, _SeriesFiles], volumes: list[SeriesIn
             groups.setdefault(identity, []).append(uid)
     joined = []
     for uids in groups.values():
-        if len(uids) > 1 and (chain := _acquisition_chain(by_uid, uids)):
+        if chain := _best_chain(by_uid, whole, uids):
             joined.append(_joined_series(by_uid, whole, chain))
     return joined
+
+
+# Above this many series of one protocol, only all of them together are tried as one acquisition.
+_MAX_SERIES_TO_COMBINE = 6
+
+
+def _best_chain(by_uid: dict[str, _SeriesFiles], whole: dict[str, SeriesInfo], uids: list[str]) -> list[str] | None:
+    """The series of one protocol that form the longest acquisition one after another (two at least),
+    in position order; None when no two do. A part acquired again after motion overlaps its first run:
+    of such alternatives the later series are taken, as the T2 choice prefers a repeat."""
+    subsets = (
+        [list(c) for size in range(len(uids), 1, -1) for c in itertools.combinations(uids, size)]
+        if len(uids) <= _MAX_SERIES_TO_COMBINE
+        else [uids]
+    )
+
+    def preference(subset: list[str]) -> tuple:
+        numbers = sorted((whole[uid].series_number or 0 for uid in subset), reverse=True)
+        return sum(whole[uid].n_slices for uid in subset), numbers
+
+    for subset in sorted(subsets, key=preference, reverse=True):
+        if chain := _acquisition_chain(by_uid, subset):
+            return chain
+    return None
 
 
 def _acquisition_chain(by_uid: dict[str, _SeriesFiles], uids: list[str]) -> list[str] | None:

@@ -786,6 +786,22 @@ def test_a_t2_written_as_two_series_one_after_another_is_joined(tmp_path):
     assert_no_phi(json.dumps(inventory.to_record()) + choice.reason)
 
 
+def test_of_a_part_acquired_again_the_later_run_is_joined(tmp_path):
+    """Upper and lower abdomen as series 3 and 4, the lower part acquired again after motion as
+    series 5: #3 and #5 are joined; #4, overlapping #5, is left out."""
+    patient = make_study(tmp_path, with_others=False, slices=24)
+    single = ingest(patient)[2]
+    write_t2_in_parts(patient, [range(0, 12), range(12, 24), range(12, 24)])
+
+    inventory, choice, image = ingest(patient)
+
+    by_number = {s.series_number: s for s in inventory.series if not s.part_keys}
+    assert choice.series.part_keys == (by_number[3].series_key, by_number[5].series_key)
+    assert choice.series.description == "T2_SPIR (series #3 and #5 joined)"
+    assert np.array_equal(np.asarray(image.dataobj), np.asarray(single.dataobj))
+    assert len([s for s in inventory.series if s.part_keys]) == 1
+
+
 def test_an_annotation_of_a_joined_series_must_reference_every_part(tmp_path):
     """A SEG or RT Structure Set drawn on one part covers only that part's stretch of the liver."""
     patient = make_study(tmp_path, with_others=False, slices=24)
