@@ -56,7 +56,7 @@ def standard_axial_order(affine: np.ndarray) -> np.ndarray:
     as an axial series of a supine, head-first patient is stored (IOP 1\\0\\0\\0\\1\\0, slices
     ascending): such a series maps onto itself.
     """
-    lps = np.diag([-1.0, -1.0, 1.0]) @ np.asarray(affine, dtype=float)[:3, :3]
+    lps = _RAS_TO_LPS @ np.asarray(affine, dtype=float)[:3, :3]
     nearest = [int(np.argmax(np.abs(lps[:, axis]))) for axis in range(3)]
     in_plane = [0, 1] if nearest[0] <= nearest[1] else [1, 0]  # new axis of input axes 0 and 1
     return np.array(

@@ -7,8 +7,8 @@ groups, shared by every frame (SharedFunctionalGroupsSequence) or per frame
 both forms carry the same pixels, geometry and rescale.
 
 Written with pydicom: highdicom's converter (`LegacyConvertedEnhancedMRImage`) makes the Legacy
-Converted SOP class, not the Enhanced MR one a scanner sends (highdicom is a test dependency only,
-the tests' independent reader of these files).
+Converted SOP class, not the Enhanced MR one a scanner sends (the tests use highdicom as the
+independent reader of these files).
 """
 
 from __future__ import annotations
