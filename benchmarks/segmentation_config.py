@@ -75,6 +75,7 @@ def main() -> None:
         LiverSegmenter,
         SegmentationTrainingConfig,
         build_raw_dataset,
+        keep_largest_components,
         mask_quality,
         plan_and_preprocess,
         train,
@@ -120,7 +121,7 @@ def main() -> None:
         for pid in validation:
             image = nib.load(lake.patient_file(pid, NIFTI_FILE))
             reference = nib.load(lake.patient_file(pid, REFERENCE_MASK_FILE))
-            dice[pid] = mask_quality(segmenter.predict(image), reference)["dice_liver"]
+            dice[pid] = mask_quality(keep_largest_components(segmenter.predict(image)), reference)["dice_liver"]
         predicted = time.perf_counter()
     values = np.array(list(dice.values()))
     print("liver Dice per validation patient: " + ", ".join(f"{pid} {d:.3f}" for pid, d in dice.items()))

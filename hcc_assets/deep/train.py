@@ -98,6 +98,12 @@ class TrainingResult:
     # cache_seconds, train_seconds (all epochs incl. validation), seconds_per_epoch
     timings: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
+    # P(HCC) of the training and validation volumes, in input order, by the returned model: its
+    # final evaluation computes them anyway (on the trunk cache, in batches of `batch_size`), so a
+    # caller needs no second pass through the trunk; saved with the model. None for a checkpoint
+    # written before they were.
+    train_probabilities: np.ndarray | None = None
+    val_probabilities: np.ndarray | None = None
 
     @property
     def best_record(self) -> EpochRecord | None:
@@ -248,16 +254,18 @@ def train_classifier(
         return inputs[index.to(inputs.device)].to(device_, non_blocking=True)
 
     @torch.no_grad()
-    def evaluate(inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    def evaluate(inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, np.ndarray]:
+        """Mean loss, accuracy and P(HCC) of each input."""
         model.eval()
-        loss_sum, correct = 0.0, 0
+        loss_sum, correct, probabilities = 0.0, 0, []
         for index in torch.arange(len(inputs)).split(config.batch_size):
             targets = labels[index.to(device_)]
             with autocast():
                 logits = logits_of(batch_of(inputs, index)).float()
             loss_sum += nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="sum").item()
             correct += int(((logits > 0).float() == targets).sum().item())
-        return loss_sum / len(inputs), correct / len(inputs)
+            probabilities.append(torch.sigmoid(logits).cpu())
+        return loss_sum / len(inputs), correct / len(inputs), torch.cat(probabilities).numpy().astype(np.float32)
 
     optimizer = torch.optim.SGD(model.trainable_parameters(), lr=config.lr, momentum=config.momentum)
     loss_fn = nn.BCEWithLogitsLoss()
@@ -281,7 +289,7 @@ def train_classifier(
             loss_sum += loss.item() * len(index)
             correct += int(((logits.detach() > 0).float() == targets).sum().item())
         val_start = _synchronized_clock(device_)
-        val_loss, val_acc = evaluate(val_inputs, y_val)
+        val_loss, val_acc, _ = evaluate(val_inputs, y_val)
         val_end = _synchronized_clock(device_)
         history.append(
             EpochRecord(
@@ -304,8 +312,8 @@ def train_classifier(
 
     incompatible = model.load_state_dict(best_state, strict=False)
     assert not incompatible.unexpected_keys, incompatible.unexpected_keys
-    train_loss, train_acc = evaluate(train_inputs, y_train)
-    final_val_loss, final_val_acc = evaluate(val_inputs, y_val)
+    train_loss, train_acc, train_probabilities = evaluate(train_inputs, y_train)
+    final_val_loss, final_val_acc, val_probabilities = evaluate(val_inputs, y_val)
     model.eval()
     train_seconds = _synchronized_clock(device_) - started - cache_seconds
     return TrainingResult(
@@ -322,6 +330,8 @@ def train_classifier(
             seconds_per_epoch=sum(r.train_seconds + r.val_seconds for r in history) / len(history),
         ),
         device=str(device_),
+        train_probabilities=train_probabilities,
+        val_probabilities=val_probabilities,
     )
 
 
@@ -407,6 +417,9 @@ def save_model(trained: TrainingResult | HCCResNet, folder: str | Path, config: 
         "final_metrics": result.final_metrics,
         "timings": result.timings,
         "device": result.device,
+        # float32 values as JSON floats: read back bit for bit
+        "train_probabilities": _float_list(result.train_probabilities),
+        "val_probabilities": _float_list(result.val_probabilities),
     }
     weights = {key: value.detach().cpu() for key, value in result.model.state_dict().items()}
     folder = Path(folder)
@@ -438,4 +451,14 @@ def load_model(folder: str | Path, device: str = "cpu") -> TrainingResult:
         final_metrics=stored["final_metrics"],
         timings=stored["timings"],
         device=device,
+        train_probabilities=_float_array(stored.get("train_probabilities")),
+        val_probabilities=_float_array(stored.get("val_probabilities")),
     )
+
+
+def _float_list(values: np.ndarray | None) -> list[float] | None:
+    return None if values is None else [float(v) for v in np.asarray(values, np.float32)]
+
+
+def _float_array(values: list[float] | None) -> np.ndarray | None:
+    return None if values is None else np.asarray(values, np.float32)

@@ -14,8 +14,8 @@ Rules that keep it safe:
 - The daemon starts the zygote when it creates its run launcher, which Dagster does at the first
   launch (that run starts cold while the zygote warms); other processes only when they launch.
 - The zygote is tied to the code it imported: if any .py file of hcc_assets (or a deployment
-  run-config file, $HCC_ASSETS_PATIENT_RUN_CONFIG / $HCC_ASSETS_COHORT_RUN_CONFIG) changed since, or the
-  run's interpreter is not this one, the run is launched cold by the DefaultRunLauncher and a fresh
+  settings file, $HCC_ASSETS_PATIENT_RUN_CONFIG / $HCC_ASSETS_COHORT_RUN_CONFIG / <lake>/deployment.yaml)
+  changed since, or the run's interpreter is not this one, the run is launched cold by the DefaultRunLauncher and a fresh
   zygote is started (it imports at low priority, beside the runs going on).
 - Termination sends SIGINT to the run's process (its pid is a run tag), which Dagster turns into a
   cancelled run, as it does for a cold run worker.
@@ -39,7 +39,7 @@ from dagster._core.launcher import LaunchRunContext
 from dagster._core.launcher.default_run_launcher import DefaultRunLauncher
 from dagster._serdes import ConfigurableClassData
 
-from hcc_assets.defs.deployment import COHORT_RUN_CONFIG_ENV, PATIENT_RUN_CONFIG_ENV
+from hcc_assets.defs.deployment import settings_files
 
 # Modules, or "module:function" to call, that a run would otherwise import on its way.
 PRELOAD = (
@@ -62,10 +62,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 def code_fingerprint(root: Path = PACKAGE_ROOT) -> str:
     """Changes whenever a source file of the package is edited, added or removed, or one of the
     deployment's run-config files (read when the definitions load) changes: mtimes and sizes."""
-    files = list(root.rglob("*.py"))
-    for env in (PATIENT_RUN_CONFIG_ENV, COHORT_RUN_CONFIG_ENV):
-        if os.environ.get(env, "").strip():
-            files.append(Path(os.environ[env].strip()))
+    files = list(root.rglob("*.py")) + [path for _, path in settings_files()]
     entries = sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) if p.exists() else (str(p), 0, -1) for p in files)
     return json.dumps(entries)
 

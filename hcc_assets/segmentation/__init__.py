@@ -7,7 +7,7 @@ Typical use:
     plan_and_preprocess(config, raw_dir, preprocessed_dir)
     model_folder = train(config, preprocessed_dir, results_dir)      # or a user's trained folder
     segmenter = LiverSegmenter(model_folder, device="cpu")
-    mask = segmenter.predict(nib.load("nifti_volume.nii.gz"))
+    mask = keep_largest_components(segmenter.predict(nib.load("nifti_volume.nii.gz")))
     mask_quality(mask, reference), overlay_png(image, mask)
 
 torch and nnunetv2 load only when training or building a predictor, so importing this package
@@ -19,7 +19,7 @@ store or the lake.
 
 from .config import LABELS, MaskQualityConfig, SegmentationTrainingConfig
 from .dataset import SegmentationDataError, build_raw_dataset
-from .inference import LiverSegmenter
+from .inference import LiverSegmenter, keep_largest_components
 from .model_folder import ModelFolderError, ModelInfo, validate_model_folder
 from .nnunet_env import nnunet_environment
 from .planning import add_cpu_configuration, plan_and_preprocess
@@ -38,6 +38,7 @@ __all__ = [
     "add_cpu_configuration",
     "build_raw_dataset",
     "dice",
+    "keep_largest_components",
     "mask_quality",
     "nnunet_environment",
     "overlay_png",

@@ -99,6 +99,24 @@ class LiverSegmenter:
         return mask
 
 
+def keep_largest_components(mask: nib.Nifti1Image) -> nib.Nifti1Image:
+    """The mask with only the largest connected component of the liver and of the spleen (each one
+    organ), on the same grid; the network's stray islands elsewhere in the abdomen become background.
+    nnU-Net's own "remove all but the largest component" post-processing (which its cross-validation
+    picks for such labels; a model trained on every case has none to pick it with), with its
+    connectivity: voxels touching at a corner count as joined."""
+    from nnunetv2.postprocessing.remove_connected_components import (
+        remove_all_but_largest_component_from_segmentation,
+    )
+
+    labels = np.asarray(mask.dataobj)
+    for organ in (LABEL_LIVER, LABEL_SPLEEN):
+        if np.any(labels == organ):
+            labels = remove_all_but_largest_component_from_segmentation(labels, organ)
+    cleaned = nib.Nifti1Image(np.ascontiguousarray(labels, dtype=np.uint8), mask.affine, mask.header)
+    return cleaned
+
+
 def _inverse(ornt: np.ndarray) -> np.ndarray:
     """Orientation transform that undoes `apply_orientation(..., ornt)`."""
     inverse = np.empty_like(ornt)

@@ -36,13 +36,18 @@ def liver_at_edge(liver: np.ndarray) -> tuple[float, str]:
 
 
 def mask_quality(
-    mask: nib.Nifti1Image, reference: nib.Nifti1Image | None = None, config: MaskQualityConfig | None = None
+    mask: nib.Nifti1Image,
+    reference: nib.Nifti1Image | None = None,
+    config: MaskQualityConfig | None = None,
+    prediction: nib.Nifti1Image | None = None,
 ) -> dict:
     """Liver/spleen voxel counts and volumes, plausibility, liver components, Dice vs reference.
 
     Components use face connectivity (6 neighbours): with 5-9 mm slices, voxels touching only at
-    an edge or corner are not convincingly one organ. Dice is None without a reference, and 1.0
-    when both masks lack the label.
+    an edge or corner are not convincingly one organ. They are counted on `prediction`, the
+    network's output before `keep_largest_components` made `mask` of it, where given: how much of
+    what the network called liver lay apart is what says the model was unsure. Dice is None without
+    a reference, and 1.0 when both masks lack the label.
     """
     config = config or MaskQualityConfig()
     labels = np.asarray(mask.dataobj)
@@ -53,7 +58,8 @@ def mask_quality(
     liver_ml = liver_voxels * voxel_ml
 
     at_edge_fraction, at_edge = liver_at_edge(liver)
-    components, count = ndimage.label(liver)
+    predicted_liver = liver if prediction is None else np.asarray(prediction.dataobj) == LABEL_LIVER
+    components, count = ndimage.label(predicted_liver)
     sizes = np.bincount(components.ravel())[1:] if count else np.zeros(0, int)
     result = {
         "liver_voxels": liver_voxels,
@@ -63,7 +69,7 @@ def mask_quality(
         "liver_components": int(count),
         "liver_at_edge_fraction": at_edge_fraction,
         "liver_at_edge": at_edge,
-        "liver_largest_component_fraction": round(float(sizes.max() / liver_voxels), 6) if count else 0.0,
+        "liver_largest_component_fraction": round(float(sizes.max() / sizes.sum()), 6) if count else 0.0,
         "spleen_voxels": spleen_voxels,
         "spleen_volume_ml": round(spleen_voxels * voxel_ml, 3),
         "dice_liver": None,

@@ -389,6 +389,22 @@ def write_predictions(
     )
 
 
+def cohort_probabilities(result: TrainingResult, data: TrainingSet) -> np.ndarray | None:
+    """P(HCC) of `data.rows` in their order from the final evaluation of the model trained on
+    `data` (result.train_probabilities / val_probabilities); None where it has none for them."""
+    if result.train_probabilities is None or result.val_probabilities is None:
+        return None
+    if len(result.train_probabilities) != len(data.train) or len(result.val_probabilities) != len(data.validation):
+        return None
+    by_patient = {
+        **dict(zip([r["patient_id"] for r in data.train], result.train_probabilities, strict=True)),
+        **dict(zip([r["patient_id"] for r in data.validation], result.val_probabilities, strict=True)),
+    }
+    if any(r["patient_id"] not in by_patient for r in data.rows):
+        return None
+    return np.array([by_patient[r["patient_id"]] for r in data.rows], np.float32)
+
+
 def train_or_reuse(
     store: FeatureStore,
     data_lake: DataLake,
@@ -431,11 +447,14 @@ def train_or_reuse(
             raise ClassifierError(f"hcc_classifier: {error}") from None
         save_classifier(result, data_lake, version)
 
-    # P(HCC) of every cohort patient with a volume, one volume at a time (as the embeddings)
+    # P(HCC) of every cohort patient with a volume: those the training's final evaluation computed
+    # (saved with the model, so a reused model gives the same), else one volume at a time
     predict_started = time.perf_counter()
-    probabilities = predict_proba(
-        result.model, [volumes[r["patient_id"]] for r in data.rows], batch_size=EMBED_BATCH_SIZE, device=device
-    )
+    probabilities = cohort_probabilities(result, data)
+    if probabilities is None:
+        probabilities = predict_proba(
+            result.model, [volumes[r["patient_id"]] for r in data.rows], batch_size=EMBED_BATCH_SIZE, device=device
+        )
     predict_seconds = time.perf_counter() - predict_started
 
     final = result.final_metrics

@@ -40,6 +40,7 @@ from hcc_assets.segmentation import (
     ModelInfo,
     SegmentationTrainingConfig,
     build_raw_dataset,
+    keep_largest_components,
     mask_quality,
     overlay_png,
     plan_and_preprocess,
@@ -54,7 +55,8 @@ if TYPE_CHECKING:
 SEGMENTATION_MODEL_VERSION = "2"  # 2: HccCpuTrainer augments in one anatomical frame
 # 2: a model trained in bfloat16 on a CPU predicts in bfloat16 where the CPU has it (inference.py)
 # 3: the model's input in one memory layout, so another stored voxel order gives the same mask
-LIVER_MASK_VERSION = "3"
+# 4: only the largest connected liver and spleen are kept (segmentation.keep_largest_components)
+LIVER_MASK_VERSION = "4"
 # 2: image and mask read in the voxel order of a standard axial series (radiomics.standard_axial_order)
 RADIOMIC_FEATURES_VERSION = "2"
 
@@ -497,7 +499,8 @@ def segment_liver(
             "liver_segmentation_model (force_retrain) or fix its model_folder"
         ) from None
     image = data_lake.read_nifti(data_lake.patient_file(patient_id, NIFTI_FILE))
-    mask = predictor.predict(image)
+    prediction = predictor.predict(image)
+    mask = keep_largest_components(prediction)
     path = data_lake.patient_file(patient_id, LIVER_MASK_FILE)
     digest = data_lake.write_nifti(path, mask)
     stored = data_lake.read_nifti(path)  # verify what landed in the lake, not what we meant to write
@@ -507,7 +510,7 @@ def segment_liver(
     limits = MaskQualityConfig(
         liver_volume_ml_min=thresholds.liver_volume_ml_min, liver_volume_ml_max=thresholds.liver_volume_ml_max
     )
-    quality = mask_quality(stored, reference, limits)
+    quality = mask_quality(stored, reference, limits, prediction=prediction)
     return LiverMask(patient_id, model, path, digest, image, stored, quality, reference is not None)
 
 

@@ -103,6 +103,20 @@ def test_early_stopping_restores_the_best_weights(train_cohort, val_cohort):
     assert result.final_metrics["val_loss"] == pytest.approx(best.val_loss, abs=1e-6)
 
 
+def test_training_returns_its_cohort_probabilities_as_the_network_computes_them(trained, train_cohort, val_cohort):
+    """The final evaluation's P(HCC) (on the trunk cache, in batches) are the network's: what
+    hcc_classifier records for its cohort without a second pass through the trunk."""
+    for volumes, labels, computed in (
+        (*train_cohort, trained.train_probabilities),
+        (*val_cohort, trained.val_probabilities),
+    ):
+        assert computed.dtype == np.float32 and computed.shape == (len(labels),)
+        np.testing.assert_allclose(computed, predict_proba(trained.model, volumes, batch_size=1), rtol=0, atol=1e-5)
+    # and they are what its reported accuracy counted
+    hits = (trained.val_probabilities > 0.5) == np.asarray(val_cohort[1], bool)
+    assert hits.mean() == pytest.approx(trained.final_metrics["val_acc"])
+
+
 def test_checkpoint_round_trips(trained, val_cohort, tmp_path):
     volumes = val_cohort[0]
     save_model(trained, tmp_path / "model")
@@ -114,6 +128,9 @@ def test_checkpoint_round_trips(trained, val_cohort, tmp_path):
     assert loaded.config == trained.config and loaded.history == trained.history
     summary = lambda result: (result.best_epoch, result.init, result.final_metrics)  # noqa: E731
     assert summary(loaded) == summary(trained)
+    # the training's own P(HCC) of its cohort come back bit for bit
+    assert np.array_equal(loaded.train_probabilities, trained.train_probabilities)
+    assert np.array_equal(loaded.val_probabilities, trained.val_probabilities)
 
     bare = build_classifier(depth=10, seed=9)
     save_model(bare, tmp_path / "bare", ClassifierConfig(depth=10))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -387,10 +388,8 @@ def test_deployment_settings_become_the_asset_config_defaults(monkeypatch, tmp_p
 
 
 def test_the_shipped_fast_demo_settings_name_real_fields_and_change_only_what_they_say(monkeypatch):
-    """deploy/fast_demo.yaml (make demo DEMO_SETTINGS=...): nnU-Net at 4 mm, the classifier for 20
-    epochs; every other default as it was."""
-    from pathlib import Path
-
+    """deploy/fast_demo.yaml (the demo's settings): nnU-Net at 4 mm, the classifier for 20 epochs;
+    every other default as it was."""
     from hcc_assets.defs import deployment
     from hcc_assets.defs.deep import HccClassifierConfig
     from hcc_assets.defs.segmentation import LiverSegmentationModelConfig
@@ -410,6 +409,50 @@ def test_the_shipped_fast_demo_settings_name_real_fields_and_change_only_what_th
         assert classifier.model_dump(exclude={"min_epochs", "max_epochs"}) == HccClassifierConfig().model_dump(
             exclude={"min_epochs", "max_epochs"}
         )
+    finally:
+        deployment._op_settings.cache_clear()
+
+
+def test_a_demo_lake_keeps_its_settings_until_full_takes_them_out(monkeypatch, tmp_path):
+    """`hcc-assets demo` copies its settings into <lake>/deployment.yaml; with neither variable set
+    every later process on that lake (make ui, sensors, workers) reads them, and a warm run worker
+    started before they changed is not reused; a variable, where set, wins; --full removes them."""
+    import argparse
+
+    import yaml
+
+    from hcc_assets import cli
+    from hcc_assets.defs import deployment
+    from hcc_assets.defs.segmentation import LiverSegmentationModelConfig
+    from hcc_assets.defs.warm_runs import code_fingerprint
+
+    lake = tmp_path / "lake"
+    monkeypatch.setenv("HCC_ASSETS_LAKE", str(lake))
+    monkeypatch.delenv(deployment.PATIENT_RUN_CONFIG_ENV, raising=False)
+    monkeypatch.delenv(deployment.COHORT_RUN_CONFIG_ENV, raising=False)
+
+    def spacing() -> list[float]:
+        deployment._op_settings.cache_clear()
+        return list(deployment.deployed(LiverSegmentationModelConfig, "liver_segmentation_model")().spacing)
+
+    try:
+        before = code_fingerprint()
+        assert cli._demo_settings(str(lake), argparse.Namespace(full=False, settings=None)) is None
+        assert (lake / "deployment.yaml").read_text() == (Path(cli.__file__).parents[1] / cli.DEMO_SETTINGS).read_text()
+        assert spacing() == [4.0, 4.0]
+        assert code_fingerprint() != before
+
+        other = tmp_path / "cohort.yaml"
+        other.write_text(yaml.safe_dump({"ops": {"liver_segmentation_model": {"config": {"spacing": [2.0, 2.0]}}}}))
+        monkeypatch.setenv(deployment.COHORT_RUN_CONFIG_ENV, str(other))
+        assert spacing() == [2.0, 2.0]  # the variable's file alone: the lake's is not merged in
+        monkeypatch.delenv(deployment.COHORT_RUN_CONFIG_ENV)
+
+        assert cli._demo_settings(str(lake), argparse.Namespace(full=True, settings=None)) is None
+        assert not (lake / "deployment.yaml").exists()
+        assert spacing() == [3.2, 3.2]  # the study's
+        error = cli._demo_settings(str(lake), argparse.Namespace(full=False, settings=str(tmp_path / "none.yaml")))
+        assert error is not None and "no such file" in error
     finally:
         deployment._op_settings.cache_clear()
 

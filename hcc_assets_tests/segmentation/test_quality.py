@@ -5,7 +5,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from hcc_assets.segmentation import MaskQualityConfig, mask_quality, overlay_png
+from hcc_assets.segmentation import MaskQualityConfig, keep_largest_components, mask_quality, overlay_png
 from hcc_assets_tests.segmentation.synthetic import synthetic_case
 
 VOXEL = (2.0, 2.0, 5.0)  # 20 mm^3 = 0.02 mL
@@ -30,6 +30,34 @@ def test_volume_components_and_plausibility():
     assert not mask_quality(labels_image(data), config=MaskQualityConfig(liver_volume_ml_min=600))[
         "liver_volume_plausible"
     ]
+
+
+def test_only_the_largest_liver_and_spleen_are_kept_and_fragments_are_counted_on_the_prediction():
+    data = np.zeros((100, 100, 20), np.uint8)
+    data[10:60, 10:60, 2:12] = 1  # the liver: 25,000 voxels
+    data[60, 60, 12] = 1  # touches it at a corner only: joined (nnU-Net's full connectivity)
+    data[80:90, 80:90, 15:20] = 1  # a stray island called liver: 500 voxels
+    data[70:80, 10:20, 2:7] = 2  # the spleen: 500 voxels
+    data[95:97, 95:97, 0:2] = 2  # a stray spleen island: 8 voxels
+    affine = np.diag([*VOXEL, 1.0])
+    affine[:3, 3] = (-100.0, 20.0, 7.5)
+    prediction = labels_image(data, affine)
+    kept = keep_largest_components(prediction)
+    expected = data.copy()
+    expected[80:90, 80:90, 15:20] = 0
+    expected[95:97, 95:97, 0:2] = 0
+    assert np.array_equal(np.asarray(kept.dataobj), expected)
+    assert kept.shape == prediction.shape and np.array_equal(kept.affine, affine)
+    assert np.count_nonzero(np.asarray(prediction.dataobj) == 1) == 25_501  # the input is left as it was
+    quality = mask_quality(kept, prediction=prediction)
+    # the kept liver's volume; the network's three liver components (face connectivity), of which
+    # the largest held 25,000 of 25,501 voxels
+    assert quality["liver_voxels"] == 25_001
+    assert quality["liver_components"] == 3
+    assert quality["liver_largest_component_fraction"] == pytest.approx(25_000 / 25_501, abs=1e-6)
+    assert mask_quality(kept)["liver_components"] == 2  # the corner voxel, on the mask itself
+    nothing = labels_image(np.zeros((5, 5, 5), np.uint8))
+    assert not np.any(np.asarray(keep_largest_components(nothing).dataobj))
 
 
 def test_a_liver_cut_by_the_field_of_view_is_measured_at_the_face_it_touches():
