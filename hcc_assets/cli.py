@@ -536,8 +536,9 @@ def _report(what: str, results: list[tuple[str, bool, str]], elapsed: float, wor
 # and the study's classifier, without MedicalNet weights, still beats chance on independent cohorts
 # (README, "What the demo's Table 1 shows").
 DEMO_LESION_CONTRAST = 1.25
-# The demo's settings (README, "The demo's settings"): nnU-Net at 4 mm in-plane and the classifier for
-# 20 epochs, so that the whole demo takes under 5 minutes on 2 cores; --full runs the study's.
+# The demo's settings (README, "The demo: under 5 minutes"): nnU-Net at 4 mm in-plane and the
+# classifier for 20 epochs, so that the whole demo takes under 5 minutes on 2 cores; --full runs the
+# study's.
 DEMO_SETTINGS = "deploy/fast_demo.yaml"
 # The demo's cohort. With 8 validation patients, whether an arm's holdout row comes out perfect is
 # largely chance: with the demo's settings, seed 0's radiomic row did (1.000 in every column) and
@@ -869,7 +870,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--full",
         action="store_true",
         help="the study's settings (the assets' defaults: nnU-Net at 3.2 mm, the classifier for 50 or more "
-        "epochs; about 7 minutes); removes <lake>/deployment.yaml",
+        "epochs; about 6.5 minutes); removes <lake>/deployment.yaml",
     )
     demo.set_defaults(func=cmd_demo)
     return parser

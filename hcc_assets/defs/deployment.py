@@ -27,6 +27,8 @@ from typing import Any, TypeVar
 import pydantic
 import yaml
 
+from hcc_assets.lake import default_lake_root, is_local_url
+
 PATIENT_RUN_CONFIG_ENV = "HCC_ASSETS_PATIENT_RUN_CONFIG"
 COHORT_RUN_CONFIG_ENV = "HCC_ASSETS_COHORT_RUN_CONFIG"
 LAKE_SETTINGS_FILE = "deployment.yaml"
@@ -36,16 +38,12 @@ _IGNORED_SECTIONS = {"execution"}
 
 def lake_settings_path(lake_root: str) -> Path | None:
     """Where a lake keeps the settings it was made with; None for a lake that is not a local folder."""
-    from hcc_assets.lake import is_local_url
-
     return Path(lake_root) / LAKE_SETTINGS_FILE if is_local_url(lake_root) else None
 
 
 def settings_files() -> list[tuple[str, Path]]:
     """(what names it, path) of each settings file in force: the two variables' files, or where
     neither is set, the lake's own file when it has one."""
-    from hcc_assets.lake import default_lake_root
-
     named = [
         (env, Path(os.environ[env].strip()))
         for env in (PATIENT_RUN_CONFIG_ENV, COHORT_RUN_CONFIG_ENV)

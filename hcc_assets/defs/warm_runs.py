@@ -14,9 +14,9 @@ Rules that keep it safe:
 - The daemon starts the zygote when it creates its run launcher, which Dagster does at the first
   launch (that run starts cold while the zygote warms); other processes only when they launch.
 - The zygote is tied to the code it imported: if any .py file of hcc_assets (or a deployment
-  settings file, $HCC_ASSETS_PATIENT_RUN_CONFIG / $HCC_ASSETS_COHORT_RUN_CONFIG / <lake>/deployment.yaml)
-  changed since, or the run's interpreter is not this one, the run is launched cold by the DefaultRunLauncher and a fresh
-  zygote is started (it imports at low priority, beside the runs going on).
+  settings file: $HCC_ASSETS_PATIENT_RUN_CONFIG, $HCC_ASSETS_COHORT_RUN_CONFIG, <lake>/deployment.yaml)
+  changed since, or the run's interpreter is not this one, the run is launched cold by the
+  DefaultRunLauncher and a fresh zygote is started (it imports at low priority, beside the runs going on).
 - Termination sends SIGINT to the run's process (its pid is a run tag), which Dagster turns into a
   cancelled run, as it does for a cold run worker.
 
