@@ -113,8 +113,7 @@ def keep_largest_components(mask: nib.Nifti1Image) -> nib.Nifti1Image:
     for organ in (LABEL_LIVER, LABEL_SPLEEN):
         if np.any(labels == organ):
             labels = remove_all_but_largest_component_from_segmentation(labels, organ)
-    cleaned = nib.Nifti1Image(np.ascontiguousarray(labels, dtype=np.uint8), mask.affine, mask.header)
-    return cleaned
+    return nib.Nifti1Image(np.ascontiguousarray(labels, dtype=np.uint8), mask.affine, mask.header)
 
 
 def _inverse(ornt: np.ndarray) -> np.ndarray:
