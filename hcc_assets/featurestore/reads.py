@@ -219,7 +219,9 @@ def report_tables(store: FeatureStore) -> dict[str, pl.DataFrame]:
             "SELECT measure, threshold, n_kept, n_selected, cv_accuracy, val_accuracy, val_roc_auc "
             "FROM explainability_sweep ORDER BY measure, threshold"
         ),
-        "models": store.query("SELECT model_name, version, kind, init FROM models WHERE current ORDER BY model_name"),
+        "models": store.query(
+            "SELECT model_name, version, kind, init, params FROM models WHERE current ORDER BY model_name"
+        ),
         "comparison": model_comparison(store),
         "model_comparisons": store.query(f"SELECT * FROM current_model_comparisons ORDER BY {_PAIR_ORDER}"),
         "confusion_matrices": store.query("SELECT * FROM current_confusion_matrices ORDER BY model"),

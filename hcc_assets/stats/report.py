@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ class ReportInputs:
     predictions: pl.DataFrame  # predictions (validation rows)
     coefficients: pl.DataFrame
     sweep: pl.DataFrame
-    models: pl.DataFrame  # model_name, version, init, kind
+    models: pl.DataFrame  # model_name, version, init, kind; params (JSON) where known
     comparison: pl.DataFrame | None = None  # model, metric, current_version, current, previous_version, previous
     model_comparisons: pl.DataFrame | None = None  # current_model_comparisons (paired AUC comparisons)
     confusion_matrices: pl.DataFrame | None = None  # current_confusion_matrices
@@ -334,8 +335,28 @@ def _cohort_lines(inputs: ReportInputs) -> list[str]:
         lines.append("Exclusions: none.")
     for row in inputs.models.iter_rows(named=True):
         init = f", init {row['init']}" if row["init"] else ""
-        lines.append(f"Model {row['model_name']}: version {row['version']} ({row['kind']}{init}).")
+        settings = training_settings(json.loads(row.get("params") or "{}"))
+        settings = f"; {settings}" if settings else ""
+        lines.append(f"Model {row['model_name']}: version {row['version']} ({row['kind']}{init}{settings}).")
     return lines
+
+
+def training_settings(params: dict) -> str:
+    """The training settings a reader needs to tell the study's models from reduced ones (a
+    deployment's, such as the demo's 4 mm nnU-Net and 20-epoch classifier), from a model's params."""
+    parts = []
+    if params.get("configuration"):
+        parts.append(str(params["configuration"]))
+    if params.get("spacing"):
+        parts.append("in-plane spacing " + " x ".join(f"{float(v):g}" for v in params["spacing"]) + " mm")
+    if params.get("epochs") and params.get("iterations_per_epoch"):
+        parts.append(f"{params['epochs']} x {params['iterations_per_epoch']} iterations")
+    if params.get("depth"):
+        parts.append(f"depth {params['depth']}")
+    low, high = params.get("min_epochs"), params.get("max_epochs")
+    if low is not None and high is not None:
+        parts.append(f"{low} epochs" if low == high else f"{low}-{high} epochs (patience {params.get('patience')})")
+    return ", ".join(parts)
 
 
 # -- rendering -----------------------------------------------------------------------------------

@@ -123,6 +123,34 @@ def test_report_shows_comparisons_confusion_matrices_and_calibration():
     assert rendered.figures["calibration.png"].startswith(b"\x89PNG")
 
 
+def test_the_report_names_each_models_training_settings():
+    """The demo trains nnU-Net at 4 mm and the classifier for 20 epochs: the report says so, beside
+    the version, so its Table 1 is not read as the study's settings."""
+    import json
+
+    from hcc_assets.stats.report import training_settings
+
+    segmentation = {"configuration": "2d_cpu", "spacing": [4.0, 4.0], "epochs": 12, "iterations_per_epoch": 40}
+    classifier = {"depth": 50, "min_epochs": 20, "max_epochs": 20, "patience": 10}
+    assert training_settings(segmentation) == "2d_cpu, in-plane spacing 4 x 4 mm, 12 x 40 iterations"
+    assert training_settings(classifier) == "depth 50, 20 epochs"
+    assert training_settings({**classifier, "max_epochs": 100}) == "depth 50, 20-100 epochs (patience 10)"
+    assert training_settings({"alpha": 0.1}) == ""
+    inputs = _inputs()
+    inputs.models = pl.DataFrame(
+        {
+            "model_name": ["hcc_classifier", "radiomic_model"],
+            "version": ["abc", "def"],
+            "kind": ["resnet3d", "lasso_logistic"],
+            "init": ["seeded-random", None],
+            "params": [json.dumps(classifier), json.dumps({"alpha": 0.1})],
+        }
+    )
+    markdown = build_report(inputs).markdown
+    assert "Model hcc_classifier: version abc (resnet3d, init seeded-random; depth 50, 20 epochs)." in markdown
+    assert "Model radiomic_model: version def (lasso_logistic)." in markdown
+
+
 def test_calibration_figure_is_deterministic_and_absent_without_rows():
     calibration = _inputs().calibration
     assert calibration_figure(calibration) == calibration_figure(calibration)
