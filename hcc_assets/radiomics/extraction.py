@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -67,7 +69,8 @@ def extract(
     _check_inputs(image_array, mask_array, label, min_voxels)
 
     try:
-        result = _extractor(str(params), _params_sha256(params)).execute(sitk_image, sitk_mask, label=label)
+        with itk_single_threaded():
+            result = _extractor(str(params), _params_sha256(params)).execute(sitk_image, sitk_mask, label=label)
     except Exception as error:  # pyradiomics raises ValueError, RuntimeError, and ITK's errors
         raise RadiomicsError(f"pyradiomics failed: {type(error).__name__}: {error}") from error
     features = {name: float(value) for name, value in result.items() if not name.startswith("diagnostics_")}
@@ -75,6 +78,21 @@ def extract(
     if bad:
         raise RadiomicsError(f"{len(bad)} non-finite features: {', '.join(bad[:5])}")
     return features
+
+
+@contextlib.contextmanager
+def itk_single_threaded() -> Iterator[None]:
+    """ITK filters created meanwhile use one thread. Its multi-threaded filters add up partial
+    results in the order their threads finish: pyradiomics' normalisation (a mean and SD over the
+    whole image) then differed in its last bits between runs on a busy machine, and so did the
+    features built on it (one demo patient: two results among 15 extractions in each of 3
+    processes sharing 2 cores; with one thread, one). The platform's workers have a core each anyway."""
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
 
 
 def study_features(features: dict[str, float]) -> dict[str, float]:

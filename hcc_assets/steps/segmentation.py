@@ -58,7 +58,8 @@ SEGMENTATION_MODEL_VERSION = "2"  # 2: HccCpuTrainer augments in one anatomical 
 # 4: only the largest connected liver and spleen are kept (segmentation.keep_largest_components)
 LIVER_MASK_VERSION = "4"
 # 2: image and mask read in the voxel order of a standard axial series (radiomics.standard_axial_order)
-RADIOMIC_FEATURES_VERSION = "2"
+# 3: ITK single-threaded during extraction, so the features are bit-identical on every run
+RADIOMIC_FEATURES_VERSION = "3"
 
 MODEL_NAME = "liver_segmentation"
 MODELS_DIR = ("models", "segmentation")

@@ -34,6 +34,29 @@ def test_extraction_is_deterministic(liver_volume, features):
     assert radiomics.extract(*liver_volume) == features
 
 
+def test_pyradiomics_runs_itk_single_threaded_and_the_setting_is_restored(liver_volume, monkeypatch):
+    """ITK's multi-threaded normalisation added its threads' partial sums in the order they ended,
+    so on a busy machine a demo patient's features differed in their last bits between runs."""
+    from radiomics.featureextractor import RadiomicsFeatureExtractor
+
+    seen = []
+    execute = RadiomicsFeatureExtractor.execute
+
+    def recording(self, *args, **kwargs):
+        seen.append(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())
+        return execute(self, *args, **kwargs)
+
+    monkeypatch.setattr(RadiomicsFeatureExtractor, "execute", recording)
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(2)
+    try:
+        radiomics.extract(*liver_volume)
+        assert seen == [1]
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 2
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+
+
 def test_shape_features_see_the_true_voxel_size(features):
     voxel_mm3 = 4.0 * 4.0 * 8.0
     mask_voxels = np.count_nonzero(textured_liver()[1].dataobj)
