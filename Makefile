@@ -8,9 +8,10 @@ LAKE ?= data_lake
 DEMO_SOURCE ?= synthetic
 # lesion signal of the synthetic cohort (hcc-assets demo --help); 0 = a null cohort
 DEMO_LESION_CONTRAST ?= 1.25
-# the demo lake's deployment settings (kept in <lake>/deployment.yaml): the 5-minute demo's; `make demo
-# FULL=1` for the study's settings (hcc-assets demo --full)
-DEMO_SETTINGS ?= deploy/fast_demo.yaml
+# the demo lake's deployment settings (kept in <lake>/deployment.yaml): empty, the 5-minute demo's
+# (hcc-assets demo's default, deploy/fast_demo.yaml); a file of your own; or `make demo FULL=1` for
+# the study's settings (hcc-assets demo --full)
+DEMO_SETTINGS ?=
 FULL ?=
 # OpenMP busy-waiting makes 2-thread torch ~10x slower on these CPUs; set before torch starts.
 export OMP_WAIT_POLICY := PASSIVE
@@ -58,7 +59,7 @@ lock:
 	rm -rf $(LOCK_VENV)
 
 demo: bytecode
-	$(BIN)/hcc-assets --lake $(LAKE) demo --source $(DEMO_SOURCE) --lesion-contrast $(DEMO_LESION_CONTRAST) $(if $(FULL),--full,--settings $(abspath $(DEMO_SETTINGS)))
+	$(BIN)/hcc-assets --lake $(LAKE) demo --source $(DEMO_SOURCE) --lesion-contrast $(DEMO_LESION_CONTRAST) $(if $(FULL),--full,$(if $(DEMO_SETTINGS),--settings $(abspath $(DEMO_SETTINGS))))
 	$(BIN)/hcc-assets --lake $(LAKE) sql "SELECT c.patient_id, c.hcc, c.split, s.description AS t2_series, s.echo_time_ms AS te_ms, v.shape AS model_grid, round(m.liver_ml) AS liver_ml, round(m.dice_liver, 3) AS dice, (SELECT count(*) FROM radiomic_features r WHERE r.patient_id = c.patient_id) AS n_radiomic, e.patient_id IS NOT NULL AS has_embedding FROM cohort_split c JOIN scans s ON s.patient_id = c.patient_id AND s.chosen JOIN volumes v ON v.patient_id = c.patient_id AND v.kind = 'preprocessed' LEFT JOIN liver_masks m ON m.patient_id = c.patient_id LEFT JOIN deep_embeddings e ON e.patient_id = c.patient_id ORDER BY c.patient_id"
 	@echo "Table 1 (validation patients; estimate [95% bootstrap CI]); report: $(LAKE)/reports/report.html"
 	$(BIN)/hcc-assets --lake $(LAKE) sql "SELECT model, scheme, n, accuracy, precision, recall, f1, roc_auc FROM table_1"
